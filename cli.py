@@ -1,0 +1,206 @@
+"""edgeres command line: parsing and printing only; the work lives in ``edgeres``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Prune, quantise and compile trained ResNets for edge devices (ONNX, OpenVINO, TFLite).",
+)
+_state = {"debug": False}
+
+
+def _err(message: str) -> None:
+    print(f"edgeres: error: {message}", file=sys.stderr)
+
+
+def handled(fn):
+    """Map user-caused errors to one line and exit 2 (input) or 3 (runtime); bugs exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from calibration.errors import DataError
+        from edgeres.errors import EdgeResError
+        from targets.base import TargetError
+
+        try:
+            return fn(*args, **kwargs)
+        except (EdgeResError, DataError, TargetError) as e:
+            if _state["debug"]:
+                raise
+            _err(str(e))
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
+        except KeyboardInterrupt:
+            _err("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if _state["debug"]:
+                raise
+            _err(f"internal error: {type(e).__name__}: {e} (re-run with --debug for a traceback and report it)")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _csv(value: Optional[str]) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+    _state["debug"] = debug
+
+
+@app.command()
+@handled
+def zoo(json_out: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Known architectures."""
+    from edgeres.inspect import describe_spec
+    from edgeres.zoo import ZOO
+
+    rows = [describe_spec(s) for s in ZOO.values()]
+    if json_out:
+        return _print_json(rows)
+    from edgeres.tables import print_table
+
+    print_table(["arch", "block", "layers", "stage widths", "input", "classes", "params M", "GMACs"],
+                [[r["arch"], r["block"], "-".join(map(str, r["layers"])), "/".join(map(str, r["stage_widths"])),
+                  r["input_size"], r["num_classes"], f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e9:.3f}"] for r in rows])
+
+
+@app.command()
+@handled
+def inspect(
+    path: str = typer.Argument(..., metavar="MODEL|DIR", help="A checkpoint or a bundle directory."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Arch, params, MACs, widths per stage and (for a bundle) its artifacts."""
+    from edgeres.inspect import inspect_path
+
+    info = inspect_path(path, arch)
+    if json_out:
+        return _print_json(info)
+    for key in ("file", "bundle", "format", "file_size_bytes", "arch", "block", "layers", "depth", "stem_width",
+                "stage_widths", "shortcut", "num_classes", "input_size"):
+        if key in info:
+            print(f"{key:16} {info[key]}")
+    print(f"{'params':16} {info['params']:,}")
+    print(f"{'MACs':16} {info['macs']:,} ({info['macs'] / 1e6:.1f} M)")
+    for s, stage in enumerate(info["inner_widths"]):
+        print(f"{'layer' + str(s + 1):16} out {info['stage_widths'][s]}, inner {stage}")
+    for a in info.get("artifacts", []):
+        print(f"artifact         {a['target']} {a['precision']} {a['file'] or ''} {a['status']}")
+
+
+@app.command()
+@handled
+def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Runtimes installed, CPU features and the suggested device profile."""
+    from edgeres.doctor import doctor as run_doctor
+
+    info = run_doctor()
+    if json_out:
+        return _print_json(info)
+    print(f"python           {info['python']} ({info['platform']})")
+    cpu = info["cpu"]
+    print(f"cpu              {cpu['model']} ({cpu['machine']}, {cpu['cores']} cores)")
+    print(f"cpu features     {' '.join(cpu['features']) or 'none detected'}")
+    for name, version in info["runtimes"].items():
+        print(f"{name:16} {version or 'not installed'}")
+    print(f"suggested device {info['suggested_profile']}")
+
+
+@app.command("eval")
+@handled
+def eval_cmd(
+    path: str = typer.Argument(..., metavar="MODEL|DIR", help="A checkpoint (torch fp32) or a bundle directory."),
+    data: str = typer.Option(..., "--data", help=".npz (x uint8 N×H×W×3, y) or image folder root/<class>/."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of MODEL (inferred when omitted)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate at most this many images (spread evenly)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads."),
+    layers: bool = typer.Option(False, "--layers", help="Per-layer SQNR of the int8 ONNX artifact vs fp32."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+):
+    """Accuracy of a model (torch fp32) or of every artifact in a bundle vs the fp32 reference."""
+    from pathlib import Path
+
+    from calibration import open_dataset
+
+    dataset = open_dataset(data, require_labels=True)
+    if Path(path).is_dir():
+        from edgeres.bundle_eval import evaluate_bundle
+
+        result = evaluate_bundle(path, dataset, limit=limit, threads=threads)
+        if layers:
+            from edgeres.layer_error import layer_sqnr_for_bundle
+
+            result["layers"] = layer_sqnr_for_bundle(path, dataset)
+        if json_out:
+            return _print_json(result)
+        from edgeres.tables import print_eval
+
+        return print_eval(result)
+    from edgeres.evaluate import collect_logits, topk_accuracy, torch_runner
+    from edgeres.loading import load_model
+
+    loaded = load_model(path, arch)
+    dataset.check_image_size(loaded.spec.preprocess)
+    logits = collect_logits(torch_runner(loaded.to_torch()), dataset, loaded.spec.preprocess, limit=limit)
+    labels = dataset.labels[dataset.spread(limit)]
+    result = {"model": path, "arch": loaded.spec.name, "images": int(len(labels)), **topk_accuracy(logits, labels)}
+    if json_out:
+        return _print_json(result)
+    print(f"{result['arch']}  top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  ({result['images']} images)")
+
+
+@app.command()
+@handled
+def convert(
+    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration images (.npz or folder)."),
+    targets: str = typer.Option("onnx,openvino,tflite", "--targets", help="Comma list: onnx,openvino,tflite."),
+    precision: str = typer.Option("int8", "--precision", help="Comma list: int8,fp16,fp32 (tflite also: dynamic)."),
+    estimator: str = typer.Option("percentile", "--estimator", help="Range estimator: minmax, percentile, entropy, mse."),
+    calib_images: int = typer.Option(300, "--calib-images", help="Calibration images to use (spread evenly)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images to evaluate every artifact on."),
+    eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on at most this many images."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads for evaluation."),
+    out: str = typer.Option(..., "--out", help="Bundle directory to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+):
+    """Convert MODEL into one bundle with an artifact per target and precision."""
+    from edgeres.pipeline import ConvertConfig, convert as run_convert
+
+    cfg = ConvertConfig(model=model, out=out, arch=arch, calib=calib, targets=_csv(targets),
+                        precisions=_csv(precision), estimator=estimator, calib_images=calib_images,
+                        eval_data=eval_data, eval_images=eval_images, threads=threads, force=force)
+    manifest = run_convert(cfg)
+    if json_out:
+        _print_json(manifest)
+    else:
+        from edgeres.tables import print_bundle
+
+        print_bundle(out, manifest)
+    if any(a["status"] != "ok" for a in manifest["artifacts"]):
+        raise typer.Exit(3)
+
+
+if __name__ == "__main__":
+    app()

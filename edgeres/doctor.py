@@ -1,0 +1,84 @@
+"""What this machine has: Python, runtimes, CPU features, and the device profile that suits it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+RUNTIME_DISTS = {
+    "torch": "torch",
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "nncf": "nncf",
+    "ai-edge-litert": "ai-edge-litert",
+    "tflite-runtime": "tflite-runtime",
+    "tensorflow": "tensorflow",
+    "torch-pruning": "torch-pruning",
+    "onnx": "onnx",
+}
+FLAG_NAMES = {"avx2": "avx2", "avx512f": "avx512", "avx512_vnni": "avx512-vnni", "avx_vnni": "avx-vnni",
+              "asimddp": "dotprod", "asimd": "neon", "sve": "sve", "i8mm": "i8mm", "fma": "fma"}
+
+
+def installed_versions() -> dict[str, str | None]:
+    out = {}
+    for name, dist in RUNTIME_DISTS.items():
+        try:
+            out[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
+    """CPU model, cores and the SIMD features that decide int8 speed (VNNI / dot-product)."""
+    names, flags = {}, set()
+    try:
+        text = Path(cpuinfo_path).read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "model") and value.strip():
+            names.setdefault(key, value.strip())
+        elif key in ("flags", "features"):
+            flags.update(value.split())
+    # x86 has "model name" (and a numeric "model"); a Raspberry Pi has "Model : Raspberry Pi 5 ..."
+    model = names.get("model name") or names.get("hardware") or names.get("model") or platform.machine()
+    features = sorted({FLAG_NAMES[f] for f in flags if f in FLAG_NAMES})
+    return {"model": model, "machine": platform.machine(), "cores": os.cpu_count() or 1, "features": features}
+
+
+def suggest_profile(cpu: dict, model_file: str = "/proc/device-tree/model") -> str:
+    """The device profile name for this CPU (see ``edgeres/profiles``)."""
+    machine = cpu["machine"].lower()
+    try:
+        board = Path(model_file).read_text(errors="replace")
+    except OSError:
+        board = ""
+    if "Raspberry Pi 5" in board:
+        return "rpi5"
+    if "Raspberry Pi 4" in board:
+        return "rpi4"
+    if machine in ("aarch64", "arm64"):
+        return "android-arm64" if "dotprod" in cpu["features"] else "generic"
+    if machine in ("x86_64", "amd64"):
+        if {"avx512-vnni", "avx-vnni"} & set(cpu["features"]):
+            return "x86-vnni"
+        if "avx2" in cpu["features"]:
+            return "x86-avx2"
+    return "generic"
+
+
+def doctor() -> dict:
+    cpu = cpu_info()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "runtimes": installed_versions(),
+        "cpu": cpu,
+        "suggested_profile": suggest_profile(cpu),
+    }

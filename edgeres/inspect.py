@@ -1,0 +1,48 @@
+"""What a model file or bundle holds: arch, params, MACs, widths, artifacts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgeres.zoo import ResNetSpec
+
+
+def describe_spec(spec: ResNetSpec) -> dict:
+    cost = spec.cost()
+    return {
+        "arch": spec.name,
+        "stem": spec.stem,
+        "block": spec.block,
+        "layers": list(spec.layers),
+        "depth": spec.depth,
+        "stem_width": spec.stem_width,
+        "stage_widths": list(spec.stage_widths),
+        "inner_widths": [[list(b) for b in st] for st in spec.inner_widths],
+        "shortcut": spec.shortcut,
+        "num_classes": spec.num_classes,
+        "input_size": spec.input_size,
+        "params": cost["params"],
+        "macs": cost["macs"],
+    }
+
+
+def inspect_path(path: str | Path, arch: str | None = None) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        from edgeres.bundle import read_manifest
+
+        manifest = read_manifest(p)
+        info = describe_spec(ResNetSpec.from_dict(manifest["arch"]))
+        info["bundle"] = str(p)
+        info["artifacts"] = [
+            {k: a.get(k) for k in ("target", "precision", "file", "engine", "size_bytes", "status")}
+            for a in manifest["artifacts"]
+        ]
+        return info
+    from edgeres.loading import load_model
+
+    loaded = load_model(p, arch)
+    info = describe_spec(loaded.spec)
+    info.update(file=str(p), file_size_bytes=os.path.getsize(p), format=loaded.format, sha256=loaded.sha256)
+    return info

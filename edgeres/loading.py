@@ -1,0 +1,235 @@
+"""Load trained ResNets safely: PyTorch state_dicts / checkpoints (always ``weights_only=True``),
+TorchScript archives and edgeres' own pruned checkpoints; infer the spec when no arch is given."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgeres.errors import InputError
+from edgeres.zoo import ZOO, ResNetSpec, _CIFAR_PRE, _IMAGENET_PRE, get_spec
+
+TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
+SPEC_KEY = "edgeres_spec"
+
+
+@dataclass
+class LoadedModel:
+    """A spec with matching float weights (numpy-free torch tensors) and where they came from."""
+
+    spec: ResNetSpec
+    state_dict: dict
+    source: str
+    sha256: str
+    format: str
+    extra: dict | None = None  # e.g. pruning record stored in an edgeres checkpoint
+
+    def to_torch(self):
+        from edgeres.torch_model import build_torch
+
+        model = build_torch(self.spec)
+        model.load_state_dict(self.state_dict, strict=False)
+        return model.eval()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
+    """Load MODEL for ``arch`` (or infer the arch); raise ``InputError`` naming the file on any problem."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th)")
+    if p.is_dir():
+        raise InputError(f"{p}: is a folder; give a model file (.pt/.pth/.th)")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: file is empty; re-save or re-download the checkpoint")
+    suffix = p.suffix.lower()
+    if suffix in (".keras", ".h5", ".onnx"):
+        raise InputError(f"{p}: {suffix} models are not supported yet; export the model to a PyTorch state_dict (.pt)")
+    if suffix not in TORCH_SUFFIXES:
+        raise InputError(f"{p}: unknown model format {suffix!r}; give a PyTorch checkpoint ({' '.join(TORCH_SUFFIXES)})")
+    raw, fmt = _torch_load(p)
+    state_dict, saved_spec, extra = _unwrap(raw, p)
+    _check_finite(state_dict, p)
+    if saved_spec is not None:
+        spec = saved_spec
+    else:
+        inferred = infer_spec(state_dict, p)
+        if arch is None:
+            spec = inferred
+        else:
+            spec = get_spec(arch, num_classes=inferred.num_classes)
+            if (inferred.stem, inferred.block, inferred.layers) == (spec.stem, spec.block, spec.layers):
+                # same architecture, possibly narrower (pruned) layers: keep the checkpoint's widths
+                spec = spec.with_widths(inferred.stem_width, inferred.stage_widths, inferred.inner_widths)
+    if arch is not None and saved_spec is not None and arch != saved_spec.name.split("-")[0]:
+        raise InputError(f"{p}: is an edgeres checkpoint of {saved_spec.name}, not {arch}; omit --arch")
+    check_state_dict(spec, state_dict, p, arch)
+    return LoadedModel(spec, state_dict, str(p), sha256_file(p), fmt, extra)
+
+
+def _torch_load(p: Path):
+    import pickle
+
+    import torch
+
+    if zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+        if any(n.split("/", 2)[1:2] == ["code"] or n.endswith("/constants.pkl") for n in names):
+            try:
+                module = torch.jit.load(str(p), map_location="cpu")
+            except Exception as e:  # noqa: BLE001 - any failure is a bad file
+                raise InputError(f"{p}: TorchScript archive cannot be loaded ({_short(e)}); re-export it") from None
+            return {k: v for k, v in module.state_dict().items()}, "torchscript"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol notes; the refusal below says what matters
+            return torch.load(str(p), map_location="cpu", weights_only=True), "pytorch"
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        detail = detail[0][:120] if detail else type(e).__name__
+        raise InputError(
+            f"{p}: refused: not a tensor-only checkpoint ({detail}); it is corrupt, or holds Python objects "
+            "that could run code (nothing was executed); save only the state_dict: torch.save(model.state_dict(), path)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError) as e:
+        raise InputError(f"{p}: is not a readable PyTorch checkpoint ({_short(e)}); the file is corrupt or truncated") from None
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def _unwrap(raw, p: Path):
+    import torch
+
+    saved_spec, extra = None, None
+    if isinstance(raw, torch.nn.Module):  # pragma: no cover - weights_only never returns modules
+        raw = raw.state_dict()
+    if not isinstance(raw, dict):
+        raise InputError(f"{p}: holds a {type(raw).__name__}, not a state_dict; save model.state_dict()")
+    if SPEC_KEY in raw:
+        saved_spec = ResNetSpec.from_dict(raw[SPEC_KEY])
+        extra = raw.get("edgeres_extra")
+    for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
+        if key in raw and isinstance(raw[key], dict):
+            raw = raw[key]
+            break
+    tensors = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise InputError(f"{p}: contains no tensors; expected a state_dict or {{'state_dict': ...}}")
+    cleaned = {}
+    for k, v in tensors.items():
+        for prefix in ("module.", "model.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        cleaned[k] = v.float() if v.is_floating_point() else v
+    return cleaned, saved_spec, extra
+
+
+def _check_finite(sd: dict, p: Path) -> None:
+    import torch
+
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"{p}: weights contain NaN or Inf ({', '.join(bad[:3])}); the checkpoint is broken")
+
+
+def _head_weight(sd: dict):
+    for k, v in sd.items():
+        if k.endswith(".weight") and "." not in k[: -len(".weight")] and v.ndim == 2:
+            return k[: -len(".weight")], v
+    return None
+
+
+_BLOCK_KEY = re.compile(r"^layer(\d+)\.(\d+)\.")
+
+
+def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
+    """Read stem, block kind, depth and every width off the tensor shapes of a state_dict."""
+    stem_w = sd.get("conv1.weight")
+    head = _head_weight(sd)
+    if stem_w is None or stem_w.ndim != 4 or head is None:
+        raise InputError(f"{p}: does not look like a ResNet state_dict (no conv1.weight or classifier); pass --arch or check the file")
+    stem = "imagenet" if stem_w.shape[-1] == 7 else "cifar"
+    blocks: dict[int, set[int]] = {}
+    for k in sd:
+        m = _BLOCK_KEY.match(k)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not blocks or sorted(blocks) != list(range(1, len(blocks) + 1)):
+        raise InputError(f"{p}: no layer1..layerN blocks found; is this a ResNet? pass --arch or check the file")
+    layers = tuple(len(blocks[s]) for s in sorted(blocks))
+    kind = "bottleneck" if "layer1.0.conv3.weight" in sd else "basic"
+    try:
+        inner, stage = [], []
+        for s in range(len(layers)):
+            convs = ("conv1", "conv2") if kind == "bottleneck" else ("conv1",)
+            inner.append(tuple(tuple(int(sd[f"layer{s + 1}.{b}.{c}.weight"].shape[0]) for c in convs) for b in range(layers[s])))
+            last = "conv3" if kind == "bottleneck" else "conv2"
+            stage.append(int(sd[f"layer{s + 1}.0.{last}.weight"].shape[0]))
+    except KeyError as e:
+        raise InputError(f"{p}: missing key {e.args[0]} needed to read the ResNet's widths; the checkpoint is incomplete") from None
+    shortcut = "projection" if any(".downsample.0.weight" in k for k in sd) else "option_a"
+    head_name, head_w = head
+    num_classes = int(head_w.shape[0])
+    preprocess = _IMAGENET_PRE if stem == "imagenet" else _CIFAR_PRE
+    spec = ResNetSpec("inferred", stem, kind, layers, int(stem_w.shape[0]), tuple(stage), tuple(inner),
+                      shortcut, "3x3", num_classes, head_name, preprocess, None)
+    for name, z in ZOO.items():
+        candidate = replace(z, num_classes=num_classes, labels=z.labels if num_classes == z.num_classes else None)
+        if replace(spec, name=name, labels=candidate.labels) == candidate:
+            return candidate
+    depth = spec.depth
+    base = next((n for n, z in ZOO.items() if z.stem == stem and z.block == kind and z.layers == layers), f"resnet{depth}")
+    return replace(spec, name=f"{base}-custom")
+
+
+def check_state_dict(spec: ResNetSpec, sd: dict, p: Path | str, arch: str | None = None) -> None:
+    """Raise ``InputError`` naming missing / unexpected / mis-shaped keys when ``sd`` does not fit ``spec``."""
+    from edgeres.torch_model import build_torch
+
+    expected = {k: tuple(v.shape) for k, v in build_torch(spec).state_dict().items()}
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    misshaped = [f"{k} {tuple(sd[k].shape)}≠{expected[k]}" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        what = f"--arch {arch}" if arch else spec.name
+        raise InputError(f"{p}: weights do not fit {what}: " + "; ".join(parts) + (
+            "; check --arch or omit it to infer the architecture" if arch else ""))
+
+
+def save_checkpoint(path: str | Path, spec: ResNetSpec, state_dict: dict, extra: dict | None = None) -> None:
+    """Write an edgeres checkpoint (spec + weights) atomically; loadable with ``weights_only=True``."""
+    import os
+
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    payload = {SPEC_KEY: spec.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}
+    if extra:
+        payload["edgeres_extra"] = extra
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write checkpoint ({e.strerror}); choose a writable path") from None

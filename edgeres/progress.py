@@ -1,0 +1,28 @@
+"""Progress on stderr (rich), so stdout stays clean for results and --json."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from rich.console import Console
+
+stderr = Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: int | None):
+    """Yield ``advance(n)``; draws a bar on a terminal, stays quiet when stderr is not one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not sys.stderr.isatty():
+        yield lambda n=1: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def log(message: str) -> None:
+    stderr.print(message)

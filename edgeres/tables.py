@@ -1,0 +1,40 @@
+"""Plain-text tables for stdout (results, not progress)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table (readable in a terminal, pasteable into docs)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    print(format_table(headers, rows))
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def print_eval(result: dict) -> None:
+    ref = result["reference"]
+    print(f"fp32 reference: top-1 {ref['top1']:.2f} %  top-5 {ref['top5']:.2f} %  ({result['images']} images)")
+    rows = [[a["target"], a["precision"], _fmt(a.get("top1")), _fmt(a.get("top1_drop_pp"), "+.2f"),
+             _fmt(a.get("agreement_pct")), _fmt(a.get("max_abs_logit_err"), ".4f"), a.get("error", "ok")]
+            for a in result["artifacts"]]
+    print_table(["target", "precision", "top-1 %", "drop pp", "agree %", "max |Δlogit|", "status"], rows)
+    for layer in result.get("layers", [])[:10]:
+        print(f"  SQNR {layer['sqnr_db']:6.1f} dB  {layer['name']}")
+
+
+def print_bundle(out: str | Path, manifest: dict) -> None:
+    rows = [[a["target"], a["precision"], a.get("file", ""), _fmt(a.get("size_bytes", 0) / 1e6, ".3f"),
+             a.get("engine", ""), a["status"] if a["status"] == "ok" else f"failed: {a.get('error', '')}"]
+            for a in manifest["artifacts"]]
+    print(f"bundle {out}")
+    print_table(["target", "precision", "file", "size MB", "engine", "status"], rows)

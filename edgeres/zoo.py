@@ -1,0 +1,213 @@
+"""ResNets as data: one frozen ``ResNetSpec`` describes any (pruned) ResNet; the zoo names the
+standard ones. Every backend (torch, Keras, ONNX export) builds from the spec."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from calibration.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from edgeres.errors import InputError
+
+CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+STEMS = ("imagenet", "cifar")  # imagenet: 7×7/2 conv + 3×3/2 max-pool; cifar: 3×3/1 conv
+BLOCKS = ("basic", "bottleneck")
+SHORTCUTS = ("projection", "option_a")  # 1×1 conv + BN, or CIFAR parameter-free subsample + zero pad
+STRIDE_ON = ("3x3", "1x1")  # torchvision v1.5 strides in the 3×3 conv; Keras/Caffe v1 in the first 1×1
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """Everything needed to rebuild a ResNet, pruned or not.
+
+    ``stage_widths[s]`` is the width of the residual stream of stage ``s``; ``inner_widths[s][b]``
+    holds the widths of block ``b``'s inner convs (basic: ``(conv1,)``; bottleneck: ``(conv1, conv2)``).
+    """
+
+    name: str
+    stem: str
+    block: str
+    layers: tuple[int, ...]
+    stem_width: int
+    stage_widths: tuple[int, ...]
+    inner_widths: tuple[tuple[tuple[int, ...], ...], ...]
+    shortcut: str = "projection"
+    stride_on: str = "3x3"
+    num_classes: int = 1000
+    head: str = "fc"  # state_dict name of the classifier: torchvision "fc", CIFAR upstream "linear"
+    preprocess: Preprocess = Preprocess(size=224, resize=256)
+    labels: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        problems = []
+        if self.stem not in STEMS:
+            problems.append(f"stem {self.stem!r} not in {STEMS}")
+        if self.block not in BLOCKS:
+            problems.append(f"block {self.block!r} not in {BLOCKS}")
+        if self.shortcut not in SHORTCUTS:
+            problems.append(f"shortcut {self.shortcut!r} not in {SHORTCUTS}")
+        if self.stride_on not in STRIDE_ON:
+            problems.append(f"stride_on {self.stride_on!r} not in {STRIDE_ON}")
+        if len(self.stage_widths) != len(self.layers) or len(self.inner_widths) != len(self.layers):
+            problems.append("stage_widths / inner_widths must have one entry per stage")
+        else:
+            per_block = 1 if self.block == "basic" else 2
+            for s, n in enumerate(self.layers):
+                if len(self.inner_widths[s]) != n or any(len(w) != per_block for w in self.inner_widths[s]):
+                    problems.append(f"inner_widths of stage {s + 1} must hold {n} blocks × {per_block} widths")
+        widths = [self.stem_width, *self.stage_widths, *(w for st in self.inner_widths for b in st for w in b)]
+        if any(int(w) <= 0 for w in widths) or self.num_classes <= 0:
+            problems.append("all widths and num_classes must be positive")
+        if self.labels is not None and len(self.labels) != self.num_classes:
+            problems.append(f"{len(self.labels)} labels for {self.num_classes} classes")
+        if problems:
+            raise InputError(f"invalid ResNet spec {self.name!r}: " + "; ".join(problems))
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def stage_strides(self) -> tuple[int, ...]:
+        return tuple(1 if s == 0 else 2 for s in range(len(self.layers)))
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.size
+
+    def block_in_width(self, stage: int, block: int) -> int:
+        if block > 0:
+            return self.stage_widths[stage]
+        return self.stem_width if stage == 0 else self.stage_widths[stage - 1]
+
+    def has_downsample(self, stage: int, block: int) -> bool:
+        """True where the shortcut changes shape (stride or width)."""
+        stride = self.stage_strides[stage] if block == 0 else 1
+        return stride != 1 or self.block_in_width(stage, block) != self.stage_widths[stage]
+
+    @property
+    def depth(self) -> int:
+        return sum(self.layers) * (2 if self.block == "basic" else 3) + 2
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        d["layers"] = list(self.layers)
+        d["stage_widths"] = list(self.stage_widths)
+        d["inner_widths"] = [[list(b) for b in st] for st in self.inner_widths]
+        d["labels"] = list(self.labels) if self.labels is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ResNetSpec":
+        try:
+            d = dict(d)
+            d["preprocess"] = Preprocess.from_dict(d["preprocess"])
+            d["layers"] = tuple(int(v) for v in d["layers"])
+            d["stage_widths"] = tuple(int(v) for v in d["stage_widths"])
+            d["inner_widths"] = tuple(tuple(tuple(int(w) for w in b) for b in st) for st in d["inner_widths"])
+            d["labels"] = tuple(d["labels"]) if d.get("labels") is not None else None
+            return cls(**d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"invalid ResNet spec record ({type(e).__name__}: {e})") from None
+
+    def with_widths(self, stem_width: int, stage_widths, inner_widths, name: str | None = None) -> "ResNetSpec":
+        return replace(
+            self,
+            name=name or self.name,
+            stem_width=int(stem_width),
+            stage_widths=tuple(int(w) for w in stage_widths),
+            inner_widths=tuple(tuple(tuple(int(w) for w in b) for b in st) for st in inner_widths),
+        )
+
+    # -- cost ------------------------------------------------------------------------------
+    def cost(self) -> dict:
+        """Parameter count and multiply-accumulates for one image (convs + FC; BN folded away)."""
+        params, macs = 0, 0
+        size = self.input_size
+
+        def conv(cin, cout, k, stride, hw, bias=False):
+            nonlocal params, macs
+            out = (hw + stride - 1) // stride
+            params += cin * cout * k * k + (cout if bias else 0)
+            macs += cin * cout * k * k * out * out
+            return out
+
+        def bn(c):
+            nonlocal params
+            params += 2 * c
+
+        if self.stem == "imagenet":
+            size = conv(3, self.stem_width, 7, 2, size)
+            size = (size + 1) // 2  # max-pool 3×3/2 pad 1
+        else:
+            size = conv(3, self.stem_width, 3, 1, size)
+        bn(self.stem_width)
+        for s, n in enumerate(self.layers):
+            for b in range(n):
+                stride = self.stage_strides[s] if b == 0 else 1
+                cin, cout, inner = self.block_in_width(s, b), self.stage_widths[s], self.inner_widths[s][b]
+                if self.block == "basic":
+                    hw = conv(cin, inner[0], 3, stride, size)
+                    bn(inner[0])
+                    conv(inner[0], cout, 3, 1, hw)
+                else:
+                    s1, s3 = (stride, 1) if self.stride_on == "1x1" else (1, stride)
+                    hw = conv(cin, inner[0], 1, s1, size)
+                    bn(inner[0])
+                    hw = conv(inner[0], inner[1], 3, s3, hw)
+                    bn(inner[1])
+                    conv(inner[1], cout, 1, 1, hw)
+                bn(cout)
+                if self.has_downsample(s, b) and self.shortcut == "projection":
+                    conv(cin, cout, 1, stride, size)
+                    bn(cout)
+                size = (size + stride - 1) // stride
+        params += self.stage_widths[-1] * self.num_classes + self.num_classes
+        macs += self.stage_widths[-1] * self.num_classes
+        return {"params": params, "macs": macs}
+
+
+def _standard(name, stem, block, layers, base, shortcut, num_classes, head, preprocess, labels=None):
+    expansion = 4 if block == "bottleneck" else 1
+    stage_widths = tuple(base * (2**s) * expansion for s in range(len(layers)))
+    inner = tuple(
+        tuple(((base * 2**s),) if block == "basic" else (base * 2**s, base * 2**s) for _ in range(n))
+        for s, n in enumerate(layers)
+    )
+    return ResNetSpec(name, stem, block, tuple(layers), base, stage_widths, inner, shortcut, "3x3",
+                      num_classes, head, preprocess, labels)
+
+
+_IMAGENET_PRE = Preprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_CIFAR_PRE = Preprocess(size=32, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+ZOO: dict[str, ResNetSpec] = {
+    **{
+        name: _standard(name, "imagenet", block, layers, 64, "projection", 1000, "fc", _IMAGENET_PRE)
+        for name, block, layers in [
+            ("resnet18", "basic", (2, 2, 2, 2)),
+            ("resnet34", "basic", (3, 4, 6, 3)),
+            ("resnet50", "bottleneck", (3, 4, 6, 3)),
+            ("resnet101", "bottleneck", (3, 4, 23, 3)),
+            ("resnet152", "bottleneck", (3, 8, 36, 3)),
+        ]
+    },
+    **{
+        f"resnet{6 * n + 2}": _standard(f"resnet{6 * n + 2}", "cifar", "basic", (n, n, n), 16, "option_a", 10,
+                                        "linear", _CIFAR_PRE, CIFAR10_LABELS)
+        for n in (3, 5, 7, 9, 18)
+    },
+}
+
+
+def get_spec(arch: str, *, num_classes: int | None = None, input_size: int | None = None) -> ResNetSpec:
+    """The zoo entry ``arch``, optionally with another class count or input size."""
+    if arch not in ZOO:
+        raise InputError(f"unknown architecture {arch!r}; known: {', '.join(ZOO)} (see `edgeres zoo`)")
+    spec = ZOO[arch]
+    if num_classes is not None and num_classes != spec.num_classes:
+        spec = replace(spec, num_classes=num_classes, labels=None)
+    if input_size is not None and input_size != spec.input_size:
+        pre = spec.preprocess
+        resize = None if pre.resize is None else round(input_size * pre.resize / pre.size)
+        spec = replace(spec, preprocess=replace(pre, size=input_size, resize=resize))
+    return spec

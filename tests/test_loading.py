@@ -1,0 +1,114 @@
+"""Loading checkpoints: formats, wrappers, spec inference, and refusals that name the file."""
+
+import pickle
+from dataclasses import replace
+
+import pytest
+import torch
+
+from edgeres.errors import InputError
+from edgeres.loading import load_model, save_checkpoint
+from edgeres.torch_model import build_torch, randomize_bn
+from edgeres.zoo import ZOO
+
+
+def _save(path, obj):
+    torch.save(obj, path)
+    return path
+
+
+def test_wrapped_module_prefixed_checkpoint_without_bn_counters_loads(tmp_path):
+    model = randomize_bn(build_torch(ZOO["resnet20"]))
+    sd = {f"module.{k}": v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    loaded = load_model(_save(tmp_path / "m.th", {"state_dict": sd, "best_prec1": 91.0}))
+    assert loaded.spec.name == "resnet20"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded.to_torch()(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet32"])
+def test_spec_is_inferred_from_state_dict(tmp_path, arch):
+    path = _save(tmp_path / "m.pt", build_torch(ZOO[arch]).state_dict())
+    assert load_model(path).spec == ZOO[arch]
+
+
+def test_narrowed_widths_are_inferred(tmp_path):
+    spec = ZOO["resnet20"].with_widths(16, (16, 24, 48), (((8,),) * 3, ((16,), (12,), (20,)), ((40,),) * 3))
+    path = _save(tmp_path / "pruned.pt", build_torch(spec).state_dict())
+    loaded = load_model(path)
+    assert loaded.spec.stage_widths == (16, 24, 48)
+    assert loaded.spec.inner_widths[1] == ((16,), (12,), (20,))
+    assert load_model(path, arch="resnet20").spec.stage_widths == (16, 24, 48)
+
+
+def test_edgeres_checkpoint_carries_its_spec(tmp_path):
+    spec = replace(ZOO["resnet20"], name="resnet20-pruned")
+    save_checkpoint(tmp_path / "p.pt", spec, build_torch(spec).state_dict())
+    assert load_model(tmp_path / "p.pt").spec == spec
+
+
+def test_torchscript_archive_loads(tmp_path):
+    model = build_torch(ZOO["resnet20"])
+    torch.jit.trace(model, torch.randn(1, 3, 32, 32)).save(str(tmp_path / "ts.pt"))
+    assert load_model(tmp_path / "ts.pt").spec.name == "resnet20"
+
+
+def test_wrong_arch_names_missing_and_misshaped_keys(tmp_path):
+    path = _save(tmp_path / "r20.pt", build_torch(ZOO["resnet20"]).state_dict())
+    with pytest.raises(InputError, match=r"r20.pt: weights do not fit --arch resnet32: missing: layer1.3"):
+        load_model(path, arch="resnet32")
+    with pytest.raises(InputError, match="mis-shaped|missing"):
+        load_model(path, arch="resnet18")
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"conv1.weight": Evil()}}, f)
+    with pytest.raises(InputError, match="evil.pt: refused"):
+        load_model(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content,match", [(b"", "file is empty"), (b"not a checkpoint at all" * 10, "refused: not a tensor-only checkpoint")])
+def test_bad_bytes_are_refused(tmp_path, content, match):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=f"bad.pt: .*{match}"):
+        load_model(path)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    good = _save(tmp_path / "good.pt", build_torch(ZOO["resnet20"]).state_dict())
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match="cut.pt: .*corrupt or truncated"):
+        load_model(cut)
+
+
+def test_nan_weights_are_refused(tmp_path):
+    sd = build_torch(ZOO["resnet20"]).state_dict()
+    sd["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN or Inf"):
+        load_model(_save(tmp_path / "nan.pt", sd))
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        load_model(tmp_path / "nope.pt")
+    (tmp_path / "m.xyz").write_bytes(b"x")
+    with pytest.raises(InputError, match="unknown model format"):
+        load_model(tmp_path / "m.xyz")
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("arch,params", [("resnet20", 269_722), ("resnet32", 464_154)])
+def test_real_cifar_checkpoints_load_with_and_without_arch(cifar, arch, params):
+    a = load_model(cifar / f"{arch}.th")
+    b = load_model(cifar / f"{arch}.th", arch=arch)
+    assert a.spec == b.spec == ZOO[arch]
+    assert sum(p.numel() for p in a.to_torch().parameters()) == params
