@@ -181,16 +181,18 @@ def convert(
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images to evaluate every artifact on."),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on at most this many images."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads for evaluation."),
+    option: List[str] = typer.Option([], "--option", help="Target option TARGET.KEY=VALUE, e.g. openvino.engine=nncf (repeatable)."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Convert MODEL into one bundle with an artifact per target and precision."""
-    from edgeres.pipeline import ConvertConfig, convert as run_convert
+    from edgeres.pipeline import ConvertConfig, convert as run_convert, parse_target_options
 
     cfg = ConvertConfig(model=model, out=out, arch=arch, calib=calib, targets=_csv(targets),
                         precisions=_csv(precision), estimator=estimator, calib_images=calib_images,
-                        eval_data=eval_data, eval_images=eval_images, threads=threads, force=force)
+                        eval_data=eval_data, eval_images=eval_images, threads=threads, force=force,
+                        target_options=parse_target_options(option))
     manifest = run_convert(cfg)
     if json_out:
         _print_json(manifest)
@@ -200,6 +202,15 @@ def convert(
         print_bundle(out, manifest)
     if any(a["status"] != "ok" for a in manifest["artifacts"]):
         raise typer.Exit(3)
+
+
+# --- bench / report commands (issue 9) go here ---
+
+
+# --- prune command (issue 7) goes here ---
+
+
+# --- demo command (issue 10) goes here ---
 
 
 if __name__ == "__main__":

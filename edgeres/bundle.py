@@ -41,7 +41,9 @@ def check_output_dir(out: Path, force: bool) -> None:
 def make_staging(out: Path) -> Path:
     parent = out.resolve().parent
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        staging.chmod(0o755)  # mkdtemp makes it private; a bundle is an ordinary folder
+        return staging
     except OSError as e:
         raise InputError(f"{out}: cannot create a folder in {parent} ({e.strerror}); choose a writable --out") from None
 

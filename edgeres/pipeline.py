@@ -46,6 +46,27 @@ class ConvertConfig:
         return d
 
 
+def parse_target_options(items: list[str] | tuple[str, ...]) -> dict:
+    """``["openvino.engine=nncf", "tflite.io=uint8"]`` → ``{"openvino": {"engine": "nncf"}, ...}``."""
+    from targets import TARGETS
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        target, dot, name = key.partition(".")
+        if not eq or not dot or target not in TARGETS or not name:
+            raise InputError(f"--option {item!r}: expected TARGET.KEY=VALUE with TARGET one of {', '.join(TARGETS)}")
+        lowered = value.strip().lower()
+        parsed = {"true": True, "false": False}.get(lowered, value.strip())
+        if isinstance(parsed, str):
+            try:
+                parsed = int(parsed) if parsed.lstrip("-").isdigit() else float(parsed)
+            except ValueError:
+                pass
+        out.setdefault(target, {})[name] = parsed
+    return out
+
+
 def validate(cfg: ConvertConfig) -> None:
     from targets import TARGETS, get_target
 
@@ -108,7 +129,7 @@ def convert(cfg: ConvertConfig) -> dict:
         export_onnx(loaded.to_torch(), spec, staging / REFERENCE_FILE)
         timings["export_s"] = round(time.perf_counter() - t0, 3)
 
-        calib_fn, calibration_record, ranges = None, None, None
+        calib_fn, calibration_record, ranges, qdq_path = None, None, None, None
         if calib_ds is not None:
             pre = spec.preprocess
 
@@ -134,6 +155,12 @@ def convert(cfg: ConvertConfig) -> dict:
                 write_json_atomic(staging / "calibration_ranges.json",
                                   {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
                 timings["calibrate_s"] = round(time.perf_counter() - t1, 3)
+                # one QDQ int8 ONNX from those ranges; the onnx target ships it, openvino compiles it
+                qdq_path = staging / ".work" / "model.qdq.onnx"
+                qdq_path.parent.mkdir()
+                qdq_record = onnx_target.quantize_qdq(staging / REFERENCE_FILE, ranges, qdq_path,
+                                                      options=dict(cfg.target_options.get("onnx", {})))
+                calibration_record["qdq"] = qdq_record
 
         keras_fn = None
         if "tflite" in cfg.targets:
@@ -143,7 +170,6 @@ def convert(cfg: ConvertConfig) -> dict:
                 return build_keras(spec, loaded.state_dict)
 
         artifacts = []
-        qdq_path = None
         for target_name, precision in plan(cfg):
             t1 = time.perf_counter()
             target = get_target(target_name)
@@ -161,8 +187,6 @@ def convert(cfg: ConvertConfig) -> dict:
                 record["size_bytes"] = sum(r["size_bytes"] for r in record["file_records"])
                 record["sha256"] = record["file_records"][0]["sha256"]
                 record["status"] = "ok"
-                if target_name == "onnx" and precision == "int8":
-                    qdq_path = staging / artifact.file
             except (TargetError, DataError, InputError) as e:
                 record = {"target": target_name, "precision": precision, "status": "failed", "error": str(e),
                           "files": [], "file_records": []}
@@ -187,6 +211,7 @@ def convert(cfg: ConvertConfig) -> dict:
             "config": cfg.to_dict(),
             "timings": timings,
         }
+        shutil.rmtree(staging / ".work", ignore_errors=True)
         write_json_atomic(staging / MANIFEST, manifest)
         publish(staging, out)
         done = True
