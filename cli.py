@@ -174,25 +174,29 @@ def convert(
     model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration images (.npz or folder)."),
-    targets: str = typer.Option("onnx,openvino,tflite", "--targets", help="Comma list: onnx,openvino,tflite."),
-    precision: str = typer.Option("int8", "--precision", help="Comma list: int8,fp16,fp32 (tflite also: dynamic)."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Comma list of onnx,openvino,tflite [all, or the device's]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Comma list: int8,fp16,fp32 (tflite also: dynamic) [int8]."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device profile: auto, rpi4, rpi5, x86-avx2, x86-vnni, android-arm64, generic."),
     estimator: str = typer.Option("percentile", "--estimator", help="Range estimator: minmax, percentile, entropy, mse."),
     calib_images: int = typer.Option(300, "--calib-images", help="Calibration images to use (spread evenly)."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images to evaluate every artifact on."),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on at most this many images."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads for evaluation."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads [the device's]."),
     option: List[str] = typer.Option([], "--option", help="Target option TARGET.KEY=VALUE, e.g. openvino.engine=nncf (repeatable)."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    force: bool = typer.Option(False, "--force", help="Redo every step and replace an existing bundle at --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
-    """Convert MODEL into one bundle with an artifact per target and precision."""
-    from edgeres.pipeline import ConvertConfig, convert as run_convert, parse_target_options
+    """Convert MODEL into one bundle with an artifact per target and precision (resumable)."""
+    from edgeres.pipeline import ConvertConfig, apply_profile, convert as run_convert, parse_target_options
 
-    cfg = ConvertConfig(model=model, out=out, arch=arch, calib=calib, targets=_csv(targets),
-                        precisions=_csv(precision), estimator=estimator, calib_images=calib_images,
-                        eval_data=eval_data, eval_images=eval_images, threads=threads, force=force,
-                        target_options=parse_target_options(option))
+    cfg = ConvertConfig(model=model, out=out, arch=arch, calib=calib,
+                        targets=_csv(targets) or ConvertConfig.targets,
+                        precisions=_csv(precision) or ConvertConfig.precisions, estimator=estimator,
+                        calib_images=calib_images, eval_data=eval_data, eval_images=eval_images, threads=threads,
+                        force=force, target_options=parse_target_options(option))
+    cfg = apply_profile(cfg, device, targets_given=targets is not None, precisions_given=precision is not None,
+                        threads_given=threads is not None)
     manifest = run_convert(cfg)
     if json_out:
         _print_json(manifest)

@@ -43,6 +43,6 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
             entry.update(status="failed", error=str(e))
             log(f"[red]{a['target']} {a['precision']} failed:[/] {e}")
         result["artifacts"].append(entry)
-    stored = dict(result, data=str(dataset.source))
+    stored = dict(result, data=str(dataset.source), conversion_key=manifest.get("conversion_key"))
     write_json_atomic(bundle / EVAL_FILE, stored)
     return result

@@ -1,23 +1,32 @@
 """``convert``: load → (prune) → export the fp32 reference → calibrate once → compile each target →
-(evaluate) — written into one bundle atomically."""
+(evaluate) — written into one bundle atomically and resumable step by step.
+
+Work happens in a hidden sibling folder ``.DIR.partial-<key>`` whose name is derived from everything
+that decides the output (source checkpoint, data, options). Each finished step is recorded there, so
+re-running the same command after an interruption redoes only what is missing; the folder is renamed
+to ``DIR`` only once the manifest is written. Re-running after success finds the manifest's key
+unchanged and skips the conversion."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from calibration import DataError, open_dataset
 from edgeres import __version__
 from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, check_output_dir, file_record,
-                            make_staging, publish, write_json_atomic)
+                            publish, read_manifest, read_result, write_json_atomic)
 from edgeres.errors import InputError
 from edgeres.progress import log
 
 DEFAULT_CALIB_IMAGES = 300
 ESTIMATORS = ("minmax", "percentile", "entropy", "mse")
+STEPS_FILE = ".steps.json"
 
 
 @dataclass(frozen=True)
@@ -35,12 +44,11 @@ class ConvertConfig:
     eval_data: str | None = None
     eval_images: int | None = None
     threads: int | None = None
+    device: str | None = None
     force: bool = False
     target_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         d = asdict(self)
         d["targets"], d["precisions"] = list(self.targets), list(self.precisions)
         return d
@@ -67,16 +75,41 @@ def parse_target_options(items: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
+def apply_profile(cfg: ConvertConfig, device: str | None, *, targets_given: bool, precisions_given: bool,
+                  threads_given: bool) -> ConvertConfig:
+    """Fill what the user did not choose from the device profile; the user's flags always win."""
+    if not device:
+        return cfg
+    from edgeres.profiles import load_profile
+
+    profile = load_profile(device)
+    options = {t: dict(o) for t, o in profile.options.items()}
+    for t, o in cfg.target_options.items():
+        options.setdefault(t, {}).update(o)
+    return replace(
+        cfg,
+        device=profile.name,
+        targets=cfg.targets if targets_given else profile.targets,
+        precisions=cfg.precisions if precisions_given else profile.precisions,
+        threads=cfg.threads if threads_given else profile.threads,
+        target_options=options,
+    )
+
+
 def validate(cfg: ConvertConfig) -> None:
     from targets import TARGETS, get_target
 
+    if not cfg.targets:
+        raise InputError("--targets: no target given; choose from " + ", ".join(TARGETS))
     for t in cfg.targets:
         if t not in TARGETS:
             raise InputError(f"--targets: unknown target {t!r}; choose from {', '.join(TARGETS)}")
-        known = get_target(t).PRECISIONS
-        for p in cfg.precisions:
-            if p not in known and not (p == "dynamic" and t != "tflite"):
-                raise InputError(f"--precision: {p!r} is not available for {t} (it makes {', '.join(known)})")
+    known = {p for t in cfg.targets for p in get_target(t).PRECISIONS}
+    for p in cfg.precisions:
+        if p not in known:
+            raise InputError(f"--precision: {p!r} is not made by {', '.join(cfg.targets)} (choose from {', '.join(sorted(known))})")
+    if not cfg.precisions:
+        raise InputError("--precision: no precision given; choose int8, fp16 or fp32")
     if cfg.estimator not in ESTIMATORS:
         raise InputError(f"--estimator: unknown {cfg.estimator!r}; choose from {', '.join(ESTIMATORS)}")
     if cfg.calib_images < 1:
@@ -86,31 +119,67 @@ def validate(cfg: ConvertConfig) -> None:
 
 
 def plan(cfg: ConvertConfig) -> list[tuple[str, str]]:
-    """(target, precision) pairs to build; ``dynamic`` is TFLite-only and skipped for the others."""
+    """(target, precision) pairs to build; a precision a target does not make is skipped for it."""
     from targets import get_target
 
     return [(t, p) for t in cfg.targets for p in cfg.precisions if p in get_target(t).PRECISIONS]
 
 
+def _fingerprint(path: str | None) -> list | None:
+    """Cheap identity of a data file or folder (size and mtime), so changed data invalidates the cache."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file()]
+        return [str(p.resolve()), len(files), max((f.stat().st_mtime_ns for f in files), default=0)]
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def conversion_key(cfg: ConvertConfig, source_sha256: str) -> str:
+    """Hash of everything that decides the bundle's files (not evaluation or threads)."""
+    decisive = {
+        "edgeres": __version__, "source": source_sha256, "arch": cfg.arch, "calib": _fingerprint(cfg.calib),
+        "targets": list(cfg.targets), "precisions": list(cfg.precisions), "estimator": cfg.estimator,
+        "calib_images": cfg.calib_images, "options": cfg.target_options,
+    }
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Steps:
+    """Finished steps of one conversion, persisted in the work folder."""
+
+    def __init__(self, work: Path):
+        self.path = work / STEPS_FILE
+        self.done: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get(self, name: str):
+        if name in self.done:
+            log(f"[dim]✓ {name} (done in an earlier run, skipped)[/]")
+        return self.done.get(name)
+
+    def finish(self, name: str, record) -> None:
+        self.done[name] = record
+        write_json_atomic(self.path, self.done)
+
+
 def convert(cfg: ConvertConfig) -> dict:
-    """Run a conversion; returns the manifest. Raises ``InputError`` before any work on bad input."""
+    """Run (or resume) a conversion; returns the manifest. Bad input fails before any work."""
     from edgeres.loading import load_model
-    from targets import CompileJob, get_target
-    from targets.base import TargetError
 
     validate(cfg)
     out = Path(cfg.out)
-    check_output_dir(out, cfg.force)
     loaded = load_model(cfg.model, cfg.arch)
     spec = loaded.spec
-    needs_calib = any(p in ("int8",) for _, p in plan(cfg))
-    calib_ds = None
+    steps_plan = plan(cfg)
+    needs_calib = any(p == "int8" for _, p in steps_plan)
+    calib_ds = eval_ds = None
     if cfg.calib is not None:
-        calib_ds = open_dataset(cfg.calib)
+        calib_ds = open_dataset(cfg.calib, min_images=1)
         calib_ds.check_image_size(spec.preprocess)
     elif needs_calib:
         raise InputError("--calib: int8 needs calibration images; give an .npz or image folder with --calib")
-    eval_ds = None
     if cfg.eval_data is not None:
         eval_ds = open_dataset(cfg.eval_data, require_labels=True)
         eval_ds.check_image_size(spec.preprocess)
@@ -118,18 +187,65 @@ def convert(cfg: ConvertConfig) -> dict:
             raise InputError(f"{cfg.eval_data}: labels run {eval_ds.labels.min()}..{eval_ds.labels.max()} "
                              f"but the model has {spec.num_classes} classes; check the data matches the model")
 
-    staging = make_staging(out)
-    done = False
-    timings: dict[str, float] = {}
+    key = conversion_key(cfg, loaded.sha256)
+    existing = _existing_manifest(out)
+    if existing is not None and existing.get("conversion_key") == key and not cfg.force:
+        log(f"[green]✓ {out} is up to date[/] (same model, data and options): conversion skipped")
+        manifest = existing
+    else:
+        check_output_dir(out, cfg.force)
+        manifest = _build(cfg, loaded, key, calib_ds, needs_calib, steps_plan)
+
+    if eval_ds is not None:
+        from edgeres.bundle_eval import EVAL_FILE, evaluate_bundle
+
+        stored = read_result(out, EVAL_FILE)
+        wanted = {"data": str(cfg.eval_data), "images": len(eval_ds.spread(cfg.eval_images))}
+        if (stored and not cfg.force and stored.get("conversion_key") == key
+                and {k: stored.get(k) for k in wanted} == wanted):
+            log("[dim]✓ eval (done in an earlier run, skipped)[/]")
+        else:
+            evaluate_bundle(out, eval_ds, limit=cfg.eval_images, threads=cfg.threads)
+    return manifest
+
+
+def _existing_manifest(out: Path) -> dict | None:
+    if not (out / MANIFEST).exists():
+        return None
     try:
-        t0 = time.perf_counter()
+        return read_manifest(out)
+    except InputError:
+        return None  # damaged: rebuilt only with --force (check_output_dir says so)
+
+
+def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, steps_plan) -> dict:
+    from targets import CompileJob, get_target
+    from targets.base import TargetError
+
+    out, spec = Path(cfg.out), loaded.spec
+    work = out.resolve().parent / f".{out.name}.partial-{key}"
+    if cfg.force and work.exists():
+        shutil.rmtree(work)
+    resumed = work.exists()
+    try:
+        work.mkdir(exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: cannot create a folder in {work.parent} ({e.strerror}); choose a writable --out") from None
+    steps = _Steps(work)
+    if resumed:
+        log(f"resuming an interrupted conversion from {work.name}")
+    published = False
+    try:
         log(f"[bold]edgeres convert[/] {loaded.source} ({spec.name}, {spec.cost()['macs'] / 1e6:.1f} M MACs) → {out}")
-        from edgeres.export import export_onnx
+        if steps.get("export") is None or not (work / REFERENCE_FILE).exists():
+            t0 = time.perf_counter()
+            from edgeres.export import export_onnx
 
-        export_onnx(loaded.to_torch(), spec, staging / REFERENCE_FILE)
-        timings["export_s"] = round(time.perf_counter() - t0, 3)
+            log("exporting the fp32 reference ONNX…")
+            export_onnx(loaded.to_torch(), spec, work / REFERENCE_FILE)
+            steps.finish("export", {"seconds": round(time.perf_counter() - t0, 3)})
 
-        calib_fn, calibration_record, ranges, qdq_path = None, None, None, None
+        calib_fn = calibration_record = ranges = qdq_path = None
         if calib_ds is not None:
             pre = spec.preprocess
 
@@ -137,30 +253,16 @@ def convert(cfg: ConvertConfig) -> dict:
                 p = pre.with_layout(layout)
                 return (x for x, _ in calib_ds.batches(p, batch_size, cfg.calib_images))
 
-            n_calib = len(calib_ds.spread(cfg.calib_images))
-            calibration_record = {"source": str(cfg.calib), "images": n_calib, "estimator": cfg.estimator}
-            if needs_calib:
-                t1 = time.perf_counter()
-                log(f"calibrating on {n_calib} images with the {cfg.estimator} estimator")
-                from targets import onnx as onnx_target
-
-                try:
-                    ranges = onnx_target.compute_ranges(staging / REFERENCE_FILE, calib_fn, estimator=cfg.estimator)
-                except DataError:
-                    raise
-                except Exception as e:  # noqa: BLE001
-                    if isinstance(e, TargetError):
-                        raise InputError(f"{cfg.calib}: calibration failed ({e})") from None
-                    raise
-                write_json_atomic(staging / "calibration_ranges.json",
-                                  {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
-                timings["calibrate_s"] = round(time.perf_counter() - t1, 3)
-                # one QDQ int8 ONNX from those ranges; the onnx target ships it, openvino compiles it
-                qdq_path = staging / ".work" / "model.qdq.onnx"
-                qdq_path.parent.mkdir()
-                qdq_record = onnx_target.quantize_qdq(staging / REFERENCE_FILE, ranges, qdq_path,
-                                                      options=dict(cfg.target_options.get("onnx", {})))
-                calibration_record["qdq"] = qdq_record
+            calibration_record = {"source": str(cfg.calib), "images": len(calib_ds.spread(cfg.calib_images)),
+                                  "estimator": cfg.estimator}
+        if needs_calib:
+            qdq_path = work / ".work" / "model.qdq.onnx"
+            done = steps.get("calibrate")
+            if done is None or not qdq_path.exists():
+                done = _calibrate(cfg, work, calib_fn, qdq_path, calibration_record)
+                steps.finish("calibrate", done)
+            calibration_record = done
+            ranges = {k: tuple(v) for k, v in json.loads((work / "calibration_ranges.json").read_text()).items()}
 
         keras_fn = None
         if "tflite" in cfg.targets:
@@ -170,28 +272,16 @@ def convert(cfg: ConvertConfig) -> dict:
                 return build_keras(spec, loaded.state_dict)
 
         artifacts = []
-        for target_name, precision in plan(cfg):
-            t1 = time.perf_counter()
-            target = get_target(target_name)
-            options = dict(cfg.target_options.get(target_name, {}))
-            if cfg.threads:
-                options.setdefault("threads", cfg.threads)
-            job = CompileJob(onnx_fp32=staging / REFERENCE_FILE, out_dir=staging, precision=precision,
-                             calibration=calib_fn, ranges=ranges, qdq_onnx=qdq_path, keras_model=keras_fn,
-                             options=options)
-            log(f"compiling {target_name} {precision}…")
-            try:
-                artifact = target.compile(job)
-                record = artifact.to_dict()
-                record["file_records"] = [file_record(staging, f) for f in artifact.files]
-                record["size_bytes"] = sum(r["size_bytes"] for r in record["file_records"])
-                record["sha256"] = record["file_records"][0]["sha256"]
-                record["status"] = "ok"
-            except (TargetError, DataError, InputError) as e:
-                record = {"target": target_name, "precision": precision, "status": "failed", "error": str(e),
-                          "files": [], "file_records": []}
-                log(f"[red]{target_name} {precision} failed:[/] {e}")
-            record["compile_s"] = round(time.perf_counter() - t1, 3)
+        for target_name, precision in steps_plan:
+            step = f"compile {target_name} {precision}"
+            record = steps.get(step)
+            if record is None or (record["status"] == "ok" and not all((work / f).exists() for f in record["files"])):
+                record = _compile_one(get_target(target_name), target_name, precision, work, cfg, CompileJob,
+                                      TargetError, dict(calib_fn=calib_fn, ranges=ranges, qdq_path=qdq_path,
+                                                        keras_fn=keras_fn, preprocess=spec.preprocess.to_dict(),
+                                                        labels=spec.labels))
+                if record["status"] == "ok":  # failures are retried on the next run
+                    steps.finish(step, record)
             artifacts.append(record)
 
         manifest = {
@@ -199,6 +289,8 @@ def convert(cfg: ConvertConfig) -> dict:
             "format_version": FORMAT_VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "edgeres_version": __version__,
+            "conversion_key": key,
+            "device": cfg.device,
             "source": {"path": loaded.source, "sha256": loaded.sha256, "format": loaded.format},
             "arch": spec.to_dict(),
             "cost": spec.cost(),
@@ -206,21 +298,68 @@ def convert(cfg: ConvertConfig) -> dict:
             "labels": list(spec.labels) if spec.labels else None,
             "pruning": (loaded.extra or {}).get("pruning"),
             "calibration": calibration_record,
-            "reference": {**file_record(staging, REFERENCE_FILE), "precision": "fp32", "engine": "onnxruntime"},
+            "reference": {**file_record(work, REFERENCE_FILE), "precision": "fp32", "engine": "onnxruntime"},
             "artifacts": artifacts,
             "config": cfg.to_dict(),
-            "timings": timings,
+            "timings": {name: r.get("seconds", r.get("compile_s")) for name, r in steps.done.items()
+                        if isinstance(r, dict)},
         }
-        shutil.rmtree(staging / ".work", ignore_errors=True)
-        write_json_atomic(staging / MANIFEST, manifest)
-        publish(staging, out)
-        done = True
+        shutil.rmtree(work / ".work", ignore_errors=True)
+        (work / STEPS_FILE).unlink(missing_ok=True)
+        write_json_atomic(work / MANIFEST, manifest)
+        publish(work, out)
+        published = True
+        return manifest
+    except KeyboardInterrupt:
+        log(f"interrupted: {out} was not written; finished steps are kept in {work.name} — re-run to resume")
+        raise
+    except (InputError, DataError):
+        shutil.rmtree(work, ignore_errors=True)  # bad input: nothing worth resuming
+        raise
     finally:
-        if not done:
-            shutil.rmtree(staging, ignore_errors=True)
+        if published:
+            shutil.rmtree(work, ignore_errors=True)
 
-    if eval_ds is not None:
-        from edgeres.bundle_eval import evaluate_bundle
 
-        evaluate_bundle(out, eval_ds, limit=cfg.eval_images, threads=cfg.threads)
-    return manifest
+def _calibrate(cfg: ConvertConfig, work: Path, calib_fn, qdq_path: Path, record: dict) -> dict:
+    """Ranges once from the calibration set, then one QDQ int8 ONNX that every int8 target reuses."""
+    from targets import onnx as onnx_target
+    from targets.base import TargetError
+
+    t0 = time.perf_counter()
+    log(f"calibrating on {record['images']} images with the {cfg.estimator} estimator…")
+    try:
+        ranges = onnx_target.compute_ranges(work / REFERENCE_FILE, calib_fn, estimator=cfg.estimator)
+    except TargetError as e:
+        raise InputError(f"{cfg.calib}: calibration failed ({e})") from None
+    write_json_atomic(work / "calibration_ranges.json", {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
+    qdq_path.parent.mkdir(exist_ok=True)
+    qdq = onnx_target.quantize_qdq(work / REFERENCE_FILE, ranges, qdq_path,
+                                   options=dict(cfg.target_options.get("onnx", {})))
+    return {**record, "qdq": qdq, "ranges_file": "calibration_ranges.json",
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _compile_one(target, target_name, precision, work, cfg, CompileJob, TargetError, ctx) -> dict:
+    t0 = time.perf_counter()
+    options = dict(cfg.target_options.get(target_name, {}))
+    if cfg.threads:
+        options.setdefault("threads", cfg.threads)
+    job = CompileJob(onnx_fp32=work / REFERENCE_FILE, out_dir=work, precision=precision,
+                     calibration=ctx["calib_fn"], ranges=ctx["ranges"], qdq_onnx=ctx["qdq_path"],
+                     keras_model=ctx["keras_fn"], options=options, preprocess=ctx["preprocess"],
+                     labels=ctx["labels"])
+    log(f"compiling {target_name} {precision}…")
+    try:
+        artifact = target.compile(job)
+        record = artifact.to_dict()
+        record["file_records"] = [file_record(work, f) for f in artifact.files]
+        record["size_bytes"] = sum(r["size_bytes"] for r in record["file_records"])
+        record["sha256"] = record["file_records"][0]["sha256"]
+        record["status"] = "ok"
+    except (TargetError, DataError, InputError) as e:
+        record = {"target": target_name, "precision": precision, "status": "failed", "error": str(e),
+                  "files": [], "file_records": []}
+        log(f"[red]{target_name} {precision} failed:[/] {e}")
+    record["compile_s"] = round(time.perf_counter() - t0, 3)
+    return record

@@ -37,6 +37,8 @@ class CompileJob:
     qdq_onnx: Path | None = None
     keras_model: Callable[[], object] | None = None
     options: dict = field(default_factory=dict)
+    preprocess: dict | None = None  # calibration.Preprocess.to_dict(): mean/std/size/layout of the input
+    labels: tuple | None = None
 
 
 @dataclass(frozen=True)
