@@ -255,7 +255,9 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
 
             calibration_record = {"source": str(cfg.calib), "images": len(calib_ds.spread(cfg.calib_images)),
                                   "estimator": cfg.estimator}
-        if needs_calib:
+        # TFLite full-int8 calibrates inside the LiteRT converter on these same images (calib_fn);
+        # the ONNX ranges and QDQ model are needed only when an ONNX-based target makes int8
+        if any(p == "int8" and t != "tflite" for t, p in steps_plan):
             qdq_path = work / ".work" / "model.qdq.onnx"
             done = steps.get("calibrate")
             if done is None or not qdq_path.exists():

@@ -1,0 +1,118 @@
+"""Build a ``ResNetSpec`` in Keras (NHWC) with the torch weights copied in, for the LiteRT converter.
+
+BatchNorm is folded into the preceding conv (weights and bias), as in the fp32 ONNX reference, so the
+converter sees Conv → ReLU → Add chains it fuses and quantises whole. Every padding is explicit
+(``ZeroPadding2D``) where Keras' ``"same"`` would pad differently from torch (stride 2: TF pads
+bottom/right only), so fp32 matches torch to float rounding.
+
+We build with ``tf_keras`` (Keras 2): ``TFLiteConverter.from_keras_model`` traces it directly, with
+no Keras-3 export detour, and its layers map one-to-one onto TFLite builtins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeres.zoo import ResNetSpec
+
+BN_EPS = 1e-5  # torch BatchNorm2d default; the zoo's torch models use it
+
+
+def folded_conv(state_dict: dict, conv: str, bn: str) -> tuple[np.ndarray, np.ndarray]:
+    """Torch conv ``conv`` with BatchNorm ``bn`` folded in: (HWIO kernel, bias), float32."""
+    w = _np(state_dict[f"{conv}.weight"]).astype(np.float64)  # OIHW
+    gamma, beta = _np(state_dict[f"{bn}.weight"]), _np(state_dict[f"{bn}.bias"])
+    mean, var = _np(state_dict[f"{bn}.running_mean"]), _np(state_dict[f"{bn}.running_var"])
+    scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + BN_EPS)
+    kernel = (w * scale[:, None, None, None]).transpose(2, 3, 1, 0)
+    bias = beta - mean * scale
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+def build_keras(spec: ResNetSpec, state_dict: dict):
+    """A ``tf_keras.Model`` computing the same logits as ``build_torch(spec)`` with ``state_dict``.
+
+    Input: float32 N×size×size×3 (NHWC, preprocessed); output: float32 N×num_classes logits.
+    """
+    import tensorflow as tf
+    import tf_keras as keras
+
+    layers = keras.layers
+    weights: list[tuple[object, list[np.ndarray]]] = []
+
+    def conv(x, torch_conv: str, torch_bn: str, k: int, stride: int, relu: bool, name: str):
+        """k×k conv with torch's symmetric padding (k//2), BN folded, optional fused ReLU."""
+        kernel, bias = folded_conv(state_dict, torch_conv, torch_bn)
+        pad = k // 2
+        if pad and stride == 1:
+            padding = "same"  # odd k, stride 1: TF "same" pads k//2 on every side, as torch does
+        else:
+            padding = "valid"
+            if pad:
+                x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        layer = layers.Conv2D(kernel.shape[-1], k, strides=stride, padding=padding, use_bias=True,
+                              activation="relu" if relu else None, name=name)
+        y = layer(x)
+        weights.append((layer, [kernel, bias]))
+        return y
+
+    def option_a(x, cin: int, cout: int, stride: int, name: str):
+        """CIFAR option A: x[:, ::s, ::s] then zero channels padded lo/hi (STRIDED_SLICE + PAD in TFLite)."""
+        lo = (cout - cin) // 2
+        hi = cout - cin - lo
+
+        def shortcut(t):
+            if stride != 1:
+                t = t[:, ::stride, ::stride, :]
+            if lo or hi:
+                t = tf.pad(t, [[0, 0], [0, 0], [0, 0], [lo, hi]])
+            return t
+
+        return layers.Lambda(shortcut, name=name)(x)
+
+    size = spec.input_size
+    inputs = keras.Input((size, size, 3), dtype="float32", name="input")
+    if spec.stem == "imagenet":
+        x = conv(inputs, "conv1", "bn1", 7, 2, True, "conv1")
+        # torch max-pools with -inf padding; after ReLU every value is ≥ 0, so a zero pad gives the same max
+        x = layers.ZeroPadding2D(1, name="maxpool_pad")(x)
+        x = layers.MaxPooling2D(3, 2, padding="valid", name="maxpool")(x)
+    else:
+        x = conv(inputs, "conv1", "bn1", 3, 1, True, "conv1")
+
+    for s, n in enumerate(spec.layers):
+        for b in range(n):
+            p = f"layer{s + 1}.{b}"
+            name = f"layer{s + 1}_{b}"
+            stride = spec.stage_strides[s] if b == 0 else 1
+            cin, cout = spec.block_in_width(s, b), spec.stage_widths[s]
+            if spec.block == "basic":
+                y = conv(x, f"{p}.conv1", f"{p}.bn1", 3, stride, True, f"{name}_conv1")
+                y = conv(y, f"{p}.conv2", f"{p}.bn2", 3, 1, False, f"{name}_conv2")
+            else:
+                s1, s3 = (stride, 1) if spec.stride_on == "1x1" else (1, stride)
+                y = conv(x, f"{p}.conv1", f"{p}.bn1", 1, s1, True, f"{name}_conv1")
+                y = conv(y, f"{p}.conv2", f"{p}.bn2", 3, s3, True, f"{name}_conv2")
+                y = conv(y, f"{p}.conv3", f"{p}.bn3", 1, 1, False, f"{name}_conv3")
+            if not spec.has_downsample(s, b):
+                identity = x
+            elif spec.shortcut == "projection":
+                identity = conv(x, f"{p}.downsample.0", f"{p}.downsample.1", 1, stride, False, f"{name}_downsample")
+            else:
+                identity = option_a(x, cin, cout, stride, f"{name}_shortcut")
+            x = layers.Add(name=f"{name}_add")([y, identity])
+            x = layers.ReLU(name=f"{name}_relu")(x)
+
+    x = layers.GlobalAveragePooling2D(name="avgpool")(x)
+    head = layers.Dense(spec.num_classes, name=spec.head)
+    logits = head(x)
+    weights.append((head, [_np(state_dict[f"{spec.head}.weight"]).T.astype(np.float32),
+                           _np(state_dict[f"{spec.head}.bias"]).astype(np.float32)]))
+    model = keras.Model(inputs, logits, name=spec.name.replace("-", "_"))
+    for layer, values in weights:
+        layer.set_weights(values)
+    return model

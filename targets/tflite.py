@@ -1,0 +1,314 @@
+"""TFLite (LiteRT) target: fp32, fp16 weights, dynamic-range int8 and full-integer int8.
+
+Engine: the network rebuilt in Keras from its spec (``job.keras_model()``) and converted by the
+LiteRT converter; full-int8 is calibrated on ``job.calibration(layout="NHWC")``, the same images
+every other target uses. After conversion an op report lists every op with its tensor dtypes; a
+full-int8 model that still computes in float anywhere is an error, not a warning.
+
+Running needs only numpy and ``ai-edge-litert`` (or ``tflite-runtime``): nothing in the runner path
+imports tensorflow, so a bundle's ``.tflite`` runs on a Raspberry Pi as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from targets.base import Artifact, CompileJob, Runner, TargetError, TargetUnavailable
+
+PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
+ENGINE = "keras-from-spec + LiteRT converter"
+IO_TYPES = ("float", "int8", "uint8")
+OPTIONS = ("io", "threads")  # threads is the pipeline's evaluation thread count; conversion ignores it
+# ops that only move data between float and integer at the model's edges
+EDGE_OPS = ("QUANTIZE", "DEQUANTIZE")
+FLOAT_DTYPES = ("float32", "float16", "float64")
+CALIB_BATCH = 16
+
+
+def available() -> str:
+    """The LiteRT interpreter's version (what running needs)."""
+    _interpreter_module()
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("ai-edge-litert")
+        except PackageNotFoundError:
+            return version("tflite-runtime")
+    except Exception:  # noqa: BLE001 - version metadata is cosmetic
+        return "unknown"
+
+
+def _interpreter_module():
+    try:
+        from ai_edge_litert import interpreter
+    except ImportError:
+        try:
+            from tflite_runtime import interpreter
+        except ImportError:
+            raise TargetUnavailable("ai-edge-litert is not installed; pip install ai-edge-litert "
+                                    "(or pip install 'edgeres[tflite]')") from None
+    return interpreter
+
+
+def _converter_modules():
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise TargetUnavailable("tensorflow is needed to convert to TFLite; pip install 'edgeres[tflite]'") from None
+    return tf
+
+
+# -- compile -------------------------------------------------------------------------------------
+
+def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's verb
+    """Convert ``job.keras_model()`` to ``tflite/model.<precision>.tflite`` plus its op report and sidecar."""
+    if job.precision not in PRECISIONS:
+        raise TargetError(f"tflite: precision {job.precision!r} is not one of {', '.join(PRECISIONS)}")
+    unknown = sorted(set(job.options) - set(OPTIONS))
+    if unknown:
+        raise TargetError(f"tflite: unknown option(s) {', '.join('tflite.' + k for k in unknown)}; "
+                          f"known: tflite.io={'|'.join(IO_TYPES)}")
+    io = str(job.options.get("io", "float"))
+    if io not in IO_TYPES:
+        raise TargetError(f"tflite: --option tflite.io={io} is not one of {', '.join(IO_TYPES)}")
+    if job.keras_model is None:
+        raise TargetError("tflite: the pipeline gave no Keras model builder (job.keras_model); cannot convert")
+    if job.precision == "int8" and job.calibration is None:
+        raise TargetError("tflite: full-integer int8 needs calibration images; pass --calib")
+    _interpreter_module()
+    tf = _converter_modules()
+
+    model = job.keras_model()
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    options: dict = {"io": io if job.precision == "int8" else "float"}
+    notes: list[str] = []
+    if io != "float" and job.precision != "int8":
+        notes.append(f"tflite.io={io} applies to full-int8 only; this {job.precision} model takes float input")
+    if job.precision == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+        options["weights"] = "float16"
+    elif job.precision == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no dataset: int8 weights, float activations
+        options["weights"] = "int8 per-channel"
+        options["activations"] = "float, quantised on the fly"
+    elif job.precision == "int8":
+        seen = {"images": 0}
+
+        def representative_dataset():
+            for batch in job.calibration(layout="NHWC", batch_size=CALIB_BATCH):
+                batch = np.ascontiguousarray(batch, dtype=np.float32)
+                if batch.ndim != 4 or batch.shape[-1] != 3:
+                    raise TargetError(f"tflite: calibration batches must be N×H×W×3 (NHWC), got {batch.shape}")
+                seen["images"] += len(batch)
+                yield [batch]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset
+        # builtin int8 kernels only: an op without one fails conversion instead of silently staying float
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        io_dtype = {"float": tf.float32, "int8": tf.int8, "uint8": tf.uint8}[io]
+        converter.inference_input_type = io_dtype
+        converter.inference_output_type = io_dtype
+        options.update(weights="int8 per-channel", activations="int8 per-tensor",
+                       supported_ops="TFLITE_BUILTINS_INT8", calibration="min/max (LiteRT converter)")
+    try:
+        flatbuffer = converter.convert()
+    except TargetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the converter raises many types (ConverterError, ValueError...)
+        first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
+        raise TargetError(f"tflite: LiteRT converter failed for {job.precision} ({first})") from None
+    if job.precision == "int8":
+        options["representative_images"] = seen["images"]
+
+    rel = Path("tflite") / f"model.{job.precision}.tflite"
+    path = job.out_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, flatbuffer)
+
+    report = op_report(path)
+    if job.precision == "int8":
+        check_full_int8(report, io=io, source=str(rel))
+    ops_rel = rel.with_name(f"model.{job.precision}.ops.json")
+    _write_atomic(job.out_dir / ops_rel, json.dumps(report, indent=1).encode())
+    sidecar_rel = rel.with_suffix(".json")
+    _write_atomic(job.out_dir / sidecar_rel, json.dumps(sidecar(path, job), indent=2).encode())
+    return Artifact("tflite", job.precision, (str(rel), str(ops_rel), str(sidecar_rel)), engine=ENGINE,
+                    input_layout="NHWC", input_dtype=report["input"]["dtype"], options=options,
+                    tool_versions=_versions(), notes=tuple(notes))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TargetError(f"{path}: cannot write ({e.strerror}); check the folder is writable and has space") from None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("tensorflow-cpu", "tensorflow", "tf-keras", "ai-edge-litert"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# -- op report -----------------------------------------------------------------------------------
+
+def op_report(path: str | Path) -> dict:
+    """Every op of a ``.tflite`` with its input/output tensor dtypes, a per-type summary and the ops
+    that compute in float (anything but QUANTIZE/DEQUANTIZE touching a float tensor)."""
+    module = _interpreter_module()
+    try:
+        interp = module.Interpreter(model_path=str(path),
+                                    experimental_op_resolver_type=module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    except (ValueError, RuntimeError) as e:
+        raise TargetError(f"{path}: LiteRT cannot load it ({str(e).splitlines()[0][:200]})") from None
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+
+    def dtypes(indices) -> list[str]:
+        return [np.dtype(tensors[i]["dtype"]).name for i in indices if i >= 0]
+
+    ops, summary, float_ops = [], {}, []
+    for op in interp._get_ops_details():  # noqa: SLF001 - the only API listing nodes with their tensors
+        entry = {"index": int(op["index"]), "op": op["op_name"], "inputs": dtypes(op["inputs"]),
+                 "outputs": dtypes(op["outputs"])}
+        ops.append(entry)
+        compute = _compute_dtype(entry)
+        by_type = summary.setdefault(entry["op"], {})
+        by_type[compute] = by_type.get(compute, 0) + 1
+        if entry["op"] not in EDGE_OPS and compute in FLOAT_DTYPES:
+            float_ops.append(entry)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    return {"model": Path(path).name, "ops": ops, "summary": summary, "float_compute_ops": float_ops,
+            "input": _io_record(inp), "output": _io_record(out)}
+
+
+def _compute_dtype(entry: dict) -> str:
+    """The arithmetic an op does: float if any tensor it touches is float, else its output dtype;
+    QUANTIZE/DEQUANTIZE are shown as their conversion (``float32->int8``)."""
+    if entry["op"] in EDGE_OPS and entry["inputs"] and entry["outputs"]:
+        return f"{entry['inputs'][0]}->{entry['outputs'][0]}"
+    touched = entry["inputs"] + entry["outputs"]
+    floats = [d for d in touched if d in FLOAT_DTYPES]
+    if floats:
+        return "float32" if "float32" in floats else floats[0]
+    return entry["outputs"][0] if entry["outputs"] else "none"
+
+
+def _io_record(detail: dict) -> dict:
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    quantized = np.dtype(detail["dtype"]).kind in "iu" and scale != 0.0
+    return {"name": detail["name"], "shape": [int(v) for v in detail.get("shape_signature", detail["shape"])],
+            "dtype": np.dtype(detail["dtype"]).name,
+            "quantization": {"scale": float(scale), "zero_point": int(zero_point)} if quantized else None}
+
+
+def check_full_int8(report: dict, *, io: str = "float", source: str = "model") -> None:
+    """Raise ``TargetError`` unless every compute op is integer and the I/O has the requested type."""
+    if report["float_compute_ops"]:
+        names = sorted({f"{o['op']}({'/'.join(o['inputs'])})" for o in report["float_compute_ops"]})
+        raise TargetError(f"{source}: full-int8 model still computes in float: {len(report['float_compute_ops'])} "
+                          f"op(s) {', '.join(names[:5])}; the converter could not quantise them")
+    want = {"float": "float32", "int8": "int8", "uint8": "uint8"}[io]
+    for side in ("input", "output"):
+        got = report[side]["dtype"]
+        if got != want:
+            raise TargetError(f"{source}: full-int8 model {side} is {got}, expected {want} (tflite.io={io})")
+
+
+def sidecar(path: Path, job: CompileJob) -> dict:
+    """What a device needs beside the ``.tflite``: labels, preprocessing (NHWC) and I/O quantisation."""
+    report = op_report(path)
+    preprocess = dict(job.preprocess or {})
+    if preprocess:
+        preprocess["layout"] = "NHWC"
+    return {"model": path.name, "precision": job.precision, "layout": "NHWC",
+            "input_size": preprocess.get("size"), "preprocess": preprocess or None,
+            "labels": list(job.labels) if job.labels is not None else None,
+            "input": report["input"], "output": report["output"]}
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+class TFLiteRunner(Runner):
+    """Runs a ``.tflite`` on NCHW float32 batches (transposed to NHWC, quantised if the model's input
+    is integer) and returns float32 logits. XNNPACK is LiteRT's default CPU delegate."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        module = _interpreter_module()
+        try:
+            self.interp = module.Interpreter(model_path=str(path), num_threads=threads)
+        except (ValueError, RuntimeError) as e:
+            raise TargetError(f"{path}: LiteRT cannot load it ({str(e).splitlines()[0][:200]})") from None
+        self.path = Path(path)
+        self.input = self.interp.get_input_details()[0]
+        self.output = self.interp.get_output_details()[0]
+        signature = self.input.get("shape_signature", self.input["shape"])
+        self.dynamic_batch = int(signature[0]) == -1
+        self.batch = int(self.input["shape"][0])
+        self.interp.allocate_tensors()
+
+    def _resize(self, n: int) -> None:
+        if n != self.batch:
+            shape = [n, *(int(v) for v in self.input["shape"][1:])]
+            self.interp.resize_tensor_input(self.input["index"], shape)
+            self.interp.allocate_tensors()
+            self.batch = n
+
+    def _run(self, x_nhwc: np.ndarray) -> np.ndarray:
+        self.interp.set_tensor(self.input["index"], quantize(x_nhwc, self.input))
+        self.interp.invoke()
+        return dequantize(self.interp.get_tensor(self.output["index"]), self.output)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 4:
+            raise TargetError(f"{self.path}: expected an N×C×H×W batch, got shape {x.shape}")
+        nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        if self.dynamic_batch:
+            self._resize(len(nhwc))
+            return self._run(nhwc)
+        # fixed-batch model (e.g. from another converter): run in chunks of its batch, padding the last
+        b, outs = self.batch, []
+        for start in range(0, len(nhwc), b):
+            chunk = nhwc[start:start + b]
+            pad = b - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+            outs.append(self._run(chunk)[: b - pad])
+        return np.concatenate(outs)
+
+
+def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Float → the tensor's dtype with its (scale, zero_point); float tensors pass through."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return x.astype(dtype, copy=False)
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
+def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    if np.dtype(detail["dtype"]).kind == "f":
+        return y.astype(np.float32, copy=True)
+    scale, zero_point = detail["quantization"]
+    return ((y.astype(np.float32) - zero_point) * np.float32(scale)).astype(np.float32)
+
+
+def load_runner(path: str | Path, threads: int | None = None) -> TFLiteRunner:
+    return TFLiteRunner(path, threads)
