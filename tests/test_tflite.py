@@ -1,0 +1,278 @@
+"""TFLite (LiteRT) target: Keras rebuild from the spec, conversion per precision, op report, runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_spec
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("ai_edge_litert")
+
+
+def _torch_logits(model, x_nchw: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(x_nchw)).numpy()
+
+
+def _rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def _inputs(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+def _compile(tmp: Path, spec, model, precision: str, calib_npz: Path | None = None, calib_images: int | None = None,
+             **options):
+    from calibration import open_dataset
+    from edgeres.keras_model import build_keras
+    from targets import tflite
+    from targets.base import CompileJob
+
+    calibration = None
+    if calib_npz is not None:
+        ds = open_dataset(calib_npz)
+
+        def calibration(layout="NCHW", batch_size=32):
+            return (x for x, _ in ds.batches(spec.preprocess.with_layout(layout), batch_size, calib_images))
+
+    job = CompileJob(onnx_fp32=tmp / "unused.onnx", out_dir=tmp, precision=precision, calibration=calibration,
+                     keras_model=lambda: build_keras(spec, model.state_dict()), options=options,
+                     preprocess=spec.preprocess.to_dict(), labels=spec.labels)
+    return tflite.compile(job)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tmp_path_factory, tiny_model, tiny_npz):
+    """fp32, float-I/O full-int8 and uint8-I/O full-int8 of the tiny model, compiled once."""
+    spec, model = tiny_model
+    out = {}
+    for key, precision, options in (("fp32", "fp32", {}), ("int8", "int8", {}), ("uint8", "int8", {"io": "uint8"})):
+        tmp = tmp_path_factory.mktemp(f"tflite-{key}")
+        out[key] = (tmp, _compile(tmp, spec, model, precision, tiny_npz, **options))
+    return out
+
+
+# -- Keras rebuild ---------------------------------------------------------------------------------
+
+def _imagenet_bottleneck_spec(stride_on: str, size: int):
+    from calibration import Preprocess
+    from edgeres.zoo import get_spec
+
+    spec = get_spec("resnet50", num_classes=7)
+    return replace(spec, name="resnet-tiny-bottleneck", layers=(1, 2), stem_width=8, stage_widths=(16, 24),
+                   inner_widths=(((8, 8),), ((8, 8), (16, 8))), stride_on=stride_on,
+                   preprocess=Preprocess(size=size))
+
+
+@pytest.mark.parametrize("stride_on,size", [("3x3", 32), ("1x1", 37)])
+def test_keras_imagenet_bottleneck_projection_matches_torch(stride_on, size):
+    import torch
+
+    from edgeres.keras_model import build_keras
+    from edgeres.torch_model import build_torch, randomize_bn
+
+    spec = _imagenet_bottleneck_spec(stride_on, size)
+    torch.manual_seed(1)
+    model = randomize_bn(build_torch(spec), seed=1)
+    x = _inputs(3, size)
+    keras_logits = build_keras(spec, model.state_dict())(x.transpose(0, 2, 3, 1)).numpy()
+    assert _rel_err(keras_logits, _torch_logits(model, x)) < 1e-5
+
+
+def test_keras_cifar_option_a_matches_torch_on_odd_input(tiny_model):
+    from edgeres.keras_model import build_keras
+    from edgeres.torch_model import build_torch
+    from calibration import Preprocess
+
+    spec, model = tiny_model
+    odd = replace(spec, preprocess=Preprocess(size=15))  # odd sizes: [::2] keeps ceil(H/2) rows in both
+    odd_model = build_torch(odd)
+    odd_model.load_state_dict(model.state_dict())
+    x = _inputs(2, 15)
+    keras_logits = build_keras(odd, model.state_dict())(x.transpose(0, 2, 3, 1)).numpy()
+    assert _rel_err(keras_logits, _torch_logits(odd_model, x)) < 1e-5
+
+
+# -- conversion ------------------------------------------------------------------------------------
+
+def test_tflite_fp32_matches_torch_logits(tiny_model, tiny_artifacts):
+    from targets import tflite
+
+    spec, model = tiny_model
+    tmp, artifact = tiny_artifacts["fp32"]
+    x = _inputs(5, spec.input_size)
+    logits = tflite.load_runner(tmp / artifact.file)(x)
+    assert _rel_err(logits, _torch_logits(model, x)) < 1e-4
+
+
+def test_artifact_lists_model_then_op_report_and_sidecar(tiny_artifacts):
+    tmp, artifact = tiny_artifacts["int8"]
+    assert artifact.files == ("tflite/model.int8.tflite", "tflite/model.int8.ops.json", "tflite/model.int8.json")
+    assert artifact.engine == "keras-from-spec + LiteRT converter"
+    assert artifact.options["io"] == "float" and artifact.options["representative_images"] == 64
+    assert all((tmp / f).is_file() for f in artifact.files)
+
+
+def test_full_int8_op_report_has_only_int8_compute_ops(tiny_artifacts):
+    tmp, artifact = tiny_artifacts["int8"]
+    report = json.loads((tmp / artifact.files[1]).read_text())
+    assert report["float_compute_ops"] == []
+    compute = {op: dtypes for op, dtypes in report["summary"].items() if op not in ("QUANTIZE", "DEQUANTIZE")}
+    assert {"CONV_2D", "ADD", "MEAN", "FULLY_CONNECTED", "STRIDED_SLICE", "PAD"} <= set(compute)
+    assert all(set(d) == {"int8"} for d in compute.values()), compute
+    assert report["summary"]["QUANTIZE"] == {"float32->int8": 1}
+
+
+def test_float_compute_op_in_full_int8_is_an_error(tiny_artifacts):
+    from targets.base import TargetError
+    from targets.tflite import check_full_int8, op_report
+
+    tmp, artifact = tiny_artifacts["fp32"]
+    with pytest.raises(TargetError, match="still computes in float.*CONV_2D"):
+        check_full_int8(op_report(tmp / artifact.file))
+
+
+def test_full_int8_io_type_must_match_the_request(tiny_artifacts):
+    from targets.base import TargetError
+    from targets.tflite import check_full_int8, op_report
+
+    tmp, artifact = tiny_artifacts["int8"]
+    with pytest.raises(TargetError, match="input is float32, expected uint8"):
+        check_full_int8(op_report(tmp / artifact.file), io="uint8")
+
+
+def test_io_uint8_model_takes_uint8_and_runs_like_float_io(tiny_model, tiny_artifacts):
+    from targets import tflite
+
+    spec, _ = tiny_model
+    tmp_u8, u8 = tiny_artifacts["uint8"]
+    tmp_f, f = tiny_artifacts["int8"]
+    sidecar = json.loads((tmp_u8 / u8.files[2]).read_text())
+    assert u8.input_dtype == "uint8" and sidecar["input"]["dtype"] == "uint8"
+    assert sidecar["input"]["quantization"]["scale"] > 0 and sidecar["output"]["dtype"] == "uint8"
+    x = _inputs(8, spec.input_size, seed=3)
+    a, b = tflite.load_runner(tmp_u8 / u8.file)(x), tflite.load_runner(tmp_f / f.file)(x)
+    assert a.dtype == np.float32 and a.shape == b.shape
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75
+    assert np.abs(a - b).max() < 0.1 * np.abs(b).max()
+
+
+def test_sidecar_carries_labels_and_nhwc_preprocessing(tiny_model, tiny_artifacts):
+    spec, _ = tiny_model
+    tmp, artifact = tiny_artifacts["int8"]
+    sidecar = json.loads((tmp / artifact.files[2]).read_text())
+    assert sidecar["labels"] == list(spec.labels)
+    assert sidecar["layout"] == "NHWC" and sidecar["preprocess"]["layout"] == "NHWC"
+    assert sidecar["preprocess"]["mean"] == list(spec.preprocess.mean) and sidecar["input_size"] == spec.input_size
+
+
+def test_runner_handles_changing_batch_sizes(tiny_model, tiny_artifacts):
+    from targets import tflite
+
+    spec, _ = tiny_model
+    tmp, artifact = tiny_artifacts["fp32"]
+    runner = tflite.load_runner(tmp / artifact.file, threads=1)
+    x = _inputs(7, spec.input_size, seed=5)
+    whole = runner(x)
+    parts = np.concatenate([runner(x[:1]), runner(x[1:4]), runner(x[4:])])
+    assert whole.shape == (7, spec.num_classes)
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_tflite_option_is_rejected(tmp_path, tiny_model):
+    from targets.base import TargetError
+
+    spec, model = tiny_model
+    with pytest.raises(TargetError, match="unknown option.*tflite.iio"):
+        _compile(tmp_path, spec, model, "fp32", iio="uint8")
+
+
+# -- bundle ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tflite_bundle(tmp_path_factory, tiny_checkpoint, tiny_npz):
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    r = run_cli("convert", tiny_checkpoint, "--calib", tiny_npz, "--targets", "tflite", "--precision", "int8,fp32",
+                "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_convert_then_eval_reports_tflite_fp32_equal_to_reference(cli, tflite_bundle, tiny_npz):
+    r = cli("eval", tflite_bundle, "--data", tiny_npz, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    by_precision = {a["precision"]: a for a in json.loads(r.stdout)["artifacts"]}
+    assert by_precision["fp32"]["agreement_pct"] == 100.0
+    assert by_precision["fp32"]["max_abs_logit_err"] < 1e-3
+    assert by_precision["int8"]["agreement_pct"] >= 80.0
+    manifest = json.loads((tflite_bundle / "manifest.json").read_text())
+    int8 = next(a for a in manifest["artifacts"] if a["precision"] == "int8")
+    assert int8["engine"] == "keras-from-spec + LiteRT converter"
+    assert [r["file"] for r in int8["file_records"]] == int8["files"]
+
+
+BLOCKED_RUNNER = """
+import sys
+for name in ("torch", "tensorflow", "tf_keras", "keras", "onnx", "onnxruntime", "openvino", "edgeres"):
+    sys.modules[name] = None  # any import of these now raises ImportError
+sys.path.insert(0, {root!r})
+import json
+import numpy as np
+from targets.tflite import load_runner
+x = np.random.default_rng(0).standard_normal((3, 3, {size}, {size})).astype(np.float32)
+print(json.dumps(load_runner({path!r})(x).tolist()))
+"""
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_bundle_tflite_runs_with_only_numpy_and_litert(tflite_bundle, precision):
+    from targets.tflite import load_runner
+
+    size = tiny_spec().input_size
+    path = str(tflite_bundle / "tflite" / f"model.{precision}.tflite")
+    code = BLOCKED_RUNNER.format(root=str(ROOT), size=size, path=path)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    logits = np.array(json.loads(r.stdout.strip().splitlines()[-1]), np.float32)
+    x = np.random.default_rng(0).standard_normal((3, 3, size, size)).astype(np.float32)
+    np.testing.assert_allclose(logits, load_runner(path)(x), rtol=1e-6, atol=1e-6)
+
+
+# -- real data -------------------------------------------------------------------------------------
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_resnet20_full_int8_drops_at_most_half_a_point(cifar, tmp_path):
+    from calibration import open_dataset
+    from edgeres.evaluate import collect_logits, topk_accuracy
+    from edgeres.loading import load_model
+    from targets import tflite
+
+    loaded = load_model(cifar / "resnet20.th")
+    model = loaded.to_torch()
+    fp32_artifact = _compile(tmp_path / "fp32", loaded.spec, model, "fp32")
+    int8_artifact = _compile(tmp_path / "int8", loaded.spec, model, "int8", cifar / "cifar10_calib.npz", calib_images=300)
+    assert int8_artifact.options["representative_images"] == 300  # the pipeline's default calibration set
+    assert json.loads((tmp_path / "int8" / int8_artifact.files[1]).read_text())["float_compute_ops"] == []
+    dev, pre = open_dataset(cifar / "cifar10_dev.npz"), loaded.spec.preprocess
+
+    def top1(path):
+        return topk_accuracy(collect_logits(tflite.load_runner(path), dev, pre), dev.labels)["top1"]
+
+    fp32 = top1(tmp_path / "fp32" / fp32_artifact.file)
+    int8 = top1(tmp_path / "int8" / int8_artifact.file)
+    assert fp32 == pytest.approx(91.48)  # the published dev-half accuracy of the torch model (data README)
+    assert fp32 - int8 <= 0.5
