@@ -215,6 +215,25 @@ def convert(
 
 
 # --- demo command (issue 10) goes here ---
+@app.command()
+@handled
+def demo(
+    out: str = typer.Option("demo-out", "--out", help="Folder for the demo model, data and bundle."),
+    train_seconds: float = typer.Option(60.0, "--train-seconds", help="CPU time budget for training."),
+):
+    """Whole pipeline on a built-in model: train a ResNet-20 on scikit-learn digits, convert, evaluate, report."""
+    from edgeres.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(out=out, train_seconds=train_seconds))
+    from edgeres.tables import print_bundle, print_eval
+    from edgeres.bundle import read_result
+
+    print_bundle(result["bundle"], result["manifest"])
+    evaluated = read_result(result["bundle"], "eval.json")
+    if evaluated:
+        print_eval(evaluated)
+    if any(a["status"] != "ok" for a in result["manifest"]["artifacts"]):
+        raise typer.Exit(3)
 
 
 if __name__ == "__main__":
