@@ -141,7 +141,7 @@ def eval_cmd(
 
     from calibration import open_dataset
 
-    dataset = open_dataset(data, require_labels=True)
+    dataset = open_dataset(data)
     if Path(path).is_dir():
         from edgeres.bundle_eval import evaluate_bundle
 
@@ -155,10 +155,11 @@ def eval_cmd(
         from edgeres.tables import print_eval
 
         return print_eval(result)
-    from edgeres.evaluate import collect_logits, topk_accuracy, torch_runner
+    from edgeres.evaluate import check_labels, collect_logits, topk_accuracy, torch_runner
     from edgeres.loading import load_model
 
     loaded = load_model(path, arch)
+    check_labels(dataset, loaded.spec.num_classes)
     dataset.check_image_size(loaded.spec.preprocess)
     logits = collect_logits(torch_runner(loaded.to_torch()), dataset, loaded.spec.preprocess, limit=limit)
     labels = dataset.labels[dataset.spread(limit)]

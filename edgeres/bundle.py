@@ -36,6 +36,12 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise InputError(f"{out}: parent folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise InputError(f"{out}: cannot write into {parent} (permission denied); choose a writable --out")
+    probe = parent / f".{out.name}.probe-{os.getpid()}"
+    try:  # os.access says yes to root even on a read-only file system
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise InputError(f"{out}: cannot write into {parent} ({e.strerror}); choose a writable --out") from None
 
 
 def make_staging(out: Path) -> Path:
@@ -88,15 +94,41 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
         raise InputError(f"{path}: cannot be parsed ({e}); the bundle is damaged, re-run `edgeres convert`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(f"{path}: is not an edgeres manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise InputError(f"{path}: format version {manifest['format_version']} is newer than this edgeres; upgrade edgeres")
-    for key in ("arch", "preprocess", "reference", "artifacts"):
-        if key not in manifest:
-            raise InputError(f"{path}: lacks {key!r}; the bundle is damaged, re-run `edgeres convert`")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InputError(f"{path}: format_version {version!r} is not an integer; the bundle is damaged, re-run `edgeres convert`")
+    if version > FORMAT_VERSION:
+        raise InputError(f"{path}: format version {version} is newer than this edgeres; upgrade edgeres")
+    problem = _schema_problem(manifest)
+    if problem:
+        raise InputError(f"{path}: {problem}; the bundle is damaged, re-run `edgeres convert`")
     if verify:
         for record in listed_files(manifest):
             verify_file(bundle, record)
     return manifest
+
+
+def _is_file_record(r) -> bool:
+    return (isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("sha256"), str)
+            and isinstance(r.get("size_bytes"), int) and not Path(r["file"]).is_absolute() and ".." not in Path(r["file"]).parts)
+
+
+def _schema_problem(manifest: dict) -> str | None:
+    """What is wrong with the manifest's structure (None when it is sound)."""
+    for key, kind in (("arch", dict), ("preprocess", dict), ("reference", dict), ("artifacts", list)):
+        if not isinstance(manifest.get(key), kind):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    if not _is_file_record(manifest["reference"]):
+        return "the reference file record is malformed"
+    for a in manifest["artifacts"]:
+        if not isinstance(a, dict) or not isinstance(a.get("target"), str) or not isinstance(a.get("precision"), str):
+            return "an artifact record is malformed"
+        records = a.get("file_records", [])
+        if not isinstance(records, list) or not all(_is_file_record(r) for r in records):
+            return f"the file records of {a['target']} {a['precision']} are malformed"
+        if a.get("status") == "ok" and (not records or not isinstance(a.get("file"), str)):
+            return f"{a['target']} {a['precision']} lists no files"
+    return None
 
 
 def listed_files(manifest: dict) -> list[dict]:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from calibration import ImageDataset, Preprocess
 from edgeres.bundle import REFERENCE_FILE, ok_artifacts, read_manifest, write_json_atomic
-from edgeres.errors import InputError
-from edgeres.evaluate import collect_logits, compare_to_reference, topk_accuracy
+from edgeres.evaluate import check_labels, collect_logits, compare_to_reference, topk_accuracy
 from edgeres.progress import log
 
 EVAL_FILE = "eval.json"
@@ -22,14 +21,9 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     pre = Preprocess.from_dict(manifest["preprocess"])
-    if dataset.labels is None:
-        raise InputError(f"{dataset.source}: has no labels; eval needs labelled images")
+    check_labels(dataset, manifest["arch"]["num_classes"])
     dataset.check_image_size(pre)
     labels = dataset.labels[dataset.spread(limit)]
-    num_classes = manifest["arch"]["num_classes"]
-    if labels.max() >= num_classes or labels.min() < 0:
-        raise InputError(f"{dataset.source}: labels run {labels.min()}..{labels.max()} but the model has "
-                         f"{num_classes} classes; check the data matches the model")
     ref_runner = get_target("onnx").load_runner(bundle / REFERENCE_FILE, threads=threads)
     reference = collect_logits(ref_runner, dataset, pre, limit=limit, description="fp32 reference")
     result = {"reference": topk_accuracy(reference, labels), "artifacts": [], "images": int(len(labels))}

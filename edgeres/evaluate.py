@@ -10,6 +10,18 @@ from calibration import ImageDataset, Preprocess
 from edgeres.progress import progress
 
 
+def check_labels(dataset: ImageDataset, num_classes: int) -> None:
+    """Labels must name classes the model has; a mismatch means the data is for another model."""
+    from edgeres.errors import InputError
+
+    if dataset.labels is None:
+        raise InputError(f"{dataset.source}: has no labels; accuracy needs labelled images (y in the npz or class folders)")
+    lo, hi = int(dataset.labels.min()), int(dataset.labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise InputError(f"{dataset.source}: labels run {lo}..{hi} but the model has {num_classes} classes; "
+                         "check the data matches the model")
+
+
 def collect_logits(run: Callable[[np.ndarray], np.ndarray], dataset: ImageDataset, preprocess: Preprocess,
                    *, limit: int | None = None, batch_size: int = 100, description: str = "evaluating") -> np.ndarray:
     """Logits of ``run`` over the dataset (in ``dataset.spread(limit)`` order)."""

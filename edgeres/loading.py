@@ -47,6 +47,8 @@ def sha256_file(path: str | Path) -> str:
 def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
     """Load MODEL for ``arch`` (or infer the arch); raise ``InputError`` naming the file on any problem."""
     p = Path(path)
+    if arch is not None:
+        get_spec(arch)  # an unknown name fails first, with the list of known ones
     if not p.exists():
         raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th)")
     if p.is_dir():

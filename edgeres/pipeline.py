@@ -25,6 +25,7 @@ from edgeres.errors import InputError
 from edgeres.progress import log
 
 DEFAULT_CALIB_IMAGES = 300
+MIN_CALIB_IMAGES = 10  # fewer cannot estimate activation ranges that generalise
 ESTIMATORS = ("minmax", "percentile", "entropy", "mse")
 STEPS_FILE = ".steps.json"
 
@@ -176,16 +177,16 @@ def convert(cfg: ConvertConfig) -> dict:
     needs_calib = any(p == "int8" for _, p in steps_plan)
     calib_ds = eval_ds = None
     if cfg.calib is not None:
-        calib_ds = open_dataset(cfg.calib, min_images=1)
+        calib_ds = open_dataset(cfg.calib, min_images=MIN_CALIB_IMAGES if needs_calib else 1)
         calib_ds.check_image_size(spec.preprocess)
     elif needs_calib:
         raise InputError("--calib: int8 needs calibration images; give an .npz or image folder with --calib")
     if cfg.eval_data is not None:
-        eval_ds = open_dataset(cfg.eval_data, require_labels=True)
+        from edgeres.evaluate import check_labels
+
+        eval_ds = open_dataset(cfg.eval_data)
+        check_labels(eval_ds, spec.num_classes)
         eval_ds.check_image_size(spec.preprocess)
-        if eval_ds.labels.max() >= spec.num_classes or eval_ds.labels.min() < 0:
-            raise InputError(f"{cfg.eval_data}: labels run {eval_ds.labels.min()}..{eval_ds.labels.max()} "
-                             f"but the model has {spec.num_classes} classes; check the data matches the model")
 
     key = conversion_key(cfg, loaded.sha256)
     existing = _existing_manifest(out)
@@ -318,6 +319,9 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
     except (InputError, DataError):
         shutil.rmtree(work, ignore_errors=True)  # bad input: nothing worth resuming
         raise
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        raise InputError(f"{out}: writing the bundle failed ({e.strerror or e}); free disk space or choose another --out") from None
     finally:
         if published:
             shutil.rmtree(work, ignore_errors=True)
