@@ -149,8 +149,8 @@ DATA_CASES = [
     Case("data-labels-short", lambda t, e: [_npz_file(t / "ls.npz", x=make_images(12, 16)[0], y=np.zeros(5, np.int64))], "one integer label per image"),
     Case("data-labels-float", lambda t, e: [_npz_file(t / "lf.npz", x=make_images(12, 16)[0], y=np.zeros(12, np.float32))], "labels must be integers"),
     Case("data-empty-folder", lambda t, e: [_folder(t, {})], "holds no images"),
-    Case("data-corrupt-image", lambda t, e: [_folder(t, {"a.png": b"\x89PNG broken"})], "cannot be read as an image"),
-    Case("data-folder-wrong-size", lambda t, e: [_folder(t, {"a.png": np.zeros((9, 9, 3), np.uint8)})], "9×9 but the model expects 16×16"),
+    Case("data-corrupt-image", lambda t, e: [_folder(t, {f"{i}.png": b"\x89PNG broken" for i in range(12)})], "cannot be read as an image"),
+    Case("data-folder-wrong-size", lambda t, e: [_folder(t, {f"{i}.png": np.zeros((9, 9, 3), np.uint8) for i in range(12)})], "9×9 but the model expects 16×16"),
 ]
 
 # labels that name classes the model does not have: only meaningful where accuracy is computed
