@@ -1,0 +1,236 @@
+"""OpenVINO target: IR (``.xml`` + ``.bin``) in fp32, fp16 and int8, run by ``ov.Core`` on the CPU.
+
+int8 has two engines, chosen with ``--option openvino.engine=qdq|nncf``:
+
+- ``qdq``: convert the pipeline's QDQ int8 ONNX (built once from OUR calibration ranges); OpenVINO
+  reads its QuantizeLinear/DequantizeLinear pairs as FakeQuantize, so the IR uses the very ranges the
+  ONNX artifact uses.
+- ``nncf``: ``nncf.quantize`` on the fp32 IR, fed OUR calibration batches (same images, same count);
+  NNCF computes its own ranges with its preset, recorded in the artifact options.
+
+``--option openvino.embed_preprocess=true`` bakes scale/mean/std, channel order and NCHW layout into
+the IR with OpenVINO's PrePostProcessor: the IR then takes raw uint8 NHWC RGB images (resize/crop stay
+the app's job). The bundle keeps ONE IR per precision, so ``eval`` measures exactly what ships; the
+runner turns eval's NCHW float32 back into uint8 (exact for inputs that came from uint8 images) using
+the preprocessing stored in the IR's rt_info, so it needs no manifest and no edgeres.
+
+Imports nothing heavy at module level: the runner works with only numpy + openvino installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from targets.base import Artifact, CompileJob, Runner, TargetError, TargetUnavailable
+
+PRECISIONS = ("fp32", "fp16", "int8")
+ENGINES = ("qdq", "nncf")
+# Chosen by accuracy on CIFAR ResNet-20/32 (see the README's OpenVINO section): TODO measure.
+DEFAULT_ENGINE = "qdq"
+NNCF_PRESETS = ("performance", "mixed")
+HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
+OPTIONS = ("engine", "embed_preprocess", "nncf_preset", "threads")
+RT_INFO_KEY = "edgeres"  # IR rt_info section holding what the runner needs to know
+
+
+def available() -> str:
+    try:
+        import openvino
+    except ImportError:
+        raise TargetUnavailable("openvino is not installed; pip install 'edgeres[openvino]'") from None
+    return openvino.__version__.split("-")[0]
+
+
+def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's verb
+    """Write ``openvino/model.<precision>.xml`` + ``.bin`` into ``job.out_dir``."""
+    available()
+    import openvino as ov
+
+    options = _check_options(job)
+    rel_xml = Path("openvino") / f"model.{job.precision}.xml"
+    rel_bin = rel_xml.with_suffix(".bin")
+    (job.out_dir / rel_xml).parent.mkdir(parents=True, exist_ok=True)
+    versions = {"openvino": available()}
+    notes: list[str] = []
+
+    if job.precision in ("fp32", "fp16"):
+        model = _convert(job.onnx_fp32)
+        engine = "ov.convert_model"
+        recorded = {"compress_to_fp16": job.precision == "fp16"}
+    elif job.precision == "int8":
+        engine = options.get("engine", DEFAULT_ENGINE)
+        if engine == "qdq":
+            model, recorded = _int8_from_qdq(job)
+        else:
+            model, recorded = _int8_with_nncf(job, options)
+            import nncf
+
+            versions["nncf"] = nncf.__version__
+        recorded["fake_quantize_ops"] = _count_ops(model, "FakeQuantize")
+        if recorded["fake_quantize_ops"] == 0:
+            raise TargetError(f"openvino int8 ({engine}): the IR has no FakeQuantize op, so it would run in float; "
+                              "check the QDQ ONNX / calibration")
+        recorded["engine"] = engine
+    else:
+        raise TargetError(f"openvino: precision {job.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+    layout, dtype = "NCHW", "float32"
+    if options.get("embed_preprocess"):
+        if not job.preprocess:
+            raise TargetError("openvino: embed_preprocess needs the model's preprocessing (job.preprocess is empty)")
+        model = _embed_preprocess(model, job.preprocess)
+        layout, dtype = "NHWC", "uint8"
+        notes.append("IR input is raw uint8 NHWC RGB at the model's size; resize/crop are not embedded")
+        recorded["embedded_preprocess"] = {k: job.preprocess[k] for k in ("scale", "mean", "std", "channel_order")}
+    model.set_rt_info(job.precision, [RT_INFO_KEY, "precision"])
+    try:
+        # save_model compresses weights to fp16 by default; fp16 must be asked for, never implied
+        ov.save_model(model, str(job.out_dir / rel_xml), compress_to_fp16=job.precision == "fp16")
+    except Exception as e:  # noqa: BLE001 - openvino raises RuntimeError subclasses of its own
+        raise TargetError(f"openvino: cannot save {rel_xml} ({_first_line(e)})") from None
+    return Artifact("openvino", job.precision, (str(rel_xml), str(rel_bin)), engine=engine, input_layout=layout,
+                    input_dtype=dtype, options=recorded, tool_versions=versions, notes=tuple(notes))
+
+
+def _check_options(job: CompileJob) -> dict:
+    options = dict(job.options)
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TargetError(f"--option openvino.{unknown[0]}: unknown option; known: {', '.join(OPTIONS)}")
+    if options.get("engine", DEFAULT_ENGINE) not in ENGINES:
+        raise TargetError(f"--option openvino.engine={options['engine']}: choose one of {', '.join(ENGINES)}")
+    if str(options.get("nncf_preset", "performance")).lower() not in NNCF_PRESETS:
+        raise TargetError(f"--option openvino.nncf_preset={options['nncf_preset']}: "
+                          f"choose one of {', '.join(NNCF_PRESETS)}")
+    if options.get("embed_preprocess", False) not in (True, False):
+        raise TargetError(f"--option openvino.embed_preprocess={options['embed_preprocess']}: give true or false")
+    return options
+
+
+def _convert(onnx_path: Path):
+    import openvino as ov
+
+    try:
+        return ov.convert_model(str(onnx_path))
+    except Exception as e:  # noqa: BLE001
+        raise TargetError(f"{onnx_path}: OpenVINO cannot convert it ({_first_line(e)})") from None
+
+
+def _int8_from_qdq(job: CompileJob):
+    if job.qdq_onnx is None or not Path(job.qdq_onnx).exists():
+        raise TargetError("openvino int8 engine 'qdq' needs the pipeline's QDQ int8 ONNX (job.qdq_onnx), which was "
+                          "not made; use --option openvino.engine=nncf or fix the onnx int8 step")
+    return _convert(Path(job.qdq_onnx)), {"source": "QDQ ONNX from the shared calibration ranges"}
+
+
+def _int8_with_nncf(job: CompileJob, options: dict):
+    """``nncf.quantize`` fed our calibration images one per item, so its subset is exactly our set."""
+    import nncf
+
+    if job.calibration is None:
+        raise TargetError("openvino int8 engine 'nncf' needs calibration images; give --calib")
+    items = [batch[i : i + 1] for batch in job.calibration(layout="NCHW") for i in range(len(batch))]
+    if not items:
+        raise TargetError("openvino int8 engine 'nncf': the calibration set yielded no images")
+    preset_name = str(options.get("nncf_preset", "performance")).lower()
+    preset = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[preset_name]
+    settings = {"preset": preset_name, "subset_size": len(items), "fast_bias_correction": True,
+                "calibration_images": len(items)}
+    try:
+        model = nncf.quantize(_convert(job.onnx_fp32), nncf.Dataset(items), preset=preset,
+                              subset_size=len(items), fast_bias_correction=True)
+    except Exception as e:  # noqa: BLE001
+        raise TargetError(f"openvino int8: nncf.quantize failed ({_first_line(e)})") from None
+    return model, {"source": "nncf.quantize on the fp32 IR with our calibration images", "nncf": settings}
+
+
+def _embed_preprocess(model, preprocess: dict):
+    """IR input becomes uint8 NHWC RGB; conversion, channel order, mean/std and layout run inside."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    scale = float(preprocess["scale"])
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    steps = ppp.input().preprocess().convert_element_type(ov.Type.f32)
+    if preprocess["channel_order"] == "BGR":
+        steps.reverse_channels()
+    # (u·scale − mean)/std  ==  (u − mean/scale) / (std/scale)
+    steps.mean([m / scale for m in preprocess["mean"]]).scale([s / scale for s in preprocess["std"]])
+    model = ppp.build()
+    model.set_rt_info(json.dumps({k: preprocess[k] for k in ("scale", "mean", "std", "channel_order")}),
+                      [RT_INFO_KEY, "input_preprocess"])
+    return model
+
+
+def _count_ops(model, type_name: str) -> int:
+    return sum(op.get_type_name() == type_name for op in model.get_ops())
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+class OpenVinoRunner(Runner):
+    """Runs an IR on NCHW float32 batches; an IR with embedded preprocessing gets the images back as uint8.
+
+    ``inference_precision`` pins the precision of the float parts: OpenVINO's CPU default is bf16 on
+    CPUs with avx512_bf16/AMX (this machine included), which would silently run an "fp32" IR in bf16.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, hint: str = "LATENCY",
+                 inference_precision: str = "f32"):
+        available()
+        import openvino as ov
+
+        if hint not in HINTS:
+            raise TargetError(f"openvino performance hint {hint!r}: choose one of {', '.join(HINTS)}")
+        if inference_precision not in INFERENCE_PRECISIONS:
+            raise TargetError(f"openvino inference precision {inference_precision!r}: "
+                              f"choose one of {', '.join(INFERENCE_PRECISIONS)}")
+        config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": inference_precision}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as e:  # noqa: BLE001
+            raise TargetError(f"{path}: OpenVINO cannot load it ({_first_line(e)})") from None
+        self.request = self.compiled.create_infer_request()
+        self.raw_preprocess = None
+        if model.has_rt_info([RT_INFO_KEY, "input_preprocess"]):
+            self.raw_preprocess = json.loads(model.get_rt_info([RT_INFO_KEY, "input_preprocess"]).astype(str))
+            self.input_layout, self.input_dtype = "NHWC", "uint8"
+        else:
+            self.input_layout, self.input_dtype = "NCHW", "float32"
+
+    def run_native(self, x: np.ndarray) -> np.ndarray:
+        """Run on the IR's own input (float32 NCHW, or uint8 NHWC images when preprocessing is embedded)."""
+        self.request.infer({0: x})
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if self.raw_preprocess is not None:
+            x = self._to_uint8_images(x)
+        return self.run_native(np.ascontiguousarray(x))
+
+    def _to_uint8_images(self, x: np.ndarray) -> np.ndarray:
+        """Undo float preprocessing: exact for inputs made from uint8 images, others round to the nearest level."""
+        p = self.raw_preprocess
+        v = x.transpose(0, 2, 3, 1) * np.asarray(p["std"], np.float32) + np.asarray(p["mean"], np.float32)
+        if p["channel_order"] == "BGR":
+            v = v[..., ::-1]
+        return np.clip(np.rint(v / np.float32(p["scale"])), 0, 255).astype(np.uint8)
+
+
+def load_runner(path: str | Path, threads: int | None = None, hint: str = "LATENCY",
+                inference_precision: str = "f32") -> OpenVinoRunner:
+    return OpenVinoRunner(path, threads, hint, inference_precision)

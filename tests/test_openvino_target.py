@@ -1,0 +1,279 @@
+"""OpenVINO target: IR fp32/fp16/int8, explicit fp16 compression, both int8 engines, embedded preprocessing,
+runner threads, and a bundle that runs with only numpy + openvino."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, make_images
+
+pytest.importorskip("openvino")
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory, tiny_model):
+    from edgeres.export import export_onnx
+
+    spec, model = tiny_model
+    path = tmp_path_factory.mktemp("ov_src") / "model.fp32.onnx"
+    export_onnx(model, spec, path)
+    return spec, path
+
+
+@pytest.fixture(scope="module")
+def calib_images():
+    return make_images(48, 16, seed=1)[0]
+
+
+@pytest.fixture(scope="module")
+def calib_fn(tiny_onnx, calib_images):
+    spec, _ = tiny_onnx
+
+    def calibration(layout: str = "NCHW", batch_size: int = 32):
+        pre = spec.preprocess.with_layout(layout)
+        return (pre(calib_images[i : i + batch_size]) for i in range(0, len(calib_images), batch_size))
+
+    return calibration
+
+
+@pytest.fixture(scope="module")
+def qdq_onnx(tiny_onnx, calib_fn, tmp_path_factory):
+    """A QDQ int8 ONNX made here with onnxruntime (stands in for the pipeline's shared QDQ file)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    _, src = tiny_onnx
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = calib_fn()
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {"input": x}
+
+    path = tmp_path_factory.mktemp("ov_qdq") / "model.qdq.onnx"
+    quantize_static(str(src), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_inputs(tiny_onnx):
+    spec, _ = tiny_onnx
+    images = make_images(8, 16, seed=2)[0]
+    return images, spec.preprocess(images)
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_onnx, test_inputs):
+    from targets import onnx as onnx_target
+
+    return onnx_target.load_runner(tiny_onnx[1])(test_inputs[1])
+
+
+def compile_ir(tiny_onnx, out_dir, precision, *, calibration=None, qdq=None, **options):
+    from targets import openvino as ov_target
+    from targets.base import CompileJob
+
+    spec, src = tiny_onnx
+    job = CompileJob(onnx_fp32=src, out_dir=Path(out_dir), precision=precision, calibration=calibration,
+                     qdq_onnx=qdq, options=options, preprocess=spec.preprocess.to_dict())
+    return ov_target.compile(job)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_onnx, tmp_path_factory, qdq_onnx, calib_fn):
+    """Each IR variant compiled once for the module: {name: (artifact, out_dir)}."""
+    variants = {"fp32": ("fp32", {}), "fp16": ("fp16", {}), "int8-qdq": ("int8", {"engine": "qdq"}),
+                "int8-nncf": ("int8", {"engine": "nncf"}), "fp32-raw": ("fp32", {"embed_preprocess": True})}
+    out = {}
+    for name, (precision, options) in variants.items():
+        d = tmp_path_factory.mktemp(f"ov_{name}")
+        out[name] = (compile_ir(tiny_onnx, d, precision, calibration=calib_fn, qdq=qdq_onnx, **options), d)
+    return out
+
+
+def const_element_types(xml_path: Path) -> set[str]:
+    root = ET.parse(xml_path).getroot()
+    return {layer.find("data").get("element_type") for layer in root.iter("layer") if layer.get("type") == "Const"}
+
+
+def op_types(xml_path: Path) -> list[str]:
+    return [layer.get("type") for layer in ET.parse(xml_path).getroot().iter("layer")]
+
+
+def test_artifact_lists_xml_then_bin_under_openvino(built):
+    a, d = built["fp32"]
+    assert a.files == ("openvino/model.fp32.xml", "openvino/model.fp32.bin")
+    assert all((d / f).is_file() for f in a.files)
+
+
+def test_fp32_ir_matches_onnx_reference(built, test_inputs, reference_logits):
+    from targets import openvino as ov_target
+
+    a, d = built["fp32"]
+    logits = ov_target.load_runner(d / a.file)(test_inputs[1])
+    assert logits.dtype == np.float32 and logits.shape == reference_logits.shape
+    rel = np.abs(logits - reference_logits).max() / np.abs(reference_logits).max()
+    assert rel <= 1e-4
+
+
+def test_fp32_ir_keeps_fp32_weights(built):
+    a, d = built["fp32"]
+    types = const_element_types(d / a.file)
+    assert "f16" not in types and "f32" in types
+    assert a.options["compress_to_fp16"] is False
+
+
+def test_fp16_ir_stores_fp16_weights_at_half_the_size(built):
+    (fp32, d32), (fp16, d16) = built["fp32"], built["fp16"]
+    assert "f16" in const_element_types(d16 / fp16.file)
+    ratio = (d16 / fp16.files[1]).stat().st_size / (d32 / fp32.files[1]).stat().st_size
+    assert 0.45 < ratio < 0.55
+    assert fp16.options["compress_to_fp16"] is True
+
+
+def test_fp16_ir_stays_close_to_reference(built, test_inputs, reference_logits):
+    from targets import openvino as ov_target
+
+    a, d = built["fp16"]
+    logits = ov_target.load_runner(d / a.file)(test_inputs[1])
+    assert np.abs(logits - reference_logits).max() / np.abs(reference_logits).max() <= 5e-3
+
+
+def test_int8_from_qdq_onnx_is_fake_quantized(built):
+    a, d = built["int8-qdq"]
+    assert "FakeQuantize" in op_types(d / a.file)
+    assert a.engine == "qdq" and a.options["engine"] == "qdq" and a.options["fake_quantize_ops"] > 0
+
+
+def test_int8_with_nncf_is_fake_quantized_and_records_settings(built, calib_images):
+    a, d = built["int8-nncf"]
+    assert "FakeQuantize" in op_types(d / a.file)
+    assert a.engine == "nncf"
+    assert a.options["nncf"]["calibration_images"] == len(calib_images)
+    assert a.options["nncf"]["preset"] == "performance" and "nncf" in a.tool_versions
+
+
+@pytest.mark.parametrize("variant", ["int8-qdq", "int8-nncf"])
+def test_int8_ir_stays_close_to_reference(built, variant, test_inputs, reference_logits):
+    from targets import openvino as ov_target
+
+    a, d = built[variant]
+    logits = ov_target.load_runner(d / a.file)(test_inputs[1])
+    err = np.abs(logits - reference_logits).max() / np.abs(reference_logits).max()
+    assert 0 < err < 0.2  # quantised (not bit-identical to float) yet close
+
+
+def test_int8_qdq_engine_without_qdq_file_fails_naming_the_fix(tiny_onnx, tmp_path):
+    from targets.base import TargetError
+
+    with pytest.raises(TargetError, match="engine=nncf"):
+        compile_ir(tiny_onnx, tmp_path, "int8", qdq=None, engine="qdq")
+
+
+@pytest.mark.parametrize("options, fragment", [({"engine": "tensorrt"}, "engine"), ({"colour": 1}, "unknown option"),
+                                               ({"embed_preprocess": "maybe"}, "true or false")])
+def test_bad_options_are_refused_naming_the_option(tiny_onnx, tmp_path, options, fragment):
+    from targets.base import TargetError
+
+    with pytest.raises(TargetError, match=fragment):
+        compile_ir(tiny_onnx, tmp_path, "fp32", **options)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_runner_honours_thread_count_and_hint(built, threads):
+    from targets import openvino as ov_target
+
+    a, d = built["fp32"]
+    runner = ov_target.load_runner(d / a.file, threads=threads, hint="THROUGHPUT")
+    assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == threads
+    assert str(runner.compiled.get_property("PERFORMANCE_HINT")) == "THROUGHPUT"
+
+
+def test_runner_pins_fp32_inference_precision(built):
+    """OpenVINO would run an fp32 IR in bf16 on CPUs with avx512_bf16 unless told otherwise."""
+    from targets import openvino as ov_target
+
+    a, d = built["fp32"]
+    runner = ov_target.load_runner(d / a.file)
+    assert str(runner.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
+
+
+def test_embedded_preprocess_ir_takes_raw_uint8_nhwc_images(built, test_inputs, reference_logits):
+    from targets import openvino as ov_target
+
+    a, d = built["fp32-raw"]
+    assert (a.input_layout, a.input_dtype) == ("NHWC", "uint8")
+    runner = ov_target.load_runner(d / a.file)
+    images = test_inputs[0]
+    logits = runner.run_native(images)
+    assert np.abs(logits - reference_logits).max() / np.abs(reference_logits).max() <= 1e-4
+
+
+def test_embedded_preprocess_runner_still_accepts_eval_float_nchw(built, test_inputs):
+    from targets import openvino as ov_target
+
+    a, d = built["fp32-raw"]
+    runner = ov_target.load_runner(d / a.file)
+    images, x = test_inputs
+    np.testing.assert_array_equal(runner._to_uint8_images(x), images)
+    np.testing.assert_allclose(runner(x), runner.run_native(images), rtol=0, atol=1e-6)
+
+
+def test_convert_makes_one_bundle_with_onnx_and_openvino_and_eval_lists_both(cli, tiny_checkpoint, tiny_npz, tmp_path):
+    out = tmp_path / "bundle"
+    r = cli("convert", tiny_checkpoint, "--targets", "onnx,openvino", "--precision", "fp32",
+            "--out", out, "--eval", tiny_npz)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    ov = [a for a in manifest["artifacts"] if a["target"] == "openvino"]
+    assert [(a["precision"], a["status"]) for a in ov] == [("fp32", "ok")]
+    assert {a["target"] for a in manifest["artifacts"]} == {"onnx", "openvino"}
+    r = cli("eval", out, "--data", tiny_npz, "--json")
+    assert r.returncode == 0, r.stderr
+    evaluated = {(a["target"], a["precision"]): a for a in json.loads(r.stdout)["artifacts"]}
+    assert evaluated[("openvino", "fp32")]["agreement_pct"] == 100.0
+
+
+BLOCK_HEAVY = textwrap.dedent("""
+    import sys
+    class Block:
+        BLOCKED = {"torch", "onnxruntime", "onnx", "tensorflow", "nncf", "edgeres", "keras", "tf_keras"}
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in self.BLOCKED:
+                raise ImportError(f"{name} is blocked: the runner must need only numpy + openvino")
+            return None
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def test_bundle_artifact_runs_with_only_numpy_and_openvino(cli, tiny_checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+    r = cli("convert", tiny_checkpoint, "--targets", "openvino", "--precision", "fp32", "--out", out,
+            "--option", "openvino.embed_preprocess=true")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    artifact = next(a for a in manifest["artifacts"] if a["target"] == "openvino")
+    assert (artifact["input_layout"], artifact["input_dtype"]) == ("NHWC", "uint8")
+    probe = BLOCK_HEAVY + textwrap.dedent(f"""
+        import json, numpy as np
+        from targets.openvino import load_runner
+        runner = load_runner({str(out / artifact["file"])!r}, threads=1)
+        images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+        logits = runner.run_native(images)
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in Block.BLOCKED)
+        print(json.dumps({{"shape": list(logits.shape), "finite": bool(np.isfinite(logits).all()), "heavy": heavy}}))
+    """)
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"shape": [2, 10], "finite": True, "heavy": []}
