@@ -210,6 +210,44 @@ def convert(
 
 
 # --- bench / report commands (issue 9) go here ---
+@app.command()
+@handled
+def bench(
+    bundle: str = typer.Argument(..., metavar="DIR", help="A bundle directory made by `edgeres convert`."),
+    threads: str = typer.Option("1", "--threads", help="Comma list of thread counts, e.g. 1,2,4."),
+    warmup: int = typer.Option(10, "--warmup", help="Untimed inferences after the first one."),
+    runs: Optional[int] = typer.Option(None, "--runs", help="Timed inferences per artifact (default 100)."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="Time inferences for this long instead of --runs."),
+    batch: int = typer.Option(1, "--batch", help="Batch size of the random input."),
+    remote: Optional[str] = typer.Option(None, "--remote", help="Run on USER@HOST over ssh (key auth) instead of here."),
+    remote_python: str = typer.Option("python3", "--remote-python", help="Python on the remote host."),
+    ssh_option: List[str] = typer.Option([], "--ssh-option", help="Extra ssh -o KEY=VALUE, e.g. Port=2222 (repeatable)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+):
+    """Latency, FPS and peak memory of every artifact, each in a fresh process (locally or on a device)."""
+    from edgeres.bench import BenchConfig, RemoteHost, any_failed, bench_bundle, bench_table
+    from edgeres.errors import InputError
+
+    try:
+        thread_counts = tuple(int(t) for t in _csv(threads))
+    except ValueError:
+        raise InputError(f"--threads {threads!r}: expected a comma list of integers, e.g. 1,2,4") from None
+    cfg = BenchConfig(threads=thread_counts, warmup=warmup, runs=None if seconds is not None and runs is None
+                      else (runs if runs is not None else 100), seconds=seconds, batch=batch)
+    host = RemoteHost(remote, python=remote_python, ssh_options=tuple(ssh_option)) if remote else None
+    result = bench_bundle(bundle, cfg, host)
+    if json_out:
+        _print_json(result)
+    else:
+        from edgeres.tables import print_table
+
+        system = result.get("system") or {}
+        print(f"{result['host']}: {system.get('cpu_model', '?')}, governor {system.get('governor') or 'n/a'}, "
+              f"batch {cfg.batch}")
+        print_table(*bench_table(result))
+    if any_failed(result):
+        raise typer.Exit(3)
+
 
 
 # --- prune command (issue 7) goes here ---

@@ -1,0 +1,324 @@
+"""``bench DIR``: latency, throughput and memory of every artifact of a bundle, here or on a device.
+
+Each (artifact, thread count) runs ``bench_runner.py`` in a fresh Python process, so peak RSS is
+that artifact's alone and no runtime's thread pool or cache leaks into the next measurement.
+With a remote host the runner and the artifact files are copied over system OpenSSH (key auth,
+batch mode: it never prompts) into a temporary folder there, run with the host's Python, and the
+folder is removed afterwards. Results are stored as ``bench.json`` in the bundle for ``report``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgeres.bundle import REFERENCE_FILE, ok_artifacts, read_manifest, write_json_atomic
+from edgeres.errors import InputError, TargetError
+from edgeres.progress import log
+
+BENCH_FILE = "bench.json"
+SCHEMA = "edgeres-bench/1"
+RUNNER = Path(__file__).with_name("bench_runner.py")
+RUNNER_SCHEMA = "edgeres-bench-run/1"
+# what a runner row carries into bench.json besides target/precision/file (its "system" goes top-level once)
+ROW_DROP = ("schema", "system")
+
+
+class RemoteError(TargetError):
+    """The remote host could not be reached or did not behave; nothing was written to the bundle."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The measurement protocol, recorded in ``bench.json``."""
+
+    threads: tuple[int, ...] = (1,)
+    warmup: int = 10
+    runs: int | None = 100
+    seconds: float | None = None
+    batch: int = 1
+    run_timeout_s: float = 900.0
+
+    def validate(self) -> None:
+        if not self.threads or any(t < 1 for t in self.threads):
+            raise InputError(f"--threads {','.join(map(str, self.threads))}: give thread counts ≥ 1, e.g. 1,2,4")
+        if self.runs is not None and self.seconds is not None:
+            raise InputError("--runs and --seconds: give one of them, not both")
+        if self.runs is not None and self.runs < 1:
+            raise InputError(f"--runs {self.runs}: must be at least 1")
+        if self.seconds is not None and self.seconds <= 0:
+            raise InputError(f"--seconds {self.seconds}: must be positive")
+        if self.warmup < 0:
+            raise InputError(f"--warmup {self.warmup}: must be at least 0")
+        if self.batch < 1:
+            raise InputError(f"--batch {self.batch}: must be at least 1")
+
+    def runner_args(self, artifact: str, threads: int) -> list[str]:
+        args = ["--artifact", artifact, "--threads", str(threads), "--warmup", str(self.warmup),
+                "--batch", str(self.batch), "--json"]
+        args += ["--seconds", str(self.seconds)] if self.seconds is not None else ["--runs", str(self.runs or 100)]
+        return args
+
+
+@dataclass(frozen=True)
+class RemoteHost:
+    """Where to run: ``destination`` is what ``ssh`` takes (``user@host`` or a ~/.ssh/config alias)."""
+
+    destination: str
+    python: str = "python3"
+    ssh_options: tuple[str, ...] = ()
+    connect_timeout_s: int = 10
+    call_timeout_s: float = 120.0
+
+    def validate(self) -> None:
+        if not self.destination or self.destination.startswith("-") or any(c.isspace() for c in self.destination):
+            raise InputError(f"--remote {self.destination!r}: expected USER@HOST (or an ssh config alias)")
+        for o in self.ssh_options:
+            if "=" not in o or o.startswith("-"):
+                raise InputError(f"--ssh-option {o!r}: expected KEY=VALUE, e.g. Port=2222")
+
+    def base_options(self) -> list[str]:
+        # ssh keeps the first value it sees for an option, so the user's -o go first and win
+        opts = [arg for o in self.ssh_options for arg in ("-o", o)]
+        return opts + ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout_s}",
+                       "-o", "StrictHostKeyChecking=accept-new", "-o", "ServerAliveInterval=5",
+                       "-o", "ServerAliveCountMax=3", "-o", "LogLevel=ERROR"]
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    """One artifact to measure: ``file`` is loaded, ``files`` are what must be copied to a device."""
+
+    target: str
+    precision: str
+    file: str
+    files: tuple[str, ...]
+
+
+def plan_items(manifest: dict) -> list[BenchItem]:
+    """Every ok artifact, plus the fp32 reference when no artifact is a byte-identical copy of it."""
+    items = []
+    for a in ok_artifacts(manifest):
+        files = tuple(r["file"] for r in a.get("file_records", [])) or tuple(a.get("files", [a["file"]]))
+        items.append(BenchItem(a["target"], a["precision"], a["file"], files))
+    ref = manifest["reference"]
+    if not any(r.get("sha256") == ref["sha256"] for a in ok_artifacts(manifest) for r in a.get("file_records", [])):
+        items.insert(0, BenchItem("reference", ref.get("precision", "fp32"), ref["file"], (ref["file"],)))
+    return items
+
+
+def parse_runner_output(stdout: str) -> dict | None:
+    """The runner's JSON line (the last line that is one), or None when there is none."""
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("schema") == RUNNER_SCHEMA and doc.get("status") in ("ok", "failed"):
+            return doc
+    return None
+
+
+def _tail(text: str) -> str:
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+class LocalExecutor:
+    """Runs the runner with this Python, reading artifacts in place."""
+
+    host = "local"
+
+    def __init__(self, bundle: Path, cfg: BenchConfig):
+        self.bundle, self.cfg = bundle, cfg
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def run(self, item: BenchItem, threads: int) -> dict:
+        cmd = [sys.executable, str(RUNNER), *self.cfg.runner_args(str(self.bundle / item.file), threads)]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.cfg.run_timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "error": f"timed out after {self.cfg.run_timeout_s:.0f} s"}
+        doc = parse_runner_output(out.stdout)
+        if doc is None:
+            return {"status": "failed", "error": f"runner exited {out.returncode} without a result: {_tail(out.stderr)}"}
+        return doc
+
+
+class RemoteExecutor:
+    """Copies the runner and the artifacts to ``host`` over ssh/scp and runs them there."""
+
+    def __init__(self, bundle: Path, cfg: BenchConfig, remote: RemoteHost, items: list[BenchItem]):
+        self.bundle, self.cfg, self.remote, self.items = bundle, cfg, remote, items
+        self.host = remote.destination
+        self.workdir: str | None = None
+
+    # every call has a timeout and BatchMode, so a dead or password-only host fails fast instead of hanging
+    def _ssh(self, command: str, timeout: float, what: str) -> subprocess.CompletedProcess:
+        cmd = ["ssh", *self.remote.base_options(), self.remote.destination, command]
+        return self._call(cmd, timeout, what)
+
+    def _call(self, cmd: list[str], timeout: float, what: str) -> subprocess.CompletedProcess:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise RemoteError(f"--remote: `{cmd[0]}` is not installed here; install the OpenSSH client") from None
+        except subprocess.TimeoutExpired:
+            raise RemoteError(f"{self.host}: {what} timed out after {timeout:.0f} s; check the host is up "
+                              f"and reachable (ssh {self.host} true)") from None
+        if out.returncode == 255:  # ssh's own failure: connection refused/dropped, auth, host key
+            raise RemoteError(f"{self.host}: ssh failed during {what} ({_tail(out.stderr)}); check "
+                              f"`ssh -o BatchMode=yes {self.host} true` works with key auth")
+        return out
+
+    def __enter__(self):
+        subdirs = sorted({str(Path(f).parent) for item in self.items for f in item.files} - {"."})
+        mkdirs = "".join(f" && mkdir -p {shlex.quote(d)}" for d in subdirs)
+        out = self._ssh(f'd=$(mktemp -d "${{TMPDIR:-/tmp}}/edgeres-bench.XXXXXX") && cd "$d"{mkdirs} && pwd',
+                        self.remote.call_timeout_s, "creating a temp folder")
+        lines = out.stdout.strip().splitlines()
+        if out.returncode != 0 or not lines or not lines[-1].startswith("/") or " " in lines[-1]:
+            raise RemoteError(f"{self.host}: could not create a temp folder with mktemp -d "
+                              f"(exit {out.returncode}: {_tail(out.stderr or out.stdout)})")
+        self.workdir = lines[-1].strip()
+        try:
+            self._check_python()
+            self._copy()
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._cleanup()
+        return False
+
+    def _cleanup(self) -> None:
+        if not self.workdir:
+            return
+        workdir, self.workdir = self.workdir, None
+        try:
+            self._ssh(f"rm -rf {shlex.quote(workdir)}", self.remote.call_timeout_s, "removing the temp folder")
+        except RemoteError as e:
+            log(f"[yellow]warning:[/] could not remove {workdir} on {self.host}: {e}")
+
+    def _check_python(self) -> None:
+        py = shlex.quote(self.remote.python)
+        out = self._ssh(f"{py} -c 'import numpy, sys; print(sys.version.split()[0])'", self.remote.call_timeout_s,
+                        "checking the remote python")
+        if out.returncode != 0:
+            raise RemoteError(f"{self.host}: `{self.remote.python}` cannot run or import numpy "
+                              f"({_tail(out.stderr or out.stdout)}); install python3 and numpy there or pass "
+                              f"--remote-python")
+
+    def _copy(self) -> None:
+        by_dir: dict[str, list[str]] = {}
+        for f in sorted({f for item in self.items for f in item.files}):
+            by_dir.setdefault(str(Path(f).parent), []).append(str(self.bundle / f))
+        by_dir.setdefault(".", []).insert(0, str(RUNNER))
+        size_mb = sum(Path(p).stat().st_size for paths in by_dir.values() for p in paths) / 1e6
+        # generous for a Pi on Wi-Fi (~1 MB/s), still bounded
+        timeout = self.remote.call_timeout_s + size_mb
+        for sub, paths in by_dir.items():
+            dest = self.workdir if sub == "." else f"{self.workdir}/{sub}"
+            cmd = ["scp", "-q", "-B", *self.remote.base_options(), *paths, f"{self.remote.destination}:{dest}/"]
+            out = self._call(cmd, timeout, "copying the artifacts")
+            if out.returncode != 0:
+                raise RemoteError(f"{self.host}: scp of {len(paths)} file(s) to {dest} failed "
+                                  f"({_tail(out.stderr)}); check free space there")
+
+    def run(self, item: BenchItem, threads: int) -> dict:
+        args = self.cfg.runner_args(item.file, threads)
+        command = f"cd {shlex.quote(self.workdir)} && {shlex.quote(self.remote.python)} bench_runner.py " + \
+            " ".join(map(shlex.quote, args))
+        out = self._ssh(command, self.cfg.run_timeout_s + self.remote.call_timeout_s, f"benchmarking {item.file}")
+        doc = parse_runner_output(out.stdout)
+        if doc is None:
+            if out.returncode == 0:
+                raise RemoteError(f"{self.host}: the runner printed no result for {item.file} (got "
+                                  f"{_tail(out.stdout)!r}); check `{self.remote.python}` there runs bench_runner.py")
+            return {"status": "failed", "error": f"runner exited {out.returncode} on {self.host} without a result: "
+                                                 f"{_tail(out.stderr)}"}
+        return doc
+
+
+def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None = None) -> dict:
+    """Benchmark every ok artifact at every thread count; stores and returns the ``bench.json`` document.
+
+    A failing artifact becomes a row with its error and the others continue; an unreachable or
+    misbehaving remote host raises ``RemoteError`` and leaves the bundle untouched.
+    """
+    cfg.validate()
+    if remote:
+        remote.validate()
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    items = plan_items(manifest)
+    if not items:
+        raise InputError(f"{bundle}: has no ok artifact to benchmark; re-run `edgeres convert`")
+    executor = RemoteExecutor(bundle, cfg, remote, items) if remote else LocalExecutor(bundle, cfg)
+    rows, system = [], None
+    with executor:
+        for item in items:
+            for threads in cfg.threads:
+                log(f"bench {item.target} {item.precision} ({item.file}), {threads} thread(s) on {executor.host}…")
+                doc = executor.run(item, threads)
+                row = {"target": item.target, "precision": item.precision, "file": item.file, "threads": threads,
+                       **{k: v for k, v in doc.items() if k not in ROW_DROP}}
+                if doc.get("status") == "ok":
+                    system = system or doc.get("system")
+                    temps = (doc.get("system") or {}).get("temperatures_c") or {}
+                    row["temperature_c"] = max(temps.values(), default=None)
+                    for w in doc.get("warnings", []):
+                        log(f"[yellow]warning:[/] {item.target} {item.precision}: {w}")
+                else:
+                    row["status"] = "failed"
+                    row.setdefault("error", "unknown failure")
+                    log(f"[red]{item.target} {item.precision} failed:[/] {row['error']}")
+                rows.append(row)
+    result = {
+        "schema": SCHEMA,
+        "bundle": str(bundle),
+        "host": executor.host,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {**asdict(cfg), "threads": list(cfg.threads)},
+        "system": system,
+        "results": rows,
+    }
+    write_json_atomic(bundle / BENCH_FILE, result)
+    return result
+
+
+def _f(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def bench_table(result: dict) -> tuple[list[str], list[list]]:
+    headers = ["target", "precision", "threads", "size MB", "load ms", "first ms", "p50 ms", "p90 ms", "p99 ms",
+               "FPS", "RSS MB", "status"]
+    rows = []
+    for r in result["results"]:
+        status = "ok" if r["status"] == "ok" else f"failed: {r.get('error', '')}"
+        if r["status"] == "ok" and r.get("throttled"):
+            status = "ok (THROTTLED)"
+        rows.append([r["target"], r["precision"], r["threads"], _f(r.get("size_mb"), ".2f"), _f(r.get("load_ms"), ".1f"),
+                     _f(r.get("first_ms"), ".1f"), _f(r.get("p50_ms"), ".2f"), _f(r.get("p90_ms"), ".2f"),
+                     _f(r.get("p99_ms"), ".2f"), _f(r.get("fps"), ".1f"), _f(r.get("peak_rss_mb"), ".0f"), status])
+    return headers, rows
+
+
+def any_failed(result: dict) -> bool:
+    return any(r["status"] != "ok" for r in result["results"])
