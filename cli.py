@@ -250,6 +250,22 @@ def bench(
 
 
 
+@app.command()
+@handled
+def report(
+    bundle: str = typer.Argument(..., metavar="DIR", help="A bundle directory (uses its stored eval.json / bench.json)."),
+    html_out: bool = typer.Option(False, "--html", help="Also write a self-contained DIR/report.html with plots."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Show latency at this thread count (default: the largest benchmarked)."),
+):
+    """Accuracy-drop and latency table (Markdown on stdout and DIR/report.md); --html adds plots."""
+    from edgeres.report import write_report
+
+    result = write_report(bundle, html_out=html_out, threads=threads)
+    print(result["markdown_text"])
+    if html_out:
+        print(f"wrote {result['html']}", file=sys.stderr)
+
+
 # --- prune command (issue 7) goes here ---
 
 
