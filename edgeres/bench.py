@@ -127,6 +127,13 @@ def parse_runner_output(stdout: str) -> dict | None:
     return None
 
 
+def remote_word(path: str) -> str:
+    """Quote a path for the remote shell, keeping a leading ``~/`` meaningful (quoted, it would not expand)."""
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
 def _tail(text: str) -> str:
     lines = [l for l in text.strip().splitlines() if l.strip()]
     return lines[-1][:300] if lines else "no output"
@@ -216,7 +223,7 @@ class RemoteExecutor:
             log(f"[yellow]warning:[/] could not remove {workdir} on {self.host}: {e}")
 
     def _check_python(self) -> None:
-        py = shlex.quote(self.remote.python)
+        py = remote_word(self.remote.python)
         out = self._ssh(f"{py} -c 'import numpy, sys; print(sys.version.split()[0])'", self.remote.call_timeout_s,
                         "checking the remote python")
         if out.returncode != 0:
@@ -242,7 +249,7 @@ class RemoteExecutor:
 
     def run(self, item: BenchItem, threads: int) -> dict:
         args = self.cfg.runner_args(item.file, threads)
-        command = f"cd {shlex.quote(self.workdir)} && {shlex.quote(self.remote.python)} bench_runner.py " + \
+        command = f"cd {shlex.quote(self.workdir)} && {remote_word(self.remote.python)} bench_runner.py " + \
             " ".join(map(shlex.quote, args))
         out = self._ssh(command, self.cfg.run_timeout_s + self.remote.call_timeout_s, f"benchmarking {item.file}")
         doc = parse_runner_output(out.stdout)

@@ -181,3 +181,11 @@ def test_decode_throttled_separates_now_from_since_boot():
     assert decode_throttled(0x80008) == {"raw": "0x80008", "now": ["soft_temp_limit"], "since_boot": ["soft_temp_limit"]}
     assert decode_throttled(0x20000)["since_boot"] == ["freq_capped"] and decode_throttled(0x20000)["now"] == []
     assert decode_throttled(0x2)["now"] == ["freq_capped"]
+
+
+def test_a_remote_python_under_home_is_expanded_by_the_remote_shell():
+    from edgeres.bench import remote_word
+
+    assert remote_word("~/venv/bin/python") == '"$HOME"/venv/bin/python'
+    assert remote_word("/usr/bin/python3") == "/usr/bin/python3"
+    assert remote_word("py; rm -rf /") == "'py; rm -rf /'"
