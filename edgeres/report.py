@@ -77,8 +77,8 @@ def _bench_threads(bench: dict | None, threads: int | None) -> int | None:
 def load_report(bundle: str | Path, threads: int | None = None) -> ReportData:
     """Read the manifest and the stored eval/bench results into report rows."""
     bundle = Path(bundle)
-    # no sha256 pass: the report reads stored results only and must stay instant after `convert`
-    manifest = read_manifest(bundle, verify=False)
+    # verified like every other reader: a report must not describe files that were changed since
+    manifest = read_manifest(bundle)
     evaluation = read_result(bundle, EVAL_FILE)
     bench = read_result(bundle, BENCH_FILE)
     threads = _bench_threads(bench, threads)

@@ -14,9 +14,17 @@ from edgeres.report import load_report, pareto_front, report_table, waterfall_ba
 LAYERS = [{"name": f"layer{i}.conv", "op": "Conv", "sqnr_db": 30.0 - i} for i in range(6)]
 
 
-def _artifact(target, precision, file, size):
+def _artifact(bundle, target, precision, file, size):
     return {"target": target, "precision": precision, "file": file, "size_bytes": size, "status": "ok",
-            "file_records": [{"file": file, "size_bytes": size, "sha256": "a" * 64}]}
+            "file_records": [_file(bundle, file, size)]}
+
+
+def _file(bundle: Path, rel: str, size: int) -> dict:
+    from edgeres.bundle import file_record
+
+    (bundle / rel).parent.mkdir(parents=True, exist_ok=True)
+    (bundle / rel).write_bytes(bytes(size))  # never loaded: the report reads stored results only
+    return file_record(bundle, rel)
 
 
 def make_results_bundle(root: Path, *, evaluated=True, benched=True, pruning=True) -> Path:
@@ -31,9 +39,9 @@ def make_results_bundle(root: Path, *, evaluated=True, benched=True, pruning=Tru
         "preprocess": spec.preprocess.to_dict(), "source": {"path": "resnet20.th"},
         "pruning": {"ratio": 0.3, "top1_before": 91.5, "top1_after_prune": 85.0, "top1_after": 91.0} if pruning else None,
         "calibration": {"images": 300, "source": "calib.npz", "estimator": "percentile"},
-        "reference": {"file": "model.fp32.onnx", "size_bytes": 1_000_000, "sha256": "r" * 64, "precision": "fp32"},
-        "artifacts": [_artifact("onnx", "int8", "onnx/model.int8.onnx", 300_000),
-                      _artifact("openvino", "int8", "openvino/model.int8.xml", 320_000),
+        "reference": {**_file(bundle, "model.fp32.onnx", 1_000_000), "precision": "fp32"},
+        "artifacts": [_artifact(bundle, "onnx", "int8", "onnx/model.int8.onnx", 300_000),
+                      _artifact(bundle, "openvino", "int8", "openvino/model.int8.xml", 320_000),
                       {"target": "tflite", "precision": "int8", "status": "failed",
                        "error": "converter <crashed> & stopped", "files": [], "file_records": []}],
     }
@@ -98,6 +106,12 @@ def test_a_failed_benchmark_shows_in_the_status(bundle):
     write_json_atomic(bundle / "bench.json", bench)
     row = report_table(bundle)[1][2]
     assert row[5] == "" and row[-1] == "bench failed: openvino cannot load model.int8.xml"
+
+
+def test_report_refuses_a_bundle_whose_files_changed(cli, bundle):
+    (bundle / "onnx/model.int8.onnx").write_bytes(b"changed")
+    r = cli("report", bundle)
+    assert r.returncode == 2 and "size or sha256 differs" in r.stderr
 
 
 def test_report_prints_markdown_and_writes_report_md(cli, bundle):
