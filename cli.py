@@ -184,6 +184,9 @@ def convert(
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on at most this many images."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads [the device's]."),
     option: List[str] = typer.Option([], "--option", help="Target option TARGET.KEY=VALUE, e.g. openvino.engine=nncf (repeatable)."),
+    bench: bool = typer.Option(True, "--bench/--no-bench", help="Benchmark the artifacts locally for the report."),
+    bench_threads: Optional[str] = typer.Option(None, "--bench-threads", help="Comma list of thread counts [the device's, or 1]."),
+    bench_runs: int = typer.Option(50, "--bench-runs", help="Timed inferences per artifact in the local benchmark."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Redo every step and replace an existing bundle at --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -195,18 +198,37 @@ def convert(
                         targets=_csv(targets) or ConvertConfig.targets,
                         precisions=_csv(precision) or ConvertConfig.precisions, estimator=estimator,
                         calib_images=calib_images, eval_data=eval_data, eval_images=eval_images, threads=threads,
-                        force=force, target_options=parse_target_options(option))
+                        force=force, target_options=parse_target_options(option), bench=bench,
+                        bench_threads=_int_csv(bench_threads, "--bench-threads") or ConvertConfig.bench_threads,
+                        bench_runs=bench_runs)
     cfg = apply_profile(cfg, device, targets_given=targets is not None, precisions_given=precision is not None,
-                        threads_given=threads is not None)
+                        threads_given=threads is not None, bench_threads_given=bench_threads is not None)
     manifest = run_convert(cfg)
     if json_out:
         _print_json(manifest)
     else:
-        from edgeres.tables import print_bundle
-
-        print_bundle(out, manifest)
+        _print_conversion(out, manifest)
     if any(a["status"] != "ok" for a in manifest["artifacts"]):
         raise typer.Exit(3)
+
+
+def _int_csv(value: Optional[str], flag: str) -> tuple[int, ...]:
+    from edgeres.errors import InputError
+
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise InputError(f"{flag} {value!r}: expected a comma list of integers, e.g. 1,2,4") from None
+
+
+def _print_conversion(out: str, manifest: dict) -> None:
+    """The bundle's files, then the report table (accuracy and latency where measured)."""
+    from edgeres.report import report_table
+    from edgeres.tables import print_bundle, print_table
+
+    print_bundle(out, manifest)
+    print()
+    print_table(*report_table(out))
 
 
 # --- bench / report commands (issue 9) go here ---
@@ -274,19 +296,13 @@ def report(
 @handled
 def demo(
     out: str = typer.Option("demo-out", "--out", help="Folder for the demo model, data and bundle."),
-    train_seconds: float = typer.Option(60.0, "--train-seconds", help="CPU time budget for training."),
+    train_seconds: float = typer.Option(300.0, "--train-seconds", help="Stop training after this many seconds (8 epochs take ~30 s)."),
 ):
     """Whole pipeline on a built-in model: train a ResNet-20 on scikit-learn digits, convert, evaluate, report."""
     from edgeres.demo import DemoConfig, run_demo
 
     result = run_demo(DemoConfig(out=out, train_seconds=train_seconds))
-    from edgeres.tables import print_bundle, print_eval
-    from edgeres.bundle import read_result
-
-    print_bundle(result["bundle"], result["manifest"])
-    evaluated = read_result(result["bundle"], "eval.json")
-    if evaluated:
-        print_eval(evaluated)
+    _print_conversion(result["bundle"], result["manifest"])
     if any(a["status"] != "ok" for a in result["manifest"]["artifacts"]):
         raise typer.Exit(3)
 

@@ -48,10 +48,14 @@ class ConvertConfig:
     device: str | None = None
     force: bool = False
     target_options: dict = field(default_factory=dict)
+    bench: bool = True
+    bench_threads: tuple[int, ...] = (1,)
+    bench_runs: int = 50
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"], d["precisions"] = list(self.targets), list(self.precisions)
+        d["bench_threads"] = list(self.bench_threads)
         return d
 
 
@@ -77,7 +81,7 @@ def parse_target_options(items: list[str] | tuple[str, ...]) -> dict:
 
 
 def apply_profile(cfg: ConvertConfig, device: str | None, *, targets_given: bool, precisions_given: bool,
-                  threads_given: bool) -> ConvertConfig:
+                  threads_given: bool, bench_threads_given: bool = False) -> ConvertConfig:
     """Fill what the user did not choose from the device profile; the user's flags always win."""
     if not device:
         return cfg
@@ -93,6 +97,7 @@ def apply_profile(cfg: ConvertConfig, device: str | None, *, targets_given: bool
         targets=cfg.targets if targets_given else profile.targets,
         precisions=cfg.precisions if precisions_given else profile.precisions,
         threads=cfg.threads if threads_given else profile.threads,
+        bench_threads=cfg.bench_threads if bench_threads_given else profile.bench_threads,
         target_options=options,
     )
 
@@ -117,6 +122,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError(f"--calib-images: {cfg.calib_images} must be at least 1")
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError(f"--threads: {cfg.threads} must be at least 1")
+    if cfg.bench and (not cfg.bench_threads or min(cfg.bench_threads) < 1 or cfg.bench_runs < 1):
+        raise InputError("--bench-threads / --bench-runs: give thread counts ≥ 1 and at least 1 run")
 
 
 def plan(cfg: ConvertConfig) -> list[tuple[str, str]]:
@@ -207,7 +214,25 @@ def convert(cfg: ConvertConfig) -> dict:
             log("[dim]✓ eval (done in an earlier run, skipped)[/]")
         else:
             evaluate_bundle(out, eval_ds, limit=cfg.eval_images, threads=cfg.threads)
+    if cfg.bench and any(a["status"] == "ok" for a in manifest["artifacts"]):
+        _bench_locally(cfg, out, skip_if_done=existing is manifest)
+    from edgeres.report import write_report
+
+    write_report(out)
     return manifest
+
+
+def _bench_locally(cfg: ConvertConfig, out: Path, skip_if_done: bool) -> None:
+    """A short local benchmark so the report has latency; ``edgeres bench`` measures properly."""
+    from edgeres.bench import BENCH_FILE, BenchConfig, bench_bundle
+
+    bench_cfg = BenchConfig(threads=tuple(cfg.bench_threads), runs=cfg.bench_runs, warmup=5)
+    stored = read_result(out, BENCH_FILE)
+    if skip_if_done and stored and stored.get("settings", {}).get("threads") == list(bench_cfg.threads) \
+            and stored.get("settings", {}).get("runs") == bench_cfg.runs and stored.get("host") == "local":
+        log("[dim]✓ bench (done in an earlier run, skipped)[/]")
+        return
+    bench_bundle(out, bench_cfg)
 
 
 def _existing_manifest(out: Path) -> dict | None:

@@ -375,7 +375,8 @@ def test_damaged_bundle_is_refused(env, tmp_path, onnx_bundle, fault, command):
 @pytest.fixture(scope="module")
 def onnx_bundle(tmp_path_factory, env):
     out = tmp_path_factory.mktemp("bundles") / "onnx"
-    code, _, stderr = _invoke(["convert", env["checkpoint"], "--targets", "onnx", "--precision", "fp32", "--out", out])
+    code, _, stderr = _invoke(["convert", env["checkpoint"], "--targets", "onnx", "--precision", "fp32", "--out", out,
+                               "--no-bench"])
     assert code == 0, stderr
     return out
 
@@ -422,7 +423,7 @@ def test_kill_9_during_convert_never_leaves_an_acceptable_partial_bundle(env, tm
 
     out = tmp_path / "bundle"
     args = [sys.executable, "-m", "cli", "convert", str(env["checkpoint"]), "--targets", "onnx",
-            "--precision", "fp32", "--out", str(out)]
+            "--precision", "fp32", "--out", str(out), "--no-bench"]
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(random.Random(seed).uniform(0.5, 6.0))
@@ -436,7 +437,8 @@ def test_kill_9_during_convert_never_leaves_an_acceptable_partial_bundle(env, tm
     leftovers = list(tmp_path.glob(".bundle.partial-*"))
     assert all(not (p / "manifest.json").exists() or p == out for p in leftovers)
     # the same command finishes the job (resuming finished steps) and gives a valid bundle
-    code, _, stderr = _invoke(["convert", env["checkpoint"], "--targets", "onnx", "--precision", "fp32", "--out", out])
+    code, _, stderr = _invoke(["convert", env["checkpoint"], "--targets", "onnx", "--precision", "fp32", "--out", out,
+                               "--no-bench"])
     assert code == 0, stderr
     read_manifest(out)
     assert not list(tmp_path.glob(".bundle.partial-*"))
