@@ -1,0 +1,38 @@
+"""The CPU features that decide the int8 recipe (VNNI on x86, dot-product on ARM). Reads /proc/cpuinfo."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp", "i8mm")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """``arch`` is "x86", "arm" or the machine name; ``flags`` the int8-relevant ones present."""
+
+    arch: str
+    flags: tuple[str, ...]
+
+    @property
+    def vnni(self) -> bool:
+        """x86 int8 dot products accumulate straight into int32 (no int16 saturation)."""
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(self.flags))
+
+
+def cpu_features(cpuinfo_path: str | Path = "/proc/cpuinfo", machine: str | None = None) -> CpuFeatures:
+    """Flags from ``cpuinfo_path`` (none if unreadable, e.g. on macOS or Windows)."""
+    machine = (machine or platform.machine()).lower()
+    arch = "x86" if machine in ("x86_64", "amd64", "i686", "x86") else "arm" if machine in ("aarch64", "arm64") or machine.startswith("arm") else machine
+    flags: set[str] = set()
+    try:
+        text = Path(cpuinfo_path).read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return CpuFeatures(arch, tuple(f for f in INT8_FLAGS if f in flags))
