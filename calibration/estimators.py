@@ -77,7 +77,9 @@ class _HistogramEstimator(RangeEstimator):
         if x.size == 0:
             return
         super().update(x)
-        self.zeros += int(np.count_nonzero(x == 0))
+        nonzero = x[x != 0]
+        zeros = x.size - nonzero.size
+        self.zeros += zeros
         amax = max(abs(self.min), abs(self.max))
         if amax == 0.0:
             self._zeros_before_radius += x.size
@@ -89,9 +91,10 @@ class _HistogramEstimator(RangeEstimator):
         while amax > self.radius:
             self._double_radius()
         scale = np.float32(self.bins / (2 * self.radius))
-        idx = ((x + np.float32(self.radius)) * scale).astype(np.int64)
+        idx = ((nonzero + np.float32(self.radius)) * scale).astype(np.int64)
         np.clip(idx, 0, self.bins - 1, out=idx)
         self.hist += np.bincount(idx, minlength=self.bins)
+        self.hist[self.bins // 2] += zeros  # placed explicitly: float rounding could put 0 one bin low
 
     def _double_radius(self) -> None:
         # bin pairs (2i, 2i+1) of [-R, R] are exactly bin N/4 + i of [-2R, 2R]
@@ -172,22 +175,22 @@ class EntropyEstimator(_HistogramEstimator):
     def _search(self) -> tuple[float, float]:
         lo_full, hi_full = min(self.min, 0.0), max(self.max, 0.0)
         best, best_c = math.inf, 1.0
-        self._values = self.hist.copy()
-        self._values[self.bins // 2] -= self.zeros
+        values = self.hist.copy()
+        values[self.bins // 2] -= self.zeros
         for c in self._candidates(self.candidates, fewest_bins=self.levels):
-            kl = self._divergence(c * lo_full, c * hi_full)
+            kl = self._divergence(values, c * lo_full, c * hi_full)
             if kl < best:
                 best, best_c = kl, c
         return best_c * lo_full, best_c * hi_full
 
-    def _divergence(self, lo: float, hi: float) -> float:
+    def _divergence(self, values: np.ndarray, lo: float, hi: float) -> float:
         start = int(np.clip(math.floor((lo + self.radius) / self.width), 0, self.bins - 1))
         stop = int(np.clip(math.ceil((hi + self.radius) / self.width), start + 1, self.bins))
-        inside = self._values[start:stop].astype(np.float64)
+        inside = values[start:stop].astype(np.float64)
         n = inside.size
         p = inside.copy()
-        p[0] += self._values[:start].sum()
-        p[-1] += self._values[stop:].sum()
+        p[0] += values[:start].sum()
+        p[-1] += values[stop:].sum()
         levels = min(self.levels, n)
         level_of_bin = (np.arange(n) * levels) // n
         level_mass = np.bincount(level_of_bin, weights=inside, minlength=levels)
