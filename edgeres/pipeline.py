@@ -363,6 +363,8 @@ def _calibrate(cfg: ConvertConfig, work: Path, calib_fn, qdq_path: Path, record:
         ranges = onnx_target.compute_ranges(work / REFERENCE_FILE, calib_fn, estimator=cfg.estimator)
     except TargetError as e:
         raise InputError(f"{cfg.calib}: calibration failed ({e})") from None
+    except DataError as e:
+        raise DataError(f"{cfg.calib}: {e}") from None
     write_json_atomic(work / "calibration_ranges.json", {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
     qdq_path.parent.mkdir(exist_ok=True)
     qdq = onnx_target.quantize_qdq(work / REFERENCE_FILE, ranges, qdq_path,

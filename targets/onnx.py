@@ -142,11 +142,11 @@ def choose_int8_recipe(cpu: CpuFeatures, options: dict | None = None) -> dict:
         activation_type = str(options["activation_type"]).lower()
         if activation_type not in ACTIVATION_TYPES:
             raise TargetError(f"--option onnx.activation_type={options['activation_type']}: choose uint8 or int8")
-        reason = "user option"
+        reason = "set by option onnx.activation_type"
     if "reduce_range" in options:
         if not isinstance(options["reduce_range"], bool):
             raise TargetError(f"--option onnx.reduce_range={options['reduce_range']}: choose true or false")
-        reduce_range, reason = options["reduce_range"], "user option"
+        reduce_range, reason = options["reduce_range"], "set by option onnx.reduce_range"
     per_channel = options.get("per_channel", True)
     if not isinstance(per_channel, bool):
         raise TargetError(f"--option onnx.per_channel={per_channel}: choose true or false")

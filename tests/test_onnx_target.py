@@ -95,7 +95,8 @@ def test_reduce_range_follows_vnni(flags, vnni_expected_reduce):
 def test_user_options_override_the_cpu_choice():
     recipe = onnx_target.choose_int8_recipe(CpuFeatures("x86", ("avx2", "avx512_vnni")),
                                             {"reduce_range": True, "activation_type": "int8"})
-    assert recipe["reduce_range"] is True and recipe["activation_type"] == "int8" and recipe["reason"] == "user option"
+    assert recipe["reduce_range"] is True and recipe["activation_type"] == "int8"
+    assert recipe["reason"].startswith("set by option")
 
 
 @pytest.mark.parametrize("options", [{"activation_type": "int4"}, {"reduce_range": "maybe"}, {"reduce_rang": True}])
@@ -145,7 +146,7 @@ def test_convert_int8_records_the_recipe_in_the_manifest(int8_bundle):
     manifest = json.loads((int8_bundle / "manifest.json").read_text())
     int8 = next(a for a in manifest["artifacts"] if a["precision"] == "int8")
     assert int8["status"] == "ok" and int8["file"] == "onnx/model.int8.onnx"
-    assert int8["options"]["reduce_range"] is True and int8["options"]["reason"] == "user option"
+    assert int8["options"]["reduce_range"] is True and int8["options"]["reason"] == "set by option onnx.reduce_range"
     assert manifest["calibration"]["qdq"]["reduce_range"] is True
     assert manifest["calibration"]["estimator"] == "percentile"
     assert (int8_bundle / "model.fp32.onnx").exists()
