@@ -162,7 +162,8 @@ def context_lines(data: ReportData) -> list[str]:
     if data.eval:
         lines.append(f"Accuracy: {data.eval.get('images')} images" +
                      (f" from `{data.eval['data']}`" if data.eval.get("data") else "") +
-                     "; drop = artifact top-1 − fp32 reference top-1, in percentage points.")
+                     "; drop = fp32 reference top-1 − artifact top-1, in percentage points (positive = accuracy lost); "
+                     "FPS = batch / mean latency.")
     else:
         lines.append("Accuracy: not measured yet (run `edgeres eval DIR --data DATA`).")
     if data.bench:
