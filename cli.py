@@ -187,6 +187,10 @@ def convert(
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Benchmark the artifacts locally for the report."),
     bench_threads: Optional[str] = typer.Option(None, "--bench-threads", help="Comma list of thread counts [the device's, or 1]."),
     bench_runs: int = typer.Option(50, "--bench-runs", help="Timed inferences per artifact in the local benchmark."),
+    prune_ratio: Optional[float] = typer.Option(None, "--prune", help="Prune this share of channels first, in [0, 0.95) (see `edgeres prune`)."),
+    prune_importance: str = typer.Option("l2", "--prune-importance", help="Channel importance for --prune: l1, l2, bn-scale, taylor."),
+    finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images for KD recovery after --prune."),
+    epochs: int = typer.Option(0, "--epochs", help="KD fine-tuning epochs after --prune (needs --finetune-data)."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Redo every step and replace an existing bundle at --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -200,7 +204,8 @@ def convert(
                         calib_images=calib_images, eval_data=eval_data, eval_images=eval_images, threads=threads,
                         force=force, target_options=parse_target_options(option), bench=bench,
                         bench_threads=_int_csv(bench_threads, "--bench-threads") or ConvertConfig.bench_threads,
-                        bench_runs=bench_runs)
+                        bench_runs=bench_runs, prune=prune_ratio, prune_importance=prune_importance,
+                        finetune_data=finetune_data, finetune_epochs=epochs)
     cfg = apply_profile(cfg, device, targets_given=targets is not None, precisions_given=precision is not None,
                         threads_given=threads is not None, bench_threads_given=bench_threads is not None)
     manifest = run_convert(cfg)
@@ -289,6 +294,63 @@ def report(
 
 
 # --- prune command (issue 7) goes here ---
+@app.command()
+@handled
+def prune(
+    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
+    ratio: float = typer.Option(..., "--ratio", help="Share of channels to remove, in [0, 0.95)."),
+    importance: str = typer.Option("l2", "--importance", help="Channel importance: l1, l2, bn-scale, taylor (needs data)."),
+    global_ranking: bool = typer.Option(False, "--global", help="Rank channels across all layers (default: same ratio per layer)."),
+    round_to: int = typer.Option(8, "--round-to", help="Keep widths at multiples of N (never below N); 1 disables."),
+    steps: int = typer.Option(1, "--steps", help="Reach --ratio in K steps with one recovery epoch between them."),
+    finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images (.npz or folder) for BN re-estimation, taylor and KD fine-tuning."),
+    epochs: int = typer.Option(0, "--epochs", help="Epochs of KD fine-tuning from the unpruned model."),
+    lr: float = typer.Option(0.01, "--lr", help="Peak learning rate (SGD, warm-up then cosine)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Fine-tuning batch size."),
+    seed: int = typer.Option(0, "--seed", help="Seed for weights, data order and augmentation."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images: top-1 before/after pruning and per epoch."),
+    eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate before/after on at most this many images."),
+    out: str = typer.Option(..., "--out", help="Pruned checkpoint to write (.pt)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the pruning record as JSON."),
+):
+    """Structured channel pruning (+ optional KD recovery) into a new, smaller checkpoint."""
+    from calibration import open_dataset
+    from edgeres.distill import FinetuneConfig
+    from edgeres.loading import load_model, save_checkpoint
+    from edgeres.prune import PruneConfig, check_output_path, prune_loaded
+
+    cfg = PruneConfig(ratio=ratio, importance=importance, global_ranking=global_ranking, round_to=round_to, steps=steps)
+    cfg.validate()
+    check_output_path(out)
+    if epochs and finetune_data is None:
+        from edgeres.errors import InputError
+
+        raise InputError(f"--epochs {epochs}: fine-tuning needs training images; give --finetune-data")
+    finetune = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed) if epochs else None
+    if finetune is not None:
+        finetune.validate()
+    train = open_dataset(finetune_data) if finetune_data else None
+    evald = open_dataset(eval_data, require_labels=True) if eval_data else None
+    loaded = load_model(model, arch)
+    outcome = prune_loaded(loaded, cfg, train_data=train, finetune=finetune, eval_data=evald, eval_images=eval_images)
+    save_checkpoint(out, outcome.spec, outcome.state_dict, extra={"pruning": outcome.record})
+    r = outcome.record
+    if json_out:
+        return _print_json({"out": out, "arch": outcome.spec.name, **r})
+    from edgeres.tables import print_table
+
+    rows = [["params", f"{r['params_before']:,}", f"{r['params_after']:,}", f"{r['params_before'] / r['params_after']:.2f}x"],
+            ["MACs", f"{r['macs_before']:,}", f"{r['macs_after']:,}", f"{r['macs_ratio']:.2f}x"],
+            ["stage widths", "/".join(map(str, r["stage_widths_before"])), "/".join(map(str, r["stage_widths_after"])), ""]]
+    if "top1_before" in r:
+        rows.append(["top-1 %", f"{r['top1_before']:.2f}", f"{r['top1_after']:.2f}", f"{-r['top1_drop_pp']:+.2f} pp"])
+    print_table(["", "before", "after", "change"], rows)
+    for row in (r.get("finetune") or {}).get("curve", []):
+        if "top1" in row:
+            print(f"epoch {row['epoch']:2}  top-1 {row['top1']:.2f} %  (on {r['finetune']['curve_images']} images)")
+    print(f"wrote {out} ({outcome.spec.name})")
+
 
 
 # --- demo command (issue 10) goes here ---

@@ -51,6 +51,10 @@ class ConvertConfig:
     bench: bool = True
     bench_threads: tuple[int, ...] = (1,)
     bench_runs: int = 50
+    prune: float | None = None  # structured pruning ratio before export (issue 7)
+    prune_importance: str = "l2"
+    finetune_data: str | None = None  # KD recovery after pruning (needs finetune_epochs)
+    finetune_epochs: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -105,6 +109,10 @@ def apply_profile(cfg: ConvertConfig, device: str | None, *, targets_given: bool
 def validate(cfg: ConvertConfig) -> None:
     from targets import TARGETS, get_target
 
+    if cfg.prune is not None:
+        from edgeres.prune import PruneConfig
+
+        PruneConfig(cfg.prune, cfg.prune_importance).validate("--prune", "--prune-importance")
     if not cfg.targets:
         raise InputError("--targets: no target given; choose from " + ", ".join(TARGETS))
     for t in cfg.targets:
@@ -152,6 +160,8 @@ def conversion_key(cfg: ConvertConfig, source_sha256: str) -> str:
         "targets": list(cfg.targets), "precisions": list(cfg.precisions), "estimator": cfg.estimator,
         "calib_images": cfg.calib_images, "options": cfg.target_options,
     }
+    if cfg.prune is not None:
+        decisive["prune"] = [cfg.prune, cfg.prune_importance, _fingerprint(cfg.finetune_data), cfg.finetune_epochs]
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -202,6 +212,10 @@ def convert(cfg: ConvertConfig) -> dict:
         manifest = existing
     else:
         check_output_dir(out, cfg.force)
+        if cfg.prune is not None:
+            from edgeres.prune import prune_into_loaded
+
+            loaded = prune_into_loaded(loaded, cfg, calib_ds, eval_ds)
         manifest = _build(cfg, loaded, key, calib_ds, needs_calib, steps_plan)
 
     if eval_ds is not None:

@@ -1,0 +1,505 @@
+"""Structured channel pruning on the dependency graph (Torch-Pruning): coupled channels (residual adds)
+are removed together, the stem conv and the classifier are protected, and the result is a new
+``ResNetSpec`` plus a state_dict that every backend rebuilds exactly.
+
+CIFAR option-A shortcuts (strided slice + zero pad) are first rewritten as an exact, fixed 1×1 stride-2
+selection conv with an identity BatchNorm (``shortcut="projection"``): the fp32 output is unchanged, and
+the pruner can then remove stream channels cleanly instead of leaving odd widths around the pad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from edgeres.errors import InputError
+from edgeres.zoo import ResNetSpec
+
+MAX_RATIO = 0.95
+
+
+def _magnitude(p: int):
+    def make():
+        import torch_pruning as tp
+
+        return tp.importance.GroupMagnitudeImportance(p=p)
+
+    return make
+
+
+def _bn_scale():
+    import torch_pruning as tp
+
+    return tp.importance.BNScaleImportance()
+
+
+def _taylor():
+    import torch_pruning as tp
+
+    return tp.importance.GroupTaylorImportance()
+
+
+@dataclass(frozen=True)
+class Importance:
+    """A named channel-importance strategy: ``make()`` returns ``group -> per-channel scores``."""
+
+    name: str
+    make: Callable[[], Callable]
+    needs_gradients: bool = False
+    summary: str = ""
+
+
+IMPORTANCES: dict[str, Importance] = {
+    i.name: i
+    for i in (
+        Importance("l1", _magnitude(1), summary="mean |w| over the coupled group"),
+        Importance("l2", _magnitude(2), summary="mean w² over the coupled group"),
+        Importance("bn-scale", _bn_scale, summary="|γ| of the group's BatchNorms (network slimming)"),
+        Importance("taylor", _taylor, needs_gradients=True,
+                   summary="|w·∂L/∂w| from one backward pass over a few batches (needs data)"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One pruning run: ``ratio`` of channels removed per group (uniform) or overall (``global_ranking``)."""
+
+    ratio: float
+    importance: str = "l1"
+    global_ranking: bool = False
+    round_to: int = 8
+    steps: int = 1  # >1: reach ``ratio`` in equal steps (recovery in between is the caller's business)
+    taylor_images: int = 256
+
+    def validate(self, ratio_flag: str = "--ratio", importance_flag: str = "--importance") -> None:
+        if not 0.0 <= self.ratio < MAX_RATIO:
+            raise InputError(f"{ratio_flag} {self.ratio}: must be in [0, {MAX_RATIO}); e.g. {ratio_flag} 0.3 removes 30 % of channels")
+        if self.importance not in IMPORTANCES:
+            raise InputError(f"{importance_flag} {self.importance!r}: unknown; choose from {', '.join(IMPORTANCES)}")
+        if self.round_to < 1:
+            raise InputError(f"--round-to {self.round_to}: must be at least 1 (1 disables rounding)")
+        if self.steps < 1:
+            raise InputError(f"--steps {self.steps}: must be at least 1")
+
+    def to_dict(self) -> dict:
+        return {"ratio": self.ratio, "importance": self.importance, "global": self.global_ranking,
+                "round_to": self.round_to, "steps": self.steps}
+
+
+def round_width(raw: float, original: int, round_to: int) -> int:
+    """Nearest multiple of ``round_to`` to ``raw``, never below ``round_to`` nor above ``original``.
+
+    Nearest rather than floor: on CIFAR widths (16/32/64) flooring to 8 would turn ratio 0.3 into 0.5.
+    A layer narrower than ``round_to`` keeps its width.
+    """
+    if original <= round_to:
+        return original
+    keep = round_to * round(raw / round_to)
+    return int(min(original, max(round_to, keep, 1)))
+
+
+# -- option A → projection ---------------------------------------------------------------------------
+
+def option_a_to_projection(model, spec: ResNetSpec):
+    """Exact rewrite of CIFAR option-A shortcuts as fixed 1×1 selection convs + identity BN.
+
+    Returns ``(model, spec)``; the model is modified in place. Identity BN: weight 1, bias 0, mean 0,
+    running_var = 1 - eps, so (x - 0) / sqrt(1 - eps + eps) = x exactly.
+    """
+    import torch
+    from torch import nn
+
+    if spec.shortcut != "option_a":
+        return model, spec
+    from dataclasses import replace
+
+    new_spec = replace(spec, shortcut="projection")
+    for s, n in enumerate(spec.layers):
+        for b in range(n):
+            if not spec.has_downsample(s, b):
+                continue
+            block = getattr(model, f"layer{s + 1}")[b]
+            old = block.shortcut
+            cin, cout = spec.block_in_width(s, b), spec.stage_widths[s]
+            stride = spec.stage_strides[s] if b == 0 else 1
+            conv = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            bn = nn.BatchNorm2d(cout)
+            with torch.no_grad():
+                conv.weight.zero_()
+                for i in range(cin):
+                    conv.weight[old.pad_lo + i, i, 0, 0] = 1.0
+                bn.weight.fill_(1.0)
+                bn.bias.zero_()
+                bn.running_mean.zero_()
+                bn.running_var.fill_(1.0 - bn.eps)
+            block.downsample = nn.Sequential(conv, bn)
+            block.shortcut = None
+    return model.eval(), new_spec
+
+
+# -- pruning -------------------------------------------------------------------------------------------
+
+def spec_from_module(model, spec: ResNetSpec, name: str | None = None) -> ResNetSpec:
+    """The spec whose widths are those of the (pruned) torch module; checks the residual stream agrees."""
+    last = "conv3" if spec.block == "bottleneck" else "conv2"
+    inner_convs = ("conv1", "conv2") if spec.block == "bottleneck" else ("conv1",)
+    stage_widths, inner = [], []
+    for s, n in enumerate(spec.layers):
+        layer = getattr(model, f"layer{s + 1}")
+        outs = {getattr(layer[b], last).out_channels for b in range(n)}
+        if len(outs) != 1:  # pragma: no cover - the dependency graph keeps residual adds coupled
+            raise RuntimeError(f"layer{s + 1}: residual stream widths disagree after pruning: {sorted(outs)}")
+        stage_widths.append(outs.pop())
+        inner.append(tuple(tuple(getattr(layer[b], c).out_channels for c in inner_convs) for b in range(n)))
+    return spec.with_widths(model.conv1.out_channels, stage_widths, inner, name=name)
+
+
+def _protected(model, spec: ResNetSpec) -> list:
+    return [model.conv1, getattr(model, spec.head)]
+
+
+def _group_key(DG, group) -> str:
+    return DG._module2name.get(group[0].dep.target.module, repr(group[0].dep.target.module))
+
+
+def prune_step(model, spec: ResNetSpec, cfg: PruneConfig, target_ratio: float, original_widths: dict[str, int],
+               gradient_fn: Callable[[object], None] | None = None) -> None:
+    """Prune ``model`` in place so each group keeps ≈ (1 - target_ratio) of its ORIGINAL channels."""
+    import torch
+    import torch_pruning as tp
+
+    example = torch.zeros(1, 3, spec.input_size, spec.input_size)
+    model.eval()
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    importance = IMPORTANCES[cfg.importance]
+    if importance.needs_gradients:
+        if gradient_fn is None:
+            raise InputError(f"--importance {cfg.importance}: needs data for a backward pass; give --finetune-data (or --calib for convert)")
+        model.zero_grad()
+        gradient_fn(model)
+    scorer = importance.make()
+    records = []  # (root module, handler, scores, original channels, current channels)
+    for group in DG.get_all_groups(ignored_layers=_protected(model, spec), root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
+        root = group[0].dep.target.module
+        handler = group[0].dep.handler
+        current = DG.get_out_channels(root)
+        key = _group_key(DG, group)
+        original = original_widths.setdefault(key, current)
+        with torch.no_grad():
+            scores = scorer(group)
+        if scores is None:
+            continue
+        records.append((root, handler, scores.detach().float().cpu(), original, current))
+    if importance.needs_gradients:
+        model.zero_grad(set_to_none=True)
+    keeps = _allocate(records, cfg, target_ratio)
+    for (root, handler, scores, _original, current), keep in zip(records, keeps):
+        if keep >= current:
+            continue
+        drop = torch.argsort(scores)[: current - keep].tolist()
+        group = DG.get_pruning_group(root, handler, sorted(drop))
+        if DG.check_pruning_group(group):
+            group.prune()
+
+
+def _allocate(records, cfg: PruneConfig, target_ratio: float) -> list[int]:
+    """Channels to keep per group: the same fraction everywhere, or by one global importance threshold."""
+    import torch
+
+    if not cfg.global_ranking:
+        return [min(current, round_width(original * (1 - target_ratio), original, cfg.round_to))
+                for _root, _h, _s, original, current in records]
+    # importance scores are normalised per group (mean 1), so one threshold can rank all groups
+    all_scores = torch.cat([s for _r, _h, s, _o, _c in records])
+    total_original = sum(o for *_x, o, _c in records)
+    n_keep = int(round(total_original * (1 - target_ratio)))
+    n_drop = max(0, len(all_scores) - n_keep)
+    if n_drop == 0:
+        return [c for *_x, c in records]
+    threshold = torch.sort(all_scores).values[n_drop - 1]
+    keeps = []
+    for _r, _h, scores, original, current in records:
+        raw = int((scores > threshold).sum())
+        keeps.append(min(current, round_width(max(raw, 1), original, cfg.round_to)))
+    return keeps
+
+
+def state_dict_of(model) -> dict:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def check_rebuild(model, spec: ResNetSpec, state_dict: dict) -> float:
+    """Rebuild ``spec`` with ``state_dict`` and compare with ``model``; returns max |Δlogit| (must be 0)."""
+    import torch
+
+    from edgeres.torch_model import build_torch
+
+    rebuilt = build_torch(spec)
+    rebuilt.load_state_dict(state_dict, strict=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, spec.input_size, spec.input_size, generator=g)
+    with torch.no_grad():
+        err = float((rebuilt.eval()(x) - model.eval()(x)).abs().max())
+    if err > 1e-5:
+        raise RuntimeError(f"pruned spec {spec.name} does not reproduce the pruned module (max |Δlogit| {err:.3g})")
+    return err
+
+
+def recalibrate_bn(model, batches: Iterable, frozen: Iterable = ()) -> int:
+    """Re-estimate BatchNorm running statistics over ``batches`` (float32 NCHW arrays); returns images seen.
+
+    After pruning, each conv sees fewer input channels, so its output statistics moved; the stale
+    running mean/var cost more accuracy than the pruned weights themselves.
+    """
+    import torch
+
+    frozen = set(id(m) for m in frozen)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and id(m) not in frozen]
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.eval()
+    for m in bns:
+        m.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(torch.as_tensor(x))
+                seen += len(x)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+    return seen
+
+
+def identity_bns(model) -> list:
+    """The identity BatchNorms of rewritten option-A shortcuts (kept fixed: they must stay identities)."""
+    import torch
+
+    out = []
+    for m in model.modules():
+        ds = getattr(m, "downsample", None)
+        if isinstance(ds, torch.nn.Sequential) and len(ds) == 2 and isinstance(ds[1], torch.nn.BatchNorm2d):
+            bn = ds[1]
+            if getattr(bn, "_edgeres_identity", False):
+                out.append(bn)
+    return out
+
+
+def mark_identity_bns(model) -> None:
+    """Tag the BNs created by ``option_a_to_projection`` so recalibration and fine-tuning leave them alone."""
+    import torch
+
+    for m in model.modules():
+        ds = getattr(m, "downsample", None)
+        if isinstance(ds, torch.nn.Sequential) and len(ds) == 2 and isinstance(ds[1], torch.nn.BatchNorm2d):
+            bn = ds[1]
+            if torch.all(bn.running_var == 1.0 - bn.eps) and torch.all(bn.running_mean == 0) \
+                    and torch.all(bn.weight == 1) and torch.all(bn.bias == 0):
+                bn._edgeres_identity = True
+
+
+@dataclass
+class PruneOutcome:
+    """A pruned module, its spec and state_dict, and the record for the checkpoint / manifest."""
+
+    model: object
+    spec: ResNetSpec
+    state_dict: dict
+    record: dict = field(default_factory=dict)
+
+
+def prune(model, spec: ResNetSpec, cfg: PruneConfig, *, gradient_fn=None, between_steps=None) -> PruneOutcome:
+    """Prune a torch ResNet built from ``spec`` (deep-copied; the input stays untouched).
+
+    ``gradient_fn(model)`` runs a backward pass (taylor); ``between_steps(model, step)`` may fine-tune
+    between iterative steps. Returns the pruned module with its new spec and an exact state_dict.
+    """
+    import copy
+
+    cfg.validate()
+    model = copy.deepcopy(model).eval()
+    before = spec.cost()
+    model, work_spec = option_a_to_projection(model, spec)
+    mark_identity_bns(model)
+    original_widths: dict[str, int] = {}
+    base = spec.name.split("-")[0]
+    for step in range(1, cfg.steps + 1):
+        prune_step(model, work_spec, cfg, cfg.ratio * step / cfg.steps, original_widths, gradient_fn)
+        if between_steps is not None and step < cfg.steps:
+            between_steps(model, step)
+    new_spec = spec_from_module(model, work_spec, name=f"{base}-pruned{round(cfg.ratio * 100)}")
+    sd = state_dict_of(model)
+    check_rebuild(model, new_spec, sd)
+    after = new_spec.cost()
+    record = {**cfg.to_dict(), "source_arch": spec.name, "source_shortcut": spec.shortcut,
+              "params_before": before["params"], "params_after": after["params"],
+              "macs_before": before["macs"], "macs_after": after["macs"],
+              "macs_ratio": round(before["macs"] / after["macs"], 4),
+              "stage_widths_before": list(spec.stage_widths), "stage_widths_after": list(new_spec.stage_widths)}
+    return PruneOutcome(model, new_spec, sd, record)
+
+
+# -- the whole job: prune → re-estimate BN → (distil) → measure ----------------------------------------
+
+RECALIBRATION_IMAGES = 2000
+CURVE_IMAGES = 1000
+
+
+def check_data(dataset, spec: ResNetSpec, flag: str, *, labels: bool = False) -> None:
+    """Fail before any work if ``dataset`` cannot feed ``spec`` (image size, label range)."""
+    from calibration import DataError
+
+    dataset.check_image_size(spec.preprocess)
+    if labels and dataset.labels is None:
+        raise DataError(f"{dataset.source}: {flag} needs labels (y) to measure accuracy")
+    if dataset.labels is not None and (dataset.labels.min() < 0 or dataset.labels.max() >= spec.num_classes):
+        raise DataError(f"{dataset.source}: labels run {dataset.labels.min()}..{dataset.labels.max()} but the model "
+                        f"has {spec.num_classes} classes; check {flag} matches the model")
+
+
+def top1(model, dataset, preprocess, limit: int | None = None) -> float:
+    from edgeres.evaluate import collect_logits, topk_accuracy, torch_runner
+
+    logits = collect_logits(torch_runner(model.eval()), dataset, preprocess, limit=limit)
+    return topk_accuracy(logits, dataset.labels[dataset.spread(limit)])["top1"]
+
+
+def prune_loaded(loaded, cfg: PruneConfig, *, train_data=None, finetune=None, eval_data=None,
+                 eval_images: int | None = None, curve_images: int = CURVE_IMAGES) -> PruneOutcome:
+    """Prune a ``LoadedModel``; with ``train_data`` re-estimate BN (and fine-tune by KD when ``finetune``
+    is a ``FinetuneConfig``); with ``eval_data`` measure top-1 before/after. The record holds it all."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from edgeres.distill import distill
+    from edgeres.progress import log
+
+    cfg.validate()
+    spec = loaded.spec
+    if finetune is not None:
+        finetune.validate()
+        if train_data is None:
+            raise InputError("--epochs: fine-tuning needs training images; give --finetune-data")
+        if cfg.steps > 1 and finetune.epochs < cfg.steps:
+            raise InputError(f"--steps {cfg.steps}: needs at least {cfg.steps} --epochs (one recovery epoch per step)")
+    elif cfg.steps > 1:
+        raise InputError(f"--steps {cfg.steps}: iterative pruning recovers between steps; give --finetune-data and --epochs")
+    if IMPORTANCES[cfg.importance].needs_gradients and train_data is None:
+        raise InputError(f"--importance {cfg.importance}: needs data for a backward pass; give --finetune-data (or --calib for convert)")
+    if train_data is not None:
+        check_data(train_data, spec, "--finetune-data")
+    if eval_data is not None:
+        check_data(eval_data, spec, "--eval", labels=True)
+
+    t0 = time.perf_counter()
+    pre = spec.preprocess
+    teacher = loaded.to_torch()
+    top1_before = top1(teacher, eval_data, pre, eval_images) if eval_data is not None else None
+
+    def gradient_fn(model):
+        n = min(cfg.taylor_images, len(train_data))
+        for x, y in train_data.batches(pre, 64, n):
+            x = torch.from_numpy(x)
+            logits = model(x)
+            target = torch.from_numpy(y) if y is not None else teacher(x).argmax(1)
+            F.cross_entropy(logits, target).backward()
+
+    def recalibrate(model):
+        if train_data is None:
+            return 0
+        n = min(RECALIBRATION_IMAGES, len(train_data))
+        return recalibrate_bn(model, (x for x, _ in train_data.batches(pre, 100, n)), frozen=identity_bns(model))
+
+    def evaluate(model):
+        return top1(model, eval_data, pre, min(curve_images, len(eval_data)))
+
+    step_curves = []
+
+    def between_steps(model, step):
+        recalibrate(model)
+        from dataclasses import replace
+
+        log(f"iterative step {step}/{cfg.steps}: one recovery epoch")
+        curve = distill(model, teacher, train_data, pre, replace(finetune, epochs=1, seed=finetune.seed + 1000 * step),
+                        frozen_bns=identity_bns(model), evaluate=evaluate if eval_data is not None else None)
+        step_curves.append({"step": step, "curve": curve})
+
+    log(f"pruning {spec.name}: ratio {cfg.ratio}, importance {cfg.importance}, "
+        f"{'global' if cfg.global_ranking else 'uniform'}, round to {cfg.round_to}")
+    outcome = prune(teacher, spec, cfg, gradient_fn=gradient_fn if train_data is not None else None,
+                    between_steps=between_steps if cfg.steps > 1 else None)
+    record = outcome.record
+    record["bn_recalibration_images"] = recalibrate(outcome.model)
+    if top1_before is not None:
+        record["top1_before"] = top1_before
+        record["top1_after_prune"] = top1(outcome.model, eval_data, pre, eval_images)
+    if finetune is not None:
+        from dataclasses import replace
+
+        ft = replace(finetune, epochs=finetune.epochs - (cfg.steps - 1))
+        curve = distill(outcome.model, teacher, train_data, pre, ft, frozen_bns=identity_bns(outcome.model),
+                        evaluate=evaluate if eval_data is not None else None)
+        record["finetune"] = {**finetune.to_dict(), "data": train_data.source, "images": len(train_data.spread(finetune.images)),
+                              "curve_images": min(curve_images, len(eval_data)) if eval_data is not None else None,
+                              "iterative_steps": step_curves, "curve": curve}
+        outcome.state_dict = state_dict_of(outcome.model)
+        check_rebuild(outcome.model, outcome.spec, outcome.state_dict)
+    elif record["bn_recalibration_images"]:
+        outcome.state_dict = state_dict_of(outcome.model)
+    if top1_before is not None:
+        record["top1_after"] = top1(outcome.model, eval_data, pre, eval_images)
+        record["top1_drop_pp"] = round(top1_before - record["top1_after"], 4)
+        record["eval_data"] = eval_data.source
+        record["eval_images"] = len(eval_data.spread(eval_images))
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return outcome
+
+
+def check_output_path(out) -> None:
+    """Refuse an --out that cannot hold a checkpoint, before any work."""
+    import os
+    from pathlib import Path
+
+    from edgeres.loading import TORCH_SUFFIXES
+
+    p = Path(out)
+    if p.suffix.lower() not in TORCH_SUFFIXES:
+        raise InputError(f"--out {p}: give a checkpoint file name ending in {' '.join(TORCH_SUFFIXES)}")
+    if p.is_dir():
+        raise InputError(f"--out {p}: is a folder; give a file name such as pruned.pt")
+    parent = p.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"--out {p}: folder {parent} does not exist or is not writable")
+
+
+def prune_into_loaded(loaded, cfg, calib_data=None, eval_data=None):
+    """``convert --prune``: the pruned model as a ``LoadedModel`` whose ``extra["pruning"]`` is the record.
+
+    Calibration images (train split) re-estimate BN and feed taylor; fine-tuning only with
+    ``cfg.finetune_data`` and ``cfg.finetune_epochs``.
+    """
+    from dataclasses import replace
+
+    from calibration import open_dataset
+    from edgeres.distill import FinetuneConfig
+
+    prune_cfg = PruneConfig(ratio=cfg.prune, importance=cfg.prune_importance)
+    prune_cfg.validate("--prune", "--prune-importance")
+    finetune, train = None, calib_data
+    if cfg.finetune_data is not None:
+        train = open_dataset(cfg.finetune_data)
+        if cfg.finetune_epochs:
+            finetune = FinetuneConfig(epochs=cfg.finetune_epochs)
+    elif cfg.finetune_epochs:
+        raise InputError(f"--epochs {cfg.finetune_epochs}: fine-tuning needs training images; give --finetune-data")
+    outcome = prune_loaded(loaded, prune_cfg, train_data=train, finetune=finetune, eval_data=eval_data,
+                           eval_images=cfg.eval_images)
+    extra = {**(loaded.extra or {}), "pruning": outcome.record}
+    return replace(loaded, spec=outcome.spec, state_dict=outcome.state_dict, extra=extra)
