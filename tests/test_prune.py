@@ -220,7 +220,7 @@ def test_pruned_checkpoint_converts_to_onnx_fp32_with_the_same_outputs(cli, tiny
     pruned = tmp_path / "p.pt"
     assert cli("prune", tiny_checkpoint, "--ratio", "0.5", "--out", pruned).returncode == 0
     bundle = tmp_path / "bundle"
-    r = cli("convert", pruned, "--targets", "onnx", "--precision", "fp32", "--out", bundle)
+    r = cli("convert", pruned, "--targets", "onnx", "--precision", "fp32", "--no-bench", "--out", bundle)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["arch"]["stage_widths"] == [8, 8, 16]
@@ -236,7 +236,7 @@ def test_pruned_checkpoint_converts_to_onnx_fp32_with_the_same_outputs(cli, tiny
 def test_convert_prune_records_pruning_in_the_manifest(cli, tiny_checkpoint, tiny_npz, tmp_path):
     bundle = tmp_path / "bundle"
     r = cli("convert", tiny_checkpoint, "--prune", "0.5", "--calib", tiny_npz, "--targets", "onnx",
-            "--precision", "fp32", "--eval", tiny_npz, "--out", bundle)
+            "--precision", "fp32", "--no-bench", "--eval", tiny_npz, "--out", bundle)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
     rec = manifest["pruning"]
@@ -247,6 +247,23 @@ def test_convert_prune_records_pruning_in_the_manifest(cli, tiny_checkpoint, tin
 
 def test_convert_with_a_bad_prune_ratio_exits_2(cli, tiny_checkpoint, tmp_path):
     bundle = tmp_path / "bundle"
-    r = cli("convert", tiny_checkpoint, "--prune", "1.5", "--targets", "onnx", "--precision", "fp32", "--out", bundle)
+    r = cli("convert", tiny_checkpoint, "--prune", "1.5", "--targets", "onnx", "--precision", "fp32", "--no-bench", "--out", bundle)
     assert r.returncode == 2 and "--prune 1.5" in r.stderr
     assert not bundle.exists()
+
+
+@pytest.mark.realdata
+def test_resnet32_at_ratio_0_3_has_1_7x_fewer_macs_and_bn_recalibration_recovers_accuracy(cifar):
+    from calibration import open_dataset
+    from edgeres.loading import load_model
+    from edgeres.prune import PruneConfig, identity_bns, prune, recalibrate_bn, top1
+
+    loaded = load_model(cifar / "resnet32.th")
+    out = prune(loaded.to_torch(), loaded.spec, PruneConfig(ratio=0.3, importance="l2"))
+    assert out.spec.stage_widths == (16, 24, 48)  # stem stream protected; 32·0.7 → 24, 64·0.7 → 48
+    assert out.record["macs_ratio"] >= 1.7
+    dev, train = open_dataset(cifar / "cifar10_dev.npz"), open_dataset(cifar / "cifar10_train10k.npz")
+    pre = out.spec.preprocess
+    stale = top1(out.model, dev, pre, 500)
+    recalibrate_bn(out.model, (x for x, _ in train.batches(pre, 100, 1000)), frozen=identity_bns(out.model))
+    assert top1(out.model, dev, pre, 500) > stale + 10
