@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.errors import DataError
 from targets.base import Artifact, CompileJob, Runner, TargetError, TargetUnavailable
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
@@ -123,7 +124,7 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
             # the converter takes the input's range from calibration; this note says so and means no harm
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
             flatbuffer = converter.convert()
-    except TargetError:
+    except (TargetError, DataError):  # raised by our representative dataset: keep their meaning
         raise
     except Exception as e:  # noqa: BLE001 - the converter raises many types (ConverterError, ValueError...)
         first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__

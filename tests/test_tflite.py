@@ -104,6 +104,37 @@ def test_keras_cifar_option_a_matches_torch_on_odd_input(tiny_model):
     assert _rel_err(keras_logits, _torch_logits(odd_model, x)) < 1e-5
 
 
+def test_keras_option_a_with_uneven_channel_padding_matches_torch(tiny_model):
+    from edgeres.keras_model import build_keras
+    from edgeres.torch_model import build_torch, randomize_bn
+
+    spec, _ = tiny_model
+    # pruned-looking widths: 8→12 pads 2/2 at stride 1, 12→21 pads 4/5 and 21→32 pads 5/6 at stride 2
+    pruned = spec.with_widths(8, (12, 21, 32), (((10,),), ((14,),), ((19,),)), name="resnet8-pruned")
+    model = randomize_bn(build_torch(pruned), seed=2)
+    x = _inputs(2, pruned.input_size)
+    keras_logits = build_keras(pruned, model.state_dict())(x.transpose(0, 2, 3, 1)).numpy()
+    assert _rel_err(keras_logits, _torch_logits(model, x)) < 1e-5
+
+
+def test_calibration_data_error_keeps_its_type(tmp_path, tiny_model):
+    from calibration import DataError
+    from edgeres.keras_model import build_keras
+    from targets import tflite
+    from targets.base import CompileJob
+
+    spec, model = tiny_model
+
+    def broken_calibration(layout="NCHW", batch_size=32):
+        raise DataError("calib.npz: image 3 is truncated")
+        yield  # pragma: no cover - makes this a generator
+
+    job = CompileJob(onnx_fp32=tmp_path / "unused.onnx", out_dir=tmp_path, precision="int8",
+                     calibration=broken_calibration, keras_model=lambda: build_keras(spec, model.state_dict()))
+    with pytest.raises(DataError, match="truncated"):
+        tflite.compile(job)
+
+
 # -- conversion ------------------------------------------------------------------------------------
 
 def test_tflite_fp32_matches_torch_logits(tiny_model, tiny_artifacts):
