@@ -358,7 +358,7 @@ def prune(
 @handled
 def demo(
     out: str = typer.Option("demo-out", "--out", help="Folder for the demo model, data and bundle."),
-    train_seconds: float = typer.Option(300.0, "--train-seconds", help="Stop training after this many seconds (8 epochs take ~30 s)."),
+    train_seconds: float = typer.Option(1800.0, "--train-seconds", help="Stop training early after this many seconds (8 epochs take ~30 s)."),
 ):
     """Whole pipeline on a built-in model: train a ResNet-20 on scikit-learn digits, convert, evaluate, report."""
     from edgeres.demo import DemoConfig, run_demo

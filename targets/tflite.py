@@ -11,8 +11,11 @@ imports tensorflow, so a bundle's ``.tflite`` runs on a Raspberry Pi as is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -69,6 +72,27 @@ def _converter_modules():
 
 def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's verb
     """Convert ``job.keras_model()`` to ``tflite/model.<precision>.tflite`` plus its op report and sidecar."""
+    with native_stderr_quiet():
+        return _compile(job)
+
+
+@contextlib.contextmanager
+def native_stderr_quiet():
+    """Hold back what TensorFlow's C++ side prints to fd 2 (start-up and converter chatter that no
+    log level silences) so the user's terminal shows our progress, not pages of I0000 lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _compile(job: CompileJob) -> Artifact:
     if job.precision not in PRECISIONS:
         raise TargetError(f"tflite: precision {job.precision!r} is not one of {', '.join(PRECISIONS)}")
     unknown = sorted(set(job.options) - set(OPTIONS))
