@@ -218,12 +218,15 @@ def plot_accuracy_vs_latency(data: ReportData, path: Path) -> bool:
     if not rows:
         return False
     plt, fig, ax = _figure()
-    for r in rows:
+    for i, r in enumerate(sorted(rows, key=lambda r: r.p50_ms)):
         ax.scatter(r.p50_ms, r.top1, s=40, zorder=3, marker="x" if r.throttled else "o")
-        ax.annotate(r.label, (r.p50_ms, r.top1), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # alternate above/below so neighbours at equal accuracy do not print over each other
+        ax.annotate(r.label, (r.p50_ms, r.top1), textcoords="offset points", xytext=(5, 4 if i % 2 == 0 else -11),
+                    fontsize=8)
     front = pareto_front([(r.p50_ms, r.top1) for r in rows])
+    # rings as well as the line: a front of one point (one artifact beats all) has no line to see
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", lw=1.2,
-            label="Pareto front", zorder=2)
+            marker="o", markersize=12, markerfacecolor="none", label="Pareto front", zorder=2)
     ax.set_xlabel(f"p50 latency, ms (batch {data.bench['settings'].get('batch')}, {data.threads} thread(s))")
     ax.set_ylabel("top-1 accuracy, %")
     ax.set_title("Accuracy vs latency")
@@ -295,9 +298,10 @@ def plot_layer_sqnr(data: ReportData, path: Path) -> bool:
     colors = ["tab:red" if i == worst else "tab:blue" for i in range(len(values))]
     ax.barh(range(len(layers)), values, color=colors)
     ax.set_yticks(range(len(layers)), [f"{layer['name']} ({layer.get('op', '?')})" for layer in layers], fontsize=7)
-    ax.invert_yaxis()  # network order top to bottom
+    ax.invert_yaxis()  # first listed on top (eval lists the worst first)
     ax.set_xlabel("SQNR vs fp32, dB (higher is better)")
-    ax.set_title(f"Per-layer SQNR of the int8 model (worst: {layers[worst]['name']}, {values[worst]:.1f} dB)", fontsize=9)
+    ax.annotate(f" worst: {values[worst]:.1f} dB", (values[worst], worst), va="center", fontsize=8)
+    ax.set_title("Per-layer SQNR, int8 vs fp32", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
