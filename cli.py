@@ -178,7 +178,7 @@ def convert(
     targets: Optional[str] = typer.Option(None, "--targets", help="Comma list of onnx,openvino,tflite [all, or the device's]."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Comma list: int8,fp16,fp32 (tflite also: dynamic) [int8]."),
     device: Optional[str] = typer.Option(None, "--device", help="Device profile: auto, rpi4, rpi5, x86-avx2, x86-vnni, android-arm64, generic."),
-    estimator: str = typer.Option("percentile", "--estimator", help="Range estimator: minmax, percentile, entropy, mse."),
+    estimator: str = typer.Option("mse", "--estimator", help="Range estimator: mse (default), percentile, entropy, minmax."),
     calib_images: int = typer.Option(300, "--calib-images", help="Calibration images to use (spread evenly)."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images to evaluate every artifact on."),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on at most this many images."),

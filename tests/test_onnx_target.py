@@ -148,7 +148,7 @@ def test_convert_int8_records_the_recipe_in_the_manifest(int8_bundle):
     assert int8["status"] == "ok" and int8["file"] == "onnx/model.int8.onnx"
     assert int8["options"]["reduce_range"] is True and int8["options"]["reason"] == "set by option onnx.reduce_range"
     assert manifest["calibration"]["qdq"]["reduce_range"] is True
-    assert manifest["calibration"]["estimator"] == "percentile"
+    assert manifest["calibration"]["estimator"] == "mse"  # the default
     assert (int8_bundle / "model.fp32.onnx").exists()
 
 
