@@ -35,7 +35,8 @@ DEFAULT_ENGINE = "qdq"
 NNCF_PRESETS = ("performance", "mixed")
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
-OPTIONS = ("engine", "embed_preprocess", "nncf_preset", "threads")
+DEFAULT_HINT, DEFAULT_INFERENCE_PRECISION = "LATENCY", "f32"
+OPTIONS = ("engine", "embed_preprocess", "nncf_preset", "hint", "inference_precision", "threads")
 RT_INFO_KEY = "edgeres"  # IR rt_info section holding what the runner needs to know
 
 
@@ -89,6 +90,11 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
         notes.append("IR input is raw uint8 NHWC RGB at the model's size; resize/crop are not embedded")
         recorded["embedded_preprocess"] = {k: job.preprocess[k] for k in ("scale", "mean", "std", "channel_order")}
     model.set_rt_info(job.precision, [RT_INFO_KEY, "precision"])
+    # the runtime settings travel in the IR so a device runner uses them without the manifest
+    recorded["runtime"] = {"hint": str(options.get("hint", DEFAULT_HINT)).upper(),
+                           "inference_precision": options.get("inference_precision", DEFAULT_INFERENCE_PRECISION)}
+    for key, value in recorded["runtime"].items():
+        model.set_rt_info(value, [RT_INFO_KEY, key])
     try:
         # save_model compresses weights to fp16 by default; fp16 must be asked for, never implied
         ov.save_model(model, str(job.out_dir / rel_xml), compress_to_fp16=job.precision == "fp16")
@@ -108,6 +114,11 @@ def _check_options(job: CompileJob) -> dict:
     if str(options.get("nncf_preset", "performance")).lower() not in NNCF_PRESETS:
         raise TargetError(f"--option openvino.nncf_preset={options['nncf_preset']}: "
                           f"choose one of {', '.join(NNCF_PRESETS)}")
+    if str(options.get("hint", DEFAULT_HINT)).upper() not in HINTS:
+        raise TargetError(f"--option openvino.hint={options['hint']}: choose one of {', '.join(HINTS)}")
+    if options.get("inference_precision", DEFAULT_INFERENCE_PRECISION) not in INFERENCE_PRECISIONS:
+        raise TargetError(f"--option openvino.inference_precision={options['inference_precision']}: "
+                          f"choose one of {', '.join(INFERENCE_PRECISIONS)}")
     if options.get("embed_preprocess", False) not in (True, False):
         raise TargetError(f"--option openvino.embed_preprocess={options['embed_preprocess']}: give true or false")
     return options
@@ -182,33 +193,40 @@ def _first_line(e: Exception) -> str:
 class OpenVinoRunner(Runner):
     """Runs an IR on NCHW float32 batches; an IR with embedded preprocessing gets the images back as uint8.
 
-    ``inference_precision`` pins the precision of the float parts: OpenVINO's CPU default is bf16 on
-    CPUs with avx512_bf16/AMX (this machine included), which would silently run an "fp32" IR in bf16.
+    ``hint`` / ``inference_precision`` default to what the IR was compiled with (``--option
+    openvino.hint=…``), else LATENCY / f32. f32 is pinned because OpenVINO's CPU default is bf16 on CPUs
+    with avx512_bf16/AMX (this machine included), which would silently run an "fp32" IR in bf16.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None, hint: str = "LATENCY",
-                 inference_precision: str = "f32"):
+    def __init__(self, path: str | Path, threads: int | None = None, hint: str | None = None,
+                 inference_precision: str | None = None):
         available()
         import openvino as ov
 
-        if hint not in HINTS:
-            raise TargetError(f"openvino performance hint {hint!r}: choose one of {', '.join(HINTS)}")
-        if inference_precision not in INFERENCE_PRECISIONS:
-            raise TargetError(f"openvino inference precision {inference_precision!r}: "
-                              f"choose one of {', '.join(INFERENCE_PRECISIONS)}")
-        config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": inference_precision}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
         core = ov.Core()
         try:
             model = core.read_model(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise TargetError(f"{path}: OpenVINO cannot read it ({_first_line(e)})") from None
+        self.hint = (hint or _rt_info(model, "hint") or DEFAULT_HINT).upper()
+        self.inference_precision = inference_precision or _rt_info(model, "inference_precision") or DEFAULT_INFERENCE_PRECISION
+        if self.hint not in HINTS:
+            raise TargetError(f"openvino performance hint {self.hint!r}: choose one of {', '.join(HINTS)}")
+        if self.inference_precision not in INFERENCE_PRECISIONS:
+            raise TargetError(f"openvino inference precision {self.inference_precision!r}: "
+                              f"choose one of {', '.join(INFERENCE_PRECISIONS)}")
+        config = {"PERFORMANCE_HINT": self.hint, "INFERENCE_PRECISION_HINT": self.inference_precision}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"{path}: OpenVINO cannot load it ({_first_line(e)})") from None
         self.request = self.compiled.create_infer_request()
         self.raw_preprocess = None
-        if model.has_rt_info([RT_INFO_KEY, "input_preprocess"]):
-            self.raw_preprocess = json.loads(model.get_rt_info([RT_INFO_KEY, "input_preprocess"]).astype(str))
+        stored = _rt_info(model, "input_preprocess")
+        if stored:
+            self.raw_preprocess = json.loads(stored)
             self.input_layout, self.input_dtype = "NHWC", "uint8"
         else:
             self.input_layout, self.input_dtype = "NCHW", "float32"
@@ -233,6 +251,11 @@ class OpenVinoRunner(Runner):
         return np.clip(np.rint(v / np.float32(p["scale"])), 0, 255).astype(np.uint8)
 
 
-def load_runner(path: str | Path, threads: int | None = None, hint: str = "LATENCY",
-                inference_precision: str = "f32") -> OpenVinoRunner:
+def _rt_info(model, key: str) -> str | None:
+    path = [RT_INFO_KEY, key]
+    return model.get_rt_info(path).astype(str) if model.has_rt_info(path) else None
+
+
+def load_runner(path: str | Path, threads: int | None = None, hint: str | None = None,
+                inference_precision: str | None = None) -> OpenVinoRunner:
     return OpenVinoRunner(path, threads, hint, inference_precision)

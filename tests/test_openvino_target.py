@@ -93,7 +93,8 @@ def compile_ir(tiny_onnx, out_dir, precision, *, calibration=None, qdq=None, **o
 def built(tiny_onnx, tmp_path_factory, qdq_onnx, calib_fn):
     """Each IR variant compiled once for the module: {name: (artifact, out_dir)}."""
     variants = {"fp32": ("fp32", {}), "fp16": ("fp16", {}), "int8-qdq": ("int8", {"engine": "qdq"}),
-                "int8-nncf": ("int8", {"engine": "nncf"}), "fp32-raw": ("fp32", {"embed_preprocess": True})}
+                "int8-nncf": ("int8", {"engine": "nncf"}), "fp32-raw": ("fp32", {"embed_preprocess": True}),
+                "fp32-throughput": ("fp32", {"hint": "throughput"})}
     out = {}
     for name, (precision, options) in variants.items():
         d = tmp_path_factory.mktemp(f"ov_{name}")
@@ -199,6 +200,16 @@ def test_runner_honours_thread_count_and_hint(built, threads):
     assert str(runner.compiled.get_property("PERFORMANCE_HINT")) == "THROUGHPUT"
 
 
+def test_runner_defaults_to_the_hint_compiled_into_the_ir(built):
+    from targets import openvino as ov_target
+
+    a, d = built["fp32-throughput"]
+    assert a.options["runtime"]["hint"] == "THROUGHPUT"
+    assert str(ov_target.load_runner(d / a.file).compiled.get_property("PERFORMANCE_HINT")) == "THROUGHPUT"
+    latency = ov_target.load_runner(d / a.file, hint="LATENCY")
+    assert str(latency.compiled.get_property("PERFORMANCE_HINT")) == "LATENCY"
+
+
 def test_runner_pins_fp32_inference_precision(built):
     """OpenVINO would run an fp32 IR in bf16 on CPUs with avx512_bf16 unless told otherwise."""
     from targets import openvino as ov_target
@@ -277,3 +288,46 @@ def test_bundle_artifact_runs_with_only_numpy_and_openvino(cli, tiny_checkpoint,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"shape": [2, 10], "finite": True, "heavy": []}
+
+
+@pytest.fixture(scope="module")
+def resnet20_int8_bundle(cifar, tmp_path_factory):
+    """ResNet-20 through the real pipeline: 300 calibration images → one QDQ ONNX → ONNX and OpenVINO int8."""
+    from tests.conftest import run_cli
+
+    out = tmp_path_factory.mktemp("r20") / "bundle"
+    r = run_cli("convert", cifar / "resnet20.th", "--arch", "resnet20", "--calib", cifar / "cifar10_calib.npz",
+                "--calib-images", "300", "--targets", "onnx,openvino", "--precision", "int8",
+                "--eval", cifar / "cifar10_dev.npz", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.realdata
+def test_resnet20_openvino_int8_drops_at_most_0_3_pp(resnet20_int8_bundle):
+    evaluated = json.loads((resnet20_int8_bundle / "eval.json").read_text())
+    ov = next(a for a in evaluated["artifacts"] if a["target"] == "openvino")
+    assert evaluated["images"] == 5000 and ov["precision"] == "int8"
+    assert ov["top1_drop_pp"] <= 0.3
+
+
+@pytest.mark.realdata
+def test_resnet20_openvino_int8_is_built_from_the_shared_qdq_ranges(resnet20_int8_bundle):
+    manifest = json.loads((resnet20_int8_bundle / "manifest.json").read_text())
+    ov = next(a for a in manifest["artifacts"] if a["target"] == "openvino")
+    assert ov["engine"] == "qdq" and ov["options"]["fake_quantize_ops"] > 0
+
+
+@pytest.mark.realdata
+def test_resnet20_openvino_and_onnx_int8_agree_on_99_pct_of_images(resnet20_int8_bundle, cifar):
+    from calibration import Preprocess, open_dataset
+    from edgeres.evaluate import collect_logits
+    from targets import get_target
+
+    manifest = json.loads((resnet20_int8_bundle / "manifest.json").read_text())
+    pre = Preprocess.from_dict(manifest["preprocess"])
+    dev = open_dataset(cifar / "cifar10_dev.npz")
+    top1 = {a["target"]: collect_logits(get_target(a["target"]).load_runner(resnet20_int8_bundle / a["file"]),
+                                        dev, pre).argmax(1)
+            for a in manifest["artifacts"] if a["precision"] == "int8"}
+    assert (top1["onnx"] == top1["openvino"]).mean() >= 0.99
