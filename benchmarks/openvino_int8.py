@@ -57,7 +57,8 @@ def convert_ours(ckpt: Path, data: Path, out: Path, calib_images: int, engine: s
 
     options = {"openvino": {"engine": engine}} if engine else {}
     cfg = ConvertConfig(model=str(ckpt), out=str(out), calib=str(data), targets=("openvino",),
-                        precisions=("fp32", "int8"), calib_images=calib_images, target_options=options, force=True)
+                        precisions=("fp32", "int8"), calib_images=calib_images, target_options=options, force=True,
+                        bench=False)
     return convert(cfg)
 
 
@@ -97,7 +98,9 @@ def time_interleaved(paths: dict[str, Path], shape: tuple, threads: int, rounds:
 
 def benchmark_app_median_ms(xml: Path, shape: tuple, threads: int, iterations: int) -> float:
     exe = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
-    cmd = [exe, "-m", str(xml), "-d", "CPU", "-hint", "latency", "-nthreads", str(threads), "-infer_precision", "f32",
+    # benchmark_app refuses -nthreads with a hint; -hint none + 1 stream + 1 sync request is what LATENCY sets
+    cmd = [exe, "-m", str(xml), "-d", "CPU", "-hint", "none", "-nstreams", "1", "-nireq", "1", "-api", "sync",
+           "-nthreads", str(threads), "-infer_precision", "f32",
            "-shape", "[" + ",".join(map(str, shape)) + "]", "-niter", str(iterations)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     m = re.search(r"Median:\s+([\d.]+)\s+ms", r.stdout)

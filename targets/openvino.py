@@ -209,7 +209,8 @@ class OpenVinoRunner(Runner):
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"{path}: OpenVINO cannot read it ({_first_line(e)})") from None
         self.hint = (hint or _rt_info(model, "hint") or DEFAULT_HINT).upper()
-        self.inference_precision = inference_precision or _rt_info(model, "inference_precision") or DEFAULT_INFERENCE_PRECISION
+        self.inference_precision = (inference_precision or _rt_info(model, "inference_precision")
+                                    or DEFAULT_INFERENCE_PRECISION)
         if self.hint not in HINTS:
             raise TargetError(f"openvino performance hint {self.hint!r}: choose one of {', '.join(HINTS)}")
         if self.inference_precision not in INFERENCE_PRECISIONS:

@@ -242,17 +242,27 @@ def test_embedded_preprocess_runner_still_accepts_eval_float_nchw(built, test_in
 
 def test_convert_makes_one_bundle_with_onnx_and_openvino_and_eval_lists_both(cli, tiny_checkpoint, tiny_npz, tmp_path):
     out = tmp_path / "bundle"
-    r = cli("convert", tiny_checkpoint, "--targets", "onnx,openvino", "--precision", "fp32",
-            "--out", out, "--eval", tiny_npz)
+    r = cli("convert", tiny_checkpoint, "--no-bench", "--targets", "onnx,openvino", "--precision", "fp32,int8",
+            "--calib", tiny_npz, "--out", out, "--eval", tiny_npz)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     ov = [a for a in manifest["artifacts"] if a["target"] == "openvino"]
-    assert [(a["precision"], a["status"]) for a in ov] == [("fp32", "ok")]
+    assert [(a["precision"], a["status"]) for a in ov] == [("fp32", "ok"), ("int8", "ok")]
     assert {a["target"] for a in manifest["artifacts"]} == {"onnx", "openvino"}
     r = cli("eval", out, "--data", tiny_npz, "--json")
     assert r.returncode == 0, r.stderr
     evaluated = {(a["target"], a["precision"]): a for a in json.loads(r.stdout)["artifacts"]}
     assert evaluated[("openvino", "fp32")]["agreement_pct"] == 100.0
+    assert "top1_drop_pp" in evaluated[("openvino", "int8")]
+
+
+def test_convert_records_the_nncf_engine_when_asked(cli, tiny_checkpoint, tiny_npz, tmp_path):
+    out = tmp_path / "bundle"
+    r = cli("convert", tiny_checkpoint, "--no-bench", "--targets", "openvino", "--precision", "int8",
+            "--calib", tiny_npz, "--out", out, "--option", "openvino.engine=nncf")
+    assert r.returncode == 0, r.stderr
+    (ov,) = json.loads((out / "manifest.json").read_text())["artifacts"]
+    assert ov["engine"] == "nncf" and ov["options"]["nncf"]["calibration_images"] == 64
 
 
 BLOCK_HEAVY = textwrap.dedent("""
@@ -267,10 +277,10 @@ BLOCK_HEAVY = textwrap.dedent("""
 """)
 
 
-def test_bundle_artifact_runs_with_only_numpy_and_openvino(cli, tiny_checkpoint, tmp_path):
+def test_bundle_artifact_runs_with_only_numpy_and_openvino(cli, tiny_checkpoint, tiny_npz, tmp_path):
     out = tmp_path / "bundle"
-    r = cli("convert", tiny_checkpoint, "--targets", "openvino", "--precision", "fp32", "--out", out,
-            "--option", "openvino.embed_preprocess=true")
+    r = cli("convert", tiny_checkpoint, "--no-bench", "--targets", "openvino", "--precision", "int8",
+            "--calib", tiny_npz, "--out", out, "--option", "openvino.embed_preprocess=true")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     artifact = next(a for a in manifest["artifacts"] if a["target"] == "openvino")
@@ -291,43 +301,43 @@ def test_bundle_artifact_runs_with_only_numpy_and_openvino(cli, tiny_checkpoint,
 
 
 @pytest.fixture(scope="module")
-def resnet20_int8_bundle(cifar, tmp_path_factory):
-    """ResNet-20 through the real pipeline: 300 calibration images → one QDQ ONNX → ONNX and OpenVINO int8."""
+def resnet20_int8(cifar, tmp_path_factory):
+    """ResNet-20 through the real pipeline (300 calibration images → one QDQ ONNX → ONNX and OpenVINO int8),
+    then the fp32 reference and both int8 artifacts on the 5000 dev images: {manifest, labels, top1 per model}."""
+    from calibration import Preprocess, open_dataset
+    from edgeres.evaluate import collect_logits
+    from targets import get_target
     from tests.conftest import run_cli
 
     out = tmp_path_factory.mktemp("r20") / "bundle"
     r = run_cli("convert", cifar / "resnet20.th", "--arch", "resnet20", "--calib", cifar / "cifar10_calib.npz",
-                "--calib-images", "300", "--targets", "onnx,openvino", "--precision", "int8",
-                "--eval", cifar / "cifar10_dev.npz", "--out", out)
+                "--calib-images", "300", "--targets", "onnx,openvino", "--precision", "int8", "--no-bench",
+                "--out", out)
     assert r.returncode == 0, r.stderr
-    return out
+    manifest = json.loads((out / "manifest.json").read_text())
+    pre = Preprocess.from_dict(manifest["preprocess"])
+    dev = open_dataset(cifar / "cifar10_dev.npz", require_labels=True)
+    files = {"fp32": ("onnx", manifest["reference"]["file"])}
+    files.update({a["target"]: (a["target"], a["file"]) for a in manifest["artifacts"] if a["precision"] == "int8"})
+    top1 = {k: collect_logits(get_target(t).load_runner(out / f), dev, pre).argmax(1) for k, (t, f) in files.items()}
+    return {"manifest": manifest, "labels": dev.labels, "top1": top1}
 
 
 @pytest.mark.realdata
-def test_resnet20_openvino_int8_drops_at_most_0_3_pp(resnet20_int8_bundle):
-    evaluated = json.loads((resnet20_int8_bundle / "eval.json").read_text())
-    ov = next(a for a in evaluated["artifacts"] if a["target"] == "openvino")
-    assert evaluated["images"] == 5000 and ov["precision"] == "int8"
-    assert ov["top1_drop_pp"] <= 0.3
+def test_resnet20_openvino_int8_drops_at_most_0_3_pp(resnet20_int8):
+    top1, labels = resnet20_int8["top1"], resnet20_int8["labels"]
+    assert len(labels) == 5000
+    drop_pp = ((top1["fp32"] == labels).mean() - (top1["openvino"] == labels).mean()) * 100
+    assert drop_pp <= 0.3
 
 
 @pytest.mark.realdata
-def test_resnet20_openvino_int8_is_built_from_the_shared_qdq_ranges(resnet20_int8_bundle):
-    manifest = json.loads((resnet20_int8_bundle / "manifest.json").read_text())
-    ov = next(a for a in manifest["artifacts"] if a["target"] == "openvino")
+def test_resnet20_openvino_int8_is_built_from_the_shared_qdq_ranges(resnet20_int8):
+    ov = next(a for a in resnet20_int8["manifest"]["artifacts"] if a["target"] == "openvino")
     assert ov["engine"] == "qdq" and ov["options"]["fake_quantize_ops"] > 0
 
 
 @pytest.mark.realdata
-def test_resnet20_openvino_and_onnx_int8_agree_on_99_pct_of_images(resnet20_int8_bundle, cifar):
-    from calibration import Preprocess, open_dataset
-    from edgeres.evaluate import collect_logits
-    from targets import get_target
-
-    manifest = json.loads((resnet20_int8_bundle / "manifest.json").read_text())
-    pre = Preprocess.from_dict(manifest["preprocess"])
-    dev = open_dataset(cifar / "cifar10_dev.npz")
-    top1 = {a["target"]: collect_logits(get_target(a["target"]).load_runner(resnet20_int8_bundle / a["file"]),
-                                        dev, pre).argmax(1)
-            for a in manifest["artifacts"] if a["precision"] == "int8"}
+def test_resnet20_openvino_and_onnx_int8_agree_on_99_pct_of_images(resnet20_int8):
+    top1 = resnet20_int8["top1"]
     assert (top1["onnx"] == top1["openvino"]).mean() >= 0.99
