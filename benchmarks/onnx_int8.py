@@ -92,12 +92,14 @@ def time_interleaved(paths: dict[str, Path], threads: int, runs: int, warmup: in
 
 
 def main() -> None:
+    from edgeres.pipeline import ConvertConfig
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="resnet18,resnet50")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--calib-images", type=int, default=16)
-    ap.add_argument("--estimator", default="percentile")
+    ap.add_argument("--estimator", default=ConvertConfig.estimator)
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgeres-bench-") as tmp:
