@@ -147,9 +147,13 @@ def eval_cmd(
 
         result = evaluate_bundle(path, dataset, limit=limit, threads=threads)
         if layers:
+            from edgeres.bundle import read_result, write_json_atomic
+            from edgeres.bundle_eval import EVAL_FILE
             from edgeres.layer_error import layer_sqnr_for_bundle
 
             result["layers"] = layer_sqnr_for_bundle(path, dataset)
+            stored = read_result(Path(path), EVAL_FILE) or {}
+            write_json_atomic(Path(path) / EVAL_FILE, {**stored, "layers": result["layers"]})  # for `report`
         if json_out:
             return _print_json(result)
         from edgeres.tables import print_eval
@@ -184,6 +188,7 @@ def convert(
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on at most this many images."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads [the device's]."),
     option: List[str] = typer.Option([], "--option", help="Target option TARGET.KEY=VALUE, e.g. openvino.engine=nncf (repeatable)."),
+    accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget", help="Max top-1 drop (pp) per int8 artifact; over-budget ones are re-made with better settings (needs --eval)."),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Benchmark the artifacts locally for the report."),
     bench_threads: Optional[str] = typer.Option(None, "--bench-threads", help="Comma list of thread counts [the device's, or 1]."),
     bench_runs: int = typer.Option(50, "--bench-runs", help="Timed inferences per artifact in the local benchmark."),
@@ -205,7 +210,7 @@ def convert(
                         force=force, target_options=parse_target_options(option), bench=bench,
                         bench_threads=_int_csv(bench_threads, "--bench-threads") or ConvertConfig.bench_threads,
                         bench_runs=bench_runs, prune=prune_ratio, prune_importance=prune_importance,
-                        finetune_data=finetune_data, finetune_epochs=epochs)
+                        finetune_data=finetune_data, finetune_epochs=epochs, accuracy_budget_pp=accuracy_budget)
     cfg = apply_profile(cfg, device, targets_given=targets is not None, precisions_given=precision is not None,
                         threads_given=threads is not None, bench_threads_given=bench_threads is not None)
     manifest = run_convert(cfg)

@@ -48,6 +48,7 @@ class ConvertConfig:
     device: str | None = None
     force: bool = False
     target_options: dict = field(default_factory=dict)
+    accuracy_budget_pp: float | None = None
     bench: bool = True
     bench_threads: tuple[int, ...] = (1,)
     bench_runs: int = 50
@@ -130,6 +131,10 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError(f"--calib-images: {cfg.calib_images} must be at least 1")
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError(f"--threads: {cfg.threads} must be at least 1")
+    if cfg.accuracy_budget_pp is not None and cfg.accuracy_budget_pp < 0:
+        raise InputError(f"--accuracy-budget: {cfg.accuracy_budget_pp} pp must be zero or more")
+    if cfg.accuracy_budget_pp is not None and cfg.eval_data is None:
+        raise InputError("--accuracy-budget needs --eval DATA to measure the drop against")
     if cfg.bench and (not cfg.bench_threads or min(cfg.bench_threads) < 1 or cfg.bench_runs < 1):
         raise InputError("--bench-threads / --bench-runs: give thread counts ≥ 1 and at least 1 run")
 
@@ -228,6 +233,11 @@ def convert(cfg: ConvertConfig) -> dict:
             log("[dim]✓ eval (done in an earlier run, skipped)[/]")
         else:
             evaluate_bundle(out, eval_ds, limit=cfg.eval_images, threads=cfg.threads)
+        if cfg.accuracy_budget_pp is not None:
+            from edgeres.budget import enforce_accuracy_budget
+
+            enforce_accuracy_budget(replace(cfg, accuracy_budget_pp=None), cfg.accuracy_budget_pp)
+            manifest = read_manifest(out)
     if cfg.bench and any(a["status"] == "ok" for a in manifest["artifacts"]):
         _bench_locally(cfg, out, skip_if_done=existing is manifest)
     from edgeres.report import write_report

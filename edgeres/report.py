@@ -159,6 +159,14 @@ def context_lines(data: ReportData) -> list[str]:
     if calib:
         lines.append(f"Calibration: {calib.get('images')} images from `{calib.get('source')}`, "
                      f"{calib.get('estimator')} estimator.")
+    budget = m.get("accuracy_budget")
+    if budget:
+        done = [a for a in budget.get("actions", []) if a.get("fits")]
+        left = [a for a in budget.get("actions", []) if a.get("action") == "none left"]
+        lines.append(f"Accuracy budget: {budget['budget_pp']} pp top-1 per int8 artifact; "
+                     + ("; ".join(f"{a['target']} re-made with {a['action']} (drop {a['top1_drop_pp']:.2f} pp)"
+                                  for a in done) or "no artifact needed re-making")
+                     + "".join(f"; {a['target']} over budget: {a.get('detail', '')}" for a in left) + ".")
     if data.eval:
         lines.append(f"Accuracy: {data.eval.get('images')} images" +
                      (f" from `{data.eval['data']}`" if data.eval.get("data") else "") +

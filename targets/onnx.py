@@ -23,7 +23,7 @@ from targets.base import Artifact, CompileJob, Runner, TargetError, TargetUnavai
 PRECISIONS = ("fp32", "fp16", "int8")
 QDQ_METADATA_KEY = "edgeres.quantization"
 ACTIVATION_TYPES = ("uint8", "int8")
-QDQ_OPTIONS = ("activation_type", "reduce_range", "per_channel", "threads")
+QDQ_OPTIONS = ("activation_type", "reduce_range", "per_channel", "threads", "float_nodes")
 # keep one calibration batch of exposed activations (float32) around 256 MB
 MAX_CALIB_VALUES_PER_BATCH = 64_000_000
 
@@ -167,6 +167,9 @@ def quantize_qdq(onnx_fp32_path: str | Path, ranges: dict, out_path: str | Path,
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     recipe = choose_int8_recipe(cpu_features(), options)
+    float_nodes = options.get("float_nodes") or [] if options else []
+    if isinstance(float_nodes, str):
+        float_nodes = [n for n in float_nodes.split(",") if n]
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_fp32_path)))
     tensors_range = TensorsData(CalibrationMethod.MinMax, {
@@ -175,14 +178,15 @@ def quantize_qdq(onnx_fp32_path: str | Path, ranges: dict, out_path: str | Path,
     op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
     try:
         quantizer = QDQQuantizer(model, recipe["per_channel"], recipe["reduce_range"], QuantType.QInt8,
-                                 qtype[recipe["activation_type"]], tensors_range, [], [], op_types, {})
+                                 qtype[recipe["activation_type"]], tensors_range, [], list(float_nodes),
+                                 op_types, {})
         quantizer.quantize_model()
         qmodel = quantizer.model.model
     except Exception as e:  # noqa: BLE001 - the quantizer raises bare exceptions
         raise TargetError(f"{onnx_fp32_path}: onnxruntime's QDQ quantizer failed ({_first_line(e)})") from None
     quantized = sum(1 for n in qmodel.graph.node if n.op_type == "QuantizeLinear")
     record = {"engine": f"onnxruntime {onnxruntime.__version__} QDQQuantizer with edgeres ranges",
-              **recipe, "quantized_tensors": quantized,
+              **recipe, "quantized_tensors": quantized, "float_nodes": list(float_nodes),
               "opset": max(o.version for o in qmodel.opset_import if o.domain in ("", "ai.onnx"))}
     entry = qmodel.metadata_props.add()
     entry.key, entry.value = QDQ_METADATA_KEY, json.dumps(record)
