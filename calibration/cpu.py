@@ -22,17 +22,27 @@ class CpuFeatures:
         return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(self.flags))
 
 
+def read_cpuinfo(cpuinfo_path: str | Path = "/proc/cpuinfo") -> tuple[dict[str, str], set[str]]:
+    """(first value of each "model name" / "hardware" / "model" key, all feature flags); empty if unreadable."""
+    names: dict[str, str] = {}
+    flags: set[str] = set()
+    try:
+        text = Path(cpuinfo_path).read_text(errors="replace")
+    except OSError:  # not Linux (macOS, Windows): no flags known
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "model") and value.strip():
+            names.setdefault(key, value.strip())
+        elif key in ("flags", "features"):
+            flags.update(value.split())
+    return names, flags
+
+
 def cpu_features(cpuinfo_path: str | Path = "/proc/cpuinfo", machine: str | None = None) -> CpuFeatures:
     """Flags from ``cpuinfo_path`` (none if unreadable, e.g. on macOS or Windows)."""
     machine = (machine or platform.machine()).lower()
     arch = "x86" if machine in ("x86_64", "amd64", "i686", "x86") else "arm" if machine in ("aarch64", "arm64") or machine.startswith("arm") else machine
-    flags: set[str] = set()
-    try:
-        text = Path(cpuinfo_path).read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
+    _, flags = read_cpuinfo(cpuinfo_path)
     return CpuFeatures(arch, tuple(f for f in INT8_FLAGS if f in flags))

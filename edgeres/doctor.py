@@ -34,18 +34,9 @@ def installed_versions() -> dict[str, str | None]:
 
 def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """CPU model, cores and the SIMD features that decide int8 speed (VNNI / dot-product)."""
-    names, flags = {}, set()
-    try:
-        text = Path(cpuinfo_path).read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "model") and value.strip():
-            names.setdefault(key, value.strip())
-        elif key in ("flags", "features"):
-            flags.update(value.split())
+    from calibration.cpu import read_cpuinfo
+
+    names, flags = read_cpuinfo(cpuinfo_path)
     # x86 has "model name" (and a numeric "model"); a Raspberry Pi has "Model : Raspberry Pi 5 ..."
     model = names.get("model name") or names.get("hardware") or names.get("model") or platform.machine()
     features = sorted({FLAG_NAMES[f] for f in flags if f in FLAG_NAMES})
