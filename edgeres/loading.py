@@ -56,8 +56,10 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
     if p.stat().st_size == 0:
         raise InputError(f"{p}: file is empty; re-save or re-download the checkpoint")
     suffix = p.suffix.lower()
-    if suffix in (".keras", ".h5", ".onnx"):
+    if suffix in (".keras", ".h5"):
         raise InputError(f"{p}: {suffix} models are not supported yet; export the model to a PyTorch state_dict (.pt)")
+    if suffix == ".onnx":
+        return _load_onnx(p, arch)
     if suffix not in TORCH_SUFFIXES:
         raise InputError(f"{p}: unknown model format {suffix!r}; give a PyTorch checkpoint ({' '.join(TORCH_SUFFIXES)})")
     raw, fmt = _torch_load(p)
@@ -78,6 +80,21 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
         raise InputError(f"{p}: is an edgeres checkpoint of {saved_spec.name}, not {arch}; omit --arch")
     check_state_dict(spec, state_dict, p, arch)
     return LoadedModel(spec, state_dict, str(p), sha256_file(p), fmt, extra)
+
+
+def _load_onnx(p: Path, arch: str | None) -> LoadedModel:
+    """Map a ResNet ONNX graph to spec + weights, and prove the mapping on random inputs."""
+    from edgeres.onnx_import import map_onnx, verify_mapping
+
+    spec, state_dict = map_onnx(p)
+    _check_finite(state_dict, p)
+    if arch is not None:
+        want = get_spec(arch, num_classes=spec.num_classes)
+        if (want.stem, want.block, want.layers) != (spec.stem, spec.block, spec.layers):
+            raise InputError(f"{p}: the ONNX graph is a {spec.name}, not {arch}; omit --arch")
+    check_state_dict(spec, state_dict, p, arch)
+    verify_mapping(p, spec, state_dict)
+    return LoadedModel(spec, state_dict, str(p), sha256_file(p), "onnx")
 
 
 def _torch_load(p: Path):
