@@ -229,6 +229,14 @@ def load_onnxruntime(path: str, threads: int, batch: int, shape_override):
         ort.__version__
 
 
+def _ir_setting(model, key: str):
+    """A value edgeres stored in the IR's rt_info (``edgeres/<key>``), or None."""
+    try:
+        return model.get_rt_info(["edgeres", key]).astype(str)
+    except Exception:  # noqa: BLE001 - absent in IRs made elsewhere
+        return None
+
+
 def load_openvino(path: str, threads: int, batch: int, shape_override):
     try:
         import openvino as ov
@@ -244,7 +252,10 @@ def load_openvino(path: str, threads: int, batch: int, shape_override):
     if partial.is_dynamic or shape != dims:
         # a static shape lets the CPU plugin pick its kernels ahead of time (benchmark_app does the same)
         model.reshape({name: ov.PartialShape(shape)})
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+              # what the artifact was compiled for (edgeres stores it in the IR), else f32: on CPUs with
+              # bf16 OpenVINO would silently time an fp32 IR in bf16
+              "INFERENCE_PRECISION_HINT": _ir_setting(model, "inference_precision") or "f32"}
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     x = random_input(shape, port.get_element_type().to_dtype())
