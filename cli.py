@@ -176,7 +176,7 @@ def eval_cmd(
 @app.command()
 @handled
 def convert(
-    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th)."),
+    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th) or ResNet ONNX (.onnx)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration images (.npz or folder)."),
     targets: Optional[str] = typer.Option(None, "--targets", help="Comma list of onnx,openvino,tflite [all, or the device's]."),
@@ -302,7 +302,7 @@ def report(
 @app.command()
 @handled
 def prune(
-    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th)."),
+    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th) or ResNet ONNX (.onnx)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
     ratio: float = typer.Option(..., "--ratio", help="Share of channels to remove, in [0, 0.95)."),
     importance: str = typer.Option("l2", "--importance", help="Channel importance: l1, l2, bn-scale, taylor (needs data)."),

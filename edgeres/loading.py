@@ -1,5 +1,6 @@
 """Load trained ResNets safely: PyTorch state_dicts / checkpoints (always ``weights_only=True``),
-TorchScript archives and edgeres' own pruned checkpoints; infer the spec when no arch is given."""
+TorchScript archives, edgeres' own pruned checkpoints and ResNet ONNX graphs (``onnx_import``);
+infer the spec when no arch is given."""
 
 from __future__ import annotations
 
@@ -50,9 +51,9 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
     if arch is not None:
         get_spec(arch)  # an unknown name fails first, with the list of known ones
     if not p.exists():
-        raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th)")
+        raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th) or a ResNet .onnx")
     if p.is_dir():
-        raise InputError(f"{p}: is a folder; give a model file (.pt/.pth/.th)")
+        raise InputError(f"{p}: is a folder; give a model file (.pt/.pth/.th/.onnx)")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: file is empty; re-save or re-download the checkpoint")
     suffix = p.suffix.lower()
@@ -61,7 +62,7 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
     if suffix == ".onnx":
         return _load_onnx(p, arch)
     if suffix not in TORCH_SUFFIXES:
-        raise InputError(f"{p}: unknown model format {suffix!r}; give a PyTorch checkpoint ({' '.join(TORCH_SUFFIXES)})")
+        raise InputError(f"{p}: unknown model format {suffix!r}; give a PyTorch checkpoint ({' '.join(TORCH_SUFFIXES)}) or a ResNet .onnx")
     raw, fmt = _torch_load(p)
     state_dict, saved_spec, extra = _unwrap(raw, p)
     _check_finite(state_dict, p)

@@ -184,3 +184,19 @@ def test_onnx_input_can_be_pruned(cli, tiny_onnx, tmp_path):
     assert r.returncode == 0, r.stderr
     pruned = load_model(out)
     assert sum(pruned.spec.stage_widths) < sum(tiny_spec().stage_widths)
+
+
+def test_torch_default_dynamo_export_maps_too(tmp_path, tiny_model):
+    import torch
+
+    from edgeres.loading import load_model
+
+    spec, model = tiny_model
+    path = tmp_path / "dynamo.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(1, 3, 16, 16),), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    loaded = load_model(path)
+    assert replace(loaded.spec, name=spec.name, labels=spec.labels) == spec
+    assert max_rel_diff(logits(loaded.to_torch(), spec), logits(model, spec)) <= 1e-4
