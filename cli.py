@@ -311,7 +311,7 @@ def prune(
     steps: int = typer.Option(1, "--steps", help="Reach --ratio in K steps with one recovery epoch between them."),
     finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images (.npz or folder) for BN re-estimation, taylor and KD fine-tuning."),
     epochs: int = typer.Option(0, "--epochs", help="Epochs of KD fine-tuning from the unpruned model."),
-    lr: float = typer.Option(0.01, "--lr", help="Peak learning rate (SGD, warm-up then cosine)."),
+    lr: float = typer.Option(0.005, "--lr", help="Peak learning rate (SGD, warm-up then cosine)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Fine-tuning batch size."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, data order and augmentation."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images: top-1 before/after pruning and per epoch."),
