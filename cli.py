@@ -183,6 +183,7 @@ def convert(
     precision: Optional[str] = typer.Option(None, "--precision", help="Comma list: int8,fp16,fp32 (tflite also: dynamic) [int8]."),
     device: Optional[str] = typer.Option(None, "--device", help="Device profile: auto, rpi4, rpi5, x86-avx2, x86-vnni, android-arm64, generic."),
     estimator: str = typer.Option("mse", "--estimator", help="Range estimator: mse (default), percentile, entropy, minmax."),
+    quant: str = typer.Option("fast", "--quant", help="int8 preset: fast (plain PTQ) or accurate (weight clipping + bias correction)."),
     calib_images: int = typer.Option(300, "--calib-images", help="Calibration images to use (spread evenly)."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images to evaluate every artifact on."),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on at most this many images."),
@@ -210,7 +211,8 @@ def convert(
                         force=force, target_options=parse_target_options(option), bench=bench,
                         bench_threads=_int_csv(bench_threads, "--bench-threads") or ConvertConfig.bench_threads,
                         bench_runs=bench_runs, prune=prune_ratio, prune_importance=prune_importance,
-                        finetune_data=finetune_data, finetune_epochs=epochs, accuracy_budget_pp=accuracy_budget)
+                        finetune_data=finetune_data, finetune_epochs=epochs, accuracy_budget_pp=accuracy_budget,
+                        quant=quant)
     cfg = apply_profile(cfg, device, targets_given=targets is not None, precisions_given=precision is not None,
                         threads_given=threads is not None, bench_threads_given=bench_threads is not None)
     manifest = run_convert(cfg)

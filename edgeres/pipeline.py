@@ -27,6 +27,8 @@ from edgeres.progress import log
 DEFAULT_CALIB_IMAGES = 300
 MIN_CALIB_IMAGES = 10  # fewer cannot estimate activation ranges that generalise
 ESTIMATORS = ("minmax", "percentile", "entropy", "mse")
+QUANT_PRESETS = ("fast", "accurate")  # accurate: edgeres/quant_accurate.py on the weights first
+ACCURATE_FP32 = "model.accurate.fp32.onnx"  # improved weights, fp32: what the QDQ model quantises
 STEPS_FILE = ".steps.json"
 
 
@@ -56,6 +58,7 @@ class ConvertConfig:
     prune_importance: str = "l2"
     finetune_data: str | None = None  # KD recovery after pruning (needs finetune_epochs)
     finetune_epochs: int = 0
+    quant: str = "fast"  # preset: fast = plain PTQ, accurate = weight clipping + bias correction first
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -127,6 +130,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError("--precision: no precision given; choose int8, fp16 or fp32")
     if cfg.estimator not in ESTIMATORS:
         raise InputError(f"--estimator: unknown {cfg.estimator!r}; choose from {', '.join(ESTIMATORS)}")
+    if cfg.quant not in QUANT_PRESETS:
+        raise InputError(f"--quant: unknown preset {cfg.quant!r}; choose from {', '.join(QUANT_PRESETS)}")
     if cfg.calib_images < 1:
         raise InputError(f"--calib-images: {cfg.calib_images} must be at least 1")
     if cfg.threads is not None and cfg.threads < 1:
@@ -167,6 +172,8 @@ def conversion_key(cfg: ConvertConfig, source_sha256: str) -> str:
     }
     if cfg.prune is not None:
         decisive["prune"] = [cfg.prune, cfg.prune_importance, _fingerprint(cfg.finetune_data), cfg.finetune_epochs]
+    if cfg.quant != "fast":  # fast keys stay those of bundles made before presets existed
+        decisive["quant"] = cfg.quant
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -304,14 +311,19 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
                 return (x for x, _ in calib_ds.batches(p, batch_size, cfg.calib_images))
 
             calibration_record = {"source": str(cfg.calib), "images": len(calib_ds.spread(cfg.calib_images)),
-                                  "estimator": cfg.estimator}
+                                  "estimator": cfg.estimator, "quant": cfg.quant}
+        int8_sd = {"qdq": loaded.state_dict, "tflite": loaded.state_dict}  # weights the int8 builds start from
+        int8_onnx = work / REFERENCE_FILE
+        if cfg.quant == "accurate" and needs_calib:
+            int8_sd, int8_onnx, improved = _improve_weights(cfg, loaded, work, calib_fn, steps_plan)
+            calibration_record["accurate"] = improved
         # TFLite full-int8 calibrates inside the LiteRT converter on these same images (calib_fn);
         # the ONNX ranges and QDQ model are needed only when an ONNX-based target makes int8
         if any(p == "int8" and t != "tflite" for t, p in steps_plan):
             qdq_path = work / ".work" / "model.qdq.onnx"
             done = steps.get("calibrate")
             if done is None or not qdq_path.exists():
-                done = _calibrate(cfg, work, calib_fn, qdq_path, calibration_record)
+                done = _calibrate(cfg, work, calib_fn, qdq_path, calibration_record, int8_onnx)
                 steps.finish("calibrate", done)
             calibration_record = done
             ranges = {k: tuple(v) for k, v in json.loads((work / "calibration_ranges.json").read_text()).items()}
@@ -321,7 +333,7 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
             def keras_fn():
                 from edgeres.keras_model import build_keras
 
-                return build_keras(spec, loaded.state_dict)
+                return build_keras(spec, int8_sd["tflite"])
 
         artifacts = []
         for target_name, precision in steps_plan:
@@ -376,7 +388,41 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _calibrate(cfg: ConvertConfig, work: Path, calib_fn, qdq_path: Path, record: dict) -> dict:
+def _improve_weights(cfg: ConvertConfig, loaded, work: Path, calib_fn, steps_plan):
+    """``--quant accurate``: weights clipped and biases corrected for each int8 weight grid in use.
+
+    The QDQ ONNX (onnx, openvino) uses onnxruntime's grid (64 steps a side with reduce_range); TFLite
+    always 127. The fp32 reference keeps the original weights; the improved ones go to an internal
+    fp32 ONNX that the QDQ model quantises and to the Keras model."""
+    from edgeres.quant_accurate import improve_for_int8
+    from targets import onnx as onnx_target
+    from calibration.cpu import cpu_features
+
+    t0 = time.perf_counter()
+    log("quant accurate: clipping weights and correcting biases on the calibration images…")
+    out_sd, record = {"qdq": loaded.state_dict, "tflite": loaded.state_dict}, {}
+    int8_onnx = work / REFERENCE_FILE
+    if any(p == "int8" and t != "tflite" for t, p in steps_plan):
+        recipe = onnx_target.choose_int8_recipe(cpu_features(), dict(cfg.target_options.get("onnx", {})))
+        levels = 64 if recipe["reduce_range"] else 127
+        out_sd["qdq"], record["qdq"] = improve_for_int8(loaded.spec, loaded.state_dict, calib_fn("NCHW"), levels=levels)
+        int8_onnx = work / ".work" / ACCURATE_FP32
+        if not int8_onnx.exists():
+            from edgeres.export import export_onnx
+            from edgeres.torch_model import build_torch
+
+            model = build_torch(loaded.spec)
+            model.load_state_dict(out_sd["qdq"])
+            int8_onnx.parent.mkdir(exist_ok=True)
+            export_onnx(model, loaded.spec, int8_onnx)
+    if ("tflite", "int8") in steps_plan:
+        out_sd["tflite"], record["tflite"] = improve_for_int8(loaded.spec, loaded.state_dict, calib_fn("NCHW"), levels=127)
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    return out_sd, int8_onnx, record
+
+
+def _calibrate(cfg: ConvertConfig, work: Path, calib_fn, qdq_path: Path, record: dict,
+               onnx_fp32: Path | None = None) -> dict:
     """Ranges once from the calibration set, then one QDQ int8 ONNX that every int8 target reuses."""
     from targets import onnx as onnx_target
     from targets.base import TargetError
@@ -384,14 +430,15 @@ def _calibrate(cfg: ConvertConfig, work: Path, calib_fn, qdq_path: Path, record:
     t0 = time.perf_counter()
     log(f"calibrating on {record['images']} images with the {cfg.estimator} estimator…")
     try:
-        ranges = onnx_target.compute_ranges(work / REFERENCE_FILE, calib_fn, estimator=cfg.estimator)
+        onnx_fp32 = onnx_fp32 or work / REFERENCE_FILE
+        ranges = onnx_target.compute_ranges(onnx_fp32, calib_fn, estimator=cfg.estimator)
     except TargetError as e:
         raise InputError(f"{cfg.calib}: calibration failed ({e})") from None
     except DataError as e:
         raise DataError(f"{cfg.calib}: {e}") from None
     write_json_atomic(work / "calibration_ranges.json", {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
     qdq_path.parent.mkdir(exist_ok=True)
-    qdq = onnx_target.quantize_qdq(work / REFERENCE_FILE, ranges, qdq_path,
+    qdq = onnx_target.quantize_qdq(onnx_fp32, ranges, qdq_path,
                                    options=dict(cfg.target_options.get("onnx", {})))
     return {**record, "qdq": qdq, "ranges_file": "calibration_ranges.json",
             "seconds": round(time.perf_counter() - t0, 3)}
