@@ -416,7 +416,11 @@ def _improve_weights(cfg: ConvertConfig, loaded, work: Path, calib_fn, steps_pla
             int8_onnx.parent.mkdir(exist_ok=True)
             export_onnx(model, loaded.spec, int8_onnx)
     if ("tflite", "int8") in steps_plan:
-        out_sd["tflite"], record["tflite"] = improve_for_int8(loaded.spec, loaded.state_dict, calib_fn("NCHW"), levels=127)
+        if record.get("qdq", {}).get("weight_levels") == 127:  # same grid: same improved weights
+            out_sd["tflite"], record["tflite"] = out_sd["qdq"], record["qdq"]
+        else:
+            out_sd["tflite"], record["tflite"] = improve_for_int8(loaded.spec, loaded.state_dict, calib_fn("NCHW"),
+                                                                  levels=127)
     record["seconds"] = round(time.perf_counter() - t0, 3)
     return out_sd, int8_onnx, record
 
