@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeres.bundle import REFERENCE_FILE, ok_artifacts, read_manifest, write_json_atomic
+from edgeres.bundle import ok_artifacts, read_manifest, write_json_atomic
 from edgeres.errors import InputError, TargetError
 from edgeres.progress import log
 

@@ -26,7 +26,6 @@ def over_budget(evaluated: dict, budget_pp: float) -> list[dict]:
 def enforce_accuracy_budget(cfg, budget_pp: float) -> list[dict]:
     """Re-make over-budget int8 artifacts of the bundle at ``cfg.out``; returns what was done."""
     from edgeres.bundle_eval import EVAL_FILE
-    from edgeres.layer_error import layer_sqnr_for_bundle
     from calibration import open_dataset
 
     out = Path(cfg.out)
