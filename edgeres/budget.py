@@ -48,12 +48,11 @@ def enforce_accuracy_budget(cfg, budget_pp: float) -> list[dict]:
     for k in FLOAT_LAYER_STEPS:
         trials.append((f"{k} most sensitive layer(s) in float", {"float_layers": k}))
 
-    best_estimator = cfg.estimator
     for i, (label, change) in enumerate(trials):
         if not pending:
             break
         trial_cfg = replace(cfg, out=str(out.parent / f".{out.name}.budget-{i}"), targets=tuple(pending),
-                            precisions=("int8",), bench=False, force=True, estimator=best_estimator)
+                            precisions=("int8",), bench=False, force=True)
         if "estimator" in change:
             trial_cfg = replace(trial_cfg, estimator=change["estimator"])
         else:
@@ -80,8 +79,6 @@ def enforce_accuracy_budget(cfg, budget_pp: float) -> list[dict]:
                 if fits:
                     _splice(out, Path(trial_cfg.out), target, entry, label)
                     pending.pop(target)
-            if "estimator" in change and not pending:
-                best_estimator = change["estimator"]
         finally:
             shutil.rmtree(trial_cfg.out, ignore_errors=True)
     for target, entry in pending.items():
