@@ -99,19 +99,9 @@ def build_bundle(out: Path, calib_images: int = 8) -> None:
     add("onnx", "fp32", ["onnx/model.fp32.onnx"], "torch.onnx.export")
 
     log("onnxruntime quantize_static (QDQ, U8S8, per-channel, reduce_range)…")
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from benchmarks.native_recipes import ort_quantize_static
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {"input": x}
-
-    quantize_static(str(staging / REFERENCE_FILE), str(staging / "onnx/model.int8.onnx"), Reader(),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, reduce_range=True)
+    ort_quantize_static(staging / REFERENCE_FILE, staging / "onnx/model.int8.onnx", calib)
     add("onnx", "int8", ["onnx/model.int8.onnx"], "onnxruntime.quantize_static")
 
     log("OpenVINO IR fp32 and int8 (from the QDQ ONNX)…")

@@ -41,8 +41,8 @@ def native_rows(arch: str, work: Path, calib_images: int) -> list[dict]:
     """Native recipes from the fast bundle's fp32 reference ONNX, scored like ``edgeres eval``."""
     import nncf
     import openvino as ov
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    from benchmarks.native_recipes import ort_quantize_static
     from calibration import Preprocess, open_dataset
     from targets import onnx as onnx_target
     from targets import openvino as ov_target
@@ -53,18 +53,7 @@ def native_rows(arch: str, work: Path, calib_images: int) -> list[dict]:
     ref_onnx = bundle / manifest["reference"]["file"]
     calib = [x for x, _ in open_dataset(DATA / "cifar10_calib.npz").batches(pre, 32, calib_images)]
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {"input": x}
-
-    ort_path = work / f"{arch}.ort_native.onnx"
-    quantize_static(str(ref_onnx), str(ort_path), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    reduce_range=True)
+    ort_path = ort_quantize_static(ref_onnx, work / f"{arch}.ort_native.onnx", calib)
     nncf_xml = work / f"{arch}.nncf_default.xml"
     items = [x[i : i + 1] for x in calib for i in range(len(x))]
     ov.save_model(nncf.quantize(ov.convert_model(str(ref_onnx)), nncf.Dataset(items)), str(nncf_xml),

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_models(arch: str, work: Path, calib_images: int, estimator: str) -> dict[str, Path]:
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from benchmarks.native_recipes import ort_quantize_static
 
     from edgeres.export import export_onnx
     from edgeres.torch_model import build_torch, randomize_bn
@@ -49,21 +50,11 @@ def build_models(arch: str, work: Path, calib_images: int, estimator: str) -> di
     record = onnx_target.quantize_qdq(fp32, ranges, work / f"{arch}.ours.onnx", options={})
     t_ours = time.perf_counter() - t0
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(calib_fn())
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"input": batch}
-
     t0 = time.perf_counter()
     pre = work / f"{arch}.pre.onnx"
     quant_pre_process(str(fp32), str(pre))
-    act = QuantType.QUInt8 if record["activation_type"] == "uint8" else QuantType.QInt8
-    quantize_static(str(pre), str(work / f"{arch}.native.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=record["reduce_range"], activation_type=act,
-                    weight_type=QuantType.QInt8)
+    ort_quantize_static(pre, work / f"{arch}.native.onnx", calib_fn(), reduce_range=record["reduce_range"],
+                        activation_type=record["activation_type"])
     t_native = time.perf_counter() - t0
     print(f"{arch}: ours {t_ours:.1f} s ({estimator}, {record['activation_type']}, reduce_range="
           f"{record['reduce_range']}), native {t_native:.1f} s, onnxruntime {ort.__version__}", file=sys.stderr)
