@@ -221,6 +221,14 @@ def _figure(width=6.4, height=4.2):
     return plt, fig, ax
 
 
+def _save(plt, fig, path: Path) -> bool:
+    """Write the figure and free it (pyplot keeps every open figure alive otherwise)."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def plot_accuracy_vs_latency(data: ReportData, path: Path) -> bool:
     rows = [r for r in data.rows if r.top1 is not None and r.p50_ms is not None]
     if not rows:
@@ -240,10 +248,7 @@ def plot_accuracy_vs_latency(data: ReportData, path: Path) -> bool:
     ax.set_title("Accuracy vs latency")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def waterfall_bars(data: ReportData) -> list[tuple[str, float, float, bool]]:
@@ -289,10 +294,7 @@ def plot_waterfall(data: ReportData, path: Path) -> bool:
     ax.set_ylabel("top-1 accuracy, %")
     ax.set_title("Accuracy lost per step (each target's quantisation starts at the fp32 reference)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_layer_sqnr(data: ReportData, path: Path) -> bool:
@@ -311,10 +313,7 @@ def plot_layer_sqnr(data: ReportData, path: Path) -> bool:
     ax.annotate(f" worst: {values[worst]:.1f} dB", (values[worst], worst), va="center", fontsize=8)
     ax.set_title("Per-layer SQNR, int8 vs fp32", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 PLOTS = (("Accuracy vs latency", "accuracy_vs_latency.png", plot_accuracy_vs_latency),
