@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeres.zoo import ResNetSpec
+from edgeres.zoo import Head, ResNetSpec
 
 
 def describe_spec(spec: ResNetSpec) -> dict:
     cost = spec.cost()
-    return {
+    info = {
         "arch": spec.name,
         "stem": spec.stem,
         "block": spec.block,
@@ -25,11 +25,14 @@ def describe_spec(spec: ResNetSpec) -> dict:
         "params": cost["params"],
         "macs": cost["macs"],
     }
+    if spec.head_layers != Head():  # e.g. a Keras Flatten → Dense → softmax head
+        info["head"] = spec.head_layers.to_dict()
+    return info
 
 
 def inspect_path(path: str | Path, arch: str | None = None) -> dict:
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and not (p / "saved_model.pb").exists():
         from edgeres.bundle import read_manifest
 
         manifest = read_manifest(p)

@@ -29,6 +29,16 @@ def folded_conv(state_dict: dict, conv: str, bn: str) -> tuple[np.ndarray, np.nd
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
+def flatten_rows_to_hwc(kernel: np.ndarray, channels: int, size: int) -> np.ndarray:
+    """Dense kernel rows in torch's C×H×W flatten order → Keras' H×W×C order."""
+    return kernel.reshape(channels, size, size, -1).transpose(1, 2, 0, 3).reshape(channels * size * size, -1)
+
+
+def flatten_rows_to_chw(kernel: np.ndarray, channels: int, size: int) -> np.ndarray:
+    """Dense kernel rows in Keras' H×W×C flatten order → torch's C×H×W order."""
+    return kernel.reshape(size, size, channels, -1).transpose(2, 0, 1, 3).reshape(channels * size * size, -1)
+
+
 def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
@@ -36,7 +46,8 @@ def _np(t) -> np.ndarray:
 def build_keras(spec: ResNetSpec, state_dict: dict):
     """A ``tf_keras.Model`` computing the same logits as ``build_torch(spec)`` with ``state_dict``.
 
-    Input: float32 N×size×size×3 (NHWC, preprocessed); output: float32 N×num_classes logits.
+    Input: float32 N×size×size×3 (NHWC, preprocessed); output: float32 N×num_classes logits
+    (probabilities when the spec's head ends in a softmax).
     """
     import tensorflow as tf
     import tf_keras as keras
@@ -107,11 +118,23 @@ def build_keras(spec: ResNetSpec, state_dict: dict):
             x = layers.Add(name=f"{name}_add")([y, identity])
             x = layers.ReLU(name=f"{name}_relu")(x)
 
-    x = layers.GlobalAveragePooling2D(name="avgpool")(x)
-    head = layers.Dense(spec.num_classes, name=spec.head)
-    logits = head(x)
-    weights.append((head, [_np(state_dict[f"{spec.head}.weight"]).T.astype(np.float32),
-                           _np(state_dict[f"{spec.head}.bias"]).astype(np.float32)]))
+    head = spec.head_layers
+    if head.pool == "avg":
+        x = layers.GlobalAveragePooling2D(name="avgpool")(x)
+    elif head.pool == "max":
+        x = layers.GlobalMaxPooling2D(name="globalmaxpool")(x)
+    else:
+        x = layers.Flatten(name="flatten")(x)
+    dense_layers = [(f"hidden.{i}", act) for i, (_w, act) in enumerate(head.hidden)]
+    dense_layers.append((spec.head, "softmax" if head.softmax else None))
+    for i, (key, act) in enumerate(dense_layers):
+        kernel = _np(state_dict[f"{key}.weight"]).T.astype(np.float32)  # (in, out)
+        if i == 0 and head.pool == "flatten":
+            kernel = flatten_rows_to_hwc(kernel, spec.stage_widths[-1], spec.feature_size)
+        dense = layers.Dense(kernel.shape[1], activation=None if act == "linear" else act, name=key.replace(".", "_"))
+        x = dense(x)
+        weights.append((dense, [kernel, _np(state_dict[f"{key}.bias"]).astype(np.float32)]))
+    logits = x
     model = keras.Model(inputs, logits, name=spec.name.replace("-", "_"))
     for layer, values in weights:
         layer.set_weights(values)

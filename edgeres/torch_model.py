@@ -83,8 +83,18 @@ def build_torch(spec: ResNetSpec):
                             shortcut = OptionAShortcut(cin, cout, stride)
                     blocks.append(Block(cin, spec.inner_widths[s][b], cout, stride, shortcut))
                 setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
-            self.avgpool = nn.AdaptiveAvgPool2d(1)
-            setattr(self, spec.head, nn.Linear(spec.stage_widths[-1], spec.num_classes))
+            head = spec.head_layers
+            if head.pool == "avg":
+                self.avgpool = nn.AdaptiveAvgPool2d(1)
+            elif head.pool == "max":
+                self.globalmaxpool = nn.AdaptiveMaxPool2d(1)
+            width = spec.head_in_features
+            if head.hidden:  # Keras transfer-learning heads: Dense layers before the classifier
+                self.hidden = nn.ModuleList()
+                for out, _act in head.hidden:
+                    self.hidden.append(nn.Linear(width, out))
+                    width = out
+            setattr(self, spec.head, nn.Linear(width, spec.num_classes))
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -93,8 +103,18 @@ def build_torch(spec: ResNetSpec):
             x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
             for s in range(len(spec.layers)):
                 x = getattr(self, f"layer{s + 1}")(x)
-            x = torch.flatten(self.avgpool(x), 1)
-            return getattr(self, spec.head)(x)
+            head = spec.head_layers
+            if head.pool == "avg":
+                x = self.avgpool(x)
+            elif head.pool == "max":
+                x = self.globalmaxpool(x)
+            x = torch.flatten(x, 1)  # "flatten": channel-major, see zoo.Head
+            for linear, (_out, act) in zip(self.hidden if head.hidden else (), head.hidden):
+                x = linear(x)
+                if act == "relu":
+                    x = self.relu(x)
+            x = getattr(self, spec.head)(x)
+            return torch.softmax(x, 1) if head.softmax else x
 
     return ResNet().eval()
 

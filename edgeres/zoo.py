@@ -14,6 +14,41 @@ STEMS = ("imagenet", "cifar")  # imagenet: 7×7/2 conv + 3×3/2 max-pool; cifar:
 BLOCKS = ("basic", "bottleneck")
 SHORTCUTS = ("projection", "option_a")  # 1×1 conv + BN, or CIFAR parameter-free subsample + zero pad
 STRIDE_ON = ("3x3", "1x1")  # torchvision v1.5 strides in the 3×3 conv; Keras/Caffe v1 in the first 1×1
+HEAD_POOLS = ("avg", "max", "flatten")  # global average / max pool, or flatten the whole last feature map
+HIDDEN_ACTIVATIONS = ("relu", "linear")
+
+
+@dataclass(frozen=True)
+class Head:
+    """The classifier after the last stage. The default (global average pool → one Linear, logits out)
+    is torchvision's; Keras transfer-learning heads add hidden Dense layers and a softmax.
+
+    ``pool="flatten"`` flattens the C×H×W map in torch's (channel-major) order; Keras' Flatten is
+    H×W×C, so importers permute the first Dense's weight rows (free at run time, and pruning sees a
+    plain flatten). ``hidden``: (width, activation) of each Dense before the classifier (state_dict
+    ``hidden.<i>``); ``softmax``: the model outputs probabilities, as the Keras original does.
+    """
+
+    pool: str = "avg"
+    hidden: tuple[tuple[int, str], ...] = ()
+    softmax: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.pool not in HEAD_POOLS:
+            out.append(f"head pool {self.pool!r} not in {HEAD_POOLS}")
+        for width, act in self.hidden:
+            if int(width) <= 0 or act not in HIDDEN_ACTIVATIONS:
+                out.append(f"hidden layer ({width}, {act!r}) needs a positive width and an activation in {HIDDEN_ACTIVATIONS}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {"pool": self.pool, "hidden": [[int(w), a] for w, a in self.hidden], "softmax": self.softmax}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Head:
+        return cls(str(d.get("pool", "avg")), tuple((int(w), str(a)) for w, a in d.get("hidden", ())),
+                   bool(d.get("softmax", False)))
 
 
 @dataclass(frozen=True)
@@ -37,9 +72,10 @@ class ResNetSpec:
     head: str = "fc"  # state_dict name of the classifier: torchvision "fc", CIFAR upstream "linear"
     preprocess: Preprocess = Preprocess(size=224, resize=256)
     labels: tuple[str, ...] | None = None
+    head_layers: Head = Head()  # recorded only when not the default, so older records read back unchanged
 
     def __post_init__(self):
-        problems = []
+        problems = list(self.head_layers.problems())
         if self.stem not in STEMS:
             problems.append(f"stem {self.stem!r} not in {STEMS}")
         if self.block not in BLOCKS:
@@ -83,6 +119,20 @@ class ResNetSpec:
         return stride != 1 or self.block_in_width(stage, block) != self.stage_widths[stage]
 
     @property
+    def feature_size(self) -> int:
+        """Height (= width) of the last stage's feature map."""
+        size = self.input_size
+        for stride in ((2, 2) if self.stem == "imagenet" else ()) + self.stage_strides:
+            size = (size + stride - 1) // stride
+        return size
+
+    @property
+    def head_in_features(self) -> int:
+        """Inputs of the first Dense/Linear of the head."""
+        c = self.stage_widths[-1]
+        return c * self.feature_size**2 if self.head_layers.pool == "flatten" else c
+
+    @property
     def depth(self) -> int:
         return sum(self.layers) * (2 if self.block == "basic" else 3) + 2
 
@@ -94,6 +144,10 @@ class ResNetSpec:
         d["stage_widths"] = list(self.stage_widths)
         d["inner_widths"] = [[list(b) for b in st] for st in self.inner_widths]
         d["labels"] = list(self.labels) if self.labels is not None else None
+        if self.head_layers == Head():
+            del d["head_layers"]
+        else:
+            d["head_layers"] = self.head_layers.to_dict()
         return d
 
     @classmethod
@@ -105,8 +159,10 @@ class ResNetSpec:
             d["stage_widths"] = tuple(int(v) for v in d["stage_widths"])
             d["inner_widths"] = tuple(tuple(tuple(int(w) for w in b) for b in st) for st in d["inner_widths"])
             d["labels"] = tuple(d["labels"]) if d.get("labels") is not None else None
+            if "head_layers" in d:
+                d["head_layers"] = Head.from_dict(d["head_layers"])
             return cls(**d)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"invalid ResNet spec record ({type(e).__name__}: {e})") from None
 
     def with_widths(self, stem_width: int, stage_widths, inner_widths, name: str | None = None) -> "ResNetSpec":
@@ -161,8 +217,11 @@ class ResNetSpec:
                     conv(cin, cout, 1, stride, size)
                     bn(cout)
                 size = (size + stride - 1) // stride
-        params += self.stage_widths[-1] * self.num_classes + self.num_classes
-        macs += self.stage_widths[-1] * self.num_classes
+        width = self.head_in_features
+        for out, _act in (*self.head_layers.hidden, (self.num_classes, "")):
+            params += width * out + out
+            macs += width * out
+            width = out
         return {"params": params, "macs": macs}
 
 
