@@ -156,7 +156,9 @@ def spec_from_module(model, spec: ResNetSpec, name: str | None = None) -> ResNet
 
 
 def _protected(model, spec: ResNetSpec) -> list:
-    return [model.conv1, getattr(model, spec.head)]
+    # hidden Dense layers of a Keras head keep their widths (the spec records them unpruned);
+    # their inputs still shrink with the last stage, flatten included
+    return [model.conv1, getattr(model, spec.head), *getattr(model, "hidden", ())]
 
 
 def _group_key(DG, group) -> str:
