@@ -9,12 +9,12 @@ original graph and the rebuilt model side by side, so a wrong mapping never conv
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from edgeres.errors import InputError
+from edgeres.graph_blocks import BN_EPS, ConvUnit, lay_out_stages, put_unit, residual_block
 
-BN_EPS = 1e-5  # torch BatchNorm2d default, which build_torch uses
 # ops allowed on the data path; anything else means the graph is not a plain ResNet
 DATA_OPS = {"Conv", "BatchNormalization", "Relu", "MaxPool", "Add", "Slice", "Pad", "GlobalAveragePool",
             "ReduceMean", "Flatten", "Reshape", "Squeeze", "Gemm", "MatMul", "Identity",
@@ -27,14 +27,6 @@ HINT = ("edgeres maps only torchvision/CIFAR-layout ResNets from ONNX; give the 
 
 def _refuse(p: Path, what: str) -> InputError:
     return InputError(f"{p}: is not a ResNet this tool can map ({what}); {HINT}")
-
-
-@dataclass
-class _ConvUnit:
-    weight: object  # numpy OIHW
-    stride: int
-    bn: dict  # weight, bias, running_mean, running_var (numpy)
-    out: str  # tensor name after the conv (and its BN, if any)
 
 
 class _Graph:
@@ -102,7 +94,7 @@ class _Graph:
             raise _refuse(self.p, f"{node.op_type} {node.name} input {i} is computed, not a stored weight")
         return self.const[name].astype(self.np.float32)
 
-    def conv(self, node, kernel: int | None = None) -> _ConvUnit:
+    def conv(self, node, kernel: int | None = None) -> ConvUnit:
         from onnx import helper
 
         if node.op_type != "Conv":
@@ -135,7 +127,7 @@ class _Graph:
             c = w.shape[0]
             bn_params = {"weight": np.ones(c, np.float32), "bias": bias, "running_mean": np.zeros(c, np.float32),
                          "running_var": np.full(c, 1.0 - BN_EPS, np.float32)}
-        return _ConvUnit(w, int(stride[0]), bn_params, out)
+        return ConvUnit(w, int(stride[0]), bn_params, out)
 
 
 def _static_size(g: _Graph) -> int | None:
@@ -167,11 +159,6 @@ def map_onnx(path: str | Path):
     size = _static_size(g)
     sd = {}
 
-    def put(prefix: str, unit: _ConvUnit, bn_prefix: str):
-        sd[f"{prefix}.weight"] = unit.weight
-        for k, v in unit.bn.items():
-            sd[f"{bn_prefix}.{k}"] = v
-
     # -- stem ---------------------------------------------------------------------------------
     stem_node = g.one_user(g.input.name, "stem Conv")
     stem = g.conv(stem_node)
@@ -182,7 +169,7 @@ def map_onnx(path: str | Path):
         stem_kind = "cifar"
     else:
         raise _refuse(p, f"stem Conv {stem_node.name} is {k}×{k}/{stem.stride}, expected 7×7/2 or 3×3/1")
-    put("conv1", stem, "bn1")
+    put_unit(sd, "conv1", stem, "bn1")
     relu = g.one_user(stem.out, "Relu after the stem")
     if relu.op_type != "Relu":
         raise _refuse(p, f"found op {relu.op_type} at node {relu.name}, expected the stem Relu")
@@ -243,57 +230,15 @@ def map_onnx(path: str | Path):
                     raise _refuse(p, f"found {what} in the shortcut of Add {add.name}, expected Slice/Pad or a 1×1 conv")
                 t = g.source(n.input[0])
             shortcut = ("option_a", None)
-        if len(chain) not in (2, 3):
-            raise _refuse(p, f"block ending at Add {add.name} has {len(chain)} convs, expected 2 or 3")
-        kernels = [int(u.weight.shape[-1]) for u in chain]
-        if kernels not in ([3, 3], [1, 3, 1]):
-            raise _refuse(p, f"block ending at Add {add.name} has kernels {kernels}, expected 3,3 or 1,3,1")
-        strides = [u.stride for u in chain]
-        stride = max(strides)
-        if sorted(strides)[:-1] != [1] * (len(strides) - 1) or strides[-1] != 1 or stride not in (1, 2):
-            raise _refuse(p, f"block ending at Add {add.name} has strides {strides}, expected one stride-2 conv at most")
-        if shortcut[1] is not None and shortcut[1].stride != stride:
-            raise _refuse(p, f"projection stride {shortcut[1].stride} ≠ block stride {stride} at Add {add.name}")
-        blocks.append({"units": chain, "shortcut": shortcut, "stride": stride, "stride_at": strides.index(stride),
-                       "cin": int(chain[0].weight.shape[1]), "cout": int(chain[-1].weight.shape[0]), "add": add.name})
+        blocks.append(residual_block(chain, shortcut, add.name, lambda what: _refuse(p, what)))
         out_relu = g.one_user(add.output[0], "Relu after the residual Add")
         if out_relu.op_type != "Relu":
             raise _refuse(p, f"found op {out_relu.op_type} at node {out_relu.name}, expected Relu after Add {add.name}")
         x = out_relu.output[0]
-    if not blocks:
-        raise _refuse(p, "no residual blocks between the stem and the global pool")
 
     # -- stages: a stride-2 block opens a new stage -------------------------------------------
-    kinds = {len(b["units"]) for b in blocks}
-    if len(kinds) != 1:
-        raise _refuse(p, "mixes basic (2-conv) and bottleneck (3-conv) blocks")
-    block_kind = "basic" if kinds == {2} else "bottleneck"
-    sc_kinds = {b["shortcut"][0] for b in blocks} - {"identity"}
-    if len(sc_kinds) > 1:
-        raise _refuse(p, "mixes 1×1-conv and Slice/Pad shortcuts")
-    shortcut_kind = sc_kinds.pop() if sc_kinds else "projection"
-    stride_at = {b["stride_at"] for b in blocks if b["stride"] == 2}
-    stride_on = "1x1" if stride_at == {0} and block_kind == "bottleneck" else "3x3"
-    if len(stride_at) > 1:
-        raise _refuse(p, "puts the stride in different convs in different blocks")
-    stage, index, layers = 0, 0, []
+    block_kind, shortcut_kind, stride_on = lay_out_stages(blocks, sd, lambda what: _refuse(p, what))
     head_name = "linear" if stem_kind == "cifar" and shortcut_kind == "option_a" else "fc"
-    for i, b in enumerate(blocks):
-        if b["stride"] == 2 and i == 0:
-            raise _refuse(p, f"first block (Add {b['add']}) has stride 2; edgeres' first stage keeps the resolution")
-        if b["stride"] == 2:
-            stage, index = stage + 1, 0
-        if b["stride"] == 1 and i > 0 and b["cin"] != b["cout"]:
-            raise _refuse(p, f"block at Add {b['add']} changes width without a stride; not a standard stage layout")
-        if index == 0:
-            layers.append(0)
-        layers[-1] += 1
-        pre = f"layer{stage + 1}.{index}"
-        for j, u in enumerate(b["units"]):
-            put(f"{pre}.conv{j + 1}", u, f"{pre}.bn{j + 1}")
-        if b["shortcut"][0] == "projection":
-            put(f"{pre}.downsample.0", b["shortcut"][1], f"{pre}.downsample.1")
-        index += 1
 
     # -- head: global pool → flatten → Gemm / MatMul+Add ----------------------------------------
     node = g.users(x)[0]
