@@ -96,7 +96,7 @@ def inspect(
     if json_out:
         return _print_json(info)
     for key in ("file", "bundle", "format", "file_size_bytes", "arch", "block", "layers", "depth", "stem_width",
-                "stage_widths", "shortcut", "num_classes", "input_size"):
+                "stage_widths", "shortcut", "num_classes", "input_size", "head"):
         if key in info:
             print(f"{key:16} {info[key]}")
     print(f"{'params':16} {info['params']:,}")
@@ -176,7 +176,7 @@ def eval_cmd(
 @app.command()
 @handled
 def convert(
-    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th) or ResNet ONNX (.onnx)."),
+    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration images (.npz or folder)."),
     targets: Optional[str] = typer.Option(None, "--targets", help="Comma list of onnx,openvino,tflite [all, or the device's]."),
@@ -304,7 +304,7 @@ def report(
 @app.command()
 @handled
 def prune(
-    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th) or ResNet ONNX (.onnx)."),
+    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
     ratio: float = typer.Option(..., "--ratio", help="Share of channels to remove, in [0, 0.95)."),
     importance: str = typer.Option("l2", "--importance", help="Channel importance: l1, l2, bn-scale, taylor (needs data)."),

@@ -1,5 +1,6 @@
 """Load trained ResNets safely: PyTorch state_dicts / checkpoints (always ``weights_only=True``),
-TorchScript archives, edgeres' own pruned checkpoints and ResNet ONNX graphs (``onnx_import``);
+TorchScript archives, edgeres' own pruned checkpoints, ResNet ONNX graphs (``onnx_import``) and Keras
+ResNets (``keras_import``);
 infer the spec when no arch is given."""
 
 from __future__ import annotations
@@ -51,14 +52,19 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
     if arch is not None:
         get_spec(arch)  # an unknown name fails first, with the list of known ones
     if not p.exists():
-        raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th) or a ResNet .onnx")
+        raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th), a ResNet .onnx or a Keras .keras/.h5")
+    from edgeres.keras_import import KERAS_SUFFIXES, is_saved_model_dir
+
+    if is_saved_model_dir(p):
+        return _load_keras(p, arch)
     if p.is_dir():
-        raise InputError(f"{p}: is a folder; give a model file (.pt/.pth/.th/.onnx)")
+        raise InputError(f"{p}: is a folder without saved_model.pb; give a model file (.pt/.pth/.th/.onnx/.keras/.h5) "
+                         "or a Keras SavedModel folder")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: file is empty; re-save or re-download the checkpoint")
     suffix = p.suffix.lower()
-    if suffix in (".keras", ".h5"):
-        raise InputError(f"{p}: {suffix} models are not supported yet; export the model to a PyTorch state_dict (.pt)")
+    if suffix in KERAS_SUFFIXES:
+        return _load_keras(p, arch)
     if suffix == ".onnx":
         return _load_onnx(p, arch)
     if suffix not in TORCH_SUFFIXES:
@@ -89,13 +95,39 @@ def _load_onnx(p: Path, arch: str | None) -> LoadedModel:
 
     spec, state_dict = map_onnx(p)
     _check_finite(state_dict, p)
-    if arch is not None:
-        want = get_spec(arch, num_classes=spec.num_classes)
-        if (want.stem, want.block, want.layers) != (spec.stem, spec.block, spec.layers):
-            raise InputError(f"{p}: the ONNX graph is a {spec.name}, not {arch}; omit --arch")
+    _check_arch(p, arch, spec, "ONNX graph")
     check_state_dict(spec, state_dict, p, arch)
     verify_mapping(p, spec, state_dict)
     return LoadedModel(spec, state_dict, str(p), sha256_file(p), "onnx")
+
+
+def _load_keras(p: Path, arch: str | None) -> LoadedModel:
+    """Map a Keras ResNet v1 to spec + weights, and prove the mapping against Keras on random inputs."""
+    from edgeres.keras_import import load_keras, map_keras, verify_mapping
+
+    model = load_keras(p)
+    spec, state_dict = map_keras(model, p)
+    _check_finite(state_dict, p)
+    _check_arch(p, arch, spec, "Keras model")
+    check_state_dict(spec, state_dict, p, arch)
+    verify_mapping(model, p, spec, state_dict)
+    digest = sha256_file(p) if p.is_file() else _sha256_dir(p)
+    return LoadedModel(spec, state_dict, str(p), digest, "keras")
+
+
+def _check_arch(p: Path, arch: str | None, spec: ResNetSpec, what: str) -> None:
+    if arch is not None:
+        want = get_spec(arch, num_classes=spec.num_classes)
+        if (want.stem, want.block, want.layers) != (spec.stem, spec.block, spec.layers):
+            raise InputError(f"{p}: the {what} is a {spec.name}, not {arch}; omit --arch")
+
+
+def _sha256_dir(p: Path) -> str:
+    """One digest over a folder's files (names and contents), e.g. a SavedModel."""
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(str(f.relative_to(p)).encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
 
 
 def _torch_load(p: Path):

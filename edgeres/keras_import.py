@@ -1,0 +1,525 @@
+"""Map a Keras ResNet v1 (``.keras``, ``.h5`` or a SavedModel folder) to a ``ResNetSpec`` + torch-style
+state_dict, so a Keras model goes through the same pipeline (pruning included) as a PyTorch checkpoint.
+
+The layer graph (nested models flattened) is walked from the input along the data path, the way
+``keras.applications`` ResNet50/101/152 builds it: ZeroPadding2D(3) + 7×7/2 conv, BN, ReLU,
+ZeroPadding2D(1) + 3×3/2 max-pool, bottleneck blocks with the stride on the first 1×1 conv and a
+1×1 projection on each stage's first block; then a head of global pooling or Flatten, Dropout and
+Dense layers. Layer names are never relied on. Conv biases fold into the BN mean, and Keras' BN
+epsilon (1.001e-5) into the variance, both exactly. ``verify_mapping`` runs the Keras model and the
+rebuilt torch model side by side, so a wrong mapping never converts silently.
+
+Keras models from ``keras`` 3 and from ``tf_keras`` (Keras 2) load; the saved config is scanned for
+``Lambda`` layers first, which are refused without being deserialised (they would run stored code).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgeres.errors import InputError
+from edgeres.graph_blocks import BN_EPS, ConvUnit, lay_out_stages, put_unit, residual_block
+
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+HINT = ("edgeres maps Keras ResNet v1 models (the keras.applications ResNet50/101/152 layout) with "
+        "Flatten / global-pooling / Dense / Dropout heads; convert other models with TensorFlow's "
+        "TFLite converter directly (pruning unavailable)")
+# keras.applications.resnet (v1) preprocess_input, mode "caffe": RGB→BGR, minus the ImageNet BGR mean, no scaling
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+RELU = "relu"
+
+
+def _refuse(p: Path, what: str) -> InputError:
+    return InputError(f"{p}: is not a Keras ResNet this tool can map ({what}); {HINT}")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def is_saved_model_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "saved_model.pb").exists()
+
+
+def _stored_config(p: Path) -> bytes | None:
+    """The model config as saved, read without deserialising anything; ``None`` for a weights-only file."""
+    try:
+        if p.is_dir():
+            meta = p / "keras_metadata.pb"
+            return meta.read_bytes() if meta.exists() else None
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                return z.read("config.json") if "config.json" in z.namelist() else None
+        import h5py
+
+        with h5py.File(p, "r") as f:
+            cfg = f.attrs.get("model_config")
+            return None if cfg is None else (cfg.encode() if isinstance(cfg, str) else bytes(cfg))
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise InputError(f"{p}: is not a readable Keras model ({type(e).__name__}); the file is corrupt or truncated; "
+                         "re-save it with model.save('model.keras')") from None
+
+
+def load_keras(path: str | Path):
+    """The Keras model in ``path`` (keras 3 first, then tf_keras), or ``InputError`` naming the file and fix."""
+    p = Path(path)
+    config = _stored_config(p)
+    if config is None:
+        what = ("a SavedModel without Keras metadata (written by model.export or tf.saved_model.save)" if p.is_dir()
+                else "weights only (model.save_weights), no model config")
+        raise InputError(f"{p}: holds {what}; save the whole model with model.save('model.keras')")
+    if b'"Lambda"' in config:
+        raise InputError(f"{p}: contains a Lambda layer, whose stored Python code edgeres will not run "
+                         "(nothing was executed); replace it with standard layers or convert with TensorFlow directly")
+    from targets.tflite import native_stderr_quiet
+
+    errors = []
+    with native_stderr_quiet():
+        loaders = [_load_tf_keras] if p.is_dir() else [_load_keras3, _load_tf_keras]
+        for loader in loaders:
+            try:
+                return loader(p)
+            except ImportError as e:
+                errors.append(f"{loader.__doc__}: not installed ({e.name})")
+            except Exception as e:  # noqa: BLE001 - any failure to deserialise is a bad or foreign file
+                text = str(e).strip().splitlines()
+                errors.append(f"{loader.__doc__}: {type(e).__name__}: {text[0][:140] if text else ''}")
+    raise InputError(f"{p}: cannot be loaded as a Keras model ({'; '.join(errors)}); re-save it with "
+                     "model.save('model.keras') from the Keras that trained it (pip install 'edgeres[keras]')")
+
+
+def _load_keras3(p: Path):
+    """keras 3"""
+    import keras
+
+    if not keras.__version__.startswith("3"):
+        raise ImportError(name="keras>=3")
+    return keras.saving.load_model(str(p), compile=False, safe_mode=True)
+
+
+def _load_tf_keras(p: Path):
+    """tf_keras"""
+    import warnings
+
+    import tensorflow as tf
+    import tf_keras
+
+    tf.get_logger().setLevel("ERROR")  # "compiled metrics have yet to be built" and the like
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tf_keras.models.load_model(str(p), compile=False)
+
+
+# -- the layer graph, nested models flattened ---------------------------------------------------------
+
+@dataclass
+class _Node:
+    id: str
+    layer: object
+    cls: str
+    inputs: list
+
+    @property
+    def cfg(self) -> dict:
+        return self.layer.get_config() if self.layer is not None else {}
+
+
+def _histories(obj):
+    """Names of the layers whose outputs a saved ``inbound_nodes`` / ``output_layers`` entry reads
+    (keras 3: ``__keras_tensor__`` dicts; Keras 2: ``[name, node, tensor, kwargs]`` lists)."""
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "__keras_tensor__":
+            yield obj["config"]["keras_history"][0]
+            return
+        for v in obj.values():
+            yield from _histories(v)
+    elif isinstance(obj, (list, tuple)):
+        if len(obj) in (3, 4) and isinstance(obj[0], str) and isinstance(obj[1], int) and isinstance(obj[2], int):
+            yield obj[0]
+            return
+        for v in obj:
+            yield from _histories(v)
+
+
+class _Graph:
+    def __init__(self, model, p: Path):
+        self.p = p
+        self.nodes: dict[str, _Node] = {}
+        self.input_ids: list[str] = []
+        outs = self._add_model(model, "", None)
+        if len(self.input_ids) != 1 or len(outs) != 1:
+            raise _refuse(p, f"{len(self.input_ids)} inputs and {len(outs)} outputs, expected one image in, one tensor out")
+        self.input, self.output = self.input_ids[0], outs[0]
+        self.consumers: dict[str, list[_Node]] = {}
+        for n in self.nodes.values():
+            for i in n.inputs:
+                self.consumers.setdefault(i, []).append(n)
+
+    def _new(self, node_id: str, layer, cls: str, inputs: list) -> str:
+        self.nodes[node_id] = _Node(node_id, layer, cls, inputs)
+        return node_id
+
+    def _input(self, node_id: str, layer_cfg: dict) -> str:
+        self.input_ids.append(node_id)
+        shape = layer_cfg.get("config", {})
+        self.input_shape = shape.get("batch_shape") or shape.get("batch_input_shape")
+        return self._new(node_id, None, "InputLayer", [])
+
+    def _add_layer(self, layer, prefix: str, inputs: list) -> list[str]:
+        if hasattr(layer, "layers") and hasattr(layer, "get_layer"):  # a nested model: splice its graph in
+            return self._add_model(layer, f"{prefix}{layer.name}/", inputs)
+        return [self._new(f"{prefix}{layer.name}", layer, type(layer).__name__, inputs)]
+
+    def _add_model(self, model, prefix: str, inputs: list | None) -> list[str]:
+        cfg = model.get_config()
+        entries = cfg.get("layers", [])
+        if "input_layers" not in cfg:  # Sequential: a chain
+            prev = inputs
+            for entry in entries:
+                name = entry["config"]["name"]
+                if entry["class_name"] == "InputLayer":
+                    if prev is None:
+                        prev = [self._input(f"{prefix}{name}", entry)]
+                    continue
+                if prev is None:
+                    raise _refuse(self.p, f"Sequential {model.name} has no input shape; build it with keras.Input first")
+                prev = self._add_layer(model.get_layer(name), prefix, prev)
+            return prev or []
+        local: dict[str, list[str]] = {}
+        input_names = list(_histories(cfg["input_layers"]))
+        for entry in entries:
+            name = entry.get("name") or entry["config"]["name"]
+            if entry["class_name"] == "InputLayer":
+                local[name] = [self._input(f"{prefix}{name}", entry)] if inputs is None else [inputs[input_names.index(name)]]
+                continue
+            if len(entry.get("inbound_nodes", [])) != 1:
+                raise _refuse(self.p, f"layer {prefix}{name} is used {len(entry.get('inbound_nodes', []))} times; "
+                              "shared layers are not a ResNet")
+            ins = [t for src in _histories(entry["inbound_nodes"]) for t in local[src]]
+            local[name] = self._add_layer(model.get_layer(name), prefix, ins)
+        return [t for src in _histories(cfg["output_layers"]) for t in local[src]]
+
+    # -- walking ----------------------------------------------------------------------------------
+    def users(self, node_id: str) -> list[_Node]:
+        return self.consumers.get(node_id, [])
+
+    def one_user(self, node_id: str, expected: str) -> _Node:
+        users = self.users(node_id)
+        if len(users) != 1:
+            kinds = ", ".join(f"{u.cls} {u.id}" for u in users) or "nothing"
+            raise _refuse(self.p, f"{self.nodes[node_id].cls} {node_id} feeds {kinds}, expected one {expected}")
+        return users[0]
+
+    def found(self, node: _Node, expected: str) -> InputError:
+        return _refuse(self.p, f"found {node.cls} {node.id}, expected {expected}")
+
+    def is_relu(self, node: _Node) -> bool:
+        c = node.cfg
+        if node.cls == "Activation":
+            return c.get("activation") == RELU
+        if node.cls == "ReLU":
+            return not c.get("max_value") and not c.get("negative_slope") and not c.get("threshold")
+        return False
+
+    def relu_after(self, node_id: str, where: str) -> str:
+        nxt = self.one_user(node_id, f"ReLU {where}")
+        if not self.is_relu(nxt):
+            raise self.found(nxt, f"a ReLU {where}")
+        return nxt.id
+
+    def padding(self, node: _Node) -> int:
+        """The symmetric amount of a ZeroPadding2D, or a refusal."""
+        pads = [int(v) for v in _flat(node.cfg.get("padding"))]
+        if len(set(pads)) != 1 or node.cfg.get("data_format", "channels_last") != "channels_last":
+            raise _refuse(self.p, f"ZeroPadding2D {node.id} pads {pads}; only equal padding on every side maps")
+        return pads[0]
+
+    def conv(self, node_id: str) -> tuple[ConvUnit, bool]:
+        """[ZeroPadding2D →] Conv2D [→ BatchNormalization] as a unit with torch's symmetric padding;
+        also whether the conv applies its own ReLU."""
+        import numpy as np
+
+        node = self.nodes[node_id]
+        pad = 0
+        if node.cls == "ZeroPadding2D":
+            pad = self.padding(node)
+            node = self.one_user(node.id, "Conv2D after the ZeroPadding2D")
+        if node.cls != "Conv2D":
+            raise self.found(node, "a Conv2D")
+        c = node.cfg
+        k, kw = (int(v) for v in c["kernel_size"])
+        s, sw = (int(v) for v in c["strides"])
+        act = c.get("activation", "linear")
+        if (k != kw or s != sw or list(c.get("dilation_rate", (1, 1))) != [1, 1] or int(c.get("groups", 1)) != 1
+                or c.get("data_format", "channels_last") != "channels_last" or act not in ("linear", RELU)):
+            raise _refuse(self.p, f"Conv2D {node.id} is {k}×{kw}/{s}×{sw}, groups {c.get('groups', 1)}, dilation "
+                          f"{c.get('dilation_rate')}, activation {act}, {c.get('data_format')}; not a plain ResNet conv")
+        if c["padding"] == "same":
+            # TF "same" is symmetric only at stride 1 (odd k) or for 1×1 kernels; else it pads bottom/right more
+            same = k // 2 if (s == 1 and k % 2) or k == 1 else None
+            if same is None or pad:
+                raise _refuse(self.p, f"Conv2D {node.id} ({k}×{k}/{s}) uses 'same' padding, which TF applies "
+                              "asymmetrically; torch ResNets pad symmetrically (ZeroPadding2D + 'valid' maps)")
+            pad = same
+        if pad != k // 2:
+            raise _refuse(self.p, f"Conv2D {node.id} ({k}×{k}/{s}) is padded by {pad}, not {k // 2} as in a ResNet")
+        weights = node.layer.get_weights()
+        w = weights[0].astype(np.float64).transpose(3, 2, 0, 1)  # HWIO → OIHW
+        bias = weights[1].astype(np.float64) if c.get("use_bias", True) else np.zeros(w.shape[0])
+        users = self.users(node.id)
+        out, fused_relu = node.id, act == RELU
+        if len(users) == 1 and users[0].cls == "BatchNormalization":
+            if fused_relu:
+                raise _refuse(self.p, f"Conv2D {node.id} applies ReLU before its BatchNormalization {users[0].id}")
+            bn = self.batch_norm(users[0], w.shape[0])
+            bn["running_mean"] = bn["running_mean"] - bias  # BN(conv + b) = BN'(conv) with mean - b: exact
+            out = users[0].id
+        else:
+            n = w.shape[0]  # no BN: an identity BN whose shift is the conv bias
+            bn = {"weight": np.ones(n), "bias": bias, "running_mean": np.zeros(n), "running_var": np.full(n, 1.0 - BN_EPS)}
+        return ConvUnit(w, s, bn, out), fused_relu
+
+    def batch_norm(self, node: _Node, channels: int) -> dict:
+        import numpy as np
+
+        c = node.cfg
+        axis = [int(a) for a in _flat(c.get("axis", -1))]
+        if axis not in ([-1], [3]):
+            raise _refuse(self.p, f"BatchNormalization {node.id} normalises axis {axis}, not the channels (-1)")
+        weights = [v.astype(np.float64) for v in node.layer.get_weights()]
+        gamma = weights.pop(0) if c.get("scale", True) else np.ones(channels)
+        beta = weights.pop(0) if c.get("center", True) else np.zeros(channels)
+        mean, var = weights[:2]
+        eps = float(c.get("epsilon", 1e-3))
+        # (x - m) / sqrt(v + eps) == (x - m) / sqrt((v + eps - BN_EPS) + BN_EPS): the epsilon folds exactly
+        return {"weight": gamma, "bias": beta, "running_mean": mean, "running_var": var + eps - BN_EPS}
+
+
+def _flat(v):
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _flat(x)
+    elif v is not None:
+        yield v
+
+
+# -- mapping ------------------------------------------------------------------------------------------
+
+HEAD_POOL = {"GlobalAveragePooling2D": "avg", "GlobalMaxPooling2D": "max", "Flatten": "flatten"}
+
+
+def map_keras(model, path: str | Path):
+    """(spec, state_dict) for the Keras ResNet ``model`` loaded from ``path``; ``InputError`` when it does not map."""
+    import numpy as np
+    import torch
+
+    from edgeres.keras_model import flatten_rows_to_chw
+    from edgeres.loading import infer_spec
+    from edgeres.zoo import Head
+
+    p = Path(path)
+    g = _Graph(model, p)
+    for n in g.nodes.values():
+        src = g.nodes[n.inputs[0]] if n.inputs else None
+        if n.cls == "BatchNormalization" and src is not None and src.cls not in ("Conv2D", "Dense"):
+            raise _refuse(p, f"BatchNormalization {n.id} normalises the output of {src.cls} {src.id}, not of a conv: "
+                          "a pre-activation ResNet (v2, e.g. ResNet50V2), and only v1 maps")
+    shape = list(g.input_shape or [])
+    if len(shape) != 4 or shape[-1] != 3:
+        raise _refuse(p, f"input shape {shape}, expected (batch, height, width, 3) channels-last images")
+    if shape[1] != shape[2]:
+        raise _refuse(p, f"input is {shape[1]}×{shape[2]}; edgeres ResNets take square images")
+    sd = {}
+
+    # -- stem -------------------------------------------------------------------------------------
+    first = g.one_user(g.input, "stem convolution")
+    if first.cls not in ("Conv2D", "ZeroPadding2D"):
+        what = "preprocessing layers are not mapped; preprocess outside the model" if first.cls in (
+            "Rescaling", "Normalization", "Resizing") else "expected the stem convolution"
+        raise _refuse(p, f"found {first.cls} {first.id} after the input; {what}")
+    stem, fused = g.conv(first.id)
+    k = stem.weight.shape[-1]
+    stem_kind = {(7, 2): "imagenet", (3, 1): "cifar"}.get((k, stem.stride))
+    if stem_kind is None:
+        raise _refuse(p, f"stem conv is {k}×{k}/{stem.stride}, expected 7×7/2 or 3×3/1")
+    put_unit(sd, "conv1", stem, "bn1")
+    x = stem.out if fused else g.relu_after(stem.out, "after the stem conv")
+    if stem_kind == "imagenet":
+        node = g.one_user(x, "ZeroPadding2D(1) + MaxPooling2D(3, 2)")
+        pad = 0
+        if node.cls == "ZeroPadding2D":
+            pad = g.padding(node)
+            node = g.one_user(node.id, "MaxPooling2D after the ZeroPadding2D")
+        c = node.cfg if node.cls == "MaxPooling2D" else {}
+        ok = (node.cls == "MaxPooling2D" and [int(v) for v in _flat(c.get("pool_size"))] == [3, 3]
+              and [int(v) for v in _flat(c.get("strides"))] == [2, 2] and c.get("padding") == "valid" and pad == 1)
+        if not ok:
+            raise _refuse(p, f"found {node.cls} {node.id} (pad {pad}, {c.get('pool_size')}/{c.get('strides')} "
+                          f"{c.get('padding')}), expected ZeroPadding2D(1) + MaxPooling2D(3, strides=2, 'valid')")
+        x = node.id
+
+    # -- residual blocks --------------------------------------------------------------------------
+    blocks = []
+    while True:
+        users = g.users(x)
+        if len(users) == 1 and users[0].cls in (*HEAD_POOL, "Dropout"):
+            break
+        starts = [u for u in users if u.cls in ("Conv2D", "ZeroPadding2D")]
+        others = [u for u in users if u not in starts and u.cls != "Add"]
+        if others or not starts:
+            bad = others[0] if others else users[0] if users else None
+            hint = ""
+            if bad is not None and bad.cls == "BatchNormalization":
+                hint = " (a pre-activation ResNet v2 block: BN → ReLU → conv; only v1 maps)"
+            what = f"found {bad.cls} {bad.id}{hint}" if bad else f"{x} is the model output, with no classifier"
+            raise _refuse(p, f"{what}, expected a residual block or the head (pooling / Flatten)")
+        units = [g.conv(u.id) for u in starts]
+        proj = [u for u, relu in units if not relu and [v.cls for v in g.users(u.out)] == ["Add"]]
+        main = [(u, relu) for u, relu in units if all(u is not q for q in proj)]
+        if len(main) != 1 or len(proj) > 1:
+            raise _refuse(p, f"{x} feeds {len(starts)} convolutions, not one residual block")
+        chain = [main[0][0]]
+        relu = main[0][1]
+        while True:
+            nxt = g.one_user(chain[-1].out, "ReLU or Add in a residual block")
+            if nxt.cls == "Add" and not relu:
+                break
+            if relu:
+                start = nxt
+            elif g.is_relu(nxt) and len(chain) < 3:
+                start = g.one_user(nxt.id, "Conv2D in a residual block")
+            else:
+                raise g.found(nxt, "ReLU or Add in a residual block")
+            unit, relu = g.conv(start.id)
+            chain.append(unit)
+        add = nxt
+        ins = list(add.inputs)
+        if len(ins) != 2 or chain[-1].out not in ins:
+            raise _refuse(p, f"Add {add.id} does not join a block's branch with its shortcut")
+        other = ins[1 - ins.index(chain[-1].out)]
+        if proj:
+            if other != proj[0].out or proj[0].weight.shape[-1] != 1:
+                raise _refuse(p, f"Add {add.id} shortcut is not a 1×1 projection conv")
+            shortcut = ("projection", proj[0])
+        elif other == x:
+            shortcut = ("identity", None)
+        else:
+            raise _refuse(p, f"Add {add.id} shortcut comes from {g.nodes[other].cls} {other}, not the block input "
+                          "or a 1×1 conv")
+        blocks.append(residual_block(chain, shortcut, add.id, lambda what: _refuse(p, what)))
+        x = g.relu_after(add.id, f"after Add {add.id}")
+    _kind, _shortcut, stride_on = lay_out_stages(blocks, sd, lambda what: _refuse(p, what))
+
+    # -- head: pooling / Flatten, then Dense (+ReLU) … Dense (+softmax), Dropout anywhere ------------
+    node = g.one_user(x, "the head (GlobalAveragePooling2D, GlobalMaxPooling2D or Flatten)")
+    node = _skip_dropout(g, node)
+    if node.cls not in HEAD_POOL:
+        raise g.found(node, "GlobalAveragePooling2D, GlobalMaxPooling2D or Flatten after the last block")
+    pool = HEAD_POOL[node.cls]
+    if node.cfg.get("data_format", "channels_last") != "channels_last":
+        raise _refuse(p, f"{node.cls} {node.id} is channels_first")
+    if pool != "flatten" and node.cfg.get("keepdims"):
+        node = g.one_user(node.id, "Flatten after the keepdims pooling")
+        if node.cls != "Flatten":
+            raise g.found(node, "Flatten after the keepdims pooling")
+    dense = []  # (kernel (in, out), bias, activation)
+    out = node.id
+    while out != g.output:
+        node = _skip_dropout(g, g.one_user(out, "Dense, Dropout or an activation in the head"))
+        c = node.cfg
+        if node.cls == "Dense":
+            act = c.get("activation", "linear")
+            if act not in ("linear", RELU, "softmax"):
+                raise _refuse(p, f"Dense {node.id} has activation {act}; the head maps relu, softmax or none")
+            weights = node.layer.get_weights()
+            bias = weights[1] if c.get("use_bias", True) else np.zeros(weights[0].shape[1], np.float32)
+            dense.append([weights[0], bias, act])
+        elif dense and dense[-1][2] == "linear" and (g.is_relu(node) or node.cls in ("Softmax", "Activation")):
+            act = RELU if g.is_relu(node) else "softmax" if node.cls == "Softmax" or c.get("activation") == "softmax" else None
+            if act is None or (node.cls == "Softmax" and [int(a) for a in _flat(c.get("axis", -1))] not in ([-1], [1])):
+                raise g.found(node, "ReLU or softmax after a Dense")
+            dense[-1][2] = act
+        else:
+            raise g.found(node, "Dense, Dropout, ReLU or softmax in the head")
+        out = node.id
+    if not dense:
+        raise _refuse(p, "the model ends without a Dense classifier; add the classification head")
+    acts = [a for _k, _b, a in dense]
+    if any(a == "softmax" for a in acts[:-1]) or acts[-1] == RELU:
+        raise _refuse(p, f"head activations {acts}; softmax may only end the model, and the classifier may not end in ReLU")
+    channels = int(blocks[-1]["cout"])
+    first_in = int(dense[0][0].shape[0])
+    if pool == "flatten":
+        size2, rem = divmod(first_in, channels)
+        feature = round(size2**0.5)
+        if rem or feature * feature != size2:
+            raise _refuse(p, f"Flatten → Dense {first_in} inputs is not {channels} channels × a square feature map")
+        dense[0][0] = flatten_rows_to_chw(dense[0][0], channels, feature)
+    elif first_in != channels:
+        raise _refuse(p, f"the first Dense takes {first_in} inputs, the last stage gives {channels}")
+    head_name = "fc"
+    *hidden, last = dense
+    for i, (kernel, bias, _a) in enumerate(hidden):
+        sd[f"hidden.{i}.weight"], sd[f"hidden.{i}.bias"] = kernel.T, bias
+    sd[f"{head_name}.weight"], sd[f"{head_name}.bias"] = last[0].T, last[1]
+    head = Head(pool, tuple((int(k.shape[1]), "linear" if a == "linear" else RELU) for k, _b, a in hidden),
+                last[2] == "softmax")
+
+    state_dict = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in sd.items()}
+    spec = infer_spec({k: v for k, v in state_dict.items() if not k.startswith("hidden.")}, p)
+    stages = len(spec.layers)
+    strides = 2 ** (stages - 1) * (4 if stem_kind == "imagenet" else 1)
+    size = shape[1] or (feature * strides if pool == "flatten" else 224 if stem_kind == "imagenet" else 32)
+    spec = replace(spec, name=f"{spec.name.split('-')[0]}-keras", stride_on=stride_on, head_layers=head,
+                   preprocess=keras_caffe_preprocess(int(size), stem_kind))
+    if pool == "flatten" and spec.feature_size != feature:
+        raise _refuse(p, f"Flatten sees a {feature}×{feature} map but a {size}² input gives {spec.feature_size}×"
+                      f"{spec.feature_size}")
+    return spec, state_dict
+
+
+def keras_caffe_preprocess(size: int, stem_kind: str = "imagenet"):
+    """``keras.applications.resnet.preprocess_input`` (caffe mode) at ``size``, resized as torchvision does."""
+    from calibration.preprocess import Preprocess
+
+    resize = round(size * 256 / 224) if stem_kind == "imagenet" else None
+    return Preprocess(size=size, resize=resize, mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0), scale=1.0,
+                      channel_order="BGR")
+
+
+def _skip_dropout(g: _Graph, node: _Node) -> _Node:
+    while node.cls in ("Dropout", "SpatialDropout2D", "GaussianDropout", "AlphaDropout", "GaussianNoise"):
+        if node.id == g.output:
+            break
+        node = g.one_user(node.id, "the next head layer after Dropout")
+    return node
+
+
+def verify_mapping(model, path: str | Path, spec, state_dict, *, rel_tol: float = 1e-4, seed: int = 0) -> float:
+    """Max |Keras − rebuilt torch| output difference on random inputs, relative to the output scale
+    (on log-probabilities when the model ends in a softmax); ``InputError`` above ``rel_tol``."""
+    import numpy as np
+    import torch
+
+    from edgeres.torch_model import build_torch
+    from targets.tflite import native_stderr_quiet
+
+    p = Path(path)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, spec.input_size, spec.input_size, 3)).astype(np.float32)
+    with native_stderr_quiet():
+        ref = np.asarray(model(x, training=False), dtype=np.float64)
+    rebuilt = build_torch(spec)
+    rebuilt.load_state_dict(state_dict, strict=True)
+    with torch.no_grad():
+        got = rebuilt.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().astype(np.float64)
+    if got.shape != ref.shape:
+        raise InputError(f"{p}: mapping check failed (Keras output {ref.shape} vs rebuilt {got.shape}); {HINT}")
+    if spec.head_layers.softmax:  # probabilities hide logit errors: compare where they are resolvable
+        keep = (ref > 1e-6) & (got > 1e-6)
+        ref, got = np.where(keep, np.log(np.maximum(ref, 1e-30)), 0.0), np.where(keep, np.log(np.maximum(got, 1e-30)), 0.0)
+    err = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
+    if not err <= rel_tol:
+        raise InputError(f"{p}: mapping check failed (rebuilt {spec.name} differs from the Keras model by "
+                         f"{err:.2e} relative > {rel_tol:g}); {HINT}")
+    return err
