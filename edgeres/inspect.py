@@ -47,5 +47,6 @@ def inspect_path(path: str | Path, arch: str | None = None) -> dict:
 
     loaded = load_model(p, arch)
     info = describe_spec(loaded.spec)
-    info.update(file=str(p), file_size_bytes=os.path.getsize(p), format=loaded.format, sha256=loaded.sha256)
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else os.path.getsize(p)  # SavedModel
+    info.update(file=str(p), file_size_bytes=size, format=loaded.format, sha256=loaded.sha256)
     return info

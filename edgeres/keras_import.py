@@ -50,8 +50,10 @@ def _stored_config(p: Path) -> bytes | None:
         if zipfile.is_zipfile(p):
             with zipfile.ZipFile(p) as z:
                 return z.read("config.json") if "config.json" in z.namelist() else None
-        import h5py
-
+        try:
+            import h5py
+        except ImportError:
+            raise InputError(f"{p}: reading Keras .h5 files needs h5py; pip install 'edgeres[tflite]'") from None
         with h5py.File(p, "r") as f:
             cfg = f.attrs.get("model_config")
             return None if cfg is None else (cfg.encode() if isinstance(cfg, str) else bytes(cfg))
@@ -85,7 +87,7 @@ def load_keras(path: str | Path):
                 text = str(e).strip().splitlines()
                 errors.append(f"{loader.__doc__}: {type(e).__name__}: {text[0][:140] if text else ''}")
     raise InputError(f"{p}: cannot be loaded as a Keras model ({'; '.join(errors)}); re-save it with "
-                     "model.save('model.keras') from the Keras that trained it (pip install 'edgeres[keras]')")
+                     "model.save('model.keras') from the Keras that trained it (Keras comes with pip install 'edgeres[tflite]')")
 
 
 def _load_keras3(p: Path):
