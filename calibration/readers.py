@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -55,9 +55,10 @@ class ImageDataset:
     ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Yield (float32 network input, labels or None) batches of at most ``batch_size``."""
         indices = self.spread(limit)
+        at_size = replace(preprocess, resize=None)  # read() already resized and cropped: do not do it twice
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
-            x = preprocess(self.read(idx, preprocess), self.source)
+            x = at_size(self.read(idx, preprocess), self.source)
             yield x, (None if self.labels is None else self.labels[idx])
 
     def check_image_size(self, preprocess: Preprocess) -> None:

@@ -64,3 +64,15 @@ def test_labels_must_match_images(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((3, 4, 4, 3), np.uint8), y=np.zeros(2, np.int64))
     with pytest.raises(DataError, match="one integer label per image"):
         open_dataset(tmp_path / "d.npz")
+
+
+def test_batches_resize_and_crop_once(tmp_path):
+    """A resize+crop preprocess (ImageNet style) must give the same input as calling it on the raw images."""
+    from calibration import Preprocess, open_dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(3))
+    pre = Preprocess(size=24, resize=28)
+    (batch, _), = open_dataset(tmp_path / "d.npz").batches(pre, 8)
+    assert np.array_equal(batch, pre(x))
