@@ -336,9 +336,9 @@ def map_keras(model, path: str | Path):
     # -- stem -------------------------------------------------------------------------------------
     first = g.one_user(g.input, "stem convolution")
     if first.cls not in ("Conv2D", "ZeroPadding2D"):
-        what = "preprocessing layers are not mapped; preprocess outside the model" if first.cls in (
-            "Rescaling", "Normalization", "Resizing") else "expected the stem convolution"
-        raise _refuse(p, f"found {first.cls} {first.id} after the input; {what}")
+        raise _refuse(p, f"found {first.cls} {first.id} after the input, expected the stem convolution; "
+                      "preprocessing inside the model (Rescaling, preprocess_input ops) is not mapped: save the "
+                      "model without it, edgeres applies keras.applications' caffe preprocessing itself")
     stem, fused = g.conv(first.id)
     k = stem.weight.shape[-1]
     stem_kind = {(7, 2): "imagenet", (3, 1): "cifar"}.get((k, stem.stride))
