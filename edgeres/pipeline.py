@@ -456,7 +456,7 @@ def _compile_one(target, target_name, precision, work, cfg, CompileJob, TargetEr
     job = CompileJob(onnx_fp32=work / REFERENCE_FILE, out_dir=work, precision=precision,
                      calibration=ctx["calib_fn"], ranges=ctx["ranges"], qdq_onnx=ctx["qdq_path"],
                      keras_model=ctx["keras_fn"], options=options, preprocess=ctx["preprocess"],
-                     labels=ctx["labels"])
+                     labels=ctx["labels"], estimator=cfg.estimator)
     log(f"compiling {target_name} {precision}…")
     try:
         artifact = target.compile(job)

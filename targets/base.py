@@ -39,6 +39,7 @@ class CompileJob:
     options: dict = field(default_factory=dict)
     preprocess: dict | None = None  # calibration.Preprocess.to_dict(): mean/std/size/layout of the input
     labels: tuple | None = None
+    estimator: str | None = None  # the activation range estimator the ranges came from (calibration.estimators)
 
 
 @dataclass(frozen=True)

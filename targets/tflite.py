@@ -27,7 +27,10 @@ from targets.base import Artifact, CompileJob, Runner, TargetError, TargetUnavai
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 ENGINE = "keras-from-spec + LiteRT converter"
 IO_TYPES = ("float", "int8", "uint8")
-OPTIONS = ("io", "threads")  # threads is the pipeline's evaluation thread count; conversion ignores it
+OPTIONS = ("io", "threads", "ranges")  # threads: the pipeline's evaluation thread count; conversion ignores it
+# full-int8 activation ranges: "estimator" = the edgeres estimator the other targets use (job.estimator),
+# measured on the LiteRT model's own tensors; "converter" = the LiteRT converter's min/max
+RANGE_SOURCES = ("estimator", "converter")
 # ops that only move data between float and integer at the model's edges
 EDGE_OPS = ("QUANTIZE", "DEQUANTIZE")
 FLOAT_DTYPES = ("float32", "float16", "float64")
@@ -102,6 +105,11 @@ def _compile(job: CompileJob) -> Artifact:
     io = str(job.options.get("io", "float"))
     if io not in IO_TYPES:
         raise TargetError(f"tflite: --option tflite.io={io} is not one of {', '.join(IO_TYPES)}")
+    range_source = str(job.options.get("ranges", "estimator" if job.estimator else "converter"))
+    if range_source not in RANGE_SOURCES:
+        raise TargetError(f"tflite: --option tflite.ranges={range_source} is not one of {', '.join(RANGE_SOURCES)}")
+    if range_source == "estimator" and not job.estimator:
+        raise TargetError("tflite: --option tflite.ranges=estimator needs the pipeline's estimator (job.estimator)")
     if job.keras_model is None:
         raise TargetError("tflite: the pipeline gave no Keras model builder (job.keras_model); cannot convert")
     if job.precision == "int8" and job.calibration is None:
@@ -141,13 +149,21 @@ def _compile(job: CompileJob) -> Artifact:
         io_dtype = {"float": tf.float32, "int8": tf.int8, "uint8": tf.uint8}[io]
         converter.inference_input_type = io_dtype
         converter.inference_output_type = io_dtype
-        options.update(weights="int8 per-channel", activations="int8 per-tensor",
-                       supported_ops="TFLITE_BUILTINS_INT8", calibration="min/max (LiteRT converter)")
+        if range_source == "estimator":
+            converter._experimental_calibrate_only = True  # noqa: SLF001 - stop after calibration, before quantising
+        options.update(weights="int8 per-channel", activations="int8 per-tensor", supported_ops="TFLITE_BUILTINS_INT8",
+                       calibration=f"edgeres {job.estimator} estimator on the LiteRT tensors"
+                       if range_source == "estimator" else "min/max (LiteRT converter)")
     try:
         with warnings.catch_warnings():
             # the converter takes the input's range from calibration; this note says so and means no harm
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
             flatbuffer = converter.convert()
+            if job.precision == "int8" and range_source == "estimator":
+                from tensorflow.lite.python import convert as tfl_convert
+
+                calibrated = _estimator_ranges(flatbuffer, job, tf)
+                flatbuffer = tfl_convert.mlir_quantize(calibrated, input_data_type=io_dtype, output_data_type=io_dtype)
     except (TargetError, DataError):  # raised by our representative dataset: keep their meaning
         raise
     except Exception as e:  # noqa: BLE001 - the converter raises many types (ConverterError, ValueError...)
@@ -171,6 +187,40 @@ def _compile(job: CompileJob) -> Artifact:
     return Artifact("tflite", job.precision, (str(rel), str(ops_rel), str(sidecar_rel)), engine=ENGINE,
                     input_layout="NHWC", input_dtype=report["input"]["dtype"], options=options,
                     tool_versions=_versions(), notes=tuple(notes))
+
+
+def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> bytes:
+    """The converter's calibrated float model with every activation range replaced by the one our
+    estimator finds on the same calibration images, run through this very model's tensors (so no
+    name mapping to the ONNX graph is needed and TFLite gets the statistic every target gets)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from calibration.estimators import make_estimator
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(calibrated))
+    tensors = model.subgraphs[0].tensors
+    stats = [i for i, t in enumerate(tensors)
+             if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1]
+    with warnings.catch_warnings():  # tf.lite's interpreter warns it is deprecated and that all tensors are kept
+        warnings.simplefilter("ignore", UserWarning)
+        interp = tf.lite.Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
+    inp = interp.get_input_details()[0]
+    estimators = {i: make_estimator(job.estimator) for i in stats}
+    shape = None
+    for batch in job.calibration(layout="NHWC", batch_size=CALIB_BATCH):
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.shape != shape:
+            interp.resize_tensor_input(inp["index"], list(batch.shape))
+            interp.allocate_tensors()
+            shape = batch.shape
+        interp.set_tensor(inp["index"], batch)
+        interp.invoke()
+        for i in stats:
+            estimators[i].update(interp.get_tensor(i))
+    for i in stats:
+        lo, hi = estimators[i].compute()
+        tensors[i].quantization.min, tensors[i].quantization.max = [float(lo)], [float(hi)]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

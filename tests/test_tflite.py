@@ -33,7 +33,7 @@ def _inputs(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def _compile(tmp: Path, spec, model, precision: str, calib_npz: Path | None = None, calib_images: int | None = None,
-             **options):
+             estimator: str | None = None, **options):
     from calibration import open_dataset
     from edgeres.keras_model import build_keras
     from targets import tflite
@@ -48,7 +48,7 @@ def _compile(tmp: Path, spec, model, precision: str, calib_npz: Path | None = No
 
     job = CompileJob(onnx_fp32=tmp / "unused.onnx", out_dir=tmp, precision=precision, calibration=calibration,
                      keras_model=lambda: build_keras(spec, model.state_dict()), options=options,
-                     preprocess=spec.preprocess.to_dict(), labels=spec.labels)
+                     preprocess=spec.preprocess.to_dict(), labels=spec.labels, estimator=estimator)
     return tflite.compile(job)
 
 
@@ -307,3 +307,54 @@ def test_resnet20_full_int8_drops_at_most_half_a_point(cifar, tmp_path):
     int8 = top1(tmp_path / "int8" / int8_artifact.file)
     assert fp32 == pytest.approx(91.48)  # the published dev-half accuracy of the torch model (data README)
     assert fp32 - int8 <= 0.5
+
+
+def _activation_scales(path: Path) -> dict[str, float]:
+    from targets.tflite import _interpreter_module
+
+    interp = _interpreter_module().Interpreter(model_path=str(path))
+    return {t["name"]: float(t["quantization"][0]) for t in interp.get_tensor_details()
+            if np.dtype(t["dtype"]) == np.int8 and t["quantization"][0] and "Conv2D" not in t["name"]
+            and len(t["quantization_parameters"]["scales"]) == 1}
+
+
+@pytest.fixture(scope="module")
+def estimator_int8(tmp_path_factory, tiny_model, tiny_npz):
+    """Full-int8 with the converter's min/max and with our minmax and percentile estimators."""
+    spec, model = tiny_model
+    out = {}
+    for key, estimator, options in (("converter", None, {}), ("minmax", "minmax", {}),
+                                    ("percentile", "percentile", {"io": "uint8"})):
+        tmp = tmp_path_factory.mktemp(f"est-{key}")
+        artifact = _compile(tmp, spec, model, "int8", tiny_npz, 64, estimator=estimator, **options)
+        out[key] = (tmp / artifact.file, artifact)
+    return out
+
+
+def test_estimator_minmax_reproduces_the_converters_own_ranges(estimator_int8):
+    converter, ours = (_activation_scales(estimator_int8[k][0]) for k in ("converter", "minmax"))
+    assert converter.keys() == ours.keys() and len(ours) > 5
+    for name, scale in converter.items():
+        assert ours[name] == pytest.approx(scale, rel=1e-4), name
+    assert estimator_int8["minmax"][1].options["calibration"] == "edgeres minmax estimator on the LiteRT tensors"
+
+
+def test_estimator_ranges_replace_the_converters_min_max(estimator_int8, tiny_model):
+    converter, ours = (_activation_scales(estimator_int8[k][0]) for k in ("converter", "percentile"))
+    narrower = [n for n in ours if ours[n] < converter[n] * 0.999]
+    assert narrower, "the percentile estimator should clip some activation ranges below min/max"
+    from targets import tflite
+
+    spec, model = tiny_model
+    x = _inputs(4, spec.input_size)
+    got = tflite.load_runner(estimator_int8["percentile"][0])(x)
+    assert got.shape == (4, spec.num_classes) and np.isfinite(got).all()
+    assert (got.argmax(1) == _torch_logits(model, x).argmax(1)).mean() >= 0.5
+
+
+def test_estimator_ranges_need_the_estimators_name(tmp_path, tiny_model, tiny_npz):
+    from targets.base import TargetError
+
+    spec, model = tiny_model
+    with pytest.raises(TargetError, match="tflite.ranges=estimator needs"):
+        _compile(tmp_path, spec, model, "int8", tiny_npz, 16, ranges="estimator")
