@@ -31,7 +31,35 @@ def layer_sqnr_for_bundle(bundle_dir: str | Path, dataset: ImageDataset, images:
                          "(convert with --targets onnx --precision int8)")
     pre = Preprocess.from_dict(manifest["preprocess"])
     x = next(dataset.batches(pre, batch_size=images, limit=images))[0]
-    return layer_sqnr(bundle / REFERENCE_FILE, bundle / int8[0]["file"], x)
+    rows = layer_sqnr(bundle / REFERENCE_FILE, bundle / int8[0]["file"], x)
+    calibration = manifest.get("calibration") or {}
+    if calibration.get("quant") == "accurate" and calibration.get("ranges_file"):
+        add_gain_over_fast(rows, bundle / REFERENCE_FILE, bundle / int8[0]["file"],
+                           bundle / calibration["ranges_file"], x)
+    return rows
+
+
+def add_gain_over_fast(rows: list[dict], fp32_path: Path, qdq_path: Path, ranges_path: Path, x: np.ndarray) -> None:
+    """Add ``fast_sqnr_db`` and ``gain_db`` to ``rows`` of a ``--quant accurate`` model: the same
+    reference quantised plainly (same ranges, same recipe) is what the accurate weights improve on."""
+    import json
+    import tempfile
+
+    from targets import onnx as onnx_target
+
+    recipe = onnx_target.qdq_record(qdq_path)
+    options = {k: recipe[k] for k in ("activation_type", "reduce_range", "per_channel") if k in recipe}
+    if recipe.get("float_nodes"):
+        options["float_nodes"] = list(recipe["float_nodes"])
+    ranges = {k: tuple(v) for k, v in json.loads(ranges_path.read_text()).items()}
+    with tempfile.TemporaryDirectory(prefix="edgeres-fast-qdq-") as tmp:
+        fast_path = Path(tmp) / "fast.qdq.onnx"
+        onnx_target.quantize_qdq(fp32_path, ranges, fast_path, options=options)
+        fast = {r["name"]: r["sqnr_db"] for r in layer_sqnr(fp32_path, fast_path, x)}
+    for row in rows:
+        if row["name"] in fast:
+            row["fast_sqnr_db"] = fast[row["name"]]
+            row["gain_db"] = round(row["sqnr_db"] - fast[row["name"]], 2)
 
 
 def layer_sqnr(fp32_path: Path, qdq_path: Path, x: np.ndarray) -> list[dict]:

@@ -29,7 +29,8 @@ def print_eval(result: dict) -> None:
             for a in result["artifacts"]]
     print_table(["target", "precision", "top-1 %", "drop pp", "agree %", "max |Δlogit|", "status"], rows)
     for layer in result.get("layers", [])[:10]:
-        print(f"  SQNR {layer['sqnr_db']:6.1f} dB  {layer['name']}")
+        gain = f"  ({layer['gain_db']:+.1f} dB vs --quant fast)" if "gain_db" in layer else ""
+        print(f"  SQNR {layer['sqnr_db']:6.1f} dB{gain}  {layer['name']}")
 
 
 def print_bundle(out: str | Path, manifest: dict) -> None:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_images
+from conftest import make_images, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,20 @@ def test_improved_weights_put_max_folded_weight_on_the_chosen_clip(tiny_model, c
     assert agreement >= 0.9
 
 
-def test_convert_accurate_records_the_preset_and_keeps_the_original_reference(tiny_checkpoint, tiny_npz, tmp_path, cli):
-    out_fast, out_acc = tmp_path / "fast", tmp_path / "acc"
+@pytest.fixture(scope="module")
+def fast_and_accurate(tiny_checkpoint, tiny_npz, tmp_path_factory):
+    """ONNX int8 bundles of the tiny model with ``--quant fast`` and ``--quant accurate``."""
+    tmp = tmp_path_factory.mktemp("presets")
+    out_fast, out_acc = tmp / "fast", tmp / "acc"
     for out, preset in ((out_fast, "fast"), (out_acc, "accurate")):
-        r = cli("convert", tiny_checkpoint, "--calib", tiny_npz, "--targets", "onnx", "--precision", "int8",
+        r = run_cli("convert", tiny_checkpoint, "--calib", tiny_npz, "--targets", "onnx", "--precision", "int8",
                 "--quant", preset, "--no-bench", "--out", out)
         assert r.returncode == 0, r.stderr
+    return out_fast, out_acc
+
+
+def test_convert_accurate_records_the_preset_and_keeps_the_original_reference(fast_and_accurate):
+    out_fast, out_acc = fast_and_accurate
     fast, acc = (json.loads((o / "manifest.json").read_text()) for o in (out_fast, out_acc))
     assert fast["calibration"]["quant"] == "fast" and "accurate" not in fast["calibration"]
     assert acc["calibration"]["quant"] == "accurate"
@@ -66,6 +74,23 @@ def test_convert_accurate_records_the_preset_and_keeps_the_original_reference(ti
     assert acc["reference"]["sha256"] == fast["reference"]["sha256"]  # fp32 reference: the original model
     assert acc["artifacts"][0]["sha256"] != fast["artifacts"][0]["sha256"]
     assert acc["conversion_key"] != fast["conversion_key"]
+
+
+def test_eval_layers_shows_the_sqnr_gain_over_fast_for_an_accurate_bundle(fast_and_accurate, tiny_npz, cli):
+    out_fast, out_acc = fast_and_accurate
+    layers = {}
+    for name, out in (("fast", out_fast), ("accurate", out_acc)):
+        r = cli("eval", out, "--data", tiny_npz, "--layers", "--json")
+        assert r.returncode == 0, r.stderr
+        layers[name] = json.loads(r.stdout)["layers"]
+    assert layers["fast"] and not any("gain_db" in row for row in layers["fast"])
+    rows = layers["accurate"]
+    assert rows and all("gain_db" in row for row in rows)
+    for row in rows:
+        assert row["gain_db"] == pytest.approx(row["sqnr_db"] - row["fast_sqnr_db"], abs=0.011)
+    assert any(row["gain_db"] != 0 for row in rows)  # the accurate weights change the int8 model
+    text = cli("eval", out_acc, "--data", tiny_npz, "--layers")
+    assert text.returncode == 0 and "vs --quant fast" in text.stdout
 
 
 def test_unknown_quant_preset_is_refused(tiny_checkpoint, tiny_npz, tmp_path, cli):
