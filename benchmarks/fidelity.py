@@ -4,6 +4,7 @@ For each arch, in one run and from the same calibration images:
   edgeres fast / accurate   ``edgeres convert --quant …`` → onnx, openvino, tflite int8, evaluated on dev
   onnxruntime native        ``quantize_static`` QDQ, per-channel, MinMax, U8S8, reduce_range
   openvino native           ``nncf.quantize`` with every setting left default
+  tflite native             the LiteRT converter's own min/max calibration (``tflite.ranges=converter``)
 Reported per artifact: top-1, top-1 drop vs fp32 (pp) and top-1 agreement with fp32 (%).
 
 Run: ``python benchmarks/fidelity.py [--archs resnet20,resnet32] [--no-native] [--json out.json]``
@@ -25,16 +26,25 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
 
 
-def edgeres_rows(arch: str, quant: str, work: Path, calib_images: int) -> list[dict]:
+def edgeres_rows(arch: str, quant: str, work: Path, calib_images: int, *, targets: tuple[str, ...] | None = None,
+                 target_options: dict | None = None, recipe: str | None = None) -> list[dict]:
     from edgeres.pipeline import ConvertConfig, convert
 
-    out = work / f"{arch}.{quant}"
+    out = work / f"{arch}.{quant}{'.' + '-'.join(targets) if targets else ''}"
+    extra = {"targets": targets} if targets else {}
     convert(ConvertConfig(model=str(DATA / f"{arch}.th"), out=str(out), calib=str(DATA / "cifar10_calib.npz"),
                           eval_data=str(DATA / "cifar10_dev.npz"), precisions=("int8",), calib_images=calib_images,
-                          quant=quant, bench=False, force=True))
+                          quant=quant, bench=False, force=True, target_options=target_options or {}, **extra))
     ev = json.loads((out / "eval.json").read_text())
-    return [{"arch": arch, "target": a["target"], "recipe": f"edgeres --quant {quant}", "top1": a["top1"],
+    return [{"arch": arch, "target": a["target"], "recipe": recipe or f"edgeres --quant {quant}", "top1": a["top1"],
              "top1_drop_pp": a["top1_drop_pp"], "agreement_pct": a["agreement_pct"]} for a in ev["artifacts"]]
+
+
+def litert_native_rows(arch: str, work: Path, calib_images: int) -> list[dict]:
+    """The LiteRT converter's own calibration (min/max) on the same Keras model and images."""
+    return edgeres_rows(arch, "fast", work, calib_images, targets=("tflite",),
+                        target_options={"tflite": {"ranges": "converter"}},
+                        recipe="LiteRT converter min/max calibration (same Keras model)")
 
 
 def native_rows(arch: str, work: Path, calib_images: int) -> list[dict]:
@@ -95,6 +105,7 @@ def main() -> None:
                 rows += edgeres_rows(arch, quant, work, args.calib_images)
             if args.native:
                 rows += native_rows(arch, work, args.calib_images)
+                rows += litert_native_rows(arch, work, args.calib_images)
     rows.sort(key=lambda r: (r["arch"], r["target"], r["recipe"]))
     print("| arch | target | recipe | top-1 % | drop pp | agreement % |")
     print("|---|---|---|---|---|---|")
