@@ -82,7 +82,8 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
             spec = get_spec(arch, num_classes=inferred.num_classes)
             if (inferred.stem, inferred.block, inferred.layers) == (spec.stem, spec.block, spec.layers):
                 # same architecture, possibly narrower (pruned) layers: keep the checkpoint's widths
-                spec = spec.with_widths(inferred.stem_width, inferred.stage_widths, inferred.inner_widths)
+                spec = spec.with_widths(inferred.stem_width, inferred.stage_widths, inferred.inner_widths,
+                                        projections=inferred.projections)
     if arch is not None and saved_spec is not None and arch != saved_spec.name.split("-")[0]:
         raise InputError(f"{p}: is an edgeres checkpoint of {saved_spec.name}, not {arch}; omit --arch")
     check_state_dict(spec, state_dict, p, arch)
@@ -240,6 +241,9 @@ def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
     preprocess = _IMAGENET_PRE if stem == "imagenet" else _CIFAR_PRE
     spec = ResNetSpec("inferred", stem, kind, layers, int(stem_w.shape[0]), tuple(stage), tuple(inner),
                       shortcut, "3x3", num_classes, head_name, preprocess, None)
+    if shortcut == "projection":  # a pruned projection can join equal widths: the keys say where it is
+        spec = spec.with_widths(spec.stem_width, spec.stage_widths, spec.inner_widths, name=spec.name,
+                                projections=tuple(f"layer{s + 1}.0.downsample.0.weight" in sd for s in range(len(layers))))
     for name, z in ZOO.items():
         candidate = replace(z, num_classes=num_classes, labels=z.labels if num_classes == z.num_classes else None)
         if replace(spec, name=name, labels=candidate.labels) == candidate:

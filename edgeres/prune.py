@@ -152,7 +152,9 @@ def spec_from_module(model, spec: ResNetSpec, name: str | None = None) -> ResNet
             raise RuntimeError(f"layer{s + 1}: residual stream widths disagree after pruning: {sorted(outs)}")
         stage_widths.append(outs.pop())
         inner.append(tuple(tuple(getattr(layer[b], c).out_channels for c in inner_convs) for b in range(n)))
-    return spec.with_widths(model.conv1.out_channels, stage_widths, inner, name=name)
+    projections = tuple(getattr(getattr(model, f"layer{s + 1}")[0], "downsample", None) is not None
+                        for s in range(len(spec.layers)))
+    return spec.with_widths(model.conv1.out_channels, stage_widths, inner, name=name, projections=projections)
 
 
 def _protected(model, spec: ResNetSpec) -> list:

@@ -73,6 +73,9 @@ class ResNetSpec:
     preprocess: Preprocess = Preprocess(size=224, resize=256)
     labels: tuple[str, ...] | None = None
     head_layers: Head = Head()  # recorded only when not the default, so older records read back unchanged
+    # per stage: does block 0 have a projection shortcut? None = wherever its shape changes. Set when
+    # pruning leaves a projection whose input and output widths came out equal (it still maps channels)
+    projections: tuple[bool, ...] | None = None
 
     def __post_init__(self):
         problems = list(self.head_layers.problems())
@@ -94,6 +97,11 @@ class ResNetSpec:
         widths = [self.stem_width, *self.stage_widths, *(w for st in self.inner_widths for b in st for w in b)]
         if any(int(w) <= 0 for w in widths) or self.num_classes <= 0:
             problems.append("all widths and num_classes must be positive")
+        if self.projections is not None:
+            if len(self.projections) != len(self.layers):
+                problems.append("projections must have one entry per stage")
+            elif any(not p and self._shape_changes(s, 0) for s, p in enumerate(self.projections)):
+                problems.append("projections: a stage whose first block changes shape needs its projection")
         if self.labels is not None and len(self.labels) != self.num_classes:
             problems.append(f"{len(self.labels)} labels for {self.num_classes} classes")
         if problems:
@@ -114,7 +122,13 @@ class ResNetSpec:
         return self.stem_width if stage == 0 else self.stage_widths[stage - 1]
 
     def has_downsample(self, stage: int, block: int) -> bool:
-        """True where the shortcut changes shape (stride or width)."""
+        """True where the block has a shortcut module: where it changes shape (stride or width), or
+        where ``projections`` says so."""
+        if block == 0 and self.projections is not None and stage < len(self.projections):
+            return bool(self.projections[stage])
+        return self._shape_changes(stage, block)
+
+    def _shape_changes(self, stage: int, block: int) -> bool:
         stride = self.stage_strides[stage] if block == 0 else 1
         return stride != 1 or self.block_in_width(stage, block) != self.stage_widths[stage]
 
@@ -148,6 +162,10 @@ class ResNetSpec:
             del d["head_layers"]
         else:
             d["head_layers"] = self.head_layers.to_dict()
+        if self.projections is None:
+            del d["projections"]
+        else:
+            d["projections"] = list(self.projections)
         return d
 
     @classmethod
@@ -161,18 +179,27 @@ class ResNetSpec:
             d["labels"] = tuple(d["labels"]) if d.get("labels") is not None else None
             if "head_layers" in d:
                 d["head_layers"] = Head.from_dict(d["head_layers"])
+            if d.get("projections") is not None:
+                d["projections"] = tuple(bool(v) for v in d["projections"])
             return cls(**d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"invalid ResNet spec record ({type(e).__name__}: {e})") from None
 
-    def with_widths(self, stem_width: int, stage_widths, inner_widths, name: str | None = None) -> "ResNetSpec":
-        return replace(
+    def with_widths(self, stem_width: int, stage_widths, inner_widths, name: str | None = None,
+                    projections: tuple[bool, ...] | None = None) -> "ResNetSpec":
+        """This spec with new widths; ``projections`` (per stage) is kept only where the shape rule
+        would not give the same shortcuts."""
+        new = replace(
             self,
             name=name or self.name,
             stem_width=int(stem_width),
             stage_widths=tuple(int(w) for w in stage_widths),
             inner_widths=tuple(tuple(tuple(int(w) for w in b) for b in st) for st in inner_widths),
+            projections=None,
         )
+        if projections is None or all(bool(p) == new._shape_changes(s, 0) for s, p in enumerate(projections)):
+            return new
+        return replace(new, projections=tuple(bool(p) for p in projections))
 
     # -- cost ------------------------------------------------------------------------------
     def cost(self) -> dict:
