@@ -309,7 +309,8 @@ def prune(
     ratio: float = typer.Option(..., "--ratio", help="Share of channels to remove, in [0, 0.95)."),
     importance: str = typer.Option("l2", "--importance", help="Channel importance: l1, l2, bn-scale, taylor (needs data)."),
     global_ranking: bool = typer.Option(False, "--global", help="Rank channels across all layers (default: same ratio per layer)."),
-    round_to: int = typer.Option(8, "--round-to", help="Keep widths at multiples of N (never below N); 1 disables."),
+    round_to: int = typer.Option(8, "--round-to", help="Round widths to multiples of N (at most 1/8 of a layer's width with --match-macs); 1 disables."),
+    match_macs: bool = typer.Option(True, "--match-macs/--nearest", help="Round widths so MACs stay at or below the exact ratio's (--nearest: each width to its nearest multiple)."),
     steps: int = typer.Option(1, "--steps", help="Reach --ratio in K steps with one recovery epoch between them."),
     finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images (.npz or folder) for BN re-estimation, taylor and KD fine-tuning."),
     epochs: int = typer.Option(0, "--epochs", help="Epochs of KD fine-tuning from the unpruned model."),
@@ -327,7 +328,8 @@ def prune(
     from edgeres.loading import load_model, save_checkpoint
     from edgeres.prune import PruneConfig, check_output_path, prune_loaded
 
-    cfg = PruneConfig(ratio=ratio, importance=importance, global_ranking=global_ranking, round_to=round_to, steps=steps)
+    cfg = PruneConfig(ratio=ratio, importance=importance, global_ranking=global_ranking, round_to=round_to, steps=steps,
+                      match_macs=match_macs)
     cfg.validate()
     check_output_path(out)
     if epochs and finetune_data is None:

@@ -9,6 +9,7 @@ the pruner can then remove stream channels cleanly instead of leaving odd widths
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -70,6 +71,7 @@ class PruneConfig:
     global_ranking: bool = False
     round_to: int = 8
     steps: int = 1  # >1: reach ``ratio`` in equal steps (recovery in between is the caller's business)
+    match_macs: bool = True  # round widths so the total MACs match the exact ratio (see ``match_macs``)
     taylor_images: int = 256
 
     def validate(self, ratio_flag: str = "--ratio", importance_flag: str = "--importance") -> None:
@@ -84,7 +86,7 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return {"ratio": self.ratio, "importance": self.importance, "global": self.global_ranking,
-                "round_to": self.round_to, "steps": self.steps}
+                "round_to": self.round_to, "steps": self.steps, "match_macs": self.match_macs}
 
 
 def round_width(raw: float, original: int, round_to: int) -> int:
@@ -184,6 +186,7 @@ def prune_step(model, spec: ResNetSpec, cfg: PruneConfig, target_ratio: float, o
         gradient_fn(model)
     scorer = importance.make()
     records = []  # (root module, handler, scores, original channels, current channels)
+    names = []
     for group in DG.get_all_groups(ignored_layers=_protected(model, spec), root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
         root = group[0].dep.target.module
         handler = group[0].dep.handler
@@ -195,9 +198,10 @@ def prune_step(model, spec: ResNetSpec, cfg: PruneConfig, target_ratio: float, o
         if scores is None:
             continue
         records.append((root, handler, scores.detach().float().cpu(), original, current))
+        names.append(key)
     if importance.needs_gradients:
         model.zero_grad(set_to_none=True)
-    keeps = _allocate(records, cfg, target_ratio)
+    keeps = _allocate(records, cfg, target_ratio, names, spec)
     for (root, handler, scores, _original, current), keep in zip(records, keeps):
         if keep >= current:
             continue
@@ -207,11 +211,13 @@ def prune_step(model, spec: ResNetSpec, cfg: PruneConfig, target_ratio: float, o
             group.prune()
 
 
-def _allocate(records, cfg: PruneConfig, target_ratio: float) -> list[int]:
+def _allocate(records, cfg: PruneConfig, target_ratio: float, names: list[str], spec: ResNetSpec) -> list[int]:
     """Channels to keep per group: the same fraction everywhere, or by one global importance threshold."""
     import torch
 
     if not cfg.global_ranking:
+        if cfg.match_macs:
+            return match_macs(records, names, spec, target_ratio, cfg.round_to)
         return [min(current, round_width(original * (1 - target_ratio), original, cfg.round_to))
                 for _root, _h, _s, original, current in records]
     # importance scores are normalised per group (mean 1), so one threshold can rank all groups
@@ -227,6 +233,70 @@ def _allocate(records, cfg: PruneConfig, target_ratio: float) -> list[int]:
         raw = int((scores > threshold).sum())
         keeps.append(min(current, round_width(max(raw, 1), original, cfg.round_to)))
     return keeps
+
+
+def width_step(original: int, round_to: int) -> int:
+    """The rounding step of one layer: ``round_to``, but at most an eighth of the layer's original width, so
+    one step never moves a narrow layer by more than 12.5 % (16 channels round in steps of 2, 64+ in 8s)."""
+    return max(1, min(round_to, original // 8))
+
+
+def _slot(name: str, spec: ResNetSpec):
+    """Where a pruning group's width lives in the spec: ("inner", stage, block, i) or ("stream", stage)."""
+    parts = name.split(".")
+    if not parts[0].startswith("layer") or len(parts) < 3:
+        return None
+    s, b = int(parts[0][5:]) - 1, int(parts[1])
+    inner = ("conv1", "conv2") if spec.block == "bottleneck" else ("conv1",)
+    if parts[2] in inner:
+        return ("inner", s, b, inner.index(parts[2]))
+    return ("stream", s)
+
+
+def _macs_with(spec: ResNetSpec, slots, widths) -> int:
+    stage = list(spec.stage_widths)
+    inner = [[list(b) for b in st] for st in spec.inner_widths]
+    for slot, w in zip(slots, widths):
+        if slot is None:
+            continue
+        if slot[0] == "stream":
+            stage[slot[1]] = w
+        else:
+            inner[slot[1]][slot[2]][slot[3]] = w
+    return spec.with_widths(spec.stem_width, stage, inner).cost()["macs"]
+
+
+def match_macs(records, names: list[str], spec: ResNetSpec, target_ratio: float, round_to: int) -> list[int]:
+    """Uniform ratio, rounded without exceeding the MACs of the exact widths ``original × (1 - ratio)``.
+
+    Every width starts rounded DOWN to a multiple of its step (``width_step``); then, while the model still
+    fits that MACs budget, the layer that rounding shortchanged most (relative to its original width) gets
+    one step back (ties: the costlier one first, so residual streams before the blocks they feed). Plain
+    nearest rounding instead changes the ratio layer by layer: at 0.3 a 16-wide layer drops to 8 (−50 %)
+    while 44.8 rounds up to 48, and the MACs ratio drifts with the architecture.
+    """
+    slots = [_slot(n, spec) for n in names]
+    originals = [o for *_x, o, _c in records]
+    caps = [min(o, c) for *_x, o, c in records]
+    steps = [width_step(o, round_to) for o in originals]
+    exact = [o * (1 - target_ratio) for o in originals]
+    budget = _macs_with(spec, slots, [min(c, max(1, round(e))) for e, c in zip(exact, caps)])
+    keeps = [min(c, max(st, st * math.floor(e / st + 1e-9))) if slot else min(c, round_width(e, o, round_to))
+             for e, c, st, o, slot in zip(exact, caps, steps, originals, slots)]
+    macs = _macs_with(spec, slots, keeps)
+    while True:
+        options = []
+        for i, (k, st) in enumerate(zip(keeps, steps)):
+            grown = min(k + st, caps[i])
+            if slots[i] is None or k >= exact[i] or grown == k:
+                continue
+            trial = _macs_with(spec, slots, keeps[:i] + [grown] + keeps[i + 1:])
+            if trial <= budget:
+                options.append((-round((exact[i] - k) / originals[i], 9), macs - trial, i, grown, trial))
+        if not options:
+            return keeps
+        _short, _added, i, grown, macs = min(options)
+        keeps[i] = grown
 
 
 def state_dict_of(model) -> dict:
@@ -436,7 +506,8 @@ def prune_loaded(loaded, cfg: PruneConfig, *, train_data=None, finetune=None, ev
         step_curves.append({"step": step, "curve": curve})
 
     log(f"pruning {spec.name}: ratio {cfg.ratio}, importance {cfg.importance}, "
-        f"{'global' if cfg.global_ranking else 'uniform'}, round to {cfg.round_to}")
+        f"{'global' if cfg.global_ranking else 'uniform'}, round to {cfg.round_to}"
+        f"{' (MACs-matched)' if cfg.match_macs and not cfg.global_ranking else ''}")
     outcome = prune(teacher, spec, cfg, gradient_fn=gradient_fn if train_data is not None else None,
                     between_steps=between_steps if cfg.steps > 1 else None)
     record = outcome.record

@@ -15,7 +15,7 @@ def pruned(tiny_model):
     from edgeres.prune import PruneConfig, prune
 
     spec, model = tiny_model
-    return prune(model, spec, PruneConfig(ratio=0.5, importance="l1", round_to=8))
+    return prune(model, spec, PruneConfig(ratio=0.5, importance="l1", round_to=8, match_macs=False))
 
 
 def _x(spec, n=4, seed=0):
@@ -38,7 +38,7 @@ def test_option_a_rewrite_as_projection_leaves_outputs_unchanged(tiny_model):
         assert torch.equal(rewritten(_x(spec)), model(_x(spec)))
 
 
-def test_pruned_widths_shrink_to_multiples_of_round_to(pruned, tiny_model):
+def test_nearest_rounding_shrinks_widths_to_multiples_of_round_to(pruned, tiny_model):
     spec, _ = tiny_model
     new = pruned.spec
     assert new.stage_widths[1:] == (8, 16) and new.stage_widths[1] < spec.stage_widths[1]
@@ -90,6 +90,36 @@ def test_round_width_is_nearest_multiple_never_below_round_to():
     assert round_width(44.8, 64, 8) == 48
     assert round_width(2.0, 64, 8) == 8
     assert round_width(3.0, 4, 8) == 4  # a layer narrower than round_to stays as it is
+
+
+def test_width_step_is_round_to_but_at_most_an_eighth_of_the_width():
+    from edgeres.prune import width_step
+
+    assert [width_step(w, 8) for w in (4, 16, 32, 64, 2048)] == [1, 2, 4, 8, 8]
+    assert width_step(64, 1) == 1
+
+
+def test_nearest_rounding_halves_a_16_wide_layer_but_matched_rounding_does_not(tiny_model):
+    from edgeres.prune import PruneConfig, prune
+
+    spec, model = tiny_model
+    nearest = prune(model, spec, PruneConfig(ratio=0.3, match_macs=False))
+    matched = prune(model, spec, PruneConfig(ratio=0.3))
+    assert nearest.spec.stage_widths[1] == 8  # 16·0.7 = 11.2 → 8
+    assert matched.spec.stage_widths[1] in (10, 12)
+
+
+def test_matched_rounding_costs_no_more_macs_than_exact_widths(tiny_model):
+    from edgeres.prune import PruneConfig, prune, width_step
+
+    spec, model = tiny_model
+    exact = prune(model, spec, PruneConfig(ratio=0.3, round_to=1, match_macs=False))
+    matched = prune(model, spec, PruneConfig(ratio=0.3))
+    assert matched.record["macs_after"] <= exact.record["macs_after"] < matched.record["macs_before"]
+    for s, w in enumerate(matched.spec.stage_widths[1:], start=1):
+        assert w % width_step(spec.stage_widths[s], 8) == 0
+    for s, stage in enumerate(matched.spec.inner_widths):
+        assert all(b[0] % width_step(spec.inner_widths[s][0][0], 8) == 0 for b in stage)
 
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn-scale"])
@@ -261,6 +291,7 @@ def test_resnet32_at_ratio_0_3_has_1_7x_fewer_macs_and_bn_recalibration_recovers
     loaded = load_model(cifar / "resnet32.th")
     out = prune(loaded.to_torch(), loaded.spec, PruneConfig(ratio=0.3, importance="l2"))
     assert out.spec.stage_widths == (16, 24, 48)  # stem stream protected; 32·0.7 → 24, 64·0.7 → 48
+    assert min(w for b in out.spec.inner_widths[0] for w in b) >= 10  # not halved to 8 by rounding
     assert out.record["macs_ratio"] >= 1.7
     dev, train = open_dataset(cifar / "cifar10_dev.npz"), open_dataset(cifar / "cifar10_train10k.npz")
     pre = out.spec.preprocess
