@@ -263,7 +263,9 @@ def _macs_with(spec: ResNetSpec, slots, widths) -> int:
             stage[slot[1]] = w
         else:
             inner[slot[1]][slot[2]][slot[3]] = w
-    return spec.with_widths(spec.stem_width, stage, inner).cost()["macs"]
+    # pruning keeps every shortcut module, even where widths end up equal
+    projections = tuple(spec.has_downsample(s, 0) for s in range(len(spec.layers)))
+    return spec.with_widths(spec.stem_width, stage, inner, projections=projections).cost()["macs"]
 
 
 def match_macs(records, names: list[str], spec: ResNetSpec, target_ratio: float, round_to: int) -> list[int]:
