@@ -26,26 +26,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.openvino_int8 import build_inputs  # noqa: E402 - random-weight checkpoint + calibration npz
 TARGETS = ("onnx", "openvino", "tflite")
-
-
-def make_inputs(work: Path, arch: str, images: int) -> tuple[Path, Path]:
-    import torch
-
-    from edgeres.loading import save_checkpoint
-    from edgeres.torch_model import build_torch, randomize_bn
-    from edgeres.zoo import get_spec
-
-    torch.manual_seed(0)
-    spec = get_spec(arch)
-    model = randomize_bn(build_torch(spec))
-    ckpt = work / f"{arch}.pt"
-    save_checkpoint(ckpt, spec, model.state_dict())
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (images, spec.input_size, spec.input_size, 3), dtype=np.uint8)
-    calib = work / "calib.npz"
-    np.savez(calib, x=x, y=np.zeros(images, np.int64))
-    return ckpt, calib
 
 
 def timed_convert(ckpt: Path, calib: Path, out: Path, quant: str) -> dict:
@@ -102,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgeres-qcost-") as tmp:
         work = Path(tmp)
-        ckpt, calib = make_inputs(work, args.arch, args.calib_images)
+        ckpt, calib = build_inputs(args.arch, work, args.calib_images)
         bundles = {q: work / f"bundle.{q}" for q in ("fast", "accurate")}
         converts = [timed_convert(ckpt, calib, bundles[q], q) for q in bundles]
         from edgeres.zoo import get_spec
