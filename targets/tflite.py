@@ -101,7 +101,7 @@ def _compile(job: CompileJob) -> Artifact:
     unknown = sorted(set(job.options) - set(OPTIONS))
     if unknown:
         raise TargetError(f"tflite: unknown option(s) {', '.join('tflite.' + k for k in unknown)}; "
-                          f"known: tflite.io={'|'.join(IO_TYPES)}")
+                          f"known: tflite.io={'|'.join(IO_TYPES)}, tflite.ranges={'|'.join(RANGE_SOURCES)}")
     io = str(job.options.get("io", "float"))
     if io not in IO_TYPES:
         raise TargetError(f"tflite: --option tflite.io={io} is not one of {', '.join(IO_TYPES)}")
