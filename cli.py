@@ -310,7 +310,7 @@ def prune(
     importance: str = typer.Option("l2", "--importance", help="Channel importance: l1, l2, bn-scale, taylor (needs data)."),
     global_ranking: bool = typer.Option(False, "--global", help="Rank channels across all layers (default: same ratio per layer)."),
     round_to: int = typer.Option(8, "--round-to", help="Round widths to multiples of N (at most 1/8 of a layer's width with --match-macs); 1 disables."),
-    match_macs: bool = typer.Option(True, "--match-macs/--nearest", help="Round widths so MACs stay at or below the exact ratio's (--nearest: each width to its nearest multiple)."),
+    match_macs: bool = typer.Option(False, "--match-macs/--nearest", help="--match-macs: round widths so MACs stay at or below the exact ratio's, narrow layers in steps below N; --nearest (default): each width to its nearest multiple of N."),
     steps: int = typer.Option(1, "--steps", help="Reach --ratio in K steps with one recovery epoch between them."),
     finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images (.npz or folder) for BN re-estimation, taylor and KD fine-tuning."),
     epochs: int = typer.Option(0, "--epochs", help="Epochs of KD fine-tuning from the unpruned model."),

@@ -71,7 +71,9 @@ class PruneConfig:
     global_ranking: bool = False
     round_to: int = 8
     steps: int = 1  # >1: reach ``ratio`` in equal steps (recovery in between is the caller's business)
-    match_macs: bool = True  # round widths so the total MACs match the exact ratio (see ``match_macs``)
+    # opt-in: round widths so the total MACs match the exact ratio (see ``match_macs``); off by default because
+    # it leaves narrow layers at widths like 10 or 12, which int8 SIMD kernels pad back up to 16
+    match_macs: bool = False
     taylor_images: int = 256
 
     def validate(self, ratio_flag: str = "--ratio", importance_flag: str = "--importance") -> None:

@@ -104,7 +104,7 @@ def test_nearest_rounding_halves_a_16_wide_layer_but_matched_rounding_does_not(t
 
     spec, model = tiny_model
     nearest = prune(model, spec, PruneConfig(ratio=0.3, match_macs=False))
-    matched = prune(model, spec, PruneConfig(ratio=0.3))
+    matched = prune(model, spec, PruneConfig(ratio=0.3, match_macs=True))
     assert nearest.spec.stage_widths[1] == 8  # 16·0.7 = 11.2 → 8
     assert matched.spec.stage_widths[1] in (10, 12)
 
@@ -114,7 +114,7 @@ def test_matched_rounding_costs_no_more_macs_than_exact_widths(tiny_model):
 
     spec, model = tiny_model
     exact = prune(model, spec, PruneConfig(ratio=0.3, round_to=1, match_macs=False))
-    matched = prune(model, spec, PruneConfig(ratio=0.3))
+    matched = prune(model, spec, PruneConfig(ratio=0.3, match_macs=True))
     assert matched.record["macs_after"] <= exact.record["macs_after"] < matched.record["macs_before"]
     for s, w in enumerate(matched.spec.stage_widths[1:], start=1):
         assert w % width_step(spec.stage_widths[s], 8) == 0
@@ -289,7 +289,7 @@ def test_resnet32_at_ratio_0_3_has_1_7x_fewer_macs_and_bn_recalibration_recovers
     from edgeres.prune import PruneConfig, identity_bns, prune, recalibrate_bn, top1
 
     loaded = load_model(cifar / "resnet32.th")
-    out = prune(loaded.to_torch(), loaded.spec, PruneConfig(ratio=0.3, importance="l2"))
+    out = prune(loaded.to_torch(), loaded.spec, PruneConfig(ratio=0.3, importance="l2", match_macs=True))
     assert out.spec.stage_widths == (16, 24, 48)  # stem stream protected; 32·0.7 → 24, 64·0.7 → 48
     assert min(w for b in out.spec.inner_widths[0] for w in b) >= 10  # not halved to 8 by rounding
     assert out.record["macs_ratio"] >= 1.7
