@@ -135,12 +135,11 @@ def _compile(job: CompileJob) -> Artifact:
         seen = {"images": 0}
 
         def representative_dataset():
-            for batch in job.calibration(layout="NHWC", batch_size=CALIB_BATCH):
-                batch = np.ascontiguousarray(batch, dtype=np.float32)
-                if batch.ndim != 4 or batch.shape[-1] != 3:
-                    raise TargetError(f"tflite: calibration batches must be N×H×W×3 (NHWC), got {batch.shape}")
+            for batch in _calibration_batches(job):
                 seen["images"] += len(batch)
                 yield [batch]
+                if range_source == "estimator":
+                    return  # one batch lays out the converter's statistics; our estimator then sees every image
 
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative_dataset
@@ -162,7 +161,7 @@ def _compile(job: CompileJob) -> Artifact:
             if job.precision == "int8" and range_source == "estimator":
                 from tensorflow.lite.python import convert as tfl_convert
 
-                calibrated = _estimator_ranges(flatbuffer, job, tf)
+                calibrated, seen["images"] = _estimator_ranges(flatbuffer, job, tf)
                 flatbuffer = tfl_convert.mlir_quantize(calibrated, input_data_type=io_dtype, output_data_type=io_dtype)
     except (TargetError, DataError):  # raised by our representative dataset: keep their meaning
         raise
@@ -189,10 +188,20 @@ def _compile(job: CompileJob) -> Artifact:
                     tool_versions=_versions(), notes=tuple(notes))
 
 
-def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> bytes:
-    """The converter's calibrated float model with every activation range replaced by the one our
-    estimator finds on the same calibration images, run through this very model's tensors (so no
-    name mapping to the ONNX graph is needed and TFLite gets the statistic every target gets)."""
+def _calibration_batches(job: CompileJob):
+    """The job's calibration images as contiguous float32 NHWC batches, shape checked."""
+    for batch in job.calibration(layout="NHWC", batch_size=CALIB_BATCH):
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise TargetError(f"tflite: calibration batches must be N×H×W×3 (NHWC), got {batch.shape}")
+        yield batch
+
+
+def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> tuple[bytes, int]:
+    """(the converter's calibrated float model with every activation range replaced by the one our
+    estimator finds on the calibration images, images seen). The images run through this very
+    model's tensors, so no name mapping to the ONNX graph is needed and TFLite gets the statistic
+    every target gets."""
     from tensorflow.lite.tools import flatbuffer_utils
 
     from calibration.estimators import make_estimator
@@ -206,9 +215,9 @@ def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> bytes:
         interp = tf.lite.Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
     inp = interp.get_input_details()[0]
     estimators = {i: make_estimator(job.estimator) for i in stats}
-    shape = None
-    for batch in job.calibration(layout="NHWC", batch_size=CALIB_BATCH):
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+    shape, images = None, 0
+    for batch in _calibration_batches(job):
+        images += len(batch)
         if batch.shape != shape:
             interp.resize_tensor_input(inp["index"], list(batch.shape))
             interp.allocate_tensors()
@@ -220,7 +229,7 @@ def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> bytes:
     for i in stats:
         lo, hi = estimators[i].compute()
         tensors[i].quantization.min, tensors[i].quantization.max = [float(lo)], [float(hi)]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), images
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
