@@ -77,3 +77,17 @@ def put_unit(sd: dict, conv: str, unit: ConvUnit, bn: str) -> None:
     sd[f"{conv}.weight"] = unit.weight
     for k, v in unit.bn.items():
         sd[f"{bn}.{k}"] = v
+
+
+def check_mapping(p, source: str, spec, ref, got, rel_tol: float, hint: str) -> float:
+    """Max |source − rebuilt torch| output difference relative to the output scale; the importer's
+    one-line ``InputError`` ("mapping check failed") when the shapes differ or it exceeds ``rel_tol``."""
+    import numpy as np
+
+    if got.shape != ref.shape:
+        raise InputError(f"{p}: mapping check failed ({source} output {ref.shape} vs rebuilt {got.shape}); {hint}")
+    err = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
+    if not err <= rel_tol:
+        raise InputError(f"{p}: mapping check failed (rebuilt {spec.name} differs from the {source} by "
+                         f"{err:.2e} relative > {rel_tol:g}); {hint}")
+    return err

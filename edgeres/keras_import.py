@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeres.errors import InputError
-from edgeres.graph_blocks import BN_EPS, ConvUnit, lay_out_stages, put_unit, residual_block
+from edgeres.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 HINT = ("edgeres maps Keras ResNet v1 models (the keras.applications ResNet50/101/152 layout) with "
@@ -515,13 +515,8 @@ def verify_mapping(model, path: str | Path, spec, state_dict, *, rel_tol: float 
     rebuilt.load_state_dict(state_dict, strict=True)
     with torch.no_grad():
         got = rebuilt.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().astype(np.float64)
-    if got.shape != ref.shape:
-        raise InputError(f"{p}: mapping check failed (Keras output {ref.shape} vs rebuilt {got.shape}); {HINT}")
-    if spec.head_layers.softmax:  # probabilities hide logit errors: compare where they are resolvable
+    # probabilities hide logit errors: compare log-probabilities where they are resolvable
+    if got.shape == ref.shape and spec.head_layers.softmax:
         keep = (ref > 1e-6) & (got > 1e-6)
         ref, got = np.where(keep, np.log(np.maximum(ref, 1e-30)), 0.0), np.where(keep, np.log(np.maximum(got, 1e-30)), 0.0)
-    err = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
-    if not err <= rel_tol:
-        raise InputError(f"{p}: mapping check failed (rebuilt {spec.name} differs from the Keras model by "
-                         f"{err:.2e} relative > {rel_tol:g}); {HINT}")
-    return err
+    return check_mapping(p, "Keras model", spec, ref, got, rel_tol, HINT)

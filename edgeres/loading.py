@@ -95,9 +95,7 @@ def _load_onnx(p: Path, arch: str | None) -> LoadedModel:
     from edgeres.onnx_import import map_onnx, verify_mapping
 
     spec, state_dict = map_onnx(p)
-    _check_finite(state_dict, p)
-    _check_arch(p, arch, spec, "ONNX graph")
-    check_state_dict(spec, state_dict, p, arch)
+    _check_mapped(p, arch, spec, state_dict, "ONNX graph")
     verify_mapping(p, spec, state_dict)
     return LoadedModel(spec, state_dict, str(p), sha256_file(p), "onnx")
 
@@ -108,19 +106,20 @@ def _load_keras(p: Path, arch: str | None) -> LoadedModel:
 
     model = load_keras(p)
     spec, state_dict = map_keras(model, p)
-    _check_finite(state_dict, p)
-    _check_arch(p, arch, spec, "Keras model")
-    check_state_dict(spec, state_dict, p, arch)
+    _check_mapped(p, arch, spec, state_dict, "Keras model")
     verify_mapping(model, p, spec, state_dict)
     digest = sha256_file(p) if p.is_file() else _sha256_dir(p)
     return LoadedModel(spec, state_dict, str(p), digest, "keras")
 
 
-def _check_arch(p: Path, arch: str | None, spec: ResNetSpec, what: str) -> None:
+def _check_mapped(p: Path, arch: str | None, spec: ResNetSpec, state_dict: dict, what: str) -> None:
+    """The checks every imported (mapped) model passes before its mapping is verified by running it."""
+    _check_finite(state_dict, p)
     if arch is not None:
         want = get_spec(arch, num_classes=spec.num_classes)
         if (want.stem, want.block, want.layers) != (spec.stem, spec.block, spec.layers):
             raise InputError(f"{p}: the {what} is a {spec.name}, not {arch}; omit --arch")
+    check_state_dict(spec, state_dict, p, arch)
 
 
 def _sha256_dir(p: Path) -> str:

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgeres.errors import InputError
-from edgeres.graph_blocks import BN_EPS, ConvUnit, lay_out_stages, put_unit, residual_block
+from edgeres.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
 
 # ops allowed on the data path; anything else means the graph is not a plain ResNet
 DATA_OPS = {"Conv", "BatchNormalization", "Relu", "MaxPool", "Add", "Slice", "Pad", "GlobalAveragePool",
@@ -310,10 +310,4 @@ def verify_mapping(path: str | Path, spec, state_dict, *, rel_tol: float = 1e-4,
     model.load_state_dict(state_dict, strict=False)
     with torch.no_grad():
         got = model.eval()(torch.from_numpy(x)).numpy()
-    if got.shape != ref.shape:
-        raise InputError(f"{p}: mapping check failed (logits {ref.shape} vs rebuilt {got.shape}); {HINT}")
-    err = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
-    if not err <= rel_tol:
-        raise InputError(f"{p}: mapping check failed (rebuilt {spec.name} differs from the ONNX graph by "
-                         f"{err:.2e} relative > {rel_tol:g}); {HINT}")
-    return err
+    return check_mapping(p, "ONNX graph", spec, ref, got, rel_tol, HINT)
