@@ -6,6 +6,8 @@
   classifier) divide their input columns by s_c; an option-A shortcut ties the channels it copies to the
   previous stage's scales. Block-internal ReLU channels are equalised the same way (DFQ). The fp32
   output is unchanged. Scales: (relative channel extent)^-alpha.
+* Precision points (for comparison): plain PTQ with the model input, then also the conv outputs feeding
+  residual adds, left in float.
 * Learned weights: every BN-folded weight and bias trained through straight-through fake quantisation
   (W8 per channel, A8 per tensor at the calibration ranges) to match the fp32 logits on the calibration
   images — the strongest form of AdaRound/BRECQ-style weight optimisation.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -118,26 +121,6 @@ def equalize(spec, state_dict, batches, *, alpha: float, stream: bool = True, in
     return sd
 
 
-def ste_fake_quant_act(x, lo, hi, bits: int = 8):
-    """``nb.fake_quant_act`` with a straight-through gradient."""
-    import torch
-
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    n = 2**bits - 1
-    scale = (hi - lo) / n if hi > lo else 1.0
-    zp = float(np.round(-lo / scale))
-    y = x / scale
-    return (torch.clamp(y + (torch.round(y) - y).detach() + zp, 0, n) - zp) * scale
-
-
-def ste_fake_quant_weight(w, levels: int = 127):
-    import torch
-
-    s = nb.weight_scale(w, levels).reshape(-1, *([1] * (w.ndim - 1)))
-    y = w / s
-    return torch.clamp(y + (torch.round(y) - y).detach(), -levels, levels) * s
-
-
 def learn_weights(sim, calib: np.ndarray, *, epochs: int, lr: float, seed: int = 0):
     """Train the simulation's folded weights and biases through fake quantisation to the fp32 logits."""
     import torch
@@ -149,9 +132,9 @@ def learn_weights(sim, calib: np.ndarray, *, epochs: int, lr: float, seed: int =
         m = sim.modules[name]
         params += [m.weight] + ([m.bias] if m.bias is not None else [])
         if isinstance(m, torch.nn.Conv2d):
-            m.forward = lambda x, m=m: F.conv2d(x, ste_fake_quant_weight(m.weight), m.bias, m.stride, m.padding)
+            m.forward = lambda x, m=m: F.conv2d(x, nb.fake_quant_weight(m.weight, sim.levels, ste=True), m.bias, m.stride, m.padding)
         else:
-            m.forward = lambda x, m=m: F.linear(x, ste_fake_quant_weight(m.weight), m.bias)
+            m.forward = lambda x, m=m: F.linear(x, nb.fake_quant_weight(m.weight, sim.levels, ste=True), m.bias)
     for p in sim.model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -206,12 +189,18 @@ def main() -> None:
 
     print(f"{args.arch}, {len(ref)} dev images, {args.calib_images} calibration images (mse ranges), W8A8\n")
     print("| model | RMS logit error | top-1 flips |\n|---|---|---|")
-    score("plain PTQ", plain(loaded.state_dict))
+    sim = plain(loaded.state_dict)
+    score("plain PTQ", sim)
+    measured, roles = dict(sim.ranges), nb.groups(sim.ranges, spec)
+    for floats in (["model input"], ["model input", "conv outputs into residual adds"]):
+        kept = [k for role in floats for k in roles[role]]
+        sim.ranges = {k: v for k, v in measured.items() if k not in kept}
+        score(f"plain PTQ, left in float: {' + '.join(floats)}", sim)
     for alpha in (0.5, 1.0):
         for stream, inner, what in ((True, True, "streams + block-internal"), (True, False, "streams"), (False, True, "block-internal")):
             score(f"equalised {what}, alpha {alpha}", plain(equalize(spec, loaded.state_dict, calib, alpha=alpha, stream=stream, inner=inner)))
     sim = plain(loaded.state_dict)
-    nb.fake_quant_act = ste_fake_quant_act  # the simulation's activation points, now with gradients
+    nb.fake_quant_act = functools.partial(nb.fake_quant_act, ste=True)  # activation points, now with gradients
     all_calib = np.concatenate([x for x, _ in open_dataset(DATA / "cifar10_calib.npz").batches(pre, 250)])
     learn_weights(sim, all_calib, epochs=args.epochs, lr=args.lr)
     score(f"learned weights ({len(all_calib)} calibration images, {args.epochs} epochs, lr {args.lr})", sim, weights=None)

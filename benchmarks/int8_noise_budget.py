@@ -24,7 +24,14 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
 
 
-def fake_quant_act(x, lo: float, hi: float, bits: int = 8):
+def _round(y, ste: bool):
+    """Round to integers; ``ste``: with a straight-through gradient (for learning through quantisation)."""
+    import torch
+
+    return y + (torch.round(y) - y).detach() if ste else torch.round(y)
+
+
+def fake_quant_act(x, lo: float, hi: float, bits: int = 8, ste: bool = False):
     """uint8 asymmetric fake quantisation as onnxruntime derives it from the range (lo, hi)."""
     import torch
 
@@ -32,7 +39,7 @@ def fake_quant_act(x, lo: float, hi: float, bits: int = 8):
     n = 2**bits - 1
     scale = (hi - lo) / n if hi > lo else 1.0
     zp = float(np.round(-lo / scale))
-    return (torch.clamp(torch.round(x / scale) + zp, 0, n) - zp) * scale
+    return (torch.clamp(_round(x / scale, ste) + zp, 0, n) - zp) * scale
 
 
 def weight_scale(w, levels: int):
@@ -43,11 +50,11 @@ def weight_scale(w, levels: int):
     return torch.where(absmax > 0, absmax, torch.ones_like(absmax)) / levels
 
 
-def fake_quant_weight(w, levels: int):
+def fake_quant_weight(w, levels: int, ste: bool = False):
     import torch
 
     s = weight_scale(w, levels).reshape(-1, *([1] * (w.ndim - 1)))
-    return torch.clamp(torch.round(w / s), -levels, levels) * s
+    return torch.clamp(_round(w / s, ste), -levels, levels) * s
 
 
 class QuantSim:
