@@ -4,7 +4,7 @@ Issue 8's noise budget names the model input as one of the int8 error sources; t
 mixed precision there. This measures its price: a random-weight ResNet-50 (224²) is converted to int8
 ONNX once (``--quant fast``), then the same graph with the input QuantizeLinear/DequantizeLinear pair
 removed (onnxruntime then runs the first conv in float) is timed against it, interleaved in one
-process, 1 thread, batch 1; medians and p90.
+process (run i of each graph back to back), 1 thread, batch 1; medians and p90.
 
     python benchmarks/float_input_cost.py [--runs 40] [--arch resnet50]
 """
@@ -16,7 +16,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.openvino_int8 import (
-    build_inputs,  # random-weight checkpoint + calibration npz
-)
+from benchmarks.openvino_int8 import build_inputs  # random-weight checkpoint + calibration npz
+from benchmarks.prune_speed import session, time_interleaved  # 1-thread onnxruntime, runs back to back
 
 
 def without_input_qdq(model):
@@ -46,7 +44,6 @@ def without_input_qdq(model):
 
 def main() -> None:
     import onnx
-    import onnxruntime as ort
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet50")
@@ -63,22 +60,10 @@ def main() -> None:
         int8 = work / "bundle" / rel
         mixed = work / "float_input.onnx"
         onnx.save(without_input_qdq(onnx.load(str(int8))), str(mixed))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-                    for k, p in (("int8", int8), ("float input", mixed))}
+        sessions = {"int8": session(int8, 1), "float input": session(mixed, 1)}
         size = int(sessions["int8"].get_inputs()[0].shape[2])
-        x = {sessions["int8"].get_inputs()[0].name: np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)}
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for s in sessions.values():
-            for _ in range(3):
-                s.run(None, x)
-        for r in range(args.runs):
-            for k in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
-                t0 = time.perf_counter()
-                sessions[k].run(None, x)
-                times[k].append((time.perf_counter() - t0) * 1e3)
+        x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
+        times = dict(zip(sessions, time_interleaved(list(sessions.values()), x, args.runs)))
     p50 = {k: float(np.median(v)) for k, v in times.items()}
     print(f"{args.arch} {size}², onnxruntime, 1 thread, {args.runs} interleaved runs each\n")
     print("| graph | p50 ms | p90 ms |\n|---|---|---|")

@@ -171,8 +171,10 @@ def main() -> None:
     loaded = load_model(str(DATA / f"{args.arch}.th"))
     spec, pre = loaded.spec, loaded.spec.preprocess
     xs = [x for x, _ in open_dataset(DATA / "cifar10_dev.npz").batches(pre, 250, args.images)]
-    calib = [x for x, _ in open_dataset(DATA / "cifar10_calib.npz").batches(pre, 50, args.calib_images)]
-    ref = np.concatenate([nb.QuantSim(spec, loaded.state_dict)(x) for x in xs])
+    calib_set = open_dataset(DATA / "cifar10_calib.npz")
+    calib = [x for x, _ in calib_set.batches(pre, 50, args.calib_images)]
+    sim = nb.QuantSim(spec, loaded.state_dict)
+    ref = np.concatenate([sim(x) for x in xs])
 
     def score(label: str, sim, *, weights: bool | None = True) -> None:
         sim.enabled = True
@@ -182,16 +184,16 @@ def main() -> None:
         rms, flips = float(np.sqrt(((q - ref) ** 2).mean())), int((q.argmax(1) != ref.argmax(1)).sum())
         print(f"| {label} | {rms:.3f} | {flips} |", flush=True)
 
-    def plain(sd):
-        sim = nb.QuantSim(spec, sd)
-        drift = float(np.abs(np.concatenate([sim(x) for x in xs]) - ref).max())
+    def equalised(sd):
+        eq = nb.QuantSim(spec, sd)
+        drift = float(np.abs(np.concatenate([eq(x) for x in xs]) - ref).max())
         assert drift < 1e-3, f"equalisation changed the fp32 logits by {drift:.3g}"  # a function-preserving rewrite
-        sim.collect_ranges(calib)
-        return sim
+        eq.collect_ranges(calib)
+        return eq
 
     print(f"{args.arch}, {len(ref)} dev images, {args.calib_images} calibration images (mse ranges), W8A8\n")
     print("| model | RMS logit error | top-1 flips |\n|---|---|---|")
-    sim = plain(loaded.state_dict)
+    sim.collect_ranges(calib)
     score("plain PTQ", sim)
     measured, roles = dict(sim.ranges), nb.groups(sim.ranges, spec)
     for floats in (["model input"], ["model input", "conv outputs into residual adds"]):
@@ -200,10 +202,11 @@ def main() -> None:
         score(f"plain PTQ, left in float: {' + '.join(floats)}", sim)
     for alpha in (0.5, 1.0):
         for stream, inner, what in ((True, True, "streams + block-internal"), (True, False, "streams"), (False, True, "block-internal")):
-            score(f"equalised {what}, alpha {alpha}", plain(equalize(spec, loaded.state_dict, calib, alpha=alpha, stream=stream, inner=inner)))
-    sim = plain(loaded.state_dict)
+            score(f"equalised {what}, alpha {alpha}", equalised(equalize(spec, loaded.state_dict, calib, alpha=alpha, stream=stream, inner=inner)))
+    sim.ranges = measured  # the plain model again: all its quantisation points, float weights to learn from
+    sim.set_weights_quantized(False)
     nb.fake_quant_act = functools.partial(nb.fake_quant_act, ste=True)  # activation points, now with gradients
-    all_calib = np.concatenate([x for x, _ in open_dataset(DATA / "cifar10_calib.npz").batches(pre, 250)])
+    all_calib = np.concatenate([x for x, _ in calib_set.batches(pre, 250)])
     learn_weights(sim, all_calib, epochs=args.epochs, lr=args.lr)
     score(f"learned weights ({len(all_calib)} calibration images, {args.epochs} epochs, lr {args.lr})", sim, weights=None)
 
