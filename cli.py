@@ -312,7 +312,8 @@ def prune(
     round_to: int = typer.Option(8, "--round-to", help="Round widths to multiples of N (at most 1/8 of a layer's width with --match-macs); 1 disables."),
     match_macs: bool = typer.Option(False, "--match-macs/--nearest", help="--match-macs: round widths so MACs stay at or below the exact ratio's, narrow layers in steps below N; --nearest (default): each width to its nearest multiple of N."),
     steps: int = typer.Option(1, "--steps", help="Reach --ratio in K steps with one recovery epoch between them."),
-    finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images (.npz or folder) for BN re-estimation, taylor and KD fine-tuning."),
+    reconstruct: bool = typer.Option(True, "--reconstruct/--no-reconstruct", help="With --finetune-data: refit each pruned layer to the unpruned model's outputs by least squares (default); --no-reconstruct: only re-estimate BatchNorm statistics."),
+    finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images (.npz or folder) for reconstruction (or BN re-estimation), taylor and KD fine-tuning."),
     epochs: int = typer.Option(0, "--epochs", help="Epochs of KD fine-tuning from the unpruned model."),
     lr: float = typer.Option(0.005, "--lr", help="Peak learning rate (SGD, warm-up then cosine)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Fine-tuning batch size."),
@@ -329,7 +330,7 @@ def prune(
     from edgeres.prune import PruneConfig, check_output_path, prune_loaded
 
     cfg = PruneConfig(ratio=ratio, importance=importance, global_ranking=global_ranking, round_to=round_to, steps=steps,
-                      match_macs=match_macs)
+                      match_macs=match_macs, reconstruct=reconstruct)
     cfg.validate()
     check_output_path(out)
     if epochs and finetune_data is None:
