@@ -133,3 +133,16 @@ def test_plan_uses_fewer_images_and_smaller_batches_for_large_inputs():
     assert images == IMAGES and batch == 100
     images50, batch50 = plan(get_spec("resnet50"))
     assert 32 <= images50 < IMAGES and batch50 < 100
+
+
+def test_iterative_pruning_reconstructs_after_every_step(tiny_checkpoint, tiny_npz):
+    from calibration import open_dataset
+    from edgeres.distill import FinetuneConfig
+    from edgeres.loading import load_model
+    from edgeres.prune import PruneConfig, check_rebuild, prune_loaded
+
+    loaded = load_model(tiny_checkpoint)
+    out = prune_loaded(loaded, PruneConfig(ratio=0.5, importance="l1", steps=2), train_data=open_dataset(tiny_npz),
+                       finetune=FinetuneConfig(epochs=2, batch_size=32))
+    assert len(out.record["reconstruction"]) == 2
+    assert check_rebuild(out.model, out.spec, out.state_dict) == 0
