@@ -317,6 +317,7 @@ def prune(
     epochs: int = typer.Option(0, "--epochs", help="Epochs of KD fine-tuning from the unpruned model."),
     lr: float = typer.Option(0.005, "--lr", help="Peak learning rate (SGD, warm-up then cosine)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Fine-tuning batch size."),
+    kd_loss: str = typer.Option("mse", "--kd-loss", help="Distillation loss: mse (squared error on the logits, default) or kl (softened outputs, T=4)."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, data order and augmentation."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images: top-1 before/after pruning and per epoch."),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate before/after on at most this many images."),
@@ -337,7 +338,7 @@ def prune(
         from edgeres.errors import InputError
 
         raise InputError(f"--epochs {epochs}: fine-tuning needs training images; give --finetune-data")
-    finetune = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed) if epochs else None
+    finetune = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, loss=kd_loss) if epochs else None
     if finetune is not None:
         finetune.validate()
     train = open_dataset(finetune_data) if finetune_data else None

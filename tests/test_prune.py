@@ -207,6 +207,41 @@ def test_finetune_one_epoch_is_reproducible_with_the_same_seed(tiny_model, tiny_
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_distillation_moves_the_student_towards_the_teacher(tiny_model, tiny_npz, loss):
+    import copy
+
+    import torch
+
+    from calibration import open_dataset
+    from edgeres.distill import FinetuneConfig, distill
+    from edgeres.prune import PruneConfig, identity_bns, prune
+
+    spec, model = tiny_model
+    ds = open_dataset(tiny_npz)
+    student = prune(model, spec, PruneConfig(ratio=0.5)).model
+    x = torch.from_numpy(next(ds.batches(spec.preprocess, 64))[0])
+
+    def gap():
+        with torch.no_grad():
+            return float(((student.eval()(x) - model.eval()(x)) ** 2).mean())
+
+    before = gap()
+    distill(student, copy.deepcopy(model), ds, spec.preprocess,
+            FinetuneConfig(epochs=3, batch_size=16, lr=0.02, loss=loss, label_weight=0.0, augment=False),
+            frozen_bns=identity_bns(student))
+    assert gap() < 0.7 * before
+
+
+def test_unknown_kd_loss_exits_2_and_writes_nothing(cli, tiny_checkpoint, tiny_npz, tmp_path):
+    out = tmp_path / "p.pt"
+    r = cli("prune", tiny_checkpoint, "--ratio", "0.3", "--finetune-data", tiny_npz, "--epochs", "1",
+            "--kd-loss", "huber", "--out", out)
+    assert r.returncode == 2
+    assert "--kd-loss huber" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_prune_with_finetune_records_a_curve(cli, tiny_checkpoint, tiny_npz, tmp_path):
     out = tmp_path / "p.pt"
     r = cli("prune", tiny_checkpoint, "--ratio", "0.5", "--finetune-data", tiny_npz, "--epochs", "1",
