@@ -516,7 +516,9 @@ def prune_loaded(loaded, cfg: PruneConfig, *, train_data=None, finetune=None, ev
         n = min(images, len(train_data))
         log(f"reconstructing pruned layers from {n} images (least squares to the unpruned outputs)")
         rec = reconstruct.reconstruct(model, reference, spec, (x for x, _ in train_data.batches(pre, batch, n)))
-        log(f"reconstructed {rec['layers']} layers in {rec['seconds']:.0f} s")
+        log(f"reconstructed {rec['layers']} layers in {rec['seconds']:.0f} s"
+            + (f"; kept the pruned weights of {len(rec['skipped_too_few_images'])} layers with too few images for a fit"
+               f" ({', '.join(rec['skipped_too_few_images'][:3])}…)" if rec["skipped_too_few_images"] else ""))
         reconstructions.append(rec)
 
     step_curves = []

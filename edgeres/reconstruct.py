@@ -26,6 +26,7 @@ RIDGE = 1e-3
 IMAGES = 1000  # CIFAR-size models; larger inputs use fewer (see ``plan``)
 CACHE_BYTES = 512 * 2**20  # block inputs of all images are cached, once per model
 BATCH_BYTES = 64 * 2**20
+MIN_ROWS_PER_UNKNOWN = 2
 
 
 def plan(spec) -> tuple[int, int]:
@@ -96,14 +97,18 @@ class _Normal:
         self.rows += len(X)
 
     def solve(self, ridge: float):
+        """The weights, or None when there are fewer than ``MIN_ROWS_PER_UNKNOWN`` rows per unknown (the fit
+        would memorise the images rather than the layer; the pruned weights are kept then)."""
         import torch
 
         n = self.A.shape[0]
+        if self.rows < MIN_ROWS_PER_UNKNOWN * n:
+            return None
         reg = ridge * float(torch.trace(self.A)) / n + 1e-12
         return torch.linalg.solve(self.A + reg * torch.eye(n, dtype=self.A.dtype), self.B)
 
 
-def _refit_conv(sconv, tconv, omap, s_inputs: list, t_inputs: list, s_block, t_block, ridge: float) -> None:
+def _refit_conv(sconv, tconv, omap, s_inputs: list, t_inputs: list, s_block, t_block, ridge: float) -> bool:
     import torch
     import torch.nn.functional as F
 
@@ -117,8 +122,11 @@ def _refit_conv(sconv, tconv, omap, s_inputs: list, t_inputs: list, s_block, t_b
             X = cols.transpose(1, 2).reshape(-1, cols.shape[1])
             Y = target.flatten(2).transpose(1, 2).reshape(-1, target.shape[1])
             normal.add(X, Y)
-        W = normal.solve(ridge).T.reshape(sconv.weight.shape)
-        sconv.weight.copy_(W.to(sconv.weight.dtype))
+        W = normal.solve(ridge)
+        if W is None:
+            return False
+        sconv.weight.copy_(W.T.reshape(sconv.weight.shape).to(sconv.weight.dtype))
+    return True
 
 
 def _block_convs(block) -> list[str]:
@@ -149,7 +157,7 @@ def reconstruct(pruned, reference, spec, batches: Iterable, *, ridge: float = RI
     with torch.no_grad():
         xs = [stem(pruned, x) for x in data]
         xt = [stem(reference, x) for x in data]
-    layers = 0
+    layers, skipped = 0, []
     for s in range(len(spec.layers)):
         for b in range(spec.layers[s]):
             prefix = f"layer{s + 1}.{b}"
@@ -157,8 +165,10 @@ def reconstruct(pruned, reference, spec, batches: Iterable, *, ridge: float = RI
             for cname in _block_convs(s_block):
                 bn_name = cname.replace("conv", "bn") if not cname.startswith("downsample") else "downsample.1"
                 sconv, tconv = s_block.get_submodule(cname), t_block.get_submodule(cname)
-                _refit_conv(sconv, tconv, maps[f"{prefix}.{bn_name}"], xs, xt, s_block, t_block, ridge)
-                layers += 1
+                if _refit_conv(sconv, tconv, maps[f"{prefix}.{bn_name}"], xs, xt, s_block, t_block, ridge):
+                    layers += 1
+                else:
+                    skipped.append(f"{prefix}.{cname}")
             with torch.no_grad():
                 xs = [s_block(x) for x in xs]
                 xt = [t_block(x) for x in xt]
@@ -171,9 +181,13 @@ def reconstruct(pruned, reference, spec, batches: Iterable, *, ridge: float = RI
             feats = _capture(s_fc, lambda: pruned(x), "in")
             target = _capture(t_fc, lambda: reference(x), "out")
             normal.add(torch.cat([feats, torch.ones(len(feats), 1)], 1), target)
-        Wb = normal.solve(ridge).T.to(s_fc.weight.dtype)
-        s_fc.weight.copy_(Wb[:, :-1])
-        s_fc.bias.copy_(Wb[:, -1])
-    layers += 1
-    return {"images": sum(len(x) for x in data), "layers": layers, "ridge": ridge,
-            "seconds": round(time.perf_counter() - t0, 1)}
+        Wb = normal.solve(ridge)
+        if Wb is None:
+            skipped.append(name)
+        else:
+            Wb = Wb.T.to(s_fc.weight.dtype)
+            s_fc.weight.copy_(Wb[:, :-1])
+            s_fc.bias.copy_(Wb[:, -1])
+            layers += 1
+    return {"images": sum(len(x) for x in data), "layers": layers, "skipped_too_few_images": skipped,
+            "ridge": ridge, "seconds": round(time.perf_counter() - t0, 1)}

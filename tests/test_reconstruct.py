@@ -146,3 +146,18 @@ def test_iterative_pruning_reconstructs_after_every_step(tiny_checkpoint, tiny_n
                        finetune=FinetuneConfig(epochs=2, batch_size=32))
     assert len(out.record["reconstruction"]) == 2
     assert check_rebuild(out.model, out.spec, out.state_dict) == 0
+
+
+def test_layers_with_too_few_images_for_a_fit_keep_their_pruned_weights(tiny_model):
+    import torch
+
+    from edgeres.reconstruct import reconstruct
+
+    spec, model = tiny_model
+    out, reference = _pruned_with_reference(spec, model)
+    head = out.model.linear.weight.detach().clone()
+    # 8 images: plenty of rows for stage 1 (8 × 16² positions), too few for the 4×4 last stage and the classifier
+    record = reconstruct(out.model, reference, spec, [_inputs(spec, 8, seed=0)])
+    assert "linear" in record["skipped_too_few_images"] and "layer1.0.conv1" not in record["skipped_too_few_images"]
+    assert record["layers"] >= 2
+    assert torch.equal(out.model.linear.weight, head)
