@@ -149,7 +149,7 @@ def reconstruct(pruned, reference, spec, batches: Iterable, *, ridge: float = RI
     reference.eval()
     data = [torch.as_tensor(x) for x in batches]
     if not data:
-        return {"images": 0, "layers": 0, "seconds": 0.0}
+        return {"images": 0, "layers": 0, "skipped_too_few_images": [], "ridge": ridge, "seconds": 0.0}
 
     def stem(m, x):
         return m.maxpool(m.relu(m.bn1(m.conv1(x))))
