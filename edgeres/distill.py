@@ -4,7 +4,8 @@ The student learns the teacher's logits (squared error, default) or softened out
 ``T``) on augmented images (random crop with padding + horizontal flip); when the data has labels, a share
 of the loss is plain cross-entropy.
 Data order and augmentation come from ``numpy.random.default_rng(seed + epoch)``, weights from
-``torch.manual_seed(seed)``, so the same seed gives the same weights.
+``torch.manual_seed(seed)``, so the same seed gives the same weights at the same thread count (more threads
+sum in another order; over 10 epochs that moves top-1 like another seed would).
 """
 
 from __future__ import annotations
