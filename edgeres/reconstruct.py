@@ -151,12 +151,9 @@ def reconstruct(pruned, reference, spec, batches: Iterable, *, ridge: float = RI
     if not data:
         return {"images": 0, "layers": 0, "skipped_too_few_images": [], "ridge": ridge, "seconds": 0.0}
 
-    def stem(m, x):
-        return m.maxpool(m.relu(m.bn1(m.conv1(x))))
-
     with torch.no_grad():
-        xs = [stem(pruned, x) for x in data]
-        xt = [stem(reference, x) for x in data]
+        xs = [pruned.run_stem(x) for x in data]
+        xt = [reference.run_stem(x) for x in data]
     layers, skipped = 0, []
     for s in range(len(spec.layers)):
         for b in range(spec.layers[s]):
@@ -177,9 +174,9 @@ def reconstruct(pruned, reference, spec, batches: Iterable, *, ridge: float = RI
     s_fc, t_fc = pruned.get_submodule(name), reference.get_submodule(name)
     normal = _Normal()
     with torch.no_grad():
-        for x in data:
-            feats = _capture(s_fc, lambda: pruned(x), "in")
-            target = _capture(t_fc, lambda: reference(x), "out")
+        for x_s, x_t in zip(xs, xt):  # the last stage's outputs, already computed
+            feats = _capture(s_fc, lambda: pruned.run_head(x_s), "in")
+            target = _capture(t_fc, lambda: reference.run_head(x_t), "out")
             normal.add(torch.cat([feats, torch.ones(len(feats), 1)], 1), target)
         Wb = normal.solve(ridge)
         if Wb is None:

@@ -100,9 +100,16 @@ def build_torch(spec: ResNetSpec):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
         def forward(self, x):
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.run_stem(x)
             for s in range(len(spec.layers)):
                 x = getattr(self, f"layer{s + 1}")(x)
+            return self.run_head(x)
+
+        def run_stem(self, x):
+            return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+        def run_head(self, x):
+            """Pooling, flatten, hidden Dense layers and the classifier, from the last stage's output."""
             head = spec.head_layers
             if head.pool == "avg":
                 x = self.avgpool(x)
