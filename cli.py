@@ -2,14 +2,62 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer ≥ 0.22 vendors click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer on the click package
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (unknown option, missing or mistyped value) as one ``edgeres: error:`` line, exit 2,
+    like every other error, instead of a multi-line box. Both the console script and ``CliRunner`` go
+    through these methods: the group's own flags are parsed in ``make_context``, the command name and
+    the command's flags in ``invoke``."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage_errors(None):
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors(ctx):
+            return super().invoke(ctx)
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta[_COMMAND_KEY] = name  # some parser errors carry no context to name the command by
+        return name, command, rest
+
+
+_COMMAND_KEY = "edgeres.command"
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors(group_ctx):
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise  # bare `edgeres`: the help text is the answer
+    except UsageError as e:
+        if e.ctx is not None and e.ctx.parent is not None:
+            command = e.ctx.info_name
+        else:
+            command = group_ctx.meta.get(_COMMAND_KEY) if group_ctx is not None else None
+        message = " ".join(e.format_message().split()).rstrip(".")
+        _err(f"{message}; see edgeres {command + ' ' if command else ''}--help")
+        raise typer.Exit(2) from None
+
 
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -140,18 +188,29 @@ def eval_cmd(
     from pathlib import Path
 
     from calibration import open_dataset
+    from edgeres.flags import check_number, check_threads
 
+    check_number("--limit", limit, at_least=1)
+    check_threads("--threads", threads)
+    is_bundle = Path(path).is_dir()
+    if layers and not is_bundle:
+        from edgeres.errors import InputError
+
+        raise InputError(f"--layers: {path} is not a bundle directory; per-layer SQNR compares a bundle's "
+                         "onnx int8 artifact to its fp32 reference")
     dataset = open_dataset(data)
-    if Path(path).is_dir():
+    if is_bundle:
         from edgeres.bundle_eval import evaluate_bundle
+        from edgeres.layer_error import layer_sqnr_for_bundle
 
+        # measured before evaluate_bundle stores eval.json, so a failure here leaves the stored results as they were
+        layer_rows = layer_sqnr_for_bundle(path, dataset) if layers else None
         result = evaluate_bundle(path, dataset, limit=limit, threads=threads)
         if layers:
             from edgeres.bundle import read_result, write_json_atomic
             from edgeres.bundle_eval import EVAL_FILE
-            from edgeres.layer_error import layer_sqnr_for_bundle
 
-            result["layers"] = layer_sqnr_for_bundle(path, dataset)
+            result["layers"] = layer_rows
             stored = read_result(Path(path), EVAL_FILE) or {}
             write_json_atomic(Path(path) / EVAL_FILE, {**stored, "layers": result["layers"]})  # for `report`
         if json_out:
@@ -224,6 +283,9 @@ def convert(
         raise typer.Exit(3)
 
 
+MAX_BENCH_BATCH = 1024
+
+
 def _int_csv(value: Optional[str], flag: str) -> tuple[int, ...]:
     from edgeres.errors import InputError
 
@@ -260,12 +322,17 @@ def bench(
 ):
     """Latency, FPS and peak memory of every artifact, each in a fresh process (locally or on a device)."""
     from edgeres.bench import BenchConfig, RemoteHost, any_failed, bench_bundle, bench_table
-    from edgeres.errors import InputError
+    from edgeres.flags import check_number, check_threads
 
-    try:
-        thread_counts = tuple(int(t) for t in _csv(threads))
-    except ValueError:
-        raise InputError(f"--threads {threads!r}: expected a comma list of integers, e.g. 1,2,4") from None
+    thread_counts = _int_csv(threads, "--threads")
+    check_threads("--threads", thread_counts)
+    check_number("--warmup", warmup, at_least=0)
+    check_number("--runs", runs, at_least=1)
+    max_seconds = BenchConfig.run_timeout_s * 2 / 3
+    check_number("--seconds", seconds, above=0, at_most=max_seconds,
+                 why=f"each run is stopped after {BenchConfig.run_timeout_s:.0f} s, loading and warm-up included")
+    check_number("--batch", batch, at_least=1, at_most=MAX_BENCH_BATCH,
+                 why="a larger random input does not fit an edge device's memory")
     cfg = BenchConfig(threads=thread_counts, warmup=warmup, runs=None if seconds is not None and runs is None
                       else (runs if runs is not None else 100), seconds=seconds, batch=batch)
     host = RemoteHost(remote, python=remote_python, ssh_options=tuple(ssh_option)) if remote else None
@@ -292,7 +359,10 @@ def report(
     threads: Optional[int] = typer.Option(None, "--threads", help="Show latency at this thread count (default: the largest benchmarked)."),
 ):
     """Accuracy-drop and latency table (Markdown on stdout and DIR/report.md); --html adds plots."""
+    from edgeres.flags import check_threads
     from edgeres.report import write_report
+
+    check_threads("--threads", threads)
 
     result = write_report(bundle, html_out=html_out, threads=threads)
     print(result["markdown_text"])
@@ -325,6 +395,8 @@ def prune(
     json_out: bool = typer.Option(False, "--json", help="Print the pruning record as JSON."),
 ):
     """Structured channel pruning (+ optional KD recovery) into a new, smaller checkpoint."""
+    _check_prune_numbers(round_to=round_to, steps=steps, epochs=epochs, batch_size=batch_size, seed=seed,
+                         eval_images=eval_images)
     from calibration import open_dataset
     from edgeres.distill import FinetuneConfig
     from edgeres.loading import load_model, save_checkpoint
@@ -364,6 +436,18 @@ def prune(
 
 
 
+def _check_prune_numbers(*, round_to: int, steps: int, epochs: int, batch_size: int, seed: int,
+                         eval_images: int | None) -> None:
+    from edgeres.flags import check_number
+
+    check_number("--round-to", round_to, at_least=1)
+    check_number("--steps", steps, at_least=1)
+    check_number("--epochs", epochs, at_least=0)
+    check_number("--batch-size", batch_size, at_least=1)
+    check_number("--seed", seed, at_least=0, at_most=2**63 - 1, why="torch takes 64-bit seeds")
+    check_number("--eval-images", eval_images, at_least=1)
+
+
 # --- demo command (issue 10) goes here ---
 @app.command()
 @handled
@@ -373,7 +457,9 @@ def demo(
 ):
     """Whole pipeline on a built-in model: train a ResNet-20 on scikit-learn digits, convert, evaluate, report."""
     from edgeres.demo import DemoConfig, run_demo
+    from edgeres.flags import check_number
 
+    check_number("--train-seconds", train_seconds, above=0)
     result = run_demo(DemoConfig(out=out, train_seconds=train_seconds))
     _print_conversion(result["bundle"], result["manifest"])
     if any(a["status"] != "ok" for a in result["manifest"]["artifacts"]):

@@ -185,10 +185,10 @@ class RemoteExecutor:
             raise RemoteError(f"--remote: `{cmd[0]}` is not installed here; install the OpenSSH client") from None
         except subprocess.TimeoutExpired:
             raise RemoteError(f"{self.host}: {what} timed out after {timeout:.0f} s; check the host is up "
-                              f"and reachable (ssh {self.host} true)") from None
+                              f"and reachable (ssh {shlex.quote(self.host)} true)") from None
         if out.returncode == 255:  # ssh's own failure: connection refused/dropped, auth, host key
             raise RemoteError(f"{self.host}: ssh failed during {what} ({_tail(out.stderr)}); check "
-                              f"`ssh -o BatchMode=yes {self.host} true` works with key auth")
+                              f"`ssh -o BatchMode=yes {shlex.quote(self.host)} true` works with key auth")
         return out
 
     def __enter__(self):

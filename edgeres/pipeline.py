@@ -132,16 +132,28 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError(f"--estimator: unknown {cfg.estimator!r}; choose from {', '.join(ESTIMATORS)}")
     if cfg.quant not in QUANT_PRESETS:
         raise InputError(f"--quant: unknown preset {cfg.quant!r}; choose from {', '.join(QUANT_PRESETS)}")
-    if cfg.calib_images < 1:
-        raise InputError(f"--calib-images: {cfg.calib_images} must be at least 1")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise InputError(f"--threads: {cfg.threads} must be at least 1")
+    _validate_numbers(cfg)
+    for target_name, options in cfg.target_options.items():  # onnx options also shape openvino's QDQ int8
+        get_target(target_name).check_options(options)
     if cfg.accuracy_budget_pp is not None and cfg.accuracy_budget_pp < 0:
         raise InputError(f"--accuracy-budget: {cfg.accuracy_budget_pp} pp must be zero or more")
     if cfg.accuracy_budget_pp is not None and cfg.eval_data is None:
         raise InputError("--accuracy-budget needs --eval DATA to measure the drop against")
-    if cfg.bench and (not cfg.bench_threads or min(cfg.bench_threads) < 1 or cfg.bench_runs < 1):
-        raise InputError("--bench-threads / --bench-runs: give thread counts ≥ 1 and at least 1 run")
+    if cfg.bench and not cfg.bench_threads:
+        raise InputError("--bench-threads: no thread count given; e.g. --bench-threads 1,2")
+    if cfg.prune is not None and cfg.finetune_epochs and cfg.finetune_data is None:
+        raise InputError(f"--epochs {cfg.finetune_epochs}: fine-tuning needs training images; give --finetune-data")
+
+
+def _validate_numbers(cfg: ConvertConfig) -> None:
+    from edgeres.flags import check_number, check_threads
+
+    check_number("--calib-images", cfg.calib_images, at_least=1)
+    check_number("--eval-images", cfg.eval_images, at_least=1)
+    check_threads("--threads", cfg.threads)
+    check_threads("--bench-threads", cfg.bench_threads)
+    check_number("--bench-runs", cfg.bench_runs, at_least=1)
+    check_number("--epochs", cfg.finetune_epochs, at_least=0)
 
 
 def plan(cfg: ConvertConfig) -> list[tuple[str, str]]:
@@ -291,7 +303,7 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
     steps = _Steps(work)
     if resumed:
         log(f"resuming an interrupted conversion from {work.name}")
-    published = False
+    keep_for_resume = False
     try:
         log(f"[bold]edgeres convert[/] {loaded.source} ({spec.name}, {spec.cost()['macs'] / 1e6:.1f} M MACs) → {out}")
         if steps.get("export") is None or not (work / REFERENCE_FILE).exists():
@@ -372,19 +384,16 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
         (work / STEPS_FILE).unlink(missing_ok=True)
         write_json_atomic(work / MANIFEST, manifest)
         publish(work, out)
-        published = True
         return manifest
     except KeyboardInterrupt:
+        keep_for_resume = True
         log(f"interrupted: {out} was not written; finished steps are kept in {work.name} — re-run to resume")
         raise
-    except (InputError, DataError):
-        shutil.rmtree(work, ignore_errors=True)  # bad input: nothing worth resuming
-        raise
     except OSError as e:
-        shutil.rmtree(work, ignore_errors=True)
         raise InputError(f"{out}: writing the bundle failed ({e.strerror or e}); free disk space or choose another --out") from None
     finally:
-        if published:
+        # only an interruption is worth resuming; after any error (or after publishing) nothing may stay behind
+        if not keep_for_resume:
             shutil.rmtree(work, ignore_errors=True)
 
 

@@ -2,6 +2,7 @@
 
 ``available() -> str``            the runtime version, or raise ``TargetUnavailable`` with the pip fix
 ``PRECISIONS``                    precisions it can produce
+``check_options(options)``        refuse unknown ``--option`` keys or values (``OptionError``), no runtime needed
 ``compile(job: CompileJob) -> Artifact``   write the artifact(s) into ``job.out_dir``
 ``load_runner(path, threads=None) -> Runner``   run an artifact: ``runner(x_nchw_float32) -> logits``
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from targets.base import Artifact, CompileJob, TargetError, TargetUnavailable
+from targets.base import Artifact, CompileJob, OptionError, TargetError, TargetUnavailable
 
 TARGETS = ("onnx", "openvino", "tflite")
 RUNTIME_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "ai-edge-litert"}
@@ -23,4 +24,4 @@ def get_target(name: str):
     return importlib.import_module(f"targets.{name}")
 
 
-__all__ = ["Artifact", "CompileJob", "TARGETS", "RUNTIME_PACKAGES", "TargetError", "TargetUnavailable", "get_target"]
+__all__ = ["Artifact", "CompileJob", "OptionError", "TARGETS", "RUNTIME_PACKAGES", "TargetError", "TargetUnavailable", "get_target"]

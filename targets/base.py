@@ -19,6 +19,18 @@ class TargetUnavailable(TargetError):
     """The runtime this target needs is not installed (message says what to pip install)."""
 
 
+class OptionError(TargetError):
+    """A ``--option TARGET.KEY=VALUE`` the target does not take: bad input (exit 2), found before any work."""
+
+    exit_code = 2
+
+
+def check_threads_option(target: str, options: dict) -> None:
+    threads = options.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise OptionError(f"--option {target}.threads={threads}: give a whole number of threads, at least 1")
+
+
 @dataclass(frozen=True)
 class CompileJob:
     """Everything a target compiles from. Targets never import ``edgeres``.

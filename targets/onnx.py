@@ -18,7 +18,8 @@ import numpy as np
 
 from calibration.cpu import CpuFeatures, cpu_features
 from calibration.errors import DataError
-from targets.base import Artifact, CompileJob, Runner, TargetError, TargetUnavailable
+from targets.base import (Artifact, CompileJob, OptionError, Runner, TargetError, TargetUnavailable,
+                          check_threads_option)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 QDQ_METADATA_KEY = "edgeres.quantization"
@@ -128,10 +129,7 @@ def choose_int8_recipe(cpu: CpuFeatures, options: dict | None = None) -> dict:
     VNNI (vpdpbusd accumulates into int32) full 8-bit weights are safe. ARM kernels prefer S8S8.
     """
     options = dict(options or {})
-    unknown = sorted(set(options) - set(QDQ_OPTIONS))
-    if unknown:
-        raise TargetError(f"--option onnx.{unknown[0]}: unknown onnx option; known: "
-                          + ", ".join(f"onnx.{k}" for k in QDQ_OPTIONS))
+    check_options(options)
     if cpu.arch == "arm":
         activation_type, reduce_range, reason = "int8", False, "ARM: S8S8 kernels"
     elif cpu.vnni:
@@ -140,18 +138,30 @@ def choose_int8_recipe(cpu: CpuFeatures, options: dict | None = None) -> dict:
         activation_type, reduce_range, reason = "uint8", True, "x86 without VNNI: U8S8 saturates int16, 7-bit weights"
     if "activation_type" in options:
         activation_type = str(options["activation_type"]).lower()
-        if activation_type not in ACTIVATION_TYPES:
-            raise TargetError(f"--option onnx.activation_type={options['activation_type']}: choose uint8 or int8")
         reason = "set by option onnx.activation_type"
     if "reduce_range" in options:
-        if not isinstance(options["reduce_range"], bool):
-            raise TargetError(f"--option onnx.reduce_range={options['reduce_range']}: choose true or false")
         reduce_range, reason = options["reduce_range"], "set by option onnx.reduce_range"
     per_channel = options.get("per_channel", True)
-    if not isinstance(per_channel, bool):
-        raise TargetError(f"--option onnx.per_channel={per_channel}: choose true or false")
     return {"activation_type": activation_type, "weight_type": "int8", "per_channel": per_channel,
             "reduce_range": reduce_range, "reason": reason, "cpu_features": list(cpu.flags)}
+
+
+def check_options(options: dict) -> None:
+    """Refuse unknown keys and values of the wrong kind; the pipeline calls this before any work."""
+    unknown = sorted(set(options) - set(QDQ_OPTIONS))
+    if unknown:
+        raise OptionError(f"--option onnx.{unknown[0]}: unknown onnx option; known: "
+                          + ", ".join(f"onnx.{k}" for k in QDQ_OPTIONS))
+    if "activation_type" in options and str(options["activation_type"]).lower() not in ACTIVATION_TYPES:
+        raise OptionError(f"--option onnx.activation_type={options['activation_type']}: choose uint8 or int8")
+    for key in ("reduce_range", "per_channel"):
+        if key in options and not isinstance(options[key], bool):
+            raise OptionError(f"--option onnx.{key}={options[key]}: choose true or false")
+    nodes = options.get("float_nodes")
+    if nodes is not None and not (isinstance(nodes, str) or (isinstance(nodes, (list, tuple))
+                                                              and all(isinstance(n, str) for n in nodes))):
+        raise OptionError(f"--option onnx.float_nodes={nodes}: give ONNX node names separated by commas")
+    check_threads_option("onnx", options)
 
 
 def quantize_qdq(onnx_fp32_path: str | Path, ranges: dict, out_path: str | Path, *,

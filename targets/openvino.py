@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import Artifact, CompileJob, Runner, TargetError, TargetUnavailable
+from targets.base import (Artifact, CompileJob, OptionError, Runner, TargetError, TargetUnavailable,
+                          check_threads_option)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINES = ("qdq", "nncf")
@@ -106,22 +107,28 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
 
 def _check_options(job: CompileJob) -> dict:
     options = dict(job.options)
+    check_options(options)
+    return options
+
+
+def check_options(options: dict) -> None:
+    """Refuse unknown keys and values of the wrong kind; the pipeline calls this before any work."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise TargetError(f"--option openvino.{unknown[0]}: unknown option; known: {', '.join(OPTIONS)}")
+        raise OptionError(f"--option openvino.{unknown[0]}: unknown option; known: {', '.join(OPTIONS)}")
     if options.get("engine", DEFAULT_ENGINE) not in ENGINES:
-        raise TargetError(f"--option openvino.engine={options['engine']}: choose one of {', '.join(ENGINES)}")
+        raise OptionError(f"--option openvino.engine={options['engine']}: choose one of {', '.join(ENGINES)}")
     if str(options.get("nncf_preset", "performance")).lower() not in NNCF_PRESETS:
-        raise TargetError(f"--option openvino.nncf_preset={options['nncf_preset']}: "
+        raise OptionError(f"--option openvino.nncf_preset={options['nncf_preset']}: "
                           f"choose one of {', '.join(NNCF_PRESETS)}")
     if str(options.get("hint", DEFAULT_HINT)).upper() not in HINTS:
-        raise TargetError(f"--option openvino.hint={options['hint']}: choose one of {', '.join(HINTS)}")
+        raise OptionError(f"--option openvino.hint={options['hint']}: choose one of {', '.join(HINTS)}")
     if options.get("inference_precision", DEFAULT_INFERENCE_PRECISION) not in INFERENCE_PRECISIONS:
-        raise TargetError(f"--option openvino.inference_precision={options['inference_precision']}: "
+        raise OptionError(f"--option openvino.inference_precision={options['inference_precision']}: "
                           f"choose one of {', '.join(INFERENCE_PRECISIONS)}")
     if options.get("embed_preprocess", False) not in (True, False):
-        raise TargetError(f"--option openvino.embed_preprocess={options['embed_preprocess']}: give true or false")
-    return options
+        raise OptionError(f"--option openvino.embed_preprocess={options['embed_preprocess']}: give true or false")
+    check_threads_option("openvino", options)
 
 
 def _convert(onnx_path: Path):

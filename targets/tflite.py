@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from calibration.errors import DataError
-from targets.base import Artifact, CompileJob, Runner, TargetError, TargetUnavailable
+from targets.base import (Artifact, CompileJob, OptionError, Runner, TargetError, TargetUnavailable,
+                          check_threads_option)
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 ENGINE = "keras-from-spec + LiteRT converter"
@@ -95,19 +96,27 @@ def native_stderr_quiet():
             os.close(saved)
 
 
+def check_options(options: dict) -> None:
+    """Refuse unknown keys and values of the wrong kind; the pipeline calls this before any work."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise OptionError(f"tflite: unknown option(s) {', '.join('tflite.' + k for k in unknown)}; "
+                          f"known: tflite.io={'|'.join(IO_TYPES)}, tflite.ranges={'|'.join(RANGE_SOURCES)}")
+    io = str(options.get("io", "float"))
+    if io not in IO_TYPES:
+        raise OptionError(f"tflite: --option tflite.io={io} is not one of {', '.join(IO_TYPES)}")
+    range_source = options.get("ranges")
+    if range_source is not None and str(range_source) not in RANGE_SOURCES:
+        raise OptionError(f"tflite: --option tflite.ranges={range_source} is not one of {', '.join(RANGE_SOURCES)}")
+    check_threads_option("tflite", options)
+
+
 def _compile(job: CompileJob) -> Artifact:
     if job.precision not in PRECISIONS:
         raise TargetError(f"tflite: precision {job.precision!r} is not one of {', '.join(PRECISIONS)}")
-    unknown = sorted(set(job.options) - set(OPTIONS))
-    if unknown:
-        raise TargetError(f"tflite: unknown option(s) {', '.join('tflite.' + k for k in unknown)}; "
-                          f"known: tflite.io={'|'.join(IO_TYPES)}, tflite.ranges={'|'.join(RANGE_SOURCES)}")
+    check_options(job.options)
     io = str(job.options.get("io", "float"))
-    if io not in IO_TYPES:
-        raise TargetError(f"tflite: --option tflite.io={io} is not one of {', '.join(IO_TYPES)}")
     range_source = str(job.options.get("ranges", "estimator" if job.estimator else "converter"))
-    if range_source not in RANGE_SOURCES:
-        raise TargetError(f"tflite: --option tflite.ranges={range_source} is not one of {', '.join(RANGE_SOURCES)}")
     if range_source == "estimator" and not job.estimator:
         raise TargetError("tflite: --option tflite.ranges=estimator needs the pipeline's estimator (job.estimator)")
     if job.keras_model is None:
