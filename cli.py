@@ -201,8 +201,10 @@ def eval_cmd(
     dataset = open_dataset(data)
     if is_bundle:
         from edgeres.bundle_eval import evaluate_bundle
+        from edgeres.evaluate import number_bundle_class_folders
         from edgeres.layer_error import layer_sqnr_for_bundle
 
+        number_bundle_class_folders(path, dataset)
         # measured before evaluate_bundle stores eval.json, so a failure here leaves the stored results as they were
         layer_rows = layer_sqnr_for_bundle(path, dataset) if layers else None
         result = evaluate_bundle(path, dataset, limit=limit, threads=threads)
@@ -222,9 +224,9 @@ def eval_cmd(
     from edgeres.loading import load_model
 
     loaded = load_model(path, arch)
-    check_labels(dataset, loaded.spec.num_classes)
     dataset.check_image_size(loaded.spec.preprocess)
-    logits = collect_logits(torch_runner(loaded.to_torch()), dataset, loaded.spec.preprocess, limit=limit)
+    check_labels(dataset, loaded.spec.num_classes, loaded.spec.labels)
+    logits = collect_logits(torch_runner(loaded.to_torch()), dataset, loaded.spec.preprocess, limit=limit, source=path)
     labels = dataset.labels[dataset.spread(limit)]
     result = {"model": path, "arch": loaded.spec.name, "images": int(len(labels)), **topk_accuracy(logits, labels)}
     if json_out:
@@ -392,6 +394,7 @@ def prune(
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images: top-1 before/after pruning and per epoch."),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate before/after on at most this many images."),
     out: str = typer.Option(..., "--out", help="Pruned checkpoint to write (.pt)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file (never the input model)."),
     json_out: bool = typer.Option(False, "--json", help="Print the pruning record as JSON."),
 ):
     """Structured channel pruning (+ optional KD recovery) into a new, smaller checkpoint."""
@@ -399,13 +402,13 @@ def prune(
                          eval_images=eval_images)
     from calibration import open_dataset
     from edgeres.distill import FinetuneConfig
-    from edgeres.loading import load_model, save_checkpoint
-    from edgeres.prune import PruneConfig, check_output_path, prune_loaded
+    from edgeres.loading import load_model
+    from edgeres.prune import PruneConfig, check_output_path, prune_loaded, save_pruned
 
     cfg = PruneConfig(ratio=ratio, importance=importance, global_ranking=global_ranking, round_to=round_to, steps=steps,
                       match_macs=match_macs, reconstruct=reconstruct)
     cfg.validate()
-    check_output_path(out)
+    check_output_path(out, model, force=force)
     if epochs and finetune_data is None:
         from edgeres.errors import InputError
 
@@ -417,7 +420,7 @@ def prune(
     evald = open_dataset(eval_data, require_labels=True) if eval_data else None
     loaded = load_model(model, arch)
     outcome = prune_loaded(loaded, cfg, train_data=train, finetune=finetune, eval_data=evald, eval_images=eval_images)
-    save_checkpoint(out, outcome.spec, outcome.state_dict, extra={"pruning": outcome.record})
+    save_pruned(out, outcome, model, force=force)
     r = outcome.record
     if json_out:
         return _print_json({"out": out, "arch": outcome.spec.name, **r})

@@ -60,7 +60,8 @@ class Preprocess:
             if (h, w) != (self.size, self.size):
                 raise DataError(
                     f"{source}: images are {h}×{w} but the model expects {self.size}×{self.size} "
-                    "and its preprocessing has no resize; give images of the right size or pass --resize"
+                    f"and its preprocessing takes images as they are (no resize); give {self.size}×{self.size} "
+                    "images (resize them beforehand, e.g. with Pillow)"
                 )
             return images
         out = np.empty((images.shape[0], self.size, self.size, 3), np.uint8)
@@ -111,7 +112,8 @@ def bilinear_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
     wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    f = img.astype(np.float32)
-    top = f[y0][:, x0] * (1 - wx) + f[y0][:, x1] * wx
-    bottom = f[y1][:, x0] * (1 - wx) + f[y1][:, x1] * wx
+    # gather the rows first: a large photo is never converted to float as a whole
+    rows0, rows1 = img[y0].astype(np.float32), img[y1].astype(np.float32)
+    top = rows0[:, x0] * (1 - wx) + rows0[:, x1] * wx
+    bottom = rows1[:, x0] * (1 - wx) + rows1[:, x1] * wx
     return np.clip(np.rint(top * (1 - wy) + bottom * wy), 0, 255).astype(np.uint8)

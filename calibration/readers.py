@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import math
 import os
+import struct
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -15,6 +19,12 @@ from calibration.errors import DataError
 from calibration.preprocess import Preprocess, check_uint8_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# An uncompressed npz member is memory-mapped; anything else is decompressed into memory, so a small
+# compressed file could ask for any amount: refuse members that would need more than this.
+MAX_IN_MEMORY_BYTES = 2 << 30
+# Pillow's own warning threshold (~89 MP, 268 MB decoded as RGB): far beyond any photo a ResNet is fed
+MAX_IMAGE_PIXELS = 89_478_485
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 @dataclass
@@ -27,6 +37,16 @@ class ImageDataset:
     class_names: tuple[str, ...] | None = None
     _array: np.ndarray | None = field(default=None, repr=False)
     _files: list[str] | None = field(default=None, repr=False)
+    # per image, the position of its class folder in ``class_names`` (labels start out equal to it)
+    _folder_index: np.ndarray | None = field(default=None, repr=False)
+    class_indices: tuple[int, ...] | None = None  # set by ``number_classes``
+
+    def number_classes(self, class_indices: Sequence[int]) -> None:
+        """Label each class folder with the class index at its position (e.g. matched to a model's labels)."""
+        if self._folder_index is None or len(class_indices) != len(self.class_names):
+            raise ValueError("number_classes needs one index per class folder")
+        self.class_indices = tuple(int(i) for i in class_indices)
+        self.labels = np.asarray(self.class_indices, np.int64)[self._folder_index]
 
     def __len__(self) -> int:
         return self.count
@@ -34,7 +54,7 @@ class ImageDataset:
     def read(self, indices: np.ndarray, preprocess: Preprocess | None = None) -> np.ndarray:
         """uint8 images at ``indices``, brought to the preprocessing geometry when given."""
         if self._array is not None:
-            imgs = self._array[np.asarray(indices)]
+            imgs = np.asarray(self._array[np.asarray(indices)])  # a plain copy, also from a memory-mapped x
             return preprocess.geometry(imgs, self.source) if preprocess else imgs
         out = []
         for i in np.asarray(indices):
@@ -83,18 +103,21 @@ def _open_npz(p: Path) -> ImageDataset:
     if p.suffix.lower() != ".npz":
         raise DataError(f"{p}: not an .npz file or image folder; give x uint8 N×H×W×3 and y in an .npz")
     try:
-        npz = np.load(p, allow_pickle=False)
-        keys = set(npz.files)
-        if "x" not in keys:
-            raise DataError(f"{p}: has no array 'x' (found {sorted(keys) or 'none'}); store images as x, uint8 N×H×W×3")
-        x = npz["x"]
-        y = npz["y"] if "y" in keys else None
+        with zipfile.ZipFile(p) as zf:
+            members = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i for i in zf.infolist()}
+            if "x" not in members:
+                raise DataError(f"{p}: has no array 'x' (found {sorted(members) or 'none'}); store images as x, uint8 N×H×W×3")
+            x = _read_member(p, zf, members["x"], "x")
+            y = _read_member(p, zf, members["y"], "y") if "y" in members else None
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as e:
         raise DataError(f"{p}: cannot be read as .npz ({type(e).__name__}: {e}); the file is corrupt or truncated") from None
     if np.issubdtype(x.dtype, np.floating) and x.size and not np.isfinite(x).all():
         raise DataError(f"{p}: x contains NaN or Inf values; give uint8 images 0..255")
+    if x.ndim == 4 and x.shape[-1] != 3 and x.shape[1] == 3:
+        raise DataError(f"{p}: x has shape {_dims(x.shape)}, which looks channels-first (N×3×H×W); images must be "
+                        "N×H×W×3: save np.transpose(x, (0, 2, 3, 1)) instead")
     if x.ndim == 4 and x.shape[-1] != 3:
         raise DataError(f"{p}: images have {x.shape[-1]} channel(s) but RGB (3) is needed; x must be N×H×W×3")
     if x.ndim == 4 and x.shape[0] == 0:
@@ -108,6 +131,69 @@ def _open_npz(p: Path) -> ImageDataset:
             raise DataError(f"{p}: y has dtype {y.dtype}; labels must be integers")
         y = y.astype(np.int64)
     return ImageDataset(source=str(p), count=len(x), labels=y, _array=x)
+
+
+def _dims(shape: tuple) -> str:
+    return "×".join(map(str, shape))
+
+
+@dataclass(frozen=True)
+class _NpyHeader:
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype
+    length: int  # bytes before the array data inside the member
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _read_npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> _NpyHeader:
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in _NPY_HEADER_READERS:
+            raise ValueError(f"npy format version {version[0]}.{version[1]} is not supported")
+        shape, fortran_order, dtype = _NPY_HEADER_READERS[version](f)
+        return _NpyHeader(tuple(shape), bool(fortran_order), dtype, f.tell())
+
+
+def _read_member(p: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """Array ``key`` of the npz, after its declared shape and dtype (the header only) were found sane."""
+    if info.flag_bits & 0x1:
+        raise DataError(f"{p}: {key} is encrypted; save the arrays with np.savez (no password)")
+    header = _read_npy_header(zf, info)
+    if header.dtype.hasobject:
+        raise DataError(f"{p}: {key} is an object array ({header.dtype}); object arrays are refused because reading "
+                        f"them needs pickle, which can run code; save plain arrays, e.g. np.savez(path, "
+                        "x=np.asarray(x, np.uint8), y=np.asarray(y, np.int64))")
+    if header.length + header.nbytes != info.file_size:
+        raise DataError(f"{p}: {key} declares {_dims(header.shape)} {header.dtype} ({header.nbytes:,} bytes) but holds "
+                        f"{max(0, info.file_size - header.length):,}; the file is corrupt or truncated")
+    if key == "x" and header.dtype == np.uint8 and info.compress_type == zipfile.ZIP_STORED and header.nbytes:
+        return _map_member(p, info, header)
+    if header.nbytes > MAX_IN_MEMORY_BYTES:
+        raise DataError(
+            f"{p}: {key} declares {_dims(header.shape)} {header.dtype} ({header.nbytes / 2**30:.1f} GiB), more than the "
+            f"{MAX_IN_MEMORY_BYTES / 2**30:.0f} GiB read into memory; save uint8 images uncompressed with np.savez "
+            "(read memory-mapped) or as an image folder")
+    with zf.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _map_member(p: Path, info: zipfile.ZipInfo, header: _NpyHeader) -> np.ndarray:
+    """Memory-map an uncompressed member: its bytes sit as they are in the zip, after the local header."""
+    with open(p, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"no local header for {info.filename}")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        offset = info.header_offset + 30 + name_length + extra_length + header.length
+        if offset + header.nbytes > os.fstat(f.fileno()).st_size:
+            raise EOFError(f"{info.filename} ends past the end of the file")
+    return np.memmap(p, dtype=header.dtype, mode="r", shape=header.shape, offset=offset,
+                     order="F" if header.fortran_order else "C")
 
 
 def _open_folder(p: Path) -> ImageDataset:
@@ -126,7 +212,8 @@ def _open_folder(p: Path) -> ImageDataset:
         names, y = None, None
     if not files:
         raise DataError(f"{p}: folder holds no images ({', '.join(IMAGE_SUFFIXES)}); use root/<class>/*.png")
-    return ImageDataset(source=str(p), count=len(files), labels=y, class_names=names, _files=files)
+    return ImageDataset(source=str(p), count=len(files), labels=y, class_names=names, _files=files,
+                        _folder_index=None if y is None else y.copy())
 
 
 def _read_image(path: str) -> np.ndarray:
@@ -135,7 +222,28 @@ def _read_image(path: str) -> np.ndarray:
     except ImportError:  # pragma: no cover - Pillow ships with the install
         raise DataError("reading image folders needs Pillow: pip install pillow") from None
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            with Image.open(path) as im:  # reads the header only: the size is known before decoding
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise DataError(_too_many_pixels(path, f"is {im.width}×{im.height} pixels"))
+                return _to_rgb8(im)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow refuses in open() itself beyond twice its limit
+        raise DataError(_too_many_pixels(path, f"is too large to decode ({e})")) from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot be read as an image ({e}); remove or replace it") from None
+
+
+def _too_many_pixels(path: str, what: str) -> str:
+    return (f"{path}: image {what}; images above {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are refused "
+            "(decoding would take gigabytes); downscale it or remove it")
+
+
+def _to_rgb8(im) -> np.ndarray:
+    """uint8 H×W×3 RGB; 16-bit greyscale is scaled to 8 bits (Pillow's convert would clip it at 255)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # "I": 16-bit PNGs in older Pillow
+        grey = (np.clip(np.asarray(im), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)

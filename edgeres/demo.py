@@ -26,6 +26,12 @@ class DemoConfig:
     test_images: int = 500
     seed: int = 0
 
+    def __post_init__(self):
+        from edgeres.errors import InputError
+
+        if not 0 < self.train_seconds < float("inf"):  # NaN too: it would silently mean "no cap"
+            raise InputError(f"--train-seconds {self.train_seconds}: must be a finite number of seconds above 0")
+
 
 def digits_dataset(test_images: int = 500, seed: int = 0):
     """scikit-learn digits as uint8 32×32 RGB: (x_train, y_train), (x_test, y_test)."""

@@ -48,14 +48,20 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.epochs < 0:
             raise InputError(f"--epochs {self.epochs}: must be 0 or more")
-        if self.lr <= 0:
-            raise InputError(f"--lr {self.lr}: must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr {self.lr}: must be a finite positive number, e.g. 0.005")
         if self.batch_size < 1:
             raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.loss not in KD_LOSSES:
             raise InputError(f"--kd-loss {self.loss}: choose one of {', '.join(KD_LOSSES)}")
-        if not 0.0 <= self.label_weight <= 1.0:
-            raise InputError(f"label weight {self.label_weight}: must be in [0, 1]")
+        # not CLI flags today, but a NaN in any of them would train NaN weights just as silently
+        for name, value, lo, hi in (("label weight", self.label_weight, 0.0, 1.0),
+                                    ("temperature", self.temperature, 1e-6, math.inf),
+                                    ("weight decay", self.weight_decay, 0.0, math.inf),
+                                    ("momentum", self.momentum, 0.0, 1.0),
+                                    ("warm-up epochs", self.warmup_epochs, 0.0, math.inf)):
+            if not (math.isfinite(value) and lo <= value <= hi):
+                raise InputError(f"{name} {value}: must be a finite number in [{lo:g}, {hi:g}]")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,13 +152,17 @@ def distill(student, teacher, dataset: ImageDataset, preprocess: Preprocess, cfg
                     y = torch.from_numpy(labels[idx])
                     loss = (1 - cfg.label_weight) * loss + cfg.label_weight * F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
+                batch_loss = float(loss.detach())
+                if not math.isfinite(batch_loss):
+                    raise _diverged(cfg, epoch, f"the loss is {batch_loss}")
                 loss.backward()
                 optimizer.step()
                 step += 1
-                loss_sum += float(loss.detach()) * len(idx)
+                loss_sum += batch_loss * len(idx)
                 seen += len(idx)
                 advance(len(idx))
         student.eval()
+        _check_finite_weights(student, cfg, epoch)
         row = {"epoch": epoch, "loss": round(loss_sum / max(1, seen), 5), "seconds": round(time.perf_counter() - t0, 1)}
         if evaluate is not None:
             row["top1"] = evaluate(student)
@@ -163,3 +173,17 @@ def distill(student, teacher, dataset: ImageDataset, preprocess: Preprocess, cfg
         p.requires_grad_(True)
     student.eval()
     return curve
+
+
+def _diverged(cfg: FinetuneConfig, epoch: int, what: str) -> InputError:
+    return InputError(f"fine-tuning diverged in epoch {epoch} at --lr {cfg.lr} ({what}); nothing was written; "
+                      f"try a smaller --lr (default {FinetuneConfig.lr})")
+
+
+def _check_finite_weights(model, cfg: FinetuneConfig, epoch: int) -> None:
+    """Stop before a diverged model is evaluated or saved (its accuracy would read as a plain number)."""
+    import torch
+
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _diverged(cfg, epoch, f"{name} holds NaN or Inf")

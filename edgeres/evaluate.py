@@ -2,34 +2,101 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
-from calibration import ImageDataset, Preprocess
-from edgeres.progress import progress
+from calibration import DataError, ImageDataset, Preprocess
+from edgeres.progress import log, progress
+from targets.base import TargetError
 
 
-def check_labels(dataset: ImageDataset, num_classes: int) -> None:
-    """Labels must name classes the model has; a mismatch means the data is for another model."""
+class NonFiniteLogits(TargetError):
+    """A model or artifact gave NaN/Inf: its accuracy would be a number that means nothing.
+
+    A ``TargetError`` so a bundle's artifact becomes a failed row; exit 2 because the usual cause is the model
+    file itself (e.g. a negative BatchNorm running_var), not the runtime.
+    """
+
+    exit_code = 2
+
+
+def check_labels(dataset: ImageDataset, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+    """Labels must name classes the model has; a mismatch means the data is for another model.
+
+    Class folders are numbered by ``class_names`` (the model's labels; see ``number_class_folders``); a dataset
+    already numbered keeps its numbers when none are given (``evaluate_bundle`` passes only the class count).
+    """
     from edgeres.errors import InputError
 
     if dataset.labels is None:
         raise InputError(f"{dataset.source}: has no labels; accuracy needs labelled images (y in the npz or class folders)")
+    if dataset.class_names is not None and (class_names or dataset.class_indices is None):
+        number_class_folders(dataset, class_names)
     lo, hi = int(dataset.labels.min()), int(dataset.labels.max())
     if lo < 0 or hi >= num_classes:
         raise InputError(f"{dataset.source}: labels run {lo}..{hi} but the model has {num_classes} classes; "
                          "check the data matches the model")
 
 
+def number_class_folders(dataset: ImageDataset, class_names: Sequence[str] | None) -> None:
+    """Give each class folder the index of the model label it names (case-insensitive; a numeric folder name
+    is the index itself). Without model labels: numeric names as indices, else sorted folder order."""
+    folders = dataset.class_names
+    if class_names:
+        index = {name.casefold(): i for i, name in enumerate(class_names)}
+        indices = []
+        for folder in folders:
+            i = index.get(folder.casefold())
+            if i is None and folder.isdigit() and int(folder) < len(class_names):
+                i = int(folder)
+            if i is None:
+                shown = ", ".join(class_names[:12]) + (f", … ({len(class_names)} in all)" if len(class_names) > 12 else "")
+                raise DataError(f"{dataset.source}/{folder}: class folder names none of the model's labels ({shown}); "
+                                f"rename it to its label or class index 0..{len(class_names) - 1}")
+            indices.append(i)
+    elif all(folder.isdigit() for folder in folders):
+        indices = [int(folder) for folder in folders]
+    else:
+        indices = list(range(len(folders)))
+        shown = ", ".join(f"{folder}={i}" for i, folder in enumerate(folders[:4]))
+        log(f"{dataset.source}: the model has no class names, so class folders are numbered in sorted order "
+            f"({shown}{', …' if len(folders) > 4 else ''})")
+    dataset.number_classes(indices)
+
+
+def number_bundle_class_folders(bundle, dataset: ImageDataset) -> None:
+    """``eval DIR``: number class folders by the bundle's labels before ``evaluate_bundle`` checks the class count."""
+    from edgeres.bundle import read_manifest
+
+    if dataset.class_names is None:
+        return
+    manifest = read_manifest(bundle, verify=False)
+    try:
+        preprocess = Preprocess.from_dict(manifest["preprocess"])
+        num_classes, class_names = int(manifest["arch"]["num_classes"]), manifest["arch"].get("labels")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return  # a damaged manifest: evaluate_bundle reports it
+    dataset.check_image_size(preprocess)  # unreadable or mis-sized images are the first problem to report
+    check_labels(dataset, num_classes, class_names)
+
+
 def collect_logits(run: Callable[[np.ndarray], np.ndarray], dataset: ImageDataset, preprocess: Preprocess,
-                   *, limit: int | None = None, batch_size: int = 100, description: str = "evaluating") -> np.ndarray:
-    """Logits of ``run`` over the dataset (in ``dataset.spread(limit)`` order)."""
+                   *, limit: int | None = None, batch_size: int = 100, description: str = "evaluating",
+                   source: str | None = None) -> np.ndarray:
+    """Logits of ``run`` over the dataset (in ``dataset.spread(limit)`` order); NaN/Inf raise
+    ``NonFiniteLogits`` naming ``source`` (the model or artifact; else the runner's path or ``description``)."""
+    name = source or getattr(run, "path", None) or description
     n = len(dataset.spread(limit))
     outs = []
     with progress(description, n) as advance:
         for x, _ in dataset.batches(preprocess, batch_size, limit):
-            outs.append(np.asarray(run(x), dtype=np.float32).reshape(len(x), -1))
+            logits = np.asarray(run(x), dtype=np.float32).reshape(len(x), -1)
+            if not np.isfinite(logits).all():
+                raise NonFiniteLogits(
+                    f"{name}: gives NaN or Inf outputs on {dataset.source}, so it has no meaningful accuracy; check "
+                    "its weights (e.g. a negative BatchNorm running_var, a diverged training), then re-export or re-train it")
+            outs.append(logits)
             advance(len(x))
     return np.concatenate(outs)
 

@@ -135,8 +135,8 @@ def validate(cfg: ConvertConfig) -> None:
     _validate_numbers(cfg)
     for target_name, options in cfg.target_options.items():  # onnx options also shape openvino's QDQ int8
         get_target(target_name).check_options(options)
-    if cfg.accuracy_budget_pp is not None and cfg.accuracy_budget_pp < 0:
-        raise InputError(f"--accuracy-budget: {cfg.accuracy_budget_pp} pp must be zero or more")
+    if cfg.accuracy_budget_pp is not None and not 0 <= cfg.accuracy_budget_pp < float("inf"):  # NaN too
+        raise InputError(f"--accuracy-budget: {cfg.accuracy_budget_pp} pp must be a finite number, zero or more (e.g. 1.0)")
     if cfg.accuracy_budget_pp is not None and cfg.eval_data is None:
         raise InputError("--accuracy-budget needs --eval DATA to measure the drop against")
     if cfg.bench and not cfg.bench_threads:
@@ -226,8 +226,8 @@ def convert(cfg: ConvertConfig) -> dict:
         from edgeres.evaluate import check_labels
 
         eval_ds = open_dataset(cfg.eval_data)
-        check_labels(eval_ds, spec.num_classes)
         eval_ds.check_image_size(spec.preprocess)
+        check_labels(eval_ds, spec.num_classes, spec.labels)
 
     key = conversion_key(cfg, loaded.sha256)
     existing = _existing_manifest(out)

@@ -439,18 +439,22 @@ def check_data(dataset, spec: ResNetSpec, flag: str, *, labels: bool = False) ->
     """Fail before any work if ``dataset`` cannot feed ``spec`` (image size, label range)."""
     from calibration import DataError
 
+    from edgeres.evaluate import number_class_folders
+
     dataset.check_image_size(spec.preprocess)
     if labels and dataset.labels is None:
         raise DataError(f"{dataset.source}: {flag} needs labels (y) to measure accuracy")
+    if dataset.class_names is not None:
+        number_class_folders(dataset, spec.labels)
     if dataset.labels is not None and (dataset.labels.min() < 0 or dataset.labels.max() >= spec.num_classes):
         raise DataError(f"{dataset.source}: labels run {dataset.labels.min()}..{dataset.labels.max()} but the model "
                         f"has {spec.num_classes} classes; check {flag} matches the model")
 
 
-def top1(model, dataset, preprocess, limit: int | None = None) -> float:
+def top1(model, dataset, preprocess, limit: int | None = None, source: str | None = None) -> float:
     from edgeres.evaluate import collect_logits, topk_accuracy, torch_runner
 
-    logits = collect_logits(torch_runner(model.eval()), dataset, preprocess, limit=limit)
+    logits = collect_logits(torch_runner(model.eval()), dataset, preprocess, limit=limit, source=source)
     return topk_accuracy(logits, dataset.labels[dataset.spread(limit)])["top1"]
 
 
@@ -486,7 +490,7 @@ def prune_loaded(loaded, cfg: PruneConfig, *, train_data=None, finetune=None, ev
     t0 = time.perf_counter()
     pre = spec.preprocess
     teacher = loaded.to_torch()
-    top1_before = top1(teacher, eval_data, pre, eval_images) if eval_data is not None else None
+    top1_before = top1(teacher, eval_data, pre, eval_images, loaded.source) if eval_data is not None else None
 
     def gradient_fn(model):
         n = min(cfg.taylor_images, len(train_data))
@@ -567,8 +571,8 @@ def prune_loaded(loaded, cfg: PruneConfig, *, train_data=None, finetune=None, ev
     return outcome
 
 
-def check_output_path(out) -> None:
-    """Refuse an --out that cannot hold a checkpoint, before any work."""
+def check_output_path(out, model=None, *, force: bool = False) -> None:
+    """Refuse an --out that cannot hold a checkpoint, is the input ``model``, or exists (unless ``force``)."""
     import os
     from pathlib import Path
 
@@ -582,6 +586,29 @@ def check_output_path(out) -> None:
     parent = p.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InputError(f"--out {p}: folder {parent} does not exist or is not writable")
+    if p.exists() and model is not None and _same_file(p, Path(model)):
+        raise InputError(f"--out {p}: is the input model {model}; write the pruned checkpoint to another file "
+                         "(--force never replaces the input)")
+    if p.exists() and not force:
+        raise InputError(f"--out {p}: already exists; give another file name, or --force to replace it")
+
+
+def _same_file(a, b) -> bool:
+    """Same file on disk: also through symlinks and hard links."""
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one side vanished or cannot be stat'ed: compare what the names resolve to
+        return a.resolve() == b.resolve()
+
+
+def save_pruned(out, outcome: PruneOutcome, model, *, force: bool = False) -> None:
+    """Write the pruned checkpoint atomically, re-checking ``--out`` first: pruning may have taken minutes."""
+    from edgeres.loading import save_checkpoint
+
+    check_output_path(out, model, force=force)
+    save_checkpoint(out, outcome.spec, outcome.state_dict, extra={"pruning": outcome.record})
 
 
 def prune_into_loaded(loaded, cfg, calib_data=None, eval_data=None):

@@ -84,6 +84,7 @@ class Runner:
     """Runs one artifact on NCHW float32 batches and returns float32 logits (N×classes)."""
 
     input_layout = "NCHW"
+    path: Path | None = None  # the artifact file, for messages
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
