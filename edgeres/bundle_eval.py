@@ -26,13 +26,15 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     check_labels(dataset, manifest["arch"]["num_classes"])
     dataset.check_image_size(pre)
     labels = dataset.labels[dataset.spread(limit)]
+    artifacts = ok_artifacts(manifest)
+    paths = [artifact_path(bundle, a) for a in artifacts]  # every file checked before any is run
     ref_runner = get_target("onnx").load_runner(reference_path(bundle, manifest), threads=threads)
     reference = collect_logits(ref_runner, dataset, pre, limit=limit, description="fp32 reference")
     result = {"reference": topk_accuracy(reference, labels), "artifacts": [], "images": int(len(labels))}
-    for a in ok_artifacts(manifest):
+    for a, path in zip(artifacts, paths):
         entry = {"target": a["target"], "precision": a["precision"], "file": a["file"]}
         try:
-            runner = get_target(a["target"]).load_runner(artifact_path(bundle, a), threads=threads)
+            runner = get_target(a["target"]).load_runner(path, threads=threads)
             logits = collect_logits(runner, dataset, pre, limit=limit, description=f"{a['target']} {a['precision']}")
             entry.update(compare_to_reference(logits, reference, labels))
         except TargetError as e:

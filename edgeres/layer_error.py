@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from calibration import ImageDataset, Preprocess
-from edgeres.bundle import artifact_path, data_file_path, ok_artifacts, read_manifest, reference_path
+from edgeres.bundle import artifact_path, data_file_path, ok_artifacts, read_manifest, reference_path, warn
 from edgeres.errors import InputError
-from edgeres.progress import log
 
 QUANTIZE_INPUT_SUFFIX = "_QuantizeLinear_Input"  # the quantiser's rename of a graph output it quantises
 EXACT_SQNR_DB = 999.0  # reported when the int8 tensor equals fp32 exactly
@@ -38,7 +37,7 @@ def layer_sqnr_for_bundle(bundle_dir: str | Path, dataset: ImageDataset, images:
     if calibration.get("quant") == "accurate" and calibration.get("ranges_file"):
         ranges = data_file_path(bundle, manifest, calibration["ranges_file"])
         if ranges is None:
-            log(f"[yellow]warning:[/] {bundle}: the manifest does not hash {calibration['ranges_file']}, so the "
+            warn(f"{bundle}: the manifest does not hash {calibration['ranges_file']}, so the "
                 "gain over plain int8 is not shown (re-run `edgeres convert --force` to record it)")
         else:
             add_gain_over_fast(rows, reference, qdq, ranges, x)

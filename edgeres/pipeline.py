@@ -21,7 +21,7 @@ from pathlib import Path
 from calibration import DataError, open_dataset
 from edgeres import __version__
 from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, OutputLock, check_output_dir,
-                            file_record, publish, read_manifest, read_result, write_json_atomic)
+                            file_record, publish, read_manifest, read_result, warn, write_json_atomic)
 from edgeres.errors import InputError
 from edgeres.progress import log
 
@@ -196,12 +196,11 @@ class _Steps:
         except (OSError, ValueError) as e:
             done, problem = {}, f"cannot be parsed: {e}"
         if problem:
-            log(f"[yellow]warning:[/] ignored damaged {self.path.name} in {self.path.parent.name} ({problem}); "
-                "redoing every step")
+            warn(f"ignored damaged {self.path} ({problem}); redoing every step")
             return {}
         damaged = [name for name, record in done.items() if not _step_record_ok(name, record)]
         if damaged:
-            log(f"[yellow]warning:[/] ignored damaged records in {self.path.name}; redoing: {', '.join(damaged)}")
+            warn(f"ignored damaged records in {self.path}; redoing: {', '.join(damaged)}")
         return {name: record for name, record in done.items() if name not in damaged}
 
     def get(self, name: str):
