@@ -9,6 +9,7 @@ writes a bundle holds ``OutputLock`` on it, so two runs never write the same bun
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -109,23 +110,20 @@ class OutputLock:
         self.key = self.out.resolve()
         self.path = self.key.parent / f".{self.key.name}.lock"
         self.fd: int | None = None
-        self.depth = 0
         self.expected: tuple | None = None
+        self.outer: OutputLock | None = None
 
     def __enter__(self) -> "OutputLock":
-        held = _held.get(self.key)
-        if held is not None:
-            held.depth += 1
-            return held
+        self.outer = _held.get(self.key)
+        if self.outer is not None:  # this process already holds it: the outermost run releases it
+            return self.outer
         self._acquire()
         self.expected = _destination_state(self.out)
-        self.depth = 1
         _held[self.key] = self
         return self
 
     def __exit__(self, *exc) -> bool:
-        self.depth -= 1
-        if self.depth == 0:
+        if self.outer is None:
             del _held[self.key]
             self._release()
         return False
@@ -134,23 +132,40 @@ class OutputLock:
         if fcntl is None:
             return
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError:
-                return  # nothing can be written beside it either; check_output_dir says why
+            fd = self._open()
+            if fd is None:
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise InputError(f"{self.out}: another edgeres run is writing it (pid {holder}); wait for it "
                                  "or choose another --out") from None
+            except OSError:  # a file system without locks: nothing to hold
+                os.close(fd)
+                return
             if self._still_named(fd):
                 break
             os.close(fd)  # the previous holder removed this file as we locked it: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+
+    def _open(self) -> int | None:
+        """The lock file, never through a symlink (one planted there could make this truncate any file)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if os.path.islink(self.path):
+                raise InputError(f"{self.path}: is a symlink, not an edgeres lock file; remove it") from None
+            if e.errno in (errno.EACCES, errno.EROFS, errno.ENOENT, errno.EPERM):
+                return None  # nothing can be written beside it either; check_output_dir says why
+            raise InputError(f"{self.path}: cannot be opened ({e.strerror}); remove it") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InputError(f"{self.path}: is not an edgeres lock file; remove it")
+        return fd
 
     def _still_named(self, fd: int) -> bool:
         try:

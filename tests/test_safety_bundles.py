@@ -376,6 +376,16 @@ def test_a_killed_convert_releases_its_lock(env, tmp_path):
     assert not (tmp_path / ".o.lock").exists()
 
 
+def test_a_symlink_planted_as_the_lock_file_is_refused_and_its_target_untouched(env, tmp_path):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "o"
+    (tmp_path / ".o.lock").symlink_to(victim)
+    code, _, stderr = _invoke(_fp32(env, out))
+    _assert_one_line(code, stderr, Case("lock-symlink", None, "is a symlink"), named=".o.lock")
+    assert victim.read_text() == "keep me" and not out.exists()
+
+
 # -- damage and crashes -----------------------------------------------------------------------------
 
 def _edit(change):
@@ -567,3 +577,4 @@ def test_a_killed_bench_takes_its_runner_with_it(tmp_path, onnx_bundle, signum):
                 p.kill()
         if cli_proc.poll() is None:
             cli_proc.kill()
+
