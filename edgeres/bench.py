@@ -9,19 +9,23 @@ folder is removed afterwards. Results are stored as ``bench.json`` in the bundle
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeres.bundle import ok_artifacts, read_manifest, write_json_atomic
+from edgeres.bench_runner import PARENT_PID_ENV
+from edgeres.bundle import BENCH_FILE, bundle_path, model_path, ok_artifacts, read_manifest, store_result
 from edgeres.errors import InputError, TargetError
 from edgeres.progress import log
 
-BENCH_FILE = "bench.json"
 SCHEMA = "edgeres-bench/1"
 RUNNER = Path(__file__).with_name("bench_runner.py")
 RUNNER_SCHEMA = "edgeres-bench-run/1"
@@ -92,23 +96,33 @@ class RemoteHost:
 
 @dataclass(frozen=True)
 class BenchItem:
-    """One artifact to measure: ``file`` is loaded, ``files`` are what must be copied to a device."""
+    """One artifact to measure: ``file`` is loaded, ``files`` are what must be copied to a device;
+    both are among ``records``, the hashed files of a verified manifest they are resolved against."""
 
     target: str
     precision: str
     file: str
     files: tuple[str, ...]
+    records: tuple[dict, ...] = ()
+
+    def path(self, bundle: Path) -> Path:
+        """The file to load, checked with the files its runtime reads beside it."""
+        return model_path(bundle, self.file, list(self.records), f"{self.target} {self.precision} file")
+
+    def copy_paths(self, bundle: Path) -> dict[str, Path]:
+        return {f: bundle_path(bundle, f, list(self.records), f"{self.target} {self.precision} file")
+                for f in self.files}
 
 
 def plan_items(manifest: dict) -> list[BenchItem]:
     """Every ok artifact, plus the fp32 reference when no artifact is a byte-identical copy of it."""
     items = []
     for a in ok_artifacts(manifest):
-        files = tuple(r["file"] for r in a.get("file_records", [])) or tuple(a.get("files", [a["file"]]))
-        items.append(BenchItem(a["target"], a["precision"], a["file"], files))
+        records = tuple(a["file_records"])
+        items.append(BenchItem(a["target"], a["precision"], a["file"], tuple(r["file"] for r in records), records))
     ref = manifest["reference"]
     if not any(r.get("sha256") == ref["sha256"] for a in ok_artifacts(manifest) for r in a.get("file_records", [])):
-        items.insert(0, BenchItem("reference", ref.get("precision", "fp32"), ref["file"], (ref["file"],)))
+        items.insert(0, BenchItem("reference", ref.get("precision", "fp32"), ref["file"], (ref["file"],), (ref,)))
     return items
 
 
@@ -154,14 +168,20 @@ class LocalExecutor:
         return False
 
     def run(self, item: BenchItem, threads: int) -> dict:
-        cmd = [sys.executable, str(RUNNER), *self.cfg.runner_args(str(self.bundle / item.file), threads)]
+        cmd = [sys.executable, str(RUNNER), *self.cfg.runner_args(str(item.path(self.bundle)), threads)]
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.cfg.run_timeout_s)
+            stdout, stderr = proc.communicate(timeout=self.cfg.run_timeout_s)
         except subprocess.TimeoutExpired:
             return {"status": "failed", "error": f"timed out after {self.cfg.run_timeout_s:.0f} s"}
-        doc = parse_runner_output(out.stdout)
+        finally:  # interrupted or timed out: the runner must not outlive this measurement
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        doc = parse_runner_output(stdout)
         if doc is None:
-            return {"status": "failed", "error": f"runner exited {out.returncode} without a result: {_tail(out.stderr)}"}
+            return {"status": "failed", "error": f"runner exited {proc.returncode} without a result: {_tail(stderr)}"}
         return doc
 
 
@@ -233,8 +253,10 @@ class RemoteExecutor:
 
     def _copy(self) -> None:
         by_dir: dict[str, list[str]] = {}
-        for f in sorted({f for item in self.items for f in item.files}):
-            by_dir.setdefault(str(Path(f).parent), []).append(str(self.bundle / f))
+        # only hashed regular files of the bundle, each checked again right before it is sent
+        sources = {f: p for item in self.items for f, p in item.copy_paths(self.bundle).items()}
+        for f in sorted(sources):
+            by_dir.setdefault(str(Path(f).parent), []).append(str(sources[f]))
         by_dir.setdefault(".", []).insert(0, str(RUNNER))
         size_mb = sum(Path(p).stat().st_size for paths in by_dir.values() for p in paths) / 1e6
         # generous for a Pi on Wi-Fi (~1 MB/s), still bounded
@@ -276,9 +298,11 @@ def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None
     items = plan_items(manifest)
     if not items:
         raise InputError(f"{bundle}: has no ok artifact to benchmark; re-run `edgeres convert`")
+    for item in items:  # here or on a device, nothing runs unless every file it reads is a checked one
+        item.path(bundle)
     executor = RemoteExecutor(bundle, cfg, remote, items) if remote else LocalExecutor(bundle, cfg)
     rows, system = [], None
-    with executor:
+    with _terminate_as_interrupt(), executor:
         for item in items:
             for threads in cfg.threads:
                 log(f"bench {item.target} {item.precision} ({item.file}), {threads} thread(s) on {executor.host}…")
@@ -305,8 +329,26 @@ def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None
         "system": system,
         "results": rows,
     }
-    write_json_atomic(bundle / BENCH_FILE, result)
+    store_result(bundle, BENCH_FILE, result)
     return result
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C while benchmarking, so ``finally`` blocks stop the runner (by
+    default SIGTERM ends Python at once and leaves the runner running)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _f(value, spec: str) -> str:

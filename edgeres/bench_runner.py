@@ -33,6 +33,8 @@ import time
 
 SCHEMA = "edgeres-bench-run/1"
 EXIT_USAGE, EXIT_FAILED = 2, 3
+PARENT_PID_ENV = "EDGERES_BENCH_PARENT_PID"  # set by `edgeres bench`: end this runner when that process ends
+PR_SET_PDEATHSIG = 1
 
 # vcgencmd get_throttled bits (Raspberry Pi firmware); bits 0-3 are "now", 16-19 "since boot".
 THROTTLE_BITS = {
@@ -401,7 +403,26 @@ def parse_args(argv=None):
     return args
 
 
+def die_with_parent(environ=os.environ) -> None:
+    """Under `edgeres bench` on Linux, have the kernel kill this runner when its parent dies, even by
+    SIGKILL, so an interrupted benchmark never leaves a runner busy on the CPU."""
+    parent = environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != parent:  # the parent was already gone before the request took effect
+        os._exit(EXIT_FAILED)
+
+
 def main(argv=None) -> int:
+    die_with_parent()
     args = parse_args(argv)
     try:
         runtime_for(args.artifact)

@@ -91,10 +91,11 @@ def _sensitive_nodes(bundle: Path, dataset) -> list[str]:
     """fp32 node names behind the quantised tensors with the lowest SQNR, worst first."""
     import onnx
 
-    from edgeres.bundle import REFERENCE_FILE
+    from edgeres.bundle import reference_path
     from edgeres.layer_error import layer_sqnr_for_bundle
 
-    producer = {o: n for n in onnx.load(str(bundle / REFERENCE_FILE)).graph.node for o in n.output}
+    reference = reference_path(bundle, read_manifest(bundle))
+    producer = {o: n for n in onnx.load(str(reference)).graph.node for o in n.output}
     nodes: list[str] = []
     for row in layer_sqnr_for_bundle(bundle, dataset):
         node = producer.get(row["name"])

@@ -2,35 +2,50 @@
 
 A bundle is written into a hidden staging directory beside its destination and renamed into
 place only when complete, so an interrupted conversion never leaves a directory that looks like
-a bundle. The manifest records sha256 of every file and readers verify it.
+a bundle. The manifest records sha256 of every file and readers verify it; every path it names is
+resolved by ``bundle_path``, which accepts only hashed regular files inside the bundle. A run that
+writes a bundle holds ``OutputLock`` on it, so two runs never write the same bundle or staging.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import math
 import os
 import shutil
+import stat
+import sys
 import tempfile
-from pathlib import Path
+from dataclasses import fields
+from pathlib import Path, PurePosixPath
 
+from calibration import DataError, Preprocess
+from edgeres.bench_runner import artifact_files
 from edgeres.errors import InputError
-from edgeres.loading import sha256_file
+from edgeres.zoo import ResNetSpec
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; outputs are then not locked
+    fcntl = None
 
 MANIFEST = "manifest.json"
+EVAL_FILE = "eval.json"
+BENCH_FILE = "bench.json"
 FORMAT = "edgeres-bundle"
 FORMAT_VERSION = 1
-REFERENCE_FILE = "model.fp32.onnx"
+REFERENCE_FILE = "model.fp32.onnx"  # where convert writes the reference; readers use the manifest's
+MAX_IMAGE_SIDE = 8192  # a preprocess size beyond this is damage, not a model (and would allocate GBs)
+DAMAGED = "the bundle is damaged or was tampered with; re-run `edgeres convert`"
 
+
+# --- writing -------------------------------------------------------------------------------------
 
 def check_output_dir(out: Path, force: bool) -> None:
     """Refuse an output path that is a file, a non-bundle folder, or an existing bundle without --force."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is a file; choose another --out directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).exists():
-            raise InputError(f"{out}: exists and is not an edgeres bundle; choose an empty or new --out directory")
-        if not force:
-            raise InputError(f"{out}: already holds a bundle; pass --force to replace it or choose another --out")
+    _check_destination(out, force)
     parent = out.resolve().parent
     if not parent.exists():
         raise InputError(f"{out}: parent folder {parent} does not exist; create it first")
@@ -44,6 +59,16 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise InputError(f"{out}: cannot write into {parent} ({e.strerror}); choose a writable --out") from None
 
 
+def _check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is a file; choose another --out directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).exists():
+            raise InputError(f"{out}: exists and is not an edgeres bundle; choose an empty or new --out directory")
+        if not force:
+            raise InputError(f"{out}: already holds a bundle; pass --force to replace it or choose another --out")
+
+
 def make_staging(out: Path) -> Path:
     parent = out.resolve().parent
     try:
@@ -54,8 +79,125 @@ def make_staging(out: Path) -> Path:
         raise InputError(f"{out}: cannot create a folder in {parent} ({e.strerror}); choose a writable --out") from None
 
 
+def _destination_state(out: Path) -> tuple | None:
+    """Identity of what is at ``out`` (None: nothing), to tell whether someone replaced it meanwhile."""
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        return None
+    try:
+        m = os.stat(out / MANIFEST)
+        manifest = (m.st_ino, m.st_size, m.st_mtime_ns)
+    except OSError:
+        manifest = None
+    return st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), manifest
+
+
+_held: dict[Path, "OutputLock"] = {}
+
+
+class OutputLock:
+    """This process's exclusive claim on an output folder and its staging siblings for one run.
+
+    A ``flock`` on ``.NAME.lock`` beside the output: the kernel drops it when the process ends, even
+    on a crash or ``kill -9``, so a stale lock never blocks the next run. A second run fails at once
+    naming the holder's pid. ``publish`` refuses to replace a destination that changed since the lock
+    was taken (something outside edgeres wrote there). Re-entrant within a process.
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.key = self.out.resolve()
+        self.path = self.key.parent / f".{self.key.name}.lock"
+        self.fd: int | None = None
+        self.expected: tuple | None = None
+        self.outer: OutputLock | None = None
+
+    def __enter__(self) -> "OutputLock":
+        self.outer = _held.get(self.key)
+        if self.outer is not None:  # this process already holds it: the outermost run releases it
+            return self.outer
+        self._acquire()
+        self.expected = _destination_state(self.out)
+        _held[self.key] = self
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.outer is None:
+            del _held[self.key]
+            self._release()
+        return False
+
+    def _acquire(self) -> None:
+        if fcntl is None:
+            return
+        while True:
+            fd = self._open()
+            if fd is None:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise InputError(f"{self.out}: another edgeres run is writing it (pid {holder}); wait for it "
+                                 "or choose another --out") from None
+            except OSError:  # a file system without locks: nothing to hold
+                os.close(fd)
+                return
+            if self._still_named(fd):
+                break
+            os.close(fd)  # the previous holder removed this file as we locked it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def _open(self) -> int | None:
+        """The lock file, never through a symlink (one planted there could make this truncate any file)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if os.path.islink(self.path):
+                raise InputError(f"{self.path}: is a symlink, not an edgeres lock file; remove it") from None
+            if e.errno in (errno.EACCES, errno.EROFS, errno.ENOENT, errno.EPERM):
+                return None  # nothing can be written beside it either; check_output_dir says why
+            raise InputError(f"{self.path}: cannot be opened ({e.strerror}); remove it") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InputError(f"{self.path}: is not an edgeres lock file; remove it")
+        return fd
+
+    def _still_named(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still locked, so no one can be holding a lock on a removed file
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
 def publish(staging: Path, out: Path) -> None:
-    """Move a complete staging dir to ``out`` (replacing an old bundle there)."""
+    """Move a complete staging dir to ``out`` (replacing an old bundle there).
+
+    Needs the ``OutputLock`` on ``out``: the destination must still be what it was when the lock was
+    taken (or when this run last published), else nothing is replaced."""
+    lock = _held.get(Path(out).resolve())
+    if lock is None:
+        raise RuntimeError(f"publish({out}) without holding OutputLock({out})")
+    if _destination_state(out) != lock.expected:
+        raise InputError(f"{out}: changed while this run was writing it (another program wrote there); "
+                         "nothing was replaced — check what is there, then re-run (with --force to replace it)")
+    _check_destination(out, force=True)  # whatever is there, a folder that is not a bundle is never replaced
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
@@ -63,25 +205,71 @@ def publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)
+    lock.expected = _destination_state(out)
 
 
 def file_record(bundle: Path, rel: str) -> dict:
     path = bundle / rel
-    return {"file": rel, "size_bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {"file": rel, "size_bytes": path.stat().st_size, "sha256": _sha256_path(path)}
+
+
+def _sha256_path(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _sha256(f)
+
+
+def _sha256(f) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside ``path`` and rename over it, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise InputError(f"{path}: cannot write ({e.strerror}); check the folder is writable and has space") from None
 
 
+def discard(path: Path) -> None:
+    """Remove a temporary file if it is there; a read-only file system refuses even this, and then
+    there is nothing to remove."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def store_result(bundle: Path, name: str, data: dict) -> bool:
+    """Store a measured result (``eval.json``, ``bench.json``) for ``report``; on failure warn in one
+    line and return False, so what was measured still reaches the user."""
+    try:
+        write_json_atomic(Path(bundle) / name, data)
+        return True
+    except InputError as e:
+        warn(f"{e} — the results were printed but not stored in the bundle")
+        return False
+
+
+def warn(message: str) -> None:
+    """One plain stderr line (rich would wrap a long one at 80 columns when stderr is not a terminal)."""
+    print(f"edgeres: warning: {message}", file=sys.stderr)
+
+
+# --- reading -------------------------------------------------------------------------------------
+
 def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
-    """Load and check ``manifest.json``; with ``verify`` every listed file's size and sha256 must match."""
+    """Load and check ``manifest.json``; with ``verify`` every path it names must be a hashed regular
+    file inside the bundle whose size and sha256 match."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
     if not bundle.is_dir():
@@ -89,7 +277,7 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
     if not path.exists():
         raise InputError(f"{bundle}: has no {MANIFEST}; it is not a complete edgeres bundle (re-run `edgeres convert`)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(_read_regular(path).decode())
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot be parsed ({e}); the bundle is damaged, re-run `edgeres convert`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -105,57 +293,336 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
     if verify:
         for record in listed_files(manifest):
             verify_file(bundle, record)
+        reference_path(bundle, manifest)
+        for a in manifest["artifacts"]:
+            if a.get("file") is not None:
+                bundle_path(bundle, a["file"], a.get("file_records", []), f"{_label(a)} file")
+            for rel in a.get("files", []):
+                bundle_path(bundle, rel, a.get("file_records", []), f"{_label(a)} file")
     return manifest
+
+
+def _read_regular(path: Path, limit: int = 64 << 20) -> bytes:
+    """A small metadata file's bytes, refusing a FIFO or device (which would block or never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{st.st_size} bytes, more than a metadata file holds")
+        return f.read()
+
+
+def _label(a: dict) -> str:
+    return f"{a['target']} {a['precision']}"
+
+
+def bundle_path(bundle: Path, rel, records: list[dict], what: str = "file") -> Path:
+    """The one way to turn a path the manifest names into a file to open.
+
+    Refused unless ``rel`` is one of ``records`` (files whose sha256 the manifest holds), stays inside
+    the bundle once every symlink is resolved, and is a regular file (not a FIFO or device, which
+    would block or never end). Returns the path inside the bundle, so a runtime that finds companion
+    files by name (an OpenVINO ``.bin`` beside its ``.xml``) finds the checked ones."""
+    shown = f"{bundle}: the manifest's {what} {rel!r}"
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise InputError(f"{shown} is not a path; {DAMAGED}")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or Path(rel).is_absolute() or ".." in pure.parts:
+        raise InputError(f"{shown} points outside the bundle; {DAMAGED}")
+    if rel not in {r.get("file") for r in records if isinstance(r, dict)}:
+        raise InputError(f"{shown} is not one of the files it hashes for it; {DAMAGED}")
+    root = bundle.resolve()
+    real = Path(os.path.realpath(root / rel))
+    if root not in real.parents:
+        raise InputError(f"{shown} resolves to {real}, outside the bundle (a symlink); {DAMAGED}")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise InputError(f"{bundle / rel}: listed in the manifest but missing; the bundle is incomplete, "
+                         "re-run `edgeres convert`") from None
+    except OSError as e:
+        raise InputError(f"{shown} cannot be read ({e.strerror}); {DAMAGED}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{shown} is not a regular file ({_file_kind(st.st_mode)}); {DAMAGED}")
+    return bundle / rel
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def reference_path(bundle: Path, manifest: dict) -> Path:
+    """The fp32 reference the manifest names (checked like every other file)."""
+    ref = manifest["reference"]
+    return bundle_path(Path(bundle), ref["file"], [ref], "reference")
+
+
+def artifact_path(bundle: Path, artifact: dict) -> Path:
+    """The file to load for an artifact, checked with everything its runtime reads beside it."""
+    return model_path(Path(bundle), artifact.get("file"), artifact.get("file_records", []),
+                      f"{_label(artifact)} file")
+
+
+def model_path(bundle: Path, rel, records: list[dict], what: str) -> Path:
+    """``bundle_path`` for a file a runtime loads: the files the runtime then opens by name beside it
+    (an OpenVINO ``.bin``) must be among ``records`` too."""
+    path = bundle_path(bundle, rel, records, what)
+    for companion in artifact_files(rel)[1:]:
+        bundle_path(bundle, companion, records, f"{what}'s companion")
+    return path
+
+
+def data_file_path(bundle: Path, manifest: dict, rel: str) -> Path | None:
+    """A non-model file the manifest names (calibration ranges); None when the manifest does not hash
+    it (bundles written before it did), so the caller can do without it."""
+    records = manifest.get("data_files") or []
+    if rel not in {r["file"] for r in records}:
+        return None
+    return bundle_path(Path(bundle), rel, records, "data file")
+
+
+def verify_file(bundle: Path, record: dict) -> None:
+    path = bundle_path(bundle, record["file"], [record])
+    try:  # the checks above looked at a name; what is hashed is the file actually opened
+        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror}); {DAMAGED}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: is not a regular file ({_file_kind(st.st_mode)}); {DAMAGED}")
+        if st.st_size != record["size_bytes"] or _sha256(f) != record["sha256"]:
+            raise InputError(f"{path}: size or sha256 differs from the manifest; the file was changed or truncated, "
+                             "re-run `edgeres convert`")
 
 
 def _is_file_record(r) -> bool:
     return (isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("sha256"), str)
-            and isinstance(r.get("size_bytes"), int) and not Path(r["file"]).is_absolute() and ".." not in Path(r["file"]).parts)
+            and _is_int(r.get("size_bytes")) and r["size_bytes"] >= 0)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+def _numbers_problem(d: dict, keys: tuple[str, ...], where: str) -> str | None:
+    for k in keys:
+        if d.get(k) is not None and not _is_number(d[k]):
+            return f"{where} {k} {d[k]!r} is not a number"
+    return None
 
 
 def _schema_problem(manifest: dict) -> str | None:
-    """What is wrong with the manifest's structure (None when it is sound)."""
+    """What is wrong with the manifest's structure and values (None when it is sound)."""
     for key, kind in (("arch", dict), ("preprocess", dict), ("reference", dict), ("artifacts", list)):
         if not isinstance(manifest.get(key), kind):
             return f"{key!r} is missing or not a {kind.__name__}"
+    for key in ("source", "cost", "pruning", "calibration", "accuracy_budget"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            return f"{key!r} is not an object"
     if not _is_file_record(manifest["reference"]):
         return "the reference file record is malformed"
-    for a in manifest["artifacts"]:
+    if not manifest["reference"]["file"].endswith(".onnx"):
+        return f"the reference {manifest['reference']['file']!r} is not an .onnx file (onnxruntime runs it)"
+    data_files = manifest.get("data_files", [])
+    if not isinstance(data_files, list) or not all(_is_file_record(r) for r in data_files):
+        return "the data file records are malformed"
+    return (_artifacts_problem(manifest["artifacts"]) or _preprocess_problem(manifest["preprocess"], "preprocess")
+            or _arch_problem(manifest["arch"]) or _sections_problem(manifest))
+
+
+def _artifacts_problem(artifacts: list) -> str | None:
+    for a in artifacts:
         if not isinstance(a, dict) or not isinstance(a.get("target"), str) or not isinstance(a.get("precision"), str):
             return "an artifact record is malformed"
         records = a.get("file_records", [])
         if not isinstance(records, list) or not all(_is_file_record(r) for r in records):
-            return f"the file records of {a['target']} {a['precision']} are malformed"
-        if a.get("status") == "ok" and (not records or not isinstance(a.get("file"), str)):
-            return f"{a['target']} {a['precision']} lists no files"
+            return f"the file records of {_label(a)} are malformed"
+        if a.get("file") is not None and not isinstance(a["file"], str):
+            return f"the file of {_label(a)} is not a path"
+        files = a.get("files", [])
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            return f"the files of {_label(a)} are malformed"
+        if a.get("status") == "ok" and (not records or a.get("file") is None):
+            return f"{_label(a)} lists no files"
+    return None
+
+
+PREPROCESS_KEYS = frozenset(f.name for f in fields(Preprocess))
+
+
+def _preprocess_problem(pre, where: str) -> str | None:
+    if not isinstance(pre, dict):
+        return f"{where} is not an object"
+    unknown = sorted(set(pre) - PREPROCESS_KEYS)
+    if unknown:
+        return f"{where} has unknown keys {unknown}"
+    size, resize = pre.get("size"), pre.get("resize")
+    if not _is_int(size) or not 1 <= size <= MAX_IMAGE_SIDE:
+        return f"{where} size {size!r} is not an image side of 1 to {MAX_IMAGE_SIDE} pixels"
+    if resize is not None and (not _is_int(resize) or not size <= resize <= MAX_IMAGE_SIDE):
+        return f"{where} resize {resize!r} is not a side of {size} to {MAX_IMAGE_SIDE} pixels"
+    for key in ("mean", "std"):
+        v = pre.get(key, [1.0, 1.0, 1.0])
+        if not isinstance(v, list) or len(v) != 3 or not all(_is_finite(x) for x in v):
+            return f"{where} {key} {v!r} is not three finite numbers"
+    if any(x <= 0 for x in pre.get("std", [1.0])):
+        return f"{where} std {pre['std']!r} must be positive"
+    scale = pre.get("scale", 1.0)
+    if not _is_finite(scale) or scale <= 0:
+        return f"{where} scale {scale!r} is not a positive number"
+    try:
+        Preprocess.from_dict(pre)
+    except (DataError, TypeError, ValueError) as e:
+        return f"{where}: {e}"
+    return None
+
+
+ARCH_KEYS = frozenset(f.name for f in fields(ResNetSpec))
+
+
+def _arch_problem(arch: dict) -> str | None:
+    unknown = sorted(set(arch) - ARCH_KEYS)
+    if unknown:
+        return f"arch has unknown keys {unknown}"
+    ints = [arch.get("num_classes"), arch.get("stem_width")]
+    for key in ("layers", "stage_widths"):
+        if not isinstance(arch.get(key), list):
+            return f"arch {key} {arch.get(key)!r} is not a list"
+        ints += arch[key]
+    inner = arch.get("inner_widths")
+    if not isinstance(inner, list) or not all(isinstance(st, list) and all(isinstance(b, list) for b in st)
+                                              for st in inner):
+        return f"arch inner_widths {inner!r} is not a list of lists of widths"
+    ints += [w for st in inner for b in st for w in b]
+    if not all(_is_int(v) and v > 0 for v in ints):
+        return "arch counts and widths (num_classes, stem_width, layers, stage_widths, inner_widths) must be " \
+               "positive integers"
+    problem = _preprocess_problem(arch.get("preprocess"), "arch preprocess")
+    if problem:
+        return problem
+    try:
+        ResNetSpec.from_dict(arch)
+    except (InputError, DataError) as e:
+        return f"arch: {e}"
+    return None
+
+
+def _sections_problem(manifest: dict) -> str | None:
+    """The optional sections ``report`` formats as numbers."""
+    for key, numbers in (("cost", ("params", "macs")), ("pruning", ("top1_before", "top1_after", "top1_after_prune"))):
+        problem = _numbers_problem(manifest.get(key) or {}, numbers, key)
+        if problem:
+            return problem
+    labels = manifest.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(v, str) for v in labels)):
+        return "labels is not a list of names"
+    budget = manifest.get("accuracy_budget")
+    if budget is not None:
+        actions = budget.get("actions", [])
+        if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
+            return "accuracy_budget actions are malformed"
+        for a in actions:
+            problem = _numbers_problem(a, ("top1_drop_pp",), "accuracy_budget action")
+            if problem:
+                return problem
     return None
 
 
 def listed_files(manifest: dict) -> list[dict]:
-    records = [manifest["reference"]]
+    records = [manifest["reference"], *manifest.get("data_files", [])]
     for a in manifest["artifacts"]:
         records.extend(a.get("file_records", []))
     return records
-
-
-def verify_file(bundle: Path, record: dict) -> None:
-    path = bundle / record["file"]
-    if not path.exists():
-        raise InputError(f"{path}: listed in the manifest but missing; the bundle is incomplete, re-run `edgeres convert`")
-    if path.stat().st_size != record["size_bytes"] or sha256_file(path) != record["sha256"]:
-        raise InputError(f"{path}: size or sha256 differs from the manifest; the file was changed or truncated, re-run `edgeres convert`")
 
 
 def ok_artifacts(manifest: dict) -> list[dict]:
     return [a for a in manifest["artifacts"] if a.get("status") == "ok"]
 
 
+# --- stored results --------------------------------------------------------------------------------
+
+def _eval_problem(doc: dict) -> str | None:
+    ref = doc.get("reference")
+    if not isinstance(ref, dict) or _numbers_problem(ref, ("top1", "top5"), "reference"):
+        return "its reference accuracy is malformed"
+    if doc.get("images") is not None and not _is_int(doc["images"]):
+        return "its image count is not an integer"
+    entries = doc.get("artifacts", [])
+    if not isinstance(entries, list):
+        return "its artifacts are not a list"
+    for e in entries:
+        problem = _entry_problem(e, ("top1", "top5", "top1_drop_pp", "agreement_pct", "max_abs_logit_err"))
+        if problem:
+            return problem
+    layers = doc.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str)
+                                               and not _numbers_problem(v, ("sqnr_db",), "") for v in layers):
+        return "its layers are malformed"
+    return None
+
+
+def _bench_problem(doc: dict) -> str | None:
+    if not isinstance(doc.get("settings"), dict):
+        return "its settings are missing"
+    if doc.get("system") is not None and not isinstance(doc["system"], dict):
+        return "its system record is not an object"
+    rows = doc.get("results")
+    if not isinstance(rows, list):
+        return "its results are not a list"
+    for r in rows:
+        problem = _entry_problem(r, ("size_mb", "load_ms", "first_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
+                                     "fps", "peak_rss_mb", "temperature_c"))
+        if problem:
+            return problem
+        if not _is_int(r.get("threads")) or not isinstance(r.get("status"), str):
+            return "a result row has no thread count or status"
+    return None
+
+
+def _entry_problem(e, numbers: tuple[str, ...]) -> str | None:
+    if not isinstance(e, dict) or not isinstance(e.get("target"), str) or not isinstance(e.get("precision"), str):
+        return "an entry has no target and precision"
+    if e.get("file") is not None and not isinstance(e["file"], str):
+        return "an entry's file is not a path"
+    if e.get("status") is not None and not isinstance(e["status"], str):
+        return "an entry's status is not text"
+    return _numbers_problem(e, numbers, f"{e['target']} {e['precision']}")
+
+
+RESULT_CHECKS = {EVAL_FILE: _eval_problem, BENCH_FILE: _bench_problem}
+RESULT_COMMANDS = {EVAL_FILE: "eval DIR --data DATA", BENCH_FILE: "bench DIR"}
+
+
 def read_result(bundle: Path, name: str) -> dict | None:
-    """A stored result (``eval.json``, ``bench.json``) or None."""
+    """A stored result (``eval.json``, ``bench.json``), or None when absent or damaged (with a warning:
+    results are measurements to redo, not inputs to refuse a bundle for)."""
     path = Path(bundle) / name
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except ValueError:
+        doc = json.loads(_read_regular(path).decode())
+        problem = None if isinstance(doc, dict) else "not a JSON object"
+    except (OSError, ValueError) as e:
+        doc, problem = None, f"cannot be parsed: {e}"
+    check = RESULT_CHECKS.get(name)
+    if problem is None and check is not None:
+        problem = check(doc)
+    if problem:
+        warn(f"ignored damaged {path} ({problem}); re-run `edgeres {RESULT_COMMANDS.get(name, 'eval')}`")
         return None
+    return doc

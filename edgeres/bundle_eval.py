@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from calibration import ImageDataset, Preprocess
-from edgeres.bundle import REFERENCE_FILE, ok_artifacts, read_manifest, write_json_atomic
+from edgeres.bundle import EVAL_FILE, artifact_path, ok_artifacts, read_manifest, reference_path, store_result
 from edgeres.evaluate import check_labels, collect_logits, compare_to_reference, topk_accuracy
 from edgeres.progress import log
 
-EVAL_FILE = "eval.json"
+__all__ = ["EVAL_FILE", "evaluate_bundle"]
 
 
 def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | None = None,
                     threads: int | None = None) -> dict:
-    """Evaluate and store ``eval.json`` in the bundle; returns the ``eval --json`` document."""
+    """Evaluate and store ``eval.json`` in the bundle; returns the ``eval --json`` document.
+
+    When the bundle cannot be written (read-only) the result is still returned, with one warning."""
     from targets import get_target
     from targets.base import TargetError
 
@@ -24,13 +26,15 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     check_labels(dataset, manifest["arch"]["num_classes"])
     dataset.check_image_size(pre)
     labels = dataset.labels[dataset.spread(limit)]
-    ref_runner = get_target("onnx").load_runner(bundle / REFERENCE_FILE, threads=threads)
+    artifacts = ok_artifacts(manifest)
+    paths = [artifact_path(bundle, a) for a in artifacts]  # every file checked before any is run
+    ref_runner = get_target("onnx").load_runner(reference_path(bundle, manifest), threads=threads)
     reference = collect_logits(ref_runner, dataset, pre, limit=limit, description="fp32 reference")
     result = {"reference": topk_accuracy(reference, labels), "artifacts": [], "images": int(len(labels))}
-    for a in ok_artifacts(manifest):
+    for a, path in zip(artifacts, paths):
         entry = {"target": a["target"], "precision": a["precision"], "file": a["file"]}
         try:
-            runner = get_target(a["target"]).load_runner(bundle / a["file"], threads=threads)
+            runner = get_target(a["target"]).load_runner(path, threads=threads)
             logits = collect_logits(runner, dataset, pre, limit=limit, description=f"{a['target']} {a['precision']}")
             entry.update(compare_to_reference(logits, reference, labels))
         except TargetError as e:
@@ -38,5 +42,5 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
             log(f"[red]{a['target']} {a['precision']} failed:[/] {e}")
         result["artifacts"].append(entry)
     stored = dict(result, data=str(dataset.source), conversion_key=manifest.get("conversion_key"))
-    write_json_atomic(bundle / EVAL_FILE, stored)
+    store_result(bundle, EVAL_FILE, stored)
     return result

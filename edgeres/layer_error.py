@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration import ImageDataset, Preprocess
-from edgeres.bundle import REFERENCE_FILE, ok_artifacts, read_manifest
+from edgeres.bundle import artifact_path, data_file_path, ok_artifacts, read_manifest, reference_path, warn
 from edgeres.errors import InputError
 
 QUANTIZE_INPUT_SUFFIX = "_QuantizeLinear_Input"  # the quantiser's rename of a graph output it quantises
@@ -31,11 +31,16 @@ def layer_sqnr_for_bundle(bundle_dir: str | Path, dataset: ImageDataset, images:
                          "(convert with --targets onnx --precision int8)")
     pre = Preprocess.from_dict(manifest["preprocess"])
     x = next(dataset.batches(pre, batch_size=images, limit=images))[0]
-    rows = layer_sqnr(bundle / REFERENCE_FILE, bundle / int8[0]["file"], x)
+    reference, qdq = reference_path(bundle, manifest), artifact_path(bundle, int8[0])
+    rows = layer_sqnr(reference, qdq, x)
     calibration = manifest.get("calibration") or {}
     if calibration.get("quant") == "accurate" and calibration.get("ranges_file"):
-        add_gain_over_fast(rows, bundle / REFERENCE_FILE, bundle / int8[0]["file"],
-                           bundle / calibration["ranges_file"], x)
+        ranges = data_file_path(bundle, manifest, calibration["ranges_file"])
+        if ranges is None:
+            warn(f"{bundle}: the manifest does not hash {calibration['ranges_file']}, so the "
+                "gain over plain int8 is not shown (re-run `edgeres convert --force` to record it)")
+        else:
+            add_gain_over_fast(rows, reference, qdq, ranges, x)
     return rows
 
 

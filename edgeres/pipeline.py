@@ -10,6 +10,7 @@ unchanged and skips the conversion."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import shutil
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from calibration import DataError, open_dataset
 from edgeres import __version__
-from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, check_output_dir, file_record,
-                            publish, read_manifest, read_result, write_json_atomic)
+from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, OutputLock, check_output_dir,
+                            file_record, publish, read_manifest, read_result, warn, write_json_atomic)
 from edgeres.errors import InputError
 from edgeres.progress import log
 
@@ -30,6 +31,7 @@ ESTIMATORS = ("minmax", "percentile", "entropy", "mse")
 QUANT_PRESETS = ("fast", "accurate")  # accurate: edgeres/quant_accurate.py on the weights first
 ACCURATE_FP32 = "model.accurate.fp32.onnx"  # improved weights, fp32: what the QDQ model quantises
 STEPS_FILE = ".steps.json"
+RANGES_FILE = "calibration_ranges.json"
 
 
 @dataclass(frozen=True)
@@ -190,11 +192,28 @@ def conversion_key(cfg: ConvertConfig, source_sha256: str) -> str:
 
 
 class _Steps:
-    """Finished steps of one conversion, persisted in the work folder."""
+    """Finished steps of one conversion, persisted in the work folder. A damaged record (a crash
+    while it was written, a full disk) only costs redoing those steps."""
 
     def __init__(self, work: Path):
         self.path = work / STEPS_FILE
-        self.done: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.done: dict = self._load()
+
+    def _load(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            done = json.loads(self.path.read_text())
+            problem = None if isinstance(done, dict) else "not a JSON object"
+        except (OSError, ValueError) as e:
+            done, problem = {}, f"cannot be parsed: {e}"
+        if problem:
+            warn(f"ignored damaged {self.path} ({problem}); redoing every step")
+            return {}
+        damaged = [name for name, record in done.items() if not _step_record_ok(name, record)]
+        if damaged:
+            warn(f"ignored damaged records in {self.path}; redoing: {', '.join(damaged)}")
+        return {name: record for name, record in done.items() if name not in damaged}
 
     def get(self, name: str):
         if name in self.done:
@@ -206,6 +225,31 @@ class _Steps:
         write_json_atomic(self.path, self.done)
 
 
+def _step_record_ok(name: str, record) -> bool:
+    """Does a stored step record have what resuming reads from it?"""
+    if not isinstance(record, dict):
+        return False
+    if not name.startswith("compile "):
+        return True
+    files, records = record.get("files"), record.get("file_records")
+    return (record.get("status") == "ok" and isinstance(files, list) and bool(files)
+            and all(isinstance(f, str) for f in files) and isinstance(records, list)
+            and all(isinstance(r, dict) for r in records))
+
+
+def _holding_output_lock(run):
+    """The whole run, from the first look at --out to the report, holds the output's lock, so a
+    second run on the same --out fails at once instead of sharing staging or replacing the bundle."""
+
+    @functools.wraps(run)
+    def locked(cfg: ConvertConfig) -> dict:
+        with OutputLock(cfg.out):
+            return run(cfg)
+
+    return locked
+
+
+@_holding_output_lock
 def convert(cfg: ConvertConfig) -> dict:
     """Run (or resume) a conversion; returns the manifest. Bad input fails before any work."""
     from edgeres.loading import load_model
@@ -338,7 +382,7 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
                 done = _calibrate(cfg, work, calib_fn, qdq_path, calibration_record, int8_onnx)
                 steps.finish("calibrate", done)
             calibration_record = done
-            ranges = {k: tuple(v) for k, v in json.loads((work / "calibration_ranges.json").read_text()).items()}
+            ranges = {k: tuple(v) for k, v in json.loads((work / RANGES_FILE).read_text()).items()}
 
         keras_fn = None
         if "tflite" in cfg.targets:
@@ -375,6 +419,7 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
             "pruning": (loaded.extra or {}).get("pruning"),
             "calibration": calibration_record,
             "reference": {**file_record(work, REFERENCE_FILE), "precision": "fp32", "engine": "onnxruntime"},
+            "data_files": [file_record(work, f) for f in (RANGES_FILE,) if (work / f).exists()],
             "artifacts": artifacts,
             "config": cfg.to_dict(),
             "timings": {name: r.get("seconds", r.get("compile_s")) for name, r in steps.done.items()
@@ -449,11 +494,11 @@ def _calibrate(cfg: ConvertConfig, work: Path, calib_fn, qdq_path: Path, record:
         raise InputError(f"{cfg.calib}: calibration failed ({e})") from None
     except DataError as e:
         raise DataError(f"{cfg.calib}: {e}") from None
-    write_json_atomic(work / "calibration_ranges.json", {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
+    write_json_atomic(work / RANGES_FILE, {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
     qdq_path.parent.mkdir(exist_ok=True)
     qdq = onnx_target.quantize_qdq(onnx_fp32, ranges, qdq_path,
                                    options=dict(cfg.target_options.get("onnx", {})))
-    return {**record, "qdq": qdq, "ranges_file": "calibration_ranges.json",
+    return {**record, "qdq": qdq, "ranges_file": RANGES_FILE,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 

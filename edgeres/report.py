@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeres.bench import BENCH_FILE
-from edgeres.bundle import read_manifest, read_result
+from edgeres.bundle import discard, read_manifest, read_result, warn, write_text_atomic
 from edgeres.bundle_eval import EVAL_FILE
 from edgeres.errors import InputError
 from edgeres.tables import format_table
@@ -327,18 +327,22 @@ def write_plots(data: ReportData) -> dict[str, Path]:
     except ImportError:
         raise InputError("report --html: matplotlib is not installed; pip install 'edgeres[report]'") from None
     out_dir = data.bundle / PLOTS_DIR
-    out_dir.mkdir(exist_ok=True)
     written = {}
-    for title, name, plot in PLOTS:
-        tmp = out_dir / f".{name}.tmp-{os.getpid()}.png"
-        try:
-            if plot(data, tmp):
-                os.replace(tmp, out_dir / name)
-                written[title] = out_dir / name
-            else:
-                (out_dir / name).unlink(missing_ok=True)  # a stale plot would contradict the table
-        finally:
-            tmp.unlink(missing_ok=True)
+    try:
+        out_dir.mkdir(exist_ok=True)
+        for title, name, plot in PLOTS:
+            tmp = out_dir / f".{name}.tmp-{os.getpid()}.png"
+            try:
+                if plot(data, tmp):
+                    os.replace(tmp, out_dir / name)
+                    written[title] = out_dir / name
+                else:
+                    (out_dir / name).unlink(missing_ok=True)  # a stale plot would contradict the table
+            finally:
+                discard(tmp)
+    except OSError as e:
+        raise InputError(f"{out_dir}: cannot write the plots ({e.strerror}); report --html needs a writable "
+                         "bundle (copy it somewhere writable)") from None
     return written
 
 
@@ -384,24 +388,23 @@ def _inline_markup(text: str) -> str:
     return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot write ({e.strerror}); check the folder is writable and has space") from None
-
-
 def write_report(bundle: str | Path, *, html_out: bool = False, threads: int | None = None) -> dict:
-    """Write ``report.md`` (and with ``html_out`` ``report.html`` + ``plots/*.png``); returns the Markdown and paths."""
+    """Write ``report.md`` (and with ``html_out`` ``report.html`` + ``plots/*.png``); returns the Markdown and paths.
+
+    A read-only bundle still gets its Markdown returned (to print), with one warning that it was not
+    stored; ``--html`` has nothing to give without writing, so there it is an error."""
     data = load_report(bundle, threads)
     plots = write_plots(data) if html_out else {}
     markdown = render_markdown(data, plots)
-    _write_text_atomic(data.bundle / REPORT_MD, markdown)
     paths = {"markdown": data.bundle / REPORT_MD, "plots": plots}
+    try:
+        write_text_atomic(data.bundle / REPORT_MD, markdown)
+    except InputError as e:
+        if html_out:
+            raise
+        warn(f"{e} — the report was printed but not stored in the bundle")
+        paths["markdown"] = None
     if html_out:
-        _write_text_atomic(data.bundle / REPORT_HTML, render_html(data, plots))
+        write_text_atomic(data.bundle / REPORT_HTML, render_html(data, plots))
         paths["html"] = data.bundle / REPORT_HTML
     return {"markdown_text": markdown, **paths}
