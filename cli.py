@@ -209,12 +209,12 @@ def eval_cmd(
         layer_rows = layer_sqnr_for_bundle(path, dataset) if layers else None
         result = evaluate_bundle(path, dataset, limit=limit, threads=threads)
         if layers:
-            from edgeres.bundle import read_result, write_json_atomic
+            from edgeres.bundle import read_result, store_result
             from edgeres.bundle_eval import EVAL_FILE
 
             result["layers"] = layer_rows
             stored = read_result(Path(path), EVAL_FILE) or {}
-            write_json_atomic(Path(path) / EVAL_FILE, {**stored, "layers": result["layers"]})  # for `report`
+            store_result(Path(path), EVAL_FILE, {**stored, "layers": result["layers"]})  # for `report`
         if json_out:
             return _print_json(result)
         from edgeres.tables import print_eval
