@@ -117,8 +117,8 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks inst
 @handled
 def zoo(json_out: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Known architectures."""
-    from edgeres.inspect import describe_spec
-    from edgeres.zoo import ZOO
+    from edgeres.measure.describe import describe_spec
+    from edgeres.model.zoo import ZOO
 
     rows = [describe_spec(s) for s in ZOO.values()]
     if json_out:
@@ -138,7 +138,7 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Arch, params, MACs, widths per stage and (for a bundle) its artifacts."""
-    from edgeres.inspect import inspect_path
+    from edgeres.measure.describe import inspect_path
 
     info = inspect_path(path, arch)
     if json_out:
@@ -159,7 +159,7 @@ def inspect(
 @handled
 def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Runtimes installed, CPU features and the suggested device profile."""
-    from edgeres.doctor import doctor as run_doctor
+    from edgeres.device.doctor import doctor as run_doctor
 
     info = run_doctor()
     if json_out:
@@ -200,9 +200,9 @@ def eval_cmd(
                          "onnx int8 artifact to its fp32 reference")
     dataset = open_dataset(data)
     if is_bundle:
-        from edgeres.bundle_eval import evaluate_bundle
-        from edgeres.evaluate import number_bundle_class_folders
-        from edgeres.layer_error import layer_sqnr_for_bundle
+        from edgeres.measure.bundle_eval import evaluate_bundle
+        from edgeres.measure.evaluate import number_bundle_class_folders
+        from edgeres.measure.layer_error import layer_sqnr_for_bundle
 
         number_bundle_class_folders(path, dataset)
         # measured before evaluate_bundle stores eval.json, so a failure here leaves the stored results as they were
@@ -210,7 +210,7 @@ def eval_cmd(
         result = evaluate_bundle(path, dataset, limit=limit, threads=threads)
         if layers:
             from edgeres.bundle import read_result, store_result
-            from edgeres.bundle_eval import EVAL_FILE
+            from edgeres.measure.bundle_eval import EVAL_FILE
 
             result["layers"] = layer_rows
             stored = read_result(Path(path), EVAL_FILE) or {}
@@ -220,8 +220,8 @@ def eval_cmd(
         from edgeres.tables import print_eval
 
         return print_eval(result)
-    from edgeres.evaluate import check_labels, collect_logits, topk_accuracy, torch_runner
-    from edgeres.loading import load_model
+    from edgeres.measure.evaluate import check_labels, collect_logits, topk_accuracy, torch_runner
+    from edgeres.sources.loading import load_model
 
     loaded = load_model(path, arch)
     dataset.check_image_size(loaded.spec.preprocess)
@@ -263,7 +263,7 @@ def convert(
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Convert MODEL into one bundle with an artifact per target and precision (resumable)."""
-    from edgeres.pipeline import ConvertConfig, apply_profile, convert as run_convert, parse_target_options
+    from edgeres.convert.pipeline import ConvertConfig, apply_profile, convert as run_convert, parse_target_options
 
     cfg = ConvertConfig(model=model, out=out, arch=arch, calib=calib,
                         targets=_csv(targets) or ConvertConfig.targets,
@@ -299,7 +299,7 @@ def _int_csv(value: Optional[str], flag: str) -> tuple[int, ...]:
 
 def _print_conversion(out: str, manifest: dict) -> None:
     """The bundle's files, then the report table (accuracy and latency where measured)."""
-    from edgeres.report import report_table
+    from edgeres.measure.report import report_table
     from edgeres.tables import print_bundle, print_table
 
     print_bundle(out, manifest)
@@ -323,7 +323,7 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ):
     """Latency, FPS and peak memory of every artifact, each in a fresh process (locally or on a device)."""
-    from edgeres.bench import BenchConfig, RemoteHost, any_failed, bench_bundle, bench_table
+    from edgeres.measure.bench import BenchConfig, RemoteHost, any_failed, bench_bundle, bench_table
     from edgeres.flags import check_number, check_threads
 
     thread_counts = _int_csv(threads, "--threads")
@@ -362,7 +362,7 @@ def report(
 ):
     """Accuracy-drop and latency table (Markdown on stdout and DIR/report.md); --html adds plots."""
     from edgeres.flags import check_threads
-    from edgeres.report import write_report
+    from edgeres.measure.report import write_report
 
     check_threads("--threads", threads)
 
@@ -401,9 +401,9 @@ def prune(
     _check_prune_numbers(round_to=round_to, steps=steps, epochs=epochs, batch_size=batch_size, seed=seed,
                          eval_images=eval_images)
     from calibration import open_dataset
-    from edgeres.distill import FinetuneConfig
-    from edgeres.loading import load_model
-    from edgeres.prune import PruneConfig, check_output_path, prune_loaded, save_pruned
+    from edgeres.compress.distill import FinetuneConfig
+    from edgeres.sources.loading import load_model
+    from edgeres.compress.prune import PruneConfig, check_output_path, prune_loaded, save_pruned
 
     cfg = PruneConfig(ratio=ratio, importance=importance, global_ranking=global_ranking, round_to=round_to, steps=steps,
                       match_macs=match_macs, reconstruct=reconstruct)

@@ -2,7 +2,7 @@
 
 Builds one bundle with ResNet-18 (random weights, 224², batch 1) as ONNX fp32/int8, OpenVINO
 fp32/int8 and TFLite fp32/int8 artifacts, then, round after round, runs each row exactly as
-`edgeres bench` runs it (edgeres.bench.LocalExecutor: bench_runner.py in a fresh process) and
+`edgeres bench` runs it (edgeres.measure.bench.LocalExecutor: bench_runner.py in a fresh process) and
 each runtime's native recipe back to back, same thread count, alternating which goes first:
 
   onnx      a plain `session.run` loop in a fresh process (onnxruntime_perf_test is not in the wheel)
@@ -73,9 +73,9 @@ def build_bundle(out: Path, calib_images: int = 8) -> None:
     import torch
 
     from edgeres.bundle import FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, write_json_atomic
-    from edgeres.export import export_onnx
-    from edgeres.torch_model import build_torch
-    from edgeres.zoo import get_spec
+    from edgeres.model.export import export_onnx
+    from edgeres.model.torch_model import build_torch
+    from edgeres.model.zoo import get_spec
 
     staging = Path(tempfile.mkdtemp(prefix=".r18-", dir=out.parent))
     staging.chmod(0o755)
@@ -220,7 +220,7 @@ def main() -> int:
     if not (out / "manifest.json").exists():
         build_bundle(out)
 
-    from edgeres.bench import BenchConfig, LocalExecutor, plan_items
+    from edgeres.measure.bench import BenchConfig, LocalExecutor, plan_items
     from edgeres.bundle import read_manifest
 
     manifest = read_manifest(out)

@@ -39,7 +39,7 @@ def channel_ranges(spec, state_dict, batches) -> dict:
     """Per-channel (min, max) of the stem output, every block output and every BN output."""
     import torch
 
-    from edgeres.torch_model import build_torch
+    from edgeres.model.torch_model import build_torch
 
     model = build_torch(spec)
     model.load_state_dict(state_dict)
@@ -159,7 +159,7 @@ def learn_weights(sim, calib: np.ndarray, *, epochs: int, lr: float, seed: int =
 
 def main() -> None:
     from calibration import open_dataset
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet20")

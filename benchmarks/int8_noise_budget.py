@@ -65,8 +65,8 @@ class QuantSim:
     def __init__(self, spec, state_dict: dict, *, levels: int = 127):
         import torch
 
-        from edgeres.quant_accurate import _conv_bn_pairs
-        from edgeres.torch_model import build_torch
+        from edgeres.compress.quant_accurate import _conv_bn_pairs
+        from edgeres.model.torch_model import build_torch
 
         self.spec, self.levels = spec, levels
         sd = {k: v.detach().clone().double() if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -190,7 +190,7 @@ def groups(ranges: dict, spec) -> dict[str, list[str]]:
 
 def main() -> None:
     from calibration import open_dataset
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet20")

@@ -96,7 +96,7 @@ def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from edgeres.keras_import import keras_caffe_preprocess
+    from edgeres.sources.keras_import import keras_caffe_preprocess
 
     t0 = time.perf_counter()
     pre = keras_caffe_preprocess(224).with_layout("NHWC")
@@ -137,7 +137,7 @@ def main() -> int:
 
     import torch
 
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
     from targets import get_target
 
     loaded = load_model(model_path)
@@ -145,7 +145,7 @@ def main() -> int:
           f"head {loaded.spec.head_layers}, preprocess {loaded.spec.preprocess.channel_order} mean "
           f"{loaded.spec.preprocess.mean} scale {loaded.spec.preprocess.scale}")
     raw = replace(loaded.spec, head_layers=replace(loaded.spec.head_layers, softmax=False))
-    from edgeres.torch_model import build_torch
+    from edgeres.model.torch_model import build_torch
 
     torch_model = build_torch(raw)
     torch_model.load_state_dict(loaded.state_dict)

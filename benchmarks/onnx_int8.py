@@ -31,9 +31,9 @@ def build_models(arch: str, work: Path, calib_images: int, estimator: str) -> di
 
     from benchmarks.native_recipes import ort_quantize_static
 
-    from edgeres.export import export_onnx
-    from edgeres.torch_model import build_torch, randomize_bn
-    from edgeres.zoo import get_spec
+    from edgeres.model.export import export_onnx
+    from edgeres.model.torch_model import build_torch, randomize_bn
+    from edgeres.model.zoo import get_spec
     from targets import onnx as onnx_target
 
     spec = get_spec(arch)
@@ -83,7 +83,7 @@ def time_interleaved(paths: dict[str, Path], threads: int, runs: int, warmup: in
 
 
 def main() -> None:
-    from edgeres.pipeline import ConvertConfig
+    from edgeres.convert.pipeline import ConvertConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="resnet18,resnet50")

@@ -35,9 +35,9 @@ def build_inputs(name: str, work: Path, calib_images: int) -> tuple[Path, Path]:
     """A random-weight checkpoint of ``name`` and an npz of random calibration images."""
     import torch
 
-    from edgeres.loading import save_checkpoint
-    from edgeres.torch_model import build_torch, randomize_bn
-    from edgeres.zoo import get_spec
+    from edgeres.sources.loading import save_checkpoint
+    from edgeres.model.torch_model import build_torch, randomize_bn
+    from edgeres.model.zoo import get_spec
 
     torch.manual_seed(0)
     spec = get_spec(name)
@@ -53,7 +53,7 @@ def build_inputs(name: str, work: Path, calib_images: int) -> tuple[Path, Path]:
 
 
 def convert_ours(ckpt: Path, data: Path, out: Path, calib_images: int, engine: str | None) -> dict:
-    from edgeres.pipeline import ConvertConfig, convert
+    from edgeres.convert.pipeline import ConvertConfig, convert
 
     options = {"openvino": {"engine": engine}} if engine else {}
     cfg = ConvertConfig(model=str(ckpt), out=str(out), calib=str(data), targets=("openvino",),

@@ -20,7 +20,7 @@ def agreement(bundle: Path, data: Path, precision: str = "int8", limit: int | No
               threads: int | None = None) -> dict:
     from calibration import Preprocess, open_dataset
     from edgeres.bundle import ok_artifacts, read_manifest
-    from edgeres.evaluate import collect_logits, topk_accuracy
+    from edgeres.measure.evaluate import collect_logits, topk_accuracy
     from targets import get_target
 
     manifest = read_manifest(bundle)

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build(arch: str, ratio: float, importance: str, tmp: Path):
     import torch
 
-    from edgeres.export import export_onnx
-    from edgeres.prune import PruneConfig, prune
-    from edgeres.torch_model import build_torch, randomize_bn
-    from edgeres.zoo import get_spec
+    from edgeres.model.export import export_onnx
+    from edgeres.compress.prune import PruneConfig, prune
+    from edgeres.model.torch_model import build_torch, randomize_bn
+    from edgeres.model.zoo import get_spec
 
     torch.manual_seed(0)
     spec = get_spec(arch)

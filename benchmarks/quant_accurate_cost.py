@@ -88,7 +88,7 @@ def main() -> None:
         ckpt, calib = build_inputs(args.arch, work, args.calib_images)
         bundles = {q: work / f"bundle.{q}" for q in ("fast", "accurate")}
         converts = [timed_convert(ckpt, calib, bundles[q], q) for q in bundles]
-        from edgeres.zoo import get_spec
+        from edgeres.model.zoo import get_spec
 
         latency = interleaved_latency(bundles, get_spec(args.arch).input_size, args.rounds, args.runs)
     result = {"arch": args.arch, "calib_images": args.calib_images, "convert": converts,

@@ -34,8 +34,8 @@ def cli(*args) -> str:
 
 def torch_relative_error(checkpoint: Path, tflite_path: Path, dev: Path) -> float:
     from calibration import open_dataset
-    from edgeres.evaluate import collect_logits, torch_runner
-    from edgeres.loading import load_model
+    from edgeres.measure.evaluate import collect_logits, torch_runner
+    from edgeres.sources.loading import load_model
     from targets import tflite
 
     loaded = load_model(checkpoint)

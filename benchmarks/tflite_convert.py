@@ -30,9 +30,9 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 import numpy as np
 import torch
-from edgeres.keras_model import build_keras
-from edgeres.torch_model import build_torch, randomize_bn
-from edgeres.zoo import get_spec
+from edgeres.model.keras_model import build_keras
+from edgeres.model.torch_model import build_torch, randomize_bn
+from edgeres.model.zoo import get_spec
 from targets import tflite
 from targets.base import CompileJob
 

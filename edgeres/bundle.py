@@ -22,9 +22,9 @@ from dataclasses import fields
 from pathlib import Path, PurePosixPath
 
 from calibration import DataError, Preprocess
-from edgeres.bench_runner import artifact_files
+from edgeres.measure.bench_runner import artifact_files
 from edgeres.errors import InputError
-from edgeres.zoo import ResNetSpec
+from edgeres.model.zoo import ResNetSpec
 
 try:
     import fcntl

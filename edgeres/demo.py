@@ -52,7 +52,7 @@ def train_digits_model(spec, x, y, *, seconds: float, max_epochs: int, seed: int
     import torch
     import torch.nn.functional as F
 
-    from edgeres.torch_model import build_torch
+    from edgeres.model.torch_model import build_torch
 
     torch.manual_seed(seed)
     model = build_torch(spec).train()
@@ -86,8 +86,8 @@ def train_digits_model(spec, x, y, *, seconds: float, max_epochs: int, seed: int
 
 def prepare(cfg: DemoConfig) -> dict:
     """Train (or reuse) the demo model and write its data files; returns their paths."""
-    from edgeres.loading import save_checkpoint
-    from edgeres.zoo import get_spec
+    from edgeres.sources.loading import save_checkpoint
+    from edgeres.model.zoo import get_spec
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def prepare(cfg: DemoConfig) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Train (or reuse) the digits ResNet, convert it for every target at int8 and fp32, evaluate."""
-    from edgeres.pipeline import ConvertConfig, convert
+    from edgeres.convert.pipeline import ConvertConfig, convert
 
     paths = prepare(cfg)
     bundle = Path(cfg.out) / "bundle"

@@ -290,7 +290,7 @@ def _first_line(e: Exception) -> str:
 
 class OnnxRunner(Runner):
     def __init__(self, path: str | Path, threads: int | None = None):
-        self.path = Path(path)  # named when its outputs are unusable (edgeres.evaluate)
+        self.path = Path(path)  # named when its outputs are unusable (edgeres.measure.evaluate)
         available()
         import onnxruntime as ort
 

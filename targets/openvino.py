@@ -207,7 +207,7 @@ class OpenVinoRunner(Runner):
 
     def __init__(self, path: str | Path, threads: int | None = None, hint: str | None = None,
                  inference_precision: str | None = None):
-        self.path = Path(path)  # named when its outputs are unusable (edgeres.evaluate)
+        self.path = Path(path)  # named when its outputs are unusable (edgeres.measure.evaluate)
         available()
         import openvino as ov
 

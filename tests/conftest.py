@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 def tiny_spec():
     """A 3-stage CIFAR-style ResNet-8 at 16×16 input: builds and runs in milliseconds."""
     from calibration import Preprocess
-    from edgeres.zoo import get_spec
+    from edgeres.model.zoo import get_spec
 
     spec = get_spec("resnet20")
     return replace(spec, name="resnet8-tiny", layers=(1, 1, 1), stem_width=8, stage_widths=(8, 16, 32),
@@ -30,7 +30,7 @@ def tiny_spec():
 def tiny_model():
     import torch
 
-    from edgeres.torch_model import build_torch, randomize_bn
+    from edgeres.model.torch_model import build_torch, randomize_bn
 
     torch.manual_seed(0)
     spec = tiny_spec()
@@ -40,7 +40,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_model):
     """An edgeres checkpoint (spec + weights) of the tiny model."""
-    from edgeres.loading import save_checkpoint
+    from edgeres.sources.loading import save_checkpoint
 
     spec, model = tiny_model
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"

@@ -39,7 +39,7 @@ def write_tiny_tflite_int8(path: Path, size: int = 16) -> None:
 
 def build_bundle(bundle: Path, spec, model, targets=("onnx", "openvino", "tflite")) -> dict:
     """Reference + an fp32 ONNX copy, an fp32 OpenVINO IR and an int8 TFLite file, with a verified manifest."""
-    from edgeres.export import export_onnx
+    from edgeres.model.export import export_onnx
 
     bundle.mkdir(parents=True)
     export_onnx(model, spec, bundle / REFERENCE_FILE)

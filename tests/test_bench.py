@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.handmade_bundle import copy_bundle, shared_bundle
 
-RUNNER = ROOT / "edgeres" / "bench_runner.py"
+RUNNER = ROOT / "edgeres" / "measure" / "bench_runner.py"
 ROW_KEYS = {"target", "precision", "file", "threads", "status", "runtime", "size_mb", "load_ms", "first_ms",
             "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "fps", "peak_rss_mb", "throttled", "warnings", "input"}
 
@@ -175,7 +175,7 @@ def test_pi_throttling_flags_mark_the_run_throttled(bundle, tmp_path):
 
 
 def test_decode_throttled_separates_now_from_since_boot():
-    from edgeres.bench_runner import decode_throttled
+    from edgeres.measure.bench_runner import decode_throttled
 
     assert decode_throttled(0) == {"raw": "0x0", "now": [], "since_boot": []}
     assert decode_throttled(0x80008) == {"raw": "0x80008", "now": ["soft_temp_limit"], "since_boot": ["soft_temp_limit"]}
@@ -184,7 +184,7 @@ def test_decode_throttled_separates_now_from_since_boot():
 
 
 def test_a_remote_python_under_home_is_expanded_by_the_remote_shell():
-    from edgeres.bench import remote_word
+    from edgeres.measure.bench import remote_word
 
     assert remote_word("~/venv/bin/python") == '"$HOME"/venv/bin/python'
     assert remote_word("/usr/bin/python3") == "/usr/bin/python3"

@@ -41,8 +41,8 @@ def test_doctor_reports_runtimes_and_a_profile(cli):
 def test_inspect_reports_narrowed_widths(cli, tmp_path):
     import torch
 
-    from edgeres.torch_model import build_torch
-    from edgeres.zoo import ZOO
+    from edgeres.model.torch_model import build_torch
+    from edgeres.model.zoo import ZOO
 
     spec = ZOO["resnet20"].with_widths(16, (16, 24, 40), (((8,),) * 3, ((16,),) * 3, ((32,),) * 3))
     torch.save(build_torch(spec).state_dict(), tmp_path / "narrow.pt")
@@ -68,8 +68,8 @@ def test_bad_input_exits_2_with_one_line_naming_the_file(cli, tmp_path, tiny_che
     elif case == "wrong_arch":
         import torch
 
-        from edgeres.torch_model import build_torch
-        from edgeres.zoo import ZOO
+        from edgeres.model.torch_model import build_torch
+        from edgeres.model.zoo import ZOO
 
         model = tmp_path / "r20.pt"
         torch.save(build_torch(ZOO["resnet20"]).state_dict(), model)

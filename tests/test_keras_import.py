@@ -117,8 +117,8 @@ def torch_outputs(loaded, x_nhwc):
 # -- mapping ------------------------------------------------------------------------------------------
 
 def test_keras_resnet_with_flatten_head_maps_to_a_v1_bottleneck_spec(saved):
-    from edgeres.loading import load_model
-    from edgeres.zoo import Head
+    from edgeres.sources.loading import load_model
+    from edgeres.model.zoo import Head
 
     loaded = load_model(saved["flatten", ".keras"])
     spec = loaded.spec
@@ -130,8 +130,8 @@ def test_keras_resnet_with_flatten_head_maps_to_a_v1_bottleneck_spec(saved):
 
 
 def test_keras_gap_head_maps_to_the_default_head(saved):
-    from edgeres.loading import load_model
-    from edgeres.zoo import Head
+    from edgeres.sources.loading import load_model
+    from edgeres.model.zoo import Head
 
     loaded = load_model(saved["gap", ".h5"])
     assert loaded.spec.head_layers == Head()
@@ -139,7 +139,7 @@ def test_keras_gap_head_maps_to_the_default_head(saved):
 
 
 def test_h5_and_keras_files_give_the_same_model(saved):
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     a, b = load_model(saved["flatten", ".keras"]), load_model(saved["flatten", ".h5"])
     assert a.spec == b.spec
@@ -147,7 +147,7 @@ def test_h5_and_keras_files_give_the_same_model(saved):
 
 
 def test_keras_preprocessing_is_caffe_mode_in_the_spec(saved):
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     pre = load_model(saved["gap", ".keras"]).spec.preprocess
     assert (pre.channel_order, pre.scale, pre.std) == ("BGR", 1.0, (1.0, 1.0, 1.0))
@@ -158,7 +158,7 @@ def test_keras_preprocessing_is_caffe_mode_in_the_spec(saved):
 
 def test_global_max_pool_head_and_tf_keras_saved_model_map(keras3, tmp_path):
     tf_keras = pytest.importorskip("tf_keras")
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     model = keras_resnet_v1(tf_keras, "max", seed=3)
     model.save(tmp_path / "savedmodel")  # tf_keras: a SavedModel folder
@@ -169,7 +169,7 @@ def test_global_max_pool_head_and_tf_keras_saved_model_map(keras3, tmp_path):
 
 def test_arch_flag_must_agree_with_the_keras_model(saved):
     from edgeres.errors import InputError
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     with pytest.raises(InputError, match="not resnet50; omit --arch"):
         load_model(saved["gap", ".keras"], "resnet50")
@@ -216,8 +216,8 @@ def test_gap_head_converts_fp32_matching_keras(saved, tmp_path, cli):
 
 
 def test_flatten_head_prunes_with_the_dense_inputs_shrinking(saved):
-    from edgeres.loading import load_model
-    from edgeres.prune import PruneConfig, prune
+    from edgeres.sources.loading import load_model
+    from edgeres.compress.prune import PruneConfig, prune
 
     loaded = load_model(saved["flatten", ".keras"])
     outcome = prune(loaded.to_torch(), loaded.spec, PruneConfig(ratio=0.3, round_to=1))  # checks the rebuild itself
@@ -230,7 +230,7 @@ def test_flatten_head_prunes_with_the_dense_inputs_shrinking(saved):
 
 def test_pre_activation_resnet_v2_is_refused_naming_the_layer(keras3):
     from edgeres.errors import InputError
-    from edgeres.keras_import import map_keras
+    from edgeres.sources.keras_import import map_keras
 
     model = keras3.applications.ResNet50V2(weights=None, input_shape=(SIZE, SIZE, 3), classes=10)
     with pytest.raises(InputError, match=r"BatchNormalization conv2_block1_preact_bn .*pre-activation ResNet \(v2"):
@@ -251,7 +251,7 @@ def test_stride_2_same_padding_is_refused_in_one_line(keras3, tmp_path, cli):
 
 def test_non_resnet_is_refused_with_what_failed(keras3, tmp_path):
     from edgeres.errors import InputError
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     L = keras3.layers
     model = keras3.Sequential([keras3.Input((SIZE, SIZE, 3)), L.Conv2D(8, 3, padding="same"), L.Activation("relu"),
@@ -263,7 +263,7 @@ def test_non_resnet_is_refused_with_what_failed(keras3, tmp_path):
 
 def test_lambda_layer_is_refused_before_loading(keras3, tmp_path):
     from edgeres.errors import InputError
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     inputs = keras3.Input((SIZE, SIZE, 3))
     model = keras3.Model(inputs, keras3.layers.Lambda(lambda t: t * 2)(inputs))
@@ -284,7 +284,7 @@ def test_corrupt_keras_file_exits_2_with_one_line(tmp_path, cli, name, content):
 
 def test_weights_only_h5_is_refused_with_the_fix(keras3, saved, tmp_path):
     from edgeres.errors import InputError
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     model = keras3.saving.load_model(saved["gap", ".keras"])
     model.save_weights(tmp_path / "only.weights.h5")
@@ -297,8 +297,8 @@ def test_weights_only_h5_is_refused_with_the_fix(keras3, saved, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("include_top", [False, True])
 def test_keras_applications_resnet50_maps_exactly(keras3, include_top):
-    from edgeres.keras_import import map_keras, verify_mapping
-    from edgeres.zoo import Head, get_spec
+    from edgeres.sources.keras_import import map_keras, verify_mapping
+    from edgeres.model.zoo import Head, get_spec
 
     L = keras3.layers
     if include_top:  # the stock head: avg_pool + Dense(1000, softmax)
@@ -317,7 +317,7 @@ def test_keras_applications_resnet50_maps_exactly(keras3, include_top):
 
 
 def test_head_cost_counts_every_parameter(saved):
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     loaded = load_model(saved["flatten", ".keras"])
     model = loaded.to_torch()
@@ -325,7 +325,7 @@ def test_head_cost_counts_every_parameter(saved):
 
 
 def test_default_head_is_not_recorded_so_older_specs_read_back_unchanged():
-    from edgeres.zoo import ZOO, ResNetSpec
+    from edgeres.model.zoo import ZOO, ResNetSpec
 
     for spec in ZOO.values():
         d = spec.to_dict()
@@ -335,7 +335,7 @@ def test_default_head_is_not_recorded_so_older_specs_read_back_unchanged():
 def test_a_keras_head_round_trips_through_the_spec_record():
     from dataclasses import replace
 
-    from edgeres.zoo import Head, ResNetSpec, get_spec
+    from edgeres.model.zoo import Head, ResNetSpec, get_spec
 
     spec = replace(get_spec("resnet50"), head_layers=Head("flatten", ((256, "relu"), (64, "linear")), True))
     assert ResNetSpec.from_dict(spec.to_dict()) == spec

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from edgeres.errors import InputError
-from edgeres.loading import load_model, save_checkpoint
-from edgeres.torch_model import build_torch, randomize_bn
-from edgeres.zoo import ZOO
+from edgeres.sources.loading import load_model, save_checkpoint
+from edgeres.model.torch_model import build_torch, randomize_bn
+from edgeres.model.zoo import ZOO
 
 
 def _save(path, obj):

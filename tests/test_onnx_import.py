@@ -28,7 +28,7 @@ def torch_export(model, spec, path, **kwargs):
 def random_model(spec, seed=0):
     import torch
 
-    from edgeres.torch_model import build_torch, randomize_bn
+    from edgeres.model.torch_model import build_torch, randomize_bn
 
     torch.manual_seed(seed)
     return randomize_bn(build_torch(spec), seed=seed)
@@ -48,7 +48,7 @@ def logits(model, spec, seed=1, n=3):
 
 @pytest.fixture(scope="module")
 def resnet18_onnx(tmp_path_factory):
-    from edgeres.zoo import get_spec
+    from edgeres.model.zoo import get_spec
 
     spec = get_spec("resnet18", input_size=64)
     model = random_model(spec)
@@ -62,7 +62,7 @@ def tiny_onnx(tmp_path_factory, tiny_model):
 
 
 def test_torchvision_resnet18_onnx_maps_to_the_zoo_spec_with_the_same_outputs(resnet18_onnx):
-    from edgeres.loading import load_model, sha256_file
+    from edgeres.sources.loading import load_model, sha256_file
 
     spec, model, path = resnet18_onnx
     loaded = load_model(path)
@@ -72,8 +72,8 @@ def test_torchvision_resnet18_onnx_maps_to_the_zoo_spec_with_the_same_outputs(re
 
 
 def test_cifar_resnet20_with_option_a_shortcuts_maps_to_the_zoo_spec(tmp_path):
-    from edgeres.loading import load_model
-    from edgeres.zoo import get_spec
+    from edgeres.sources.loading import load_model
+    from edgeres.model.zoo import get_spec
 
     spec = get_spec("resnet20")
     model = random_model(spec, seed=3)
@@ -84,8 +84,8 @@ def test_cifar_resnet20_with_option_a_shortcuts_maps_to_the_zoo_spec(tmp_path):
 
 @pytest.mark.parametrize("stride_on", ["3x3", "1x1"])
 def test_bottleneck_resnet50_layout_maps_with_its_stride_placement(tmp_path, stride_on):
-    from edgeres.loading import load_model
-    from edgeres.zoo import get_spec
+    from edgeres.sources.loading import load_model
+    from edgeres.model.zoo import get_spec
 
     # resnet50's topology at 1/8 width keeps the test fast; the mapping does not depend on width
     z = get_spec("resnet50", input_size=64, num_classes=10)
@@ -101,7 +101,7 @@ def test_unfolded_batchnorm_nodes_keep_their_statistics(tmp_path, tiny_model):
     import onnx
     import torch
 
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     spec, model = tiny_model
     path = torch_export(model, spec, tmp_path / "bn.onnx", training=torch.onnx.TrainingMode.PRESERVE,
@@ -113,8 +113,8 @@ def test_unfolded_batchnorm_nodes_keep_their_statistics(tmp_path, tiny_model):
 
 
 def test_edgeres_own_simplified_export_round_trips(tmp_path, tiny_model):
-    from edgeres.export import export_onnx
-    from edgeres.loading import load_model
+    from edgeres.model.export import export_onnx
+    from edgeres.sources.loading import load_model
 
     spec, model = tiny_model
     loaded = load_model(export_onnx(model, spec, tmp_path / "model.fp32.onnx"))
@@ -124,7 +124,7 @@ def test_edgeres_own_simplified_export_round_trips(tmp_path, tiny_model):
 
 def test_a_mapping_that_does_not_reproduce_the_graph_is_refused(tiny_onnx):
     from edgeres.errors import InputError
-    from edgeres.onnx_import import map_onnx, verify_mapping
+    from edgeres.sources.onnx_import import map_onnx, verify_mapping
 
     _, _, path = tiny_onnx
     spec, sd = map_onnx(path)
@@ -137,7 +137,7 @@ def test_probabilities_output_is_refused_naming_the_softmax(tmp_path, tiny_model
     import torch
 
     from edgeres.errors import InputError
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     spec, model = tiny_model
     path = torch_export(torch.nn.Sequential(model, torch.nn.Softmax(dim=1)), spec, tmp_path / "probs.onnx")
@@ -176,7 +176,7 @@ def test_onnx_input_converts_to_all_targets_and_evaluates(cli, tiny_onnx, tiny_n
 
 
 def test_onnx_input_can_be_pruned(cli, tiny_onnx, tmp_path):
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     _, _, path = tiny_onnx
     out = tmp_path / "pruned.pt"
@@ -189,7 +189,7 @@ def test_onnx_input_can_be_pruned(cli, tiny_onnx, tmp_path):
 def test_torch_default_dynamo_export_maps_too(tmp_path, tiny_model):
     import torch
 
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     spec, model = tiny_model
     path = tmp_path / "dynamo.onnx"

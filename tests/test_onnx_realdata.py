@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from edgeres.pipeline import ConvertConfig
+from edgeres.convert.pipeline import ConvertConfig
 
 
 @pytest.mark.realdata

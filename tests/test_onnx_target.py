@@ -15,7 +15,7 @@ from tests.conftest import make_images
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory, tiny_model):
-    from edgeres.export import export_onnx
+    from edgeres.model.export import export_onnx
 
     spec, model = tiny_model
     return export_onnx(model, spec, tmp_path_factory.mktemp("onnx") / "tiny.fp32.onnx")

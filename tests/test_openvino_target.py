@@ -20,7 +20,7 @@ pytest.importorskip("openvino")
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory, tiny_model):
-    from edgeres.export import export_onnx
+    from edgeres.model.export import export_onnx
 
     spec, model = tiny_model
     path = tmp_path_factory.mktemp("ov_src") / "model.fp32.onnx"
@@ -305,7 +305,7 @@ def resnet20_int8(cifar, tmp_path_factory):
     """ResNet-20 through the real pipeline (300 calibration images → one QDQ ONNX → ONNX and OpenVINO int8),
     then the fp32 reference and both int8 artifacts on the 5000 dev images: {manifest, labels, top1 per model}."""
     from calibration import Preprocess, open_dataset
-    from edgeres.evaluate import collect_logits
+    from edgeres.measure.evaluate import collect_logits
     from targets import get_target
     from tests.conftest import run_cli
 

@@ -12,7 +12,7 @@ from tests.conftest import make_images
 
 @pytest.fixture(scope="module")
 def pruned(tiny_model):
-    from edgeres.prune import PruneConfig, prune
+    from edgeres.compress.prune import PruneConfig, prune
 
     spec, model = tiny_model
     return prune(model, spec, PruneConfig(ratio=0.5, importance="l1", round_to=8, match_macs=False))
@@ -29,7 +29,7 @@ def test_option_a_rewrite_as_projection_leaves_outputs_unchanged(tiny_model):
 
     import torch
 
-    from edgeres.prune import option_a_to_projection
+    from edgeres.compress.prune import option_a_to_projection
 
     spec, model = tiny_model
     rewritten, new_spec = option_a_to_projection(copy.deepcopy(model), spec)
@@ -67,7 +67,7 @@ def test_residual_coupled_widths_stay_consistent(pruned):
 def test_rebuilt_spec_reproduces_the_pruned_module_exactly(pruned):
     import torch
 
-    from edgeres.torch_model import build_torch
+    from edgeres.model.torch_model import build_torch
 
     rebuilt = build_torch(pruned.spec)
     rebuilt.load_state_dict(pruned.state_dict, strict=True)
@@ -76,7 +76,7 @@ def test_rebuilt_spec_reproduces_the_pruned_module_exactly(pruned):
 
 
 def test_round_to_one_keeps_exact_ratio_widths(tiny_model):
-    from edgeres.prune import PruneConfig, prune
+    from edgeres.compress.prune import PruneConfig, prune
 
     spec, model = tiny_model
     out = prune(model, spec, PruneConfig(ratio=0.3, round_to=1))
@@ -84,7 +84,7 @@ def test_round_to_one_keeps_exact_ratio_widths(tiny_model):
 
 
 def test_round_width_is_nearest_multiple_never_below_round_to():
-    from edgeres.prune import round_width
+    from edgeres.compress.prune import round_width
 
     assert round_width(11.2, 16, 8) == 8
     assert round_width(44.8, 64, 8) == 48
@@ -93,14 +93,14 @@ def test_round_width_is_nearest_multiple_never_below_round_to():
 
 
 def test_width_step_is_round_to_but_at_most_an_eighth_of_the_width():
-    from edgeres.prune import width_step
+    from edgeres.compress.prune import width_step
 
     assert [width_step(w, 8) for w in (4, 16, 32, 64, 2048)] == [1, 2, 4, 8, 8]
     assert width_step(64, 1) == 1
 
 
 def test_nearest_rounding_halves_a_16_wide_layer_but_matched_rounding_does_not(tiny_model):
-    from edgeres.prune import PruneConfig, prune
+    from edgeres.compress.prune import PruneConfig, prune
 
     spec, model = tiny_model
     nearest = prune(model, spec, PruneConfig(ratio=0.3, match_macs=False))
@@ -110,7 +110,7 @@ def test_nearest_rounding_halves_a_16_wide_layer_but_matched_rounding_does_not(t
 
 
 def test_matched_rounding_costs_no_more_macs_than_exact_widths(tiny_model):
-    from edgeres.prune import PruneConfig, prune, width_step
+    from edgeres.compress.prune import PruneConfig, prune, width_step
 
     spec, model = tiny_model
     exact = prune(model, spec, PruneConfig(ratio=0.3, round_to=1, match_macs=False))
@@ -124,7 +124,7 @@ def test_matched_rounding_costs_no_more_macs_than_exact_widths(tiny_model):
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn-scale"])
 def test_global_ranking_meets_the_channel_budget(tiny_model, importance):
-    from edgeres.prune import PruneConfig, prune
+    from edgeres.compress.prune import PruneConfig, prune
 
     spec, model = tiny_model
     out = prune(model, spec, PruneConfig(ratio=0.5, importance=importance, global_ranking=True, round_to=1))
@@ -134,8 +134,8 @@ def test_global_ranking_meets_the_channel_budget(tiny_model, importance):
 
 def test_taylor_importance_needs_data(tiny_checkpoint):
     from edgeres.errors import InputError
-    from edgeres.loading import load_model
-    from edgeres.prune import PruneConfig, prune_loaded
+    from edgeres.sources.loading import load_model
+    from edgeres.compress.prune import PruneConfig, prune_loaded
 
     with pytest.raises(InputError, match="taylor"):
         prune_loaded(load_model(tiny_checkpoint), PruneConfig(ratio=0.3, importance="taylor"))
@@ -143,8 +143,8 @@ def test_taylor_importance_needs_data(tiny_checkpoint):
 
 def test_taylor_importance_prunes_with_data(tiny_checkpoint, tiny_npz):
     from calibration import open_dataset
-    from edgeres.loading import load_model
-    from edgeres.prune import PruneConfig, prune_loaded
+    from edgeres.sources.loading import load_model
+    from edgeres.compress.prune import PruneConfig, prune_loaded
 
     out = prune_loaded(load_model(tiny_checkpoint), PruneConfig(ratio=0.5, importance="taylor"),
                        train_data=open_dataset(tiny_npz))
@@ -157,7 +157,7 @@ def test_bn_recalibration_restores_running_stats_of_the_pruned_model(pruned, tin
     import torch
 
     from calibration import open_dataset
-    from edgeres.prune import identity_bns, recalibrate_bn
+    from edgeres.compress.prune import identity_bns, recalibrate_bn
 
     model = copy.deepcopy(pruned.model)
     fixed = identity_bns(model)
@@ -171,7 +171,7 @@ def test_bn_recalibration_restores_running_stats_of_the_pruned_model(pruned, tin
 
 
 def test_pruned_checkpoint_reloads_without_flags(cli, tiny_checkpoint, tmp_path):
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     out = tmp_path / "p.pt"
     r = cli("prune", tiny_checkpoint, "--ratio", "0.5", "--out", out, "--json")
@@ -190,8 +190,8 @@ def test_finetune_one_epoch_is_reproducible_with_the_same_seed(tiny_model, tiny_
     import torch
 
     from calibration import open_dataset
-    from edgeres.distill import FinetuneConfig, distill
-    from edgeres.prune import PruneConfig, identity_bns, prune
+    from edgeres.compress.distill import FinetuneConfig, distill
+    from edgeres.compress.prune import PruneConfig, identity_bns, prune
 
     spec, model = tiny_model
     ds = open_dataset(tiny_npz)
@@ -214,8 +214,8 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_model, tiny_npz
     import torch
 
     from calibration import open_dataset
-    from edgeres.distill import FinetuneConfig, distill
-    from edgeres.prune import PruneConfig, identity_bns, prune
+    from edgeres.compress.distill import FinetuneConfig, distill
+    from edgeres.compress.prune import PruneConfig, identity_bns, prune
 
     spec, model = tiny_model
     ds = open_dataset(tiny_npz)
@@ -280,7 +280,7 @@ def test_pruned_checkpoint_converts_to_onnx_fp32_with_the_same_outputs(cli, tiny
     import onnxruntime as ort
     import torch
 
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     pruned = tmp_path / "p.pt"
     assert cli("prune", tiny_checkpoint, "--ratio", "0.5", "--out", pruned).returncode == 0
@@ -321,8 +321,8 @@ def test_convert_with_a_bad_prune_ratio_exits_2(cli, tiny_checkpoint, tmp_path):
 @pytest.mark.realdata
 def test_resnet32_at_ratio_0_3_has_1_7x_fewer_macs_and_bn_recalibration_recovers_accuracy(cifar):
     from calibration import open_dataset
-    from edgeres.loading import load_model
-    from edgeres.prune import PruneConfig, identity_bns, prune, recalibrate_bn, top1
+    from edgeres.sources.loading import load_model
+    from edgeres.compress.prune import PruneConfig, identity_bns, prune, recalibrate_bn, top1
 
     loaded = load_model(cifar / "resnet32.th")
     out = prune(loaded.to_torch(), loaded.spec, PruneConfig(ratio=0.3, importance="l2", match_macs=True))
@@ -339,8 +339,8 @@ def test_resnet32_at_ratio_0_3_has_1_7x_fewer_macs_and_bn_recalibration_recovers
 @pytest.mark.realdata
 def test_resnet32_reconstruction_recovers_most_of_the_accuracy_before_any_finetuning(cifar):
     from calibration import open_dataset
-    from edgeres.loading import load_model
-    from edgeres.prune import PruneConfig, prune_loaded
+    from edgeres.sources.loading import load_model
+    from edgeres.compress.prune import PruneConfig, prune_loaded
 
     loaded = load_model(cifar / "resnet32.th")
     dev, train = open_dataset(cifar / "cifar10_dev.npz"), open_dataset(cifar / "cifar10_train10k.npz")

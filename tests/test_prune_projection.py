@@ -12,7 +12,7 @@ from conftest import make_images
 
 def _bottleneck_spec():
     from calibration import Preprocess
-    from edgeres.zoo import get_spec
+    from edgeres.model.zoo import get_spec
 
     # stage 1 goes 8 → 16 wide, so block 0 needs a projection; pruning by half makes it 8 → 8
     return replace(get_spec("resnet50"), name="resnet-tiny-bottleneck", layers=(1, 1), stem_width=8,
@@ -41,8 +41,8 @@ def test_pruning_stage_one_down_to_the_stem_width_keeps_its_projection(tmp_path,
     import numpy as np
     import torch
 
-    from edgeres.loading import load_model, save_checkpoint
-    from edgeres.torch_model import build_torch, randomize_bn
+    from edgeres.sources.loading import load_model, save_checkpoint
+    from edgeres.model.torch_model import build_torch, randomize_bn
 
     torch.manual_seed(0)
     spec = _bottleneck_spec()

@@ -18,7 +18,7 @@ def calib_x(tiny_model):
 
 
 def test_mse_clip_never_increases_weight_quantisation_error_per_channel():
-    from edgeres.quant_accurate import mse_clip, quantize_symmetric
+    from edgeres.compress.quant_accurate import mse_clip, quantize_symmetric
 
     rng = np.random.default_rng(0)
     w = rng.standard_t(df=3, size=(16, 2304))  # heavy tails, 3×3×256 fan-in: clipping outliers pays off
@@ -33,7 +33,7 @@ def test_mse_clip_never_increases_weight_quantisation_error_per_channel():
 def test_improved_weights_put_max_folded_weight_on_the_chosen_clip(tiny_model, calib_x):
     import torch
 
-    from edgeres.quant_accurate import improve_for_int8
+    from edgeres.compress.quant_accurate import improve_for_int8
 
     spec, model = tiny_model
     sd, record = improve_for_int8(spec, model.state_dict(), [calib_x], levels=127)
@@ -43,7 +43,7 @@ def test_improved_weights_put_max_folded_weight_on_the_chosen_clip(tiny_model, c
     assert torch.all(w1.abs() <= w0.abs() + 1e-7)  # clamped, never enlarged
     assert not torch.equal(sd["layer2.0.bn1.bias"], model.state_dict()["layer2.0.bn1.bias"])  # bias corrected
     # the improved model still computes nearly the same function in float
-    from edgeres.torch_model import build_torch
+    from edgeres.model.torch_model import build_torch
 
     improved = build_torch(spec)
     improved.load_state_dict(sd)

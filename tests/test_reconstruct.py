@@ -14,8 +14,8 @@ def _bottleneck_model():
     import torch
 
     from calibration import Preprocess
-    from edgeres.torch_model import build_torch, randomize_bn
-    from edgeres.zoo import get_spec
+    from edgeres.model.torch_model import build_torch, randomize_bn
+    from edgeres.model.zoo import get_spec
 
     spec = replace(get_spec("resnet50"), name="resnet-tiny-bottleneck", layers=(1, 2), stem_width=8,
                    stage_widths=(16, 32), inner_widths=(((8, 8),), ((8, 8), (8, 8))), num_classes=10, labels=None,
@@ -30,7 +30,7 @@ def _inputs(spec, n, seed):
 
 
 def _pruned_with_reference(spec, model, ratio=0.5):
-    from edgeres.prune import PruneConfig, prune
+    from edgeres.compress.prune import PruneConfig, prune
 
     kept = {}
 
@@ -59,7 +59,7 @@ def case(request, tiny_model):
 def test_channel_maps_point_at_the_kept_reference_channels(case):
     import torch
 
-    from edgeres.reconstruct import channel_maps
+    from edgeres.compress.reconstruct import channel_maps
 
     spec, model = case
     out, reference = _pruned_with_reference(spec, model)
@@ -80,7 +80,7 @@ def test_channel_maps_point_at_the_kept_reference_channels(case):
 
 
 def test_reconstruction_brings_the_pruned_outputs_back_towards_the_reference(case):
-    from edgeres.reconstruct import reconstruct
+    from edgeres.compress.reconstruct import reconstruct
 
     spec, model = case
     out, reference = _pruned_with_reference(spec, model)
@@ -95,7 +95,7 @@ def test_reconstruction_brings_the_pruned_outputs_back_towards_the_reference(cas
 def test_reconstructing_an_unpruned_model_keeps_its_outputs(tiny_model):
     import torch
 
-    from edgeres.reconstruct import reconstruct
+    from edgeres.compress.reconstruct import reconstruct
 
     spec, model = tiny_model
     out, reference = _pruned_with_reference(spec, model, ratio=0.0)
@@ -108,8 +108,8 @@ def test_reconstructing_an_unpruned_model_keeps_its_outputs(tiny_model):
 
 def test_prune_with_data_reconstructs_and_skips_bn_reestimation(tiny_checkpoint, tiny_npz):
     from calibration import open_dataset
-    from edgeres.loading import load_model
-    from edgeres.prune import PruneConfig, prune_loaded
+    from edgeres.sources.loading import load_model
+    from edgeres.compress.prune import PruneConfig, prune_loaded
 
     loaded = load_model(tiny_checkpoint)
     train = open_dataset(tiny_npz)
@@ -125,8 +125,8 @@ def test_prune_with_data_reconstructs_and_skips_bn_reestimation(tiny_checkpoint,
 
 
 def test_plan_uses_fewer_images_and_smaller_batches_for_large_inputs():
-    from edgeres.reconstruct import IMAGES, plan
-    from edgeres.zoo import get_spec
+    from edgeres.compress.reconstruct import IMAGES, plan
+    from edgeres.model.zoo import get_spec
 
     images, batch = plan(get_spec("resnet32"))
     assert images == IMAGES and batch == 100
@@ -136,9 +136,9 @@ def test_plan_uses_fewer_images_and_smaller_batches_for_large_inputs():
 
 def test_iterative_pruning_reconstructs_after_every_step(tiny_checkpoint, tiny_npz):
     from calibration import open_dataset
-    from edgeres.distill import FinetuneConfig
-    from edgeres.loading import load_model
-    from edgeres.prune import PruneConfig, check_rebuild, prune_loaded
+    from edgeres.compress.distill import FinetuneConfig
+    from edgeres.sources.loading import load_model
+    from edgeres.compress.prune import PruneConfig, check_rebuild, prune_loaded
 
     loaded = load_model(tiny_checkpoint)
     out = prune_loaded(loaded, PruneConfig(ratio=0.5, importance="l1", steps=2), train_data=open_dataset(tiny_npz),
@@ -150,7 +150,7 @@ def test_iterative_pruning_reconstructs_after_every_step(tiny_checkpoint, tiny_n
 def test_layers_with_too_few_images_for_a_fit_keep_their_pruned_weights(tiny_model):
     import torch
 
-    from edgeres.reconstruct import reconstruct
+    from edgeres.compress.reconstruct import reconstruct
 
     spec, model = tiny_model
     out, reference = _pruned_with_reference(spec, model)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgeres.bundle import write_json_atomic
-from edgeres.report import load_report, pareto_front, report_table, waterfall_bars, write_report
+from edgeres.measure.report import load_report, pareto_front, report_table, waterfall_bars, write_report
 
 LAYERS = [{"name": f"layer{i}.conv", "op": "Conv", "sqnr_db": 30.0 - i} for i in range(6)]
 
@@ -29,7 +29,7 @@ def _file(bundle: Path, rel: str, size: int) -> dict:
 
 def make_results_bundle(root: Path, *, evaluated=True, benched=True, pruning=True) -> Path:
     """A bundle with stored results only: the report must never need the model files."""
-    from edgeres.zoo import get_spec
+    from edgeres.model.zoo import get_spec
 
     spec = get_spec("resnet20")
     bundle = root / "bundle"

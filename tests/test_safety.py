@@ -80,7 +80,7 @@ def _pickle_with_code(tmp: Path, env) -> str:
 def _bad_state_dict(tmp, mutate) -> str:
     import torch
 
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     sd = {k: v.clone() for k, v in load_model(ENV["checkpoint"]).state_dict.items()}
     mutate(sd, torch)
@@ -88,8 +88,8 @@ def _bad_state_dict(tmp, mutate) -> str:
 
 
 def _plain_resnet20(tmp: Path) -> str:
-    from edgeres.torch_model import build_torch
-    from edgeres.zoo import ZOO
+    from edgeres.model.torch_model import build_torch
+    from edgeres.model.zoo import ZOO
 
     return _torch_save(tmp / "r20.pt", build_torch(ZOO["resnet20"]).state_dict())
 
@@ -397,8 +397,8 @@ def small_fs(tmp_path):
 def test_disk_full_gives_one_line_and_no_partial_bundle(tmp_path, small_fs):
     import torch
 
-    from edgeres.torch_model import build_torch
-    from edgeres.zoo import ZOO
+    from edgeres.model.torch_model import build_torch
+    from edgeres.model.zoo import ZOO
 
     model = tmp_path / "r20.pt"  # 1.1 MB of fp32 ONNX does not fit in 600 kB
     torch.save(build_torch(ZOO["resnet20"]).state_dict(), model)

@@ -288,7 +288,7 @@ def test_eval_runs_the_reference_the_manifest_names_never_a_planted_one(env, tmp
 HELD_CONVERT = """
 import os, sys, time
 from pathlib import Path
-import edgeres.pipeline as pipeline
+import edgeres.convert.pipeline as pipeline
 real_publish = pipeline.publish
 def held_publish(staging, out):
     Path(os.environ["EDGERES_TEST_READY"]).touch()

@@ -174,7 +174,7 @@ def _always_predicts(tmp: Path, env, class_index: int, *, labels: bool = True) -
     """The tiny model with its classifier forced to one class (CIFAR-10 labels: 3 is "cat")."""
     import torch
 
-    from edgeres.loading import load_model, save_checkpoint
+    from edgeres.sources.loading import load_model, save_checkpoint
 
     loaded = load_model(env["checkpoint"])
     sd = {k: v.clone() for k, v in loaded.state_dict.items()}
@@ -266,7 +266,7 @@ def test_a_class_folder_that_names_no_label_is_refused(env, tmp_path, case, role
 # -- non-finite outputs are an error, never an accuracy ----------------------------------------------
 
 def _negative_running_var(tmp: Path, env) -> str:
-    from edgeres.loading import load_model, save_checkpoint
+    from edgeres.sources.loading import load_model, save_checkpoint
 
     loaded = load_model(env["checkpoint"])
     sd = {k: (v.clone().fill_(-1.0) if k.endswith("running_var") else v) for k, v in loaded.state_dict.items()}
@@ -398,7 +398,7 @@ def test_prune_does_not_overwrite(env, tmp_path, case):
 
 
 def test_prune_force_replaces_another_file(env, tmp_path):
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     out = _other_file(tmp_path, env)
     code, _, stderr = _invoke(["prune", tmp_path / "src.th", "--ratio", "0.3", "--out", out, "--force"])

@@ -23,18 +23,18 @@ from tests.test_safety import Case, _assert_one_line, _invoke, _no_partial, env,
 def no_work(monkeypatch):
     """Loading, reading data, benchmarking, reporting or training fail the test: flags come first."""
     import calibration
-    import edgeres.bench
+    import edgeres.measure.bench
     import edgeres.demo
-    import edgeres.loading
-    import edgeres.pipeline
-    import edgeres.report
+    import edgeres.sources.loading
+    import edgeres.convert.pipeline
+    import edgeres.measure.report
 
     def started(*args, **kwargs):
         raise AssertionError("work started before the flags were checked")
 
-    for module, name in [(edgeres.loading, "load_model"), (calibration, "open_dataset"),
-                         (edgeres.pipeline, "open_dataset"), (edgeres.bench, "bench_bundle"),
-                         (edgeres.report, "write_report"), (edgeres.demo, "run_demo")]:
+    for module, name in [(edgeres.sources.loading, "load_model"), (calibration, "open_dataset"),
+                         (edgeres.convert.pipeline, "open_dataset"), (edgeres.measure.bench, "bench_bundle"),
+                         (edgeres.measure.report, "write_report"), (edgeres.demo, "run_demo")]:
         monkeypatch.setattr(module, name, started)
 
 

@@ -35,7 +35,7 @@ def _inputs(n: int, size: int, seed: int = 0) -> np.ndarray:
 def _compile(tmp: Path, spec, model, precision: str, calib_npz: Path | None = None, calib_images: int | None = None,
              estimator: str | None = None, **options):
     from calibration import open_dataset
-    from edgeres.keras_model import build_keras
+    from edgeres.model.keras_model import build_keras
     from targets import tflite
     from targets.base import CompileJob
 
@@ -67,7 +67,7 @@ def tiny_artifacts(tmp_path_factory, tiny_model, tiny_npz):
 
 def _imagenet_bottleneck_spec(stride_on: str, size: int):
     from calibration import Preprocess
-    from edgeres.zoo import get_spec
+    from edgeres.model.zoo import get_spec
 
     spec = get_spec("resnet50", num_classes=7)
     return replace(spec, name="resnet-tiny-bottleneck", layers=(1, 2), stem_width=8, stage_widths=(16, 24),
@@ -79,8 +79,8 @@ def _imagenet_bottleneck_spec(stride_on: str, size: int):
 def test_keras_imagenet_bottleneck_projection_matches_torch(stride_on, size):
     import torch
 
-    from edgeres.keras_model import build_keras
-    from edgeres.torch_model import build_torch, randomize_bn
+    from edgeres.model.keras_model import build_keras
+    from edgeres.model.torch_model import build_torch, randomize_bn
 
     spec = _imagenet_bottleneck_spec(stride_on, size)
     torch.manual_seed(1)
@@ -91,8 +91,8 @@ def test_keras_imagenet_bottleneck_projection_matches_torch(stride_on, size):
 
 
 def test_keras_cifar_option_a_matches_torch_on_odd_input(tiny_model):
-    from edgeres.keras_model import build_keras
-    from edgeres.torch_model import build_torch
+    from edgeres.model.keras_model import build_keras
+    from edgeres.model.torch_model import build_torch
     from calibration import Preprocess
 
     spec, model = tiny_model
@@ -105,8 +105,8 @@ def test_keras_cifar_option_a_matches_torch_on_odd_input(tiny_model):
 
 
 def test_keras_option_a_with_uneven_channel_padding_matches_torch(tiny_model):
-    from edgeres.keras_model import build_keras
-    from edgeres.torch_model import build_torch, randomize_bn
+    from edgeres.model.keras_model import build_keras
+    from edgeres.model.torch_model import build_torch, randomize_bn
 
     spec, _ = tiny_model
     # pruned-looking widths: 8→12 pads 2/2 at stride 1, 12→21 pads 4/5 and 21→32 pads 5/6 at stride 2
@@ -119,7 +119,7 @@ def test_keras_option_a_with_uneven_channel_padding_matches_torch(tiny_model):
 
 def test_calibration_data_error_keeps_its_type(tmp_path, tiny_model):
     from calibration import DataError
-    from edgeres.keras_model import build_keras
+    from edgeres.model.keras_model import build_keras
     from targets import tflite
     from targets.base import CompileJob
 
@@ -288,8 +288,8 @@ def test_bundle_tflite_runs_with_only_numpy_and_litert(tflite_bundle, precision)
 @pytest.mark.slow
 def test_resnet20_full_int8_drops_at_most_half_a_point(cifar, tmp_path):
     from calibration import open_dataset
-    from edgeres.evaluate import collect_logits, topk_accuracy
-    from edgeres.loading import load_model
+    from edgeres.measure.evaluate import collect_logits, topk_accuracy
+    from edgeres.sources.loading import load_model
     from targets import tflite
 
     loaded = load_model(cifar / "resnet20.th")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from edgeres.errors import InputError
-from edgeres.torch_model import build_torch
-from edgeres.zoo import ZOO, ResNetSpec, get_spec
+from edgeres.model.torch_model import build_torch
+from edgeres.model.zoo import ZOO, ResNetSpec, get_spec
 
 DATA = Path(__file__).parent / "data"
 

@@ -28,7 +28,7 @@ from edgeres.progress import log
 DEFAULT_CALIB_IMAGES = 300
 MIN_CALIB_IMAGES = 10  # fewer cannot estimate activation ranges that generalise
 ESTIMATORS = ("minmax", "percentile", "entropy", "mse")
-QUANT_PRESETS = ("fast", "accurate")  # accurate: edgeres/quant_accurate.py on the weights first
+QUANT_PRESETS = ("fast", "accurate")  # accurate: edgeres/compress/quant_accurate.py on the weights first
 ACCURATE_FP32 = "model.accurate.fp32.onnx"  # improved weights, fp32: what the QDQ model quantises
 STEPS_FILE = ".steps.json"
 RANGES_FILE = "calibration_ranges.json"
@@ -95,7 +95,7 @@ def apply_profile(cfg: ConvertConfig, device: str | None, *, targets_given: bool
     """Fill what the user did not choose from the device profile; the user's flags always win."""
     if not device:
         return cfg
-    from edgeres.profiles import load_profile
+    from edgeres.device.profiles import load_profile
 
     profile = load_profile(device)
     options = {t: dict(o) for t, o in profile.options.items()}
@@ -116,7 +116,7 @@ def validate(cfg: ConvertConfig) -> None:
     from targets import TARGETS, get_target
 
     if cfg.prune is not None:
-        from edgeres.prune import PruneConfig
+        from edgeres.compress.prune import PruneConfig
 
         PruneConfig(cfg.prune, cfg.prune_importance).validate("--prune", "--prune-importance")
     if not cfg.targets:
@@ -252,7 +252,7 @@ def _holding_output_lock(run):
 @_holding_output_lock
 def convert(cfg: ConvertConfig) -> dict:
     """Run (or resume) a conversion; returns the manifest. Bad input fails before any work."""
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     validate(cfg)
     out = Path(cfg.out)
@@ -267,7 +267,7 @@ def convert(cfg: ConvertConfig) -> dict:
     elif needs_calib:
         raise InputError("--calib: int8 needs calibration images; give an .npz or image folder with --calib")
     if cfg.eval_data is not None:
-        from edgeres.evaluate import check_labels
+        from edgeres.measure.evaluate import check_labels
 
         eval_ds = open_dataset(cfg.eval_data)
         eval_ds.check_image_size(spec.preprocess)
@@ -281,13 +281,13 @@ def convert(cfg: ConvertConfig) -> dict:
     else:
         check_output_dir(out, cfg.force)
         if cfg.prune is not None:
-            from edgeres.prune import prune_into_loaded
+            from edgeres.compress.prune import prune_into_loaded
 
             loaded = prune_into_loaded(loaded, cfg, calib_ds, eval_ds)
         manifest = _build(cfg, loaded, key, calib_ds, needs_calib, steps_plan)
 
     if eval_ds is not None:
-        from edgeres.bundle_eval import EVAL_FILE, evaluate_bundle
+        from edgeres.measure.bundle_eval import EVAL_FILE, evaluate_bundle
 
         stored = read_result(out, EVAL_FILE)
         wanted = {"data": str(cfg.eval_data), "images": len(eval_ds.spread(cfg.eval_images))}
@@ -297,13 +297,13 @@ def convert(cfg: ConvertConfig) -> dict:
         else:
             evaluate_bundle(out, eval_ds, limit=cfg.eval_images, threads=cfg.threads)
         if cfg.accuracy_budget_pp is not None:
-            from edgeres.budget import enforce_accuracy_budget
+            from edgeres.convert.budget import enforce_accuracy_budget
 
             enforce_accuracy_budget(replace(cfg, accuracy_budget_pp=None), cfg.accuracy_budget_pp)
             manifest = read_manifest(out)
     if cfg.bench and any(a["status"] == "ok" for a in manifest["artifacts"]):
         _bench_locally(cfg, out, skip_if_done=existing is manifest)
-    from edgeres.report import write_report
+    from edgeres.measure.report import write_report
 
     write_report(out)
     return manifest
@@ -311,7 +311,7 @@ def convert(cfg: ConvertConfig) -> dict:
 
 def _bench_locally(cfg: ConvertConfig, out: Path, skip_if_done: bool) -> None:
     """A short local benchmark so the report has latency; ``edgeres bench`` measures properly."""
-    from edgeres.bench import BENCH_FILE, BenchConfig, bench_bundle
+    from edgeres.measure.bench import BENCH_FILE, BenchConfig, bench_bundle
 
     bench_cfg = BenchConfig(threads=tuple(cfg.bench_threads), runs=cfg.bench_runs, warmup=5)
     stored = read_result(out, BENCH_FILE)
@@ -352,7 +352,7 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
         log(f"[bold]edgeres convert[/] {loaded.source} ({spec.name}, {spec.cost()['macs'] / 1e6:.1f} M MACs) → {out}")
         if steps.get("export") is None or not (work / REFERENCE_FILE).exists():
             t0 = time.perf_counter()
-            from edgeres.export import export_onnx
+            from edgeres.model.export import export_onnx
 
             log("exporting the fp32 reference ONNX…")
             export_onnx(loaded.to_torch(), spec, work / REFERENCE_FILE)
@@ -387,7 +387,7 @@ def _build(cfg: ConvertConfig, loaded, key: str, calib_ds, needs_calib: bool, st
         keras_fn = None
         if "tflite" in cfg.targets:
             def keras_fn():
-                from edgeres.keras_model import build_keras
+                from edgeres.model.keras_model import build_keras
 
                 return build_keras(spec, int8_sd["tflite"])
 
@@ -448,7 +448,7 @@ def _improve_weights(cfg: ConvertConfig, loaded, work: Path, calib_fn, steps_pla
     The QDQ ONNX (onnx, openvino) uses onnxruntime's grid (64 steps a side with reduce_range); TFLite
     always 127. The fp32 reference keeps the original weights; the improved ones go to an internal
     fp32 ONNX that the QDQ model quantises and to the Keras model."""
-    from edgeres.quant_accurate import improve_for_int8
+    from edgeres.compress.quant_accurate import improve_for_int8
     from targets import onnx as onnx_target
     from calibration.cpu import cpu_features
 
@@ -462,8 +462,8 @@ def _improve_weights(cfg: ConvertConfig, loaded, work: Path, calib_fn, steps_pla
         out_sd["qdq"], record["qdq"] = improve_for_int8(loaded.spec, loaded.state_dict, calib_fn("NCHW"), levels=levels)
         int8_onnx = work / ".work" / ACCURATE_FP32
         if not int8_onnx.exists():
-            from edgeres.export import export_onnx
-            from edgeres.torch_model import build_torch
+            from edgeres.model.export import export_onnx
+            from edgeres.model.torch_model import build_torch
 
             model = build_torch(loaded.spec)
             model.load_state_dict(out_sd["qdq"])

@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeres.bench import BENCH_FILE
+from edgeres.measure.bench import BENCH_FILE
 from edgeres.bundle import discard, read_manifest, read_result, warn, write_text_atomic
-from edgeres.bundle_eval import EVAL_FILE
+from edgeres.measure.bundle_eval import EVAL_FILE
 from edgeres.errors import InputError
 from edgeres.tables import format_table
 

@@ -1,4 +1,4 @@
-"""Device profiles are data (``edgeres/profiles/*.json``): targets, precisions, threads and
+"""Device profiles are data (``edgeres/device/profiles/*.json``): targets, precisions, threads and
 quantiser options that suit a device. ``auto`` picks the profile ``doctor`` suggests."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def profile_names() -> list[str]:
 def load_profile(name: str) -> DeviceProfile:
     """The profile ``name`` (or the suggested one for ``auto``)."""
     if name == "auto":
-        from edgeres.doctor import cpu_info, suggest_profile
+        from edgeres.device.doctor import cpu_info, suggest_profile
 
         name = suggest_profile(cpu_info())
     path = PROFILE_DIR / f"{name}.json"

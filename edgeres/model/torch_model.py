@@ -3,7 +3,7 @@ for ImageNet specs and to the upstream CIFAR ``resnet.py`` for CIFAR specs)."""
 
 from __future__ import annotations
 
-from edgeres.zoo import ResNetSpec
+from edgeres.model.zoo import ResNetSpec
 
 
 def build_torch(spec: ResNetSpec):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeres.zoo import ResNetSpec
+from edgeres.model.zoo import ResNetSpec
 
 BN_EPS = 1e-5  # torch BatchNorm2d default; the zoo's torch models use it
 

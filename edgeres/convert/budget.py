@@ -25,7 +25,7 @@ def over_budget(evaluated: dict, budget_pp: float) -> list[dict]:
 
 def enforce_accuracy_budget(cfg, budget_pp: float) -> list[dict]:
     """Re-make over-budget int8 artifacts of the bundle at ``cfg.out``; returns what was done."""
-    from edgeres.bundle_eval import EVAL_FILE
+    from edgeres.measure.bundle_eval import EVAL_FILE
     from calibration import open_dataset
 
     out = Path(cfg.out)
@@ -64,7 +64,7 @@ def enforce_accuracy_budget(cfg, budget_pp: float) -> list[dict]:
             trial_cfg = replace(trial_cfg, target_options=options)
             label = f"{label}: {', '.join(nodes)}"
         log(f"budget: trying {label}…")
-        from edgeres.pipeline import convert
+        from edgeres.convert.pipeline import convert
 
         try:
             convert(trial_cfg)
@@ -92,7 +92,7 @@ def _sensitive_nodes(bundle: Path, dataset) -> list[str]:
     import onnx
 
     from edgeres.bundle import reference_path
-    from edgeres.layer_error import layer_sqnr_for_bundle
+    from edgeres.measure.layer_error import layer_sqnr_for_bundle
 
     reference = reference_path(bundle, read_manifest(bundle))
     producer = {o: n for n in onnx.load(str(reference)).graph.node for o in n.output}
@@ -110,7 +110,7 @@ def _sensitive_nodes(bundle: Path, dataset) -> list[str]:
 
 def _splice(out: Path, trial: Path, target: str, eval_entry: dict, label: str) -> None:
     """Put ``target``'s int8 artifact from the trial bundle into ``out`` (copy, then swap atomically)."""
-    from edgeres.bundle_eval import EVAL_FILE
+    from edgeres.measure.bundle_eval import EVAL_FILE
 
     staging = out.parent / f".{out.name}.splice"
     shutil.rmtree(staging, ignore_errors=True)

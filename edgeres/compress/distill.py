@@ -34,7 +34,7 @@ class FinetuneConfig:
     batch_size: int = 64
     seed: int = 0
     # "mse": squared error on the raw logits; "kl": softened outputs at ``temperature``. After least-squares
-    # reconstruction (edgeres.reconstruct) mse recovers more: ResNet-32 r0.3, 10 epochs, seeds 0–2: mean drop
+    # reconstruction (edgeres.compress.reconstruct) mse recovers more: ResNet-32 r0.3, 10 epochs, seeds 0–2: mean drop
     # −1.74 pp vs −2.14 with kl (README)
     loss: str = "mse"
     temperature: float = 4.0

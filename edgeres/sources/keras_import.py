@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeres.errors import InputError
-from edgeres.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
+from edgeres.sources.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 HINT = ("edgeres maps Keras ResNet v1 models (the keras.applications ResNet50/101/152 layout) with "
@@ -315,9 +315,9 @@ def map_keras(model, path: str | Path):
     import numpy as np
     import torch
 
-    from edgeres.keras_model import flatten_rows_to_chw
-    from edgeres.loading import infer_spec
-    from edgeres.zoo import Head
+    from edgeres.model.keras_model import flatten_rows_to_chw
+    from edgeres.sources.loading import infer_spec
+    from edgeres.model.zoo import Head
 
     p = Path(path)
     g = _Graph(model, p)
@@ -503,7 +503,7 @@ def verify_mapping(model, path: str | Path, spec, state_dict, *, rel_tol: float 
     import numpy as np
     import torch
 
-    from edgeres.torch_model import build_torch
+    from edgeres.model.torch_model import build_torch
     from targets.tflite import native_stderr_quiet
 
     p = Path(path)

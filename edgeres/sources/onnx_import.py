@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgeres.errors import InputError
-from edgeres.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
+from edgeres.sources.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
 
 # ops allowed on the data path; anything else means the graph is not a plain ResNet
 DATA_OPS = {"Conv", "BatchNormalization", "Relu", "MaxPool", "Add", "Slice", "Pad", "GlobalAveragePool",
@@ -147,8 +147,8 @@ def map_onnx(path: str | Path):
     import onnx
     import torch
 
-    from edgeres.loading import infer_spec
-    from edgeres.zoo import _CIFAR_PRE, _IMAGENET_PRE
+    from edgeres.sources.loading import infer_spec
+    from edgeres.model.zoo import _CIFAR_PRE, _IMAGENET_PRE
 
     p = Path(path)
     try:
@@ -291,7 +291,7 @@ def verify_mapping(path: str | Path, spec, state_dict, *, rel_tol: float = 1e-4,
     import onnxruntime as ort
     import torch
 
-    from edgeres.torch_model import build_torch
+    from edgeres.model.torch_model import build_torch
 
     p = Path(path)
     so = ort.SessionOptions()

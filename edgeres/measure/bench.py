@@ -21,7 +21,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeres.bench_runner import PARENT_PID_ENV
+from edgeres.measure.bench_runner import PARENT_PID_ENV
 from edgeres.bundle import BENCH_FILE, bundle_path, model_path, ok_artifacts, read_manifest, store_result
 from edgeres.errors import InputError, TargetError
 from edgeres.progress import log

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from calibration import ImageDataset, Preprocess
 from edgeres.bundle import EVAL_FILE, artifact_path, ok_artifacts, read_manifest, reference_path, store_result
-from edgeres.evaluate import check_labels, collect_logits, compare_to_reference, topk_accuracy
+from edgeres.measure.evaluate import check_labels, collect_logits, compare_to_reference, topk_accuracy
 from edgeres.progress import log
 
 __all__ = ["EVAL_FILE", "evaluate_bundle"]

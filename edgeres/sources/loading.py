@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeres.errors import InputError
-from edgeres.zoo import ZOO, ResNetSpec, _CIFAR_PRE, _IMAGENET_PRE, get_spec
+from edgeres.model.zoo import ZOO, ResNetSpec, _CIFAR_PRE, _IMAGENET_PRE, get_spec
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
 SPEC_KEY = "edgeres_spec"
@@ -31,7 +31,7 @@ class LoadedModel:
     extra: dict | None = None  # e.g. pruning record stored in an edgeres checkpoint
 
     def to_torch(self):
-        from edgeres.torch_model import build_torch
+        from edgeres.model.torch_model import build_torch
 
         model = build_torch(self.spec)
         model.load_state_dict(self.state_dict, strict=False)
@@ -53,7 +53,7 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
         get_spec(arch)  # an unknown name fails first, with the list of known ones
     if not p.exists():
         raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th), a ResNet .onnx or a Keras .keras/.h5")
-    from edgeres.keras_import import KERAS_SUFFIXES, is_saved_model_dir
+    from edgeres.sources.keras_import import KERAS_SUFFIXES, is_saved_model_dir
 
     if is_saved_model_dir(p):
         return _load_keras(p, arch)
@@ -92,7 +92,7 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
 
 def _load_onnx(p: Path, arch: str | None) -> LoadedModel:
     """Map a ResNet ONNX graph to spec + weights, and prove the mapping on random inputs."""
-    from edgeres.onnx_import import map_onnx, verify_mapping
+    from edgeres.sources.onnx_import import map_onnx, verify_mapping
 
     spec, state_dict = map_onnx(p)
     _check_mapped(p, arch, spec, state_dict, "ONNX graph")
@@ -102,7 +102,7 @@ def _load_onnx(p: Path, arch: str | None) -> LoadedModel:
 
 def _load_keras(p: Path, arch: str | None) -> LoadedModel:
     """Map a Keras ResNet v1 to spec + weights, and prove the mapping against Keras on random inputs."""
-    from edgeres.keras_import import load_keras, map_keras, verify_mapping
+    from edgeres.sources.keras_import import load_keras, map_keras, verify_mapping
 
     model = load_keras(p)
     spec, state_dict = map_keras(model, p)
@@ -254,7 +254,7 @@ def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
 
 def check_state_dict(spec: ResNetSpec, sd: dict, p: Path | str, arch: str | None = None) -> None:
     """Raise ``InputError`` naming missing / unexpected / mis-shaped keys when ``sd`` does not fit ``spec``."""
-    from edgeres.torch_model import build_torch
+    from edgeres.model.torch_model import build_torch
 
     expected = {k: tuple(v.shape) for k, v in build_torch(spec).state_dict().items()}
     missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]

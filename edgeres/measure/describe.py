@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeres.zoo import Head, ResNetSpec
+from edgeres.model.zoo import Head, ResNetSpec
 
 
 def describe_spec(spec: ResNetSpec) -> dict:
@@ -43,7 +43,7 @@ def inspect_path(path: str | Path, arch: str | None = None) -> dict:
             for a in manifest["artifacts"]
         ]
         return info
-    from edgeres.loading import load_model
+    from edgeres.sources.loading import load_model
 
     loaded = load_model(p, arch)
     info = describe_spec(loaded.spec)

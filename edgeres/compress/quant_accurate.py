@@ -64,7 +64,7 @@ def improve_for_int8(spec, state_dict: dict, calib_batches, *, levels: int = 127
     import torch
     import torch.nn.functional as F
 
-    from edgeres.torch_model import build_torch
+    from edgeres.model.torch_model import build_torch
 
     sd = {k: v.detach().clone() for k, v in state_dict.items()}
     pairs = _conv_bn_pairs(sd)

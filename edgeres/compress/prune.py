@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from edgeres.errors import InputError
-from edgeres.zoo import ResNetSpec
+from edgeres.model.zoo import ResNetSpec
 
 MAX_RATIO = 0.95
 
@@ -75,7 +75,7 @@ class PruneConfig:
     # it leaves narrow layers at widths like 10 or 12, which int8 SIMD kernels pad back up to 16
     match_macs: bool = False
     taylor_images: int = 256
-    # with data: refit each pruned layer to the unpruned model's outputs by least squares (edgeres.reconstruct)
+    # with data: refit each pruned layer to the unpruned model's outputs by least squares (edgeres.compress.reconstruct)
     reconstruct: bool = True
 
     def validate(self, ratio_flag: str = "--ratio", importance_flag: str = "--importance") -> None:
@@ -313,7 +313,7 @@ def check_rebuild(model, spec: ResNetSpec, state_dict: dict) -> float:
     """Rebuild ``spec`` with ``state_dict`` and compare with ``model``; returns max |Δlogit| (must be 0)."""
     import torch
 
-    from edgeres.torch_model import build_torch
+    from edgeres.model.torch_model import build_torch
 
     rebuilt = build_torch(spec)
     rebuilt.load_state_dict(state_dict, strict=True)
@@ -439,7 +439,7 @@ def check_data(dataset, spec: ResNetSpec, flag: str, *, labels: bool = False) ->
     """Fail before any work if ``dataset`` cannot feed ``spec`` (image size, label range)."""
     from calibration import DataError
 
-    from edgeres.evaluate import number_class_folders
+    from edgeres.measure.evaluate import number_class_folders
 
     dataset.check_image_size(spec.preprocess)
     if labels and dataset.labels is None:
@@ -452,7 +452,7 @@ def check_data(dataset, spec: ResNetSpec, flag: str, *, labels: bool = False) ->
 
 
 def top1(model, dataset, preprocess, limit: int | None = None, source: str | None = None) -> float:
-    from edgeres.evaluate import collect_logits, topk_accuracy, torch_runner
+    from edgeres.measure.evaluate import collect_logits, topk_accuracy, torch_runner
 
     logits = collect_logits(torch_runner(model.eval()), dataset, preprocess, limit=limit, source=source)
     return topk_accuracy(logits, dataset.labels[dataset.spread(limit)])["top1"]
@@ -467,7 +467,7 @@ def prune_loaded(loaded, cfg: PruneConfig, *, train_data=None, finetune=None, ev
     import torch
     import torch.nn.functional as F
 
-    from edgeres.distill import distill
+    from edgeres.compress.distill import distill
     from edgeres.progress import log
 
     cfg.validate()
@@ -514,7 +514,7 @@ def prune_loaded(loaded, cfg: PruneConfig, *, train_data=None, finetune=None, ev
         return top1(model, eval_data, pre, min(curve_images, len(eval_data)))
 
     def refit(model, reference):
-        from edgeres import reconstruct
+        from edgeres.compress import reconstruct
 
         images, batch = reconstruct.plan(spec)
         n = min(images, len(train_data))
@@ -576,7 +576,7 @@ def check_output_path(out, model=None, *, force: bool = False) -> None:
     import os
     from pathlib import Path
 
-    from edgeres.loading import TORCH_SUFFIXES
+    from edgeres.sources.loading import TORCH_SUFFIXES
 
     p = Path(out)
     if p.suffix.lower() not in TORCH_SUFFIXES:
@@ -605,7 +605,7 @@ def _same_file(a, b) -> bool:
 
 def save_pruned(out, outcome: PruneOutcome, model, *, force: bool = False) -> None:
     """Write the pruned checkpoint atomically, re-checking ``--out`` first: pruning may have taken minutes."""
-    from edgeres.loading import save_checkpoint
+    from edgeres.sources.loading import save_checkpoint
 
     check_output_path(out, model, force=force)
     save_checkpoint(out, outcome.spec, outcome.state_dict, extra={"pruning": outcome.record})
@@ -620,7 +620,7 @@ def prune_into_loaded(loaded, cfg, calib_data=None, eval_data=None):
     from dataclasses import replace
 
     from calibration import open_dataset
-    from edgeres.distill import FinetuneConfig
+    from edgeres.compress.distill import FinetuneConfig
 
     prune_cfg = PruneConfig(ratio=cfg.prune, importance=cfg.prune_importance)
     prune_cfg.validate("--prune", "--prune-importance")

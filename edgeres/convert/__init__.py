@@ -1,0 +1,1 @@
+"""The conversion: its config, the bundle builder, the accuracy budget driver above it, and the run."""

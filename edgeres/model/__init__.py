@@ -1,0 +1,1 @@
+"""The network as data: the ResNet spec and zoo, and the torch / Keras builders and ONNX export built from it."""
