@@ -56,6 +56,8 @@ def _one_line_usage_errors(group_ctx):
         raise typer.Exit(2) from None
 
 
+import targets as target_table  # the runtime records only: no runtime is imported
+
 app = typer.Typer(
     cls=OneLineUsageErrors,
     add_completion=False,
@@ -102,6 +104,20 @@ def handled(fn):
 
 def _print_json(data) -> None:
     print(json.dumps(data, indent=2))
+
+
+def _targets_help() -> str:
+    return f"Comma list of {','.join(target_table.names())} [all, or the device's]."
+
+
+def _precision_help() -> str:
+    per_target = "; ".join(f"{name}: {','.join(info.precisions)}" for name, info in target_table.infos().items())
+    return f"Comma list of precisions ({per_target}) [int8]."
+
+
+def _option_help() -> str:
+    known = ", ".join(f"{name}.{o.name}" for name, info in target_table.infos().items() for o in info.options)
+    return f"Target option TARGET.KEY=VALUE (repeatable); known: {known}."
 
 
 def _csv(value: Optional[str]) -> tuple[str, ...]:
@@ -170,6 +186,9 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON.")):
     print(f"cpu features     {' '.join(cpu['features']) or 'none detected'}")
     for name, version in info["runtimes"].items():
         print(f"{name:16} {version or 'not installed'}")
+    for name, target in info["targets"].items():
+        state = target["version"] and f"ready ({target['dist']} {target['version']})" or f"needs pip install {target['dist']}"
+        print(f"{'target ' + name:16} {state}; makes {' '.join(target['precisions'])}")
     print(f"suggested device {info['suggested_profile']}")
 
 
@@ -240,8 +259,8 @@ def convert(
     model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration images (.npz or folder)."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="Comma list of onnx,openvino,tflite [all, or the device's]."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Comma list: int8,fp16,fp32 (tflite also: dynamic) [int8]."),
+    targets: Optional[str] = typer.Option(None, "--targets", help=_targets_help()),
+    precision: Optional[str] = typer.Option(None, "--precision", help=_precision_help()),
     device: Optional[str] = typer.Option(None, "--device", help="Device profile: auto, rpi4, rpi5, x86-avx2, x86-vnni, android-arm64, generic."),
     estimator: str = typer.Option("mse", "--estimator", help="Range estimator: mse (default), percentile, entropy, minmax."),
     quant: str = typer.Option("fast", "--quant", help="int8 preset: fast (plain PTQ) or accurate (weight clipping + bias correction)."),
@@ -249,7 +268,7 @@ def convert(
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images to evaluate every artifact on."),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on at most this many images."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads [the device's]."),
-    option: List[str] = typer.Option([], "--option", help="Target option TARGET.KEY=VALUE, e.g. openvino.engine=nncf (repeatable)."),
+    option: List[str] = typer.Option([], "--option", help=_option_help()),
     accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget", help="Max top-1 drop (pp) per int8 artifact; over-budget ones are re-made with better settings (needs --eval)."),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Benchmark the artifacts locally for the report."),
     bench_threads: Optional[str] = typer.Option(None, "--bench-threads", help="Comma list of thread counts [the device's, or 1]."),

@@ -1,27 +1,75 @@
-"""One module per runtime. Each target module imports its runtime only inside functions and offers:
+"""One module per runtime. Each target module declares ``INFO`` (a ``TargetInfo``: name, suffixes,
+pip distribution, precisions, what it compiles from, its options) and imports its runtime only
+inside functions. It offers:
 
 ``available() -> str``            the runtime version, or raise ``TargetUnavailable`` with the pip fix
-``PRECISIONS``                    precisions it can produce
-``check_options(options)``        refuse unknown ``--option`` keys or values (``OptionError``), no runtime needed
 ``compile(job: CompileJob) -> Artifact``   write the artifact(s) into ``job.out_dir``
 ``load_runner(path, threads=None) -> Runner``   run an artifact: ``runner(x_nchw_float32) -> logits``
+
+Adding a runtime is one new module here named in ``BUILTIN`` (or ``register``-ed by a plugin);
+everything else — doctor, the CLI's help and option checks, the pipeline, bench, the budget — reads
+the records.
 """
 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
-from targets.base import Artifact, CompileJob, OptionError, TargetError, TargetUnavailable
+from targets.base import (CONSUMES, KERAS, QDQ_ONNX, Artifact, CompileJob, OptionError, TargetError, TargetInfo, TargetOption,
+                          TargetUnavailable)
 
-TARGETS = ("onnx", "openvino", "tflite")
-RUNTIME_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "ai-edge-litert"}
+BUILTIN = ("onnx", "openvino", "tflite")
+_modules: dict[str, ModuleType] = {}
 
 
-def get_target(name: str):
+def register(module: ModuleType) -> TargetInfo:
+    """Add a target module (with ``INFO``, ``compile``, ``load_runner``, ``available``) to the table."""
+    info = module.INFO
+    if not isinstance(info, TargetInfo) or info.consumes not in CONSUMES:
+        raise TypeError(f"{module.__name__}: INFO must be a TargetInfo consuming one of {', '.join(CONSUMES)}")
+    _modules[info.name] = module
+    return info
+
+
+def _load_builtins() -> None:
+    for name in BUILTIN:
+        if name not in _modules:
+            register(importlib.import_module(f"targets.{name}"))
+
+
+def infos() -> dict[str, TargetInfo]:
+    """Every known target's record, by name, built-ins first."""
+    _load_builtins()
+    return {name: m.INFO for name, m in _modules.items()}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(infos())
+
+
+def get_info(name: str) -> TargetInfo:
+    known = infos()
+    if name not in known:
+        raise TargetError(f"unknown target {name!r}; choose from {', '.join(known)}")
+    return known[name]
+
+
+def get_target(name: str) -> ModuleType:
     """The target module ``name`` (imports no runtime)."""
-    if name not in TARGETS:
-        raise TargetError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
-    return importlib.import_module(f"targets.{name}")
+    get_info(name)
+    return _modules[name]
 
 
-__all__ = ["Artifact", "CompileJob", "OptionError", "TARGETS", "RUNTIME_PACKAGES", "TargetError", "TargetUnavailable", "get_target"]
+def info_for_file(path: str) -> TargetInfo | None:
+    """The target whose artifacts end like ``path`` (None when no target makes such files)."""
+    return next((i for i in infos().values() if any(str(path).endswith(s) for s in i.suffixes)), None)
+
+
+def shared_int8() -> ModuleType:
+    """The module that computes the shared activation ranges and writes the shared QDQ ONNX."""
+    return importlib.import_module("targets.onnx")
+
+
+__all__ = ["Artifact", "CompileJob", "OptionError", "KERAS", "QDQ_ONNX", "TargetError", "TargetInfo", "TargetOption",
+           "TargetUnavailable", "get_info", "get_target", "info_for_file", "infos", "names", "register", "shared_int8"]

@@ -8,6 +8,86 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+class OptionError(TargetError):
+    """A ``--option TARGET.KEY=VALUE`` the target does not take: bad input (exit 2), found before any work."""
+
+    exit_code = 2
+
+
+
+# What a target's int8 compiles from (TargetInfo.consumes): the shared QDQ ONNX that the pipeline
+# quantises once with the shared ranges, or the network rebuilt in Keras and converted there.
+QDQ_ONNX = "qdq_onnx"
+KERAS = "keras"
+CONSUMES = (QDQ_ONNX, KERAS)
+
+
+@dataclass(frozen=True)
+class TargetOption:
+    """One ``--option TARGET.NAME=VALUE``: its type, default, allowed values and help."""
+
+    name: str
+    kind: type  # bool, int, float, str or list (a comma list of names)
+    default: object
+    help: str
+    choices: tuple = ()
+
+    def parse(self, target: str, value):
+        """The checked value of ``--option target.name=value`` (raises ``OptionError`` naming it)."""
+        flag = f"--option {target}.{self.name}={value}"
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise OptionError(f"{flag}: choose true or false")
+            return value
+        if self.kind is list:
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+                raise OptionError(f"{flag}: give names separated by commas")
+            return [v for v in items if v]
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise OptionError(f"{flag}: give a number")
+            return self.kind(value)
+        text = str(value)
+        if self.choices:
+            match = next((c for c in self.choices if c.lower() == text.lower()), None)
+            if match is None:
+                raise OptionError(f"{flag}: choose one of {', '.join(self.choices)}")
+            return match
+        return text
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """Everything the rest of edgeres knows about one runtime; declared as ``INFO`` in its module.
+
+    ``runtime`` names the loader in the standalone benchmark runner (``bench_runner.LOADERS``), so a
+    device needs only that script, numpy and ``dist``.
+    """
+
+    name: str
+    title: str
+    suffixes: tuple[str, ...]
+    dist: str
+    runtime: str
+    precisions: tuple[str, ...]
+    consumes: str
+    options: tuple[TargetOption, ...] = ()
+    tools: tuple[str, ...] = ()  # further distributions its compile uses (shown by doctor)
+    weight_levels: int = 127  # int8 weight grid a side, for weight improvement (--quant accurate)
+
+    def option(self, name: str) -> TargetOption:
+        for o in self.options:
+            if o.name == name:
+                return o
+        known = ", ".join(f"{self.name}.{o.name}" for o in self.options) or "none"
+        raise OptionError(f"--option: unknown option {self.name}.{name}; {self.name} takes {known}")
+
+    def check_options(self, options: dict) -> dict:
+        """``options`` with each value checked against its declaration (unknown names refused); needs
+        no runtime, so the pipeline calls it before any work and each compile calls it again."""
+        return {k: self.option(k).parse(self.name, v) for k, v in options.items()}
+
 
 class TargetError(RuntimeError):
     """A runtime failed to compile or run an artifact; the CLI reports it with exit 3."""
@@ -17,18 +97,6 @@ class TargetError(RuntimeError):
 
 class TargetUnavailable(TargetError):
     """The runtime this target needs is not installed (message says what to pip install)."""
-
-
-class OptionError(TargetError):
-    """A ``--option TARGET.KEY=VALUE`` the target does not take: bad input (exit 2), found before any work."""
-
-    exit_code = 2
-
-
-def check_threads_option(target: str, options: dict) -> None:
-    threads = options.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise OptionError(f"--option {target}.threads={threads}: give a whole number of threads, at least 1")
 
 
 @dataclass(frozen=True)

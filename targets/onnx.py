@@ -18,13 +18,23 @@ import numpy as np
 
 from calibration.cpu import CpuFeatures, cpu_features
 from calibration.errors import DataError
-from targets.base import (Artifact, CompileJob, OptionError, Runner, TargetError, TargetUnavailable,
-                          check_threads_option)
+from targets.base import (QDQ_ONNX, Artifact, CompileJob, OptionError, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 QDQ_METADATA_KEY = "edgeres.quantization"
 ACTIVATION_TYPES = ("uint8", "int8")
-QDQ_OPTIONS = ("activation_type", "reduce_range", "per_channel", "threads", "float_nodes")
+INFO = TargetInfo(
+    name="onnx", title="ONNX (onnxruntime)", suffixes=(".onnx",), dist="onnxruntime", runtime="onnxruntime",
+    precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("onnx",),
+    options=(
+        TargetOption("activation_type", str, None, "int8 activations: uint8 or int8 [chosen for the CPU]",
+                     ACTIVATION_TYPES),
+        TargetOption("reduce_range", bool, None, "7-bit weights (x86 without VNNI) [chosen for the CPU]"),
+        TargetOption("per_channel", bool, True, "per-channel int8 weights"),
+        TargetOption("float_nodes", list, (), "ONNX node names kept in float (comma list)"),
+    ),
+)
+QDQ_OPTIONS = tuple(o.name for o in INFO.options)
 # keep one calibration batch of exposed activations (float32) around 256 MB
 MAX_CALIB_VALUES_PER_BATCH = 64_000_000
 
@@ -128,8 +138,7 @@ def choose_int8_recipe(cpu: CpuFeatures, options: dict | None = None) -> dict:
     saturates with full-range per-channel weights; 7-bit weights (``reduce_range``) avoid that. With
     VNNI (vpdpbusd accumulates into int32) full 8-bit weights are safe. ARM kernels prefer S8S8.
     """
-    options = dict(options or {})
-    check_options(options)
+    options = INFO.check_options(dict(options or {}))
     if cpu.arch == "arm":
         activation_type, reduce_range, reason = "int8", False, "ARM: S8S8 kernels"
     elif cpu.vnni:
@@ -144,24 +153,6 @@ def choose_int8_recipe(cpu: CpuFeatures, options: dict | None = None) -> dict:
     per_channel = options.get("per_channel", True)
     return {"activation_type": activation_type, "weight_type": "int8", "per_channel": per_channel,
             "reduce_range": reduce_range, "reason": reason, "cpu_features": list(cpu.flags)}
-
-
-def check_options(options: dict) -> None:
-    """Refuse unknown keys and values of the wrong kind; the pipeline calls this before any work."""
-    unknown = sorted(set(options) - set(QDQ_OPTIONS))
-    if unknown:
-        raise OptionError(f"--option onnx.{unknown[0]}: unknown onnx option; known: "
-                          + ", ".join(f"onnx.{k}" for k in QDQ_OPTIONS))
-    if "activation_type" in options and str(options["activation_type"]).lower() not in ACTIVATION_TYPES:
-        raise OptionError(f"--option onnx.activation_type={options['activation_type']}: choose uint8 or int8")
-    for key in ("reduce_range", "per_channel"):
-        if key in options and not isinstance(options[key], bool):
-            raise OptionError(f"--option onnx.{key}={options[key]}: choose true or false")
-    nodes = options.get("float_nodes")
-    if nodes is not None and not (isinstance(nodes, str) or (isinstance(nodes, (list, tuple))
-                                                              and all(isinstance(n, str) for n in nodes))):
-        raise OptionError(f"--option onnx.float_nodes={nodes}: give ONNX node names separated by commas")
-    check_threads_option("onnx", options)
 
 
 def quantize_qdq(onnx_fp32_path: str | Path, ranges: dict, out_path: str | Path, *,

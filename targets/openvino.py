@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import (Artifact, CompileJob, OptionError, Runner, TargetError, TargetUnavailable,
-                          check_threads_option)
+from targets.base import (QDQ_ONNX, Artifact, CompileJob, OptionError, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINES = ("qdq", "nncf")
@@ -37,7 +36,20 @@ NNCF_PRESETS = ("performance", "mixed")
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
 DEFAULT_HINT, DEFAULT_INFERENCE_PRECISION = "LATENCY", "f32"
-OPTIONS = ("engine", "embed_preprocess", "nncf_preset", "hint", "inference_precision", "threads")
+INFO = TargetInfo(
+    name="openvino", title="OpenVINO IR", suffixes=(".xml",), dist="openvino", runtime="openvino",
+    precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("nncf",),
+    options=(
+        TargetOption("engine", str, DEFAULT_ENGINE, "int8 from the shared QDQ model (qdq) or nncf.quantize", ENGINES),
+        TargetOption("embed_preprocess", bool, False, "take uint8 NHWC pixels; mean/std inside the IR"),
+        TargetOption("nncf_preset", str, "performance", "NNCF preset for engine=nncf", NNCF_PRESETS),
+        TargetOption("hint", str, DEFAULT_HINT, "performance hint recorded for the runner", HINTS),
+        TargetOption("inference_precision", str, DEFAULT_INFERENCE_PRECISION,
+                     "INFERENCE_PRECISION_HINT (f32 keeps BF16/AMX CPUs from running f32 IRs in bf16)",
+                     INFERENCE_PRECISIONS),
+    ),
+)
+OPTIONS = tuple(o.name for o in INFO.options)
 RT_INFO_KEY = "edgeres"  # IR rt_info section holding what the runner needs to know
 
 
@@ -54,7 +66,7 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
     available()
     import openvino as ov
 
-    options = _check_options(job)
+    options = INFO.check_options(job.options)
     rel_xml = Path("openvino") / f"model.{job.precision}.xml"
     rel_bin = rel_xml.with_suffix(".bin")
     (job.out_dir / rel_xml).parent.mkdir(parents=True, exist_ok=True)
@@ -103,32 +115,6 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
         raise TargetError(f"openvino: cannot save {rel_xml} ({_first_line(e)})") from None
     return Artifact("openvino", job.precision, (str(rel_xml), str(rel_bin)), engine=engine, input_layout=layout,
                     input_dtype=dtype, options=recorded, tool_versions=versions, notes=tuple(notes))
-
-
-def _check_options(job: CompileJob) -> dict:
-    options = dict(job.options)
-    check_options(options)
-    return options
-
-
-def check_options(options: dict) -> None:
-    """Refuse unknown keys and values of the wrong kind; the pipeline calls this before any work."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise OptionError(f"--option openvino.{unknown[0]}: unknown option; known: {', '.join(OPTIONS)}")
-    if options.get("engine", DEFAULT_ENGINE) not in ENGINES:
-        raise OptionError(f"--option openvino.engine={options['engine']}: choose one of {', '.join(ENGINES)}")
-    if str(options.get("nncf_preset", "performance")).lower() not in NNCF_PRESETS:
-        raise OptionError(f"--option openvino.nncf_preset={options['nncf_preset']}: "
-                          f"choose one of {', '.join(NNCF_PRESETS)}")
-    if str(options.get("hint", DEFAULT_HINT)).upper() not in HINTS:
-        raise OptionError(f"--option openvino.hint={options['hint']}: choose one of {', '.join(HINTS)}")
-    if options.get("inference_precision", DEFAULT_INFERENCE_PRECISION) not in INFERENCE_PRECISIONS:
-        raise OptionError(f"--option openvino.inference_precision={options['inference_precision']}: "
-                          f"choose one of {', '.join(INFERENCE_PRECISIONS)}")
-    if options.get("embed_preprocess", False) not in (True, False):
-        raise OptionError(f"--option openvino.embed_preprocess={options['embed_preprocess']}: give true or false")
-    check_threads_option("openvino", options)
 
 
 def _convert(onnx_path: Path):

@@ -12,6 +12,7 @@ imports tensorflow, so a bundle's ``.tflite`` runs on a Raspberry Pi as is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -22,16 +23,24 @@ from pathlib import Path
 import numpy as np
 
 from calibration.errors import DataError
-from targets.base import (Artifact, CompileJob, OptionError, Runner, TargetError, TargetUnavailable,
-                          check_threads_option)
+from targets.base import (KERAS, Artifact, CompileJob, OptionError, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 ENGINE = "keras-from-spec + LiteRT converter"
 IO_TYPES = ("float", "int8", "uint8")
-OPTIONS = ("io", "threads", "ranges")  # threads: the pipeline's evaluation thread count; conversion ignores it
 # full-int8 activation ranges: "estimator" = the edgeres estimator the other targets use (job.estimator),
 # measured on the LiteRT model's own tensors; "converter" = the LiteRT converter's min/max
 RANGE_SOURCES = ("estimator", "converter")
+INFO = TargetInfo(
+    name="tflite", title="TFLite (LiteRT)", suffixes=(".tflite",), dist="ai-edge-litert", runtime="litert",
+    precisions=PRECISIONS, consumes=KERAS, tools=("tensorflow",),
+    options=(
+        TargetOption("io", str, "float", "full-int8 input/output type", IO_TYPES),
+        TargetOption("ranges", str, "estimator", "full-int8 activation ranges: the shared estimator's or the "
+                     "converter's own min/max", RANGE_SOURCES),
+    ),
+)
+OPTIONS = tuple(o.name for o in INFO.options)
 # ops that only move data between float and integer at the model's edges
 EDGE_OPS = ("QUANTIZE", "DEQUANTIZE")
 FLOAT_DTYPES = ("float32", "float16", "float64")
@@ -96,25 +105,10 @@ def native_stderr_quiet():
             os.close(saved)
 
 
-def check_options(options: dict) -> None:
-    """Refuse unknown keys and values of the wrong kind; the pipeline calls this before any work."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise OptionError(f"tflite: unknown option(s) {', '.join('tflite.' + k for k in unknown)}; "
-                          f"known: tflite.io={'|'.join(IO_TYPES)}, tflite.ranges={'|'.join(RANGE_SOURCES)}")
-    io = str(options.get("io", "float"))
-    if io not in IO_TYPES:
-        raise OptionError(f"tflite: --option tflite.io={io} is not one of {', '.join(IO_TYPES)}")
-    range_source = options.get("ranges")
-    if range_source is not None and str(range_source) not in RANGE_SOURCES:
-        raise OptionError(f"tflite: --option tflite.ranges={range_source} is not one of {', '.join(RANGE_SOURCES)}")
-    check_threads_option("tflite", options)
-
-
 def _compile(job: CompileJob) -> Artifact:
     if job.precision not in PRECISIONS:
         raise TargetError(f"tflite: precision {job.precision!r} is not one of {', '.join(PRECISIONS)}")
-    check_options(job.options)
+    job = dataclasses.replace(job, options=INFO.check_options(job.options))
     io = str(job.options.get("io", "float"))
     range_source = str(job.options.get("ranges", "estimator" if job.estimator else "converter"))
     if range_source == "estimator" and not job.estimator:

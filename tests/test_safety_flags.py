@@ -49,21 +49,21 @@ def _option(value: str):
 
 # a bad --option used to surface only after export and calibration (exit 3), leaving a .partial-* folder
 OPTION_CASES = [
-    Case("onnx-unknown-key", _option("onnx.no_such_key=1"), "onnx.no_such_key: unknown onnx option"),
+    Case("onnx-unknown-key", _option("onnx.no_such_key=1"), "unknown option onnx.no_such_key"),
     Case("onnx-per-channel-int", _option("onnx.per_channel=1"), "onnx.per_channel=1: choose true or false"),
     Case("onnx-reduce-range-word", _option("onnx.reduce_range=maybe"), "onnx.reduce_range=maybe: choose true or false"),
-    Case("onnx-activation-type", _option("onnx.activation_type=int4"), "onnx.activation_type=int4: choose uint8 or int8"),
-    Case("onnx-float-nodes-number", _option("onnx.float_nodes=5"), "onnx.float_nodes=5: give ONNX node names"),
-    Case("onnx-threads-word", _option("onnx.threads=many"), "onnx.threads=many: give a whole number"),
-    Case("openvino-unknown-key", _option("openvino.colour=1"), "openvino.colour: unknown option"),
+    Case("onnx-activation-type", _option("onnx.activation_type=int4"), "onnx.activation_type=int4: choose one of uint8, int8"),
+    Case("onnx-float-nodes-number", _option("onnx.float_nodes=5"), "onnx.float_nodes=5: give names separated by commas"),
+    Case("onnx-threads-word", _option("onnx.threads=many"), "unknown option onnx.threads"),
+    Case("openvino-unknown-key", _option("openvino.colour=1"), "unknown option openvino.colour"),
     Case("openvino-engine", _option("openvino.engine=tensorrt"), "openvino.engine=tensorrt: choose one of qdq, nncf"),
-    Case("openvino-embed-word", _option("openvino.embed_preprocess=maybe"), "embed_preprocess=maybe: give true or false"),
+    Case("openvino-embed-word", _option("openvino.embed_preprocess=maybe"), "embed_preprocess=maybe: choose true or false"),
     Case("openvino-hint", _option("openvino.hint=fast"), "openvino.hint=fast: choose one of"),
-    Case("openvino-threads-zero", _option("openvino.threads=0"), "openvino.threads=0: give a whole number"),
-    Case("tflite-unknown-key", _option("tflite.iio=uint8"), "unknown option.*tflite.iio"),
-    Case("tflite-io", _option("tflite.io=int4"), "tflite.io=int4 is not one of"),
-    Case("tflite-ranges", _option("tflite.ranges=guess"), "tflite.ranges=guess is not one of"),
-    Case("tflite-threads-float", _option("tflite.threads=1.5"), "tflite.threads=1.5: give a whole number"),
+    Case("openvino-threads-zero", _option("openvino.threads=0"), "unknown option openvino.threads"),
+    Case("tflite-unknown-key", _option("tflite.iio=uint8"), "unknown option tflite.iio"),
+    Case("tflite-io", _option("tflite.io=int4"), "tflite.io=int4: choose one of"),
+    Case("tflite-ranges", _option("tflite.ranges=guess"), "tflite.ranges=guess: choose one of"),
+    Case("tflite-threads-float", _option("tflite.threads=1.5"), "unknown option tflite.threads"),
 ]
 
 
@@ -79,7 +79,7 @@ def test_bad_target_option_is_refused_before_any_work(env, tmp_path, no_work, ca
 def test_bad_option_leaves_no_bundle_and_no_partial_folder(env, tmp_path):
     """The issue's run: it used to export and calibrate, exit 3 and leave a 1.1 MB .partial-* each time."""
     code, _, stderr = _invoke(_convert(tmp_path, env, "--no-bench", "--option", "onnx.no_such_key=1"))
-    _assert_one_line(code, stderr, Case("no-such-key", None, "onnx.no_such_key: unknown onnx option"))
+    _assert_one_line(code, stderr, Case("no-such-key", None, "unknown option onnx.no_such_key"))
     assert not (tmp_path / "bundle").exists()
     _no_partial(tmp_path)
 

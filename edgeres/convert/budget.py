@@ -10,12 +10,12 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import targets
 from edgeres.bundle import MANIFEST, file_record, publish, read_manifest, read_result, write_json_atomic
 from edgeres.progress import log
 
 ESTIMATOR_ORDER = ("mse", "entropy", "percentile", "minmax")
 FLOAT_LAYER_STEPS = (1, 2, 4)  # how many of the most sensitive layers to keep in float, in turn
-QDQ_TARGETS = ("onnx", "openvino")  # int8 built from the shared QDQ model, so these options apply
 
 
 def over_budget(evaluated: dict, budget_pp: float) -> list[dict]:
@@ -33,7 +33,7 @@ def enforce_accuracy_budget(cfg, budget_pp: float) -> list[dict]:
     evaluated = read_result(out, EVAL_FILE)
     pending = {a["target"]: a for a in over_budget(evaluated, budget_pp)}
     for target in list(pending):
-        if target not in QDQ_TARGETS:
+        if targets.get_info(target).consumes != targets.QDQ_ONNX:  # only the shared QDQ model takes these options
             actions.append({"target": target, "precision": "int8", "action": "none left",
                             "detail": f"{target} full-int8 keeps every op int8 and calibrates in its converter; "
                                       "no better setting to try", "fits": False})
@@ -60,7 +60,8 @@ def enforce_accuracy_budget(cfg, budget_pp: float) -> list[dict]:
                 sensitive = _sensitive_nodes(out, open_dataset(cfg.eval_data))
             nodes = sensitive[: change["float_layers"]]
             options = {t: dict(o) for t, o in cfg.target_options.items()}
-            options.setdefault("onnx", {})["float_nodes"] = nodes
+            # the shared QDQ model (which every QDQ consumer compiles from) takes its recipe's options
+            options.setdefault(targets.shared_int8().INFO.name, {})["float_nodes"] = nodes
             trial_cfg = replace(trial_cfg, target_options=options)
             label = f"{label}: {', '.join(nodes)}"
         log(f"budget: trying {label}…")

@@ -71,14 +71,15 @@ class ConvertConfig:
 
 def parse_target_options(items: list[str] | tuple[str, ...]) -> dict:
     """``["openvino.engine=nncf", "tflite.io=uint8"]`` → ``{"openvino": {"engine": "nncf"}, ...}``."""
-    from targets import TARGETS
+    from targets import names
 
+    known = names()
     out: dict[str, dict] = {}
     for item in items:
         key, eq, value = item.partition("=")
         target, dot, name = key.partition(".")
-        if not eq or not dot or target not in TARGETS or not name:
-            raise InputError(f"--option {item!r}: expected TARGET.KEY=VALUE with TARGET one of {', '.join(TARGETS)}")
+        if not eq or not dot or target not in known or not name:
+            raise InputError(f"--option {item!r}: expected TARGET.KEY=VALUE with TARGET one of {', '.join(known)}")
         lowered = value.strip().lower()
         parsed = {"true": True, "false": False}.get(lowered, value.strip())
         if isinstance(parsed, str):
@@ -113,18 +114,18 @@ def apply_profile(cfg: ConvertConfig, device: str | None, *, targets_given: bool
 
 
 def validate(cfg: ConvertConfig) -> None:
-    from targets import TARGETS, get_target
+    from targets import get_info, names
 
     if cfg.prune is not None:
         from edgeres.compress.prune import PruneConfig
 
         PruneConfig(cfg.prune, cfg.prune_importance).validate("--prune", "--prune-importance")
     if not cfg.targets:
-        raise InputError("--targets: no target given; choose from " + ", ".join(TARGETS))
+        raise InputError("--targets: no target given; choose from " + ", ".join(names()))
     for t in cfg.targets:
-        if t not in TARGETS:
-            raise InputError(f"--targets: unknown target {t!r}; choose from {', '.join(TARGETS)}")
-    known = {p for t in cfg.targets for p in get_target(t).PRECISIONS}
+        if t not in names():
+            raise InputError(f"--targets: unknown target {t!r}; choose from {', '.join(names())}")
+    known = {p for t in cfg.targets for p in get_info(t).precisions}
     for p in cfg.precisions:
         if p not in known:
             raise InputError(f"--precision: {p!r} is not made by {', '.join(cfg.targets)} (choose from {', '.join(sorted(known))})")
@@ -136,7 +137,7 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError(f"--quant: unknown preset {cfg.quant!r}; choose from {', '.join(QUANT_PRESETS)}")
     _validate_numbers(cfg)
     for target_name, options in cfg.target_options.items():  # onnx options also shape openvino's QDQ int8
-        get_target(target_name).check_options(options)
+        get_info(target_name).check_options(options)
     if cfg.accuracy_budget_pp is not None and not 0 <= cfg.accuracy_budget_pp < float("inf"):  # NaN too
         raise InputError(f"--accuracy-budget: {cfg.accuracy_budget_pp} pp must be a finite number, zero or more (e.g. 1.0)")
     if cfg.accuracy_budget_pp is not None and cfg.eval_data is None:
@@ -160,9 +161,9 @@ def _validate_numbers(cfg: ConvertConfig) -> None:
 
 def plan(cfg: ConvertConfig) -> list[tuple[str, str]]:
     """(target, precision) pairs to build; a precision a target does not make is skipped for it."""
-    from targets import get_target
+    from targets import get_info
 
-    return [(t, p) for t in cfg.targets for p in cfg.precisions if p in get_target(t).PRECISIONS]
+    return [(t, p) for t in cfg.targets for p in cfg.precisions if p in get_info(t).precisions]
 
 
 def _fingerprint(path: str | None) -> list | None:
@@ -505,8 +506,6 @@ def _calibrate(cfg: ConvertConfig, work: Path, calib_fn, qdq_path: Path, record:
 def _compile_one(target, target_name, precision, work, cfg, CompileJob, TargetError, ctx) -> dict:
     t0 = time.perf_counter()
     options = dict(cfg.target_options.get(target_name, {}))
-    if cfg.threads:
-        options.setdefault("threads", cfg.threads)
     job = CompileJob(onnx_fp32=work / REFERENCE_FILE, out_dir=work, precision=precision,
                      calibration=ctx["calib_fn"], ranges=ctx["ranges"], qdq_onnx=ctx["qdq_path"],
                      keras_model=ctx["keras_fn"], options=options, preprocess=ctx["preprocess"],

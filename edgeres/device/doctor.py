@@ -7,35 +7,39 @@ import os
 import platform
 from pathlib import Path
 
-RUNTIME_DISTS = {
-    "torch": "torch",
-    "onnxruntime": "onnxruntime",
-    "openvino": "openvino",
-    "nncf": "nncf",
-    "ai-edge-litert": "ai-edge-litert",
-    "tflite-runtime": "tflite-runtime",
-    "tensorflow": "tensorflow",
-    "torch-pruning": "torch-pruning",
-    "onnx": "onnx",
-}
+import targets
+from calibration.cpu import read_cpuinfo
+
+# what edgeres itself builds with; each target's runtime and tools come from its record (targets.infos)
+CORE_DISTS = ("torch", "torch-pruning", "onnx")
 FLAG_NAMES = {"avx2": "avx2", "avx512f": "avx512", "avx512_vnni": "avx512-vnni", "avx_vnni": "avx-vnni",
               "asimddp": "dotprod", "asimd": "neon", "sve": "sve", "i8mm": "i8mm", "fma": "fma"}
 
 
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def installed_versions() -> dict[str, str | None]:
-    out = {}
-    for name, dist in RUNTIME_DISTS.items():
-        try:
-            out[name] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    """Version (or None) of every distribution edgeres and its targets use, by distribution name."""
+    dists = list(CORE_DISTS)
+    for info in targets.infos().values():
+        dists += [d for d in (info.dist, *info.tools) if d not in dists]
+    return {d: _version(d) for d in dists}
+
+
+def target_status() -> dict[str, dict]:
+    """Per target: its runtime distribution, whether that is installed, and what it makes."""
+    return {name: {"title": info.title, "dist": info.dist, "version": _version(info.dist),
+                   "precisions": list(info.precisions), "options": [o.name for o in info.options]}
+            for name, info in targets.infos().items()}
 
 
 def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """CPU model, cores and the SIMD features that decide int8 speed (VNNI / dot-product)."""
-    from calibration.cpu import read_cpuinfo
-
     names, flags = read_cpuinfo(cpuinfo_path)
     # x86 has "model name" (and a numeric "model"); a Raspberry Pi has "Model : Raspberry Pi 5 ..."
     model = names.get("model name") or names.get("hardware") or names.get("model") or platform.machine()
@@ -70,6 +74,7 @@ def doctor() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "runtimes": installed_versions(),
+        "targets": target_status(),
         "cpu": cpu,
         "suggested_profile": suggest_profile(cpu),
     }

@@ -17,7 +17,7 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     """Evaluate and store ``eval.json`` in the bundle; returns the ``eval --json`` document.
 
     When the bundle cannot be written (read-only) the result is still returned, with one warning."""
-    from targets import get_target
+    from targets import get_target, info_for_file
     from targets.base import TargetError
 
     bundle = Path(bundle)
@@ -28,7 +28,8 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     labels = dataset.labels[dataset.spread(limit)]
     artifacts = ok_artifacts(manifest)
     paths = [artifact_path(bundle, a) for a in artifacts]  # every file checked before any is run
-    ref_runner = get_target("onnx").load_runner(reference_path(bundle, manifest), threads=threads)
+    ref_path = reference_path(bundle, manifest)
+    ref_runner = get_target(info_for_file(ref_path.name).name).load_runner(ref_path, threads=threads)
     reference = collect_logits(ref_runner, dataset, pre, limit=limit, description="fp32 reference")
     result = {"reference": topk_accuracy(reference, labels), "artifacts": [], "images": int(len(labels))}
     for a, path in zip(artifacts, paths):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+import targets
 from calibration import ImageDataset, Preprocess
 from edgeres.bundle import artifact_path, data_file_path, ok_artifacts, read_manifest, reference_path, warn
 from edgeres.errors import InputError
@@ -25,10 +26,11 @@ def layer_sqnr_for_bundle(bundle_dir: str | Path, dataset: ImageDataset, images:
     worst (lowest SQNR) first, on ``images`` images of ``dataset`` spread over the set."""
     bundle = Path(bundle_dir)
     manifest = read_manifest(bundle)
-    int8 = [a for a in ok_artifacts(manifest) if a["target"] == "onnx" and a["precision"] == "int8"]
+    shared = targets.shared_int8().INFO.name  # its int8 artifact is the shared QDQ ONNX itself
+    int8 = [a for a in ok_artifacts(manifest) if a["target"] == shared and a["precision"] == "int8"]
     if not int8:
-        raise InputError(f"{bundle}: has no onnx int8 artifact; --layers needs one "
-                         "(convert with --targets onnx --precision int8)")
+        raise InputError(f"{bundle}: has no {shared} int8 artifact; --layers needs one "
+                         f"(convert with --targets {shared} --precision int8)")
     pre = Preprocess.from_dict(manifest["preprocess"])
     x = next(dataset.batches(pre, batch_size=images, limit=images))[0]
     reference, qdq = reference_path(bundle, manifest), artifact_path(bundle, int8[0])
@@ -50,8 +52,7 @@ def add_gain_over_fast(rows: list[dict], fp32_path: Path, qdq_path: Path, ranges
     import json
     import tempfile
 
-    from targets import onnx as onnx_target
-
+    onnx_target = targets.shared_int8()
     recipe = onnx_target.qdq_record(qdq_path)
     options = {k: recipe[k] for k in ("activation_type", "reduce_range", "per_channel") if k in recipe}
     if recipe.get("float_nodes"):
