@@ -1,0 +1,209 @@
+"""The shape of the code: stages import only downwards, no loops, and a runtime is one module."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+# Top to bottom: a module may import only from layers below its own (and within its own package).
+LAYERS = (
+    ("cli",),
+    ("edgeres.demo",),
+    ("edgeres.convert",),
+    ("edgeres.compress",),
+    ("edgeres.measure",),
+    ("edgeres.sources",),
+    ("edgeres.model",),
+    ("edgeres.device", "edgeres.bundle"),
+    ("edgeres", "edgeres.errors", "edgeres.progress", "edgeres.tables", "edgeres.fileio"),
+    ("targets",),
+    ("calibration",),
+)
+RUNTIME_NAMES = ("onnx", "openvino", "tflite")
+# Where such a string is not a runtime's identity: (file, value) and why.
+NOT_A_RUNTIME = {
+    ("edgeres/device/doctor.py", "onnx"): "the onnx Python package, a tool edgeres exports with",
+    ("edgeres/sources/loading.py", "onnx"): "the format of a model file the user brings",
+    ("edgeres/measure/bench_runner.py", "openvino"): "the device-side loaders of the standalone runner (no imports)",
+}
+
+
+def _modules() -> dict[str, Path]:
+    found = {"cli": ROOT / "cli.py"}
+    for pkg in ("edgeres", "targets", "calibration"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str) -> set[str]:
+    """Project modules ``name`` imports anywhere (top level or inside functions)."""
+    tree = ast.parse(MODULES[name].read_text())
+    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for t in targets:
+            while t and t not in MODULES:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def _layer(name: str) -> int:
+    best = None
+    for i, group in enumerate(LAYERS):
+        for prefix in group:
+            if name == prefix or name.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (i, len(prefix))
+    assert best is not None, f"{name} is in no layer; add it to LAYERS"
+    return best[0]
+
+
+def _stage(name: str) -> str:
+    """The package a module belongs to for the layer rule: edgeres' stage packages, else the top package."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "edgeres" and len(parts) > 2 else parts[0]
+
+
+def test_every_import_points_down_the_layers():
+    upward = []
+    for name in MODULES:
+        for dep in _imports(name):
+            same_stage = _stage(dep) == _stage(name) and _stage(name) not in ("edgeres", "cli")
+            if not same_stage and _layer(dep) <= _layer(name) and not (dep == "edgeres" or name == "edgeres"):
+                upward.append(f"{name} -> {dep}")
+    assert not upward, "imports that run up or sideways:\n" + "\n".join(sorted(upward))
+
+
+def test_there_are_no_import_loops():
+    graph = {name: _imports(name) for name in MODULES}
+    state: dict[str, int] = {}
+    loops = []
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in graph[node]:
+            if dep == "edgeres":
+                continue  # the package face: re-exports errors only
+            if state.get(dep) == 1:
+                loops.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not loops, "\n".join(loops)
+
+
+def _runtime_name_uses(path: Path) -> list[str]:
+    """String constants that are a runtime's name, outside docstrings."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    rel = str(path.relative_to(ROOT))
+    return [f"{rel}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and n.value in RUNTIME_NAMES and id(n) not in docstrings
+            and (rel, n.value) not in NOT_A_RUNTIME]
+
+
+def test_no_module_outside_targets_names_a_runtime():
+    uses = [u for name, path in MODULES.items() if not name.startswith("targets") for u in _runtime_name_uses(path)]
+    assert not uses, "runtime names outside targets/ (read targets.infos() instead):\n" + "\n".join(uses)
+
+
+FAKE_TARGET = '''
+"""A throwaway fourth runtime: the fp32 ONNX under another suffix, run by onnxruntime."""
+import shutil
+from pathlib import Path
+
+from targets.base import QDQ_ONNX, Artifact, TargetInfo, TargetOption
+
+INFO = TargetInfo(name="fakert", title="Fake runtime", suffixes=(".fake",), dist="onnxruntime", runtime="fakert",
+                  precisions=("fp32",), consumes=QDQ_ONNX,
+                  options=(TargetOption("speed", str, "fast", "how fast it pretends to be", ("fast", "slow")),))
+
+
+def available():
+    return "0.1"
+
+
+def compile(job):
+    rel = Path("fake") / f"model.{job.precision}.fake"
+    (job.out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(job.onnx_fp32, job.out_dir / rel)
+    return Artifact("fakert", job.precision, (str(rel),), engine="copy",
+                    options=INFO.check_options(job.options))
+
+
+def load_runner(path, threads=None):
+    from targets.onnx import load_runner as onnx_runner
+    return onnx_runner(path, threads)
+'''
+
+
+@pytest.fixture
+def fake_cli(tmp_path):
+    (tmp_path / "fake_target.py").write_text(textwrap.dedent(FAKE_TARGET))
+    boot = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import targets, fake_target; "
+            "targets.register(fake_target); import cli; sys.argv[0] = 'edgeres'; cli.app()")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", boot, str(tmp_path), *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+    return run
+
+
+def test_a_registered_fourth_target_shows_in_doctor_and_help(fake_cli):
+    doctor = json.loads(fake_cli("doctor", "--json").stdout)
+    assert doctor["targets"]["fakert"]["precisions"] == ["fp32"]
+    help_text = " ".join(fake_cli("convert", "--help").stdout.split())
+    assert "fakert" in help_text and "fakert.speed" in help_text
+
+
+@pytest.mark.parametrize("option, expect", [("fakert.speed=warp", "choose one of fast, slow"),
+                                            ("fakert.colour=red", "unknown option")])
+def test_a_fourth_targets_options_are_validated_before_any_work(fake_cli, tiny_checkpoint, tmp_path, option, expect):
+    out = tmp_path / "b"
+    r = fake_cli("convert", tiny_checkpoint, "--targets", "fakert", "--precision", "fp32", "--option", option,
+                 "--out", out, "--no-bench")
+    assert r.returncode == 2, r.stderr
+    assert expect in r.stderr and "exporting" not in r.stderr
+    assert not out.exists()
+
+
+def test_a_fourth_target_converts_and_evaluates(fake_cli, tiny_checkpoint, tiny_npz, tmp_path):
+    out = tmp_path / "b"
+    r = fake_cli("convert", tiny_checkpoint, "--targets", "fakert", "--precision", "fp32", "--option",
+                 "fakert.speed=slow", "--eval", tiny_npz, "--out", out, "--no-bench")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    (artifact,) = manifest["artifacts"]
+    assert artifact["target"] == "fakert" and artifact["status"] == "ok" and artifact["options"] == {"speed": "slow"}
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["artifacts"][0]["agreement_pct"] == 100.0
