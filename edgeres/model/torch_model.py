@@ -1,135 +1,191 @@
 """Build a torch ``nn.Module`` from a ``ResNetSpec`` (state_dict keys identical to torchvision's
-for ImageNet specs and to the upstream CIFAR ``resnet.py`` for CIFAR specs)."""
+for ImageNet specs and to the upstream CIFAR ``resnet.py`` for CIFAR specs).
+
+Importing this module imports torch: modules that must stay light (the CLI's ``--help``) import it
+inside the functions that build a model.
+"""
 
 from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from edgeres.model.zoo import ResNetSpec
 
 
-def build_torch(spec: ResNetSpec):
+class OptionAShortcut(nn.Module):
+    """CIFAR option A: 2× spatial subsample and zero channels padded around the input."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, self.pad_lo, self.pad_hi = stride, (cout - cin) // 2, cout - cin - (cout - cin) // 2
+
+    def forward(self, x):
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_lo, self.pad_hi)) if self.pad_lo or self.pad_hi else x
+
+
+class _ResidualBlock(nn.Module):
+    """What both block kinds share: the shortcut and the final add + ReLU around their ``branch``.
+
+    A projection shortcut is ``downsample`` (torchvision's key); a parameter-free one is ``shortcut``,
+    with no state_dict keys. ``prune.option_a_to_projection`` swaps one for the other in place, so
+    ``skip`` looks the shortcut up at run time.
+    """
+
+    def _attach_shortcut(self, shortcut: nn.Module | None) -> None:
+        # registered after the convs and BNs: the state_dict order is torchvision's
+        self.relu = nn.ReLU(inplace=False)
+        if isinstance(shortcut, nn.Sequential):
+            self.downsample = shortcut
+        else:
+            self.downsample = None
+            self.shortcut = shortcut
+
+    def skip(self, x):
+        if self.downsample is not None:
+            return self.downsample(x)
+        if self.shortcut is not None:
+            return self.shortcut(x)
+        return x
+
+    def forward(self, x):
+        return self.relu(self.branch(x) + self.skip(x))
+
+
+class BasicBlock(_ResidualBlock):
+    """Two 3×3 convs; the first carries the stride."""
+
+    def __init__(self, cin: int, inner: tuple[int, ...], cout: int, stride: int, shortcut: nn.Module | None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, inner[0], 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner[0])
+        self.conv2 = nn.Conv2d(inner[0], cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self._attach_shortcut(shortcut)
+
+    def branch(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(out))
+
+
+class Bottleneck(_ResidualBlock):
+    """1×1 reduce, 3×3, 1×1 expand; the stride sits on the 3×3 (torchvision v1.5) or the first 1×1."""
+
+    def __init__(self, cin: int, inner: tuple[int, ...], cout: int, stride: int, shortcut: nn.Module | None,
+                 stride_on: str):
+        super().__init__()
+        s1, s3 = (stride, 1) if stride_on == "1x1" else (1, stride)
+        self.conv1 = nn.Conv2d(cin, inner[0], 1, s1, 0, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner[0])
+        self.conv2 = nn.Conv2d(inner[0], inner[1], 3, s3, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner[1])
+        self.conv3 = nn.Conv2d(inner[1], cout, 1, 1, 0, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self._attach_shortcut(shortcut)
+
+    def branch(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out))
+
+
+def _shortcut(spec: ResNetSpec, stage: int, block: int) -> nn.Module | None:
+    """Block ``block`` of ``stage``'s shortcut: a 1×1 projection, option A, or None (identity)."""
+    if not spec.has_downsample(stage, block):
+        return None
+    stride = spec.stage_strides[stage] if block == 0 else 1
+    cin, cout = spec.block_in_width(stage, block), spec.stage_widths[stage]
+    if spec.shortcut == "projection":
+        return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+    return OptionAShortcut(cin, cout, stride)
+
+
+def _block(spec: ResNetSpec, stage: int, block: int) -> _ResidualBlock:
+    # the shortcut is built before the block's convs: that order of draws from torch's global RNG is
+    # what makes a seeded build_torch reproduce earlier initial weights
+    shortcut = _shortcut(spec, stage, block)
+    stride = spec.stage_strides[stage] if block == 0 else 1
+    cin, cout = spec.block_in_width(stage, block), spec.stage_widths[stage]
+    inner = spec.inner_widths[stage][block]
+    if spec.block == "basic":
+        return BasicBlock(cin, inner, cout, stride, shortcut)
+    return Bottleneck(cin, inner, cout, stride, shortcut, spec.stride_on)
+
+
+class ResNet(nn.Module):
+    """Stem, stages ``layer1``…, head: the module names (and so the state_dict keys) are torchvision's."""
+
+    def __init__(self, spec: ResNetSpec):
+        super().__init__()
+        # only the structure forward needs, not the spec: pruning changes the widths in place. Private
+        # names, so no submodule named after spec.head can shadow them
+        self._num_stages, self._head, self._classifier_name = len(spec.layers), spec.head_layers, spec.head
+        self._build_stem(spec)
+        for s, n in enumerate(spec.layers):
+            setattr(self, f"layer{s + 1}", nn.Sequential(*(_block(spec, s, b) for b in range(n))))
+        self._build_head(spec)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _build_stem(self, spec: ResNetSpec) -> None:
+        if spec.stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, spec.stem_width, 7, 2, 3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, spec.stem_width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(spec.stem_width)
+        self.relu = nn.ReLU(inplace=False)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if spec.stem == "imagenet" else nn.Identity()
+
+    def _build_head(self, spec: ResNetSpec) -> None:
+        head = spec.head_layers
+        if head.pool == "avg":
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+        elif head.pool == "max":
+            self.globalmaxpool = nn.AdaptiveMaxPool2d(1)
+        width = spec.head_in_features
+        if head.hidden:  # Keras transfer-learning heads: Dense layers before the classifier
+            self.hidden = nn.ModuleList()
+            for out, _act in head.hidden:
+                self.hidden.append(nn.Linear(width, out))
+                width = out
+        setattr(self, spec.head, nn.Linear(width, spec.num_classes))
+
+    def forward(self, x):
+        x = self.run_stem(x)
+        for s in range(self._num_stages):
+            x = getattr(self, f"layer{s + 1}")(x)
+        return self.run_head(x)
+
+    def run_stem(self, x):
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def run_head(self, x):
+        """Pooling, flatten, hidden Dense layers and the classifier, from the last stage's output."""
+        head = self._head
+        if head.pool == "avg":
+            x = self.avgpool(x)
+        elif head.pool == "max":
+            x = self.globalmaxpool(x)
+        x = torch.flatten(x, 1)  # "flatten": channel-major, see zoo.Head
+        for linear, (_out, act) in zip(self.hidden if head.hidden else (), head.hidden):
+            x = linear(x)
+            if act == "relu":
+                x = self.relu(x)
+        x = getattr(self, self._classifier_name)(x)
+        return torch.softmax(x, 1) if head.softmax else x
+
+
+def build_torch(spec: ResNetSpec) -> ResNet:
     """A freshly initialised torch ResNet for ``spec`` (eval mode)."""
-    import torch
-    from torch import nn
-    import torch.nn.functional as F
-
-    class OptionAShortcut(nn.Module):
-        """CIFAR option A: 2× spatial subsample and zero channels padded around the input."""
-
-        def __init__(self, cin: int, cout: int, stride: int):
-            super().__init__()
-            self.stride, self.pad_lo, self.pad_hi = stride, (cout - cin) // 2, cout - cin - (cout - cin) // 2
-
-        def forward(self, x):
-            if self.stride != 1:
-                x = x[:, :, :: self.stride, :: self.stride]
-            return F.pad(x, (0, 0, 0, 0, self.pad_lo, self.pad_hi)) if self.pad_lo or self.pad_hi else x
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, inner: tuple[int, ...], cout: int, stride: int, shortcut: nn.Module | None):
-            super().__init__()
-            if spec.block == "basic":
-                self.conv1 = nn.Conv2d(cin, inner[0], 3, stride, 1, bias=False)
-                self.bn1 = nn.BatchNorm2d(inner[0])
-                self.conv2 = nn.Conv2d(inner[0], cout, 3, 1, 1, bias=False)
-                self.bn2 = nn.BatchNorm2d(cout)
-            else:
-                s1, s3 = (stride, 1) if spec.stride_on == "1x1" else (1, stride)
-                self.conv1 = nn.Conv2d(cin, inner[0], 1, s1, 0, bias=False)
-                self.bn1 = nn.BatchNorm2d(inner[0])
-                self.conv2 = nn.Conv2d(inner[0], inner[1], 3, s3, 1, bias=False)
-                self.bn2 = nn.BatchNorm2d(inner[1])
-                self.conv3 = nn.Conv2d(inner[1], cout, 1, 1, 0, bias=False)
-                self.bn3 = nn.BatchNorm2d(cout)
-            self.relu = nn.ReLU(inplace=False)
-            if isinstance(shortcut, nn.Sequential):
-                self.downsample = shortcut
-            else:
-                self.downsample = None
-                self.shortcut = shortcut  # parameter-free: no state_dict keys
-
-        def forward(self, x):
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            if spec.block == "bottleneck":
-                out = self.bn3(self.conv3(self.relu(out)))
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            elif self.shortcut is not None:
-                identity = self.shortcut(x)
-            else:
-                identity = x
-            return self.relu(out + identity)
-
-    class ResNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            if spec.stem == "imagenet":
-                self.conv1 = nn.Conv2d(3, spec.stem_width, 7, 2, 3, bias=False)
-            else:
-                self.conv1 = nn.Conv2d(3, spec.stem_width, 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(spec.stem_width)
-            self.relu = nn.ReLU(inplace=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1) if spec.stem == "imagenet" else nn.Identity()
-            for s, n in enumerate(spec.layers):
-                blocks = []
-                for b in range(n):
-                    stride = spec.stage_strides[s] if b == 0 else 1
-                    cin, cout = spec.block_in_width(s, b), spec.stage_widths[s]
-                    shortcut = None
-                    if spec.has_downsample(s, b):
-                        if spec.shortcut == "projection":
-                            shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                        else:
-                            shortcut = OptionAShortcut(cin, cout, stride)
-                    blocks.append(Block(cin, spec.inner_widths[s][b], cout, stride, shortcut))
-                setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
-            head = spec.head_layers
-            if head.pool == "avg":
-                self.avgpool = nn.AdaptiveAvgPool2d(1)
-            elif head.pool == "max":
-                self.globalmaxpool = nn.AdaptiveMaxPool2d(1)
-            width = spec.head_in_features
-            if head.hidden:  # Keras transfer-learning heads: Dense layers before the classifier
-                self.hidden = nn.ModuleList()
-                for out, _act in head.hidden:
-                    self.hidden.append(nn.Linear(width, out))
-                    width = out
-            setattr(self, spec.head, nn.Linear(width, spec.num_classes))
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-        def forward(self, x):
-            x = self.run_stem(x)
-            for s in range(len(spec.layers)):
-                x = getattr(self, f"layer{s + 1}")(x)
-            return self.run_head(x)
-
-        def run_stem(self, x):
-            return self.maxpool(self.relu(self.bn1(self.conv1(x))))
-
-        def run_head(self, x):
-            """Pooling, flatten, hidden Dense layers and the classifier, from the last stage's output."""
-            head = spec.head_layers
-            if head.pool == "avg":
-                x = self.avgpool(x)
-            elif head.pool == "max":
-                x = self.globalmaxpool(x)
-            x = torch.flatten(x, 1)  # "flatten": channel-major, see zoo.Head
-            for linear, (_out, act) in zip(self.hidden if head.hidden else (), head.hidden):
-                x = linear(x)
-                if act == "relu":
-                    x = self.relu(x)
-            x = getattr(self, spec.head)(x)
-            return torch.softmax(x, 1) if head.softmax else x
-
-    return ResNet().eval()
+    return ResNet(spec).eval()
 
 
 def randomize_bn(model, seed: int = 0):
     """Give BatchNorm layers non-trivial statistics so random-weight models behave like trained ones."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
