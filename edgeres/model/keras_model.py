@@ -52,29 +52,49 @@ def build_keras(spec: ResNetSpec, state_dict: dict):
     import tensorflow as tf
     import tf_keras as keras
 
-    layers = keras.layers
-    weights: list[tuple[object, list[np.ndarray]]] = []
+    build = _KerasBuild(spec, state_dict, keras.layers, tf)
+    size = spec.input_size
+    inputs = keras.Input((size, size, 3), dtype="float32", name="input")
+    x = build.stem(inputs)
+    for s, n in enumerate(spec.layers):
+        for b in range(n):
+            x = build.block(x, s, b)
+    logits = build.head(x)
+    model = keras.Model(inputs, logits, name=spec.name.replace("-", "_"))
+    for layer, values in build.weights:
+        layer.set_weights(values)
+    return model
 
-    def conv(x, torch_conv: str, torch_bn: str, k: int, stride: int, relu: bool, name: str):
+
+class _KerasBuild:
+    """One ``build_keras`` call: the torch weights it reads, and the (layer, weights) pairs it sets
+    once the model exists (a Keras layer has no weights until it has been called)."""
+
+    def __init__(self, spec: ResNetSpec, state_dict: dict, layers, tf):
+        self.spec, self.state_dict, self.layers, self.tf = spec, state_dict, layers, tf
+        self.weights: list[tuple[object, list[np.ndarray]]] = []
+
+    def conv(self, x, torch_conv: str, torch_bn: str, k: int, stride: int, relu: bool, name: str):
         """k×k conv with torch's symmetric padding (k//2), BN folded, optional fused ReLU."""
-        kernel, bias = folded_conv(state_dict, torch_conv, torch_bn)
+        kernel, bias = folded_conv(self.state_dict, torch_conv, torch_bn)
         pad = k // 2
         if pad and stride == 1:
             padding = "same"  # odd k, stride 1: TF "same" pads k//2 on every side, as torch does
         else:
             padding = "valid"
             if pad:
-                x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
-        layer = layers.Conv2D(kernel.shape[-1], k, strides=stride, padding=padding, use_bias=True,
-                              activation="relu" if relu else None, name=name)
+                x = self.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        layer = self.layers.Conv2D(kernel.shape[-1], k, strides=stride, padding=padding, use_bias=True,
+                                   activation="relu" if relu else None, name=name)
         y = layer(x)
-        weights.append((layer, [kernel, bias]))
+        self.weights.append((layer, [kernel, bias]))
         return y
 
-    def option_a(x, cin: int, cout: int, stride: int, name: str):
+    def option_a(self, x, cin: int, cout: int, stride: int, name: str):
         """CIFAR option A: x[:, ::s, ::s] then zero channels padded lo/hi (STRIDED_SLICE + PAD in TFLite)."""
         lo = (cout - cin) // 2
         hi = cout - cin - lo
+        tf = self.tf
 
         def shortcut(t):
             if stride != 1:
@@ -83,59 +103,57 @@ def build_keras(spec: ResNetSpec, state_dict: dict):
                 t = tf.pad(t, [[0, 0], [0, 0], [0, 0], [lo, hi]])
             return t
 
-        return layers.Lambda(shortcut, name=name)(x)
+        return self.layers.Lambda(shortcut, name=name)(x)
 
-    size = spec.input_size
-    inputs = keras.Input((size, size, 3), dtype="float32", name="input")
-    if spec.stem == "imagenet":
-        x = conv(inputs, "conv1", "bn1", 7, 2, True, "conv1")
+    def stem(self, inputs):
+        if self.spec.stem != "imagenet":
+            return self.conv(inputs, "conv1", "bn1", 3, 1, True, "conv1")
+        x = self.conv(inputs, "conv1", "bn1", 7, 2, True, "conv1")
         # torch max-pools with -inf padding; after ReLU every value is ≥ 0, so a zero pad gives the same max
-        x = layers.ZeroPadding2D(1, name="maxpool_pad")(x)
-        x = layers.MaxPooling2D(3, 2, padding="valid", name="maxpool")(x)
-    else:
-        x = conv(inputs, "conv1", "bn1", 3, 1, True, "conv1")
+        x = self.layers.ZeroPadding2D(1, name="maxpool_pad")(x)
+        return self.layers.MaxPooling2D(3, 2, padding="valid", name="maxpool")(x)
 
-    for s, n in enumerate(spec.layers):
-        for b in range(n):
-            p = f"layer{s + 1}.{b}"
-            name = f"layer{s + 1}_{b}"
-            stride = spec.stage_strides[s] if b == 0 else 1
-            cin, cout = spec.block_in_width(s, b), spec.stage_widths[s]
-            if spec.block == "basic":
-                y = conv(x, f"{p}.conv1", f"{p}.bn1", 3, stride, True, f"{name}_conv1")
-                y = conv(y, f"{p}.conv2", f"{p}.bn2", 3, 1, False, f"{name}_conv2")
-            else:
-                s1, s3 = (stride, 1) if spec.stride_on == "1x1" else (1, stride)
-                y = conv(x, f"{p}.conv1", f"{p}.bn1", 1, s1, True, f"{name}_conv1")
-                y = conv(y, f"{p}.conv2", f"{p}.bn2", 3, s3, True, f"{name}_conv2")
-                y = conv(y, f"{p}.conv3", f"{p}.bn3", 1, 1, False, f"{name}_conv3")
-            if not spec.has_downsample(s, b):
-                identity = x
-            elif spec.shortcut == "projection":
-                identity = conv(x, f"{p}.downsample.0", f"{p}.downsample.1", 1, stride, False, f"{name}_downsample")
-            else:
-                identity = option_a(x, cin, cout, stride, f"{name}_shortcut")
-            x = layers.Add(name=f"{name}_add")([y, identity])
-            x = layers.ReLU(name=f"{name}_relu")(x)
+    def block(self, x, s: int, b: int):
+        """Block ``b`` of stage ``s``: torch module ``layer{s+1}.{b}``, Keras layers ``layer{s+1}_{b}_*``."""
+        spec, conv = self.spec, self.conv
+        p = f"layer{s + 1}.{b}"
+        name = f"layer{s + 1}_{b}"
+        stride = spec.stage_strides[s] if b == 0 else 1
+        cin, cout = spec.block_in_width(s, b), spec.stage_widths[s]
+        if spec.block == "basic":
+            y = conv(x, f"{p}.conv1", f"{p}.bn1", 3, stride, True, f"{name}_conv1")
+            y = conv(y, f"{p}.conv2", f"{p}.bn2", 3, 1, False, f"{name}_conv2")
+        else:
+            s1, s3 = (stride, 1) if spec.stride_on == "1x1" else (1, stride)
+            y = conv(x, f"{p}.conv1", f"{p}.bn1", 1, s1, True, f"{name}_conv1")
+            y = conv(y, f"{p}.conv2", f"{p}.bn2", 3, s3, True, f"{name}_conv2")
+            y = conv(y, f"{p}.conv3", f"{p}.bn3", 1, 1, False, f"{name}_conv3")
+        if not spec.has_downsample(s, b):
+            identity = x
+        elif spec.shortcut == "projection":
+            identity = conv(x, f"{p}.downsample.0", f"{p}.downsample.1", 1, stride, False, f"{name}_downsample")
+        else:
+            identity = self.option_a(x, cin, cout, stride, f"{name}_shortcut")
+        x = self.layers.Add(name=f"{name}_add")([y, identity])
+        return self.layers.ReLU(name=f"{name}_relu")(x)
 
-    head = spec.head_layers
-    if head.pool == "avg":
-        x = layers.GlobalAveragePooling2D(name="avgpool")(x)
-    elif head.pool == "max":
-        x = layers.GlobalMaxPooling2D(name="globalmaxpool")(x)
-    else:
-        x = layers.Flatten(name="flatten")(x)
-    dense_layers = [(f"hidden.{i}", act) for i, (_w, act) in enumerate(head.hidden)]
-    dense_layers.append((spec.head, "softmax" if head.softmax else None))
-    for i, (key, act) in enumerate(dense_layers):
-        kernel = _np(state_dict[f"{key}.weight"]).T.astype(np.float32)  # (in, out)
-        if i == 0 and head.pool == "flatten":
-            kernel = flatten_rows_to_hwc(kernel, spec.stage_widths[-1], spec.feature_size)
-        dense = layers.Dense(kernel.shape[1], activation=None if act == "linear" else act, name=key.replace(".", "_"))
-        x = dense(x)
-        weights.append((dense, [kernel, _np(state_dict[f"{key}.bias"]).astype(np.float32)]))
-    logits = x
-    model = keras.Model(inputs, logits, name=spec.name.replace("-", "_"))
-    for layer, values in weights:
-        layer.set_weights(values)
-    return model
+    def head(self, x):
+        """Pool or flatten, then the Dense layers named after their torch keys (``hidden.0`` → ``hidden_0``)."""
+        spec, layers = self.spec, self.layers
+        head = spec.head_layers
+        if head.pool == "avg":
+            x = layers.GlobalAveragePooling2D(name="avgpool")(x)
+        elif head.pool == "max":
+            x = layers.GlobalMaxPooling2D(name="globalmaxpool")(x)
+        else:
+            x = layers.Flatten(name="flatten")(x)
+        dense_layers = [(f"hidden.{i}", act) for i, (_w, act) in enumerate(head.hidden)]
+        dense_layers.append((spec.head, "softmax" if head.softmax else None))
+        for i, (key, act) in enumerate(dense_layers):
+            kernel = _np(self.state_dict[f"{key}.weight"]).T.astype(np.float32)  # (in, out)
+            if i == 0 and head.pool == "flatten":
+                kernel = flatten_rows_to_hwc(kernel, spec.stage_widths[-1], spec.feature_size)
+            dense = layers.Dense(kernel.shape[1], activation=None if act == "linear" else act, name=key.replace(".", "_"))
+            x = dense(x)
+            self.weights.append((dense, [kernel, _np(self.state_dict[f"{key}.bias"]).astype(np.float32)]))
+        return x
