@@ -308,9 +308,8 @@ def summarise(latencies_ms, batch: int) -> dict:
     }
 
 
-def bench(artifact: str, threads: int, warmup: int, runs: int | None, seconds: float | None, batch: int,
-          input_shape: list[int] | None = None) -> dict:
-    """Load, time and describe one artifact; raises ``BenchFailure`` when it cannot run here."""
+def _check_artifact(artifact: str) -> tuple[str, float]:
+    """The artifact's runtime and size in MB; raises ``BenchFailure`` when a file of it is missing."""
     if not os.path.isfile(artifact):
         raise BenchFailure(f"{artifact}: no such file")
     runtime = runtime_for(artifact)
@@ -318,7 +317,35 @@ def bench(artifact: str, threads: int, warmup: int, runs: int | None, seconds: f
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise BenchFailure(f"{missing[0]}: missing (the artifact needs it)")
-    size_mb = sum(os.path.getsize(f) for f in files) / 1e6
+    return runtime, sum(os.path.getsize(f) for f in files) / 1e6
+
+
+def _time_inferences(infer, warmup: int, runs: int | None, seconds: float | None) -> tuple[float, list[float]]:
+    """The first inference's ms, then after ``warmup`` untimed ones the ms of each timed inference:
+    ``runs`` of them, or as many as fit in ``seconds`` (at least two, for a spread)."""
+    t0 = time.perf_counter()
+    infer()
+    first_ms = (time.perf_counter() - t0) * 1000
+    for _ in range(warmup):
+        infer()
+    latencies = []
+    clock = time.perf_counter
+    deadline = clock() + seconds if seconds else None
+    while True:
+        t0 = clock()
+        infer()
+        latencies.append((clock() - t0) * 1000)
+        if deadline is None and len(latencies) >= runs:
+            break
+        if deadline is not None and clock() >= deadline and len(latencies) >= 2:
+            break
+    return first_ms, latencies
+
+
+def bench(artifact: str, threads: int, warmup: int, runs: int | None, seconds: float | None, batch: int,
+          input_shape: list[int] | None = None) -> dict:
+    """Load, time and describe one artifact; raises ``BenchFailure`` when it cannot run here."""
+    runtime, size_mb = _check_artifact(artifact)
     before = system_info()
     rss_before_load = peak_rss_mb()
     t0 = time.perf_counter()
@@ -330,22 +357,7 @@ def bench(artifact: str, threads: int, warmup: int, runs: int | None, seconds: f
         raise BenchFailure(f"{runtime} cannot load {os.path.basename(artifact)}: {_first_line(e)}") from None
     load_ms = (time.perf_counter() - t0) * 1000
     try:
-        t0 = time.perf_counter()
-        infer()
-        first_ms = (time.perf_counter() - t0) * 1000
-        for _ in range(warmup):
-            infer()
-        latencies = []
-        clock = time.perf_counter
-        deadline = clock() + seconds if seconds else None
-        while True:
-            t0 = clock()
-            infer()
-            latencies.append((clock() - t0) * 1000)
-            if deadline is None and len(latencies) >= runs:
-                break
-            if deadline is not None and clock() >= deadline and len(latencies) >= 2:
-                break
+        first_ms, latencies = _time_inferences(infer, warmup, runs, seconds)
     except Exception as e:  # noqa: BLE001
         raise BenchFailure(f"{runtime} failed running {os.path.basename(artifact)}: {_first_line(e)}") from None
     after = system_info()
