@@ -8,11 +8,21 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+
+class TargetError(RuntimeError):
+    """A runtime failed to compile or run an artifact; the CLI reports it with exit 3."""
+
+    exit_code = 3
+
+
+class TargetUnavailable(TargetError):
+    """The runtime this target needs is not installed (message says what to pip install)."""
+
+
 class OptionError(TargetError):
     """A ``--option TARGET.KEY=VALUE`` the target does not take: bad input (exit 2), found before any work."""
 
     exit_code = 2
-
 
 
 # What a target's int8 compiles from (TargetInfo.consumes): the shared QDQ ONNX that the pipeline
@@ -87,16 +97,6 @@ class TargetInfo:
         """``options`` with each value checked against its declaration (unknown names refused); needs
         no runtime, so the pipeline calls it before any work and each compile calls it again."""
         return {k: self.option(k).parse(self.name, v) for k, v in options.items()}
-
-
-class TargetError(RuntimeError):
-    """A runtime failed to compile or run an artifact; the CLI reports it with exit 3."""
-
-    exit_code = 3
-
-
-class TargetUnavailable(TargetError):
-    """The runtime this target needs is not installed (message says what to pip install)."""
 
 
 @dataclass(frozen=True)
