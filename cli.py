@@ -282,7 +282,8 @@ def convert(
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Convert MODEL into one bundle with an artifact per target and precision (resumable)."""
-    from edgeres.convert.pipeline import ConvertConfig, apply_profile, convert as run_convert, parse_target_options
+    from edgeres.convert.config import ConvertConfig, apply_profile, parse_target_options
+    from edgeres.convert.run import convert as run_convert
 
     cfg = ConvertConfig(model=model, out=out, arch=arch, calib=calib,
                         targets=_csv(targets) or ConvertConfig.targets,

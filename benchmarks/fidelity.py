@@ -28,7 +28,8 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10"
 
 def edgeres_rows(arch: str, quant: str, work: Path, calib_images: int, *, targets: tuple[str, ...] | None = None,
                  target_options: dict | None = None, recipe: str | None = None) -> list[dict]:
-    from edgeres.convert.pipeline import ConvertConfig, convert
+    from edgeres.convert.config import ConvertConfig
+    from edgeres.convert.run import convert
 
     out = work / f"{arch}.{quant}{'.' + '-'.join(targets) if targets else ''}"
     extra = {"targets": targets} if targets else {}

@@ -83,7 +83,7 @@ def time_interleaved(paths: dict[str, Path], threads: int, runs: int, warmup: in
 
 
 def main() -> None:
-    from edgeres.convert.pipeline import ConvertConfig
+    from edgeres.convert.config import ConvertConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="resnet18,resnet50")

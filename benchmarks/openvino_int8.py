@@ -53,7 +53,8 @@ def build_inputs(name: str, work: Path, calib_images: int) -> tuple[Path, Path]:
 
 
 def convert_ours(ckpt: Path, data: Path, out: Path, calib_images: int, engine: str | None) -> dict:
-    from edgeres.convert.pipeline import ConvertConfig, convert
+    from edgeres.convert.config import ConvertConfig
+    from edgeres.convert.run import convert
 
     options = {"openvino": {"engine": engine}} if engine else {}
     cfg = ConvertConfig(model=str(ckpt), out=str(out), calib=str(data), targets=("openvino",),

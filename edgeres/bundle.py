@@ -22,7 +22,7 @@ from dataclasses import fields
 from pathlib import Path, PurePosixPath
 
 from calibration import DataError, Preprocess
-from edgeres.measure.bench_runner import artifact_files
+from targets import companion_files
 from edgeres.errors import InputError
 from edgeres.model.zoo import ResNetSpec
 
@@ -373,7 +373,7 @@ def model_path(bundle: Path, rel, records: list[dict], what: str) -> Path:
     """``bundle_path`` for a file a runtime loads: the files the runtime then opens by name beside it
     (an OpenVINO ``.bin``) must be among ``records`` too."""
     path = bundle_path(bundle, rel, records, what)
-    for companion in artifact_files(rel)[1:]:
+    for companion in companion_files(rel):
         bundle_path(bundle, companion, records, f"{what}'s companion")
     return path
 

@@ -107,12 +107,13 @@ def prepare(cfg: DemoConfig) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Train (or reuse) the digits ResNet, convert it for every target at int8 and fp32, evaluate."""
-    from edgeres.convert.pipeline import ConvertConfig, convert
+    from edgeres.convert.config import ConvertConfig
+    from edgeres.convert.run import convert
 
     paths = prepare(cfg)
     bundle = Path(cfg.out) / "bundle"
     convert_cfg = ConvertConfig(model=str(paths["model"]), out=str(bundle), calib=str(paths["calib"]),
-                                targets=("onnx", "openvino", "tflite"), precisions=("int8", "fp32"),
+                                precisions=("int8", "fp32"),  # every registered target
                                 eval_data=str(paths["test"]))
     manifest = convert(convert_cfg)
     return {"bundle": str(bundle), "manifest": manifest, **{k: str(v) for k, v in paths.items()}}

@@ -66,10 +66,19 @@ def info_for_file(path: str) -> TargetInfo | None:
     return next((i for i in infos().values() if any(str(path).endswith(s) for s in i.suffixes)), None)
 
 
+def companion_files(path: str) -> list[str]:
+    """The files an artifact needs beside it (an OpenVINO IR's ``.bin`` next to its ``.xml``)."""
+    info = info_for_file(path)
+    if info is None:
+        return []
+    suffix = next(s for s in info.suffixes if str(path).endswith(s))
+    return [str(path)[: -len(suffix)] + c for c in info.companions]
+
+
 def shared_int8() -> ModuleType:
     """The module that computes the shared activation ranges and writes the shared QDQ ONNX."""
     return importlib.import_module("targets.onnx")
 
 
-__all__ = ["Artifact", "CompileJob", "OptionError", "KERAS", "QDQ_ONNX", "TargetError", "TargetInfo", "TargetOption",
-           "TargetUnavailable", "get_info", "get_target", "info_for_file", "infos", "names", "register", "shared_int8"]
+__all__ = ["Artifact", "CONSUMES", "CompileJob", "OptionError", "KERAS", "QDQ_ONNX", "TargetError", "TargetInfo", "TargetOption",
+           "TargetUnavailable", "companion_files", "get_info", "get_target", "info_for_file", "infos", "names", "register", "shared_int8"]

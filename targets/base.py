@@ -84,7 +84,7 @@ class TargetInfo:
     consumes: str
     options: tuple[TargetOption, ...] = ()
     tools: tuple[str, ...] = ()  # further distributions its compile uses (shown by doctor)
-    weight_levels: int = 127  # int8 weight grid a side, for weight improvement (--quant accurate)
+    companions: tuple[str, ...] = ()  # suffixes of files an artifact needs beside it (an IR's .bin)
 
     def option(self, name: str) -> TargetOption:
         for o in self.options:

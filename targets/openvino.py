@@ -37,7 +37,8 @@ HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
 DEFAULT_HINT, DEFAULT_INFERENCE_PRECISION = "LATENCY", "f32"
 INFO = TargetInfo(
-    name="openvino", title="OpenVINO IR", suffixes=(".xml",), dist="openvino", runtime="openvino",
+    name="openvino", title="OpenVINO IR", suffixes=(".xml",), companions=(".bin",), dist="openvino",
+    runtime="openvino",
     precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("nncf",),
     options=(
         TargetOption("engine", str, DEFAULT_ENGINE, "int8 from the shared QDQ model (qdq) or nncf.quantize", ENGINES),

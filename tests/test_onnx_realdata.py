@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from edgeres.convert.pipeline import ConvertConfig
+from edgeres.convert.config import ConvertConfig
 
 
 @pytest.mark.realdata

@@ -288,15 +288,15 @@ def test_eval_runs_the_reference_the_manifest_names_never_a_planted_one(env, tmp
 HELD_CONVERT = """
 import os, sys, time
 from pathlib import Path
-import edgeres.convert.pipeline as pipeline
-real_publish = pipeline.publish
+import edgeres.convert.build as build
+real_publish = build.publish
 def held_publish(staging, out):
     Path(os.environ["EDGERES_TEST_READY"]).touch()
     go, until = Path(os.environ["EDGERES_TEST_GO"]), time.time() + 300
     while not go.exists() and time.time() < until:
         time.sleep(0.05)
     return real_publish(staging, out)
-pipeline.publish = held_publish
+build.publish = held_publish
 from cli import app
 sys.argv = ["edgeres", *sys.argv[1:]]
 app()

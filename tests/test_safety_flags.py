@@ -26,14 +26,14 @@ def no_work(monkeypatch):
     import edgeres.measure.bench
     import edgeres.demo
     import edgeres.sources.loading
-    import edgeres.convert.pipeline
+    import edgeres.convert.run
     import edgeres.measure.report
 
     def started(*args, **kwargs):
         raise AssertionError("work started before the flags were checked")
 
     for module, name in [(edgeres.sources.loading, "load_model"), (calibration, "open_dataset"),
-                         (edgeres.convert.pipeline, "open_dataset"), (edgeres.measure.bench, "bench_bundle"),
+                         (edgeres.convert.run, "open_dataset"), (edgeres.measure.bench, "bench_bundle"),
                          (edgeres.measure.report, "write_report"), (edgeres.demo, "run_demo")]:
         monkeypatch.setattr(module, name, started)
 

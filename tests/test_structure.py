@@ -20,10 +20,11 @@ LAYERS = (
     ("edgeres.convert",),
     ("edgeres.compress",),
     ("edgeres.measure",),
-    ("edgeres.sources",),
+    ("edgeres.sources", "edgeres.bundle"),
     ("edgeres.model",),
-    ("edgeres.device", "edgeres.bundle"),
-    ("edgeres", "edgeres.errors", "edgeres.progress", "edgeres.tables", "edgeres.fileio"),
+    ("edgeres.device",),
+    ("edgeres.flags", "edgeres.progress", "edgeres.tables"),
+    ("edgeres", "edgeres.errors"),
     ("targets",),
     ("calibration",),
 )
@@ -85,7 +86,9 @@ def _layer(name: str) -> int:
 def _stage(name: str) -> str:
     """The package a module belongs to for the layer rule: edgeres' stage packages, else the top package."""
     parts = name.split(".")
-    return ".".join(parts[:2]) if parts[0] == "edgeres" and len(parts) > 2 else parts[0]
+    if parts[0] == "edgeres" and len(parts) > 1 and (ROOT / "edgeres" / parts[1]).is_dir():
+        return ".".join(parts[:2])
+    return parts[0]
 
 
 def test_every_import_points_down_the_layers():

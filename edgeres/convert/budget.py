@@ -1,17 +1,23 @@
 """``--accuracy-budget PP``: int8 artifacts that lose more top-1 than the budget are re-made with
 better settings until they fit or no option is left — first other range estimators, then keeping the
 layers with the worst per-layer SQNR in float. Each attempt is a real conversion + evaluation in a
-hidden trial bundle; an artifact that fits replaces the original in the bundle (atomically)."""
+hidden trial bundle, made by the builder and judged by the evaluator the caller hands in (this driver
+never runs a whole conversion); an artifact that fits replaces the original in the bundle (atomically)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import targets
-from edgeres.bundle import MANIFEST, file_record, publish, read_manifest, read_result, write_json_atomic
+from edgeres.bundle import (MANIFEST, file_record, publish, read_manifest, read_result, reference_path,
+                            write_json_atomic)
+from edgeres.measure.bundle_eval import EVAL_FILE
+from edgeres.measure.layer_error import layer_sqnr_for_bundle
 from edgeres.progress import log
 
 ESTIMATOR_ORDER = ("mse", "entropy", "percentile", "minmax")
@@ -23,77 +29,93 @@ def over_budget(evaluated: dict, budget_pp: float) -> list[dict]:
             if a["precision"] == "int8" and a.get("top1_drop_pp") is not None and a["top1_drop_pp"] > budget_pp]
 
 
-def enforce_accuracy_budget(cfg, budget_pp: float) -> list[dict]:
-    """Re-make over-budget int8 artifacts of the bundle at ``cfg.out``; returns what was done."""
-    from edgeres.measure.bundle_eval import EVAL_FILE
-    from calibration import open_dataset
+@dataclass(frozen=True)
+class Trial:
+    """One better setting to try: another range estimator, or the k most sensitive layers in float."""
 
+    label: str
+    estimator: str | None = None
+    float_layers: int = 0
+
+
+def trials_for(cfg) -> list[Trial]:
+    trials = [Trial(f"estimator {e}", estimator=e) for e in ESTIMATOR_ORDER if e != cfg.estimator]
+    return trials + [Trial(f"{k} most sensitive layer(s) in float", float_layers=k) for k in FLOAT_LAYER_STEPS]
+
+
+def enforce_accuracy_budget(cfg, budget_pp: float, *, build: Callable, evaluate: Callable, dataset) -> list[dict]:
+    """Re-make over-budget int8 artifacts of the bundle at ``cfg.out``; returns what was done.
+
+    ``build(trial_cfg)`` writes a trial bundle at ``trial_cfg.out`` and ``evaluate(path)`` returns its
+    ``eval`` document: the caller's builder and evaluator, so trials reuse what the caller has loaded.
+    ``dataset`` is the evaluation set (the per-layer error that ranks layers runs on it)."""
     out = Path(cfg.out)
-    actions: list[dict] = []
-    evaluated = read_result(out, EVAL_FILE)
-    pending = {a["target"]: a for a in over_budget(evaluated, budget_pp)}
+    pending, actions = _pending(out, budget_pp)
+    if pending:
+        over = ", ".join(f"{t} int8 drops {a['top1_drop_pp']:.2f} pp" for t, a in pending.items())
+        log(f"accuracy budget {budget_pp} pp: {over}")
+        sensitive = functools.cache(lambda: _sensitive_nodes(out, dataset))
+        for i, trial in enumerate(trials_for(cfg)):
+            if not pending:
+                break
+            trial_cfg, label = _trial_config(cfg, out, i, trial, tuple(pending), sensitive)
+            log(f"budget: trying {label}…")
+            actions += _run_trial(out, trial_cfg, label, pending, budget_pp, build, evaluate)
+        actions += [{"target": target, "precision": "int8", "action": "none left",
+                     "detail": f"still drops {entry['top1_drop_pp']:.2f} pp after every option", "fits": False}
+                    for target, entry in pending.items()]
+    return _record(out, budget_pp, actions)
+
+
+def _pending(out: Path, budget_pp: float) -> tuple[dict, list[dict]]:
+    """Over-budget int8 artifacts that a better setting can help, and the actions for those it cannot."""
+    pending = {a["target"]: a for a in over_budget(read_result(out, EVAL_FILE), budget_pp)}
+    actions = []
     for target in list(pending):
         if targets.get_info(target).consumes != targets.QDQ_ONNX:  # only the shared QDQ model takes these options
             actions.append({"target": target, "precision": "int8", "action": "none left",
                             "detail": f"{target} full-int8 keeps every op int8 and calibrates in its converter; "
                                       "no better setting to try", "fits": False})
             pending.pop(target)
-    if not pending:
-        return _record(out, budget_pp, actions)
-    over = ", ".join(f"{t} int8 drops {a['top1_drop_pp']:.2f} pp" for t, a in pending.items())
-    log(f"accuracy budget {budget_pp} pp: {over}")
+    return pending, actions
 
-    trials: list[tuple[str, dict]] = [(f"estimator {e}", {"estimator": e}) for e in ESTIMATOR_ORDER if e != cfg.estimator]
-    sensitive: list[str] | None = None
-    for k in FLOAT_LAYER_STEPS:
-        trials.append((f"{k} most sensitive layer(s) in float", {"float_layers": k}))
 
-    for i, (label, change) in enumerate(trials):
-        if not pending:
-            break
-        trial_cfg = replace(cfg, out=str(out.parent / f".{out.name}.budget-{i}"), targets=tuple(pending),
-                            precisions=("int8",), bench=False, force=True)
-        if "estimator" in change:
-            trial_cfg = replace(trial_cfg, estimator=change["estimator"])
-        else:
-            if sensitive is None:
-                sensitive = _sensitive_nodes(out, open_dataset(cfg.eval_data))
-            nodes = sensitive[: change["float_layers"]]
-            options = {t: dict(o) for t, o in cfg.target_options.items()}
-            # the shared QDQ model (which every QDQ consumer compiles from) takes its recipe's options
-            options.setdefault(targets.shared_int8().INFO.name, {})["float_nodes"] = nodes
-            trial_cfg = replace(trial_cfg, target_options=options)
-            label = f"{label}: {', '.join(nodes)}"
-        log(f"budget: trying {label}…")
-        from edgeres.convert.pipeline import convert
+def _trial_config(cfg, out: Path, i: int, trial: Trial, pending: tuple[str, ...], sensitive: Callable):
+    trial_cfg = replace(cfg, out=str(out.parent / f".{out.name}.budget-{i}"), targets=pending,
+                        precisions=("int8",), bench=False, force=True, accuracy_budget_pp=None)
+    if trial.estimator:
+        return replace(trial_cfg, estimator=trial.estimator), trial.label
+    nodes = sensitive()[: trial.float_layers]
+    options = {t: dict(o) for t, o in cfg.target_options.items()}
+    # the shared QDQ model (which every QDQ consumer compiles from) takes its recipe's options
+    options.setdefault(targets.shared_int8().INFO.name, {})["float_nodes"] = nodes
+    return replace(trial_cfg, target_options=options), f"{trial.label}: {', '.join(nodes)}"
 
-        try:
-            convert(trial_cfg)
-            trial_eval = read_result(Path(trial_cfg.out), EVAL_FILE)
-            for entry in trial_eval["artifacts"]:
-                target = entry["target"]
-                if target not in pending or entry.get("top1_drop_pp") is None:
-                    continue
-                fits = entry["top1_drop_pp"] <= budget_pp
-                actions.append({"target": target, "precision": "int8", "action": label,
-                                "top1_drop_pp": entry["top1_drop_pp"], "fits": fits})
-                if fits:
-                    _splice(out, Path(trial_cfg.out), target, entry, label)
-                    pending.pop(target)
-        finally:
-            shutil.rmtree(trial_cfg.out, ignore_errors=True)
-    for target, entry in pending.items():
-        actions.append({"target": target, "precision": "int8", "action": "none left",
-                        "detail": f"still drops {entry['top1_drop_pp']:.2f} pp after every option", "fits": False})
-    return _record(out, budget_pp, actions)
+
+def _run_trial(out: Path, trial_cfg, label: str, pending: dict, budget_pp: float, build: Callable,
+               evaluate: Callable) -> list[dict]:
+    """Build and evaluate one trial bundle; splice what fits into ``out`` (and drop it from ``pending``)."""
+    actions = []
+    try:
+        build(trial_cfg)
+        for entry in evaluate(Path(trial_cfg.out))["artifacts"]:
+            target = entry["target"]
+            if target not in pending or entry.get("top1_drop_pp") is None:
+                continue
+            fits = entry["top1_drop_pp"] <= budget_pp
+            actions.append({"target": target, "precision": "int8", "action": label,
+                            "top1_drop_pp": entry["top1_drop_pp"], "fits": fits})
+            if fits:
+                _splice(out, Path(trial_cfg.out), target, entry, label)
+                pending.pop(target)
+    finally:
+        shutil.rmtree(trial_cfg.out, ignore_errors=True)
+    return actions
 
 
 def _sensitive_nodes(bundle: Path, dataset) -> list[str]:
     """fp32 node names behind the quantised tensors with the lowest SQNR, worst first."""
     import onnx
-
-    from edgeres.bundle import reference_path
-    from edgeres.measure.layer_error import layer_sqnr_for_bundle
 
     reference = reference_path(bundle, read_manifest(bundle))
     producer = {o: n for n in onnx.load(str(reference)).graph.node for o in n.output}
@@ -111,8 +133,6 @@ def _sensitive_nodes(bundle: Path, dataset) -> list[str]:
 
 def _splice(out: Path, trial: Path, target: str, eval_entry: dict, label: str) -> None:
     """Put ``target``'s int8 artifact from the trial bundle into ``out`` (copy, then swap atomically)."""
-    from edgeres.measure.bundle_eval import EVAL_FILE
-
     staging = out.parent / f".{out.name}.splice"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(out, staging)

@@ -1,0 +1,320 @@
+"""The bundle builder: export the fp32 reference → calibrate once → compile each (target, precision),
+in a hidden staging folder, published atomically.
+
+Work happens in a sibling folder ``.DIR.partial-<key>`` whose name is derived from everything that
+decides the output (source checkpoint, data, options). Each finished step is recorded there, so
+re-running the same command after an interruption redoes only what is missing; the folder is renamed
+to ``DIR`` only once the manifest is written. What a target compiles from comes from its record
+(``targets.infos()``): the shared QDQ ONNX, or the network rebuilt in Keras. The caller holds the
+output's ``OutputLock``."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from calibration import DataError
+from calibration.cpu import cpu_features
+from edgeres import __version__
+from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, publish, warn,
+                            write_json_atomic)
+from edgeres.compress.quant_accurate import improve_for_int8
+from edgeres.convert.config import ConvertConfig, plan
+from edgeres.errors import InputError
+from edgeres.model.export import export_onnx
+from edgeres.model.keras_model import build_keras
+from edgeres.model.torch_model import build_torch
+from edgeres.progress import log
+from targets import (CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, get_target,
+                     info_for_file, shared_int8)
+
+STEPS_FILE = ".steps.json"
+RANGES_FILE = "calibration_ranges.json"
+QDQ_FILE = "model.qdq.onnx"
+ACCURATE_FP32 = "model.accurate.fp32.onnx"  # improved weights, fp32: what the QDQ model quantises
+FULL_INT8_LEVELS = 127  # symmetric int8 weights, ±127: the grid of every target without reduce_range
+# the manifest names the improved weights by the grid they were fitted to
+_GRID_NAMES = {QDQ_ONNX: "qdq", KERAS: "keras"}
+
+
+class StepCache:
+    """Finished steps of one conversion, persisted in the work folder. A damaged record (a crash
+    while it was written, a full disk) only costs redoing those steps."""
+
+    def __init__(self, work: Path):
+        self.path = work / STEPS_FILE
+        self.done: dict = self._load()
+
+    def _load(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            done = json.loads(self.path.read_text())
+            problem = None if isinstance(done, dict) else "not a JSON object"
+        except (OSError, ValueError) as e:
+            done, problem = {}, f"cannot be parsed: {e}"
+        if problem:
+            warn(f"ignored damaged {self.path} ({problem}); redoing every step")
+            return {}
+        damaged = [name for name, record in done.items() if not _step_record_ok(name, record)]
+        if damaged:
+            warn(f"ignored damaged records in {self.path}; redoing: {', '.join(damaged)}")
+        return {name: record for name, record in done.items() if name not in damaged}
+
+    def get(self, name: str):
+        if name in self.done:
+            log(f"[dim]✓ {name} (done in an earlier run, skipped)[/]")
+        return self.done.get(name)
+
+    def finish(self, name: str, record) -> None:
+        self.done[name] = record
+        write_json_atomic(self.path, self.done)
+
+
+def _step_record_ok(name: str, record) -> bool:
+    """Does a stored step record have what resuming reads from it?"""
+    if not isinstance(record, dict):
+        return False
+    if not name.startswith("compile "):
+        return True
+    files, records = record.get("files"), record.get("file_records")
+    return (record.get("status") == "ok" and isinstance(files, list) and bool(files)
+            and all(isinstance(f, str) for f in files) and isinstance(records, list)
+            and all(isinstance(r, dict) for r in records))
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """The calibration images as batches in any layout, and what the manifest says about them."""
+
+    batches: Callable  # (layout="NCHW", batch_size=32) -> iterator of float32 batches
+    record: dict
+
+
+@dataclass(frozen=True)
+class Int8Inputs:
+    """What int8 compiles start from: weights per grid (``targets.QDQ_ONNX`` / ``targets.KERAS``),
+    the shared QDQ model and its ranges (when a QDQ consumer makes int8), the calibration record."""
+
+    weights: dict
+    qdq_onnx: Path | None
+    ranges: dict | None
+    calibration: dict | None
+
+
+def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: Path | None = None) -> dict:
+    """Build (or resume) the bundle at ``cfg.out`` from ``loaded``; returns its manifest.
+
+    ``reference``: an fp32 reference ONNX of this very model to copy instead of exporting it again
+    (the accuracy budget's trials)."""
+    out, spec = Path(cfg.out), loaded.spec
+    steps_plan = plan(cfg)
+    with _staging(out, key, cfg.force) as (work, steps):
+        log(f"[bold]edgeres convert[/] {loaded.source} ({spec.name}, {spec.cost()['macs'] / 1e6:.1f} M MACs) → {out}")
+        _export_reference(loaded, work, steps, reference)
+        source = _calibration_source(cfg, spec, calib_ds)
+        int8 = _int8_inputs(cfg, loaded, work, steps, source, steps_plan)
+        artifacts = [_compiled(cfg, spec, work, steps, target, precision, source, int8)
+                     for target, precision in steps_plan]
+        manifest = _manifest(cfg, loaded, key, work, steps, int8.calibration, artifacts)
+        shutil.rmtree(work / ".work", ignore_errors=True)
+        (work / STEPS_FILE).unlink(missing_ok=True)
+        write_json_atomic(work / MANIFEST, manifest)
+        publish(work, out)
+        return manifest
+
+
+@contextlib.contextmanager
+def _staging(out: Path, key: str, force: bool):
+    """The work folder and its step cache; kept after an interruption (to resume), gone otherwise."""
+    work = out.resolve().parent / f".{out.name}.partial-{key}"
+    if force and work.exists():
+        shutil.rmtree(work)
+    resumed = work.exists()
+    try:
+        work.mkdir(exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out}: cannot create a folder in {work.parent} ({e.strerror}); choose a writable --out") from None
+    steps = StepCache(work)
+    if resumed:
+        log(f"resuming an interrupted conversion from {work.name}")
+    keep_for_resume = False
+    try:
+        yield work, steps
+    except KeyboardInterrupt:
+        keep_for_resume = True
+        log(f"interrupted: {out} was not written; finished steps are kept in {work.name} — re-run to resume")
+        raise
+    except OSError as e:
+        raise InputError(f"{out}: writing the bundle failed ({e.strerror or e}); free disk space or choose another --out") from None
+    finally:
+        # only an interruption is worth resuming; after any error (or after publishing) nothing may stay behind
+        if not keep_for_resume:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _export_reference(loaded, work: Path, steps: StepCache, reference: Path | None) -> None:
+    if steps.get("export") is not None and (work / REFERENCE_FILE).exists():
+        return
+    t0 = time.perf_counter()
+    if reference is not None:
+        shutil.copyfile(reference, work / REFERENCE_FILE)
+    else:
+        log("exporting the fp32 reference ONNX…")
+        export_onnx(loaded.to_torch(), loaded.spec, work / REFERENCE_FILE)
+    steps.finish("export", {"seconds": round(time.perf_counter() - t0, 3)})
+
+
+def _calibration_source(cfg: ConvertConfig, spec, calib_ds) -> CalibrationSource | None:
+    if calib_ds is None:
+        return None
+
+    def batches(layout: str = "NCHW", batch_size: int = 32):
+        p = spec.preprocess.with_layout(layout)
+        return (x for x, _ in calib_ds.batches(p, batch_size, cfg.calib_images))
+
+    return CalibrationSource(batches, {"source": str(cfg.calib), "images": len(calib_ds.spread(cfg.calib_images)),
+                                       "estimator": cfg.estimator, "quant": cfg.quant})
+
+
+def _int8_inputs(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, source: CalibrationSource | None,
+                 steps_plan) -> Int8Inputs:
+    """Weights (improved with ``--quant accurate``), then — once for every QDQ consumer — the shared
+    ranges and QDQ model. A Keras consumer calibrates inside its converter on the same images."""
+    consumers = {get_info(t).consumes for t, p in steps_plan if p == "int8"}
+    weights = {c: loaded.state_dict for c in CONSUMES}
+    fp32_for_qdq = work / REFERENCE_FILE
+    record = source.record if source else None
+    if cfg.quant == "accurate" and consumers:
+        weights, fp32_for_qdq, improved = _improve_weights(cfg, loaded, work, source, consumers)
+        record = {**record, "accurate": improved}
+    if QDQ_ONNX not in consumers:
+        return Int8Inputs(weights, None, None, record)
+    qdq_path = work / ".work" / QDQ_FILE
+    done = steps.get("calibrate")
+    if done is None or not qdq_path.exists():
+        done = _calibrate(cfg, work, source.batches, qdq_path, record, fp32_for_qdq)
+        steps.finish("calibrate", done)
+    ranges = {k: tuple(v) for k, v in json.loads((work / RANGES_FILE).read_text()).items()}
+    return Int8Inputs(weights, qdq_path, ranges, done)
+
+
+def _improve_weights(cfg: ConvertConfig, loaded, work: Path, source: CalibrationSource, consumers: set):
+    """``--quant accurate``: weights clipped and biases corrected for each int8 weight grid in use.
+
+    The shared QDQ ONNX uses onnxruntime's grid (64 steps a side with reduce_range); a Keras consumer
+    always 127. The fp32 reference keeps the original weights; the improved ones go to an internal
+    fp32 ONNX that the QDQ model quantises and to the Keras model."""
+    t0 = time.perf_counter()
+    log("quant accurate: clipping weights and correcting biases on the calibration images…")
+    weights, record = {c: loaded.state_dict for c in CONSUMES}, {}
+    fp32_for_qdq = work / REFERENCE_FILE
+    if QDQ_ONNX in consumers:
+        shared = shared_int8()
+        recipe = shared.choose_int8_recipe(cpu_features(), dict(cfg.target_options.get(shared.INFO.name, {})))
+        levels = 64 if recipe["reduce_range"] else FULL_INT8_LEVELS
+        weights[QDQ_ONNX], record["qdq"] = improve_for_int8(loaded.spec, loaded.state_dict, source.batches("NCHW"),
+                                                           levels=levels)
+        fp32_for_qdq = work / ".work" / ACCURATE_FP32
+        if not fp32_for_qdq.exists():
+            model = build_torch(loaded.spec)
+            model.load_state_dict(weights[QDQ_ONNX])
+            fp32_for_qdq.parent.mkdir(exist_ok=True)
+            export_onnx(model, loaded.spec, fp32_for_qdq)
+    if KERAS in consumers:
+        if record.get("qdq", {}).get("weight_levels") == FULL_INT8_LEVELS:  # same grid: same improved weights
+            weights[KERAS], record["keras"] = weights[QDQ_ONNX], record["qdq"]
+        else:
+            weights[KERAS], record["keras"] = improve_for_int8(loaded.spec, loaded.state_dict, source.batches("NCHW"),
+                                                               levels=FULL_INT8_LEVELS)
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    return weights, fp32_for_qdq, record
+
+
+def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: dict, onnx_fp32: Path) -> dict:
+    """Ranges once from the calibration set, then one QDQ int8 ONNX that every QDQ consumer reuses."""
+    shared = shared_int8()
+    t0 = time.perf_counter()
+    log(f"calibrating on {record['images']} images with the {cfg.estimator} estimator…")
+    try:
+        ranges = shared.compute_ranges(onnx_fp32, batches, estimator=cfg.estimator)
+    except TargetError as e:
+        raise InputError(f"{cfg.calib}: calibration failed ({e})") from None
+    except DataError as e:
+        raise DataError(f"{cfg.calib}: {e}") from None
+    write_json_atomic(work / RANGES_FILE, {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
+    qdq_path.parent.mkdir(exist_ok=True)
+    qdq = shared.quantize_qdq(onnx_fp32, ranges, qdq_path, options=dict(cfg.target_options.get(shared.INFO.name, {})))
+    return {**record, "qdq": qdq, "ranges_file": RANGES_FILE, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _compiled(cfg: ConvertConfig, spec, work: Path, steps: StepCache, target: str, precision: str,
+              source: CalibrationSource | None, int8: Int8Inputs) -> dict:
+    """The artifact record of one (target, precision): from an earlier run if its files are there."""
+    step = f"compile {target} {precision}"
+    record = steps.get(step)
+    files_there = record is not None and all((work / f).exists() for f in record["files"])
+    if record is not None and (record["status"] != "ok" or files_there):
+        return record
+    keras = get_info(target).consumes == KERAS
+    job = CompileJob(onnx_fp32=work / REFERENCE_FILE, out_dir=work, precision=precision,
+                     calibration=source.batches if source else None, ranges=int8.ranges, qdq_onnx=int8.qdq_onnx,
+                     keras_model=functools.partial(build_keras, spec, int8.weights[KERAS]) if keras else None,
+                     options=dict(cfg.target_options.get(target, {})), preprocess=spec.preprocess.to_dict(),
+                     labels=spec.labels, estimator=cfg.estimator)
+    record = _compile_one(target, job)
+    if record["status"] == "ok":  # failures are retried on the next run
+        steps.finish(step, record)
+    return record
+
+
+def _compile_one(target: str, job: CompileJob) -> dict:
+    t0 = time.perf_counter()
+    log(f"compiling {target} {job.precision}…")
+    try:
+        artifact = get_target(target).compile(job)
+        record = artifact.to_dict()
+        record["file_records"] = [file_record(job.out_dir, f) for f in artifact.files]
+        record["size_bytes"] = sum(r["size_bytes"] for r in record["file_records"])
+        record["sha256"] = record["file_records"][0]["sha256"]
+        record["status"] = "ok"
+    except (TargetError, DataError, InputError) as e:
+        record = {"target": target, "precision": job.precision, "status": "failed", "error": str(e),
+                  "files": [], "file_records": []}
+        log(f"[red]{target} {job.precision} failed:[/] {e}")
+    record["compile_s"] = round(time.perf_counter() - t0, 3)
+    return record
+
+
+def _manifest(cfg: ConvertConfig, loaded, key: str, work: Path, steps: StepCache, calibration: dict | None,
+              artifacts: list[dict]) -> dict:
+    spec = loaded.spec
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "edgeres_version": __version__,
+        "conversion_key": key,
+        "device": cfg.device,
+        "source": {"path": loaded.source, "sha256": loaded.sha256, "format": loaded.format},
+        "arch": spec.to_dict(),
+        "cost": spec.cost(),
+        "preprocess": spec.preprocess.to_dict(),
+        "labels": list(spec.labels) if spec.labels else None,
+        "pruning": (loaded.extra or {}).get("pruning"),
+        "calibration": calibration,
+        "reference": {**file_record(work, REFERENCE_FILE), "precision": "fp32",
+                      "engine": info_for_file(REFERENCE_FILE).dist},
+        "data_files": [file_record(work, f) for f in (RANGES_FILE,) if (work / f).exists()],
+        "artifacts": artifacts,
+        "config": cfg.to_dict(),
+        "timings": {name: r.get("seconds", r.get("compile_s")) for name, r in steps.done.items()
+                    if isinstance(r, dict)},
+    }

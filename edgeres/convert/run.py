@@ -1,0 +1,133 @@
+"""``convert``: check every flag → load → (prune) → build the bundle → (evaluate, accuracy budget) →
+(benchmark) → report. Re-running after success finds the manifest's key unchanged and skips the build;
+re-running after an interruption resumes it (``convert.build``)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from calibration import ImageDataset, open_dataset
+from edgeres.bundle import MANIFEST, OutputLock, check_output_dir, read_manifest, read_result, reference_path
+from edgeres.compress.prune import prune_into_loaded
+from edgeres.convert.budget import enforce_accuracy_budget
+from edgeres.convert.build import build_bundle
+from edgeres.convert.config import MIN_CALIB_IMAGES, ConvertConfig, conversion_key, plan, validate
+from edgeres.errors import InputError
+from edgeres.measure.bench import BENCH_FILE, BenchConfig, bench_bundle
+from edgeres.measure.bundle_eval import EVAL_FILE, evaluate_bundle
+from edgeres.measure.evaluate import check_labels
+from edgeres.measure.report import write_report
+from edgeres.progress import log
+from edgeres.sources.loading import load_model
+
+
+@dataclass(frozen=True)
+class ConvertData:
+    """The images a conversion reads: calibration (int8) and evaluation (``--eval``), checked up front."""
+
+    calib: ImageDataset | None
+    eval: ImageDataset | None
+
+
+def _holding_output_lock(run):
+    """The whole run, from the first look at --out to the report, holds the output's lock, so a
+    second run on the same --out fails at once instead of sharing staging or replacing the bundle."""
+
+    @functools.wraps(run)
+    def locked(cfg: ConvertConfig) -> dict:
+        with OutputLock(cfg.out):
+            return run(cfg)
+
+    return locked
+
+
+@_holding_output_lock
+def convert(cfg: ConvertConfig) -> dict:
+    """Run (or resume) a conversion; returns the manifest. Bad input fails before any work."""
+    validate(cfg)
+    out = Path(cfg.out)
+    loaded = load_model(cfg.model, cfg.arch)
+    data = _open_data(cfg, loaded.spec)
+    key = conversion_key(cfg, loaded.sha256)
+    # pruning (and its fine-tuning) runs once, and only when something is built from the pruned model
+    prepared = functools.cache(lambda: prune_into_loaded(loaded, cfg, data.calib, data.eval)
+                               if cfg.prune is not None else loaded)
+    existing = _existing_manifest(out)
+    if existing is not None and existing.get("conversion_key") == key and not cfg.force:
+        log(f"[green]✓ {out} is up to date[/] (same model, data and options): conversion skipped")
+        manifest = existing
+    else:
+        check_output_dir(out, cfg.force)
+        manifest = build_bundle(cfg, prepared(), key, data.calib)
+    if data.eval is not None:
+        _evaluate(cfg, out, key, data.eval)
+        if cfg.accuracy_budget_pp is not None:
+            _enforce_budget(cfg, out, data, prepared, loaded.sha256)
+            manifest = read_manifest(out)
+    if cfg.bench and any(a["status"] == "ok" for a in manifest["artifacts"]):
+        _bench_locally(cfg, out, skip_if_done=existing is manifest)
+    write_report(out)
+    return manifest
+
+
+def _open_data(cfg: ConvertConfig, spec) -> ConvertData:
+    needs_calib = any(p == "int8" for _, p in plan(cfg))
+    calib_ds = eval_ds = None
+    if cfg.calib is not None:
+        calib_ds = open_dataset(cfg.calib, min_images=MIN_CALIB_IMAGES if needs_calib else 1)
+        calib_ds.check_image_size(spec.preprocess)
+    elif needs_calib:
+        raise InputError("--calib: int8 needs calibration images; give an .npz or image folder with --calib")
+    if cfg.eval_data is not None:
+        eval_ds = open_dataset(cfg.eval_data)
+        eval_ds.check_image_size(spec.preprocess)
+        check_labels(eval_ds, spec.num_classes, spec.labels)
+    return ConvertData(calib_ds, eval_ds)
+
+
+def _evaluate(cfg: ConvertConfig, out: Path, key: str, eval_ds: ImageDataset) -> None:
+    stored = read_result(out, EVAL_FILE)
+    wanted = {"data": str(cfg.eval_data), "images": len(eval_ds.spread(cfg.eval_images))}
+    if (stored and not cfg.force and stored.get("conversion_key") == key
+            and {k: stored.get(k) for k in wanted} == wanted):
+        log("[dim]✓ eval (done in an earlier run, skipped)[/]")
+    else:
+        evaluate_bundle(out, eval_ds, limit=cfg.eval_images, threads=cfg.threads)
+
+
+def _enforce_budget(cfg: ConvertConfig, out: Path, data: ConvertData, prepared, source_sha256: str) -> None:
+    """The budget driver gets this run's builder and evaluator: its trials reuse the loaded (pruned)
+    model, the calibration set and the fp32 reference instead of converting from scratch."""
+    reference = reference_path(out, read_manifest(out))
+
+    def build(trial_cfg: ConvertConfig) -> dict:
+        with OutputLock(trial_cfg.out):
+            return build_bundle(trial_cfg, prepared(), conversion_key(trial_cfg, source_sha256), data.calib,
+                                reference=reference)
+
+    def evaluate(bundle: Path) -> dict:
+        return evaluate_bundle(bundle, data.eval, limit=cfg.eval_images, threads=cfg.threads)
+
+    enforce_accuracy_budget(cfg, cfg.accuracy_budget_pp, build=build, evaluate=evaluate, dataset=data.eval)
+
+
+def _bench_locally(cfg: ConvertConfig, out: Path, skip_if_done: bool) -> None:
+    """A short local benchmark so the report has latency; ``edgeres bench`` measures properly."""
+    bench_cfg = BenchConfig(threads=tuple(cfg.bench_threads), runs=cfg.bench_runs, warmup=5)
+    stored = read_result(out, BENCH_FILE)
+    if skip_if_done and stored and stored.get("settings", {}).get("threads") == list(bench_cfg.threads) \
+            and stored.get("settings", {}).get("runs") == bench_cfg.runs and stored.get("host") == "local":
+        log("[dim]✓ bench (done in an earlier run, skipped)[/]")
+        return
+    bench_bundle(out, bench_cfg)
+
+
+def _existing_manifest(out: Path) -> dict | None:
+    if not (out / MANIFEST).exists():
+        return None
+    try:
+        return read_manifest(out)
+    except InputError:
+        return None  # damaged: rebuilt only with --force (check_output_dir says so)
