@@ -471,7 +471,7 @@ STEPS_CASES = [
 
 @pytest.mark.parametrize("content", STEPS_CASES, ids=range(len(STEPS_CASES)))
 def test_a_damaged_staging_step_record_is_redone_not_a_crash(env, tmp_path, monkeypatch, content):
-    from edgeres import pipeline
+    from edgeres.convert import build
     from edgeres.bundle import read_manifest
 
     out = tmp_path / "o"
@@ -480,7 +480,7 @@ def test_a_damaged_staging_step_record_is_redone_not_a_crash(env, tmp_path, monk
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:  # an interruption after the export step leaves its record behind
-        m.setattr(pipeline, "_compile_one", interrupted)
+        m.setattr(build, "_compile_one", interrupted)
         code, _, _ = _invoke(_fp32(env, out))
     assert code == 130
     steps = next(tmp_path.glob(".o.partial-*")) / ".steps.json"

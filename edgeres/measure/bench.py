@@ -21,9 +21,10 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeres.measure.bench_runner import PARENT_PID_ENV
+import targets
 from edgeres.bundle import BENCH_FILE, bundle_path, model_path, ok_artifacts, read_manifest, store_result
 from edgeres.errors import InputError, TargetError
+from edgeres.measure.bench_runner import PARENT_PID_ENV
 from edgeres.progress import log
 
 SCHEMA = "edgeres-bench/1"
@@ -62,8 +63,8 @@ class BenchConfig:
         if self.batch < 1:
             raise InputError(f"--batch {self.batch}: must be at least 1")
 
-    def runner_args(self, artifact: str, threads: int) -> list[str]:
-        args = ["--artifact", artifact, "--threads", str(threads), "--warmup", str(self.warmup),
+    def runner_args(self, artifact: str, threads: int, runtime: str) -> list[str]:
+        args = ["--artifact", artifact, "--runtime", runtime, "--threads", str(threads), "--warmup", str(self.warmup),
                 "--batch", str(self.batch), "--json"]
         args += ["--seconds", str(self.seconds)] if self.seconds is not None else ["--runs", str(self.runs or 100)]
         return args
@@ -108,6 +109,12 @@ class BenchItem:
     def path(self, bundle: Path) -> Path:
         """The file to load, checked with the files its runtime reads beside it."""
         return model_path(bundle, self.file, list(self.records), f"{self.target} {self.precision} file")
+
+    @property
+    def runtime(self) -> str:
+        """The runner's loader for it, from the target's record (the reference: by its file)."""
+        info = targets.info_for_file(self.file) if self.target == "reference" else targets.get_info(self.target)
+        return info.runtime
 
     def copy_paths(self, bundle: Path) -> dict[str, Path]:
         return {f: bundle_path(bundle, f, list(self.records), f"{self.target} {self.precision} file")
@@ -168,7 +175,7 @@ class LocalExecutor:
         return False
 
     def run(self, item: BenchItem, threads: int) -> dict:
-        cmd = [sys.executable, str(RUNNER), *self.cfg.runner_args(str(item.path(self.bundle)), threads)]
+        cmd = [sys.executable, str(RUNNER), *self.cfg.runner_args(str(item.path(self.bundle)), threads, item.runtime)]
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
@@ -270,7 +277,7 @@ class RemoteExecutor:
                                   f"({_tail(out.stderr)}); check free space there")
 
     def run(self, item: BenchItem, threads: int) -> dict:
-        args = self.cfg.runner_args(item.file, threads)
+        args = self.cfg.runner_args(item.file, threads, item.runtime)
         command = f"cd {shlex.quote(self.workdir)} && {remote_word(self.remote.python)} bench_runner.py " + \
             " ".join(map(shlex.quote, args))
         out = self._ssh(command, self.cfg.run_timeout_s + self.remote.call_timeout_s, f"benchmarking {item.file}")

@@ -308,11 +308,12 @@ def summarise(latencies_ms, batch: int) -> dict:
     }
 
 
-def _check_artifact(artifact: str) -> tuple[str, float]:
-    """The artifact's runtime and size in MB; raises ``BenchFailure`` when a file of it is missing."""
+def _check_artifact(artifact: str, runtime: str | None = None) -> tuple[str, float]:
+    """The artifact's runtime (given, or read off its suffix) and size in MB; raises ``BenchFailure``
+    when a file of it is missing."""
     if not os.path.isfile(artifact):
         raise BenchFailure(f"{artifact}: no such file")
-    runtime = runtime_for(artifact)
+    runtime = runtime or runtime_for(artifact)
     files = artifact_files(artifact)
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
@@ -343,9 +344,9 @@ def _time_inferences(infer, warmup: int, runs: int | None, seconds: float | None
 
 
 def bench(artifact: str, threads: int, warmup: int, runs: int | None, seconds: float | None, batch: int,
-          input_shape: list[int] | None = None) -> dict:
+          input_shape: list[int] | None = None, runtime: str | None = None) -> dict:
     """Load, time and describe one artifact; raises ``BenchFailure`` when it cannot run here."""
-    runtime, size_mb = _check_artifact(artifact)
+    runtime, size_mb = _check_artifact(artifact, runtime)
     before = system_info()
     rss_before_load = peak_rss_mb()
     t0 = time.perf_counter()
@@ -393,6 +394,7 @@ def _first_line(e: BaseException) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark one ONNX / OpenVINO IR / TFLite artifact.")
     p.add_argument("--artifact", required=True, help="model.onnx, model.xml (+ .bin beside it) or model.tflite")
+    p.add_argument("--runtime", choices=sorted(LOADERS), help="the runtime to load it with [by its suffix]")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=10)
     group = p.add_mutually_exclusive_group()
@@ -437,9 +439,10 @@ def main(argv=None) -> int:
     die_with_parent()
     args = parse_args(argv)
     try:
-        runtime_for(args.artifact)
+        if args.runtime is None:
+            runtime_for(args.artifact)
         result = bench(args.artifact, args.threads, args.warmup, args.runs, args.seconds, args.batch,
-                       args.input_shape)
+                       args.input_shape, runtime=args.runtime)
     except (BenchFailure, ValueError) as e:
         if args.json:
             print(json.dumps({"schema": SCHEMA, "status": "failed", "artifact": os.path.basename(args.artifact),
