@@ -204,52 +204,20 @@ def eval_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ):
     """Accuracy of a model (torch fp32) or of every artifact in a bundle vs the fp32 reference."""
-    from pathlib import Path
-
     from calibration import open_dataset
     from edgeres.flags import check_number, check_threads
+    from edgeres.measure.bundle_eval import check_eval_request, evaluate_path
 
     check_number("--limit", limit, at_least=1)
     check_threads("--threads", threads)
-    is_bundle = Path(path).is_dir()
-    if layers and not is_bundle:
-        from edgeres.errors import InputError
-
-        raise InputError(f"--layers: {path} is not a bundle directory; per-layer SQNR compares a bundle's "
-                         "onnx int8 artifact to its fp32 reference")
-    dataset = open_dataset(data)
-    if is_bundle:
-        from edgeres.measure.bundle_eval import evaluate_bundle
-        from edgeres.measure.evaluate import number_bundle_class_folders
-        from edgeres.measure.layer_error import layer_sqnr_for_bundle
-
-        number_bundle_class_folders(path, dataset)
-        # measured before evaluate_bundle stores eval.json, so a failure here leaves the stored results as they were
-        layer_rows = layer_sqnr_for_bundle(path, dataset) if layers else None
-        result = evaluate_bundle(path, dataset, limit=limit, threads=threads)
-        if layers:
-            from edgeres.bundle import read_result, store_result
-            from edgeres.measure.bundle_eval import EVAL_FILE
-
-            result["layers"] = layer_rows
-            stored = read_result(Path(path), EVAL_FILE) or {}
-            store_result(Path(path), EVAL_FILE, {**stored, "layers": result["layers"]})  # for `report`
-        if json_out:
-            return _print_json(result)
+    check_eval_request(path, layers)
+    result = evaluate_path(path, open_dataset(data), arch=arch, limit=limit, threads=threads, layers=layers)
+    if json_out:
+        return _print_json(result)
+    if "artifacts" in result:
         from edgeres.tables import print_eval
 
         return print_eval(result)
-    from edgeres.measure.evaluate import check_labels, collect_logits, topk_accuracy, torch_runner
-    from edgeres.sources.loading import load_model
-
-    loaded = load_model(path, arch)
-    dataset.check_image_size(loaded.spec.preprocess)
-    check_labels(dataset, loaded.spec.num_classes, loaded.spec.labels)
-    logits = collect_logits(torch_runner(loaded.to_torch()), dataset, loaded.spec.preprocess, limit=limit, source=path)
-    labels = dataset.labels[dataset.spread(limit)]
-    result = {"model": path, "arch": loaded.spec.name, "images": int(len(labels)), **topk_accuracy(logits, labels)}
-    if json_out:
-        return _print_json(result)
     print(f"{result['arch']}  top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  ({result['images']} images)")
 
 
@@ -286,7 +254,7 @@ def convert(
     from edgeres.convert.run import convert as run_convert
 
     cfg = ConvertConfig(model=model, out=out, arch=arch, calib=calib,
-                        targets=_csv(targets) or ConvertConfig.targets,
+                        targets=_csv(targets) or target_table.names(),
                         precisions=_csv(precision) or ConvertConfig.precisions, estimator=estimator,
                         calib_images=calib_images, eval_data=eval_data, eval_images=eval_images, threads=threads,
                         force=force, target_options=parse_target_options(option), bench=bench,

@@ -1,15 +1,21 @@
-"""``eval DIR``: the fp32 reference and every artifact of a bundle on the same images."""
+"""``eval``: the fp32 reference and every artifact of a bundle on the same images, or a model file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from calibration import ImageDataset, Preprocess
-from edgeres.bundle import EVAL_FILE, artifact_path, ok_artifacts, read_manifest, reference_path, store_result
-from edgeres.measure.evaluate import check_labels, collect_logits, compare_to_reference, topk_accuracy
+from edgeres.bundle import (EVAL_FILE, artifact_path, ok_artifacts, read_manifest, read_result, reference_path,
+                            store_result)
+from edgeres.errors import InputError
+from edgeres.measure.evaluate import (check_labels, collect_logits, compare_to_reference, number_bundle_class_folders,
+                                      topk_accuracy, torch_runner)
+from edgeres.measure.layer_error import layer_sqnr_for_bundle
 from edgeres.progress import log
+from edgeres.sources.loading import load_model
+from targets import TargetError, get_target, info_for_file
 
-__all__ = ["EVAL_FILE", "evaluate_bundle"]
+__all__ = ["EVAL_FILE", "evaluate_bundle", "evaluate_path"]
 
 
 def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | None = None,
@@ -17,8 +23,6 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     """Evaluate and store ``eval.json`` in the bundle; returns the ``eval --json`` document.
 
     When the bundle cannot be written (read-only) the result is still returned, with one warning."""
-    from targets import get_target, info_for_file
-    from targets.base import TargetError
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -45,3 +49,40 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     stored = dict(result, data=str(dataset.source), conversion_key=manifest.get("conversion_key"))
     store_result(bundle, EVAL_FILE, stored)
     return result
+
+
+def check_eval_request(path: str | Path, layers: bool) -> None:
+    """What ``eval`` can refuse before reading any data."""
+    if layers and not Path(path).is_dir():
+        raise InputError(f"--layers: {path} is not a bundle directory; per-layer SQNR compares a bundle's "
+                         "int8 QDQ artifact to its fp32 reference")
+
+
+def evaluate_path(path: str | Path, dataset: ImageDataset, *, arch: str | None = None, limit: int | None = None,
+                  threads: int | None = None, layers: bool = False) -> dict:
+    """``edgeres eval``: a bundle (every artifact vs its fp32 reference; ``layers``: per-layer SQNR of
+    the int8 QDQ model, kept in eval.json for ``report``) or a model file (its torch fp32 accuracy)."""
+    path = Path(path)
+    check_eval_request(path, layers)
+    if not path.is_dir():
+        return _evaluate_model(path, dataset, arch, limit)
+    number_bundle_class_folders(path, dataset)
+    # measured before evaluate_bundle stores eval.json, so a failure here leaves the stored results as they were
+    layer_rows = layer_sqnr_for_bundle(path, dataset) if layers else None
+    result = evaluate_bundle(path, dataset, limit=limit, threads=threads)
+    if layers:
+        result["layers"] = layer_rows
+        stored = read_result(path, EVAL_FILE) or {}
+        store_result(path, EVAL_FILE, {**stored, "layers": layer_rows})
+    return result
+
+
+def _evaluate_model(path: Path, dataset: ImageDataset, arch: str | None, limit: int | None) -> dict:
+    loaded = load_model(path, arch)
+    dataset.check_image_size(loaded.spec.preprocess)
+    check_labels(dataset, loaded.spec.num_classes, loaded.spec.labels)
+    logits = collect_logits(torch_runner(loaded.to_torch()), dataset, loaded.spec.preprocess, limit=limit,
+                            source=str(path))
+    labels = dataset.labels[dataset.spread(limit)]
+    return {"model": str(path), "arch": loaded.spec.name, "images": int(len(labels)), **topk_accuracy(logits, labels)}
+
