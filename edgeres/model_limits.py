@@ -11,8 +11,10 @@ from edgeres.errors import InputError
 
 # every weight of one model; ResNet-152 in fp32 is 0.24 GB
 MAX_WEIGHT_BYTES = 2 << 30
-# one batch of activations while a mapping is verified (ResNet-50 at 224²: 6 MB per layer output)
-MAX_BATCH_BYTES = 1 << 30
+# one input batch while a mapping is verified; a ResNet's activations reach ~20× its input
+MAX_BATCH_BYTES = 64 << 20
+# one layer's output at that batch (ResNet-50 at 224², batch 2: 6 MB)
+MAX_ACTIVATION_BYTES = 1 << 30
 # the side of the square input images a model may declare
 MAX_INPUT_SIDE = 4096
 # a compressed member or dataset may shrink its data this much (trained float weights barely
@@ -24,8 +26,8 @@ MAX_CONFIG_BYTES = 64 << 20
 
 
 def size_text(n: float) -> str:
-    """``n`` bytes for a person: 1.5 kB, 23.4 MB, 40.0 GB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    """``n`` bytes for a person: 1.5 KiB, 23.4 MiB, 37.3 GiB."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{int(n)} B"
