@@ -230,6 +230,9 @@ def parse_config(data: bytes, p: Path):
 
 # -- the classes it names ---------------------------------------------------------------------------
 
+PREPROCESSING_CLASSES = frozenset({"Rescaling", "Normalization", "Resizing", "CenterCrop"})
+_PREPROCESSING_HINT = ("preprocessing inside the model is not mapped: save the model without it, edgeres applies "
+                       "keras.applications' caffe preprocessing itself")
 _REBUILD_HINT = ("edgeres loads only Keras ResNet v1 models built from standard layers; convert other models with "
                  "TensorFlow's TFLite converter directly")
 
@@ -266,8 +269,8 @@ def _check_object(obj: dict, p: Path, is_layer: bool) -> None:
     allowed = LAYER_CLASSES | MODEL_CLASSES if is_layer else CONFIG_CLASSES
     if not isinstance(cls, str) or cls not in allowed:
         kinds = "layer classes a ResNet v1 import maps" if is_layer else "initializers, regularizers and dtype policies"
-        raise InputError(f"{p}: {what} is a {cls}, not one of the {kinds}, refused (nothing was loaded); "
-                         f"{_REBUILD_HINT}")
+        hint = _PREPROCESSING_HINT if cls in PREPROCESSING_CLASSES else _REBUILD_HINT
+        raise InputError(f"{p}: {what} is a {cls}, not one of the {kinds}, refused (nothing was loaded); {hint}")
     if module is not None and not (isinstance(module, str) and module.split(".")[0] in KERAS_MODULES):
         raise InputError(f"{p}: {what} ({cls}) comes from module {module!r}, not from Keras, refused (nothing was "
                          f"loaded); {_REBUILD_HINT}")
@@ -334,7 +337,7 @@ class _Sizes:
     def _input(self, layer: dict) -> tuple:
         c = layer["config"]
         shape = tuple(_dim(d) for d in (c.get("batch_shape") or c.get("batch_input_shape"))[1:])
-        if any(d is not None and d > MAX_INPUT_SIDE * 16 for d in shape):
+        if any(d is not None and d > MAX_INPUT_SIDE for d in shape):
             raise InputError(f"{self.p}: input {c.get('name')} declares shape {list(shape)}; edgeres takes images of "
                              f"at most {MAX_INPUT_SIDE} pixels a side; re-save the model with its real input size")
         return shape

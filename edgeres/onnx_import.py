@@ -9,6 +9,7 @@ original graph and the rebuilt model side by side, so a wrong mapping never conv
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -419,7 +420,11 @@ def _capped_session_options(ort):
     return so
 
 
-def _first_line(e: Exception) -> str:
+def _run_failure(e: Exception) -> str:
+    asked = re.search(r"requested bytes of (\d+)", str(e))
+    if asked:
+        return (f"a node asks for {size_text(int(asked.group(1)))} at once, more than the {size_text(_ARENA_BYTES)} "
+                "edgeres gives a model while verifying it; nothing was allocated")
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[-1][-160:]}" if lines else type(e).__name__
 
@@ -449,8 +454,7 @@ def verify_mapping(path: str | Path, spec, state_dict, *, rel_tol: float = 1e-4,
     try:
         ref = sess.run(None, {inp.name: x}, run)[0]
     except Exception as e:  # noqa: BLE001 - the memory cap, or a graph that does not run
-        raise InputError(f"{p}: onnxruntime cannot run it ({_first_line(e)}; edgeres gives it at most "
-                         f"{size_text(_ARENA_BYTES)}); re-export the model") from None
+        raise InputError(f"{p}: onnxruntime cannot run it ({_run_failure(e)}); re-export the model") from None
     model = build_torch(spec)
     model.load_state_dict(state_dict, strict=False)
     with torch.no_grad():
