@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edgeres.errors import InputError
 from edgeres.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
-from edgeres.keras_config import StoredModel, histories, read_checked_config
+from edgeres.keras_config import VERIFY_BATCH, StoredModel, histories, read_checked_config
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 HINT = ("edgeres maps Keras ResNet v1 models (the keras.applications ResNet50/101/152 layout) with "
@@ -494,7 +494,7 @@ def verify_mapping(model, path: str | Path, spec, state_dict, *, rel_tol: float 
 
     p = Path(path)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((2, spec.input_size, spec.input_size, 3)).astype(np.float32)
+    x = rng.standard_normal((VERIFY_BATCH, spec.input_size, spec.input_size, 3)).astype(np.float32)
     with native_stderr_quiet():
         ref = np.asarray(model(x, training=False), dtype=np.float64)
     rebuilt = build_torch(spec)
