@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 

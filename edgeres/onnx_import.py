@@ -15,7 +15,8 @@ from pathlib import Path
 
 from edgeres.errors import InputError
 from edgeres.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
-from edgeres.model_limits import MAX_ACTIVATION_BYTES, MAX_WEIGHT_BYTES, check_batch, check_input_side, check_weight_bytes, size_text
+from edgeres.model_limits import (MAX_ACTIVATION_BYTES, MAX_WEIGHT_BYTES, check_batch, check_input_side,
+                                  check_weight_bytes, size_text)
 
 # ops allowed on the data path; anything else means the graph is not a plain ResNet
 DATA_OPS = {"Conv", "BatchNormalization", "Relu", "MaxPool", "Add", "Slice", "Pad", "GlobalAveragePool",
@@ -410,10 +411,16 @@ def _capped_session_options(ort):
     if not _arena["registered"]:
         cfg = ort.OrtArenaCfg({"max_mem": _ARENA_BYTES, "arena_extend_strategy": 1})  # 1: grow by what is asked
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, cfg)
+        try:
+            ort.create_and_register_allocator(info, cfg)
+        except Exception:  # noqa: BLE001 - one is registered already: sessions share it
+            pass
         _arena["registered"] = True
     so = ort.SessionOptions()
     so.add_session_config_entry("session.use_env_allocators", "1")
+    # weights (already checked against the file) outside the arena, freed with the session; the
+    # arena holds only activations and hands them back after the run
+    so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
     so.intra_op_num_threads = 1
     so.log_severity_level = 4  # a refused allocation is reported in one line below, not logged
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
