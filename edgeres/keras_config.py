@@ -166,6 +166,9 @@ def _check_checkpoint(p: Path) -> None:
     import tensorflow as tf
 
     prefix = p / "variables" / "variables"
+    odd = [f.name for f in prefix.parent.glob("*") if f.is_symlink() or not f.is_file()]
+    if odd:  # a FIFO would hang the reader, a symlink would read another file
+        raise InputError(f"{p}: variables/{odd[0]} is not a regular file in the SavedModel, refused; re-save the model")
     try:
         reader = tf.train.load_checkpoint(str(prefix))
         shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()

@@ -434,6 +434,17 @@ def _keras_config_edit(tmp: Path, name: str, edit) -> list:
     return [path]
 
 
+def _saved_model_fifo(tmp: Path) -> list:
+    """A tf_keras SavedModel whose variables data file is a FIFO: reading it would block forever."""
+    tf_keras = _keras("tf_keras")
+    model = tf_keras.Sequential([tf_keras.Input((8, 8, 3)), tf_keras.layers.Flatten(), tf_keras.layers.Dense(2)])
+    model.save(str(tmp / "fifo-savedmodel"))
+    data = next((tmp / "fifo-savedmodel" / "variables").glob("variables.data-*"))
+    data.unlink()
+    os.mkfifo(data)
+    return [tmp / "fifo-savedmodel"]
+
+
 def _dense_units(layers, units=10**9):
     next(layer for layer in layers if layer["class_name"] == "Dense")["config"]["units"] = units
 
@@ -456,6 +467,8 @@ BOMB_CASES = [
     Case("keras-h5-dataset-bomb", lambda t, o: _h5_dataset_bomb(t), r"dataset model_weights/bomb inflates"),
     Case("keras-config-dense-bomb", lambda t, o: _keras_config_edit(t, "dense.keras", _dense_units),
          r"its layers \(up to dense\w*\) declare .* of weights"),
+    Case("keras-savedmodel-variables-fifo", lambda t, o: _saved_model_fifo(t),
+         r"variables/variables\.data-\S+ is not a regular file"),
     Case("keras-config-input-side", lambda t, o: _keras_config_edit(t, "side.keras", _input_side),
          r"declares shape \[100000, 100000, 3\]"),
 ]
