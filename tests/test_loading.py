@@ -47,10 +47,11 @@ def test_edgeres_checkpoint_carries_its_spec(tmp_path):
     assert load_model(tmp_path / "p.pt").spec == spec
 
 
-def test_torchscript_archive_loads(tmp_path):
+def test_torchscript_archive_is_refused_without_loading_it(tmp_path):
     model = build_torch(ZOO["resnet20"])
     torch.jit.trace(model, torch.randn(1, 3, 32, 32)).save(str(tmp_path / "ts.pt"))
-    assert load_model(tmp_path / "ts.pt").spec.name == "resnet20"
+    with pytest.raises(InputError, match=r"ts.pt: is a TorchScript archive .*torch.save\(model.state_dict\(\), path\)"):
+        load_model(tmp_path / "ts.pt")
 
 
 def test_wrong_arch_names_missing_and_misshaped_keys(tmp_path):

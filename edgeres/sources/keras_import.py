@@ -9,18 +9,19 @@ Dense layers. Layer names are never relied on. Conv biases fold into the BN mean
 epsilon (1.001e-5) into the variance, both exactly. ``verify_mapping`` runs the Keras model and the
 rebuilt torch model side by side, so a wrong mapping never converts silently.
 
-Keras models from ``keras`` 3 and from ``tf_keras`` (Keras 2) load; the saved config is scanned for
-``Lambda`` layers first, which are refused without being deserialised (they would run stored code).
+Keras models from ``keras`` 3 and from ``tf_keras`` (Keras 2) load, each by the Keras that wrote it and
+in safe mode, once ``keras_config`` has checked the stored config against an allow-list of layer
+classes and its declared sizes; a Lambda or custom layer is refused before anything is deserialised.
 """
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeres.errors import InputError
 from edgeres.sources.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
+from edgeres.sources.keras_config import VERIFY_BATCH, StoredModel, histories, read_checked_config
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 HINT = ("edgeres maps Keras ResNet v1 models (the keras.applications ResNet50/101/152 layout) with "
@@ -41,56 +42,36 @@ def is_saved_model_dir(p: Path) -> bool:
     return p.is_dir() and (p / "saved_model.pb").exists()
 
 
-def _stored_config(p: Path) -> bytes | None:
-    """The model config as saved, read without deserialising anything; ``None`` for a weights-only file."""
-    try:
-        if p.is_dir():
-            meta = p / "keras_metadata.pb"
-            return meta.read_bytes() if meta.exists() else None
-        if zipfile.is_zipfile(p):
-            with zipfile.ZipFile(p) as z:
-                return z.read("config.json") if "config.json" in z.namelist() else None
-        try:
-            import h5py
-        except ImportError:
-            raise InputError(f"{p}: reading Keras .h5 files needs h5py; pip install 'edgeres[tflite]'") from None
-        with h5py.File(p, "r") as f:
-            cfg = f.attrs.get("model_config")
-            return None if cfg is None else (cfg.encode() if isinstance(cfg, str) else bytes(cfg))
-    except (OSError, KeyError, zipfile.BadZipFile) as e:
-        raise InputError(f"{p}: is not a readable Keras model ({type(e).__name__}); the file is corrupt or truncated; "
-                         "re-save it with model.save('model.keras')") from None
-
-
 def load_keras(path: str | Path):
-    """The Keras model in ``path`` (keras 3 first, then tf_keras), or ``InputError`` naming the file and fix."""
-    p = Path(path)
-    config = _stored_config(p)
-    if config is None:
-        what = ("a SavedModel without Keras metadata (written by model.export or tf.saved_model.save)" if p.is_dir()
-                else "weights only (model.save_weights), no model config")
-        raise InputError(f"{p}: holds {what}; save the whole model with model.save('model.keras')")
-    if b'"Lambda"' in config:
-        raise InputError(f"{p}: contains a Lambda layer, whose stored Python code edgeres will not run "
-                         "(nothing was executed); replace it with standard layers or convert with TensorFlow directly")
+    """The Keras model in ``path``, loaded only after its stored config passed ``keras_config``'s checks,
+    by the Keras that wrote it, in safe mode; ``InputError`` naming the file and the fix otherwise."""
     from targets.tflite import native_stderr_quiet
 
-    errors = []
-    with native_stderr_quiet():
-        loaders = [_load_tf_keras] if p.is_dir() else [_load_keras3, _load_tf_keras]
+    p = Path(path)
+    missing = []
+    with native_stderr_quiet():  # TensorFlow's start-up chatter, also from reading a SavedModel checkpoint
+        stored = read_checked_config(p)
+        if p.is_dir():
+            loaders = [_load_saved_model]
+        elif stored.writer == "tf_keras":
+            loaders = [_load_tf_keras, _load_keras3]  # keras 3 reads Keras 2 files too, when tf_keras is absent
+        else:
+            loaders = [_load_keras3]
         for loader in loaders:
             try:
-                return loader(p)
+                return loader(p, stored)
             except ImportError as e:
-                errors.append(f"{loader.__doc__}: not installed ({e.name})")
+                missing.append(f"{loader.__doc__}: not installed ({e.name})")
             except Exception as e:  # noqa: BLE001 - any failure to deserialise is a bad or foreign file
                 text = str(e).strip().splitlines()
-                errors.append(f"{loader.__doc__}: {type(e).__name__}: {text[0][:140] if text else ''}")
-    raise InputError(f"{p}: cannot be loaded as a Keras model ({'; '.join(errors)}); re-save it with "
-                     "model.save('model.keras') from the Keras that trained it (Keras comes with pip install 'edgeres[tflite]')")
+                raise InputError(f"{p}: cannot be loaded as a Keras model ({loader.__doc__}: {type(e).__name__}: "
+                                 f"{text[0][:140] if text else ''}); re-save it with model.save('model.keras') from "
+                                 "the Keras that trained it") from None
+    raise InputError(f"{p}: cannot be loaded as a Keras model ({'; '.join(missing)}); Keras comes with "
+                     "pip install 'edgeres[tflite]'")
 
 
-def _load_keras3(p: Path):
+def _load_keras3(p: Path, stored: StoredModel):
     """keras 3"""
     import keras
 
@@ -99,17 +80,39 @@ def _load_keras3(p: Path):
     return keras.saving.load_model(str(p), compile=False, safe_mode=True)
 
 
-def _load_tf_keras(p: Path):
+def _tf_keras():
+    """tf_keras and its safe-mode scope, TensorFlow's logging quietened."""
+    import tensorflow as tf
+    import tf_keras
+    from tf_keras.src.saving.serialization_lib import SafeModeScope
+
+    tf.get_logger().setLevel("ERROR")  # "compiled metrics have yet to be built" and the like
+    return tf_keras, SafeModeScope
+
+
+def _load_tf_keras(p: Path, stored: StoredModel):
     """tf_keras"""
     import warnings
 
-    import tensorflow as tf
-    import tf_keras
-
-    tf.get_logger().setLevel("ERROR")  # "compiled metrics have yet to be built" and the like
-    with warnings.catch_warnings():
+    tf_keras, safe_mode_scope = _tf_keras()
+    # tf_keras honours safe_mode only for .keras files; the scope covers its .h5 reader too
+    with warnings.catch_warnings(), safe_mode_scope(True):
         warnings.simplefilter("ignore")
-        return tf_keras.models.load_model(str(p), compile=False)
+        return tf_keras.models.load_model(str(p), compile=False, safe_mode=True)
+
+
+def _load_saved_model(p: Path, stored: StoredModel):
+    """tf_keras (SavedModel)"""
+    import warnings
+
+    # rebuilt from the checked config with the weights read from the checkpoint: tf_keras' SavedModel
+    # loader would also revive layers from the saved TensorFlow graphs and run their restore functions
+    tf_keras, safe_mode_scope = _tf_keras()
+    with warnings.catch_warnings(), safe_mode_scope(True):
+        warnings.simplefilter("ignore")
+        model = tf_keras.models.model_from_config(stored.config)
+        model.load_weights(str(p / "variables" / "variables")).assert_existing_objects_matched()
+    return model
 
 
 # -- the layer graph, nested models flattened ---------------------------------------------------------
@@ -124,23 +127,6 @@ class _Node:
     @property
     def cfg(self) -> dict:
         return self.layer.get_config() if self.layer is not None else {}
-
-
-def _histories(obj):
-    """Names of the layers whose outputs a saved ``inbound_nodes`` / ``output_layers`` entry reads
-    (keras 3: ``__keras_tensor__`` dicts; Keras 2: ``[name, node, tensor, kwargs]`` lists)."""
-    if isinstance(obj, dict):
-        if obj.get("class_name") == "__keras_tensor__":
-            yield obj["config"]["keras_history"][0]
-            return
-        for v in obj.values():
-            yield from _histories(v)
-    elif isinstance(obj, (list, tuple)):
-        if len(obj) in (3, 4) and isinstance(obj[0], str) and isinstance(obj[1], int) and isinstance(obj[2], int):
-            yield obj[0]
-            return
-        for v in obj:
-            yield from _histories(v)
 
 
 class _Graph:
@@ -188,7 +174,7 @@ class _Graph:
                 prev = self._add_layer(model.get_layer(name), prefix, prev)
             return prev or []
         local: dict[str, list[str]] = {}
-        input_names = list(_histories(cfg["input_layers"]))
+        input_names = list(histories(cfg["input_layers"]))
         for entry in entries:
             name = entry.get("name") or entry["config"]["name"]
             if entry["class_name"] == "InputLayer":
@@ -197,9 +183,9 @@ class _Graph:
             if len(entry.get("inbound_nodes", [])) != 1:
                 raise _refuse(self.p, f"layer {prefix}{name} is used {len(entry.get('inbound_nodes', []))} times; "
                               "shared layers are not a ResNet")
-            ins = [t for src in _histories(entry["inbound_nodes"]) for t in local[src]]
+            ins = [t for src in histories(entry["inbound_nodes"]) for t in local[src]]
             local[name] = self._add_layer(model.get_layer(name), prefix, ins)
-        return [t for src in _histories(cfg["output_layers"]) for t in local[src]]
+        return [t for src in histories(cfg["output_layers"]) for t in local[src]]
 
     # -- walking ----------------------------------------------------------------------------------
     def users(self, node_id: str) -> list[_Node]:
@@ -508,7 +494,7 @@ def verify_mapping(model, path: str | Path, spec, state_dict, *, rel_tol: float 
 
     p = Path(path)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((2, spec.input_size, spec.input_size, 3)).astype(np.float32)
+    x = rng.standard_normal((VERIFY_BATCH, spec.input_size, spec.input_size, 3)).astype(np.float32)
     with native_stderr_quiet():
         ref = np.asarray(model(x, training=False), dtype=np.float64)
     rebuilt = build_torch(spec)

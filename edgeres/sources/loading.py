@@ -1,18 +1,18 @@
-"""Load trained ResNets safely: PyTorch state_dicts / checkpoints (always ``weights_only=True``),
-TorchScript archives, edgeres' own pruned checkpoints, ResNet ONNX graphs (``onnx_import``) and Keras
-ResNets (``keras_import``);
-infer the spec when no arch is given."""
+"""Load trained ResNets safely: PyTorch state_dicts / checkpoints (always ``weights_only=True``, sizes
+checked before anything is copied), edgeres' own pruned checkpoints, ResNet ONNX graphs
+(``onnx_import``) and Keras ResNets (``keras_import``); infer the spec when no arch is given.
+TorchScript archives are programs and are refused."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import warnings
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeres.errors import InputError
+from edgeres.sources.limits import check_archive, check_input_side, check_weight_bytes, size_text
 from edgeres.model.zoo import ZOO, ResNetSpec, _CIFAR_PRE, _IMAGENET_PRE, get_spec
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
@@ -135,19 +135,15 @@ def _torch_load(p: Path):
 
     import torch
 
-    if zipfile.is_zipfile(p):
-        with zipfile.ZipFile(p) as z:
-            names = z.namelist()
-        if any(n.split("/", 2)[1:2] == ["code"] or n.endswith("/constants.pkl") for n in names):
-            try:
-                module = torch.jit.load(str(p), map_location="cpu")
-            except Exception as e:  # noqa: BLE001 - any failure is a bad file
-                raise InputError(f"{p}: TorchScript archive cannot be loaded ({_short(e)}); re-export it") from None
-            return {k: v for k, v in module.state_dict().items()}, "torchscript"
+    with open(p, "rb") as f:
+        archive = f.read(4) == b"PK\x03\x04"  # torch.load's own test for the zip format
+    if archive:
+        _refuse_torchscript(p, check_archive(p, "PyTorch checkpoint"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol notes; the refusal below says what matters
-            return torch.load(str(p), map_location="cpu", weights_only=True), "pytorch"
+            # mmap: the storages stay in the file until _check_tensor_sizes has seen what they declare
+            return torch.load(str(p), map_location="cpu", weights_only=True, mmap=archive), "pytorch"
     except pickle.UnpicklingError as e:
         detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
         detail = detail[0][:120] if detail else type(e).__name__
@@ -159,6 +155,29 @@ def _torch_load(p: Path):
         raise InputError(f"{p}: is not a readable PyTorch checkpoint ({_short(e)}); the file is corrupt or truncated") from None
 
 
+def _refuse_torchscript(p: Path, members) -> None:
+    """TorchScript is a program, not weights: its code (``__setstate__`` included) runs when it is loaded."""
+    inner = [m.filename.split("/", 1)[-1] for m in members]
+    if any(n.startswith("code/") or n in ("constants.pkl", "bytecode.pkl") for n in inner):
+        raise InputError(f"{p}: is a TorchScript archive (a program; loading it would run its code), refused "
+                         "(nothing was executed); save the weights instead: torch.save(model.state_dict(), path)")
+
+
+def _check_tensor_sizes(tensors: dict, p: Path) -> None:
+    """Refuse tensors that claim more memory than they store, before anything copies them: a stride-0
+    (expanded) tensor can store 4 bytes and read as 40 GB once converted or compared."""
+    total = 0
+    for k, v in tensors.items():
+        declared, stored = v.numel() * v.element_size(), v.untyped_storage().nbytes()
+        if declared > stored or any(st == 0 and n > 1 for n, st in zip(v.shape, v.stride())):
+            shape = "×".join(map(str, v.shape))
+            raise InputError(f"{p}: tensor {k} ({shape}) declares {size_text(declared)} but stores {size_text(stored)} "
+                             "(an expanded, stride-0 view), refused (nothing was allocated); save real tensors: "
+                             "torch.save({k: v.clone() for k, v in model.state_dict().items()}, path)")
+        total += declared
+    check_weight_bytes(p, total)
+
+
 def _short(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
@@ -168,8 +187,6 @@ def _unwrap(raw, p: Path):
     import torch
 
     saved_spec, extra = None, None
-    if isinstance(raw, torch.nn.Module):  # pragma: no cover - weights_only never returns modules
-        raw = raw.state_dict()
     if not isinstance(raw, dict):
         raise InputError(f"{p}: holds a {type(raw).__name__}, not a state_dict; save model.state_dict()")
     if SPEC_KEY in raw:
@@ -182,12 +199,14 @@ def _unwrap(raw, p: Path):
     tensors = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise InputError(f"{p}: contains no tensors; expected a state_dict or {{'state_dict': ...}}")
+    _check_tensor_sizes(tensors, p)
     cleaned = {}
     for k, v in tensors.items():
         for prefix in ("module.", "model.", "_orig_mod."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
-        cleaned[k] = v.float() if v.is_floating_point() else v
+        # a copy in memory: the loaded tensor is a view into the memory-mapped file
+        cleaned[k] = v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()
     return cleaned, saved_spec, extra
 
 
@@ -256,6 +275,9 @@ def check_state_dict(spec: ResNetSpec, sd: dict, p: Path | str, arch: str | None
     """Raise ``InputError`` naming missing / unexpected / mis-shaped keys when ``sd`` does not fit ``spec``."""
     from edgeres.model.torch_model import build_torch
 
+    # the spec may come from the file (an edgeres checkpoint): its size is checked before it is built
+    check_weight_bytes(Path(p), 4 * spec.cost()["params"], f"its architecture ({spec.name})")
+    check_input_side(Path(p), "its preprocessing", spec.input_size)
     expected = {k: tuple(v.shape) for k, v in build_torch(spec).state_dict().items()}
     missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in expected]

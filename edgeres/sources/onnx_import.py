@@ -9,11 +9,14 @@ original graph and the rebuilt model side by side, so a wrong mapping never conv
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
 from edgeres.errors import InputError
 from edgeres.sources.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
+from edgeres.sources.limits import (MAX_ACTIVATION_BYTES, MAX_WEIGHT_BYTES, check_batch, check_input_side,
+                                  check_weight_bytes, size_text)
 
 # ops allowed on the data path; anything else means the graph is not a plain ResNet
 DATA_OPS = {"Conv", "BatchNormalization", "Relu", "MaxPool", "Add", "Slice", "Pad", "GlobalAveragePool",
@@ -21,6 +24,7 @@ DATA_OPS = {"Conv", "BatchNormalization", "Relu", "MaxPool", "Add", "Slice", "Pa
             # shape plumbing for Reshape (dynamic flatten): reads the shape, never the values
             "Shape", "Gather", "Unsqueeze", "Concat", "Cast"}
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Concat", "Cast"}
+VERIFY_BATCH = 4  # images run through both models when the graph's batch is dynamic
 HINT = ("edgeres maps only torchvision/CIFAR-layout ResNets from ONNX; give the PyTorch checkpoint "
         "(.pt) instead, or convert this graph with onnxruntime/OpenVINO directly (pruning unavailable)")
 
@@ -139,23 +143,135 @@ def _static_size(g: _Graph) -> int | None:
         raise _refuse(g.p, f"input {g.input.name} has {c} channels, expected 3 (NCHW RGB)")
     if h and w and h != w:
         raise _refuse(g.p, f"input {g.input.name} is {h}×{w}, edgeres ResNets take square images")
+    check_input_side(g.p, f"input {g.input.name}", h or None)
     return h or None
+
+
+def verify_batch(p: Path, name: str, dims: list, size: int) -> int:
+    """The batch ``verify_mapping`` runs: the graph's own when it is fixed, after checking its size."""
+    batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else VERIFY_BATCH
+    check_batch(p, f"input {name} at batch {batch}", (batch, 3, size, size))
+    return batch
+
+
+# -- reading: nothing outside the file, declared sizes checked --------------------------------------
+
+def read_onnx(path: str | Path):
+    """The ONNX model in ``path`` with its declared sizes checked; external data only from regular files
+    beside it. ``InputError`` for anything else."""
+    import onnx
+    from onnx import TensorProto
+
+    p = Path(path)
+    check_weight_bytes(p, p.stat().st_size, "its contents")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf/IO errors all mean a bad file
+        raise InputError(f"{p}: is not a readable ONNX model ({type(e).__name__}); re-export it") from None
+    tensors = list(_stored_tensors(model.graph, p))
+    external = [(n, t) for n, t in tensors if t.data_location == TensorProto.EXTERNAL]
+    total = sum(_declared_bytes(p, n, t) for n, t in tensors if t.data_location != TensorProto.EXTERNAL)
+    total += sum(_external_bytes(p, n, t) for n, t in external)
+    check_weight_bytes(p, total, "its tensors")
+    if external:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(p.parent))
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{p}: its external data cannot be read ({type(e).__name__}); save all tensors inside "
+                             "the .onnx: onnx.save(model, path, save_as_external_data=False)") from None
+    return model
+
+
+def _stored_tensors(graph, p: Path):
+    """(name, TensorProto) of every tensor stored in ``graph`` and its subgraphs."""
+    from onnx import AttributeProto
+
+    if len(graph.sparse_initializer):
+        raise _refuse(p, f"sparse initializer {graph.sparse_initializer[0].values.name}: a dense size is declared and "
+                      "nothing stored; ResNet exports have none")
+    for t in graph.initializer:
+        yield t.name, t
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == AttributeProto.SPARSE_TENSOR or a.type == AttributeProto.SPARSE_TENSORS:
+                raise _refuse(p, f"node {n.name or n.op_type} holds a sparse tensor; ResNet exports have none")
+            for t in ([a.t] if a.type == AttributeProto.TENSOR else list(a.tensors)):
+                yield f"{n.name or n.op_type}.{a.name}", t
+            for sub in ([a.g] if a.type == AttributeProto.GRAPH else list(a.graphs)):
+                yield from _stored_tensors(sub, p)
+
+
+def _external_bytes(p: Path, name: str, t) -> int:
+    """The bytes external tensor ``t`` declares, after checking the file it names: a regular file in the
+    model's folder (torch's default exporter writes one), long enough to hold them."""
+    import stat
+
+    info = {kv.key: kv.value for kv in t.external_data}
+    location = info.get("location", "")
+    declared = _nbytes(p, name, t)
+    try:
+        offset, length = int(info.get("offset", 0)), int(info.get("length", declared))
+    except ValueError:
+        raise _external_refusal(p, location, "with an unreadable offset or length") from None
+    folder = p.parent.resolve()
+    if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+        raise _external_refusal(p, location, "outside the model's folder")
+    try:
+        real = (p.parent / location).resolve(strict=True)
+        info_stat = real.stat()
+    except (OSError, RuntimeError):
+        raise _external_refusal(p, location, "that does not exist") from None
+    if not real.is_relative_to(folder):  # a symlink out of the folder
+        raise _external_refusal(p, location, "outside the model's folder")
+    if not stat.S_ISREG(info_stat.st_mode):
+        raise _external_refusal(p, location, "that is not a regular file")
+    if length != declared or offset < 0 or offset + declared > info_stat.st_size:
+        raise _external_refusal(p, location, f"too short for tensor {name} ({size_text(declared)} at offset {offset})")
+    return declared
+
+
+def _external_refusal(p: Path, location: str, why: str) -> InputError:
+    return InputError(f"{p}: references external data file {location!r} {why}, which edgeres refuses (nothing was "
+                      "read from it); save all tensors inside the .onnx: onnx.save(model, path, "
+                      "save_as_external_data=False)")
+
+
+def _nbytes(p: Path, name: str, t) -> int:
+    from onnx import helper
+
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise _refuse(p, f"tensor {name} has data type {t.data_type}, not a numeric one") from None
+    declared = itemsize
+    for d in t.dims:
+        declared *= max(int(d), 0)
+    return declared
+
+
+def _declared_bytes(p: Path, name: str, t) -> int:
+    """The bytes ``t`` declares by its dims; refused when that is more than it holds."""
+    declared = _nbytes(p, name, t)
+    # typed fields pack small values into fewer bytes (a zero int8 is one varint byte), never below 1/8
+    if declared > 8 * t.ByteSize() + 64:
+        shape = "×".join(str(d) for d in t.dims)
+        raise InputError(f"{p}: tensor {name} ({shape}) declares {size_text(declared)} but stores "
+                         f"{size_text(t.ByteSize())}, refused (nothing was allocated); the file is damaged or hostile; "
+                         "re-export the model")
+    return declared
 
 
 def map_onnx(path: str | Path):
     """(spec, state_dict) for the ResNet in ONNX file ``path``; ``InputError`` when it does not map."""
-    import onnx
     import torch
 
     from edgeres.sources.loading import infer_spec
     from edgeres.model.zoo import _CIFAR_PRE, _IMAGENET_PRE
 
     p = Path(path)
-    try:
-        model = onnx.load(str(p))
-    except Exception as e:  # noqa: BLE001 - protobuf/IO errors all mean a bad file
-        raise InputError(f"{p}: is not a readable ONNX model ({type(e).__name__}); re-export it") from None
-    g = _Graph(model, p)
+    g = _Graph(read_onnx(p), p)
     size = _static_size(g)
     sd = {}
 
@@ -277,11 +393,47 @@ def map_onnx(path: str | Path):
         spec = replace(spec, shortcut=shortcut_kind)
     base_pre = _IMAGENET_PRE if stem_kind == "imagenet" else _CIFAR_PRE
     size = size or base_pre.size
+    verify_batch(p, g.input.name, [d.dim_value or None for d in g.input.type.tensor_type.shape.dim], size)
     resize = None if base_pre.resize is None else round(size * base_pre.resize / base_pre.size)
     spec = replace(spec, stride_on=stride_on, preprocess=replace(base_pre, size=size, resize=resize))
     if stride_on != "3x3" and not spec.name.endswith("-custom"):
         spec = replace(spec, name=f"{spec.name}-custom")
     return spec, state_dict
+
+
+# the verifying session's memory: a graph may declare any size in ways no static check sees
+# (a Pad or ConstantOfShape computed from constants), so onnxruntime's own arena is capped
+_ARENA_BYTES = MAX_WEIGHT_BYTES + MAX_ACTIVATION_BYTES
+_arena = {"registered": False}
+
+
+def _capped_session_options(ort):
+    if not _arena["registered"]:
+        cfg = ort.OrtArenaCfg({"max_mem": _ARENA_BYTES, "arena_extend_strategy": 1})  # 1: grow by what is asked
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        try:
+            ort.create_and_register_allocator(info, cfg)
+        except Exception:  # noqa: BLE001 - one is registered already: sessions share it
+            pass
+        _arena["registered"] = True
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.use_env_allocators", "1")
+    # weights (already checked against the file) outside the arena, freed with the session; the
+    # arena holds only activations and hands them back after the run
+    so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 4  # a refused allocation is reported in one line below, not logged
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    return so
+
+
+def _run_failure(e: Exception) -> str:
+    asked = re.search(r"requested bytes of (\d+)", str(e))
+    if asked:
+        return (f"a node asks for {size_text(int(asked.group(1)))} at once, more than the {size_text(_ARENA_BYTES)} "
+                "edgeres gives a model while verifying it; nothing was allocated")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1][-160:]}" if lines else type(e).__name__
 
 
 def verify_mapping(path: str | Path, spec, state_dict, *, rel_tol: float = 1e-4, seed: int = 0) -> float:
@@ -294,18 +446,22 @@ def verify_mapping(path: str | Path, spec, state_dict, *, rel_tol: float = 1e-4,
     from edgeres.model.torch_model import build_torch
 
     p = Path(path)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    # the checked bytes, not the path: onnxruntime runs exactly what was read and opens no other file
+    data = read_onnx(p).SerializeToString()
     try:
-        sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, _capped_session_options(ort), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
         raise InputError(f"{p}: onnxruntime cannot load it ({type(e).__name__}); re-export the model") from None
     inp = sess.get_inputs()[0]
-    batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else 4
+    batch = verify_batch(p, inp.name, list(inp.shape), spec.input_size)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, 3, spec.input_size, spec.input_size)).astype(np.float32)
-    ref = sess.run(None, {inp.name: x})[0]
+    run = ort.RunOptions()
+    run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")  # hand the memory back after
+    try:
+        ref = sess.run(None, {inp.name: x}, run)[0]
+    except Exception as e:  # noqa: BLE001 - the memory cap, or a graph that does not run
+        raise InputError(f"{p}: onnxruntime cannot run it ({_run_failure(e)}); re-export the model") from None
     model = build_torch(spec)
     model.load_state_dict(state_dict, strict=False)
     with torch.no_grad():
