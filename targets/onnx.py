@@ -18,7 +18,7 @@ import numpy as np
 
 from calibration.cpu import CpuFeatures, cpu_features
 from calibration.errors import DataError
-from targets.base import (QDQ_ONNX, Artifact, CompileJob, OptionError, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
+from targets.base import (QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 QDQ_METADATA_KEY = "edgeres.quantization"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import (QDQ_ONNX, Artifact, CompileJob, OptionError, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
+from targets.base import (QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINES = ("qdq", "nncf")

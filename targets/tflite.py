@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.errors import DataError
-from targets.base import (KERAS, Artifact, CompileJob, OptionError, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
+from targets.base import (KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 ENGINE = "keras-from-spec + LiteRT converter"

@@ -263,12 +263,12 @@ def _standard(name, stem, block, layers, base, shortcut, num_classes, head, prep
                       num_classes, head, preprocess, labels)
 
 
-_IMAGENET_PRE = Preprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-_CIFAR_PRE = Preprocess(size=32, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+IMAGENET_PREPROCESS = Preprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+CIFAR_PREPROCESS = Preprocess(size=32, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 ZOO: dict[str, ResNetSpec] = {
     **{
-        name: _standard(name, "imagenet", block, layers, 64, "projection", 1000, "fc", _IMAGENET_PRE)
+        name: _standard(name, "imagenet", block, layers, 64, "projection", 1000, "fc", IMAGENET_PREPROCESS)
         for name, block, layers in [
             ("resnet18", "basic", (2, 2, 2, 2)),
             ("resnet34", "basic", (3, 4, 6, 3)),
@@ -279,7 +279,7 @@ ZOO: dict[str, ResNetSpec] = {
     },
     **{
         f"resnet{6 * n + 2}": _standard(f"resnet{6 * n + 2}", "cifar", "basic", (n, n, n), 16, "option_a", 10,
-                                        "linear", _CIFAR_PRE, CIFAR10_LABELS)
+                                        "linear", CIFAR_PREPROCESS, CIFAR10_LABELS)
         for n in (3, 5, 7, 9, 18)
     },
 }

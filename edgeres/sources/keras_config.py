@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeres.errors import InputError
-from edgeres.sources.limits import (MAX_ACTIVATION_BYTES, MAX_CONFIG_BYTES, MAX_INPUT_SIDE, check_archive,
+from edgeres.model.limits import (MAX_ACTIVATION_BYTES, MAX_CONFIG_BYTES, MAX_INPUT_SIDE, check_archive,
                                   check_inflation, check_weight_bytes, size_text)
 
 # the layers map_keras maps (keras.applications ResNet v1 and its transfer-learning heads)

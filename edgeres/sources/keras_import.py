@@ -302,7 +302,7 @@ def map_keras(model, path: str | Path):
     import torch
 
     from edgeres.model.keras_model import flatten_rows_to_chw
-    from edgeres.sources.loading import infer_spec
+    from edgeres.model.infer import infer_spec
     from edgeres.model.zoo import Head
 
     p = Path(path)

@@ -6,14 +6,14 @@ TorchScript archives are programs and are refused."""
 from __future__ import annotations
 
 import hashlib
-import re
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgeres.errors import InputError
-from edgeres.sources.limits import check_archive, check_input_side, check_weight_bytes, size_text
-from edgeres.model.zoo import ZOO, ResNetSpec, _CIFAR_PRE, _IMAGENET_PRE, get_spec
+from edgeres.model.limits import check_archive, check_weight_bytes, size_text
+from edgeres.model.infer import check_state_dict, infer_spec
+from edgeres.model.zoo import ResNetSpec, get_spec
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
 SPEC_KEY = "edgeres_spec"
@@ -216,81 +216,6 @@ def _check_finite(sd: dict, p: Path) -> None:
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise InputError(f"{p}: weights contain NaN or Inf ({', '.join(bad[:3])}); the checkpoint is broken")
-
-
-def _head_weight(sd: dict):
-    for k, v in sd.items():
-        if k.endswith(".weight") and "." not in k[: -len(".weight")] and v.ndim == 2:
-            return k[: -len(".weight")], v
-    return None
-
-
-_BLOCK_KEY = re.compile(r"^layer(\d+)\.(\d+)\.")
-
-
-def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
-    """Read stem, block kind, depth and every width off the tensor shapes of a state_dict."""
-    stem_w = sd.get("conv1.weight")
-    head = _head_weight(sd)
-    if stem_w is None or stem_w.ndim != 4 or head is None:
-        raise InputError(f"{p}: does not look like a ResNet state_dict (no conv1.weight or classifier); pass --arch or check the file")
-    stem = "imagenet" if stem_w.shape[-1] == 7 else "cifar"
-    blocks: dict[int, set[int]] = {}
-    for k in sd:
-        m = _BLOCK_KEY.match(k)
-        if m:
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if not blocks or sorted(blocks) != list(range(1, len(blocks) + 1)):
-        raise InputError(f"{p}: no layer1..layerN blocks found; is this a ResNet? pass --arch or check the file")
-    layers = tuple(len(blocks[s]) for s in sorted(blocks))
-    kind = "bottleneck" if "layer1.0.conv3.weight" in sd else "basic"
-    try:
-        inner, stage = [], []
-        for s in range(len(layers)):
-            convs = ("conv1", "conv2") if kind == "bottleneck" else ("conv1",)
-            inner.append(tuple(tuple(int(sd[f"layer{s + 1}.{b}.{c}.weight"].shape[0]) for c in convs) for b in range(layers[s])))
-            last = "conv3" if kind == "bottleneck" else "conv2"
-            stage.append(int(sd[f"layer{s + 1}.0.{last}.weight"].shape[0]))
-    except KeyError as e:
-        raise InputError(f"{p}: missing key {e.args[0]} needed to read the ResNet's widths; the checkpoint is incomplete") from None
-    shortcut = "projection" if any(".downsample.0.weight" in k for k in sd) else "option_a"
-    head_name, head_w = head
-    num_classes = int(head_w.shape[0])
-    preprocess = _IMAGENET_PRE if stem == "imagenet" else _CIFAR_PRE
-    spec = ResNetSpec("inferred", stem, kind, layers, int(stem_w.shape[0]), tuple(stage), tuple(inner),
-                      shortcut, "3x3", num_classes, head_name, preprocess, None)
-    if shortcut == "projection":  # a pruned projection can join equal widths: the keys say where it is
-        spec = spec.with_widths(spec.stem_width, spec.stage_widths, spec.inner_widths, name=spec.name,
-                                projections=tuple(f"layer{s + 1}.0.downsample.0.weight" in sd for s in range(len(layers))))
-    for name, z in ZOO.items():
-        candidate = replace(z, num_classes=num_classes, labels=z.labels if num_classes == z.num_classes else None)
-        if replace(spec, name=name, labels=candidate.labels) == candidate:
-            return candidate
-    depth = spec.depth
-    base = next((n for n, z in ZOO.items() if z.stem == stem and z.block == kind and z.layers == layers), f"resnet{depth}")
-    return replace(spec, name=f"{base}-custom")
-
-
-def check_state_dict(spec: ResNetSpec, sd: dict, p: Path | str, arch: str | None = None) -> None:
-    """Raise ``InputError`` naming missing / unexpected / mis-shaped keys when ``sd`` does not fit ``spec``."""
-    from edgeres.model.torch_model import build_torch
-
-    # the spec may come from the file (an edgeres checkpoint): its size is checked before it is built
-    check_weight_bytes(Path(p), 4 * spec.cost()["params"], f"its architecture ({spec.name})")
-    check_input_side(Path(p), "its preprocessing", spec.input_size)
-    expected = {k: tuple(v.shape) for k, v in build_torch(spec).state_dict().items()}
-    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in expected]
-    misshaped = [f"{k} {tuple(sd[k].shape)}≠{expected[k]}" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
-    if missing or unexpected or misshaped:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{label}: {', '.join(items[:3])}{more}")
-        what = f"--arch {arch}" if arch else spec.name
-        raise InputError(f"{p}: weights do not fit {what}: " + "; ".join(parts) + (
-            "; check --arch or omit it to infer the architecture" if arch else ""))
 
 
 def save_checkpoint(path: str | Path, spec: ResNetSpec, state_dict: dict, extra: dict | None = None) -> None:

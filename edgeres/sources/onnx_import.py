@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgeres.errors import InputError
 from edgeres.sources.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
-from edgeres.sources.limits import (MAX_ACTIVATION_BYTES, MAX_WEIGHT_BYTES, check_batch, check_input_side,
+from edgeres.model.limits import (MAX_ACTIVATION_BYTES, MAX_WEIGHT_BYTES, check_batch, check_input_side,
                                   check_weight_bytes, size_text)
 
 # ops allowed on the data path; anything else means the graph is not a plain ResNet
@@ -267,8 +267,8 @@ def map_onnx(path: str | Path):
     """(spec, state_dict) for the ResNet in ONNX file ``path``; ``InputError`` when it does not map."""
     import torch
 
-    from edgeres.sources.loading import infer_spec
-    from edgeres.model.zoo import _CIFAR_PRE, _IMAGENET_PRE
+    from edgeres.model.infer import infer_spec
+    from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS
 
     p = Path(path)
     g = _Graph(read_onnx(p), p)
@@ -391,7 +391,7 @@ def map_onnx(path: str | Path):
     spec = infer_spec(state_dict, p)
     if spec.shortcut != shortcut_kind:  # infer_spec reads "projection" only from downsample keys
         spec = replace(spec, shortcut=shortcut_kind)
-    base_pre = _IMAGENET_PRE if stem_kind == "imagenet" else _CIFAR_PRE
+    base_pre = IMAGENET_PREPROCESS if stem_kind == "imagenet" else CIFAR_PREPROCESS
     size = size or base_pre.size
     verify_batch(p, g.input.name, [d.dim_value or None for d in g.input.type.tensor_type.shape.dim], size)
     resize = None if base_pre.resize is None else round(size * base_pre.resize / base_pre.size)
