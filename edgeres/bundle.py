@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from calibration import DataError, Preprocess
 from targets import companion_files
+from targets.base import atomic_path
 from edgeres.errors import InputError
 from edgeres.model.zoo import ResNetSpec
 
@@ -231,12 +232,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write beside ``path`` and rename over it, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     except OSError as e:
-        discard(tmp)
         raise InputError(f"{path}: cannot write ({e.strerror}); check the folder is writable and has space") from None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -23,6 +25,31 @@ class OptionError(TargetError):
     """A ``--option TARGET.KEY=VALUE`` the target does not take: bad input (exit 2), found before any work."""
 
     exit_code = 2
+
+
+def first_line(e: BaseException, limit: int = 200, *, with_type: bool = False) -> str:
+    """The first line of an error's text (its class name when it has none), for one-line messages."""
+    lines = str(e).strip().splitlines()
+    text = lines[0][:limit] if lines else ""
+    if with_type or not text:
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary name beside ``path`` to write to: renamed over ``path`` when the block ends well
+    (if anything was written), removed otherwise, so a reader never sees half a file. Shared by the
+    targets and edgeres (this is the lowest module both import)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix stays: writers pick formats by it
+    try:
+        yield tmp
+        if tmp.exists():
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):  # a read-only file system refuses even this; then nothing is there
+            tmp.unlink(missing_ok=True)
 
 
 # What a target's int8 compiles from (TargetInfo.consumes): the shared QDQ ONNX that the pipeline

@@ -9,7 +9,6 @@ quantises the weights per channel). ``compile`` ships that file; other targets m
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable
@@ -18,7 +17,7 @@ import numpy as np
 
 from calibration.cpu import CpuFeatures, cpu_features
 from calibration.errors import DataError
-from targets.base import (QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
+from targets.base import (QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path, first_line)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 QDQ_METADATA_KEY = "edgeres.quantization"
@@ -89,7 +88,7 @@ def compute_ranges(onnx_fp32_path: str | Path, calib_fn: Callable[..., Iterable[
     try:
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise TargetError(f"{onnx_fp32_path}: onnxruntime cannot run it for calibration ({_first_line(e)})") from None
+        raise TargetError(f"{onnx_fp32_path}: onnxruntime cannot run it for calibration ({first_line(e)})") from None
     try:
         estimators = {n: make_estimator(estimator, **options) for n in names}
     except ValueError as e:
@@ -105,7 +104,7 @@ def compute_ranges(onnx_fp32_path: str | Path, calib_fn: Callable[..., Iterable[
         try:
             outputs = session.run(exposed, {input_name: x})
         except Exception as e:  # noqa: BLE001
-            raise DataError(f"calibration batch {i} of shape {x.shape} does not fit the model ({_first_line(e)})") from None
+            raise DataError(f"calibration batch {i} of shape {x.shape} does not fit the model ({first_line(e)})") from None
         for name, value in zip([input_name, *exposed], [x, *outputs]):
             if name not in estimators:
                 continue
@@ -184,7 +183,7 @@ def quantize_qdq(onnx_fp32_path: str | Path, ranges: dict, out_path: str | Path,
         quantizer.quantize_model()
         qmodel = quantizer.model.model
     except Exception as e:  # noqa: BLE001 - the quantizer raises bare exceptions
-        raise TargetError(f"{onnx_fp32_path}: onnxruntime's QDQ quantizer failed ({_first_line(e)})") from None
+        raise TargetError(f"{onnx_fp32_path}: onnxruntime's QDQ quantizer failed ({first_line(e)})") from None
     quantized = sum(1 for n in qmodel.graph.node if n.op_type == "QuantizeLinear")
     record = {"engine": f"onnxruntime {onnxruntime.__version__} QDQQuantizer with edgeres ranges",
               **recipe, "quantized_tensors": quantized, "float_nodes": list(float_nodes),
@@ -255,12 +254,8 @@ def _check_runs(path: Path) -> None:
 def _save_atomic(model, path: Path) -> None:
     import onnx
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _versions() -> dict:
@@ -268,11 +263,6 @@ def _versions() -> dict:
     import onnxruntime
 
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +283,7 @@ class OnnxRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise TargetError(f"{path}: onnxruntime cannot load it ({_first_line(e)})") from None
+            raise TargetError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

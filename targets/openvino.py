@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import (QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
+from targets.base import (QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINES = ("qdq", "nncf")
@@ -113,7 +113,7 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
         # save_model compresses weights to fp16 by default; fp16 must be asked for, never implied
         ov.save_model(model, str(job.out_dir / rel_xml), compress_to_fp16=job.precision == "fp16")
     except Exception as e:  # noqa: BLE001 - openvino raises RuntimeError subclasses of its own
-        raise TargetError(f"openvino: cannot save {rel_xml} ({_first_line(e)})") from None
+        raise TargetError(f"openvino: cannot save {rel_xml} ({first_line(e)})") from None
     return Artifact("openvino", job.precision, (str(rel_xml), str(rel_bin)), engine=engine, input_layout=layout,
                     input_dtype=dtype, options=recorded, tool_versions=versions, notes=tuple(notes))
 
@@ -124,7 +124,7 @@ def _convert(onnx_path: Path):
     try:
         return ov.convert_model(str(onnx_path))
     except Exception as e:  # noqa: BLE001
-        raise TargetError(f"{onnx_path}: OpenVINO cannot convert it ({_first_line(e)})") from None
+        raise TargetError(f"{onnx_path}: OpenVINO cannot convert it ({first_line(e)})") from None
 
 
 def _int8_from_qdq(job: CompileJob):
@@ -151,7 +151,7 @@ def _int8_with_nncf(job: CompileJob, options: dict):
         model = nncf.quantize(_convert(job.onnx_fp32), nncf.Dataset(items), preset=preset,
                               subset_size=len(items), fast_bias_correction=True)
     except Exception as e:  # noqa: BLE001
-        raise TargetError(f"openvino int8: nncf.quantize failed ({_first_line(e)})") from None
+        raise TargetError(f"openvino int8: nncf.quantize failed ({first_line(e)})") from None
     return model, {"source": "nncf.quantize on the fp32 IR with our calibration images", "nncf": settings}
 
 
@@ -179,11 +179,6 @@ def _count_ops(model, type_name: str) -> int:
     return sum(op.get_type_name() == type_name for op in model.get_ops())
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
-
-
 class OpenVinoRunner(Runner):
     """Runs an IR on NCHW float32 batches; an IR with embedded preprocessing gets the images back as uint8.
 
@@ -202,7 +197,7 @@ class OpenVinoRunner(Runner):
         try:
             model = core.read_model(str(path))
         except Exception as e:  # noqa: BLE001
-            raise TargetError(f"{path}: OpenVINO cannot read it ({_first_line(e)})") from None
+            raise TargetError(f"{path}: OpenVINO cannot read it ({first_line(e)})") from None
         self.hint = (hint or _rt_info(model, "hint") or DEFAULT_HINT).upper()
         self.inference_precision = (inference_precision or _rt_info(model, "inference_precision")
                                     or DEFAULT_INFERENCE_PRECISION)
@@ -217,7 +212,7 @@ class OpenVinoRunner(Runner):
         try:
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as e:  # noqa: BLE001
-            raise TargetError(f"{path}: OpenVINO cannot load it ({_first_line(e)})") from None
+            raise TargetError(f"{path}: OpenVINO cannot load it ({first_line(e)})") from None
         self.request = self.compiled.create_infer_request()
         self.raw_preprocess = None
         stored = _rt_info(model, "input_preprocess")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.errors import DataError
-from targets.base import (KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable)
+from targets.base import (KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path)
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 ENGINE = "keras-from-spec + LiteRT converter"
@@ -236,12 +236,10 @@ def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> tuple[bytes, in
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise TargetError(f"{path}: cannot write ({e.strerror}); check the folder is writable and has space") from None
 
 

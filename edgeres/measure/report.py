@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgeres.measure.bench import BENCH_FILE
-from edgeres.bundle import discard, read_manifest, read_result, warn, write_text_atomic
+from edgeres.bundle import read_manifest, read_result, warn, write_text_atomic
 from edgeres.measure.bundle_eval import EVAL_FILE
 from edgeres.errors import InputError
 from edgeres.tables import format_table
+from targets.base import atomic_path
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -331,15 +331,12 @@ def write_plots(data: ReportData) -> dict[str, Path]:
     try:
         out_dir.mkdir(exist_ok=True)
         for title, name, plot in PLOTS:
-            tmp = out_dir / f".{name}.tmp-{os.getpid()}.png"
-            try:
-                if plot(data, tmp):
-                    os.replace(tmp, out_dir / name)
-                    written[title] = out_dir / name
-                else:
-                    (out_dir / name).unlink(missing_ok=True)  # a stale plot would contradict the table
-            finally:
-                discard(tmp)
+            with atomic_path(out_dir / name) as tmp:
+                drawn = plot(data, tmp)
+            if drawn:
+                written[title] = out_dir / name
+            else:
+                (out_dir / name).unlink(missing_ok=True)  # a stale plot would contradict the table
     except OSError as e:
         raise InputError(f"{out_dir}: cannot write the plots ({e.strerror}); report --html needs a writable "
                          "bundle (copy it somewhere writable)") from None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
+
+from targets.base import atomic_path
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -16,21 +17,18 @@ def export_onnx(model, spec, path: str | Path) -> Path:
     import torch
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     x = torch.zeros(1, 3, spec.input_size, spec.input_size)
     model = model.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's constant-folding notes are not the user's concern
         torch.onnx.export(
             model, (x,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             opset_version=OPSET, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             do_constant_folding=True, dynamo=False,
         )
-    proto = onnx.load(str(tmp))
-    proto = _simplify(proto)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+        proto = _simplify(onnx.load(str(tmp)))
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
     return path
 
 

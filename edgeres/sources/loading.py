@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeres.errors import InputError
+from targets.base import atomic_path, first_line
 from edgeres.model.limits import check_archive, check_weight_bytes, size_text
 from edgeres.model.infer import check_state_dict, infer_spec
 from edgeres.model.zoo import ResNetSpec, get_spec
@@ -152,7 +153,7 @@ def _torch_load(p: Path):
             "that could run code (nothing was executed); save only the state_dict: torch.save(model.state_dict(), path)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError) as e:
-        raise InputError(f"{p}: is not a readable PyTorch checkpoint ({_short(e)}); the file is corrupt or truncated") from None
+        raise InputError(f"{p}: is not a readable PyTorch checkpoint ({first_line(e, 160, with_type=True)}); the file is corrupt or truncated") from None
 
 
 def _refuse_torchscript(p: Path, members) -> None:
@@ -176,11 +177,6 @@ def _check_tensor_sizes(tensors: dict, p: Path) -> None:
                              "torch.save({k: v.clone() for k, v in model.state_dict().items()}, path)")
         total += declared
     check_weight_bytes(p, total)
-
-
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 def _unwrap(raw, p: Path):
@@ -220,18 +216,14 @@ def _check_finite(sd: dict, p: Path) -> None:
 
 def save_checkpoint(path: str | Path, spec: ResNetSpec, state_dict: dict, extra: dict | None = None) -> None:
     """Write an edgeres checkpoint (spec + weights) atomically; loadable with ``weights_only=True``."""
-    import os
-
     import torch
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     payload = {SPEC_KEY: spec.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}
     if extra:
         payload["edgeres_extra"] = extra
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write checkpoint ({e.strerror}); choose a writable path") from None
