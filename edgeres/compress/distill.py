@@ -67,6 +67,12 @@ class FinetuneConfig:
         return asdict(self)
 
 
+def check_finetune_flags(epochs: int, finetune_data) -> None:
+    """``--epochs`` fine-tunes on ``--finetune-data``: refuse epochs without the images."""
+    if epochs and finetune_data is None:
+        raise InputError(f"--epochs {epochs}: fine-tuning needs training images; give --finetune-data")
+
+
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random crop from a zero-padded image (pad = size/8) and random horizontal flip, uint8 NHWC."""
     n, h, w, _ = images.shape

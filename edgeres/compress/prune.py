@@ -16,7 +16,7 @@ from functools import partial
 from typing import Callable, Iterable
 
 from edgeres.compress import reconstruct
-from edgeres.compress.distill import FinetuneConfig, distill
+from edgeres.compress.distill import FinetuneConfig, check_finetune_flags, distill
 from edgeres.errors import InputError
 from edgeres.model.zoo import ResNetSpec
 from edgeres.progress import log
@@ -531,8 +531,7 @@ def _check_prune_job(spec: ResNetSpec, cfg: PruneConfig, train_data, finetune, e
     cfg.validate()
     if finetune is not None:
         finetune.validate()
-        if train_data is None:
-            raise InputError("--epochs: fine-tuning needs training images; give --finetune-data")
+        check_finetune_flags(finetune.epochs, train_data)
         if cfg.steps > 1 and finetune.epochs < cfg.steps:
             raise InputError(f"--steps {cfg.steps}: needs at least {cfg.steps} --epochs (one recovery epoch per step)")
     elif cfg.steps > 1:
@@ -694,13 +693,12 @@ def prune_into_loaded(loaded, cfg, calib_data=None, eval_data=None):
 
     prune_cfg = PruneConfig(ratio=cfg.prune, importance=cfg.prune_importance)
     prune_cfg.validate("--prune", "--prune-importance")
+    check_finetune_flags(cfg.finetune_epochs, cfg.finetune_data)
     finetune, train = None, calib_data
     if cfg.finetune_data is not None:
         train = open_dataset(cfg.finetune_data)
         if cfg.finetune_epochs:
             finetune = FinetuneConfig(epochs=cfg.finetune_epochs)
-    elif cfg.finetune_epochs:
-        raise InputError(f"--epochs {cfg.finetune_epochs}: fine-tuning needs training images; give --finetune-data")
     outcome = prune_loaded(loaded, prune_cfg, train_data=train, finetune=finetune, eval_data=eval_data,
                            eval_images=cfg.eval_images)
     extra = {**(loaded.extra or {}), "pruning": outcome.record}

@@ -22,6 +22,7 @@ from calibration import DataError, open_dataset
 from edgeres import __version__
 from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, OutputLock, check_output_dir,
                             file_record, publish, read_manifest, read_result, warn, write_json_atomic)
+from edgeres.compress.distill import check_finetune_flags
 from edgeres.errors import InputError
 from edgeres.progress import log
 
@@ -144,8 +145,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError("--accuracy-budget needs --eval DATA to measure the drop against")
     if cfg.bench and not cfg.bench_threads:
         raise InputError("--bench-threads: no thread count given; e.g. --bench-threads 1,2")
-    if cfg.prune is not None and cfg.finetune_epochs and cfg.finetune_data is None:
-        raise InputError(f"--epochs {cfg.finetune_epochs}: fine-tuning needs training images; give --finetune-data")
+    if cfg.prune is not None:
+        check_finetune_flags(cfg.finetune_epochs, cfg.finetune_data)
 
 
 def _validate_numbers(cfg: ConvertConfig) -> None:
