@@ -480,16 +480,14 @@ def check_data(dataset, spec: ResNetSpec, flag: str, *, labels: bool = False) ->
     """Fail before any work if ``dataset`` cannot feed ``spec`` (image size, label range)."""
     from calibration import DataError
 
-    from edgeres.measure.evaluate import number_class_folders
+    from edgeres.measure.evaluate import check_label_range, number_class_folders
 
     dataset.check_image_size(spec.preprocess)
     if labels and dataset.labels is None:
         raise DataError(f"{dataset.source}: {flag} needs labels (y) to measure accuracy")
     if dataset.class_names is not None:
         number_class_folders(dataset, spec.labels)
-    if dataset.labels is not None and (dataset.labels.min() < 0 or dataset.labels.max() >= spec.num_classes):
-        raise DataError(f"{dataset.source}: labels run {dataset.labels.min()}..{dataset.labels.max()} but the model "
-                        f"has {spec.num_classes} classes; check {flag} matches the model")
+    check_label_range(dataset, spec.num_classes, fix=f"check {flag} matches the model", error=DataError)
 
 
 def top1(model, dataset, preprocess, limit: int | None = None, source: str | None = None) -> float:
