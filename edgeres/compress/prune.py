@@ -550,7 +550,7 @@ class _PruneJob:
     spec: ResNetSpec
     teacher: object  # the unpruned torch model: distillation teacher and taylor's stand-in labels
     train_data: object | None
-    finetune: object | None  # a FinetuneConfig
+    finetune: FinetuneConfig | None
     eval_data: object | None
     curve_images: int
     reconstructions: list = field(default_factory=list)  # one record per reconstructed step
