@@ -389,7 +389,7 @@ def prune(
     _check_prune_numbers(round_to=round_to, steps=steps, epochs=epochs, batch_size=batch_size, seed=seed,
                          eval_images=eval_images)
     from calibration import open_dataset
-    from edgeres.compress.distill import FinetuneConfig
+    from edgeres.compress.distill import FinetuneConfig, check_finetune_flags
     from edgeres.sources.loading import load_model
     from edgeres.compress.prune import PruneConfig, check_output_path, prune_loaded, save_pruned
 
@@ -397,10 +397,7 @@ def prune(
                       match_macs=match_macs, reconstruct=reconstruct)
     cfg.validate()
     check_output_path(out, model, force=force)
-    if epochs and finetune_data is None:
-        from edgeres.errors import InputError
-
-        raise InputError(f"--epochs {epochs}: fine-tuning needs training images; give --finetune-data")
+    check_finetune_flags(epochs, finetune_data)
     finetune = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, loss=kd_loss) if epochs else None
     if finetune is not None:
         finetune.validate()

@@ -105,7 +105,48 @@ def native_stderr_quiet():
             os.close(saved)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One conversion with its options checked and resolved."""
+
+    job: CompileJob  # options filled in with their defaults
+    io: str  # full-int8 input/output type (one of IO_TYPES)
+    range_source: str  # full-int8 activation ranges (one of RANGE_SOURCES)
+
+    @property
+    def estimator_ranges(self) -> bool:
+        """Full-int8 with our estimator's ranges: the converter only calibrates, we quantise."""
+        return self.job.precision == "int8" and self.range_source == "estimator"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Converted:
+    """The converted model and the calibration images it took."""
+
+    flatbuffer: bytes
+    representative_images: int | None  # full-int8 only: calibration images seen
+
+
 def _compile(job: CompileJob) -> Artifact:
+    plan = _plan(job)
+    job = plan.job
+    _interpreter_module()
+    tf = _converter_modules()
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(job.keras_model())
+    feed = _RepresentativeDataset(job, first_batch_only=plan.range_source == "estimator") \
+        if job.precision == "int8" else None
+    options = _configure(converter, plan, feed, tf)
+    converted = _convert(converter, plan, feed, tf)
+    if job.precision == "int8":
+        options["representative_images"] = converted.representative_images
+    notes = (f"tflite.io={plan.io} applies to full-int8 only; this {job.precision} model takes float input",) \
+        if plan.io != "float" and job.precision != "int8" else ()
+    return _write_artifact(job, converted.flatbuffer, plan.io, options, notes)
+
+
+def _plan(job: CompileJob) -> _Plan:
+    """Refuse, before tensorflow loads, a job this target cannot convert."""
     if job.precision not in PRECISIONS:
         raise TargetError(f"tflite: precision {job.precision!r} is not one of {', '.join(PRECISIONS)}")
     job = dataclasses.replace(job, options=INFO.check_options(job.options))
@@ -117,63 +158,81 @@ def _compile(job: CompileJob) -> Artifact:
         raise TargetError("tflite: the pipeline gave no Keras model builder (job.keras_model); cannot convert")
     if job.precision == "int8" and job.calibration is None:
         raise TargetError("tflite: full-integer int8 needs calibration images; pass --calib")
-    _interpreter_module()
-    tf = _converter_modules()
+    return _Plan(job, io, range_source)
 
-    model = job.keras_model()
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    options: dict = {"io": io if job.precision == "int8" else "float"}
-    notes: list[str] = []
-    if io != "float" and job.precision != "int8":
-        notes.append(f"tflite.io={io} applies to full-int8 only; this {job.precision} model takes float input")
-    if job.precision == "fp16":
+
+class _RepresentativeDataset:
+    """The converter's calibration feed (a generator function, as LiteRT wants); counts the images it gave."""
+
+    def __init__(self, job: CompileJob, *, first_batch_only: bool):
+        self.job = job
+        # one batch lays out the converter's statistics; our estimator then sees every image
+        self.first_batch_only = first_batch_only
+        self.images = 0
+
+    def __call__(self):
+        for batch in _calibration_batches(self.job):
+            self.images += len(batch)
+            yield [batch]
+            if self.first_batch_only:
+                return
+
+
+def _io_dtype(tf, io: str):
+    return {"float": tf.float32, "int8": tf.int8, "uint8": tf.uint8}[io]
+
+
+def _configure(converter, plan: _Plan, feed: _RepresentativeDataset | None, tf) -> dict:
+    """Set the converter up for the plan's precision; returns the options the artifact records."""
+    precision = plan.job.precision
+    options: dict = {"io": plan.io if precision == "int8" else "float"}
+    if precision == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
         options["weights"] = "float16"
-    elif job.precision == "dynamic":
+    elif precision == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no dataset: int8 weights, float activations
         options["weights"] = "int8 per-channel"
         options["activations"] = "float, quantised on the fly"
-    elif job.precision == "int8":
-        seen = {"images": 0}
-
-        def representative_dataset():
-            for batch in _calibration_batches(job):
-                seen["images"] += len(batch)
-                yield [batch]
-                if range_source == "estimator":
-                    return  # one batch lays out the converter's statistics; our estimator then sees every image
-
+    elif precision == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative_dataset
+        converter.representative_dataset = feed
         # builtin int8 kernels only: an op without one fails conversion instead of silently staying float
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        io_dtype = {"float": tf.float32, "int8": tf.int8, "uint8": tf.uint8}[io]
-        converter.inference_input_type = io_dtype
-        converter.inference_output_type = io_dtype
-        if range_source == "estimator":
+        converter.inference_input_type = _io_dtype(tf, plan.io)
+        converter.inference_output_type = _io_dtype(tf, plan.io)
+        if plan.range_source == "estimator":
             converter._experimental_calibrate_only = True  # noqa: SLF001 - stop after calibration, before quantising
         options.update(weights="int8 per-channel", activations="int8 per-tensor", supported_ops="TFLITE_BUILTINS_INT8",
-                       calibration=f"edgeres {job.estimator} estimator on the LiteRT tensors"
-                       if range_source == "estimator" else "min/max (LiteRT converter)")
+                       calibration=f"edgeres {plan.job.estimator} estimator on the LiteRT tensors"
+                       if plan.range_source == "estimator" else "min/max (LiteRT converter)")
+    return options
+
+
+def _convert(converter, plan: _Plan, feed: _RepresentativeDataset | None, tf) -> _Converted:
+    """Run the converter (and, for estimator ranges, quantise with them); its failures become TargetErrors."""
     try:
         with warnings.catch_warnings():
             # the converter takes the input's range from calibration; this note says so and means no harm
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
             flatbuffer = converter.convert()
-            if job.precision == "int8" and range_source == "estimator":
+            images = feed.images if feed is not None else None
+            if plan.estimator_ranges:
                 from tensorflow.lite.python import convert as tfl_convert
 
-                calibrated, seen["images"] = _estimator_ranges(flatbuffer, job, tf)
+                calibrated, images = _estimator_ranges(flatbuffer, plan.job, tf)
+                io_dtype = _io_dtype(tf, plan.io)
                 flatbuffer = tfl_convert.mlir_quantize(calibrated, input_data_type=io_dtype, output_data_type=io_dtype)
     except (TargetError, DataError):  # raised by our representative dataset: keep their meaning
         raise
     except Exception as e:  # noqa: BLE001 - the converter raises many types (ConverterError, ValueError...)
         first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
-        raise TargetError(f"tflite: LiteRT converter failed for {job.precision} ({first})") from None
-    if job.precision == "int8":
-        options["representative_images"] = seen["images"]
+        raise TargetError(f"tflite: LiteRT converter failed for {plan.job.precision} ({first})") from None
+    return _Converted(flatbuffer, images)
 
+
+def _write_artifact(job: CompileJob, flatbuffer: bytes, io: str, options: dict, notes: tuple[str, ...]) -> Artifact:
+    """Write the model, then its op report (full-int8 must hold no float compute) and sidecar."""
     rel = Path("tflite") / f"model.{job.precision}.tflite"
     path = job.out_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +247,7 @@ def _compile(job: CompileJob) -> Artifact:
     _write_atomic(job.out_dir / sidecar_rel, json.dumps(sidecar(path, job), indent=2).encode())
     return Artifact("tflite", job.precision, (str(rel), str(ops_rel), str(sidecar_rel)), engine=ENGINE,
                     input_layout="NHWC", input_dtype=report["input"]["dtype"], options=options,
-                    tool_versions=_versions(), notes=tuple(notes))
+                    tool_versions=_versions(), notes=notes)
 
 
 def _calibration_batches(job: CompileJob):

@@ -67,6 +67,12 @@ class FinetuneConfig:
         return asdict(self)
 
 
+def check_finetune_flags(epochs: int, finetune_data) -> None:
+    """``--epochs`` fine-tunes on ``--finetune-data``: refuse epochs without the images."""
+    if epochs and finetune_data is None:
+        raise InputError(f"--epochs {epochs}: fine-tuning needs training images; give --finetune-data")
+
+
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random crop from a zero-padded image (pad = size/8) and random horizontal flip, uint8 NHWC."""
     n, h, w, _ = images.shape
@@ -86,84 +92,12 @@ def distill(student, teacher, dataset: ImageDataset, preprocess: Preprocess, cfg
             frozen_bns=(), evaluate: Callable[[object], float] | None = None) -> list[dict]:
     """Fine-tune ``student`` in place; returns one record per epoch (loss, seconds, and ``top1`` when
     ``evaluate(model) -> top-1 %`` is given; epoch 0 is the model before fine-tuning)."""
-    import torch
-    import torch.nn.functional as F
-
-    cfg.validate()
-    dataset.check_image_size(preprocess)
-    torch.manual_seed(cfg.seed)
-    indices = dataset.spread(cfg.images)
-    labels = dataset.labels
-    geometry_done = replace(preprocess, resize=None)  # images are already at the model's size
-    steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
-    total_steps = max(1, steps_per_epoch * cfg.epochs)
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-    frozen = set(id(m) for m in frozen_bns)
-    params = [p for m in student.modules() if id(m) not in frozen for p in m.parameters(recurse=False)]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return cfg.lr * (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
-
-    def set_train():
-        student.train()
-        for m in student.modules():
-            if id(m) in frozen:
-                m.eval()
-
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    T = cfg.temperature
+    run = _setup(student, teacher, dataset, preprocess, cfg, frozen_bns)
     curve = []
     if evaluate is not None:
         curve.append({"epoch": 0, "top1": evaluate(student.eval())})
-    step = 0
     for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, epoch])
-        order = indices[rng.permutation(len(indices))]
-        set_train()
-        loss_sum, seen = 0.0, 0
-        with progress(f"epoch {epoch}/{cfg.epochs}", len(order)) as advance:
-            for start in range(0, len(order), cfg.batch_size):
-                idx = order[start: start + cfg.batch_size]
-                images = dataset.read(idx, preprocess)
-                if cfg.augment:
-                    images = augment(images, rng)
-                x = torch.from_numpy(geometry_done(images, dataset.source))
-                for g in optimizer.param_groups:
-                    g["lr"] = lr_at(step)
-                with torch.no_grad():
-                    target = teacher(x)
-                logits = student(x)
-                if cfg.loss == "mse":
-                    loss = 0.5 * F.mse_loss(logits, target)
-                else:
-                    loss = F.kl_div(F.log_softmax(logits / T, dim=1), F.softmax(target / T, dim=1),
-                                    reduction="batchmean") * T * T
-                if labels is not None and cfg.label_weight > 0:
-                    y = torch.from_numpy(labels[idx])
-                    loss = (1 - cfg.label_weight) * loss + cfg.label_weight * F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss = float(loss.detach())
-                if not math.isfinite(batch_loss):
-                    raise _diverged(cfg, epoch, f"the loss is {batch_loss}")
-                loss.backward()
-                optimizer.step()
-                step += 1
-                loss_sum += batch_loss * len(idx)
-                seen += len(idx)
-                advance(len(idx))
-        student.eval()
-        _check_finite_weights(student, cfg, epoch)
-        row = {"epoch": epoch, "loss": round(loss_sum / max(1, seen), 5), "seconds": round(time.perf_counter() - t0, 1)}
+        row = _train_epoch(run, epoch)
         if evaluate is not None:
             row["top1"] = evaluate(student)
         curve.append(row)
@@ -173,6 +107,125 @@ def distill(student, teacher, dataset: ImageDataset, preprocess: Preprocess, cfg
         p.requires_grad_(True)
     student.eval()
     return curve
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    lr: float
+    steps_per_epoch: int
+    warmup_steps: int
+    total_steps: int
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every epoch of one distillation run shares."""
+
+    cfg: FinetuneConfig
+    student: object
+    teacher: object
+    dataset: ImageDataset
+    preprocess: Preprocess  # reads the images
+    geometry_done: Preprocess  # normalises them after augmentation (they are already at the model's size)
+    indices: np.ndarray  # the training images used, in dataset order
+    frozen: frozenset  # ids of the modules kept in eval mode (identity BNs)
+    optimizer: object
+    schedule: _Schedule
+
+
+def _setup(student, teacher, dataset: ImageDataset, preprocess: Preprocess, cfg: FinetuneConfig, frozen_bns) -> _Run:
+    """Check the inputs, seed torch, and build the optimizer (no weight decay on biases and BN) and schedule."""
+    import torch
+
+    cfg.validate()
+    dataset.check_image_size(preprocess)
+    torch.manual_seed(cfg.seed)
+    indices = dataset.spread(cfg.images)
+    steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
+    schedule = _Schedule(cfg.lr, steps_per_epoch, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+                         total_steps=max(1, steps_per_epoch * cfg.epochs))
+    frozen = frozenset(id(m) for m in frozen_bns)
+    params = [p for m in student.modules() if id(m) not in frozen for p in m.parameters(recurse=False)]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return _Run(cfg, student, teacher, dataset, preprocess, replace(preprocess, resize=None), indices, frozen,
+                optimizer, schedule)
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict:
+    """One pass over the images in this epoch's seeded order; returns the epoch's row of the curve."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = run.indices[rng.permutation(len(run.indices))]
+    run.student.train()
+    for m in run.student.modules():
+        if id(m) in run.frozen:
+            m.eval()
+    loss_sum, seen = 0.0, 0
+    step = (epoch - 1) * run.schedule.steps_per_epoch  # every epoch takes the same number of steps
+    with progress(f"epoch {epoch}/{cfg.epochs}", len(order)) as advance:
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start: start + cfg.batch_size]
+            loss_sum += _train_batch(run, idx, rng, step, epoch) * len(idx)
+            step += 1
+            seen += len(idx)
+            advance(len(idx))
+    run.student.eval()
+    _check_finite_weights(run.student, cfg, epoch)
+    return {"epoch": epoch, "loss": round(loss_sum / max(1, seen), 5), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _train_batch(run: _Run, idx: np.ndarray, rng: np.random.Generator, step: int, epoch: int) -> float:
+    """One SGD step on the images ``idx``; returns the batch's loss."""
+    import torch
+
+    cfg = run.cfg
+    images = run.dataset.read(idx, run.preprocess)
+    if cfg.augment:
+        images = augment(images, rng)
+    x = torch.from_numpy(run.geometry_done(images, run.dataset.source))
+    for g in run.optimizer.param_groups:
+        g["lr"] = run.schedule.lr_at(step)
+    with torch.no_grad():
+        target = run.teacher(x)
+    logits = run.student(x)
+    labels = run.dataset.labels
+    loss = _kd_loss(logits, target, torch.from_numpy(labels[idx]) if labels is not None else None, cfg)
+    run.optimizer.zero_grad(set_to_none=True)
+    batch_loss = float(loss.detach())
+    if not math.isfinite(batch_loss):
+        raise _diverged(cfg, epoch, f"the loss is {batch_loss}")
+    loss.backward()
+    run.optimizer.step()
+    return batch_loss
+
+
+def _kd_loss(logits, target, labels, cfg: FinetuneConfig):
+    """The distillation loss on the teacher's logits ``target``, mixed with cross-entropy when labelled."""
+    import torch.nn.functional as F
+
+    T = cfg.temperature
+    if cfg.loss == "mse":
+        loss = 0.5 * F.mse_loss(logits, target)
+    else:
+        loss = F.kl_div(F.log_softmax(logits / T, dim=1), F.softmax(target / T, dim=1), reduction="batchmean") * T * T
+    if labels is not None and cfg.label_weight > 0:
+        loss = (1 - cfg.label_weight) * loss + cfg.label_weight * F.cross_entropy(logits, labels)
+    return loss
 
 
 def _diverged(cfg: FinetuneConfig, epoch: int, what: str) -> InputError:

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgeres.model.zoo import BN_EPS
+
 if TYPE_CHECKING:
     import torch
 
-BN_EPS = 1e-5  # torch BatchNorm2d default (as in keras_model.folded_conv)
 CLIP_GRID = np.linspace(0.5, 1.0, 51)  # clip ratios of max|w| searched per channel
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from calibration.estimators import ESTIMATORS
 from edgeres import __version__
+from edgeres.compress.distill import check_finetune_flags
 from edgeres.compress.prune import PruneConfig
 from edgeres.device.profiles import load_profile
 from edgeres.errors import InputError
@@ -125,8 +126,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError("--accuracy-budget needs --eval DATA to measure the drop against")
     if cfg.bench and not cfg.bench_threads:
         raise InputError("--bench-threads: no thread count given; e.g. --bench-threads 1,2")
-    if cfg.prune is not None and cfg.finetune_epochs and cfg.finetune_data is None:
-        raise InputError(f"--epochs {cfg.finetune_epochs}: fine-tuning needs training images; give --finetune-data")
+    if cfg.prune is not None:
+        check_finetune_flags(cfg.finetune_epochs, cfg.finetune_data)
 
 
 def _validate_numbers(cfg: ConvertConfig) -> None:

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from calibration import DataError, ImageDataset, Preprocess
+from edgeres.errors import InputError
 from edgeres.progress import log, progress
 from targets.base import TargetError
 
@@ -27,16 +28,21 @@ def check_labels(dataset: ImageDataset, num_classes: int, class_names: Sequence[
     Class folders are numbered by ``class_names`` (the model's labels; see ``number_class_folders``); a dataset
     already numbered keeps its numbers when none are given (``evaluate_bundle`` passes only the class count).
     """
-    from edgeres.errors import InputError
-
     if dataset.labels is None:
         raise InputError(f"{dataset.source}: has no labels; accuracy needs labelled images (y in the npz or class folders)")
     if dataset.class_names is not None and (class_names or dataset.class_indices is None):
         number_class_folders(dataset, class_names)
+    check_label_range(dataset, num_classes)
+
+
+def check_label_range(dataset: ImageDataset, num_classes: int, *, fix: str = "check the data matches the model",
+                      error: type[Exception] = InputError) -> None:
+    """Labels, where the data has them, must be class indices 0..num_classes-1; ``fix`` ends the message."""
+    if dataset.labels is None:
+        return
     lo, hi = int(dataset.labels.min()), int(dataset.labels.max())
     if lo < 0 or hi >= num_classes:
-        raise InputError(f"{dataset.source}: labels run {lo}..{hi} but the model has {num_classes} classes; "
-                         "check the data matches the model")
+        raise error(f"{dataset.source}: labels run {lo}..{hi} but the model has {num_classes} classes; {fix}")
 
 
 def number_class_folders(dataset: ImageDataset, class_names: Sequence[str] | None) -> None:

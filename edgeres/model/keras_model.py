@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeres.model.zoo import ResNetSpec
-
-BN_EPS = 1e-5  # torch BatchNorm2d default; the zoo's torch models use it
+from edgeres.model.zoo import BN_EPS, ResNetSpec
 
 
 def folded_conv(state_dict: dict, conv: str, bn: str) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ SHORTCUTS = ("projection", "option_a")  # 1×1 conv + BN, or CIFAR parameter-fre
 STRIDE_ON = ("3x3", "1x1")  # torchvision v1.5 strides in the 3×3 conv; Keras/Caffe v1 in the first 1×1
 HEAD_POOLS = ("avg", "max", "flatten")  # global average / max pool, or flatten the whole last feature map
 HIDDEN_ACTIVATIONS = ("relu", "linear")
+BN_EPS = 1e-5  # BatchNorm epsilon: torch BatchNorm2d default, which the zoo's models use
 
 
 @dataclass(frozen=True)
