@@ -360,7 +360,6 @@ def report(
         print(f"wrote {result['html']}", file=sys.stderr)
 
 
-# --- prune command (issue 7) goes here ---
 @app.command()
 @handled
 def prune(
@@ -436,7 +435,6 @@ def _check_prune_numbers(*, round_to: int, steps: int, epochs: int, batch_size: 
     check_number("--eval-images", eval_images, at_least=1)
 
 
-# --- demo command (issue 10) goes here ---
 @app.command()
 @handled
 def demo(

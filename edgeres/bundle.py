@@ -17,7 +17,6 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path, PurePosixPath
 
@@ -68,16 +67,6 @@ def _check_destination(out: Path, force: bool) -> None:
             raise InputError(f"{out}: exists and is not an edgeres bundle; choose an empty or new --out directory")
         if not force:
             raise InputError(f"{out}: already holds a bundle; pass --force to replace it or choose another --out")
-
-
-def make_staging(out: Path) -> Path:
-    parent = out.resolve().parent
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-        staging.chmod(0o755)  # mkdtemp makes it private; a bundle is an ordinary folder
-        return staging
-    except OSError as e:
-        raise InputError(f"{out}: cannot create a folder in {parent} ({e.strerror}); choose a writable --out") from None
 
 
 def _destination_state(out: Path) -> tuple | None:

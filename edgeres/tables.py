@@ -17,15 +17,16 @@ def print_table(headers: list[str], rows: list[list]) -> None:
     print(format_table(headers, rows))
 
 
-def _fmt(value, spec: str = ".2f") -> str:
+def fmt(value, spec: str = ".2f") -> str:
+    """A number formatted for a table cell; blank when there is none."""
     return "" if value is None else format(value, spec)
 
 
 def print_eval(result: dict) -> None:
     ref = result["reference"]
     print(f"fp32 reference: top-1 {ref['top1']:.2f} %  top-5 {ref['top5']:.2f} %  ({result['images']} images)")
-    rows = [[a["target"], a["precision"], _fmt(a.get("top1")), _fmt(a.get("top1_drop_pp"), "+.2f"),
-             _fmt(a.get("agreement_pct")), _fmt(a.get("max_abs_logit_err"), ".4f"), a.get("error", "ok")]
+    rows = [[a["target"], a["precision"], fmt(a.get("top1")), fmt(a.get("top1_drop_pp"), "+.2f"),
+             fmt(a.get("agreement_pct")), fmt(a.get("max_abs_logit_err"), ".4f"), a.get("error", "ok")]
             for a in result["artifacts"]]
     print_table(["target", "precision", "top-1 %", "drop pp", "agree %", "max |Δlogit|", "status"], rows)
     for layer in result.get("layers", [])[:10]:
@@ -34,7 +35,7 @@ def print_eval(result: dict) -> None:
 
 
 def print_bundle(out: str | Path, manifest: dict) -> None:
-    rows = [[a["target"], a["precision"], a.get("file", ""), _fmt(a.get("size_bytes", 0) / 1e6, ".3f"),
+    rows = [[a["target"], a["precision"], a.get("file", ""), fmt(a.get("size_bytes", 0) / 1e6, ".3f"),
              a.get("engine", ""), a["status"] if a["status"] == "ok" else f"failed: {a.get('error', '')}"]
             for a in manifest["artifacts"]]
     print(f"bundle {out}")

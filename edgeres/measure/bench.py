@@ -26,6 +26,7 @@ from edgeres.bundle import BENCH_FILE, bundle_path, model_path, ok_artifacts, re
 from edgeres.errors import InputError, TargetError
 from edgeres.measure.bench_runner import PARENT_PID_ENV
 from edgeres.progress import log
+from edgeres.tables import fmt
 
 SCHEMA = "edgeres-bench/1"
 RUNNER = Path(__file__).with_name("bench_runner.py")
@@ -358,10 +359,6 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _f(value, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
 def bench_table(result: dict) -> tuple[list[str], list[list]]:
     headers = ["target", "precision", "threads", "size MB", "load ms", "first ms", "p50 ms", "p90 ms", "p99 ms",
                "FPS", "RSS MB", "status"]
@@ -370,9 +367,9 @@ def bench_table(result: dict) -> tuple[list[str], list[list]]:
         status = "ok" if r["status"] == "ok" else f"failed: {r.get('error', '')}"
         if r["status"] == "ok" and r.get("throttled"):
             status = "ok (THROTTLED)"
-        rows.append([r["target"], r["precision"], r["threads"], _f(r.get("size_mb"), ".2f"), _f(r.get("load_ms"), ".1f"),
-                     _f(r.get("first_ms"), ".1f"), _f(r.get("p50_ms"), ".2f"), _f(r.get("p90_ms"), ".2f"),
-                     _f(r.get("p99_ms"), ".2f"), _f(r.get("fps"), ".1f"), _f(r.get("peak_rss_mb"), ".0f"), status])
+        rows.append([r["target"], r["precision"], r["threads"], fmt(r.get("size_mb"), ".2f"), fmt(r.get("load_ms"), ".1f"),
+                     fmt(r.get("first_ms"), ".1f"), fmt(r.get("p50_ms"), ".2f"), fmt(r.get("p90_ms"), ".2f"),
+                     fmt(r.get("p99_ms"), ".2f"), fmt(r.get("fps"), ".1f"), fmt(r.get("peak_rss_mb"), ".0f"), status])
     return headers, rows
 
 

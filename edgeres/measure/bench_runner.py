@@ -15,20 +15,14 @@ the whole process's, so run one artifact per fresh process.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script from inside the edgeres package, sys.path[0] is that folder and its modules
-# (inspect.py, ...) would shadow the standard library's; this runner needs none of its neighbours.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
 import glob
 import json
+import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 
 SCHEMA = "edgeres-bench-run/1"

@@ -17,7 +17,7 @@ from edgeres.measure.bench import BENCH_FILE
 from edgeres.bundle import read_manifest, read_result, warn, write_text_atomic
 from edgeres.measure.bundle_eval import EVAL_FILE
 from edgeres.errors import InputError
-from edgeres.tables import format_table
+from edgeres.tables import fmt, format_table
 from targets.base import atomic_path
 
 REPORT_MD = "report.md"
@@ -124,14 +124,10 @@ def _row(target, precision, file, size_bytes, status, ev, be, reference=False) -
                      bool((be or {}).get("throttled")))
 
 
-def _f(value, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
 def format_rows(rows) -> list[list[str]]:
-    return [[r.target, r.precision, _f(r.size_mb, ".2f"), _f(r.top1, ".2f"),
-             "ref" if r.target == "reference" and r.top1 is not None else _f(r.top1_drop_pp, ".2f"),
-             _f(r.p50_ms, ".2f"), _f(r.p90_ms, ".2f"), _f(r.fps, ".1f"), r.status] for r in rows]
+    return [[r.target, r.precision, fmt(r.size_mb, ".2f"), fmt(r.top1, ".2f"),
+             "ref" if r.target == "reference" and r.top1 is not None else fmt(r.top1_drop_pp, ".2f"),
+             fmt(r.p50_ms, ".2f"), fmt(r.p90_ms, ".2f"), fmt(r.fps, ".1f"), r.status] for r in rows]
 
 
 def report_table(bundle: str | Path, threads: int | None = None) -> tuple[list[str], list[list[str]]]:
