@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeres.errors import InputError
-from edgeres.sources.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
+from edgeres.sources.graph_blocks import (BN_EPS, Branch, ConvUnit, Shortcut, Stem, Trunk, check_mapping, stem_kind,
+                                          to_state_dict, walk_trunk)
 from edgeres.sources.keras_config import VERIFY_BATCH, StoredModel, histories, read_checked_config
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -129,6 +130,12 @@ class _Node:
         return self.layer.get_config() if self.layer is not None else {}
 
 
+@dataclass(frozen=True)
+class _KerasConv:
+    unit: ConvUnit
+    fused_relu: bool  # the Conv2D applies its own ReLU (activation="relu"): no BN may follow
+
+
 class _Graph:
     def __init__(self, model, p: Path):
         self.p = p
@@ -222,9 +229,8 @@ class _Graph:
             raise _refuse(self.p, f"ZeroPadding2D {node.id} pads {pads}; only equal padding on every side maps")
         return pads[0]
 
-    def conv(self, node_id: str) -> tuple[ConvUnit, bool]:
-        """[ZeroPadding2D →] Conv2D [→ BatchNormalization] as a unit with torch's symmetric padding;
-        also whether the conv applies its own ReLU."""
+    def conv(self, node_id: str) -> _KerasConv:
+        """[ZeroPadding2D →] Conv2D [→ BatchNormalization] as a unit with torch's symmetric padding."""
         import numpy as np
 
         node = self.nodes[node_id]
@@ -265,7 +271,7 @@ class _Graph:
         else:
             n = w.shape[0]  # no BN: an identity BN whose shift is the conv bias
             bn = {"weight": np.ones(n), "bias": bias, "running_mean": np.zeros(n), "running_var": np.full(n, 1.0 - BN_EPS)}
-        return ConvUnit(w, s, bn, out), fused_relu
+        return _KerasConv(ConvUnit(w, s, bn, out), fused_relu)
 
     def batch_norm(self, node: _Node, channels: int) -> dict:
         import numpy as np
@@ -296,43 +302,88 @@ def _flat(v):
 HEAD_POOL = {"GlobalAveragePooling2D": "avg", "GlobalMaxPooling2D": "max", "Flatten": "flatten"}
 
 
+@dataclass(frozen=True)
+class _Pooling:
+    kind: str  # a HEAD_POOL value
+    out: str  # the layer after it (a keepdims pool's Flatten)
+
+
+@dataclass(frozen=True)
+class _Dense:
+    kernel: object  # numpy (in, out), as Keras holds it
+    bias: object
+    activation: str  # "linear", "relu" or "softmax", the Dense's own or the layer after it
+
+
+@dataclass(frozen=True)
+class _KerasHead:
+    pool: str  # "avg", "max" or "flatten"
+    dense: tuple[_Dense, ...]  # hidden layers, then the classifier; Flatten's rows already in torch's order
+    feature: int | None  # side of the feature map a Flatten head sees
+
+    def layers(self):
+        """The spec's record of this head."""
+        from edgeres.model.zoo import Head
+
+        *hidden, last = self.dense
+        return Head(self.pool, tuple((int(d.kernel.shape[1]), "linear" if d.activation == "linear" else RELU)
+                                     for d in hidden), last.activation == "softmax")
+
+
 def map_keras(model, path: str | Path):
     """(spec, state_dict) for the Keras ResNet ``model`` loaded from ``path``; ``InputError`` when it does not map."""
-    import numpy as np
-    import torch
-
-    from edgeres.model.keras_model import flatten_rows_to_chw
-    from edgeres.model.infer import infer_spec
-    from edgeres.model.zoo import Head
-
     p = Path(path)
     g = _Graph(model, p)
+    side = _image_side(g)
+    sd = {}
+    trunk = walk_trunk(_Walk(g), sd)
+    head = _head(g, trunk)
+    *hidden, last = head.dense
+    for i, d in enumerate(hidden):
+        sd[f"hidden.{i}.weight"], sd[f"hidden.{i}.bias"] = d.kernel.T, d.bias
+    sd["fc.weight"], sd["fc.bias"] = last.kernel.T, last.bias
+    state_dict = to_state_dict(sd)
+    return _keras_spec(p, state_dict, trunk, head, side), state_dict
+
+
+def _image_side(g: _Graph) -> int | None:
+    """The input's side (None when the model leaves it open), after refusing ResNet v2 and non-images."""
     for n in g.nodes.values():
         src = g.nodes[n.inputs[0]] if n.inputs else None
         if n.cls == "BatchNormalization" and src is not None and src.cls not in ("Conv2D", "Dense"):
-            raise _refuse(p, f"BatchNormalization {n.id} normalises the output of {src.cls} {src.id}, not of a conv: "
+            raise _refuse(g.p, f"BatchNormalization {n.id} normalises the output of {src.cls} {src.id}, not of a conv: "
                           "a pre-activation ResNet (v2, e.g. ResNet50V2), and only v1 maps")
     shape = list(g.input_shape or [])
     if len(shape) != 4 or shape[-1] != 3:
-        raise _refuse(p, f"input shape {shape}, expected (batch, height, width, 3) channels-last images")
+        raise _refuse(g.p, f"input shape {shape}, expected (batch, height, width, 3) channels-last images")
     if shape[1] != shape[2]:
-        raise _refuse(p, f"input is {shape[1]}×{shape[2]}; edgeres ResNets take square images")
-    sd = {}
+        raise _refuse(g.p, f"input is {shape[1]}×{shape[2]}; edgeres ResNets take square images")
+    return shape[1]
 
-    # -- stem -------------------------------------------------------------------------------------
-    first = g.one_user(g.input, "stem convolution")
-    if first.cls not in ("Conv2D", "ZeroPadding2D"):
-        raise _refuse(p, f"found {first.cls} {first.id} after the input, expected the stem convolution; "
-                      "preprocessing inside the model (Rescaling, preprocess_input ops) is not mapped: save the "
-                      "model without it, edgeres applies keras.applications' caffe preprocessing itself")
-    stem, fused = g.conv(first.id)
-    k = stem.weight.shape[-1]
-    stem_kind = {(7, 2): "imagenet", (3, 1): "cifar"}.get((k, stem.stride))
-    if stem_kind is None:
-        raise _refuse(p, f"stem conv is {k}×{k}/{stem.stride}, expected 7×7/2 or 3×3/1")
-    put_unit(sd, "conv1", stem, "bn1")
-    x = stem.out if fused else g.relu_after(stem.out, "after the stem conv")
-    if stem_kind == "imagenet":
+
+class _Walk:
+    """The phases of a Keras ResNet v1 layer graph, driven by ``graph_blocks.walk_trunk``."""
+
+    def __init__(self, g: _Graph):
+        self.g = g
+
+    def refuse(self, what: str) -> InputError:
+        return _refuse(self.g.p, what)
+
+    def stem(self) -> Stem:
+        g = self.g
+        first = g.one_user(g.input, "stem convolution")
+        if first.cls not in ("Conv2D", "ZeroPadding2D"):
+            raise self.refuse(f"found {first.cls} {first.id} after the input, expected the stem convolution; "
+                              "preprocessing inside the model (Rescaling, preprocess_input ops) is not mapped: save "
+                              "the model without it, edgeres applies keras.applications' caffe preprocessing itself")
+        conv = g.conv(first.id)
+        kind = stem_kind(conv.unit, "stem conv", self.refuse)
+        x = conv.unit.out if conv.fused_relu else g.relu_after(conv.unit.out, "after the stem conv")
+        return Stem(conv.unit, kind, self._stem_pool(x) if kind == "imagenet" else x)
+
+    def _stem_pool(self, x: str) -> str:
+        g = self.g
         node = g.one_user(x, "ZeroPadding2D(1) + MaxPooling2D(3, 2)")
         pad = 0
         if node.cls == "ZeroPadding2D":
@@ -342,16 +393,18 @@ def map_keras(model, path: str | Path):
         ok = (node.cls == "MaxPooling2D" and [int(v) for v in _flat(c.get("pool_size"))] == [3, 3]
               and [int(v) for v in _flat(c.get("strides"))] == [2, 2] and c.get("padding") == "valid" and pad == 1)
         if not ok:
-            raise _refuse(p, f"found {node.cls} {node.id} (pad {pad}, {c.get('pool_size')}/{c.get('strides')} "
-                          f"{c.get('padding')}), expected ZeroPadding2D(1) + MaxPooling2D(3, strides=2, 'valid')")
-        x = node.id
+            raise self.refuse(f"found {node.cls} {node.id} (pad {pad}, {c.get('pool_size')}/{c.get('strides')} "
+                              f"{c.get('padding')}), expected ZeroPadding2D(1) + MaxPooling2D(3, strides=2, 'valid')")
+        return node.id
 
-    # -- residual blocks --------------------------------------------------------------------------
-    blocks = []
-    while True:
+    def at_head(self, x: str) -> bool:
+        users = self.g.users(x)
+        return len(users) == 1 and users[0].cls in (*HEAD_POOL, "Dropout")
+
+    def branch(self, x: str) -> Branch:
+        """The convs from block input ``x`` to the Add, and the shortcut joining them there."""
+        g = self.g
         users = g.users(x)
-        if len(users) == 1 and users[0].cls in (*HEAD_POOL, "Dropout"):
-            break
         starts = [u for u in users if u.cls in ("Conv2D", "ZeroPadding2D")]
         others = [u for u in users if u not in starts and u.cls != "Add"]
         if others or not starts:
@@ -360,110 +413,133 @@ def map_keras(model, path: str | Path):
             if bad is not None and bad.cls == "BatchNormalization":
                 hint = " (a pre-activation ResNet v2 block: BN → ReLU → conv; only v1 maps)"
             what = f"found {bad.cls} {bad.id}{hint}" if bad else f"{x} is the model output, with no classifier"
-            raise _refuse(p, f"{what}, expected a residual block or the head (pooling / Flatten)")
-        units = [g.conv(u.id) for u in starts]
-        proj = [u for u, relu in units if not relu and [v.cls for v in g.users(u.out)] == ["Add"]]
-        main = [(u, relu) for u, relu in units if all(u is not q for q in proj)]
+            raise self.refuse(f"{what}, expected a residual block or the head (pooling / Flatten)")
+        convs = [g.conv(u.id) for u in starts]
+        proj = [c.unit for c in convs if not c.fused_relu and [v.cls for v in g.users(c.unit.out)] == ["Add"]]
+        main = [c for c in convs if all(c.unit is not q for q in proj)]
         if len(main) != 1 or len(proj) > 1:
-            raise _refuse(p, f"{x} feeds {len(starts)} convolutions, not one residual block")
-        chain = [main[0][0]]
-        relu = main[0][1]
+            raise self.refuse(f"{x} feeds {len(starts)} convolutions, not one residual block")
+        chain = [main[0].unit]
+        relu = main[0].fused_relu
         while True:
             nxt = g.one_user(chain[-1].out, "ReLU or Add in a residual block")
             if nxt.cls == "Add" and not relu:
                 break
-            if relu:
+            if relu:  # the conv applied its own ReLU: the next conv follows directly
                 start = nxt
             elif g.is_relu(nxt) and len(chain) < 3:
                 start = g.one_user(nxt.id, "Conv2D in a residual block")
             else:
                 raise g.found(nxt, "ReLU or Add in a residual block")
-            unit, relu = g.conv(start.id)
-            chain.append(unit)
+            conv = g.conv(start.id)
+            chain.append(conv.unit)
+            relu = conv.fused_relu
         add = nxt
         ins = list(add.inputs)
         if len(ins) != 2 or chain[-1].out not in ins:
-            raise _refuse(p, f"Add {add.id} does not join a block's branch with its shortcut")
-        other = ins[1 - ins.index(chain[-1].out)]
-        if proj:
-            if other != proj[0].out or proj[0].weight.shape[-1] != 1:
-                raise _refuse(p, f"Add {add.id} shortcut is not a 1×1 projection conv")
-            shortcut = ("projection", proj[0])
-        elif other == x:
-            shortcut = ("identity", None)
-        else:
-            raise _refuse(p, f"Add {add.id} shortcut comes from {g.nodes[other].cls} {other}, not the block input "
-                          "or a 1×1 conv")
-        blocks.append(residual_block(chain, shortcut, add.id, lambda what: _refuse(p, what)))
-        x = g.relu_after(add.id, f"after Add {add.id}")
-    _kind, _shortcut, stride_on = lay_out_stages(blocks, sd, lambda what: _refuse(p, what))
+            raise self.refuse(f"Add {add.id} does not join a block's branch with its shortcut")
+        shortcut = self._shortcut(x, add, ins[1 - ins.index(chain[-1].out)], proj[0] if proj else None)
+        return Branch(tuple(chain), shortcut, add.id, add.id)
 
-    # -- head: pooling / Flatten, then Dense (+ReLU) … Dense (+softmax), Dropout anywhere ------------
+    def _shortcut(self, x: str, add: _Node, source: str, proj: ConvUnit | None) -> Shortcut:
+        """What joins block input ``x`` to ``add`` through layer ``source``: the 1×1 conv ``proj`` or ``x`` itself."""
+        if proj is not None:
+            if source != proj.out or proj.weight.shape[-1] != 1:
+                raise self.refuse(f"Add {add.id} shortcut is not a 1×1 projection conv")
+            return Shortcut("projection", proj)
+        if source == x:
+            return Shortcut("identity")
+        raise self.refuse(f"Add {add.id} shortcut comes from {self.g.nodes[source].cls} {source}, not the block input "
+                          "or a 1×1 conv")
+
+    def after_add(self, branch: Branch) -> str:
+        return self.g.relu_after(branch.add_out, f"after Add {branch.add}")
+
+
+# -- the head: pooling / Flatten, then Dense (+ReLU) … Dense (+softmax), Dropout anywhere -------------
+
+def _head(g: _Graph, trunk: Trunk) -> _KerasHead:
+    """The head after the trunk, its first Dense's rows in torch's (C, H, W) order after a Flatten."""
+    from edgeres.model.keras_model import flatten_rows_to_chw
+
+    pooling = _head_pool(g, trunk.out)
+    dense = _dense_layers(g, pooling.out)
+    channels = int(trunk.blocks[-1].cout)
+    first_in = int(dense[0].kernel.shape[0])
+    feature = None
+    if pooling.kind == "flatten":
+        size2, rem = divmod(first_in, channels)
+        feature = round(size2**0.5)
+        if rem or feature * feature != size2:
+            raise _refuse(g.p, f"Flatten → Dense {first_in} inputs is not {channels} channels × a square feature map")
+        dense[0] = replace(dense[0], kernel=flatten_rows_to_chw(dense[0].kernel, channels, feature))
+    elif first_in != channels:
+        raise _refuse(g.p, f"the first Dense takes {first_in} inputs, the last stage gives {channels}")
+    return _KerasHead(pooling.kind, tuple(dense), feature)
+
+
+def _head_pool(g: _Graph, x: str) -> _Pooling:
     node = g.one_user(x, "the head (GlobalAveragePooling2D, GlobalMaxPooling2D or Flatten)")
     node = _skip_dropout(g, node)
     if node.cls not in HEAD_POOL:
         raise g.found(node, "GlobalAveragePooling2D, GlobalMaxPooling2D or Flatten after the last block")
-    pool = HEAD_POOL[node.cls]
+    kind = HEAD_POOL[node.cls]
     if node.cfg.get("data_format", "channels_last") != "channels_last":
-        raise _refuse(p, f"{node.cls} {node.id} is channels_first")
-    if pool != "flatten" and node.cfg.get("keepdims"):
+        raise _refuse(g.p, f"{node.cls} {node.id} is channels_first")
+    if kind != "flatten" and node.cfg.get("keepdims"):
         node = g.one_user(node.id, "Flatten after the keepdims pooling")
         if node.cls != "Flatten":
             raise g.found(node, "Flatten after the keepdims pooling")
-    dense = []  # (kernel (in, out), bias, activation)
-    out = node.id
+    return _Pooling(kind, node.id)
+
+
+def _dense_layers(g: _Graph, out: str) -> list[_Dense]:
+    """The Dense layers from ``out`` to the model output, each with the activation that follows it."""
+    import numpy as np
+
+    dense = []
     while out != g.output:
         node = _skip_dropout(g, g.one_user(out, "Dense, Dropout or an activation in the head"))
         c = node.cfg
         if node.cls == "Dense":
             act = c.get("activation", "linear")
             if act not in ("linear", RELU, "softmax"):
-                raise _refuse(p, f"Dense {node.id} has activation {act}; the head maps relu, softmax or none")
+                raise _refuse(g.p, f"Dense {node.id} has activation {act}; the head maps relu, softmax or none")
             weights = node.layer.get_weights()
             bias = weights[1] if c.get("use_bias", True) else np.zeros(weights[0].shape[1], np.float32)
-            dense.append([weights[0], bias, act])
-        elif dense and dense[-1][2] == "linear" and (g.is_relu(node) or node.cls in ("Softmax", "Activation")):
+            dense.append(_Dense(weights[0], bias, act))
+        elif dense and dense[-1].activation == "linear" and (g.is_relu(node) or node.cls in ("Softmax", "Activation")):
             act = RELU if g.is_relu(node) else "softmax" if node.cls == "Softmax" or c.get("activation") == "softmax" else None
             if act is None or (node.cls == "Softmax" and [int(a) for a in _flat(c.get("axis", -1))] not in ([-1], [1])):
                 raise g.found(node, "ReLU or softmax after a Dense")
-            dense[-1][2] = act
+            dense[-1] = replace(dense[-1], activation=act)
         else:
             raise g.found(node, "Dense, Dropout, ReLU or softmax in the head")
         out = node.id
     if not dense:
-        raise _refuse(p, "the model ends without a Dense classifier; add the classification head")
-    acts = [a for _k, _b, a in dense]
+        raise _refuse(g.p, "the model ends without a Dense classifier; add the classification head")
+    acts = [d.activation for d in dense]
     if any(a == "softmax" for a in acts[:-1]) or acts[-1] == RELU:
-        raise _refuse(p, f"head activations {acts}; softmax may only end the model, and the classifier may not end in ReLU")
-    channels = int(blocks[-1]["cout"])
-    first_in = int(dense[0][0].shape[0])
-    if pool == "flatten":
-        size2, rem = divmod(first_in, channels)
-        feature = round(size2**0.5)
-        if rem or feature * feature != size2:
-            raise _refuse(p, f"Flatten → Dense {first_in} inputs is not {channels} channels × a square feature map")
-        dense[0][0] = flatten_rows_to_chw(dense[0][0], channels, feature)
-    elif first_in != channels:
-        raise _refuse(p, f"the first Dense takes {first_in} inputs, the last stage gives {channels}")
-    head_name = "fc"
-    *hidden, last = dense
-    for i, (kernel, bias, _a) in enumerate(hidden):
-        sd[f"hidden.{i}.weight"], sd[f"hidden.{i}.bias"] = kernel.T, bias
-    sd[f"{head_name}.weight"], sd[f"{head_name}.bias"] = last[0].T, last[1]
-    head = Head(pool, tuple((int(k.shape[1]), "linear" if a == "linear" else RELU) for k, _b, a in hidden),
-                last[2] == "softmax")
+        raise _refuse(g.p, f"head activations {acts}; softmax may only end the model, and the classifier may not "
+                      "end in ReLU")
+    return dense
 
-    state_dict = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in sd.items()}
+
+def _keras_spec(p: Path, state_dict: dict, trunk: Trunk, head: _KerasHead, side: int | None):
+    """The spec read off ``state_dict`` (hidden head layers aside), with the Keras head, stride placement
+    and caffe preprocessing at the model's input side (inferred from the head when the model leaves it open)."""
+    from edgeres.model.infer import infer_spec
+
     spec = infer_spec({k: v for k, v in state_dict.items() if not k.startswith("hidden.")}, p)
     stages = len(spec.layers)
-    strides = 2 ** (stages - 1) * (4 if stem_kind == "imagenet" else 1)
-    size = shape[1] or (feature * strides if pool == "flatten" else 224 if stem_kind == "imagenet" else 32)
-    spec = replace(spec, name=f"{spec.name.split('-')[0]}-keras", stride_on=stride_on, head_layers=head,
-                   preprocess=keras_caffe_preprocess(int(size), stem_kind))
-    if pool == "flatten" and spec.feature_size != feature:
-        raise _refuse(p, f"Flatten sees a {feature}×{feature} map but a {size}² input gives {spec.feature_size}×"
-                      f"{spec.feature_size}")
-    return spec, state_dict
+    strides = 2 ** (stages - 1) * (4 if trunk.stem.kind == "imagenet" else 1)
+    size = side or (head.feature * strides if head.pool == "flatten" else 224 if trunk.stem.kind == "imagenet" else 32)
+    spec = replace(spec, name=f"{spec.name.split('-')[0]}-keras", stride_on=trunk.layout.stride_on,
+                   head_layers=head.layers(), preprocess=keras_caffe_preprocess(int(size), trunk.stem.kind))
+    if head.pool == "flatten" and spec.feature_size != head.feature:
+        raise _refuse(p, f"Flatten sees a {head.feature}×{head.feature} map but a {size}² input gives "
+                      f"{spec.feature_size}×{spec.feature_size}")
+    return spec
 
 
 def keras_caffe_preprocess(size: int, stem_kind: str = "imagenet"):

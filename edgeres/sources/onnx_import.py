@@ -10,11 +10,12 @@ original graph and the rebuilt model side by side, so a wrong mapping never conv
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeres.errors import InputError
-from edgeres.sources.graph_blocks import BN_EPS, ConvUnit, check_mapping, lay_out_stages, put_unit, residual_block
+from edgeres.sources.graph_blocks import (BN_EPS, Branch, ConvUnit, Shortcut, Stem, Trunk, check_mapping, stem_kind,
+                                          to_state_dict, walk_trunk)
 from edgeres.model.limits import (MAX_ACTIVATION_BYTES, MAX_WEIGHT_BYTES, check_batch, check_input_side,
                                   check_weight_bytes, size_text)
 
@@ -265,140 +266,172 @@ def _declared_bytes(p: Path, name: str, t) -> int:
 
 def map_onnx(path: str | Path):
     """(spec, state_dict) for the ResNet in ONNX file ``path``; ``InputError`` when it does not map."""
-    import torch
-
-    from edgeres.model.infer import infer_spec
-    from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS
-
     p = Path(path)
     g = _Graph(read_onnx(p), p)
     size = _static_size(g)
     sd = {}
+    trunk = walk_trunk(_Walk(g), sd)
+    # torchvision calls the classifier fc; the CIFAR option-A ResNets edgeres' zoo follows call it linear
+    head_name = "linear" if trunk.stem.kind == "cifar" and trunk.layout.shortcut_kind == "option_a" else "fc"
+    fc = _classifier(g, trunk.out)
+    sd[f"{head_name}.weight"], sd[f"{head_name}.bias"] = g.np.ascontiguousarray(fc.weight), fc.bias.reshape(-1)
+    state_dict = to_state_dict(sd)
+    return _onnx_spec(g, state_dict, trunk, size), state_dict
 
-    # -- stem ---------------------------------------------------------------------------------
-    stem_node = g.one_user(g.input.name, "stem Conv")
-    stem = g.conv(stem_node)
-    k = stem.weight.shape[-1]
-    if (k, stem.stride) == (7, 2):
-        stem_kind = "imagenet"
-    elif (k, stem.stride) == (3, 1):
-        stem_kind = "cifar"
-    else:
-        raise _refuse(p, f"stem Conv {stem_node.name} is {k}×{k}/{stem.stride}, expected 7×7/2 or 3×3/1")
-    put_unit(sd, "conv1", stem, "bn1")
-    relu = g.one_user(stem.out, "Relu after the stem")
-    if relu.op_type != "Relu":
-        raise _refuse(p, f"found op {relu.op_type} at node {relu.name}, expected the stem Relu")
-    x = relu.output[0]
-    if stem_kind == "imagenet":
-        pool = g.one_user(x, "stem MaxPool")
+
+class _Walk:
+    """The phases of an ONNX ResNet graph, driven by ``graph_blocks.walk_trunk``."""
+
+    def __init__(self, g: _Graph):
+        self.g = g
+
+    def refuse(self, what: str) -> InputError:
+        return _refuse(self.g.p, what)
+
+    def stem(self) -> Stem:
+        g = self.g
+        node = g.one_user(g.input.name, "stem Conv")
+        unit = g.conv(node)
+        kind = stem_kind(unit, f"stem Conv {node.name}", self.refuse)
+        relu = g.one_user(unit.out, "Relu after the stem")
+        if relu.op_type != "Relu":
+            raise self.refuse(f"found op {relu.op_type} at node {relu.name}, expected the stem Relu")
+        x = relu.output[0]
+        return Stem(unit, kind, self._stem_pool(x) if kind == "imagenet" else x)
+
+    def _stem_pool(self, x: str) -> str:
         from onnx import helper
 
+        pool = self.g.one_user(x, "stem MaxPool")
         a = {t.name: helper.get_attribute_value(t) for t in pool.attribute}
         if pool.op_type != "MaxPool" or list(a.get("kernel_shape", [])) != [3, 3] or list(a.get("strides", [])) != [2, 2] \
                 or list(a.get("pads", [0] * 4)) != [1] * 4 or a.get("ceil_mode", 0):
-            raise _refuse(p, f"found {pool.op_type} at node {pool.name}, expected the stem MaxPool 3×3/2 pad 1")
-        x = pool.output[0]
+            raise self.refuse(f"found {pool.op_type} at node {pool.name}, expected the stem MaxPool 3×3/2 pad 1")
+        return pool.output[0]
 
-    # -- residual blocks ----------------------------------------------------------------------
-    blocks = []  # dicts: units, shortcut kind, proj unit, cin, cout, stride
-    while True:
+    def at_head(self, x: str) -> bool:
+        users = self.g.users(x)
+        return len(users) == 1 and users[0].op_type in ("GlobalAveragePool", "ReduceMean")
+
+    def branch(self, x: str) -> Branch:
+        """The convs from block input ``x`` to the Add, and the shortcut joining them there."""
+        g = self.g
         users = g.users(x)
-        if len(users) == 1 and users[0].op_type in ("GlobalAveragePool", "ReduceMean"):
-            break
         convs = [u for u in users if u.op_type == "Conv"]
         others = [u for u in users if u.op_type not in ("Conv", "Add", "Slice")]
         if others or not convs:
             bad = others[0] if others else users[0] if users else None
             what = f"found op {bad.op_type} at node {bad.name}" if bad else f"tensor {x} is not used"
-            raise _refuse(p, f"{what}, expected a residual block or the global pool")
+            raise self.refuse(f"{what}, expected a residual block or the global pool")
         units = {u.name: g.conv(u) for u in convs}
         proj = [u for u in convs if [v.op_type for v in g.users(units[u.name].out)] == ["Add"]]
         main = [u for u in convs if u not in proj]
         if len(main) != 1 or len(proj) > 1:
-            raise _refuse(p, f"tensor {x} feeds {len(convs)} convs, not a residual block")
+            raise self.refuse(f"tensor {x} feeds {len(convs)} convs, not a residual block")
         chain = [units[main[0].name]]
         while True:
             nxt = g.one_user(chain[-1].out, "Relu or Add in a residual block")
             if nxt.op_type == "Add":
                 break
             if nxt.op_type != "Relu" or len(chain) > 3:
-                raise _refuse(p, f"found op {nxt.op_type} at node {nxt.name}, expected Relu or Add in a residual block")
+                raise self.refuse(f"found op {nxt.op_type} at node {nxt.name}, expected Relu or Add in a residual "
+                                  "block")
             chain.append(g.conv(g.one_user(nxt.output[0], "Conv in a residual block")))
         add = nxt
         other = [t for t in add.input if g.source(t) != chain[-1].out]
         if len(add.input) != 2 or len(other) != 1:
-            raise _refuse(p, f"Add {add.name} does not join a block's branch with its shortcut")
-        sc_src = g.source(other[0])
-        if proj:
-            pu = units[proj[0].name]
-            if sc_src != pu.out or pu.weight.shape[-1] != 1:
-                raise _refuse(p, f"Add {add.name} shortcut is not the 1×1 projection conv {proj[0].name}")
-            shortcut = ("projection", pu)
-        elif sc_src == x:
-            shortcut = ("identity", None)
-        else:
-            t = sc_src
-            while t != x:  # option A: a chain of Slice / Pad back to the block input
-                n = g.producer.get(t)
-                if n is None or n.op_type not in ("Slice", "Pad"):
-                    what = f"{n.op_type} at node {n.name}" if n is not None else f"tensor {t}"
-                    raise _refuse(p, f"found {what} in the shortcut of Add {add.name}, expected Slice/Pad or a 1×1 conv")
-                t = g.source(n.input[0])
-            shortcut = ("option_a", None)
-        blocks.append(residual_block(chain, shortcut, add.name, lambda what: _refuse(p, what)))
-        out_relu = g.one_user(add.output[0], "Relu after the residual Add")
-        if out_relu.op_type != "Relu":
-            raise _refuse(p, f"found op {out_relu.op_type} at node {out_relu.name}, expected Relu after Add {add.name}")
-        x = out_relu.output[0]
+            raise self.refuse(f"Add {add.name} does not join a block's branch with its shortcut")
+        shortcut = self._shortcut(x, add, g.source(other[0]), proj[0] if proj else None, units)
+        return Branch(tuple(chain), shortcut, add.name, add.output[0])
 
-    # -- stages: a stride-2 block opens a new stage -------------------------------------------
-    block_kind, shortcut_kind, stride_on = lay_out_stages(blocks, sd, lambda what: _refuse(p, what))
-    head_name = "linear" if stem_kind == "cifar" and shortcut_kind == "option_a" else "fc"
+    def _shortcut(self, x: str, add, source: str, proj, units: dict[str, ConvUnit]) -> Shortcut:
+        """What joins block input ``x`` to ``add`` through tensor ``source``: the 1×1 conv node ``proj``
+        (its unit in ``units``), ``x`` itself, or a chain of Slice / Pad back to ``x`` (option A)."""
+        if proj is not None:
+            unit = units[proj.name]
+            if source != unit.out or unit.weight.shape[-1] != 1:
+                raise self.refuse(f"Add {add.name} shortcut is not the 1×1 projection conv {proj.name}")
+            return Shortcut("projection", unit)
+        if source == x:
+            return Shortcut("identity")
+        t = source
+        while t != x:
+            n = self.g.producer.get(t)
+            if n is None or n.op_type not in ("Slice", "Pad"):
+                what = f"{n.op_type} at node {n.name}" if n is not None else f"tensor {t}"
+                raise self.refuse(f"found {what} in the shortcut of Add {add.name}, expected Slice/Pad or a 1×1 conv")
+            t = self.g.source(n.input[0])
+        return Shortcut("option_a")
 
-    # -- head: global pool → flatten → Gemm / MatMul+Add ----------------------------------------
-    node = g.users(x)[0]
+    def after_add(self, branch: Branch) -> str:
+        relu = self.g.one_user(branch.add_out, "Relu after the residual Add")
+        if relu.op_type != "Relu":
+            raise self.refuse(f"found op {relu.op_type} at node {relu.name}, expected Relu after Add {branch.add}")
+        return relu.output[0]
+
+
+@dataclass(frozen=True)
+class _Classifier:
+    weight: object  # numpy (classes, features), as torch's Linear holds it
+    bias: object
+    out: str  # the tensor it writes
+
+
+def _classifier(g: _Graph, x: str) -> _Classifier:
+    """The head after the last block ``x``: global pool → Flatten / Reshape / Squeeze → the classifier,
+    which must write the graph's output."""
+    node = g.users(x)[0]  # the global pool walk_trunk stopped at
     x = node.output[0]
     node = g.one_user(x, "Flatten and the classifier")
     while node.op_type in ("Flatten", "Reshape", "Squeeze"):
         x = node.output[0]
         node = g.one_user(x, "the classifier")
+    fc = _fully_connected(g, node)
+    if fc.out not in g.outputs or g.users(fc.out):
+        after = g.users(fc.out)
+        what = f"found op {after[0].op_type} at node {after[0].name}" if after else "classifier is not the graph output"
+        raise _refuse(g.p, f"{what}; export the logits, not probabilities")
+    return fc
+
+
+def _fully_connected(g: _Graph, node) -> _Classifier:
+    """A plain Gemm, or MatMul + Add, as torch's exporters write a Linear."""
     from onnx import helper
 
     if node.op_type == "Gemm":
         a = {t.name: helper.get_attribute_value(t) for t in node.attribute}
         w, bias = g.weight(node, 1), g.weight(node, 2)
         if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or bias is None:
-            raise _refuse(p, f"Gemm {node.name} is not a plain fully connected layer")
-        w = w if a.get("transB", 0) else w.T
-        out = node.output[0]
-    elif node.op_type == "MatMul":
+            raise _refuse(g.p, f"Gemm {node.name} is not a plain fully connected layer")
+        return _Classifier(w if a.get("transB", 0) else w.T, bias, node.output[0])
+    if node.op_type == "MatMul":
         w = g.weight(node, 1).T
         add = g.one_user(node.output[0], "Add (classifier bias)")
         bias = g.weight(add, 1 if g.source(add.input[0]) == node.output[0] else 0) if add.op_type == "Add" else None
         if bias is None:
-            raise _refuse(p, f"found op {add.op_type} at node {add.name}, expected the classifier bias Add")
-        out = add.output[0]
-    else:
-        raise _refuse(p, f"found op {node.op_type} at node {node.name}, expected the classifier Gemm")
-    if out not in g.outputs or g.users(out):
-        after = g.users(out)
-        what = f"found op {after[0].op_type} at node {after[0].name}" if after else "classifier is not the graph output"
-        raise _refuse(p, f"{what}; export the logits, not probabilities")
-    sd[f"{head_name}.weight"], sd[f"{head_name}.bias"] = g.np.ascontiguousarray(w), bias.reshape(-1)
+            raise _refuse(g.p, f"found op {add.op_type} at node {add.name}, expected the classifier bias Add")
+        return _Classifier(w, bias, add.output[0])
+    raise _refuse(g.p, f"found op {node.op_type} at node {node.name}, expected the classifier Gemm")
 
-    state_dict = {k: torch.from_numpy(g.np.ascontiguousarray(v, dtype=g.np.float32)) for k, v in sd.items()}
+
+def _onnx_spec(g: _Graph, state_dict: dict, trunk: Trunk, size: int | None):
+    """The spec read off ``state_dict``, with what the keys cannot tell: shortcut kind, stride placement
+    and the preprocessing at the graph's input ``size`` (the stem's default when the graph leaves it open)."""
+    from edgeres.model.infer import infer_spec
+    from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS
+
+    p, layout = g.p, trunk.layout
     spec = infer_spec(state_dict, p)
-    if spec.shortcut != shortcut_kind:  # infer_spec reads "projection" only from downsample keys
-        spec = replace(spec, shortcut=shortcut_kind)
-    base_pre = IMAGENET_PREPROCESS if stem_kind == "imagenet" else CIFAR_PREPROCESS
+    if spec.shortcut != layout.shortcut_kind:  # infer_spec reads "projection" only from downsample keys
+        spec = replace(spec, shortcut=layout.shortcut_kind)
+    base_pre = IMAGENET_PREPROCESS if trunk.stem.kind == "imagenet" else CIFAR_PREPROCESS
     size = size or base_pre.size
     verify_batch(p, g.input.name, [d.dim_value or None for d in g.input.type.tensor_type.shape.dim], size)
     resize = None if base_pre.resize is None else round(size * base_pre.resize / base_pre.size)
-    spec = replace(spec, stride_on=stride_on, preprocess=replace(base_pre, size=size, resize=resize))
-    if stride_on != "3x3" and not spec.name.endswith("-custom"):
+    spec = replace(spec, stride_on=layout.stride_on, preprocess=replace(base_pre, size=size, resize=resize))
+    if layout.stride_on != "3x3" and not spec.name.endswith("-custom"):
         spec = replace(spec, name=f"{spec.name}-custom")
-    return spec, state_dict
+    return spec
 
 
 # the verifying session's memory: a graph may declare any size in ways no static check sees
