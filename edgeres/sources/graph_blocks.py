@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from edgeres.errors import InputError
+from edgeres.model.zoo import BN_EPS  # noqa: F401 - re-exported: the importers fold BatchNorm with it
 
-BN_EPS = 1e-5  # torch BatchNorm2d default, which build_torch uses
 Refuse = Callable[[str], InputError]  # "what is wrong" → the importer's one-line refusal
 STEM_KINDS = {(7, 2): "imagenet", (3, 1): "cifar"}  # the stem conv's (kernel, stride)
 
