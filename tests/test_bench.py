@@ -43,7 +43,7 @@ def test_bench_json_has_a_row_per_artifact_and_thread_count(benched):
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["status"] == "ok" and row["runs"] == 20
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
-        assert row["peak_rss_mb"] > row["rss_before_load_mb"] > 0
+        assert row["peak_rss_mb"] >= row["rss_before_load_mb"] > 0  # a tiny model may add less than 0.1 MB
 
 
 def test_bench_stores_the_same_document_in_the_bundle(benched):
