@@ -154,6 +154,7 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Arch, params, MACs, widths per stage and (for a bundle) its artifacts."""
+    from calibration import Preprocess
     from edgeres.measure.describe import inspect_path
 
     info = inspect_path(path, arch)
@@ -163,6 +164,7 @@ def inspect(
                 "stage_widths", "shortcut", "num_classes", "input_size", "head"):
         if key in info:
             print(f"{key:16} {info[key]}")
+    print(f"{'preprocess':16} {Preprocess.from_dict(info['preprocess']).describe()}")
     print(f"{'params':16} {info['params']:,}")
     print(f"{'MACs':16} {info['macs']:,} ({info['macs'] / 1e6:.1f} M)")
     for s, stage in enumerate(info["inner_widths"]):
@@ -245,12 +247,13 @@ def convert(
     prune_importance: str = typer.Option("l2", "--prune-importance", help="Channel importance for --prune: l1, l2, bn-scale, taylor."),
     finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images for KD recovery after --prune."),
     epochs: int = typer.Option(0, "--epochs", help="KD fine-tuning epochs after --prune (needs --finetune-data)."),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Override the model's preprocessing: resize=256,crop=224,mode=shorter_side_crop|direct,mean=a,b,c,std=a,b,c (any of them), or a JSON file with those keys."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Redo every step and replace an existing bundle at --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ):
     """Convert MODEL into one bundle with an artifact per target and precision (resumable)."""
-    from edgeres.convert.config import ConvertConfig, apply_profile, parse_target_options
+    from edgeres.convert.config import ConvertConfig, apply_profile, parse_preprocess_override, parse_target_options
     from edgeres.convert.run import convert as run_convert
 
     cfg = ConvertConfig(model=model, out=out, arch=arch, calib=calib,
@@ -261,7 +264,7 @@ def convert(
                         bench_threads=_int_csv(bench_threads, "--bench-threads") or ConvertConfig.bench_threads,
                         bench_runs=bench_runs, prune=prune_ratio, prune_importance=prune_importance,
                         finetune_data=finetune_data, finetune_epochs=epochs, accuracy_budget_pp=accuracy_budget,
-                        quant=quant)
+                        quant=quant, preprocess=parse_preprocess_override(preprocess))
     cfg = apply_profile(cfg, device, targets_given=targets is not None, precisions_given=precision is not None,
                         threads_given=threads is not None, bench_threads_given=bench_threads is not None)
     manifest = run_convert(cfg)

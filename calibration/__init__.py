@@ -1,4 +1,4 @@
-"""Calibration data: dataset readers, preprocessing and range estimators. Needs only numpy."""
+"""Calibration data: dataset readers, preprocessing and range estimators. Needs only numpy and Pillow."""
 
 from calibration.errors import DataError
 from calibration.preprocess import Preprocess

@@ -5,19 +5,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from PIL import Image
 
 from calibration.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# shorter_side_crop: torchvision's ImageNet pipeline, Resize(shorter side) then CenterCrop;
+# direct: Keras' load_img(target_size=...), straight to size×size with no crop
+RESIZE_MODES = ("shorter_side_crop", "direct")
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """How a uint8 H×W×3 RGB image becomes the network input.
 
-    ``resize`` is the shorter side to resize to before a centre crop of ``size``; ``None`` means
-    the images must already be ``size``×``size`` (CIFAR models take their 32×32 images as is).
+    ``resize_mode`` "shorter_side_crop" resizes the shorter side to ``resize`` then centre-crops
+    ``size`` (torchvision); ``resize`` ``None`` there means the images must already be ``size``×``size``
+    (CIFAR models take their 32×32 images as is). "direct" resizes straight to ``size``×``size`` with
+    no crop (Keras); ``resize`` is then ``None``. Resizing is Pillow's antialiased bilinear.
     ``scale`` multiplies the uint8 values before mean/std (1/255 for torchvision, 1 for Keras
     caffe-style preprocessing); ``channel_order`` is the order the network expects.
     """
@@ -29,6 +35,7 @@ class Preprocess:
     scale: float = 1.0 / 255.0
     channel_order: str = "RGB"
     layout: str = "NCHW"
+    resize_mode: str = "shorter_side_crop"
 
     def __post_init__(self):
         if self.layout not in ("NCHW", "NHWC"):
@@ -37,13 +44,18 @@ class Preprocess:
             raise DataError(f"preprocess channel order {self.channel_order!r} is not RGB or BGR")
         if self.size <= 0 or (self.resize is not None and self.resize < self.size):
             raise DataError(f"preprocess size {self.size} / resize {self.resize} is not valid")
+        if self.resize_mode not in RESIZE_MODES:
+            raise DataError(f"preprocess resize mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+        if self.resize_mode == "direct" and self.resize is not None:
+            raise DataError(f"preprocess resize {self.resize} is for shorter_side_crop; direct resizes to size "
+                            f"{self.size} (leave resize out)")
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        d = dict(d)
+        d = dict(d)  # a manifest from before resize_mode existed reads as shorter_side_crop (the default)
         for key in ("mean", "std"):
             if key in d:
                 d[key] = tuple(float(v) for v in d[key])
@@ -52,10 +64,26 @@ class Preprocess:
     def with_layout(self, layout: str) -> "Preprocess":
         return Preprocess(**{**self.__dict__, "layout": layout})
 
+    def describe(self) -> str:
+        """One line for ``inspect``: geometry, then the arithmetic."""
+        if self.resize_mode == "direct":
+            geometry = f"direct resize to {self.size}×{self.size}"
+        elif self.resize is None:
+            geometry = f"{self.size}×{self.size} as is (no resize)"
+        else:
+            geometry = f"shorter side to {self.resize}, centre crop {self.size}×{self.size}"
+        numbers = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
+        return (f"{geometry}; {self.channel_order}, scale {self.scale:g}, mean {numbers(self.mean)}, "
+                f"std {numbers(self.std)}")
+
     def geometry(self, images: np.ndarray, source: str = "images") -> np.ndarray:
         """Resize/crop a uint8 N×H×W×3 batch to N×size×size×3 (uint8), or fail naming ``source``."""
         check_uint8_rgb(images, source)
         h, w = images.shape[1:3]
+        if self.resize_mode == "direct":
+            if (h, w) == (self.size, self.size):
+                return images
+            return np.stack([bilinear_resize(img, self.size, self.size) for img in images])
         if self.resize is None:
             if (h, w) != (self.size, self.size):
                 raise DataError(
@@ -91,29 +119,25 @@ def check_uint8_rgb(images: np.ndarray, source: str) -> None:
 
 
 def resize_center_crop(img: np.ndarray, shorter: int, crop: int) -> np.ndarray:
-    """Bilinear resize of the shorter side to ``shorter`` then centre crop to ``crop``² (numpy only)."""
+    """Resize the shorter side to ``shorter`` then centre-crop ``crop``², as torchvision's
+    ``Resize(shorter)`` + ``CenterCrop(crop)`` on a PIL image (same sizes, same offsets)."""
     h, w = img.shape[:2]
     if h <= w:
-        nh, nw = shorter, max(crop, round(w * shorter / h))
+        nh, nw = shorter, max(crop, int(shorter * w / h))
     else:
-        nh, nw = max(crop, round(h * shorter / w)), shorter
+        nh, nw = max(crop, int(shorter * h / w)), shorter
     resized = bilinear_resize(img, nh, nw)
-    top, left = (nh - crop) // 2, (nw - crop) // 2
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
     return resized[top : top + crop, left : left + crop]
 
 
 def bilinear_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Half-pixel-centre bilinear resize of an H×W×C uint8 image."""
+    """Pillow's bilinear resize of an H×W×C uint8 image (C 1 or 3); it antialiases when downscaling,
+    as the images torchvision and Keras models were trained on were resized."""
     h, w = img.shape[:2]
     if (h, w) == (out_h, out_w):
         return img
-    ys = np.clip((np.arange(out_h) + 0.5) * h / out_h - 0.5, 0, h - 1)
-    xs = np.clip((np.arange(out_w) + 0.5) * w / out_w - 0.5, 0, w - 1)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    # gather the rows first: a large photo is never converted to float as a whole
-    rows0, rows1 = img[y0].astype(np.float32), img[y1].astype(np.float32)
-    top = rows0[:, x0] * (1 - wx) + rows0[:, x1] * wx
-    bottom = rows1[:, x0] * (1 - wx) + rows1[:, x1] * wx
-    return np.clip(np.rint(top * (1 - wy) + bottom * wy), 0, 255).astype(np.uint8)
+    gray = img.ndim == 3 and img.shape[2] == 1
+    pil = Image.fromarray(np.ascontiguousarray(img[:, :, 0] if gray else img))
+    out = np.asarray(pil.resize((out_w, out_h), Image.BILINEAR))
+    return out[:, :, None] if gray else out

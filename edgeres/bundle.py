@@ -21,6 +21,7 @@ from dataclasses import fields
 from pathlib import Path, PurePosixPath
 
 from calibration import DataError, Preprocess
+from calibration.preprocess import RESIZE_MODES
 from targets import companion_files
 from targets.base import atomic_path
 from edgeres.errors import InputError
@@ -473,6 +474,9 @@ def _preprocess_problem(pre, where: str) -> str | None:
     scale = pre.get("scale", 1.0)
     if not _is_finite(scale) or scale <= 0:
         return f"{where} scale {scale!r} is not a positive number"
+    mode = pre.get("resize_mode", "shorter_side_crop")  # absent in manifests written before it existed
+    if mode not in RESIZE_MODES:
+        return f"{where} resize_mode {mode!r} is not one of {', '.join(RESIZE_MODES)}"
     try:
         Preprocess.from_dict(pre)
     except (DataError, TypeError, ValueError) as e:

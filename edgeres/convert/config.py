@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from calibration import DataError, Preprocess
 from calibration.estimators import ESTIMATORS
+from calibration.preprocess import RESIZE_MODES
+from edgeres.bundle import MAX_IMAGE_SIDE
 from edgeres import __version__
 from edgeres.compress.distill import check_finetune_flags
 from edgeres.compress.prune import PruneConfig
@@ -50,6 +54,7 @@ class ConvertConfig:
     finetune_data: str | None = None  # KD recovery after pruning (needs finetune_epochs)
     finetune_epochs: int = 0
     quant: str = "fast"  # preset: fast = plain PTQ, accurate = weight clipping + bias correction first
+    preprocess: dict | None = None  # --preprocess override of the model's own: resize, crop, mode, mean, std, scale
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -128,6 +133,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError("--bench-threads: no thread count given; e.g. --bench-threads 1,2")
     if cfg.prune is not None:
         check_finetune_flags(cfg.finetune_epochs, cfg.finetune_data)
+    if cfg.preprocess is not None:
+        check_preprocess_override(cfg.preprocess)
 
 
 def _validate_numbers(cfg: ConvertConfig) -> None:
@@ -167,4 +174,142 @@ def conversion_key(cfg: ConvertConfig, source_sha256: str) -> str:
         decisive["prune"] = [cfg.prune, cfg.prune_importance, _fingerprint(cfg.finetune_data), cfg.finetune_epochs]
     if cfg.quant != "fast":  # fast keys stay those of bundles made before presets existed
         decisive["quant"] = cfg.quant
+    if cfg.preprocess is not None:  # likewise for bundles made without an override
+        decisive["preprocess"] = cfg.preprocess
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- --preprocess ----------------------------------------------------------------------------------------
+
+PREPROCESS_FLAG_KEYS = ("resize", "crop", "mode", "mean", "std", "scale")
+PREPROCESS_EXAMPLE = "e.g. --preprocess resize=256,crop=224,mode=shorter_side_crop,mean=0.485,0.456,0.406"
+
+
+def parse_preprocess_override(text: str | None) -> dict | None:
+    """``resize=256,crop=224,mode=direct,mean=a,b,c,std=a,b,c`` (or a JSON file with those keys) →
+    the override dict, checked; ``None`` when the flag is not given."""
+    if text is None:
+        return None
+    if text.strip().lower().endswith(".json") or Path(text).is_file():
+        try:
+            given = json.loads(Path(text).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise InputError(f"--preprocess {text}: cannot read it as JSON ({e}); give a JSON object such as "
+                             '{"resize": 256, "crop": 224, "mode": "shorter_side_crop"}') from None
+        if not isinstance(given, dict):
+            raise InputError(f"--preprocess {text}: the JSON is not an object of {', '.join(PREPROCESS_FLAG_KEYS)}")
+    else:
+        given = _key_values(text)
+    override = {key: _preprocess_value(key, value) for key, value in given.items()}
+    check_preprocess_override(override)
+    return override
+
+
+def _key_values(text: str) -> dict:
+    """``a=1,b=2,3,4`` → ``{"a": "1", "b": ["2", "3", "4"]}``: a part without ``=`` continues the value before."""
+    out: dict = {}
+    key = None
+    for part in text.split(","):
+        name, eq, value = part.partition("=")
+        if eq:
+            key = name.strip()
+            if key in out:
+                raise InputError(f"--preprocess: {key} is given twice; give each key once ({PREPROCESS_EXAMPLE})")
+            out[key] = [value.strip()]
+        elif key is None:
+            raise InputError(f"--preprocess {text!r}: expected KEY=VALUE pairs ({PREPROCESS_EXAMPLE})")
+        else:
+            out[key].append(part.strip())
+    return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
+
+
+def _preprocess_value(key: str, value):
+    """A string (or JSON) value as its type; range checks are check_preprocess_override's."""
+    if key not in PREPROCESS_FLAG_KEYS:
+        raise InputError(f"--preprocess: unknown key {key!r}; the keys are {', '.join(PREPROCESS_FLAG_KEYS)} "
+                         f"({PREPROCESS_EXAMPLE})")
+    try:
+        if key in ("mean", "std"):
+            values = value if isinstance(value, list) else [value]
+            return [float(v) for v in values]
+        if key == "mode":
+            return str(value)
+        if key == "resize" and (value is None or str(value).lower() == "none"):
+            return None
+        number = float(value)
+        if key == "scale":
+            return number
+        return int(number) if math.isfinite(number) and number == int(number) else number
+    except (TypeError, ValueError):
+        raise InputError(f"--preprocess {key}={value!r}: not a number; {_what(key)}") from None
+
+
+def _what(key: str) -> str:
+    return {"resize": "resize is the shorter side in pixels before the crop (e.g. resize=256)",
+            "crop": "crop is the model's input side in pixels (e.g. crop=224)",
+            "mean": "mean is three numbers, one per channel (e.g. mean=0.485,0.456,0.406)",
+            "std": "std is three positive numbers, one per channel (e.g. std=0.229,0.224,0.225)",
+            "scale": "scale multiplies the 0..255 pixel values before mean/std (e.g. scale=0.00392156862745098)",
+            "mode": f"mode is one of {', '.join(RESIZE_MODES)}"}[key]
+
+
+def check_preprocess_override(override: dict) -> None:
+    """Every --preprocess value in range and the combination possible, before any work."""
+    for key, value in override.items():
+        if key not in PREPROCESS_FLAG_KEYS:
+            raise InputError(f"--preprocess: unknown key {key!r}; the keys are {', '.join(PREPROCESS_FLAG_KEYS)}")
+        bad = _bad_value(key, value)
+        if bad:
+            raise InputError(f"--preprocess {key}={bad}; {_what(key)}")
+    resize, crop = override.get("resize"), override.get("crop")
+    if resize is not None and crop is not None and crop > resize:
+        raise InputError(f"--preprocess crop={crop} is larger than resize={resize}; the crop is taken from the image "
+                         "resized to its shorter side, so give resize at least crop (e.g. resize=256,crop=224)")
+    if override.get("mode") == "direct" and resize is not None:
+        raise InputError(f"--preprocess resize={resize} with mode=direct: direct resizes straight to crop×crop; "
+                         "leave resize out (or use mode=shorter_side_crop)")
+
+
+def _bad_value(key: str, value) -> str | None:
+    """How ``value`` is wrong for ``key`` (shown after ``key=``), or None."""
+    if key == "mode":
+        return None if value in RESIZE_MODES else f"{value!r} is not a resize mode"
+    if key in ("mean", "std"):
+        if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+            return f"{value!r} is not three numbers"
+        if not all(math.isfinite(v) for v in value):
+            return f"{','.join(map(str, value))} is not finite"
+        if key == "std" and any(v <= 0 for v in value):
+            return f"{','.join(map(str, value))} has a value that is not positive"
+        return None
+    if key == "resize" and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{value!r} is not a finite number"
+    if key == "scale":
+        return None if value > 0 else f"{value:g} is not positive"
+    if not isinstance(value, int) or not 1 <= value <= MAX_IMAGE_SIDE:
+        return f"{value!r} is not a whole number of pixels from 1 to {MAX_IMAGE_SIDE}"
+    return None
+
+
+def apply_preprocess_override(pre: Preprocess, override: dict | None) -> Preprocess:
+    """The model's preprocessing with the --preprocess keys given replacing its own (same input size)."""
+    if not override:
+        return pre
+    crop = override.get("crop", pre.size)
+    if crop != pre.size:
+        raise InputError(f"--preprocess crop={crop}: the model takes {pre.size}×{pre.size} inputs; give "
+                         f"crop={pre.size} or leave crop out")
+    mode = override.get("mode", pre.resize_mode)
+    resize = None if mode == "direct" else override.get("resize", pre.resize if pre.resize_mode == mode else None)
+    changes = {"resize_mode": mode, "resize": resize}
+    for key in ("mean", "std"):
+        if key in override:
+            changes[key] = tuple(override[key])
+    if "scale" in override:
+        changes["scale"] = override["scale"]
+    try:
+        return replace(pre, **changes)
+    except DataError as e:
+        raise InputError(f"--preprocess: {e}") from None

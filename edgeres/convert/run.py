@@ -5,7 +5,7 @@ re-running after an interruption resumes it (``convert.build``)."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from calibration import ImageDataset, open_dataset
@@ -13,7 +13,8 @@ from edgeres.bundle import MANIFEST, OutputLock, check_output_dir, read_manifest
 from edgeres.compress.prune import prune_into_loaded
 from edgeres.convert.budget import enforce_accuracy_budget
 from edgeres.convert.build import build_bundle
-from edgeres.convert.config import MIN_CALIB_IMAGES, ConvertConfig, conversion_key, plan, validate
+from edgeres.convert.config import (MIN_CALIB_IMAGES, ConvertConfig, apply_preprocess_override, conversion_key, plan,
+                                    validate)
 from edgeres.errors import InputError
 from edgeres.measure.bench import BENCH_FILE, BenchConfig, bench_bundle
 from edgeres.measure.bundle_eval import EVAL_FILE, evaluate_bundle
@@ -49,6 +50,10 @@ def convert(cfg: ConvertConfig) -> dict:
     validate(cfg)
     out = Path(cfg.out)
     loaded = load_model(cfg.model, cfg.arch)
+    if cfg.preprocess is not None:  # the override serves calibration, eval, the manifest and the app alike
+        spec = loaded.spec
+        loaded = replace(loaded, spec=replace(spec, preprocess=apply_preprocess_override(spec.preprocess,
+                                                                                          cfg.preprocess)))
     data = _open_data(cfg, loaded.spec)
     key = conversion_key(cfg, loaded.sha256)
     # pruning (and its fine-tuning) runs once, and only when something is built from the pruned model

@@ -24,6 +24,7 @@ def describe_spec(spec: ResNetSpec) -> dict:
         "input_size": spec.input_size,
         "params": cost["params"],
         "macs": cost["macs"],
+        "preprocess": spec.preprocess.to_dict(),
     }
     if spec.head_layers != Head():  # e.g. a Keras Flatten → Dense → softmax head
         info["head"] = spec.head_layers.to_dict()
@@ -37,6 +38,7 @@ def inspect_path(path: str | Path, arch: str | None = None) -> dict:
 
         manifest = read_manifest(p)
         info = describe_spec(ResNetSpec.from_dict(manifest["arch"]))
+        info["preprocess"] = manifest["preprocess"]  # what the bundle's runs use
         info["bundle"] = str(p)
         info["artifacts"] = [
             {k: a.get(k) for k in ("target", "precision", "file", "engine", "size_bytes", "status")}

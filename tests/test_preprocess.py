@@ -1,0 +1,235 @@
+"""Preprocessing as the model was trained: Pillow's antialiased bilinear resize (torchvision's
+Resize + CenterCrop, or Keras' direct resize), recorded in the manifest, overridable with --preprocess."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from calibration import DataError, Preprocess
+from tests.conftest import run_cli
+from tests.test_safety import Case, _assert_one_line, _invoke, _no_partial, env, runner  # noqa: F401
+from tests.test_safety_flags import _convert, no_work  # noqa: F401
+
+
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A random-ish H×W×3 uint8 image: smooth colour gradients plus noise, so aliasing shows."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([127 + 100 * np.sin(xx / (17 + 9 * c) + yy / (23 + 5 * c) + c) for c in range(3)], -1)
+    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+
+
+def torchvision_pil(img: np.ndarray, shorter: int, crop: int) -> np.ndarray:
+    """torchvision's PIL path written out: Resize(shorter) (long side truncated) then CenterCrop(crop)."""
+    h, w = img.shape[:2]
+    nh, nw = (shorter, int(shorter * w / h)) if h <= w else (int(shorter * h / w), shorter)
+    resized = Image.fromarray(img).resize((nw, nh), Image.BILINEAR)
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    return np.asarray(resized.crop((left, top, left + crop, top + crop)))
+
+
+def normalise(x: np.ndarray, pre: Preprocess) -> np.ndarray:
+    x = x.astype(np.float32) * np.float32(pre.scale)
+    return ((x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)).transpose(2, 0, 1)
+
+
+# -- resizing -------------------------------------------------------------------------------------------
+
+def test_zoo_imagenet_preprocess_equals_pil_resize_and_centre_crop_within_1_255():
+    from edgeres.model.zoo import get_spec
+
+    pre = get_spec("resnet50").preprocess
+    assert (pre.resize_mode, pre.resize, pre.size) == ("shorter_side_crop", 256, 224)
+    img = photo(1000, 750)
+    ref = torchvision_pil(img, 256, 224)
+    got_pixels = pre.geometry(img[None])[0].astype(int)
+    assert np.abs(got_pixels - ref).max() <= 1
+    got = pre(img[None])[0]
+    pixel_error = np.abs(got - normalise(ref, pre)) * np.asarray(pre.std, np.float32)[:, None, None]
+    assert pixel_error.max() <= 1 / 255 + 1e-6
+
+
+def test_direct_mode_equals_pil_resize_to_size_by_size():
+    pre = Preprocess(size=224, resize_mode="direct")
+    img = photo(1000, 750, seed=1)
+    ref = np.asarray(Image.fromarray(img).resize((224, 224), Image.BILINEAR))
+    assert np.abs(pre.geometry(img[None])[0].astype(int) - ref).max() <= 1
+    assert np.abs(pre(img[None])[0] - normalise(ref, pre)).max() * max(pre.std) <= 1 / 255 + 1e-6
+
+
+def test_direct_mode_takes_images_of_the_input_size_unchanged():
+    img = photo(224, 224)[None]
+    assert np.array_equal(Preprocess(size=224, resize_mode="direct").geometry(img), img)
+
+
+def test_downscaling_antialiases_unlike_point_sampling():
+    """A one-pixel checkerboard halved becomes mid grey, not a copy of every other pixel."""
+    board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)
+    img = np.repeat(board[:, :, None], 3, -1)[None]
+    out = Preprocess(size=32, resize_mode="direct").geometry(img)
+    assert np.abs(out.astype(int) - 128).max() <= 4  # corners see a little less of the board
+
+
+# -- the record -----------------------------------------------------------------------------------------
+
+def test_resize_mode_round_trips_through_the_manifest_dict():
+    pre = Preprocess(size=224, resize_mode="direct", channel_order="BGR")
+    assert pre.to_dict()["resize_mode"] == "direct"
+    assert Preprocess.from_dict(json.loads(json.dumps(pre.to_dict()))) == pre
+
+
+def test_a_manifest_without_resize_mode_reads_as_shorter_side_crop():
+    old = {"size": 224, "resize": 256, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert Preprocess.from_dict(old).resize_mode == "shorter_side_crop"
+
+
+def test_unknown_resize_mode_is_refused():
+    with pytest.raises(DataError, match="resize mode 'stretch'"):
+        Preprocess(size=224, resize_mode="stretch")
+
+
+def test_bundle_schema_accepts_resize_mode_and_refuses_unknown_modes():
+    from edgeres.bundle import _preprocess_problem
+
+    good = Preprocess(size=224, resize_mode="direct").to_dict()
+    assert _preprocess_problem(good, "preprocess") is None
+    assert "resize_mode 'stretch'" in _preprocess_problem({**good, "resize_mode": "stretch"}, "preprocess")
+    old = {k: v for k, v in Preprocess(size=224, resize=256).to_dict().items() if k != "resize_mode"}
+    assert _preprocess_problem(old, "preprocess") is None
+
+
+def test_keras_imports_resize_directly_and_torch_imports_keep_torchvision():
+    from edgeres.model.zoo import IMAGENET_PREPROCESS
+    from edgeres.sources.keras_import import keras_caffe_preprocess
+
+    pre = keras_caffe_preprocess(224)
+    assert (pre.resize_mode, pre.resize, pre.size, pre.channel_order) == ("direct", None, 224, "BGR")
+    assert (IMAGENET_PREPROCESS.resize_mode, IMAGENET_PREPROCESS.resize) == ("shorter_side_crop", 256)
+
+
+# -- --preprocess ---------------------------------------------------------------------------------------
+
+def test_preprocess_flag_parses_keys_and_three_number_lists():
+    from edgeres.convert.config import parse_preprocess_override
+
+    got = parse_preprocess_override("resize=256,crop=224,mode=shorter_side_crop,mean=1,2,3,std=4,5,6")
+    assert got == {"resize": 256, "crop": 224, "mode": "shorter_side_crop", "mean": [1.0, 2.0, 3.0],
+                   "std": [4.0, 5.0, 6.0]}
+
+
+def test_preprocess_flag_reads_a_json_file(tmp_path):
+    from edgeres.convert.config import parse_preprocess_override
+
+    path = tmp_path / "pre.json"
+    path.write_text(json.dumps({"mode": "direct", "crop": 224, "std": [1, 1, 1]}))
+    assert parse_preprocess_override(str(path)) == {"mode": "direct", "crop": 224, "std": [1.0, 1.0, 1.0]}
+
+
+def test_override_replaces_only_the_keys_given():
+    from edgeres.convert.config import apply_preprocess_override
+    from edgeres.model.zoo import IMAGENET_PREPROCESS
+
+    direct = apply_preprocess_override(IMAGENET_PREPROCESS, {"mode": "direct"})
+    assert (direct.resize_mode, direct.resize, direct.mean) == ("direct", None, IMAGENET_PREPROCESS.mean)
+    wider = apply_preprocess_override(IMAGENET_PREPROCESS, {"resize": 288, "mean": [0.5, 0.5, 0.5]})
+    assert (wider.resize, wider.mean, wider.std) == (288, (0.5, 0.5, 0.5), IMAGENET_PREPROCESS.std)
+
+
+def _pre(value: str):
+    return lambda t, e: _convert(t, e, "--preprocess", value)
+
+
+PREPROCESS_CASES = [
+    Case("unknown-key", _pre("resize=256,colour=1"), "--preprocess: unknown key 'colour'; the keys are resize"),
+    Case("negative-size", _pre("resize=-256"), "--preprocess resize=-256 is not a whole number of pixels"),
+    Case("zero-crop", _pre("crop=0"), "--preprocess crop=0 is not a whole number of pixels"),
+    Case("crop-over-resize", _pre("resize=200,crop=224"), "crop=224 is larger than resize=200; .*resize at least crop"),
+    Case("nan-mean", _pre("mean=0.5,nan,0.5"), "--preprocess mean=0.5,nan,0.5 is not finite"),
+    Case("two-means", _pre("mean=0.5,0.5"), "--preprocess mean=.* is not three numbers"),
+    Case("zero-std", _pre("std=0.2,0,0.2"), "--preprocess std=0.2,0.0,0.2 has a value that is not positive"),
+    Case("bad-mode", _pre("mode=stretch"), "--preprocess mode='stretch' is not a resize mode; mode is one of "
+                                           "shorter_side_crop, direct"),
+    Case("direct-with-resize", _pre("mode=direct,resize=256"), "resize=256 with mode=direct: .*leave resize out"),
+    Case("not-key-value", _pre("256"), "expected KEY=VALUE pairs"),
+    Case("word-size", _pre("resize=big"), "--preprocess resize='big': not a number"),
+    Case("missing-json", _pre("nowhere.json"), "--preprocess nowhere.json: cannot read it as JSON"),
+]
+
+
+@pytest.mark.parametrize("case", PREPROCESS_CASES, ids=lambda c: c.id)
+def test_bad_preprocess_flag_is_refused_in_one_line_before_any_work(env, tmp_path, no_work, case):
+    code, _, stderr = _invoke(case.make(tmp_path, env))
+    _assert_one_line(code, stderr, case)
+    assert not (tmp_path / "bundle").exists()
+    _no_partial(tmp_path)
+
+
+def test_crop_other_than_the_models_input_size_is_refused_naming_the_size(env, tmp_path):
+    code, _, stderr = _invoke(_convert(tmp_path, env, "--preprocess", "crop=224"))
+    _assert_one_line(code, stderr, Case("crop", None, "crop=224: the model takes 16×16 inputs; give crop=16"))
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_override_is_recorded_in_the_manifest_and_shown_by_inspect(env, tmp_path):
+    out = tmp_path / "bundle"
+    r = run_cli("convert", env["checkpoint"], "--targets", "onnx", "--precision", "fp32", "--no-bench",
+                "--preprocess", "mode=direct,mean=0.5,0.5,0.5", "--out", out)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["preprocess"]["resize_mode"] == "direct" and manifest["preprocess"]["mean"] == [0.5] * 3
+    assert manifest["arch"]["preprocess"] == manifest["preprocess"]
+    assert manifest["config"]["preprocess"] == {"mode": "direct", "mean": [0.5, 0.5, 0.5]}
+    shown = run_cli("inspect", out)
+    assert "direct resize to 16×16; RGB" in shown.stdout and "mean 0.5,0.5,0.5" in shown.stdout, shown.stdout
+    model = run_cli("inspect", env["checkpoint"])
+    assert "16×16 as is (no resize)" in model.stdout, model.stdout
+
+
+# -- Keras' convention end to end -----------------------------------------------------------------------
+
+def keras_like_images(n: int, size: int, seed: int) -> np.ndarray:
+    """Varied uint8 images: coarse random colour fields upscaled, plus noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        coarse = rng.integers(0, 256, (int(rng.integers(2, 9)),) * 2 + (3,), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR)).astype(np.float32)
+        out.append(np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+@pytest.mark.slow
+def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_on_images_fed_as_they_are(tmp_path, cli):
+    keras = pytest.importorskip("keras", minversion="3")
+    from targets import get_target
+    from tests.test_keras_import import randomize
+
+    L = keras.layers
+    base = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(224, 224, 3))
+    model = keras.Sequential([keras.Input((224, 224, 3)), base, L.Flatten(), L.Dense(256, activation="relu"),
+                              L.Dense(10, activation="softmax")])
+    randomize(model, np.random.default_rng(0))
+    model.save(tmp_path / "resnet50.keras")
+    images = keras_like_images(64, 224, seed=0)
+    caffe = keras.applications.resnet.preprocess_input(images.astype(np.float32))
+    keras_top1 = np.asarray(model.predict(caffe, batch_size=16, verbose=0)).argmax(1)
+
+    out = tmp_path / "bundle"
+    r = cli("convert", tmp_path / "resnet50.keras", "--targets", "onnx,openvino,tflite", "--precision", "fp32",
+            "--no-bench", "--out", out)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    pre = Preprocess.from_dict(manifest["preprocess"]).with_layout("NCHW")
+    assert pre.resize_mode == "direct"
+    x = pre(images)
+    for a in manifest["artifacts"]:
+        assert a["status"] == "ok", a
+        run = get_target(a["target"]).load_runner(out / a["files"][0])
+        top1 = np.concatenate([np.asarray(run(x[i:i + 8])).argmax(1) for i in range(0, len(x), 8)])
+        agreement = float((top1 == keras_top1).mean())
+        print(f"{a['target']} fp32 agrees with Keras on {agreement:.1%} ({len(set(keras_top1))} classes seen)")
+        assert agreement >= 0.984, (a["target"], agreement)
