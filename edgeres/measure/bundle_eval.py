@@ -8,7 +8,7 @@ from calibration import ImageDataset, Preprocess
 from edgeres.bundle import (EVAL_FILE, artifact_path, ok_artifacts, read_manifest, read_result, reference_path,
                             store_result)
 from edgeres.errors import InputError
-from edgeres.measure.evaluate import (check_labels, collect_logits, compare_to_reference, number_bundle_class_folders,
+from edgeres.measure.evaluate import (check_labels, collect_logits, compare_to_reference,
                                       topk_accuracy, torch_runner)
 from edgeres.measure.layer_error import layer_sqnr_for_bundle
 from edgeres.progress import log
@@ -26,9 +26,7 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    pre = Preprocess.from_dict(manifest["preprocess"])
-    check_labels(dataset, manifest["arch"]["num_classes"])
-    dataset.check_image_size(pre)
+    pre = check_data_for(manifest, dataset)
     labels = dataset.labels[dataset.spread(limit)]
     artifacts = ok_artifacts(manifest)
     paths = [artifact_path(bundle, a) for a in artifacts]  # every file checked before any is run
@@ -51,6 +49,15 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     return result
 
 
+def check_data_for(manifest: dict, dataset: ImageDataset) -> Preprocess:
+    """The bundle's preprocessing, once the images fit it and their labels (class folders numbered by the
+    model's labels) fit the model; unreadable or mis-sized images are the first problem reported."""
+    pre = Preprocess.from_dict(manifest["preprocess"])
+    dataset.check_image_size(pre)
+    check_labels(dataset, manifest["arch"]["num_classes"], manifest["arch"].get("labels"))
+    return pre
+
+
 def check_eval_request(path: str | Path, layers: bool) -> None:
     """What ``eval`` can refuse before reading any data."""
     if layers and not Path(path).is_dir():
@@ -66,9 +73,10 @@ def evaluate_path(path: str | Path, dataset: ImageDataset, *, arch: str | None =
     check_eval_request(path, layers)
     if not path.is_dir():
         return _evaluate_model(path, dataset, arch, limit)
-    number_bundle_class_folders(path, dataset)
-    # measured before evaluate_bundle stores eval.json, so a failure here leaves the stored results as they were
-    layer_rows = layer_sqnr_for_bundle(path, dataset) if layers else None
+    layer_rows = None
+    if layers:  # measured before evaluate_bundle stores eval.json, so a failure leaves the stored results as they were
+        check_data_for(read_manifest(path, verify=False), dataset)
+        layer_rows = layer_sqnr_for_bundle(path, dataset)
     result = evaluate_bundle(path, dataset, limit=limit, threads=threads)
     if layers:
         result["layers"] = layer_rows

@@ -26,7 +26,7 @@ def check_labels(dataset: ImageDataset, num_classes: int, class_names: Sequence[
     """Labels must name classes the model has; a mismatch means the data is for another model.
 
     Class folders are numbered by ``class_names`` (the model's labels; see ``number_class_folders``); a dataset
-    already numbered keeps its numbers when none are given (``evaluate_bundle`` passes only the class count).
+    already numbered keeps its numbers when none are given.
     """
     if dataset.labels is None:
         raise InputError(f"{dataset.source}: has no labels; accuracy needs labelled images (y in the npz or class folders)")
@@ -69,22 +69,6 @@ def number_class_folders(dataset: ImageDataset, class_names: Sequence[str] | Non
         log(f"{dataset.source}: the model has no class names, so class folders are numbered in sorted order "
             f"({shown}{', …' if len(folders) > 4 else ''})")
     dataset.number_classes(indices)
-
-
-def number_bundle_class_folders(bundle, dataset: ImageDataset) -> None:
-    """``eval DIR``: number class folders by the bundle's labels before ``evaluate_bundle`` checks the class count."""
-    from edgeres.bundle import read_manifest
-
-    if dataset.class_names is None:
-        return
-    manifest = read_manifest(bundle, verify=False)
-    try:
-        preprocess = Preprocess.from_dict(manifest["preprocess"])
-        num_classes, class_names = int(manifest["arch"]["num_classes"]), manifest["arch"].get("labels")
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return  # a damaged manifest: evaluate_bundle reports it
-    dataset.check_image_size(preprocess)  # unreadable or mis-sized images are the first problem to report
-    check_labels(dataset, num_classes, class_names)
 
 
 def collect_logits(run: Callable[[np.ndarray], np.ndarray], dataset: ImageDataset, preprocess: Preprocess,
