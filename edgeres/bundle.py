@@ -10,7 +10,6 @@ writes a bundle holds ``OutputLock`` on it, so two runs never write the same bun
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from calibration import DataError, Preprocess
 from calibration.preprocess import RESIZE_MODES
 from targets import companion_files
-from targets.base import atomic_path
+from targets.base import atomic_path, sha256_file, sha256_stream
 from edgeres.errors import InputError
 from edgeres.model.zoo import ResNetSpec
 
@@ -201,19 +200,7 @@ def publish(staging: Path, out: Path) -> None:
 
 def file_record(bundle: Path, rel: str) -> dict:
     path = bundle / rel
-    return {"file": rel, "size_bytes": path.stat().st_size, "sha256": _sha256_path(path)}
-
-
-def _sha256_path(path: Path) -> str:
-    with open(path, "rb") as f:
-        return _sha256(f)
-
-
-def _sha256(f) -> str:
-    h = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-        h.update(chunk)
-    return h.hexdigest()
+    return {"file": rel, "size_bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -386,7 +373,7 @@ def verify_file(bundle: Path, record: dict) -> None:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise InputError(f"{path}: is not a regular file ({_file_kind(st.st_mode)}); {DAMAGED}")
-        if st.st_size != record["size_bytes"] or _sha256(f) != record["sha256"]:
+        if st.st_size != record["size_bytes"] or sha256_stream(f) != record["sha256"]:
             raise InputError(f"{path}: size or sha256 differs from the manifest; the file was changed or truncated, "
                              "re-run `edgeres convert`")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,19 @@ def first_line(e: BaseException, limit: int = 200, *, with_type: bool = False) -
     if with_type or not text:
         return f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text
+
+
+def sha256_stream(f) -> str:
+    """sha256 of an open binary file, read from where it stands in 1 MiB chunks."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeres.errors import InputError
-from targets.base import atomic_path, first_line
+from targets.base import atomic_path, first_line, sha256_file
 from edgeres.model.limits import check_archive, check_weight_bytes, size_text
 from edgeres.model.infer import check_state_dict, infer_spec
 from edgeres.model.zoo import ResNetSpec, get_spec
@@ -37,14 +37,6 @@ class LoadedModel:
         model = build_torch(self.spec)
         model.load_state_dict(self.state_dict, strict=False)
         return model.eval()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
