@@ -4,18 +4,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test clean
 
 install: $(STAMP)
 
-# torch goes in alone first (a local CPU wheel); then the project with every runtime.
-$(STAMP): pyproject.toml Makefile
+# Every version comes from constraints.txt (the tested set; scripts/lock.sh refreshes it).
+# torch goes in alone first, the CPU build: a local +cpu wheel when pip finds one, else PyTorch's CPU
+# index; then the project with every runtime; pip check must be clean.
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[all,dev]'
+	$(PIP) install -q -c constraints.txt --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q -c constraints.txt torch==$(TORCH_VERSION)+cpu \
+	  || $(PIP) install -q -c constraints.txt torch==$(TORCH_VERSION)+cpu --index-url $(TORCH_INDEX)
+	$(PIP) install -q -c constraints.txt -e '.[all,dev]'
+	$(PIP) check
 	touch $(STAMP)
 
 demo: install

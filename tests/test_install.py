@@ -1,0 +1,56 @@
+"""The install is the tested one: make install pins every package from constraints.txt, one TensorFlow."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _locked() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not name==version"
+            pins[_norm(name)] = version
+    return pins
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_names(reqs: list[str]) -> set[str]:
+    return {_norm(re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]) for r in reqs if not r.startswith("edgeres")}
+
+
+def test_every_declared_dependency_is_locked():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = _requirement_names(project["dependencies"])
+    for reqs in project["optional-dependencies"].values():
+        declared |= _requirement_names(reqs)
+    missing = declared - set(_locked())
+    assert not missing, f"not in constraints.txt (run scripts/lock.sh): {sorted(missing)}"
+
+
+def test_installed_versions_are_the_locked_ones():
+    locked = _locked()
+    installed = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    wrong = {n: (installed[n], v) for n, v in locked.items() if n in installed and installed[n] != v}
+    if "edgeres" not in installed:
+        pytest.skip("edgeres is not pip-installed here (make install pins the set)")
+    assert not wrong, f"installed (got, locked) differ from constraints.txt: {wrong}"
+
+
+def test_one_tensorflow_and_the_cpu_torch():
+    names = {_norm(d.metadata["Name"]) for d in metadata.distributions()}
+    tensorflows = sorted(n for n in names if n in {"tensorflow", "tensorflow-cpu", "tensorflow-intel"})
+    assert len(tensorflows) <= 1, f"two TensorFlow distributions share one package directory: {tensorflows}"
+    assert _locked()["torch"].endswith("+cpu")
