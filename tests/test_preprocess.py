@@ -4,6 +4,7 @@ Resize + CenterCrop, or Keras' direct resize), recorded in the manifest, overrid
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -202,6 +203,19 @@ def keras_like_images(n: int, size: int, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
+def spread_logits(keras, model, x, target_std: float = 3.0) -> None:
+    """Rescale the head's two Dense kernels so that, on ``x``, about half the hidden units are active and
+    the logits spread over a few units: a random network's top-1 is otherwise one class for every image."""
+    hidden, last = model.layers[-2], model.layers[-1]
+    f = np.asarray(keras.Model(model.inputs, hidden.input)(x, training=False), np.float64)
+    w = hidden.get_weights()[0] / ((f @ hidden.get_weights()[0]).std() + 1e-12)
+    b = -np.median(f @ w, axis=0)
+    hidden.set_weights([w.astype(np.float32), b.astype(np.float32)])
+    h = np.maximum(f @ w + b, 0)
+    w2 = last.get_weights()[0]
+    last.set_weights([(w2 * target_std / ((h @ w2).std() + 1e-12)).astype(np.float32), np.zeros(w2.shape[1], np.float32)])
+
+
 @pytest.mark.slow
 def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_on_images_fed_as_they_are(tmp_path, cli):
     keras = pytest.importorskip("keras", minversion="3")
@@ -213,10 +227,12 @@ def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_on_images_fed_as
     model = keras.Sequential([keras.Input((224, 224, 3)), base, L.Flatten(), L.Dense(256, activation="relu"),
                               L.Dense(10, activation="softmax")])
     randomize(model, np.random.default_rng(0))
-    model.save(tmp_path / "resnet50.keras")
     images = keras_like_images(64, 224, seed=0)
     caffe = keras.applications.resnet.preprocess_input(images.astype(np.float32))
+    spread_logits(keras, model, caffe)
+    model.save(tmp_path / "resnet50.keras")
     keras_top1 = np.asarray(model.predict(caffe, batch_size=16, verbose=0)).argmax(1)
+    assert len(set(keras_top1)) >= 5, f"Keras' top-1 must vary for agreement to mean anything: {set(keras_top1)}"
 
     out = tmp_path / "bundle"
     r = cli("convert", tmp_path / "resnet50.keras", "--targets", "onnx,openvino,tflite", "--precision", "fp32",
@@ -226,10 +242,15 @@ def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_on_images_fed_as
     pre = Preprocess.from_dict(manifest["preprocess"]).with_layout("NCHW")
     assert pre.resize_mode == "direct"
     x = pre(images)
+    x_crop = replace(pre, resize_mode="shorter_side_crop", resize=256)(images)
     for a in manifest["artifacts"]:
         assert a["status"] == "ok", a
         run = get_target(a["target"]).load_runner(out / a["files"][0])
         top1 = np.concatenate([np.asarray(run(x[i:i + 8])).argmax(1) for i in range(0, len(x), 8)])
         agreement = float((top1 == keras_top1).mean())
-        print(f"{a['target']} fp32 agrees with Keras on {agreement:.1%} ({len(set(keras_top1))} classes seen)")
+        cropped = np.concatenate([np.asarray(run(x_crop[i:i + 8])).argmax(1) for i in range(0, len(x), 8)])
+        crop_agreement = float((cropped == keras_top1).mean())
+        print(f"{a['target']} fp32 agrees with Keras on {agreement:.1%} of 64 images "
+              f"({len(set(keras_top1))} classes); resized to 256 + centre crop: {crop_agreement:.1%}")
         assert agreement >= 0.984, (a["target"], agreement)
+        assert crop_agreement < agreement, "the crop convention should not match Keras as well as direct resize"
