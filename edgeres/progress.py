@@ -26,3 +26,16 @@ def progress(description: str, total: int | None):
 
 def log(message: str) -> None:
     stderr.print(message)
+
+
+DEBUG_ENV = "EDGERES_DEBUG"  # read by the targets (which cannot import edgeres) to let runtime logs through
+
+
+def set_debug(on: bool) -> None:
+    """``--debug``: the runtimes' own log output (TensorFlow, LiteRT's C++ side) is shown, not held back."""
+    import os
+
+    if on:
+        os.environ[DEBUG_ENV] = "1"
+    else:
+        os.environ.pop(DEBUG_ENV, None)
