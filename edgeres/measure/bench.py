@@ -27,7 +27,7 @@ from edgeres.bundle import BENCH_FILE, bundle_path, model_path, ok_artifacts, re
 from edgeres.errors import InputError, TargetError
 from edgeres.measure.bench_runner import PARENT_PID_ENV
 from edgeres.measure.records import keep_bench
-from edgeres.progress import log
+from edgeres.progress import log, progress
 from edgeres.tables import fmt
 
 SCHEMA = "edgeres-bench/1"
@@ -316,7 +316,7 @@ def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None
         item.path(bundle)
     executor = RemoteExecutor(bundle, cfg, remote, items) if remote else LocalExecutor(bundle, cfg)
     rows, system = [], None
-    with _terminate_as_interrupt(), executor:
+    with _terminate_as_interrupt(), executor, progress("benchmarking", len(items) * len(cfg.threads)) as advance:
         for item in items:
             for threads in cfg.threads:
                 log(f"bench {item.target} {item.precision} ({item.file}), {threads} thread(s) on {executor.host}…")
@@ -334,6 +334,7 @@ def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None
                     row.setdefault("error", "unknown failure")
                     log(f"[red]{item.target} {item.precision} failed:[/] {row['error']}")
                 rows.append(row)
+                advance()
     result = {
         "schema": SCHEMA,
         "bundle": str(bundle),
