@@ -154,10 +154,9 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and 
          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                       help="Print the version and exit.")):
     _state["debug"] = debug
-    if debug:
-        from edgeres.progress import set_debug
+    from edgeres.progress import set_debug
 
-        set_debug(True)
+    set_debug(debug)
 
 
 @app.command()

@@ -27,7 +27,6 @@ from targets.base import sha256_file
 EVALS_DIR = "evals"
 BENCHES_DIR = "benches"
 RUN_ID = re.compile(r"\d{8}-\d{6}(-\d{1,4})?")
-LATEST = "latest"  # the run id shown for an eval.json / bench.json that no kept record matches
 
 
 @dataclass(frozen=True)
@@ -114,9 +113,9 @@ def runs(bundle: str | Path, folder: str, latest: str) -> list[Run]:
                 found.append(Run(path.stem, path, doc))
     doc = read_result(bundle, latest)
     if doc is not None and not any(r.doc == doc for r in found):
-        found.append(Run(LATEST if doc.get("run") is None or any(r.id == doc.get("run") for r in found)
-                         else str(doc["run"]), bundle / latest, doc))
-    return sorted(found, key=lambda r: (r.created, r.id != LATEST))
+        # named by its file: it is either from before runs were kept or was changed after its run was kept
+        found.append(Run(latest, bundle / latest, doc))
+    return sorted(found, key=lambda r: (r.created, r.path.parent == bundle))
 
 
 def pick(found: list[Run], run_id: str, flag: str, bundle: Path) -> Run:

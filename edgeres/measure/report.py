@@ -485,8 +485,8 @@ def plot_waterfall(data: ReportData, path: Path) -> bool:
     ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))  # zoomed: the drops are fractions of a point
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("top-1 accuracy, %")
-    ax.set_title("Accuracy lost per step (drop pp, positive = lost; each target's quantisation starts at the "
-                 "fp32 reference)", fontsize=9)
+    ax.set_title("Accuracy lost per step (drop pp, positive = lost)\n"
+                 "each target's quantisation starts at the fp32 reference", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return _save(plt, fig, path)
 
