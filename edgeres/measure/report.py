@@ -352,15 +352,14 @@ def draw_accuracy_vs_latency(data: ReportData):
         return None
     plt, fig, ax = _figure(7.6, 4.4)
     bars = 0
-    for r in rows:
+    for i, r in enumerate(rows):
         lo_hi = r.top1_interval
         if lo_hi is not None and r.target != "reference":
             eb = ax.errorbar(r.p50_ms, r.top1, yerr=[[r.top1 - lo_hi[0]], [lo_hi[1] - r.top1]], fmt="none",
                              ecolor="0.45", elinewidth=1, capsize=3, zorder=2)
             eb.lines[2][0].set_gid(f"errorbar-{point_id(r)}")
             bars += 1
-        sc = ax.scatter(r.p50_ms, r.top1, s=40, zorder=4, marker="x" if r.throttled else "o",
-                        color="black" if r.target == "reference" else None)
+        sc = ax.scatter(r.p50_ms, r.top1, zorder=4, **_marker_style(r, color=f"C{i % 10}"))
         sc.set_gid(f"point-{point_id(r)}")
     front = pareto_front([(r.p50_ms, r.top1, r.top1_interval) for r in rows])
     # rings as well as the line: a front of one point (one artifact beats all) has no line to see
@@ -380,6 +379,20 @@ def draw_accuracy_vs_latency(data: ReportData):
     return plt, fig, ChartLayout(len(rows), bars, hidden)
 
 
+MARKERS = {"reference": "D", "onnx": "o", "openvino": "s", "tflite": "^"}
+
+
+def _marker_style(r: ReportRow, color: str) -> dict:
+    """A shape per runtime and filled for int8, hollow otherwise, so artifacts that measure the same
+    (an fp32 ONNX and an fp32 TFLite at equal accuracy and latency) still show as two marks."""
+    if r.throttled:
+        return {"marker": "x", "s": 45, "color": color}
+    color = "black" if r.target == "reference" else color
+    filled = r.precision == "int8"
+    return {"marker": MARKERS.get(r.target, "o"), "s": 42 if filled else 70, "linewidths": 1.4,
+            "facecolors": color if filled else "none", "edgecolors": color}
+
+
 def _place_labels(fig, ax, rows: list[ReportRow], legend) -> tuple[str, ...]:
     """Put each label at the first spot that covers no point, error bar or earlier label; returns the
     points still covered (none unless the chart is too crowded for every spot)."""
@@ -387,6 +400,11 @@ def _place_labels(fig, ax, rows: list[ReportRow], legend) -> tuple[str, ...]:
     pts = [ax.transData.transform((r.p50_ms, r.top1)) for r in rows]
     radius = 6.0  # pixels around a marker's centre that a label may not touch
     obstacles = [_box(x - radius, y - radius, x + radius, y + radius) for x, y in pts]
+    for r, (x, _) in zip(rows, pts):  # error bars too, so a label does not sit across one
+        lo_hi = r.top1_interval
+        if lo_hi is not None and lo_hi[0] != lo_hi[1]:
+            y0, y1 = ax.transData.transform((r.p50_ms, lo_hi[0]))[1], ax.transData.transform((r.p50_ms, lo_hi[1]))[1]
+            obstacles.append(_box(x - 3, y0, x + 3, y1))
     axes_box = ax.get_window_extent(renderer)
     placed = []
     for r in rows:
