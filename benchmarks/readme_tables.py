@@ -141,10 +141,10 @@ def write_readme(found: dict[str, str]) -> None:
     path = ROOT / "README.md"
     text = path.read_text()
     for name, body in found.items():
-        pattern = re.compile(rf"(<!-- readme_tables:{name} -->\n).*?(\n<!-- /readme_tables:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- readme_tables:{name} -->\n)(?:.*?\n)?(<!-- /readme_tables:{name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.md has no <!-- readme_tables:{name} --> block")
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     path.write_text(text)
 
 
