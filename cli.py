@@ -60,7 +60,8 @@ import targets as target_table  # the runtime records only: no runtime is import
 
 app = typer.Typer(
     cls=OneLineUsageErrors,
-    add_completion=False,
+    # help text is plain: "[int8]"-style defaults must print as written, not be read as Rich markup
+    rich_markup_mode=None,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Prune, quantise and compile trained ResNets for edge devices (ONNX, OpenVINO, TFLite).",
@@ -82,7 +83,9 @@ def handled(fn):
         from targets.base import TargetError
 
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+            return result
         except (EdgeResError, DataError, TargetError) as e:
             if _state["debug"]:
                 raise
@@ -91,6 +94,9 @@ def handled(fn):
         except KeyboardInterrupt:
             _err("interrupted; nothing was written")
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `edgeres doctor | head -1`: the reader has what it wanted
+            _quiet_broken_pipe()
+            raise typer.Exit(0) from None
         except typer.Exit:
             raise
         except Exception as e:  # noqa: BLE001
@@ -104,6 +110,17 @@ def handled(fn):
 
 def _print_json(data) -> None:
     print(json.dumps(data, indent=2))
+
+
+def _quiet_broken_pipe() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not complain about the closed pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _targets_help() -> str:
@@ -124,9 +141,22 @@ def _csv(value: Optional[str]) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from edgeres import __version__
+
+        print(f"edgeres {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and the runtimes' own log output."),
+         version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")):
     _state["debug"] = debug
+    from edgeres.progress import set_debug
+
+    set_debug(debug)
 
 
 @app.command()
@@ -160,15 +190,17 @@ def inspect(
     info = inspect_path(path, arch)
     if json_out:
         return _print_json(info)
+    from edgeres.measure.describe import plain
+
     for key in ("file", "bundle", "format", "file_size_bytes", "arch", "block", "layers", "depth", "stem_width",
                 "stage_widths", "shortcut", "num_classes", "input_size", "head"):
         if key in info:
-            print(f"{key:16} {info[key]}")
+            print(f"{key:16} {plain(info[key])}")
     print(f"{'preprocess':16} {Preprocess.from_dict(info['preprocess']).describe()}")
     print(f"{'params':16} {info['params']:,}")
     print(f"{'MACs':16} {info['macs']:,} ({info['macs'] / 1e6:.1f} M)")
     for s, stage in enumerate(info["inner_widths"]):
-        print(f"{'layer' + str(s + 1):16} out {info['stage_widths'][s]}, inner {stage}")
+        print(f"{'layer' + str(s + 1):16} out {info['stage_widths'][s]}, inner widths per block {plain(stage)}")
     for a in info.get("artifacts", []):
         print(f"artifact         {a['target']} {a['precision']} {a['file'] or ''} {a['status']}")
 
@@ -250,7 +282,7 @@ def convert(
     preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Override the model's preprocessing: resize=256,crop=224,mode=shorter_side_crop|direct,mean=a,b,c,std=a,b,c (any of them), or a JSON file with those keys."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Redo every step and replace an existing bundle at --out."),
-    json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest and the results document (as report --json) as JSON."),
 ):
     """Convert MODEL into one bundle with an artifact per target and precision (resumable)."""
     from edgeres.convert.config import ConvertConfig, apply_profile, parse_preprocess_override, parse_target_options
@@ -269,7 +301,9 @@ def convert(
                         threads_given=threads is not None, bench_threads_given=bench_threads is not None)
     manifest = run_convert(cfg)
     if json_out:
-        _print_json(manifest)
+        from edgeres.measure.report import load_report, results_document
+
+        _print_json({"manifest": manifest, "results": results_document(load_report(out))})
     else:
         _print_conversion(out, manifest)
     if any(a["status"] != "ok" for a in manifest["artifacts"]):
@@ -347,9 +381,12 @@ def bench(
 @app.command()
 @handled
 def report(
-    bundle: str = typer.Argument(..., metavar="DIR", help="A bundle directory (uses its stored eval.json / bench.json)."),
+    bundle: str = typer.Argument(..., metavar="DIR", help="A bundle directory (uses its kept eval and bench runs)."),
     html_out: bool = typer.Option(False, "--html", help="Also write a self-contained DIR/report.html with plots."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Show latency at this thread count (default: the largest benchmarked)."),
+    eval_run: Optional[str] = typer.Option(None, "--eval-run", help="Use this kept eval run (DIR/evals/RUN.json) [the most complete]."),
+    bench_run: Optional[str] = typer.Option(None, "--bench-run", help="Use this kept bench run (DIR/benches/RUN.json) [the latest per host and threads]."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results document as JSON instead of Markdown."),
 ):
     """Accuracy-drop and latency table (Markdown on stdout and DIR/report.md); --html adds plots."""
     from edgeres.flags import check_threads
@@ -357,8 +394,11 @@ def report(
 
     check_threads("--threads", threads)
 
-    result = write_report(bundle, html_out=html_out, threads=threads)
-    print(result["markdown_text"])
+    result = write_report(bundle, html_out=html_out, threads=threads, eval_run=eval_run, bench_run=bench_run)
+    if json_out:
+        _print_json(result["results"])
+    else:
+        print(result["markdown_text"])
     if html_out:
         print(f"wrote {result['html']}", file=sys.stderr)
 
@@ -417,7 +457,7 @@ def prune(
             ["MACs", f"{r['macs_before']:,}", f"{r['macs_after']:,}", f"{r['macs_ratio']:.2f}x"],
             ["stage widths", "/".join(map(str, r["stage_widths_before"])), "/".join(map(str, r["stage_widths_after"])), ""]]
     if "top1_before" in r:
-        rows.append(["top-1 %", f"{r['top1_before']:.2f}", f"{r['top1_after']:.2f}", f"{-r['top1_drop_pp']:+.2f} pp"])
+        rows.append(["top-1 %", f"{r['top1_before']:.2f}", f"{r['top1_after']:.2f}", f"drop {r['top1_drop_pp']:.2f} pp"])
     print_table(["", "before", "after", "change"], rows)
     for row in (r.get("finetune") or {}).get("curve", []):
         if "top1" in row:

@@ -548,6 +548,12 @@ def _eval_problem(doc: dict) -> str | None:
         problem = _entry_problem(e, ("top1", "top5", "top1_drop_pp", "agreement_pct", "max_abs_logit_err"))
         if problem:
             return problem
+        ci = e.get("top1_drop_ci95_pp")
+        if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(_is_finite(v) for v in ci)):
+            return f"the drop interval of {e['target']} {e['precision']} is not two numbers"
+        paired = e.get("paired")
+        if paired is not None and not (isinstance(paired, dict) and all(_is_int(v) and v >= 0 for v in paired.values())):
+            return f"the paired counts of {e['target']} {e['precision']} are malformed"
     layers = doc.get("layers", [])
     if not isinstance(layers, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str)
                                                and not _numbers_problem(v, ("sqnr_db",), "") for v in layers):
@@ -587,9 +593,9 @@ RESULT_CHECKS = {EVAL_FILE: _eval_problem, BENCH_FILE: _bench_problem}
 RESULT_COMMANDS = {EVAL_FILE: "eval DIR --data DATA", BENCH_FILE: "bench DIR"}
 
 
-def read_result(bundle: Path, name: str) -> dict | None:
-    """A stored result (``eval.json``, ``bench.json``), or None when absent or damaged (with a warning:
-    results are measurements to redo, not inputs to refuse a bundle for)."""
+def read_result(bundle: Path, name: str, kind: str | None = None) -> dict | None:
+    """A stored result (``eval.json``, ``bench.json``, or a kept run of ``kind`` one of those), or None when
+    absent or damaged (with a warning: results are measurements to redo, not inputs to refuse a bundle for)."""
     path = Path(bundle) / name
     if not path.exists():
         return None
@@ -598,10 +604,10 @@ def read_result(bundle: Path, name: str) -> dict | None:
         problem = None if isinstance(doc, dict) else "not a JSON object"
     except (OSError, ValueError) as e:
         doc, problem = None, f"cannot be parsed: {e}"
-    check = RESULT_CHECKS.get(name)
+    check = RESULT_CHECKS.get(kind or name)
     if problem is None and check is not None:
         problem = check(doc)
     if problem:
-        warn(f"ignored damaged {path} ({problem}); re-run `edgeres {RESULT_COMMANDS.get(name, 'eval')}`")
+        warn(f"ignored damaged {path} ({problem}); re-run `edgeres {RESULT_COMMANDS.get(kind or name, 'eval')}`")
         return None
     return doc

@@ -24,5 +24,35 @@ def progress(description: str, total: int | None):
         yield lambda n=1: bar.advance(task, n)
 
 
+@contextlib.contextmanager
+def step(description: str):
+    """One long step without a count (a compile, a calibration): a spinner with the elapsed time on a
+    terminal; elsewhere the description once, as a log line."""
+    if not sys.stderr.isatty():
+        log(f"{description}…")
+        yield
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=stderr,
+                  transient=True) as bar:
+        bar.add_task(description, total=None)
+        yield
+    log(f"[dim]✓ {description}[/]")
+
+
 def log(message: str) -> None:
     stderr.print(message)
+
+
+DEBUG_ENV = "EDGERES_DEBUG"  # read by the targets (which cannot import edgeres) to let runtime logs through
+
+
+def set_debug(on: bool) -> None:
+    """``--debug``: the runtimes' own log output (TensorFlow, LiteRT's C++ side) is shown, not held back."""
+    import os
+
+    if on:
+        os.environ[DEBUG_ENV] = "1"
+    else:
+        os.environ.pop(DEBUG_ENV, None)

@@ -25,10 +25,14 @@ def fmt(value, spec: str = ".2f") -> str:
 def print_eval(result: dict) -> None:
     ref = result["reference"]
     print(f"fp32 reference: top-1 {ref['top1']:.2f} %  top-5 {ref['top5']:.2f} %  ({result['images']} images)")
-    rows = [[a["target"], a["precision"], fmt(a.get("top1")), fmt(a.get("top1_drop_pp"), "+.2f"),
+    rows = [[a["target"], a["precision"], fmt(a.get("top1")), fmt(a.get("top1_drop_pp")),
+             "" if not a.get("top1_drop_ci95_pp") else "[{:.2f}, {:.2f}]".format(*a["top1_drop_ci95_pp"]),
              fmt(a.get("agreement_pct")), fmt(a.get("max_abs_logit_err"), ".4f"), a.get("error", "ok")]
             for a in result["artifacts"]]
-    print_table(["target", "precision", "top-1 %", "drop pp", "agree %", "max |Δlogit|", "status"], rows)
+    print_table(["target", "precision", "top-1 %", "drop pp", "drop 95% CI", "agree %", "max |Δlogit|", "status"], rows)
+    print("drop = reference top-1 − artifact top-1 (positive = accuracy lost)"
+          + (f"; kept as eval run {result['run']}" if result.get("run") else "")
+          + (f"; partial: {result['images']} of {result['dataset_images']} images" if result.get("partial") else ""))
     for layer in result.get("layers", [])[:10]:
         gain = f"  ({layer['gain_db']:+.1f} dB vs --quant fast)" if "gain_db" in layer else ""
         print(f"  SQNR {layer['sqnr_db']:6.1f} dB{gain}  {layer['name']}")

@@ -89,10 +89,16 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
         return _compile(job)
 
 
+DEBUG_ENV = "EDGERES_DEBUG"  # set by `edgeres --debug` (a target cannot import edgeres to ask)
+
+
 @contextlib.contextmanager
 def native_stderr_quiet():
     """Hold back what TensorFlow's C++ side prints to fd 2 (start-up and converter chatter that no
     log level silences) so the user's terminal shows our progress, not pages of I0000 lines."""
+    if os.environ.get(DEBUG_ENV):  # `edgeres --debug`: show it all
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
@@ -399,7 +405,10 @@ class TFLiteRunner(Runner):
     def __init__(self, path: str | Path, threads: int | None = None):
         module = _interpreter_module()
         try:
-            self.interp = module.Interpreter(model_path=str(path), num_threads=threads)
+            # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." is printed by the C++ runtime on fd 2
+            with native_stderr_quiet():
+                self.interp = module.Interpreter(model_path=str(path), num_threads=threads)
+                self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise TargetError(f"{path}: LiteRT cannot load it ({str(e).splitlines()[0][:200]})") from None
         self.path = Path(path)

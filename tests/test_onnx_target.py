@@ -166,7 +166,7 @@ def test_eval_json_compares_int8_and_fp16_to_the_reference(cli, int8_bundle, tin
     r = cli("eval", int8_bundle, "--data", tiny_npz, "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert set(result) == {"reference", "artifacts", "images"}
+    assert set(result) >= {"reference", "artifacts", "images"}
     by_precision = {a["precision"]: a for a in result["artifacts"]}
     assert by_precision["fp16"]["agreement_pct"] >= 95.0
     assert by_precision["int8"]["agreement_pct"] >= 80.0

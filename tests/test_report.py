@@ -73,26 +73,27 @@ def bundle(tmp_path):
 
 def test_report_table_has_the_reference_every_artifact_and_the_failed_one(bundle):
     headers, rows = report_table(bundle)
-    assert headers == ["Target", "Precision", "Size MB", "Top-1", "Drop pp", "p50 ms", "p90 ms", "FPS", "Status"]
+    assert headers == ["Target", "Precision", "Size MB", "Top-1", "Drop pp", "Drop 95% CI", "Agree %", "p50 ms",
+                       "p90 ms", "FPS", "Threads", "Status"]
     assert [r[:2] for r in rows] == [["reference", "fp32"], ["onnx", "int8"], ["openvino", "int8"], ["tflite", "int8"]]
-    assert rows[1] == ["onnx", "int8", "0.30", "90.60", "0.40", "1.00", "1.20", "1000.0", "ok"]
+    assert rows[1] == ["onnx", "int8", "0.30", "90.60", "0.40", "", "", "1.00", "1.20", "1000.0", "2", "ok"]
     assert rows[3][-1] == "failed: converter <crashed> & stopped"
 
 
 def test_report_shows_the_largest_benchmarked_thread_count_unless_told(bundle):
-    assert report_table(bundle)[1][2][5] == "1.50"  # openvino p50 at 2 threads
-    assert report_table(bundle, threads=1)[1][2][5] == "3.00"
+    assert report_table(bundle)[1][2][7] == "1.50"  # openvino p50 at 2 threads
+    assert report_table(bundle, threads=1)[1][2][7] == "3.00"
 
 
 def test_report_refuses_a_thread_count_that_was_not_benchmarked(cli, bundle):
     r = cli("report", bundle, "--threads", "8")
-    assert r.returncode == 2 and "bench.json has results for 1, 2 threads" in r.stderr
+    assert r.returncode == 2 and "have results for 1, 2 threads" in r.stderr
 
 
 def test_report_without_stored_results_lists_artifacts_and_says_what_to_run(tmp_path):
     bundle = make_results_bundle(tmp_path, evaluated=False, benched=False)
     _, rows = report_table(bundle)
-    assert rows[1] == ["onnx", "int8", "0.30", "", "", "", "", "", "ok"]
+    assert rows[1] == ["onnx", "int8", "0.30", "", "", "", "", "", "", "", "", "ok"]
     text = write_report(bundle)["markdown_text"]
     assert "edgeres eval DIR" in text and "edgeres bench DIR" in text
 
@@ -105,7 +106,7 @@ def test_a_failed_benchmark_shows_in_the_status(bundle):
             del r["p50_ms"]
     write_json_atomic(bundle / "bench.json", bench)
     row = report_table(bundle)[1][2]
-    assert row[5] == "" and row[-1] == "bench failed: openvino cannot load model.int8.xml"
+    assert row[7] == "" and row[-1] == "bench failed: openvino cannot load model.int8.xml"
 
 
 def test_report_refuses_a_bundle_whose_files_changed(cli, bundle):
@@ -117,7 +118,8 @@ def test_report_refuses_a_bundle_whose_files_changed(cli, bundle):
 def test_report_prints_markdown_and_writes_report_md(cli, bundle):
     r = cli("report", bundle)
     assert r.returncode == 0, r.stderr
-    assert "| onnx      | int8      | 0.30    | 90.60 | 0.40    | 1.00   | 1.20   | 1000.0 | ok" in r.stdout
+    assert re.search(r"\| onnx +\| int8 +\| 0.30 +\| 90.60 \| 0.40 +\| +\| +\| 1.00 +\| 1.20 +\| 1000.0 \| 2 +\| ok",
+                     r.stdout), r.stdout
     assert (bundle / "report.md").read_text().strip() == r.stdout.strip()
     assert not (bundle / "report.html").exists()
 
@@ -137,11 +139,12 @@ def test_waterfall_chains_pruning_then_branches_each_target_from_the_reference(b
 def test_html_is_self_contained_with_three_embedded_plots(bundle):
     out = write_report(bundle, html_out=True)
     page = out["html"].read_text()
-    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', page)) == 3
+    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', page)) == 2
+    assert page.count("<svg") == 1  # the accuracy-vs-latency chart, inline
     assert not re.search(r'(src|href)="(https?:|//|file:)', page)
     assert "converter &lt;crashed&gt; &amp; stopped" in page
-    assert {p.name for p in (bundle / "plots").iterdir()} == {"accuracy_vs_latency.png", "accuracy_waterfall.png",
-                                                             "layer_sqnr.png"}
+    assert {p.name for p in (bundle / "plots").iterdir()} == {"accuracy_vs_latency.png", "accuracy_vs_latency.svg",
+                                                             "accuracy_waterfall.png", "layer_sqnr.png"}
 
 
 def test_html_omits_plots_it_has_no_data_for(tmp_path):
@@ -164,7 +167,7 @@ def test_html_report_renders_in_headless_chromium(bundle, tmp_path):
            "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     # the page's own script counts images that decoded (naturalWidth > 0) once everything loaded
-    assert 'data-images-decoded="3/3"' in dom, dom[:500]
+    assert 'data-images-decoded="2/2"' in dom, dom[:500]
     rows = re.findall(r'<tr class="(ok|failed)" data-target="(\w+)" data-precision="(\w+)">', dom)
     assert rows == [("ok", "reference", "fp32"), ("ok", "onnx", "int8"), ("ok", "openvino", "int8"),
                     ("failed", "tflite", "int8")]

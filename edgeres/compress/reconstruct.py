@@ -22,6 +22,8 @@ from __future__ import annotations
 import time
 from typing import Iterable
 
+from edgeres.progress import progress
+
 RIDGE = 1e-3
 IMAGES = 1000  # CIFAR-size models; larger inputs use fewer (see ``plan``)
 CACHE_BYTES = 512 * 2**20  # block inputs of all images are cached, once per model
@@ -154,6 +156,18 @@ def reconstruct(pruned, reference, spec, batches: Iterable, *, ridge: float = RI
     with torch.no_grad():
         xs = [pruned.run_stem(x) for x in data]
         xt = [reference.run_stem(x) for x in data]
+    with progress("reconstructing pruned layers", sum(spec.layers) + 1) as advance:
+        layers, skipped = _refit_blocks(pruned, reference, spec, maps, xs, xt, ridge, advance)
+        layers += _refit_head(pruned, reference, xs, xt, ridge, skipped)
+        advance()
+    return {"images": sum(len(x) for x in data), "layers": layers, "skipped_too_few_images": skipped,
+            "ridge": ridge, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _refit_blocks(pruned, reference, spec, maps, xs, xt, ridge, advance) -> tuple[int, list[str]]:
+    """Every conv of every block, block by block; leaves ``xs``/``xt`` holding the last stage's outputs."""
+    import torch
+
     layers, skipped = 0, []
     for s in range(len(spec.layers)):
         for b in range(spec.layers[s]):
@@ -167,9 +181,16 @@ def reconstruct(pruned, reference, spec, batches: Iterable, *, ridge: float = RI
                 else:
                     skipped.append(f"{prefix}.{cname}")
             with torch.no_grad():
-                xs = [s_block(x) for x in xs]
-                xt = [t_block(x) for x in xt]
-    # the first Linear of the head reads the pooled features of the last stage (plus a bias)
+                xs[:] = [s_block(x) for x in xs]
+                xt[:] = [t_block(x) for x in xt]
+            advance()
+    return layers, skipped
+
+
+def _refit_head(pruned, reference, xs, xt, ridge, skipped: list[str]) -> int:
+    """The first Linear of the head, which reads the pooled features of the last stage (plus a bias)."""
+    import torch
+
     name = next(n for n, m in pruned.named_modules() if isinstance(m, torch.nn.Linear))
     s_fc, t_fc = pruned.get_submodule(name), reference.get_submodule(name)
     normal = _Normal()
@@ -181,10 +202,8 @@ def reconstruct(pruned, reference, spec, batches: Iterable, *, ridge: float = RI
         Wb = normal.solve(ridge)
         if Wb is None:
             skipped.append(name)
-        else:
-            Wb = Wb.T.to(s_fc.weight.dtype)
-            s_fc.weight.copy_(Wb[:, :-1])
-            s_fc.bias.copy_(Wb[:, -1])
-            layers += 1
-    return {"images": sum(len(x) for x in data), "layers": layers, "skipped_too_few_images": skipped,
-            "ridge": ridge, "seconds": round(time.perf_counter() - t0, 1)}
+            return 0
+        Wb = Wb.T.to(s_fc.weight.dtype)
+        s_fc.weight.copy_(Wb[:, :-1])
+        s_fc.bias.copy_(Wb[:, -1])
+        return 1

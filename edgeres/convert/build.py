@@ -31,7 +31,7 @@ from edgeres.errors import InputError
 from edgeres.model.export import export_onnx
 from edgeres.model.keras_model import build_keras
 from edgeres.model.torch_model import build_torch
-from edgeres.progress import log
+from edgeres.progress import log, step
 from targets import (CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, get_target,
                      info_for_file, shared_int8)
 
@@ -242,9 +242,9 @@ def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: 
     """Ranges once from the calibration set, then one QDQ int8 ONNX that every QDQ consumer reuses."""
     shared = shared_int8()
     t0 = time.perf_counter()
-    log(f"calibrating on {record['images']} images with the {cfg.estimator} estimator…")
     try:
-        ranges = shared.compute_ranges(onnx_fp32, batches, estimator=cfg.estimator)
+        with step(f"calibrating on {record['images']} images with the {cfg.estimator} estimator"):
+            ranges = shared.compute_ranges(onnx_fp32, batches, estimator=cfg.estimator)
     except TargetError as e:
         raise InputError(f"{cfg.calib}: calibration failed ({e})") from None
     except DataError as e:
@@ -277,9 +277,9 @@ def _compiled(cfg: ConvertConfig, spec, work: Path, steps: StepCache, target: st
 
 def _compile_one(target: str, job: CompileJob) -> dict:
     t0 = time.perf_counter()
-    log(f"compiling {target} {job.precision}…")
     try:
-        artifact = get_target(target).compile(job)
+        with step(f"compiling {target} {job.precision}"):
+            artifact = get_target(target).compile(job)
         record = artifact.to_dict()
         record["file_records"] = [file_record(job.out_dir, f) for f in artifact.files]
         record["size_bytes"] = sum(r["size_bytes"] for r in record["file_records"])

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import platform
 import shlex
 import signal
 import subprocess
@@ -22,10 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import targets
-from edgeres.bundle import BENCH_FILE, bundle_path, model_path, ok_artifacts, read_manifest, store_result
+from edgeres.bundle import BENCH_FILE, bundle_path, model_path, ok_artifacts, read_manifest
 from edgeres.errors import InputError, TargetError
 from edgeres.measure.bench_runner import PARENT_PID_ENV
-from edgeres.progress import log
+from edgeres.measure.records import keep_bench
+from edgeres.progress import log, progress
 from edgeres.tables import fmt
 
 SCHEMA = "edgeres-bench/1"
@@ -116,6 +118,10 @@ class BenchItem:
         """The runner's loader for it, from the target's record (the reference: by its file)."""
         info = targets.info_for_file(self.file) if self.target == "reference" else targets.get_info(self.target)
         return info.runtime
+
+    @property
+    def sha256(self) -> str | None:
+        return next((r.get("sha256") for r in self.records if r.get("file") == self.file), None)
 
     def copy_paths(self, bundle: Path) -> dict[str, Path]:
         return {f: bundle_path(bundle, f, list(self.records), f"{self.target} {self.precision} file")
@@ -310,13 +316,13 @@ def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None
         item.path(bundle)
     executor = RemoteExecutor(bundle, cfg, remote, items) if remote else LocalExecutor(bundle, cfg)
     rows, system = [], None
-    with _terminate_as_interrupt(), executor:
+    with _terminate_as_interrupt(), executor, progress("benchmarking", len(items) * len(cfg.threads)) as advance:
         for item in items:
             for threads in cfg.threads:
                 log(f"bench {item.target} {item.precision} ({item.file}), {threads} thread(s) on {executor.host}…")
                 doc = executor.run(item, threads)
                 row = {"target": item.target, "precision": item.precision, "file": item.file, "threads": threads,
-                       **{k: v for k, v in doc.items() if k not in ROW_DROP}}
+                       "sha256": item.sha256, **{k: v for k, v in doc.items() if k not in ROW_DROP}}
                 if doc.get("status") == "ok":
                     system = system or doc.get("system")
                     temps = (doc.get("system") or {}).get("temperatures_c") or {}
@@ -328,16 +334,20 @@ def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None
                     row.setdefault("error", "unknown failure")
                     log(f"[red]{item.target} {item.precision} failed:[/] {row['error']}")
                 rows.append(row)
+                advance()
     result = {
         "schema": SCHEMA,
         "bundle": str(bundle),
         "host": executor.host,
+        "hostname": platform.node() if executor.host == "local" else executor.host,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {**asdict(cfg), "threads": list(cfg.threads)},
         "system": system,
         "results": rows,
     }
-    store_result(bundle, BENCH_FILE, result)
+    run = keep_bench(bundle, result)
+    if run is not None:
+        result["run"] = run
     return result
 
 

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 from calibration import ImageDataset, Preprocess
-from edgeres.bundle import (EVAL_FILE, artifact_path, ok_artifacts, read_manifest, read_result, reference_path,
-                            store_result)
+
+from edgeres.bundle import EVAL_FILE, artifact_path, ok_artifacts, read_manifest, reference_path
 from edgeres.errors import InputError
 from edgeres.measure.evaluate import (check_labels, collect_logits, compare_to_reference,
                                       topk_accuracy, torch_runner)
 from edgeres.measure.layer_error import layer_sqnr_for_bundle
+from edgeres.measure.paired import CI_METHOD, pack_bits
+from edgeres.measure.records import artifact_sha, data_fingerprint, keep_eval, now
 from edgeres.progress import log
 from edgeres.sources.loading import load_model
 from targets import TargetError, get_target, info_for_file
 
-__all__ = ["EVAL_FILE", "evaluate_bundle", "evaluate_path"]
+__all__ = ["EVAL_FILE", "evaluate_bundle", "evaluate_path", "record_eval"]
 
 
 def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | None = None,
-                    threads: int | None = None) -> dict:
-    """Evaluate and store ``eval.json`` in the bundle; returns the ``eval --json`` document.
+                    threads: int | None = None, layers: list[dict] | None = None) -> dict:
+    """Evaluate and keep the run in the bundle (``eval.json`` + ``evals/``); returns the ``eval --json``
+    document. ``layers``: per-layer SQNR rows measured for this run, kept in the same record.
 
     When the bundle cannot be written (read-only) the result is still returned, with one warning."""
 
@@ -31,11 +35,14 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     artifacts = ok_artifacts(manifest)
     paths = [artifact_path(bundle, a) for a in artifacts]  # every file checked before any is run
     ref_path = reference_path(bundle, manifest)
+    shas = artifact_sha(manifest)
     ref_runner = get_target(info_for_file(ref_path.name).name).load_runner(ref_path, threads=threads)
     reference = collect_logits(ref_runner, dataset, pre, limit=limit, description="fp32 reference")
-    result = {"reference": topk_accuracy(reference, labels), "artifacts": [], "images": int(len(labels))}
+    result = {"reference": {**topk_accuracy(reference, labels), "correct_bits": pack_bits(reference.argmax(1) == labels)},
+              "artifacts": [], "images": int(len(labels))}
     for a, path in zip(artifacts, paths):
-        entry = {"target": a["target"], "precision": a["precision"], "file": a["file"]}
+        entry = {"target": a["target"], "precision": a["precision"], "file": a["file"],
+                 "sha256": shas.get((a["target"], a["precision"], a["file"]))}
         try:
             runner = get_target(a["target"]).load_runner(path, threads=threads)
             logits = collect_logits(runner, dataset, pre, limit=limit, description=f"{a['target']} {a['precision']}")
@@ -44,8 +51,22 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
             entry.update(status="failed", error=str(e))
             log(f"[red]{a['target']} {a['precision']} failed:[/] {e}")
         result["artifacts"].append(entry)
-    stored = dict(result, data=str(dataset.source), conversion_key=manifest.get("conversion_key"))
-    store_result(bundle, EVAL_FILE, stored)
+    if layers is not None:
+        result["layers"] = layers
+    return record_eval(bundle, manifest, dataset, result, threads=threads)
+
+
+def record_eval(bundle: Path, manifest: dict, dataset: ImageDataset, result: dict, *, threads: int | None,
+                host: str = "local") -> dict:
+    """Describe the run (data fingerprint, images, partial, threads, host, time) and keep it in the bundle;
+    returns ``result`` with those fields. A remote evaluation calls this with its own result and host."""
+    result.update(data=str(dataset.source), data_fingerprint=data_fingerprint(dataset.source),
+                  dataset_images=len(dataset), partial=result["images"] < len(dataset), threads=threads, host=host,
+                  hostname=platform.node(), created=now(), conversion_key=manifest.get("conversion_key"),
+                  ci_method=CI_METHOD)
+    run = keep_eval(bundle, result)
+    if run is not None:
+        result["run"] = run
     return result
 
 
@@ -74,15 +95,10 @@ def evaluate_path(path: str | Path, dataset: ImageDataset, *, arch: str | None =
     if not path.is_dir():
         return _evaluate_model(path, dataset, arch, limit)
     layer_rows = None
-    if layers:  # measured before evaluate_bundle stores eval.json, so a failure leaves the stored results as they were
+    if layers:  # measured before evaluate_bundle stores its record, so a failure leaves the stored results as they were
         check_data_for(read_manifest(path, verify=False), dataset)
         layer_rows = layer_sqnr_for_bundle(path, dataset)
-    result = evaluate_bundle(path, dataset, limit=limit, threads=threads)
-    if layers:
-        result["layers"] = layer_rows
-        stored = read_result(path, EVAL_FILE) or {}
-        store_result(path, EVAL_FILE, {**stored, "layers": layer_rows})
-    return result
+    return evaluate_bundle(path, dataset, limit=limit, threads=threads, layers=layer_rows)
 
 
 def _evaluate_model(path: Path, dataset: ImageDataset, arch: str | None, limit: int | None) -> dict:

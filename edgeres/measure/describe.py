@@ -8,6 +8,16 @@ from pathlib import Path
 from edgeres.model.zoo import Head, ResNetSpec
 
 
+def plain(value) -> str:
+    """A value as a person reads it, not as Python prints it: ``[[16], [16]]`` → ``16, 16``,
+    ``[64, 64]`` inside a list → ``64/64``, a dict → ``key=value, …``."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={plain(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join("/".join(map(str, v)) if isinstance(v, (list, tuple)) else plain(v) for v in value)
+    return str(value)
+
+
 def describe_spec(spec: ResNetSpec) -> dict:
     cost = spec.cost()
     info = {

@@ -8,6 +8,7 @@ import numpy as np
 
 from calibration import DataError, ImageDataset, Preprocess
 from edgeres.errors import InputError
+from edgeres.measure.paired import drop_interval_pp, pack_bits, paired_counts
 from edgeres.progress import log, progress
 from targets.base import TargetError
 
@@ -105,6 +106,11 @@ def compare_to_reference(logits: np.ndarray, reference: np.ndarray, labels: np.n
     out = topk_accuracy(logits, labels) if labels is not None else {}
     if labels is not None:
         out["top1_drop_pp"] = round(topk_accuracy(reference, labels)["top1"] - out["top1"], 4)
+        correct = logits.argmax(1) == labels
+        counts = paired_counts(reference.argmax(1) == labels, correct)
+        out["top1_drop_ci95_pp"] = list(drop_interval_pp(counts))
+        out["paired"] = counts.to_dict()
+        out["correct_bits"] = pack_bits(correct)
     out["agreement_pct"] = round(float((logits.argmax(1) == reference.argmax(1)).mean() * 100), 4)
     out["max_abs_logit_err"] = float(np.abs(logits - reference).max())
     return out

@@ -1,0 +1,174 @@
+"""The README's CIFAR-10 numbers, all from one run of today's code, so its tables agree with each other.
+
+Runs the README's own commands (the real CLI, in fresh processes) on the pretrained ResNet-20/32 and the
+5000-image dev half (the same images, calibration spread evenly over the same 1000 — nothing is random):
+
+  intro      ``convert resnet20.th … --precision int8 --out r20`` (its printed table)
+  worked     ``convert … --precision int8,fp32 --out r20-all``, ``eval --layers``, ``bench --threads 1,2``,
+             ``report --html --threads 1`` (its table, and docs/accuracy_vs_latency.png)
+  estimators ``convert X.th --targets onnx,openvino --precision int8 --estimator E`` for the four estimators
+
+and checks what must agree does: the int8 rows of ``r20`` and ``r20-all``, and the mse row of the estimator
+table. ``--write`` replaces the marked blocks of README.md (``<!-- readme_tables:NAME -->`` …
+``<!-- /readme_tables:NAME -->``); without it the blocks are printed.
+
+Run: ``python benchmarks/readme_tables.py [--work DIR] [--write]`` (needs ../shared/data/cifar10; ≈8 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cifar10"
+ESTIMATORS = ("minmax", "percentile", "entropy", "mse")
+
+
+def edgeres(*args: str, cwd: Path) -> str:
+    """Run the CLI from this checkout as a user would; its stdout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    shown = " ".join(args)
+    print(f"$ edgeres {shown}", file=sys.stderr, flush=True)
+    r = subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"edgeres {shown} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def last_table(text: str) -> str:
+    """The last Markdown table in a command's output."""
+    blocks = re.findall(r"(?:^\|.*\|\n?)+", text, flags=re.M)
+    return blocks[-1].rstrip("\n")
+
+
+def table_rows(table: str) -> dict[tuple[str, str], list[str]]:
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[(cells[0], cells[1])] = cells
+    return rows
+
+
+def accuracy_cells(table: str) -> dict[tuple[str, str], list[str]]:
+    """Top-1, drop, CI and agreement per row (what must agree between tables; latency never does)."""
+    return {k: v[3:7] for k, v in table_rows(table).items()}
+
+
+def intro_and_worked(work: Path, calib: str, dev: str) -> dict[str, str]:
+    model = str(DATA / "resnet20.th")
+    fp32 = edgeres("eval", model, "--data", dev, cwd=work).strip()
+    intro = last_table(edgeres("convert", model, "--calib", calib, "--eval", dev, "--targets", "onnx,openvino,tflite",
+                               "--precision", "int8", "--out", "r20", cwd=work))
+    edgeres("convert", model, "--calib", calib, "--eval", dev, "--targets", "onnx,openvino,tflite",
+            "--precision", "int8,fp32", "--out", "r20-all", cwd=work)
+    edgeres("eval", "r20-all", "--data", dev, "--layers", cwd=work)
+    edgeres("bench", "r20-all", "--threads", "1,2", "--runs", "100", cwd=work)
+    worked = last_table(edgeres("report", "r20-all", "--html", "--threads", "1", cwd=work))
+    a, b = accuracy_cells(intro), accuracy_cells(worked)
+    mismatched = [k for k in a if a[k] != b.get(k)]
+    if mismatched:
+        raise SystemExit(f"r20 and r20-all disagree on {mismatched}: {a} vs {b}")
+    shutil.copyfile(work / "r20-all" / "plots" / "accuracy_vs_latency.png", ROOT / "docs" / "accuracy_vs_latency.png")
+    return {"fp32": fp32, "intro": intro, "worked": worked}
+
+
+def estimator_rows(work: Path, calib: str, dev: str) -> dict[str, dict]:
+    """Per arch: the fp32 reference and, per estimator, the onnx/openvino int8 results documents."""
+    out: dict[str, dict] = {}
+    for arch in ("resnet20", "resnet32"):
+        out[arch] = {}
+        for est in ESTIMATORS:
+            doc = json.loads(edgeres("convert", str(DATA / f"{arch}.th"), "--calib", calib, "--eval", dev,
+                                     "--targets", "onnx,openvino", "--precision", "int8", "--estimator", est,
+                                     "--no-bench", "--json", "--out", f"{arch}-{est}", cwd=work))["results"]
+            out[arch]["reference"] = doc["reference"]
+            out[arch][est] = {a["target"]: a for a in doc["artifacts"]}
+    return out
+
+
+def _pp(v: float) -> str:
+    return f"{v:.2f}".replace("-", "−")
+
+
+def estimator_table(rows: dict[str, dict]) -> str:
+    lines = ["| estimator | R20 top-1 % | drop pp | 95 % CI | agree % | R32 top-1 % | drop pp | 95 % CI | agree % |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| fp32 reference | {rows['resnet20']['reference']['top1']:.2f} | | | | "
+             f"{rows['resnet32']['reference']['top1']:.2f} | | | |"]
+    for est in ESTIMATORS:
+        cells = []
+        for arch in ("resnet20", "resnet32"):
+            a = rows[arch][est]["onnx"]
+            lo, hi = a["top1_drop_ci95_pp"]
+            cells += [f"{a['top1']:.2f}", _pp(a["top1_drop_pp"]), f"[{_pp(lo)}, {_pp(hi)}]", f"{a['agreement_pct']:.2f}"]
+        name = f"**{est}** (default)" if est == "mse" else est
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ov20, ov32 = rows["resnet20"]["mse"]["openvino"], rows["resnet32"]["mse"]["openvino"]
+    lines += ["", f"OpenVINO int8 (qdq, mse): {ov20['top1']:.2f} / {ov32['top1']:.2f} % "
+                  f"(drop {_pp(ov20['top1_drop_pp'])} / {_pp(ov32['top1_drop_pp'])} pp, agreement "
+                  f"{ov20['agreement_pct']:.2f} / {ov32['agreement_pct']:.2f} %)."]
+    return "\n".join(lines)
+
+
+def check_estimators_agree(intro: str, rows: dict[str, dict]) -> None:
+    onnx = table_rows(intro)[("onnx", "int8")]
+    mse = rows["resnet20"]["mse"]["onnx"]
+    if onnx[3] != f"{mse['top1']:.2f}" or onnx[4] != f"{mse['top1_drop_pp']:.2f}":
+        raise SystemExit(f"the intro's onnx int8 row {onnx} disagrees with the mse estimator run {mse}")
+
+
+def blocks(tables: dict[str, str], rows: dict[str, dict]) -> dict[str, str]:
+    intro_cmd = ("$ edgeres convert resnet20.th --calib cifar10_calib.npz --eval cifar10_dev.npz \\\n"
+                 "      --targets onnx,openvino,tflite --precision int8 --out r20")
+    return {
+        "intro": f"```\n{intro_cmd}\n{tables['intro']}\n```",
+        "fp32": f"```\n$ edgeres eval resnet20.th --data cifar10_dev.npz          # the fp32 model, architecture "
+                f"inferred\n{tables['fp32']}\n```",
+        "worked": tables["worked"],
+        "estimators": estimator_table(rows),
+    }
+
+
+def write_readme(found: dict[str, str]) -> None:
+    path = ROOT / "README.md"
+    text = path.read_text()
+    for name, body in found.items():
+        pattern = re.compile(rf"(<!-- readme_tables:{name} -->\n)(?:.*?\n)?(<!-- /readme_tables:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no <!-- readme_tables:{name} --> block")
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="Folder for the bundles (default: a temporary one).")
+    parser.add_argument("--write", action="store_true", help="Replace the marked blocks of README.md.")
+    args = parser.parse_args()
+    if not (DATA / "cifar10_dev.npz").exists():
+        raise SystemExit(f"needs the CIFAR-10 data at {DATA}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="readme-tables-"))
+    work.mkdir(parents=True, exist_ok=True)
+    calib, dev = str(DATA / "cifar10_calib.npz"), str(DATA / "cifar10_dev.npz")
+    tables = intro_and_worked(work, calib, dev)
+    rows = estimator_rows(work, calib, dev)
+    check_estimators_agree(tables["intro"], rows)
+    found = blocks(tables, rows)
+    if args.write:
+        write_readme(found)
+        print(f"README.md updated ({', '.join(found)}); bundles in {work}", file=sys.stderr)
+    else:
+        for name, body in found.items():
+            print(f"<!-- readme_tables:{name} -->\n{body}\n<!-- /readme_tables:{name} -->\n")
+
+
+if __name__ == "__main__":
+    main()
