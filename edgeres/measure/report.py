@@ -379,7 +379,16 @@ def draw_accuracy_vs_latency(data: ReportData):
     return plt, fig, ChartLayout(len(rows), bars, hidden)
 
 
-MARKERS = {"reference": "D", "onnx": "o", "openvino": "s", "tflite": "^"}
+SHAPES = ("o", "s", "^", "v", "P", "X")  # one per runtime, in targets.names() order; the reference is "D"
+
+
+def _shape(target: str) -> str:
+    import targets
+
+    names = targets.names()
+    if target == "reference" or target not in names:
+        return "D" if target == "reference" else "o"
+    return SHAPES[names.index(target) % len(SHAPES)]
 
 
 def _marker_style(r: ReportRow, color: str) -> dict:
@@ -389,7 +398,7 @@ def _marker_style(r: ReportRow, color: str) -> dict:
         return {"marker": "x", "s": 45, "color": color}
     color = "black" if r.target == "reference" else color
     filled = r.precision == "int8"
-    return {"marker": MARKERS.get(r.target, "o"), "s": 42 if filled else 70, "linewidths": 1.4,
+    return {"marker": _shape(r.target), "s": 42 if filled else 70, "linewidths": 1.4,
             "facecolors": color if filled else "none", "edgecolors": color}
 
 
