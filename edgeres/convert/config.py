@@ -24,7 +24,8 @@ from targets import names as target_names
 
 DEFAULT_CALIB_IMAGES = 300
 MIN_CALIB_IMAGES = 10  # fewer cannot estimate activation ranges that generalise
-QUANT_PRESETS = ("fast", "accurate")  # accurate: edgeres/compress/quant_accurate.py on the weights first
+# accurate: edgeres/compress/quant_accurate.py on the weights first; finetune: edgeres/compress/quant_finetune.py
+QUANT_PRESETS = ("fast", "accurate", "finetune")
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError("--bench-threads: no thread count given; e.g. --bench-threads 1,2")
     if cfg.prune is not None:
         check_finetune_flags(cfg.finetune_epochs, cfg.finetune_data)
+    if cfg.quant == "finetune" and cfg.finetune_data is None:
+        raise InputError("--quant finetune: needs training images; give --finetune-data DATA (.npz or image folder)")
     if cfg.preprocess is not None:
         check_preprocess_override(cfg.preprocess)
 
@@ -174,6 +177,8 @@ def conversion_key(cfg: ConvertConfig, source_sha256: str) -> str:
         decisive["prune"] = [cfg.prune, cfg.prune_importance, _fingerprint(cfg.finetune_data), cfg.finetune_epochs]
     if cfg.quant != "fast":  # fast keys stay those of bundles made before presets existed
         decisive["quant"] = cfg.quant
+    if cfg.quant == "finetune":
+        decisive["quant_finetune"] = [_fingerprint(cfg.finetune_data), cfg.finetune_epochs, cfg.threads]
     if cfg.preprocess is not None:  # likewise for bundles made without an override
         decisive["preprocess"] = cfg.preprocess
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
