@@ -45,8 +45,10 @@ class QuantFinetuneConfig:
     """The recipe; recorded in the manifest."""
 
     epochs: int = DEFAULT_EPOCHS
-    lr: float = 1e-5  # Adam on the folded weights and biases
-    range_lr: float = 1e-3  # Adam on log(range ends); 0 with learn_ranges=False
+    # ResNet-20, 1 epoch of train10k, dev 5000 (torch simulation): lr 1e-5 / range 1e-3 → RMS logit error
+    # 0.289 → 0.254, agreement 99.20 → 99.20 %; 3e-5 / 3e-3 → 0.236, 99.36 %; lr 1e-4 worse on held-out (0.257)
+    lr: float = 3e-5  # Adam on the folded weights and biases
+    range_lr: float = 3e-3  # Adam on log(range ends); unused with learn_ranges=False
     learn_ranges: bool = True
     batch_size: int = 64
     seed: int = 0

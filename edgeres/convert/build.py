@@ -254,7 +254,7 @@ def _finetune_weights(cfg: ConvertConfig, loaded, work: Path, source: Calibratio
     t0 = time.perf_counter()
     dataset = check_finetune_data(cfg.finetune_data, loaded.spec, cfg.finetune_epochs)
     recipe = QuantFinetuneConfig(epochs=cfg.finetune_epochs or DEFAULT_EPOCHS, estimator=cfg.estimator,
-                                 threads=cfg.threads or 2)
+                                 threads=cfg.threads or 2, seed=cfg.seed)
     levels = {c: FULL_INT8_LEVELS for c in consumers}
     if QDQ_ONNX in consumers:
         shared = shared_int8()
