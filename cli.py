@@ -265,7 +265,7 @@ def convert(
     precision: Optional[str] = typer.Option(None, "--precision", help=_precision_help()),
     device: Optional[str] = typer.Option(None, "--device", help="Device profile: auto, rpi4, rpi5, x86-avx2, x86-vnni, android-arm64, generic."),
     estimator: str = typer.Option("mse", "--estimator", help="Range estimator: mse (default), percentile, entropy, minmax."),
-    quant: str = typer.Option("fast", "--quant", help="int8 preset: fast (plain PTQ) or accurate (weight clipping + bias correction)."),
+    quant: str = typer.Option("fast", "--quant", help="int8 preset: fast (plain PTQ), accurate (weight clipping + bias correction) or finetune (quantisation-aware KD on --finetune-data)."),
     calib_images: int = typer.Option(300, "--calib-images", help="Calibration images to use (spread evenly)."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Labelled images to evaluate every artifact on."),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on at most this many images."),
@@ -277,8 +277,9 @@ def convert(
     bench_runs: int = typer.Option(50, "--bench-runs", help="Timed inferences per artifact in the local benchmark."),
     prune_ratio: Optional[float] = typer.Option(None, "--prune", help="Prune this share of channels first, in [0, 0.95) (see `edgeres prune`)."),
     prune_importance: str = typer.Option("l2", "--prune-importance", help="Channel importance for --prune: l1, l2, bn-scale, taylor."),
-    finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images for KD recovery after --prune."),
-    epochs: int = typer.Option(0, "--epochs", help="KD fine-tuning epochs after --prune (needs --finetune-data)."),
+    finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images for KD recovery after --prune and for --quant finetune."),
+    epochs: int = typer.Option(0, "--epochs", help="KD fine-tuning epochs after --prune and of --quant finetune (default 2 there; needs --finetune-data)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --quant finetune (data order, augmentation, torch)."),
     preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Override the model's preprocessing: resize=256,crop=224,mode=shorter_side_crop|direct,mean=a,b,c,std=a,b,c (any of them), or a JSON file with those keys."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Redo every step and replace an existing bundle at --out."),
@@ -296,7 +297,7 @@ def convert(
                         bench_threads=_int_csv(bench_threads, "--bench-threads") or ConvertConfig.bench_threads,
                         bench_runs=bench_runs, prune=prune_ratio, prune_importance=prune_importance,
                         finetune_data=finetune_data, finetune_epochs=epochs, accuracy_budget_pp=accuracy_budget,
-                        quant=quant, preprocess=parse_preprocess_override(preprocess))
+                        quant=quant, seed=seed, preprocess=parse_preprocess_override(preprocess))
     cfg = apply_profile(cfg, device, targets_given=targets is not None, precisions_given=precision is not None,
                         threads_given=threads is not None, bench_threads_given=bench_threads is not None)
     manifest = run_convert(cfg)

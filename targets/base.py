@@ -161,6 +161,9 @@ class CompileJob:
     preprocess: dict | None = None  # calibration.Preprocess.to_dict(): mean/std/size/layout of the input
     labels: tuple | None = None
     estimator: str | None = None  # the activation range estimator the ranges came from (calibration.estimators)
+    # calibration.matching.ReferenceActivations from --quant finetune: its tuned ranges replace the
+    # estimator's on every tensor of the target's own graph that holds one of its activations
+    tuned_activations: object | None = None
 
 
 @dataclass(frozen=True)

@@ -294,10 +294,27 @@ def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> tuple[bytes, in
         interp.invoke()
         for i in stats:
             estimators[i].update(interp.get_tensor(i))
-    for i in stats:
-        lo, hi = estimators[i].compute()
+    found = {i: estimators[i].compute() for i in stats}
+    if job.tuned_activations is not None:
+        found.update(_tuned_ranges(interp, inp, stats, job.tuned_activations))
+    for i, (lo, hi) in found.items():
         tensors[i].quantization.min, tensors[i].quantization.max = [float(lo)], [float(hi)]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), images
+
+
+def _tuned_ranges(interp, inp: dict, stats: list[int], reference) -> dict:
+    """{tensor index: range tuned by --quant finetune} for the tensors holding one of the tuned model's
+    activations (``calibration.matching.ReferenceActivations``), found by running its images."""
+    images = np.ascontiguousarray(reference.images.transpose(0, 2, 3, 1), dtype=np.float32)
+    interp.resize_tensor_input(inp["index"], list(images.shape))
+    interp.allocate_tensors()
+    interp.set_tensor(inp["index"], images)
+    interp.invoke()
+    tuned = reference.match({i: interp.get_tensor(i) for i in stats}, layout="NHWC")
+    if not tuned:
+        raise TargetError("tflite: no tensor of the converted model matches the fine-tuned model's activations; "
+                          "its tuned ranges cannot be applied")
+    return tuned
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

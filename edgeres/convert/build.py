@@ -11,6 +11,7 @@ output's ``OutputLock``."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -26,6 +27,8 @@ from edgeres import __version__
 from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, publish, warn,
                             write_json_atomic)
 from edgeres.compress.quant_accurate import improve_for_int8
+from edgeres.compress.quant_finetune import (DEFAULT_EPOCHS, QuantFinetuneConfig, check_finetune_data,
+                                             quantization_aware_finetune, tuned_onnx_ranges)
 from edgeres.convert.config import ConvertConfig, plan
 from edgeres.errors import InputError
 from edgeres.model.export import export_onnx
@@ -39,6 +42,7 @@ STEPS_FILE = ".steps.json"
 RANGES_FILE = "calibration_ranges.json"
 QDQ_FILE = "model.qdq.onnx"
 ACCURATE_FP32 = "model.accurate.fp32.onnx"  # improved weights, fp32: what the QDQ model quantises
+FINETUNE_FP32 = "model.finetune.fp32.onnx"  # quantisation-aware tuned weights (on their grid), fp32
 FULL_INT8_LEVELS = 127  # symmetric int8 weights, ±127: the grid of every target without reduce_range
 # the manifest names the improved weights by the grid they were fitted to
 _GRID_NAMES = {QDQ_ONNX: "qdq", KERAS: "keras"}
@@ -107,6 +111,7 @@ class Int8Inputs:
     qdq_onnx: Path | None
     ranges: dict | None
     calibration: dict | None
+    tuned: dict = dataclasses.field(default_factory=dict)  # consumer -> ReferenceActivations (--quant finetune)
 
 
 def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: Path | None = None) -> dict:
@@ -195,15 +200,19 @@ def _int8_inputs(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, sourc
     if cfg.quant == "accurate" and consumers:
         weights, fp32_for_qdq, improved = _improve_weights(cfg, loaded, work, source, consumers)
         record = {**record, "accurate": improved}
+    tuned: dict = {}
+    if cfg.quant == "finetune" and consumers:
+        weights, fp32_for_qdq, tuned, finetuned = _finetune_weights(cfg, loaded, work, source, consumers)
+        record = {**record, "finetune": finetuned}
     if QDQ_ONNX not in consumers:
-        return Int8Inputs(weights, None, None, record)
+        return Int8Inputs(weights, None, None, record, tuned)
     qdq_path = work / ".work" / QDQ_FILE
     done = steps.get("calibrate")
     if done is None or not qdq_path.exists():
-        done = _calibrate(cfg, work, source.batches, qdq_path, record, fp32_for_qdq)
+        done = _calibrate(cfg, work, source.batches, qdq_path, record, fp32_for_qdq, tuned.get(QDQ_ONNX))
         steps.finish("calibrate", done)
     ranges = {k: tuple(v) for k, v in json.loads((work / RANGES_FILE).read_text()).items()}
-    return Int8Inputs(weights, qdq_path, ranges, done)
+    return Int8Inputs(weights, qdq_path, ranges, done, tuned)
 
 
 def _improve_weights(cfg: ConvertConfig, loaded, work: Path, source: CalibrationSource, consumers: set):
@@ -238,8 +247,43 @@ def _improve_weights(cfg: ConvertConfig, loaded, work: Path, source: Calibration
     return weights, fp32_for_qdq, record
 
 
-def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: dict, onnx_fp32: Path) -> dict:
-    """Ranges once from the calibration set, then one QDQ int8 ONNX that every QDQ consumer reuses."""
+def _finetune_weights(cfg: ConvertConfig, loaded, work: Path, source: CalibrationSource, consumers: set):
+    """``--quant finetune``: quantisation-aware KD once per int8 weight grid in use (the QDQ ONNX's,
+    which is 64 steps a side with reduce_range, and Keras's 127). Returns the tuned weights per
+    consumer, the fp32 ONNX the QDQ model quantises, the ranges' carriers per consumer, the record."""
+    t0 = time.perf_counter()
+    dataset = check_finetune_data(cfg.finetune_data, loaded.spec, cfg.finetune_epochs)
+    recipe = QuantFinetuneConfig(epochs=cfg.finetune_epochs or DEFAULT_EPOCHS, estimator=cfg.estimator,
+                                 threads=cfg.threads or 2, seed=cfg.seed)
+    levels = {c: FULL_INT8_LEVELS for c in consumers}
+    if QDQ_ONNX in consumers:
+        shared = shared_int8()
+        qdq = shared.choose_int8_recipe(cpu_features(), dict(cfg.target_options.get(shared.INFO.name, {})))
+        levels[QDQ_ONNX] = 64 if qdq["reduce_range"] else FULL_INT8_LEVELS
+    by_grid = {}
+    for grid in sorted(set(levels.values())):
+        log(f"quant finetune: {recipe.epochs} epoch(s) of quantisation-aware KD on {cfg.finetune_data} "
+            f"(int8 weights ±{grid})…")
+        by_grid[grid] = quantization_aware_finetune(loaded.spec, loaded.state_dict, source.batches("NCHW"), dataset,
+                                                    dataclasses.replace(recipe, weight_levels=grid))
+    weights = {c: loaded.state_dict for c in CONSUMES}
+    weights.update({c: by_grid[levels[c]].state_dict for c in consumers})
+    fp32_for_qdq = work / REFERENCE_FILE
+    if QDQ_ONNX in consumers:
+        fp32_for_qdq = work / ".work" / FINETUNE_FP32
+        model = build_torch(loaded.spec)
+        model.load_state_dict(weights[QDQ_ONNX])
+        fp32_for_qdq.parent.mkdir(exist_ok=True)
+        export_onnx(model, loaded.spec, fp32_for_qdq)
+    record = {_GRID_NAMES[c]: by_grid[levels[c]].record for c in consumers}
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    return weights, fp32_for_qdq, {c: by_grid[levels[c]].reference for c in consumers}, record
+
+
+def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: dict, onnx_fp32: Path,
+               tuned=None) -> dict:
+    """Ranges once from the calibration set (those ``tuned`` by ``--quant finetune`` replacing them
+    where they apply), then one QDQ int8 ONNX that every QDQ consumer reuses."""
     shared = shared_int8()
     t0 = time.perf_counter()
     try:
@@ -249,6 +293,10 @@ def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: 
         raise InputError(f"{cfg.calib}: calibration failed ({e})") from None
     except DataError as e:
         raise DataError(f"{cfg.calib}: {e}") from None
+    if tuned is not None:
+        tuned_ranges = tuned_onnx_ranges(onnx_fp32, tuned)
+        ranges.update(tuned_ranges)
+        record = {**record, "tuned_ranges": len(tuned_ranges)}
     write_json_atomic(work / RANGES_FILE, {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
     qdq_path.parent.mkdir(exist_ok=True)
     qdq = shared.quantize_qdq(onnx_fp32, ranges, qdq_path, options=dict(cfg.target_options.get(shared.INFO.name, {})))
@@ -268,7 +316,8 @@ def _compiled(cfg: ConvertConfig, spec, work: Path, steps: StepCache, target: st
                      calibration=source.batches if source else None, ranges=int8.ranges, qdq_onnx=int8.qdq_onnx,
                      keras_model=functools.partial(build_keras, spec, int8.weights[KERAS]) if keras else None,
                      options=dict(cfg.target_options.get(target, {})), preprocess=spec.preprocess.to_dict(),
-                     labels=spec.labels, estimator=cfg.estimator)
+                     labels=spec.labels, estimator=cfg.estimator,
+                     tuned_activations=int8.tuned.get(get_info(target).consumes))
     record = _compile_one(target, job)
     if record["status"] == "ok":  # failures are retried on the next run
         steps.finish(step, record)

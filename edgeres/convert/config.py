@@ -24,7 +24,8 @@ from targets import names as target_names
 
 DEFAULT_CALIB_IMAGES = 300
 MIN_CALIB_IMAGES = 10  # fewer cannot estimate activation ranges that generalise
-QUANT_PRESETS = ("fast", "accurate")  # accurate: edgeres/compress/quant_accurate.py on the weights first
+# accurate: edgeres/compress/quant_accurate.py on the weights first; finetune: edgeres/compress/quant_finetune.py
+QUANT_PRESETS = ("fast", "accurate", "finetune")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ConvertConfig:
     finetune_data: str | None = None  # KD recovery after pruning (needs finetune_epochs)
     finetune_epochs: int = 0
     quant: str = "fast"  # preset: fast = plain PTQ, accurate = weight clipping + bias correction first
+    seed: int = 0  # --quant finetune: data order, augmentation and torch's generator
     preprocess: dict | None = None  # --preprocess override of the model's own: resize, crop, mode, mean, std, scale
 
     def to_dict(self) -> dict:
@@ -133,6 +135,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError("--bench-threads: no thread count given; e.g. --bench-threads 1,2")
     if cfg.prune is not None:
         check_finetune_flags(cfg.finetune_epochs, cfg.finetune_data)
+    if cfg.quant == "finetune" and cfg.finetune_data is None:
+        raise InputError("--quant finetune: needs training images; give --finetune-data DATA (.npz or image folder)")
     if cfg.preprocess is not None:
         check_preprocess_override(cfg.preprocess)
 
@@ -144,6 +148,7 @@ def _validate_numbers(cfg: ConvertConfig) -> None:
     check_threads("--bench-threads", cfg.bench_threads)
     check_number("--bench-runs", cfg.bench_runs, at_least=1)
     check_number("--epochs", cfg.finetune_epochs, at_least=0)
+    check_number("--seed", cfg.seed, at_least=0)
 
 
 def plan(cfg: ConvertConfig) -> list[tuple[str, str]]:
@@ -174,6 +179,8 @@ def conversion_key(cfg: ConvertConfig, source_sha256: str) -> str:
         decisive["prune"] = [cfg.prune, cfg.prune_importance, _fingerprint(cfg.finetune_data), cfg.finetune_epochs]
     if cfg.quant != "fast":  # fast keys stay those of bundles made before presets existed
         decisive["quant"] = cfg.quant
+    if cfg.quant == "finetune":
+        decisive["quant_finetune"] = [_fingerprint(cfg.finetune_data), cfg.finetune_epochs, cfg.threads, cfg.seed]
     if cfg.preprocess is not None:  # likewise for bundles made without an override
         decisive["preprocess"] = cfg.preprocess
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]

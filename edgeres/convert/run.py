@@ -11,6 +11,7 @@ from pathlib import Path
 from calibration import ImageDataset, open_dataset
 from edgeres.bundle import MANIFEST, OutputLock, check_output_dir, read_manifest, read_result, reference_path
 from edgeres.compress.prune import prune_into_loaded
+from edgeres.compress.quant_finetune import check_finetune_data
 from edgeres.convert.budget import enforce_accuracy_budget
 from edgeres.convert.build import build_bundle
 from edgeres.convert.config import (MIN_CALIB_IMAGES, ConvertConfig, apply_preprocess_override, conversion_key, plan,
@@ -85,6 +86,8 @@ def _open_data(cfg: ConvertConfig, spec) -> ConvertData:
         calib_ds.check_image_size(spec.preprocess)
     elif needs_calib:
         raise InputError("--calib: int8 needs calibration images; give an .npz or image folder with --calib")
+    if cfg.quant == "finetune" and needs_calib:
+        check_finetune_data(cfg.finetune_data, spec, cfg.finetune_epochs)
     if cfg.eval_data is not None:
         eval_ds = open_dataset(cfg.eval_data)
         eval_ds.check_image_size(spec.preprocess)
