@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +65,11 @@ def atomic_path(path: Path):
     finally:
         with contextlib.suppress(OSError):  # a read-only file system refuses even this; then nothing is there
             tmp.unlink(missing_ok=True)
+
+
+# keys of the metadata every artifact carries in its runtime's own format (see CompileJob.model_metadata)
+METADATA_PREFIX = "edgeres."
+LABELS_FILE = "labels.txt"  # one class name a line, in the bundle and as the .tflite's associated file
 
 
 # What a target's int8 compiles from (TargetInfo.consumes): the shared QDQ ONNX that the pipeline
@@ -161,6 +167,28 @@ class CompileJob:
     preprocess: dict | None = None  # calibration.Preprocess.to_dict(): mean/std/size/layout of the input
     labels: tuple | None = None
     estimator: str | None = None  # the activation range estimator the ranges came from (calibration.estimators)
+    producer_version: str | None = None  # edgeres' version, written into the artifact's own metadata
+    source_sha256: str | None = None  # sha256 of the model file the user converted
+    num_classes: int | None = None
+
+    def label_names(self) -> list[str]:
+        """The class names; their indices "0".."N-1" when the model has none."""
+        if self.labels is not None:
+            return [str(v) for v in self.labels]
+        return [str(i) for i in range(self.num_classes or 0)]
+
+    def model_metadata(self, *, layout: str, dtype: str) -> dict[str, str]:
+        """What an app needs to use the artifact, as text key → value, for the runtime's own metadata
+        (ONNX ``metadata_props``, OpenVINO ``rt_info``): labels, preprocessing for this artifact's input
+        (``layout``, ``dtype``), the producer's version and the source model's sha256."""
+        preprocess = dict(self.preprocess or {})
+        if preprocess:
+            preprocess["layout"] = layout
+        values = {"labels": json.dumps(self.label_names()),
+                  "preprocess": json.dumps(preprocess or None),
+                  "input": json.dumps({"layout": layout, "dtype": dtype}),
+                  "version": self.producer_version or "", "source_sha256": self.source_sha256 or ""}
+        return {f"{METADATA_PREFIX}{k}": v for k, v in values.items()}
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,9 @@ def _write_artifact(job: CompileJob, flatbuffer: bytes, io: str, options: dict, 
     rel = Path("tflite") / f"model.{job.precision}.tflite"
     path = job.out_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
+    flatbuffer, metadata_note = _with_metadata(job, flatbuffer, io)
+    notes = (*notes, metadata_note) if metadata_note else notes
+    options = {**options, "tflite_metadata": metadata_note is None}
     _write_atomic(path, flatbuffer)
 
     report = op_report(path)
@@ -248,6 +251,28 @@ def _write_artifact(job: CompileJob, flatbuffer: bytes, io: str, options: dict, 
     return Artifact("tflite", job.precision, (str(rel), str(ops_rel), str(sidecar_rel)), engine=ENGINE,
                     input_layout="NHWC", input_dtype=report["input"]["dtype"], options=options,
                     tool_versions=_versions(), notes=notes)
+
+
+def _with_metadata(job: CompileJob, flatbuffer: bytes, io: str) -> tuple[bytes, str | None]:
+    """The model with standard TFLite Metadata (image classifier), or as it is with the reason why not."""
+    from targets import tflite_metadata
+
+    pre = job.preprocess
+    if not pre:
+        return flatbuffer, "no TFLite Metadata: the pipeline gave no preprocessing"
+    if io != "float" and job.precision == "int8":
+        return flatbuffer, (f"no TFLite Metadata: the {io} input holds quantised normalised values, which the "
+                            "metadata cannot describe; tflite.io=float makes a model that clients read it from")
+    if pre.get("channel_order") != "RGB":
+        return flatbuffer, "no TFLite Metadata: the model takes BGR input and the metadata can only say RGB"
+    mean, std = tflite_metadata.pixel_normalization(pre)
+    labels = job.label_names()
+    metadata = tflite_metadata.image_classifier_metadata(
+        name=f"image classifier ({job.precision})", version=job.producer_version or "",
+        description=f"{len(labels)}-class image classifier converted by edgeres"
+                    + (f" from a model with sha256 {job.source_sha256}" if job.source_sha256 else ""),
+        labels=labels, mean=mean, std=std, size=int(pre["size"]))
+    return tflite_metadata.attach(flatbuffer, metadata, labels), None
 
 
 def _calibration_batches(job: CompileJob):

@@ -23,8 +23,8 @@ from typing import Callable
 from calibration import DataError
 from calibration.cpu import cpu_features
 from edgeres import __version__
-from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, publish, warn,
-                            write_json_atomic)
+from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, label_names, publish,
+                            warn, write_json_atomic, write_text_atomic)
 from edgeres.compress.quant_accurate import improve_for_int8
 from edgeres.convert.config import ConvertConfig, plan
 from edgeres.errors import InputError
@@ -32,6 +32,7 @@ from edgeres.model.export import export_onnx
 from edgeres.model.keras_model import build_keras
 from edgeres.model.torch_model import build_torch
 from edgeres.progress import log
+from targets.base import LABELS_FILE
 from targets import (CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, get_target,
                      info_for_file, shared_int8)
 
@@ -121,8 +122,9 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
         _export_reference(loaded, work, steps, reference)
         source = _calibration_source(cfg, spec, calib_ds)
         int8 = _int8_inputs(cfg, loaded, work, steps, source, steps_plan)
-        artifacts = [_compiled(cfg, spec, work, steps, target, precision, source, int8)
+        artifacts = [_compiled(cfg, spec, work, steps, target, precision, source, int8, source_sha256=loaded.sha256)
                      for target, precision in steps_plan]
+        write_text_atomic(work / LABELS_FILE, "".join(f"{name}\n" for name in label_names(spec)))
         manifest = _manifest(cfg, loaded, key, work, steps, int8.calibration, artifacts)
         shutil.rmtree(work / ".work", ignore_errors=True)
         (work / STEPS_FILE).unlink(missing_ok=True)
@@ -256,7 +258,7 @@ def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: 
 
 
 def _compiled(cfg: ConvertConfig, spec, work: Path, steps: StepCache, target: str, precision: str,
-              source: CalibrationSource | None, int8: Int8Inputs) -> dict:
+              source: CalibrationSource | None, int8: Int8Inputs, *, source_sha256: str | None = None) -> dict:
     """The artifact record of one (target, precision): from an earlier run if its files are there."""
     step = f"compile {target} {precision}"
     record = steps.get(step)
@@ -268,7 +270,8 @@ def _compiled(cfg: ConvertConfig, spec, work: Path, steps: StepCache, target: st
                      calibration=source.batches if source else None, ranges=int8.ranges, qdq_onnx=int8.qdq_onnx,
                      keras_model=functools.partial(build_keras, spec, int8.weights[KERAS]) if keras else None,
                      options=dict(cfg.target_options.get(target, {})), preprocess=spec.preprocess.to_dict(),
-                     labels=spec.labels, estimator=cfg.estimator)
+                     labels=spec.labels, estimator=cfg.estimator, producer_version=__version__,
+                     source_sha256=source_sha256, num_classes=spec.num_classes)
     record = _compile_one(target, job)
     if record["status"] == "ok":  # failures are retried on the next run
         steps.finish(step, record)
@@ -312,7 +315,7 @@ def _manifest(cfg: ConvertConfig, loaded, key: str, work: Path, steps: StepCache
         "calibration": calibration,
         "reference": {**file_record(work, REFERENCE_FILE), "precision": "fp32",
                       "engine": info_for_file(REFERENCE_FILE).dist},
-        "data_files": [file_record(work, f) for f in (RANGES_FILE,) if (work / f).exists()],
+        "data_files": [file_record(work, f) for f in (RANGES_FILE, LABELS_FILE) if (work / f).exists()],
         "artifacts": artifacts,
         "config": cfg.to_dict(),
         "timings": {name: r.get("seconds", r.get("compile_s")) for name, r in steps.done.items()
