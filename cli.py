@@ -225,6 +225,29 @@ def eval_cmd(
 
 @app.command()
 @handled
+def predict(
+    bundle: str = typer.Argument(..., metavar="DIR", help="A bundle directory made by convert."),
+    inputs: List[str] = typer.Argument(..., metavar="IMAGE...|FOLDER", help="Image files and/or folders of images."),
+    target: Optional[str] = typer.Option(None, "--target", help="Which artifact's runtime [int8, else fp32, of the first]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Which artifact's precision [int8, else fp32]."),
+    top: int = typer.Option(5, "--top", help="How many classes to show per image."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+):
+    """Classify images with one artifact of a bundle (its runtime only; no torch)."""
+    from edgeres.flags import check_threads
+    from edgeres.measure.predict import predict as run_predict
+
+    check_threads("--threads", threads)
+    result = run_predict(bundle, list(inputs), target=target, precision=precision, top=top, threads=threads)
+    if json_out:
+        return _print_json(result)
+    for p in result["predictions"]:
+        print(f"{p['file']}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top"]))
+
+
+@app.command()
+@handled
 def convert(
     model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
