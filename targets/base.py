@@ -222,6 +222,12 @@ class Runner:
 
     input_layout = "NCHW"
     path: Path | None = None  # the artifact file, for messages
+    # the artifact itself takes pixel values 0..255 (its normalisation inside); __call__ still takes NCHW float32
+    takes_pixels = False
+
+    def io_names(self) -> tuple[str, str]:
+        """The artifact's input and output tensor names (what an app binds to)."""
+        return ("input", "output")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError

@@ -298,6 +298,9 @@ class OnnxRunner(Runner):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x.astype(np.float32, copy=False)})[0]
 
+    def io_names(self) -> tuple[str, str]:
+        return self.input_name, self.session.get_outputs()[0].name
+
 
 def load_runner(path: str | Path, threads: int | None = None) -> OnnxRunner:
     return OnnxRunner(path, threads)

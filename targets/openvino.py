@@ -222,8 +222,12 @@ class OpenVinoRunner(Runner):
         if stored:
             self.raw_preprocess = json.loads(stored)
             self.input_layout, self.input_dtype = "NHWC", "uint8"
+            self.takes_pixels = True
         else:
             self.input_layout, self.input_dtype = "NCHW", "float32"
+
+    def io_names(self) -> tuple[str, str]:
+        return self.compiled.input(0).get_any_name(), self.compiled.output(0).get_any_name()
 
     def run_native(self, x: np.ndarray) -> np.ndarray:
         """Run on the IR's own input (float32 NCHW, or uint8 NHWC images when preprocessing is embedded)."""

@@ -24,13 +24,6 @@ METADATA_FILE_IDENTIFIER = b"M001"
 MIN_PARSER_VERSION = "1.0.0"
 
 
-def pixel_normalization(preprocess: dict) -> tuple[list[float], list[float]]:
-    """(mean, std) in 0..255 pixel units, as TFLite Metadata's NormalizationOptions wants them:
-    (u·scale − m)/s == (u − m/scale)/(s/scale)."""
-    scale = float(preprocess["scale"])
-    return ([float(m) / scale for m in preprocess["mean"]], [float(s) / scale for s in preprocess["std"]])
-
-
 def image_classifier_metadata(*, name: str, version: str, description: str, labels: list[str],
                               mean: list[float] | None, std: list[float] | None, size: int) -> bytes:
     """The ModelMetadata flatbuffer: RGB image input (normalisation ``mean``/``std`` in pixel units;
@@ -76,28 +69,46 @@ def image_classifier_metadata(*, name: str, version: str, description: str, labe
     return bytes(builder.Output())
 
 
-def attach(model_flatbuffer: bytes, metadata: bytes, labels: list[str]) -> bytes:
-    """The ``.tflite`` with ``metadata`` as its TFLITE_METADATA buffer and ``labels.txt`` packed after it."""
+def attach(model_flatbuffer: bytes, entries: dict[str, bytes], labels: list[str] | None) -> bytes:
+    """The ``.tflite`` with each of ``entries`` as a named metadata buffer (``TFLITE_METADATA`` is the
+    standard one) and, given ``labels``, ``labels.txt`` packed after it."""
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_flatbuffer))
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(metadata, np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = METADATA_FIELD_NAME, len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name.decode() != METADATA_FIELD_NAME] + [entry]
+    model.metadata = [m for m in (model.metadata or []) if m.name.decode() not in entries]
+    for name, data in entries.items():
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(data, np.uint8)
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = name, len(model.buffers) - 1
+        model.metadata.append(entry)
     out = io.BytesIO(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
-    out.seek(0, io.SEEK_END)
-    with zipfile.ZipFile(out, "a") as zf:  # "a" on a non-zip appends an archive after the flatbuffer
-        zf.writestr(LABELS_FILE, "".join(f"{v}\n" for v in labels))
+    if labels is not None:
+        out.seek(0, io.SEEK_END)
+        with zipfile.ZipFile(out, "a") as zf:  # "a" on a non-zip appends an archive after the flatbuffer
+            zf.writestr(LABELS_FILE, "".join(f"{v}\n" for v in labels))
     return out.getvalue()
 
 
+def entry(data: bytes, name: str) -> bytes | None:
+    """The model metadata buffer called ``name``, read with the LiteRT package's own schema (no tensorflow)."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        from tensorflow.lite.python import schema_py_generated as schema
+    model = schema.Model.GetRootAs(data, 0)
+    for i in range(model.MetadataLength()):
+        m = model.Metadata(i)
+        if m.Name().decode() == name:
+            return model.Buffers(m.Buffer()).DataAsNumpy().tobytes()
+    return None
+
+
 def read(path) -> dict:
-    """The metadata of a ``.tflite`` as {"metadata": ModelMetadataT, "files": {name: bytes}} (for tests and
-    ``inspect``); needs only flatbuffers and the LiteRT interpreter's schema."""
+    """The metadata of a ``.tflite`` as {"metadata": ModelMetadataT, "files": {name: bytes}}; needs only
+    flatbuffers and the LiteRT package's schema."""
     from targets import tflite_metadata_schema as fb
 
     data = open(path, "rb").read()
@@ -105,17 +116,6 @@ def read(path) -> dict:
     if zipfile.is_zipfile(io.BytesIO(data)):
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             files = {n: zf.read(n) for n in zf.namelist()}
-    buf = _metadata_buffer(data)
+    buf = entry(data, METADATA_FIELD_NAME)
     meta = fb.ModelMetadataT.InitFromObj(fb.ModelMetadata.GetRootAs(buf, 0)) if buf is not None else None
     return {"metadata": meta, "files": files}
-
-
-def _metadata_buffer(data: bytes) -> bytes | None:
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(data, 0)
-    for i in range(model.MetadataLength()):
-        m = model.Metadata(i)
-        if m.Name().decode() == METADATA_FIELD_NAME:
-            return model.Buffers(m.Buffer()).DataAsNumpy().tobytes()
-    return None

@@ -64,9 +64,11 @@ def test_tflite_carries_standard_image_classifier_metadata(app_bundle, precision
     subgraph = read["metadata"].subgraphMetadata[0]
     (unit,) = subgraph.inputTensorMetadata[0].processUnits
     assert unit.optionsType == ProcessUnitOptions.NormalizationOptions
+    # the model normalises per channel itself (MediaPipe has no per-channel normalisation): it takes pixels
+    assert list(unit.options.mean) == [0.0] * 3 and list(unit.options.std) == [1.0] * 3
+    embedded = json.loads(tflite_metadata.entry((app_bundle / artifact["file"]).read_bytes(), "edgeres.input"))
     pre = manifest["preprocess"]
-    np.testing.assert_allclose(unit.options.mean, np.array(pre["mean"]) / pre["scale"], rtol=1e-6)
-    np.testing.assert_allclose(unit.options.std, np.array(pre["std"]) / pre["scale"], rtol=1e-6)
+    assert embedded == {"input": "pixels", "normalization": {k: pre[k] for k in ("scale", "mean", "std")}}
     (labels_file,) = subgraph.outputTensorMetadata[0].associatedFiles
     assert labels_file.type == AssociatedFileType.TENSOR_AXIS_LABELS
     assert read["files"][labels_file.name.decode()].decode().splitlines() == manifest["labels"]
