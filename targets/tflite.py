@@ -448,8 +448,11 @@ def sidecar(path: Path, job: CompileJob) -> dict:
     preprocess = dict(job.preprocess or {})
     if preprocess:
         preprocess["layout"] = "NHWC"
+    norm = pixel_normalization(job)
     return {"model": path.name, "precision": job.precision, "layout": "NHWC",
             "input_size": preprocess.get("size"), "preprocess": preprocess or None,
+            # the model does scale/mean/std itself: feed RGB pixel values 0..255 (resize/crop stay the app's)
+            "takes_pixels": norm is not None,
             "labels": list(job.labels) if job.labels is not None else None,
             "input": report["input"], "output": report["output"]}
 
