@@ -178,17 +178,23 @@ class CompileJob:
         return [str(i) for i in range(self.num_classes or 0)]
 
     def model_metadata(self, *, layout: str, dtype: str) -> dict[str, str]:
-        """What an app needs to use the artifact, as text key → value, for the runtime's own metadata
-        (ONNX ``metadata_props``, OpenVINO ``rt_info``): labels, preprocessing for this artifact's input
-        (``layout``, ``dtype``), the producer's version and the source model's sha256."""
-        preprocess = dict(self.preprocess or {})
-        if preprocess:
-            preprocess["layout"] = layout
-        values = {"labels": json.dumps(self.label_names()),
-                  "preprocess": json.dumps(preprocess or None),
-                  "input": json.dumps({"layout": layout, "dtype": dtype}),
-                  "version": self.producer_version or "", "source_sha256": self.source_sha256 or ""}
-        return {f"{METADATA_PREFIX}{k}": v for k, v in values.items()}
+        """``app_metadata`` of this job's model for an artifact whose input is ``layout`` / ``dtype``."""
+        return app_metadata(self.label_names(), self.preprocess, layout=layout, dtype=dtype,
+                            version=self.producer_version, source_sha256=self.source_sha256)
+
+
+def app_metadata(labels: list[str], preprocess: dict | None, *, layout: str, dtype: str, version: str | None,
+                 source_sha256: str | None) -> dict[str, str]:
+    """What an app needs to use an artifact, as text key → value, for the runtime's own metadata (ONNX
+    ``metadata_props``, OpenVINO ``rt_info``): labels, preprocessing for its input (``layout``, ``dtype``),
+    the producer's version and the source model's sha256."""
+    preprocess = dict(preprocess or {})
+    if preprocess:
+        preprocess["layout"] = layout
+    values = {"labels": json.dumps([str(v) for v in labels]), "preprocess": json.dumps(preprocess or None),
+              "input": json.dumps({"layout": layout, "dtype": dtype}),
+              "version": version or "", "source_sha256": source_sha256 or ""}
+    return {f"{METADATA_PREFIX}{k}": v for k, v in values.items()}
 
 
 @dataclass(frozen=True)

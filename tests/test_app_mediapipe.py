@@ -17,8 +17,8 @@ IMAGES = 200
 @pytest.fixture(scope="module")
 def resnet20_tflite(cifar, tmp_path_factory):
     out = tmp_path_factory.mktemp("mp") / "bundle"
-    r = run_cli("convert", cifar / "resnet20.th", "--calib", cifar / "cifar10_calib.npz", "--targets", "tflite",
-                "--precision", "fp32,int8", "--out", out, "--no-bench")
+    r = run_cli("convert", cifar / "resnet20.th", "--calib", cifar / "cifar10_calib.npz", "--calib-images", "100",
+                "--targets", "tflite", "--precision", "fp32,int8", "--out", out, "--no-bench")
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 

@@ -80,3 +80,12 @@ def test_tflite_with_metadata_still_runs_as_before(app_bundle, tiny_npz):
     rows = {(a["target"], a["precision"]): a for a in json.loads(r.stdout)["artifacts"]}
     assert rows[("tflite", "fp32")]["agreement_pct"] == 100.0
     assert rows[("onnx", "fp32")]["agreement_pct"] == 100.0
+
+
+def test_the_reference_carries_the_metadata_and_the_fp32_onnx_is_a_copy_of_it(app_bundle):
+    import onnx
+
+    manifest = _manifest(app_bundle)
+    reference = onnx.load(str(app_bundle / manifest["reference"]["file"]))
+    assert json.loads({p.key: p.value for p in reference.metadata_props}["edgeres.labels"]) == manifest["labels"]
+    assert _artifact(app_bundle, "onnx", "fp32")["sha256"] == manifest["reference"]["sha256"]  # bench runs it once

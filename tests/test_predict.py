@@ -118,3 +118,12 @@ def test_images_are_resized_as_the_manifest_says(tmp_path):
     Image.fromarray(img).save(tmp_path / "a.png")
     pre = Preprocess(size=16, resize=20)
     np.testing.assert_array_equal(pre(read_image(str(tmp_path / "a.png"))[None]), pre(img[None]))
+
+
+def test_a_missing_runtime_names_the_pip_package(app_bundle, pngs):
+    folder, _ = pngs
+    code = ("import sys; sys.modules['onnxruntime'] = None\nimport cli\n"
+            "cli.app(sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", code, "predict", str(app_bundle), str(folder), "--target", "onnx"],
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3 and "onnxruntime is not installed; pip install" in r.stderr, r.stderr

@@ -32,7 +32,7 @@ from edgeres.model.export import export_onnx
 from edgeres.model.keras_model import build_keras
 from edgeres.model.torch_model import build_torch
 from edgeres.progress import log
-from targets.base import LABELS_FILE
+from targets.base import LABELS_FILE, app_metadata
 from targets import (CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, get_target,
                      info_for_file, shared_int8)
 
@@ -171,6 +171,10 @@ def _export_reference(loaded, work: Path, steps: StepCache, reference: Path | No
     else:
         log("exporting the fp32 reference ONNX…")
         export_onnx(loaded.to_torch(), loaded.spec, work / REFERENCE_FILE)
+    # the reference carries what an app needs too, so the fp32 ONNX artifact stays a byte copy of it
+    shared_int8().stamp_metadata(work / REFERENCE_FILE, app_metadata(
+        label_names(loaded.spec), loaded.spec.preprocess.to_dict(), layout="NCHW", dtype="float32",
+        version=__version__, source_sha256=loaded.sha256))
     steps.finish("export", {"seconds": round(time.perf_counter() - t0, 3)})
 
 
