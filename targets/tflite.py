@@ -522,9 +522,13 @@ def embedded_normalization(path: Path) -> dict | None:
     from targets import tflite_metadata
 
     try:
-        data = tflite_metadata.entry(Path(path).read_bytes(), EMBEDDED_KEY)
-    except ImportError:  # no flatbuffers schema beside the interpreter: LiteRT reads the model, we cannot
-        return None
+        raw = Path(path).read_bytes()
+        data = tflite_metadata.entry(raw, EMBEDDED_KEY)
+    except ImportError:  # no flatbuffers schema beside the interpreter (tflite-runtime alone)
+        if EMBEDDED_KEY.encode() not in raw:
+            return None
+        raise TargetUnavailable(f"{path}: takes pixels, and reading how it normalises them needs the model "
+                                "schema of ai-edge-litert; pip install ai-edge-litert") from None
     except (OSError, ValueError, IndexError, AttributeError, TypeError):
         raise TargetError(f"{path}: LiteRT cannot load it (not a readable .tflite flatbuffer)") from None
     return json.loads(data)["normalization"] if data else None

@@ -7,8 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
-
 
 def _manifest(bundle):
     return json.loads((bundle / "manifest.json").read_text())
@@ -72,14 +70,6 @@ def test_tflite_carries_standard_image_classifier_metadata(app_bundle, precision
     (labels_file,) = subgraph.outputTensorMetadata[0].associatedFiles
     assert labels_file.type == AssociatedFileType.TENSOR_AXIS_LABELS
     assert read["files"][labels_file.name.decode()].decode().splitlines() == manifest["labels"]
-
-
-def test_tflite_with_metadata_still_runs_as_before(app_bundle, tiny_npz):
-    r = run_cli("eval", app_bundle, "--data", tiny_npz, "--json")
-    assert r.returncode == 0, r.stderr
-    rows = {(a["target"], a["precision"]): a for a in json.loads(r.stdout)["artifacts"]}
-    assert rows[("tflite", "fp32")]["agreement_pct"] == 100.0
-    assert rows[("onnx", "fp32")]["agreement_pct"] == 100.0
 
 
 def test_the_reference_carries_the_metadata_and_the_fp32_onnx_is_a_copy_of_it(app_bundle):

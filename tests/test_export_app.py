@@ -85,6 +85,9 @@ def test_python_app_in_a_fresh_venv_agrees_with_predict(app_bundle, pngs, clean_
         assert [t["index"] for t in p["top"]] == [t["index"] for t in q["top"]], p["file"]
         assert [t["label"] for t in p["top"]] == [t["label"] for t in q["top"]]
         assert max(abs(s["score"] - t["score"]) for s, t in zip(p["top"], q["top"])) < 1e-3
+    no_camera = subprocess.run([str(python), str(out / "classify.py"), "--camera", "0"], capture_output=True, text=True,
+                               timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert no_camera.returncode != 0 and "--camera needs OpenCV: pip install opencv-python" in no_camera.stderr
 
 
 def _constants(text: str, swift: bool) -> dict:
