@@ -257,6 +257,51 @@ def eval_cmd(
 
 @app.command()
 @handled
+def predict(
+    bundle: str = typer.Argument(..., metavar="DIR", help="A bundle directory made by convert."),
+    inputs: List[str] = typer.Argument(..., metavar="IMAGE...|FOLDER", help="Image files and/or folders of images."),
+    target: Optional[str] = typer.Option(None, "--target", help="Which artifact's runtime [int8, else fp32, of the first]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Which artifact's precision [int8, else fp32]."),
+    top: int = typer.Option(5, "--top", help="How many classes to show per image."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+):
+    """Classify images with one artifact of a bundle (its runtime only; no torch)."""
+    from edgeres.flags import check_threads
+    from edgeres.measure.predict import predict as run_predict
+
+    check_threads("--threads", threads)
+    result = run_predict(bundle, list(inputs), target=target, precision=precision, top=top, threads=threads)
+    if json_out:
+        return _print_json(result)
+    for p in result["predictions"]:
+        print(f"{p['file']}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top"]))
+
+
+@app.command("export-app")
+@handled
+def export_app(
+    bundle: str = typer.Argument(..., metavar="DIR", help="A bundle directory made by convert."),
+    kind: str = typer.Option(..., "--kind", help="python (standalone classify.py), android (Kotlin) or ios (Swift)."),
+    out: str = typer.Option(..., "--out", help="The app folder to write (written whole, then renamed into place)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Which artifact's runtime [int8, else fp32, of the first]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Which artifact's precision [int8, else fp32]."),
+    force: bool = typer.Option(False, "--force", help="Replace an app exported to --out before."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+):
+    """An app folder from one artifact: the model, labels.txt and code that runs it with the bundle's preprocessing."""
+    from edgeres.app.export import export_app as run_export
+
+    record = run_export(bundle, kind, out, target=target, precision=precision, force=force)
+    if json_out:
+        return _print_json(record)
+    print(f"{out}: {record['kind']} app for {record['target']} {record['precision']}")
+    for name in record["files"]:
+        print(f"  {name}")
+
+
+@app.command()
+@handled
 def convert(
     model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),

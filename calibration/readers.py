@@ -216,6 +216,11 @@ def _open_folder(p: Path) -> ImageDataset:
                         _folder_index=None if y is None else y.copy())
 
 
+def read_image(path: str) -> np.ndarray:
+    """One image file as uint8 H×W×3 RGB, decoded by Pillow (``DataError`` naming the file when it cannot be)."""
+    return _read_image(path)
+
+
 def _read_image(path: str) -> np.ndarray:
     try:
         from PIL import Image

@@ -203,6 +203,15 @@ def file_record(bundle: Path, rel: str) -> dict:
     return {"file": rel, "size_bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def label_names(spec_or_manifest) -> list[str]:
+    """The model's class names (a spec or a manifest); their indices when it has none."""
+    if isinstance(spec_or_manifest, dict):
+        labels, count = spec_or_manifest.get("labels"), spec_or_manifest["arch"]["num_classes"]
+    else:
+        labels, count = spec_or_manifest.labels, spec_or_manifest.num_classes
+    return [str(v) for v in labels] if labels else [str(i) for i in range(count)]
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

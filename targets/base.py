@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +65,11 @@ def atomic_path(path: Path):
     finally:
         with contextlib.suppress(OSError):  # a read-only file system refuses even this; then nothing is there
             tmp.unlink(missing_ok=True)
+
+
+# keys of the metadata every artifact carries in its runtime's own format (see CompileJob.model_metadata)
+METADATA_PREFIX = "edgeres."
+LABELS_FILE = "labels.txt"  # one class name a line, in the bundle and as the .tflite's associated file
 
 
 # What a target's int8 compiles from (TargetInfo.consumes): the shared QDQ ONNX that the pipeline
@@ -164,6 +170,34 @@ class CompileJob:
     # calibration.matching.ReferenceActivations from --quant finetune: its tuned ranges replace the
     # estimator's on every tensor of the target's own graph that holds one of its activations
     tuned_activations: object | None = None
+    producer_version: str | None = None  # edgeres' version, written into the artifact's own metadata
+    source_sha256: str | None = None  # sha256 of the model file the user converted
+    num_classes: int | None = None
+
+    def label_names(self) -> list[str]:
+        """The class names; their indices "0".."N-1" when the model has none."""
+        if self.labels is not None:
+            return [str(v) for v in self.labels]
+        return [str(i) for i in range(self.num_classes or 0)]
+
+    def model_metadata(self, *, layout: str, dtype: str) -> dict[str, str]:
+        """``app_metadata`` of this job's model for an artifact whose input is ``layout`` / ``dtype``."""
+        return app_metadata(self.label_names(), self.preprocess, layout=layout, dtype=dtype,
+                            version=self.producer_version, source_sha256=self.source_sha256)
+
+
+def app_metadata(labels: list[str], preprocess: dict | None, *, layout: str, dtype: str, version: str | None,
+                 source_sha256: str | None) -> dict[str, str]:
+    """What an app needs to use an artifact, as text key → value, for the runtime's own metadata (ONNX
+    ``metadata_props``, OpenVINO ``rt_info``): labels, preprocessing for its input (``layout``, ``dtype``),
+    the producer's version and the source model's sha256."""
+    preprocess = dict(preprocess or {})
+    if preprocess:
+        preprocess["layout"] = layout
+    values = {"labels": json.dumps([str(v) for v in labels]), "preprocess": json.dumps(preprocess or None),
+              "input": json.dumps({"layout": layout, "dtype": dtype}),
+              "version": version or "", "source_sha256": source_sha256 or ""}
+    return {f"{METADATA_PREFIX}{k}": v for k, v in values.items()}
 
 
 @dataclass(frozen=True)
@@ -197,6 +231,12 @@ class Runner:
 
     input_layout = "NCHW"
     path: Path | None = None  # the artifact file, for messages
+    # the artifact itself takes pixel values 0..255 (its normalisation inside); __call__ still takes NCHW float32
+    takes_pixels = False
+
+    def io_names(self) -> tuple[str, str]:
+        """The artifact's input and output tensor names (what an app binds to)."""
+        return ("input", "output")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import (QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line)
+from targets.base import (METADATA_PREFIX, QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINES = ("qdq", "nncf")
@@ -104,6 +104,9 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
         notes.append("IR input is raw uint8 NHWC RGB at the model's size; resize/crop are not embedded")
         recorded["embedded_preprocess"] = {k: job.preprocess[k] for k in ("scale", "mean", "std", "channel_order")}
     model.set_rt_info(job.precision, [RT_INFO_KEY, "precision"])
+    # what an app needs (labels, preprocessing of this IR's input), readable with ov.Core().read_model alone
+    for key, value in job.model_metadata(layout=layout, dtype=dtype).items():
+        model.set_rt_info(value, [RT_INFO_KEY, key.removeprefix(METADATA_PREFIX)])
     # the runtime settings travel in the IR so a device runner uses them without the manifest
     recorded["runtime"] = {"hint": str(options.get("hint", DEFAULT_HINT)).upper(),
                            "inference_precision": options.get("inference_precision", DEFAULT_INFERENCE_PRECISION)}
@@ -219,8 +222,12 @@ class OpenVinoRunner(Runner):
         if stored:
             self.raw_preprocess = json.loads(stored)
             self.input_layout, self.input_dtype = "NHWC", "uint8"
+            self.takes_pixels = True
         else:
             self.input_layout, self.input_dtype = "NCHW", "float32"
+
+    def io_names(self) -> tuple[str, str]:
+        return self.compiled.input(0).get_any_name(), self.compiled.output(0).get_any_name()
 
     def run_native(self, x: np.ndarray) -> np.ndarray:
         """Run on the IR's own input (float32 NCHW, or uint8 NHWC images when preprocessing is embedded)."""

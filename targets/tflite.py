@@ -45,6 +45,7 @@ OPTIONS = tuple(o.name for o in INFO.options)
 EDGE_OPS = ("QUANTIZE", "DEQUANTIZE")
 FLOAT_DTYPES = ("float32", "float16", "float64")
 CALIB_BATCH = 16
+EMBEDDED_KEY = "edgeres.input"  # model metadata entry: the normalisation the model does on its pixel input
 
 
 def available() -> str:
@@ -139,7 +140,7 @@ def _compile(job: CompileJob) -> Artifact:
     _interpreter_module()
     tf = _converter_modules()
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(job.keras_model())
+    converter = tf.lite.TFLiteConverter.from_keras_model(_with_pixel_input(job.keras_model(), job))
     feed = _RepresentativeDataset(job, first_batch_only=plan.range_source == "estimator") \
         if job.precision == "int8" else None
     options = _configure(converter, plan, feed, tf)
@@ -149,6 +150,33 @@ def _compile(job: CompileJob) -> Artifact:
     notes = (f"tflite.io={plan.io} applies to full-int8 only; this {job.precision} model takes float input",) \
         if plan.io != "float" and job.precision != "int8" else ()
     return _write_artifact(job, converted.flatbuffer, plan.io, options, notes)
+
+
+def pixel_normalization(job: CompileJob) -> dict | None:
+    """The preprocessing arithmetic the model does itself, so its input is RGB pixel values 0..255
+    (float, or uint8 with scale 1 for full-int8 with tflite.io=uint8): what TFLite Metadata clients
+    (MediaPipe Tasks, which has no per-channel normalisation) feed. None (input as the manifest's
+    preprocessing makes it) for a BGR model, which the metadata cannot describe."""
+    pre = job.preprocess
+    if not pre or pre.get("channel_order", "RGB") != "RGB":
+        return None
+    return {k: pre[k] for k in ("scale", "mean", "std")}
+
+
+def _with_pixel_input(model, job: CompileJob):
+    """``model`` behind a Rescaling layer doing (u·scale − mean)/std per channel (MUL + ADD ops)."""
+    norm = pixel_normalization(job)
+    if norm is None:
+        return model
+    import tf_keras as keras
+
+    std = np.asarray(norm["std"], np.float32)
+    mul = np.float32(norm["scale"]) / std
+    add = -np.asarray(norm["mean"], np.float32) / std
+    pixels = keras.Input(shape=model.input_shape[1:], name="pixels")
+    # a fixed name: tensor names (model/layer/op) must not depend on how many models were built before
+    return keras.Model(pixels, model(keras.layers.Rescaling(mul, add, name="normalize")(pixels)),
+                       name=f"{model.name}_pixels")
 
 
 def _plan(job: CompileJob) -> _Plan:
@@ -242,6 +270,9 @@ def _write_artifact(job: CompileJob, flatbuffer: bytes, io: str, options: dict, 
     rel = Path("tflite") / f"model.{job.precision}.tflite"
     path = job.out_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
+    flatbuffer, metadata_note = _with_metadata(job, flatbuffer, io)
+    notes = (*notes, metadata_note) if metadata_note else notes
+    options = {**options, "tflite_metadata": metadata_note is None}
     _write_atomic(path, flatbuffer)
 
     report = op_report(path)
@@ -256,13 +287,44 @@ def _write_artifact(job: CompileJob, flatbuffer: bytes, io: str, options: dict, 
                     tool_versions=_versions(), notes=notes)
 
 
+def _with_metadata(job: CompileJob, flatbuffer: bytes, io: str) -> tuple[bytes, str | None]:
+    """The model with standard TFLite Metadata (image classifier) and, for the runner, the
+    normalisation it does inside; or as it is with the reason why not."""
+    from targets import tflite_metadata
+
+    norm = pixel_normalization(job)
+    if norm is None:
+        return flatbuffer, ("no TFLite Metadata: the model takes BGR input and the metadata can only say RGB"
+                            if job.preprocess else "no TFLite Metadata: the pipeline gave no preprocessing")
+    entries = {EMBEDDED_KEY: json.dumps({"input": "pixels", "normalization": norm}).encode()}
+    note = None
+    if io == "int8" and job.precision == "int8":
+        note = ("no TFLite Metadata: int8 input (pixels − 128) is not an image type its clients feed; "
+                "tflite.io=uint8 or float makes one they read")
+    else:
+        labels = job.label_names()
+        entries[tflite_metadata.METADATA_FIELD_NAME] = tflite_metadata.image_classifier_metadata(
+            name=f"image classifier ({job.precision})", version=job.producer_version or "",
+            description=f"{len(labels)}-class image classifier converted by edgeres"
+                        + (f" from a model with sha256 {job.source_sha256}" if job.source_sha256 else ""),
+            labels=labels, mean=None, std=None, size=int(job.preprocess["size"]))
+    return tflite_metadata.attach(flatbuffer, entries, job.label_names() if note is None else None), note
+
+
 def _calibration_batches(job: CompileJob):
     """The job's calibration images as contiguous float32 NHWC batches, shape checked."""
+    norm = pixel_normalization(job)
     for batch in job.calibration(layout="NHWC", batch_size=CALIB_BATCH):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[-1] != 3:
             raise TargetError(f"tflite: calibration batches must be N×H×W×3 (NHWC), got {batch.shape}")
-        yield batch
+        yield batch if norm is None else to_pixels(batch, norm)
+
+
+def to_pixels(x_nhwc: np.ndarray, norm: dict) -> np.ndarray:
+    """Normalised NHWC input back to the 0..255 pixel values it came from (float32)."""
+    return ((x_nhwc * np.asarray(norm["std"], np.float32) + np.asarray(norm["mean"], np.float32))
+            / np.float32(norm["scale"])).astype(np.float32)
 
 
 def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> tuple[bytes, int]:
@@ -296,16 +358,20 @@ def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> tuple[bytes, in
             estimators[i].update(interp.get_tensor(i))
     found = {i: estimators[i].compute() for i in stats}
     if job.tuned_activations is not None:
-        found.update(_tuned_ranges(interp, inp, stats, job.tuned_activations))
+        found.update(_tuned_ranges(interp, inp, stats, job.tuned_activations, pixel_normalization(job)))
+    if inp["index"] in found and pixel_normalization(job) is not None:
+        found[inp["index"]] = (0.0, 255.0)  # pixels: uint8 input with scale 1, zero point 0 is the raw image
     for i, (lo, hi) in found.items():
         tensors[i].quantization.min, tensors[i].quantization.max = [float(lo)], [float(hi)]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), images
 
 
-def _tuned_ranges(interp, inp: dict, stats: list[int], reference) -> dict:
+def _tuned_ranges(interp, inp: dict, stats: list[int], reference, norm: dict | None) -> dict:
     """{tensor index: range tuned by --quant finetune} for the tensors holding one of the tuned model's
-    activations (``calibration.matching.ReferenceActivations``), found by running its images."""
+    activations (``calibration.matching.ReferenceActivations``), found by running its images (as pixels
+    when the model normalises its input itself)."""
     images = np.ascontiguousarray(reference.images.transpose(0, 2, 3, 1), dtype=np.float32)
+    images = images if norm is None else to_pixels(images, norm)
     interp.resize_tensor_input(inp["index"], list(images.shape))
     interp.allocate_tensors()
     interp.set_tensor(inp["index"], images)
@@ -407,8 +473,11 @@ def sidecar(path: Path, job: CompileJob) -> dict:
     preprocess = dict(job.preprocess or {})
     if preprocess:
         preprocess["layout"] = "NHWC"
+    norm = pixel_normalization(job)
     return {"model": path.name, "precision": job.precision, "layout": "NHWC",
             "input_size": preprocess.get("size"), "preprocess": preprocess or None,
+            # the model does scale/mean/std itself: feed RGB pixel values 0..255 (resize/crop stay the app's)
+            "takes_pixels": norm is not None,
             "labels": list(job.labels) if job.labels is not None else None,
             "input": report["input"], "output": report["output"]}
 
@@ -429,12 +498,18 @@ class TFLiteRunner(Runner):
         except (ValueError, RuntimeError) as e:
             raise TargetError(f"{path}: LiteRT cannot load it ({str(e).splitlines()[0][:200]})") from None
         self.path = Path(path)
+        # a model that normalises its pixel input itself gets eval's normalised batches back as pixels
+        self.normalization = embedded_normalization(self.path)
+        self.takes_pixels = self.normalization is not None
         self.input = self.interp.get_input_details()[0]
         self.output = self.interp.get_output_details()[0]
         signature = self.input.get("shape_signature", self.input["shape"])
         self.dynamic_batch = int(signature[0]) == -1
         self.batch = int(self.input["shape"][0])
         self.interp.allocate_tensors()
+
+    def io_names(self) -> tuple[str, str]:
+        return self.input["name"], self.output["name"]
 
     def _resize(self, n: int) -> None:
         if n != self.batch:
@@ -453,6 +528,8 @@ class TFLiteRunner(Runner):
         if x.ndim != 4:
             raise TargetError(f"{self.path}: expected an N×C×H×W batch, got shape {x.shape}")
         nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        if self.normalization is not None:
+            nhwc = to_pixels(nhwc, self.normalization)
         if self.dynamic_batch:
             self._resize(len(nhwc))
             return self._run(nhwc)
@@ -465,6 +542,24 @@ class TFLiteRunner(Runner):
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
             outs.append(self._run(chunk)[: b - pad])
         return np.concatenate(outs)
+
+
+def embedded_normalization(path: Path) -> dict | None:
+    """The normalisation a ``.tflite`` made by edgeres does on its pixel input (None: it takes the
+    normalised input, as models from elsewhere or from before it did)."""
+    from targets import tflite_metadata
+
+    try:
+        raw = Path(path).read_bytes()
+        data = tflite_metadata.entry(raw, EMBEDDED_KEY)
+    except ImportError:  # no flatbuffers schema beside the interpreter (tflite-runtime alone)
+        if EMBEDDED_KEY.encode() not in raw:
+            return None
+        raise TargetUnavailable(f"{path}: takes pixels, and reading how it normalises them needs the model "
+                                "schema of ai-edge-litert; pip install ai-edge-litert") from None
+    except (OSError, ValueError, IndexError, AttributeError, TypeError):
+        raise TargetError(f"{path}: LiteRT cannot load it (not a readable .tflite flatbuffer)") from None
+    return json.loads(data)["normalization"] if data else None
 
 
 def quantize(x: np.ndarray, detail: dict) -> np.ndarray:

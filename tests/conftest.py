@@ -79,3 +79,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def app_bundle(tmp_path_factory, tiny_checkpoint, tiny_npz):
+    """A bundle of the tiny model for every target in fp32 and int8 (what predict and export-app read)."""
+    out = tmp_path_factory.mktemp("app") / "bundle"
+    r = run_cli("convert", tiny_checkpoint, "--calib", tiny_npz, "--targets", "onnx,openvino,tflite",
+                "--precision", "fp32,int8", "--out", out, "--no-bench")
+    assert r.returncode == 0, r.stderr
+    return out

@@ -17,6 +17,7 @@ from tests.conftest import ROOT
 LAYERS = (
     ("cli",),
     ("edgeres.demo",),
+    ("edgeres.app",),
     ("edgeres.convert",),
     ("edgeres.compress",),
     ("edgeres.measure",),
@@ -34,6 +35,7 @@ NOT_A_RUNTIME = {
     ("edgeres/device/doctor.py", "onnx"): "the onnx Python package, a tool edgeres exports with",
     ("edgeres/sources/loading.py", "onnx"): "the format of a model file the user brings",
     ("edgeres/measure/bench_runner.py", "openvino"): "the device-side loaders of the standalone runner (no imports)",
+    ("edgeres/app/classify_template.py", "openvino"): "the exported app's own loaders (a standalone script)",
 }
 
 

@@ -24,8 +24,8 @@ from typing import Callable
 from calibration import DataError
 from calibration.cpu import cpu_features
 from edgeres import __version__
-from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, publish, warn,
-                            write_json_atomic)
+from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, label_names, publish,
+                            warn, write_json_atomic, write_text_atomic)
 from edgeres.compress.quant_accurate import improve_for_int8
 from edgeres.compress.quant_finetune import (DEFAULT_EPOCHS, QuantFinetuneConfig, check_finetune_data,
                                              quantization_aware_finetune, tuned_onnx_ranges)
@@ -35,6 +35,7 @@ from edgeres.model.export import export_onnx
 from edgeres.model.keras_model import build_keras
 from edgeres.model.torch_model import build_torch
 from edgeres.progress import log, step
+from targets.base import LABELS_FILE, app_metadata
 from targets import (CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, get_target,
                      info_for_file, shared_int8)
 
@@ -126,8 +127,9 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
         _export_reference(loaded, work, steps, reference)
         source = _calibration_source(cfg, spec, calib_ds)
         int8 = _int8_inputs(cfg, loaded, work, steps, source, steps_plan)
-        artifacts = [_compiled(cfg, spec, work, steps, target, precision, source, int8)
+        artifacts = [_compiled(cfg, spec, work, steps, target, precision, source, int8, source_sha256=loaded.sha256)
                      for target, precision in steps_plan]
+        write_text_atomic(work / LABELS_FILE, "".join(f"{name}\n" for name in label_names(spec)))
         manifest = _manifest(cfg, loaded, key, work, steps, int8.calibration, artifacts)
         shutil.rmtree(work / ".work", ignore_errors=True)
         (work / STEPS_FILE).unlink(missing_ok=True)
@@ -174,6 +176,10 @@ def _export_reference(loaded, work: Path, steps: StepCache, reference: Path | No
     else:
         log("exporting the fp32 reference ONNX…")
         export_onnx(loaded.to_torch(), loaded.spec, work / REFERENCE_FILE)
+    # the reference carries what an app needs too, so the fp32 ONNX artifact stays a byte copy of it
+    shared_int8().stamp_metadata(work / REFERENCE_FILE, app_metadata(
+        label_names(loaded.spec), loaded.spec.preprocess.to_dict(), layout="NCHW", dtype="float32",
+        version=__version__, source_sha256=loaded.sha256))
     steps.finish("export", {"seconds": round(time.perf_counter() - t0, 3)})
 
 
@@ -304,7 +310,7 @@ def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: 
 
 
 def _compiled(cfg: ConvertConfig, spec, work: Path, steps: StepCache, target: str, precision: str,
-              source: CalibrationSource | None, int8: Int8Inputs) -> dict:
+              source: CalibrationSource | None, int8: Int8Inputs, *, source_sha256: str | None = None) -> dict:
     """The artifact record of one (target, precision): from an earlier run if its files are there."""
     step = f"compile {target} {precision}"
     record = steps.get(step)
@@ -316,7 +322,8 @@ def _compiled(cfg: ConvertConfig, spec, work: Path, steps: StepCache, target: st
                      calibration=source.batches if source else None, ranges=int8.ranges, qdq_onnx=int8.qdq_onnx,
                      keras_model=functools.partial(build_keras, spec, int8.weights[KERAS]) if keras else None,
                      options=dict(cfg.target_options.get(target, {})), preprocess=spec.preprocess.to_dict(),
-                     labels=spec.labels, estimator=cfg.estimator,
+                     labels=spec.labels, estimator=cfg.estimator, producer_version=__version__,
+                     source_sha256=source_sha256, num_classes=spec.num_classes,
                      tuned_activations=int8.tuned.get(get_info(target).consumes))
     record = _compile_one(target, job)
     if record["status"] == "ok":  # failures are retried on the next run
@@ -361,7 +368,7 @@ def _manifest(cfg: ConvertConfig, loaded, key: str, work: Path, steps: StepCache
         "calibration": calibration,
         "reference": {**file_record(work, REFERENCE_FILE), "precision": "fp32",
                       "engine": info_for_file(REFERENCE_FILE).dist},
-        "data_files": [file_record(work, f) for f in (RANGES_FILE,) if (work / f).exists()],
+        "data_files": [file_record(work, f) for f in (RANGES_FILE, LABELS_FILE) if (work / f).exists()],
         "artifacts": artifacts,
         "config": cfg.to_dict(),
         "timings": {name: r.get("seconds", r.get("compile_s")) for name, r in steps.done.items()

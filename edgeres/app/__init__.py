@@ -1,0 +1,1 @@
+"""Embedding in an app: a bundle's artifact exported with the code that runs it (export-app)."""

@@ -1,0 +1,146 @@
+"""``export-app``: a folder an app developer can use as it is — one artifact of a bundle, its labels,
+and code that runs it with the bundle's preprocessing: a standalone Python script (numpy, Pillow and
+the runtime only), or a Kotlin (Android) / Swift (iOS) class with a build snippet.
+
+Everything the generated code needs is taken from the manifest and from the artifact as its runtime
+loads it (tensor names, whether it normalises inside), so nothing is re-typed by hand. The folder is
+written beside ``--out`` and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pprint
+import shutil
+from pathlib import Path
+
+from edgeres import __version__
+from edgeres.app import mobile
+from edgeres.bundle import OutputLock, artifact_path, label_names, read_manifest, verify_file
+from edgeres.errors import InputError
+from edgeres.measure.predict import pick_artifact
+from edgeres.progress import log
+from targets import companion_files, get_info, get_target
+
+KINDS = ("python", "android", "ios")
+APP_FILE = "app.json"  # what was exported from where; marks the folder as made by export-app
+TEMPLATE = Path(__file__).with_name("classify_template.py")
+CONFIG_LINE = "CONFIG: dict = {}  # written by edgeres export-app: runtime, model, labels, preprocess, input"
+
+
+def check_request(kind: str, out: str | Path, force: bool) -> Path:
+    """Refuse a bad ``--kind`` or ``--out`` before any work (the rules of ``convert --out``)."""
+    if kind not in KINDS:
+        raise InputError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is a file; choose another --out folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / APP_FILE).exists():
+            raise InputError(f"{out}: exists and is not an app made by export-app; choose an empty or new --out folder")
+        if not force:
+            raise InputError(f"{out}: already holds an exported app; pass --force to replace it or choose another --out")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"{out}: parent folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{out}: cannot write into {parent} (permission denied); choose a writable --out")
+    return out
+
+
+def _choose(manifest: dict, bundle: Path, kind: str, target: str | None, precision: str | None) -> dict:
+    """The artifact to export; Android and iOS take the runtimes they have templates for."""
+    if kind == "python":
+        return pick_artifact(manifest, bundle, target, precision)
+    usable = [a for a in manifest["artifacts"] if get_info(a["target"]).runtime in mobile.RUNTIMES]
+    if target is not None and target not in {a["target"] for a in usable}:
+        names = sorted({n for n in (a["target"] for a in manifest["artifacts"])
+                        if get_info(n).runtime in mobile.RUNTIMES})
+        raise InputError(f"--target {target}: --kind {kind} runs {', '.join(names) or 'no target of this bundle'} "
+                         f"artifacts (LiteRT or onnxruntime on the device); choose one of those")
+    return pick_artifact({**manifest, "artifacts": usable}, bundle, target, precision)
+
+
+def app_config(manifest: dict, artifact: dict, runner, model_file: str) -> dict:
+    """What the generated code needs: runtime, files, preprocessing, the model's input and tensor names."""
+    input_name, output_name = runner.io_names()
+    dtype = artifact.get("input_dtype", "float32")
+    return {"runtime": get_info(artifact["target"]).runtime, "model": model_file, "labels": "labels.txt",
+            "num_classes": manifest["arch"]["num_classes"], "preprocess": manifest["preprocess"],
+            "input": {"layout": artifact.get("input_layout", "NCHW"), "dtype": dtype, "pixels": bool(runner.takes_pixels),
+                      "name": input_name},
+            "output": {"name": output_name}}
+
+
+def requirements(artifact: dict) -> str:
+    """requirements.txt: numpy, Pillow and the runtime at the version the bundle was made and tested with."""
+    dist = get_info(artifact["target"]).dist
+    version = (artifact.get("tool_versions") or {}).get(dist)
+    runtime = f"{dist}=={version}" if version else f"{dist}  # version not recorded in the bundle"
+    return f"numpy>=1.26\npillow>=10\n{runtime}\n"
+
+
+def export_app(bundle: str | Path, kind: str, out: str | Path, *, target: str | None = None,
+               precision: str | None = None, force: bool = False) -> dict:
+    """Write the app folder ``out``; returns ``app.json`` (kind, artifact, files)."""
+    bundle, out = Path(bundle), check_request(kind, out, force)
+    manifest = read_manifest(bundle, verify=False)
+    artifact = _choose(manifest, bundle, kind, target, precision)
+    for record in artifact.get("file_records", []):
+        verify_file(bundle, record)
+    model = artifact_path(bundle, artifact)
+    runner = get_target(artifact["target"]).load_runner(model)  # the artifact runs here, and tells its tensor names
+    config = app_config(manifest, artifact, runner, model.name)
+    with OutputLock(out):
+        staging = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            files = _write(staging, kind, bundle, manifest, artifact, model, config)
+            record = {"kind": kind, "made_by": f"edgeres {__version__}", "bundle": str(bundle),
+                      "conversion_key": manifest.get("conversion_key"), "target": artifact["target"],
+                      "precision": artifact["precision"], "config": config, "files": sorted([*files, APP_FILE])}
+            (staging / APP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            _publish(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"exported a {kind} app for {artifact['target']} {artifact['precision']} to {out}")
+    return record
+
+
+def _write(staging: Path, kind: str, bundle: Path, manifest: dict, artifact: dict, model: Path, config: dict) -> list[str]:
+    files = [model.name, "labels.txt"]
+    shutil.copyfile(model, staging / model.name)
+    for companion in companion_files(artifact["file"]):  # an OpenVINO IR's .bin
+        shutil.copyfile(bundle / companion, staging / Path(companion).name)
+        files.append(Path(companion).name)
+    (staging / "labels.txt").write_text("".join(f"{v}\n" for v in label_names(manifest)), encoding="utf-8")
+    if kind == "python":
+        generated = {"classify.py": classify_script(config), "requirements.txt": requirements(artifact),
+                     "README.md": mobile.python_readme(config, artifact, requirements(artifact))}
+    else:
+        generated = mobile.generate(kind, config, artifact)
+    for name, text in generated.items():
+        (staging / name).write_text(text, encoding="utf-8")
+    return files + list(generated)
+
+
+def classify_script(config: dict) -> str:
+    """The standalone classify.py with this app's CONFIG written in."""
+    text = TEMPLATE.read_text(encoding="utf-8")
+    if text.count(CONFIG_LINE) != 1:
+        raise RuntimeError(f"{TEMPLATE}: the CONFIG line to fill in is missing")
+    return text.replace(CONFIG_LINE, "CONFIG: dict = " + pprint.pformat(config, sort_dicts=False, width=110)
+                        + "  # written by edgeres export-app")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename the complete folder into place, replacing an app made earlier (``--force`` was checked)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)

@@ -1,0 +1,163 @@
+"""``edgeres export-app``: a Python app that runs in a venv with numpy + Pillow + one runtime and agrees with
+``predict``; Android/iOS code whose constants are the manifest's; the --out rules of convert."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import cli
+from tests.conftest import make_images
+
+runner = CliRunner()
+
+
+def _export(*args):
+    return runner.invoke(cli.app, ["export-app", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory):
+    x, _ = make_images(12, 16, seed=5)
+    folder = tmp_path_factory.mktemp("app_pngs")
+    for i, img in enumerate(x):
+        Image.fromarray(img).save(folder / f"p{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def clean_venv(tmp_path_factory):
+    """A plain venv (no system site-packages) per requirements.txt, made once per session: pip installs
+    exactly what the exported app asks for, from the configured package indexes."""
+    made: dict[str, Path] = {}
+
+    def venv_for(requirements: Path) -> Path:
+        key = requirements.read_text()
+        if key not in made:
+            where = tmp_path_factory.mktemp("venv")
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=300)
+            python = where / "bin" / "python"
+            r = subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(requirements)],
+                               capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, f"pip install -r {requirements} failed: {r.stderr[-2000:]}"
+            print(f"venv for {key.split()[-1]}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            made[key] = python
+        return made[key]
+    return venv_for
+
+
+def _installed(python: Path) -> set[str]:
+    r = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True)
+    return {p["name"].lower() for p in json.loads(r.stdout)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, dist", [("onnx", "onnxruntime"), ("tflite", "ai-edge-litert")])
+def test_python_app_in_a_fresh_venv_agrees_with_predict(app_bundle, pngs, clean_venv, tmp_path, target, dist):
+    out = tmp_path / "app"
+    r = _export(app_bundle, "--kind", "python", "--target", target, "--out", out)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((app_bundle / "manifest.json").read_text())
+    artifact = next(a for a in manifest["artifacts"] if a["target"] == target and a["precision"] == "int8")
+    assert f"{dist}=={artifact['tool_versions'][dist]}" in (out / "requirements.txt").read_text().splitlines()
+    python = clean_venv(out / "requirements.txt")
+    installed = _installed(python)
+    assert dist in installed and not {"torch", "edgeres", "tensorflow", "onnx"} & installed
+
+    theirs = subprocess.run([str(python), str(out / "classify.py"), str(pngs), "--top", "3", "--json"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert theirs.returncode == 0, theirs.stderr[-2000:]
+    ours = runner.invoke(cli.app, ["predict", str(app_bundle), str(pngs), "--target", target, "--precision", "int8",
+                                   "--top", "3", "--json"])
+    assert ours.exit_code == 0, ours.output
+    a, b = json.loads(theirs.stdout)["predictions"], json.loads(ours.stdout)["predictions"]
+    assert [p["file"] for p in a] == [p["file"] for p in b] and len(a) == 12
+    for p, q in zip(a, b):
+        assert [t["index"] for t in p["top"]] == [t["index"] for t in q["top"]], p["file"]
+        assert [t["label"] for t in p["top"]] == [t["label"] for t in q["top"]]
+        assert max(abs(s["score"] - t["score"]) for s, t in zip(p["top"], q["top"])) < 1e-3
+    no_camera = subprocess.run([str(python), str(out / "classify.py"), "--camera", "0"], capture_output=True, text=True,
+                               timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert no_camera.returncode != 0 and "--camera needs OpenCV: pip install opencv-python" in no_camera.stderr
+
+
+def _constants(text: str, swift: bool) -> dict:
+    pattern = (r"static let (\w+)(?:: [\w\[\]]+)? = (.+)" if swift else r"(?:const )?val (\w+) = (.+)")
+    block = text[text.index("ModelConfig {"):text.index("\n}\n", text.index("ModelConfig {"))]
+    out = {}
+    for name, value in re.findall(pattern, block):
+        value = value.strip()
+        if value.startswith("floatArrayOf(") or value.startswith("["):
+            out[name] = [float(v.rstrip("f")) for v in re.findall(r"[-0-9.e]+f?", value.split("(", 1)[-1])]
+        elif value in ("true", "false"):
+            out[name] = value == "true"
+        elif value.startswith('"'):
+            out[name] = json.loads(value)
+        else:
+            out[name] = float(value.rstrip("f")) if "." in value else int(value)
+    return out
+
+
+@pytest.mark.parametrize("kind, target", [("android", "tflite"), ("android", "onnx"), ("ios", "tflite"), ("ios", "onnx")])
+def test_mobile_code_constants_equal_the_manifest(app_bundle, tmp_path, kind, target):
+    from targets import get_target
+
+    out = tmp_path / "app"
+    r = _export(app_bundle, "--kind", kind, "--target", target, "--precision", "fp32", "--out", out)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((app_bundle / "manifest.json").read_text())
+    artifact = next(a for a in manifest["artifacts"] if a["target"] == target and a["precision"] == "fp32")
+    source = out / ("ImageClassifier.kt" if kind == "android" else "ImageClassifier.swift")
+    c = _constants(source.read_text(), swift=kind == "ios")
+    pre = manifest["preprocess"]
+    assert c["INPUT_SIZE"] == pre["size"] and c["RESIZE"] == (pre["resize"] or 0)
+    assert c["RESIZE_MODE"] == pre["resize_mode"] and c["BGR"] == (pre["channel_order"] == "BGR")
+    assert c["MEAN"] == pytest.approx(pre["mean"]) and c["STD"] == pytest.approx(pre["std"])
+    assert c["SCALE"] == pytest.approx(pre["scale"]) and c["NUM_CLASSES"] == manifest["arch"]["num_classes"]
+    loaded = get_target(target).load_runner(app_bundle / artifact["file"])
+    assert (c["INPUT_NAME"], c["OUTPUT_NAME"]) == loaded.io_names()
+    assert c["TAKES_PIXELS"] == loaded.takes_pixels and c["INPUT_LAYOUT"] == artifact["input_layout"]
+    assert (out / c["MODEL_FILE"]).is_file() and (out / c["LABELS_FILE"]).read_text().splitlines() == manifest["labels"]
+    assert "Not compiled here" in (out / "README.md").read_text()
+
+
+def test_mobile_kinds_refuse_a_runtime_without_a_mobile_build(app_bundle, tmp_path):
+    r = _export(app_bundle, "--kind", "android", "--target", "openvino", "--out", tmp_path / "app")
+    assert r.exit_code == 2 and "--kind android runs onnx, tflite artifacts" in r.stderr
+    assert not (tmp_path / "app").exists()
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda d: (d / "out").write_text("x"), "exists and is a file"),
+    (lambda d: ((d / "out").mkdir(), (d / "out" / "mine.txt").write_text("keep")), "is not an app made by export-app"),
+])
+def test_out_rules_are_those_of_convert(app_bundle, tmp_path, make, expect):
+    make(tmp_path)
+    r = _export(app_bundle, "--kind", "python", "--out", tmp_path / "out")
+    assert r.exit_code == 2 and expect in r.stderr
+
+
+def test_an_app_is_replaced_only_with_force_and_whole(app_bundle, tmp_path):
+    out = tmp_path / "app"
+    assert _export(app_bundle, "--kind", "python", "--target", "onnx", "--out", out).exit_code == 0
+    again = _export(app_bundle, "--kind", "python", "--target", "openvino", "--out", out)
+    assert again.exit_code == 2 and "pass --force" in again.stderr
+    assert _export(app_bundle, "--kind", "python", "--target", "openvino", "--out", out, "--force").exit_code == 0
+    app = json.loads((out / "app.json").read_text())
+    assert app["target"] == "openvino" and sorted(p.name for p in out.iterdir()) == app["files"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or lock left behind
+
+
+def test_bad_kind_is_refused_before_any_work(app_bundle, tmp_path):
+    r = _export(app_bundle, "--kind", "web", "--out", tmp_path / "app")
+    assert r.exit_code == 2 and "--kind 'web': choose one of python, android, ios" in r.stderr
+    assert not (tmp_path / "app").exists()
