@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_VERSION = 1
+IMAGE_VERSION = 2
 # the closure of these is unpacked (apt resolves it for arm64 from the host's Debian 12 sources)
 DEB_PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "openssh-server", "dash", "coreutils", "libstdc++6")
 WHEELS = ("numpy==2.2.6", "onnxruntime==1.32.0", "ai-edge-litert==2.3.0", "openvino==2026.4.1")
@@ -164,7 +165,7 @@ def _configure(root: Path) -> None:
     (etc / "shadow").write_text(f"root:*:19000:0:99999:7:::\nsshd:*:19000:0:99999:7:::\n{USER}:*:19000:0:99999:7:::\n")
     os.chmod(etc / "shadow", 0o640)
     (etc / "hostname").write_text("raspberrypi-emulated\n")
-    for d, mode in (("tmp", 0o1777), ("proc", 0o555), ("dev", 0o755), ("run/sshd", 0o755), ("root", 0o700),
+    for d, mode in (("tmp", 0o1777), ("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("run/sshd", 0o755), ("root", 0o700),
                     (f"home/{USER}", 0o755), ("run/edgeres", 0o755)):
         (root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(root / d, mode)
@@ -268,6 +269,39 @@ def _write_state(root: Path, port: int, cpu: str) -> Path:
     return state
 
 
+# MIDR fields of the emulated cores (the kernel of a real Pi prints these in /proc/cpuinfo)
+CPU_IDS = {"cortex-a76": ("0x4", "0xd0b", "1"), "cortex-a72": ("0x0", "0xd08", "3")}
+RUNNER = Path(__file__).resolve().parents[1] / "edgeres" / "measure" / "bench_runner.py"
+
+
+def _hwcap_names(root: Path, cpu: str) -> list[str]:
+    """The features qemu gives the emulated CPU (read in the image, decoded with the runner's table)."""
+    probe = ("import ctypes; f = ctypes.CDLL(None).getauxval; f.restype = ctypes.c_ulong; "
+             "f.argtypes = [ctypes.c_ulong]; print(f(16), f(26))")
+    out = _run(["chroot", str(root), "/usr/bin/python3", "-c", probe], "the HWCAP probe", timeout=120,
+               env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "QEMU_CPU": cpu})
+    spec = importlib.util.spec_from_file_location("edgeres_bench_runner", RUNNER)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    words = [int(w) for w in out.stdout.split()]
+    return [n for w, names in zip(words, (runner.HWCAP_NAMES, runner.HWCAP2_NAMES))
+            for bit, n in enumerate(names) if w >> bit & 1]
+
+
+def _cpuinfo(root: Path, cpu: str, state: Path) -> Path:
+    """A /proc/cpuinfo in the aarch64 kernel's format for the emulated CPU, shown in place of the x86
+    host's: onnxruntime's and OpenVINO's CPU probes read it (with the host's x86 text they crash).
+    Its Model line says it is emulated; the runner detects emulation from the kernel, not from this."""
+    variant, part, revision = CPU_IDS[cpu]
+    features = " ".join(_hwcap_names(root, cpu))
+    block = (f"BogoMIPS\t: 108.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+             f"CPU variant\t: {variant}\nCPU part\t: {part}\nCPU revision\t: {revision}\n\n")
+    text = "".join(f"processor\t: {i}\n{block}" for i in range(os.cpu_count() or 1))
+    path = state / "cpuinfo"
+    path.write_text(text + f"Model\t\t: qemu-user emulated {cpu} ({CPUS[cpu]}), not a device\n")
+    return path
+
+
 def start_host(cpu: str = DEFAULT_CPU, port: int | None = None, timeout_s: float = 60) -> Arm64Host:
     """Start sshd in the arm64 root (own mount namespace: /proc and /dev vanish with it)."""
     if cpu not in CPUS:
@@ -276,12 +310,12 @@ def start_host(cpu: str = DEFAULT_CPU, port: int | None = None, timeout_s: float
     port = port or _free_port()
     state = _write_state(root, port, cpu)
     inside = "/" + str(state.relative_to(root))
-    # no /sys: onnxruntime's cpuinfo library crashes parsing the x86 host's CPU lists under emulation;
-    # without it onnxruntime reads the features from HWCAP, which qemu sets for the emulated CPU
-    script = (f'mount -t proc proc "$1/proc" && mount --bind /dev "$1/dev" && '
-              f'exec chroot "$1" /usr/sbin/sshd -D -e -f {inside}/sshd_config')
+    cpuinfo = _cpuinfo(root, cpu, state)
+    # OpenVINO's CPU plugin needs sysfs (without it compile_model crashes); the host's is shown
+    script = (f'mount -t proc proc "$1/proc" && mount --bind "$2" "$1/proc/cpuinfo" && mount --bind /dev "$1/dev" && '
+              f'mount -t sysfs sysfs "$1/sys" && exec chroot "$1" /usr/sbin/sshd -D -e -f {inside}/sshd_config')
     log_file = open(state / "sshd.log", "w")
-    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root)],
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root), str(cpuinfo)],
                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "QEMU_CPU": cpu},
                             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
     host = Arm64Host(root, port, cpu, state, proc.pid)

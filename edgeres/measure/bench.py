@@ -367,6 +367,8 @@ def bench_table(result: dict) -> tuple[list[str], list[list]]:
         status = "ok" if r["status"] == "ok" else f"failed: {r.get('error', '')}"
         if r["status"] == "ok" and r.get("throttled"):
             status = "ok (THROTTLED)"
+        if r["status"] == "ok" and r.get("emulated"):
+            status = "ok (EMULATED: not a device latency)"
         rows.append([r["target"], r["precision"], r["threads"], fmt(r.get("size_mb"), ".2f"), fmt(r.get("load_ms"), ".1f"),
                      fmt(r.get("first_ms"), ".1f"), fmt(r.get("p50_ms"), ".2f"), fmt(r.get("p90_ms"), ".2f"),
                      fmt(r.get("p99_ms"), ".2f"), fmt(r.get("fps"), ".1f"), fmt(r.get("peak_rss_mb"), ".0f"), status])

@@ -104,6 +104,77 @@ def read_throttled(timeout_s: float = 5.0) -> dict | None:
         return None
 
 
+# AT_HWCAP / AT_HWCAP2 bits on aarch64 (linux/arch/arm64/include/uapi/asm/hwcap.h): what the kernel, or
+# qemu-user for the CPU it emulates, tells programs, and what the runtimes pick their int8 kernels by
+AT_HWCAP, AT_HWCAP2 = 16, 26
+HWCAP_NAMES = ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp", "asimdhp",
+               "cpuid", "asimdrdm", "jscvt", "fcma", "lrcpc", "dcpop", "sha3", "sm3", "sm4", "asimddp", "sha512",
+               "sve", "asimdfhm", "dit", "uscat", "ilrcpc", "flagm", "ssbs", "sb", "paca", "pacg")
+HWCAP2_NAMES = ("dcpodp", "sve2", "sveaes", "svepmull", "svebitperm", "svesha3", "svesm4", "flagm2", "frint",
+                "svei8mm", "svef32mm", "svef64mm", "svebf16", "i8mm", "bf16", "dgh", "rng", "bti", "mte")
+X86_INT8_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+QEMU_HINT_ENV = "QEMU_CPU"
+
+
+def hwcap_features() -> list[str]:
+    """aarch64 CPU features from the auxiliary vector (empty elsewhere or when unreadable)."""
+    if platform.machine().lower() not in ("aarch64", "arm64") or not sys.platform.startswith("linux"):
+        return []
+    try:
+        import ctypes
+
+        getauxval = ctypes.CDLL(None).getauxval
+        getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+        words = (getauxval(AT_HWCAP), getauxval(AT_HWCAP2))
+    except (OSError, AttributeError):
+        return []
+    return [name for word, names in zip(words, (HWCAP_NAMES, HWCAP2_NAMES))
+            for bit, name in enumerate(names) if word >> bit & 1]
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict:
+    """The CPU features the runtimes see: HWCAP on aarch64, else the int8-relevant /proc/cpuinfo flags."""
+    found = hwcap_features()
+    if found:
+        return {"source": "hwcap", "features": found}
+    flags = set()
+    for line in (cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    arm = {"asimd", "asimddp", "i8mm", "sve", "bf16"} & flags
+    return {"source": "cpuinfo", "features": sorted(arm) if arm else [f for f in X86_INT8_FLAGS if f in flags]}
+
+
+def emulation(cpuinfo: str | None = None, proc: str = "/proc") -> dict:
+    """Whether this process runs under an instruction-set emulator, with the evidence.
+
+    Two signals from the kernel, which the emulator cannot rewrite: the executable the kernel started
+    for this process (under qemu-user via binfmt_misc it is the qemu binary; qemu rewrites only the
+    path ``/proc/self/exe``, so it is read relative to ``/proc``), and a /proc/cpuinfo that describes
+    another architecture than this process's (an x86 kernel behind aarch64 code). An environment
+    variable would prove nothing: anyone can set one, and a real device never would.
+    """
+    evidence = []
+    try:
+        fd = os.open(proc, os.O_RDONLY)
+        try:
+            exe = os.readlink("self/exe", dir_fd=fd)
+        finally:
+            os.close(fd)
+        if "qemu" in os.path.basename(exe).lower():
+            evidence.append(f"the kernel runs this process as {exe}")
+    except OSError:
+        pass
+    text = cpuinfo if cpuinfo is not None else _read(os.path.join(proc, "cpuinfo")) or ""
+    machine = platform.machine().lower()
+    x86_kernel = any(line.split(":")[0].strip() in ("vendor_id", "flags") for line in text.splitlines())
+    if machine in ("aarch64", "arm64") and x86_kernel:
+        evidence.append("/proc/cpuinfo describes an x86 CPU while this process runs aarch64 code")
+    hint = os.environ.get(QEMU_HINT_ENV) if evidence else None
+    return {"emulated": bool(evidence), "evidence": evidence, "emulated_cpu": hint}
+
+
 def system_info() -> dict:
     cpu0 = "/sys/devices/system/cpu/cpu0/cpufreq"
     freq = _read(f"{cpu0}/scaling_cur_freq")
@@ -129,6 +200,8 @@ def system_info() -> dict:
         "temperatures_c": temperatures_c(),
         "throttled": read_throttled(),
         "board": (_read("/proc/device-tree/model") or "").rstrip("\x00") or None,
+        "cpu_features": cpu_features(),
+        "emulation": emulation(),
     }
 
 
@@ -144,6 +217,9 @@ def warnings_for(before: dict, after: dict) -> list[str]:
     hottest = max(after.get("temperatures_c", {}).values(), default=None)
     if hottest is not None and hottest >= HOT_CELSIUS:
         notes.append(f"hot: {hottest:.1f} °C after the run")
+    if (after.get("emulation") or {}).get("emulated"):
+        notes.append("EMULATED (" + "; ".join(after["emulation"]["evidence"]) + "): latency is the emulator's, "
+                     "not a device figure; accuracy is the emulated ARM kernels'")
     governor = after.get("governor")
     if governor and governor not in ("performance",):
         notes.append(f"cpufreq governor is {governor!r}, not 'performance' (latency may vary with clock ramps)")
@@ -373,6 +449,7 @@ def bench(artifact: str, threads: int, warmup: int, runs: int | None, seconds: f
         **summarise(latencies, batch),
         "peak_rss_mb": peak_rss_mb(),
         "rss_before_load_mb": rss_before_load,
+        "emulated": bool((after.get("emulation") or {}).get("emulated")),
         "throttled": bool(any(i.get("throttled") and i["throttled"]["now"] for i in (before, after))),
         "warnings": warnings_for(before, after),
         "system": after,
