@@ -118,7 +118,7 @@ QEMU_HINT_ENV = "QEMU_CPU"
 
 def hwcap_features() -> list[str]:
     """aarch64 CPU features from the auxiliary vector (empty elsewhere or when unreadable)."""
-    if platform.machine().lower() not in ("aarch64", "arm64") or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.uname().machine.lower() not in ("aarch64", "arm64"):
         return []
     try:
         import ctypes
@@ -362,6 +362,131 @@ def load_litert(path: str, threads: int, batch: int, shape_override):
 LOADERS = {"onnxruntime": load_onnxruntime, "openvino": load_openvino, "litert": load_litert}
 
 
+# --- accuracy on the device: logits of preprocessed batches ------------------------------------
+# Each returns run(x) for float32 N×C×H×W batches (the layout edgeres preprocesses to) -> float32 logits,
+# doing what the host's runners in targets/ do, so the device's and the host's outputs are comparable.
+
+def eval_onnxruntime(path: str, threads: int):
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return (lambda x: np.asarray(session.run(None, {name: x})[0], np.float32)), ort.__version__
+
+
+def _tflite_cast(x, detail, to_int: bool):
+    import numpy as np
+
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return x.astype(dtype if to_int else np.float32, copy=False)
+    scale, zero_point = detail["quantization"]
+    if not to_int:
+        return (x.astype(np.float32) - zero_point) * scale
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
+def eval_litert(path: str, threads: int):
+    import numpy as np
+
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+        import ai_edge_litert as rt
+    except ImportError:
+        from tflite_runtime.interpreter import Interpreter
+        import tflite_runtime as rt
+    interp = Interpreter(model_path=path, num_threads=threads)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
+    state = {"batch": int(inp["shape"][0])}
+    interp.allocate_tensors()
+
+    def invoke(nhwc):
+        if dynamic and len(nhwc) != state["batch"]:
+            interp.resize_tensor_input(inp["index"], [len(nhwc), *map(int, inp["shape"][1:])])
+            interp.allocate_tensors()
+            state["batch"] = len(nhwc)
+        interp.set_tensor(inp["index"], _tflite_cast(nhwc, inp, True))
+        interp.invoke()
+        return _tflite_cast(interp.get_tensor(out["index"]), out, False)
+
+    def run(x):
+        nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        if dynamic:
+            return invoke(nhwc)
+        b, outs = state["batch"], []  # fixed-batch model: chunks of its batch, the last one padded
+        for start in range(0, len(nhwc), b):
+            chunk = nhwc[start:start + b]
+            pad = b - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+            outs.append(invoke(chunk)[: b - pad])
+        return np.concatenate(outs)
+
+    return run, getattr(rt, "__version__", "unknown")
+
+
+def eval_openvino(path: str, threads: int):
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(path)
+    if _ir_setting(model, "input_preprocess"):
+        raise BenchFailure(f"{os.path.basename(path)}: an IR with embedded preprocessing takes uint8 images; "
+                           "the device evaluation sends preprocessed float batches")
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+              "INFERENCE_PRECISION_HINT": _ir_setting(model, "inference_precision") or "f32"}
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x):
+        return np.asarray(request.infer({0: x})[compiled.outputs[0]], np.float32)
+
+    return run, ov.__version__
+
+
+EVALUATORS = {"onnxruntime": eval_onnxruntime, "openvino": eval_openvino, "litert": eval_litert}
+EVAL_SCHEMA = "edgeres-eval-run/1"
+
+
+def evaluate(artifact: str, inputs: str, logits_out: str, threads: int, batch: int,
+             runtime: str | None = None) -> dict:
+    """Logits of every input (a float32 N×C×H×W .npy, memory-mapped: read one batch at a time) into
+    ``logits_out`` (.npy); raises ``BenchFailure`` when the artifact cannot run here."""
+    import numpy as np
+
+    runtime, size_mb = _check_artifact(artifact, runtime)
+    try:
+        x_all = np.load(inputs, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise BenchFailure(f"{inputs}: not a readable .npy ({_first_line(e)})") from None
+    if x_all.ndim != 4 or x_all.dtype != np.float32:
+        raise BenchFailure(f"{inputs}: expected float32 N×C×H×W, got {x_all.dtype} {x_all.shape}")
+    t0 = time.perf_counter()
+    try:
+        run, version = EVALUATORS[runtime](artifact, threads)
+        outs = [run(np.ascontiguousarray(x_all[i:i + batch])).reshape(min(batch, len(x_all) - i), -1)
+                for i in range(0, len(x_all), batch)]
+    except BenchFailure:
+        raise
+    except Exception as e:  # noqa: BLE001 - every runtime has its own exception types
+        raise BenchFailure(f"{runtime} cannot run {os.path.basename(artifact)}: {_first_line(e)}") from None
+    logits = np.concatenate(outs).astype(np.float32)
+    tmp = logits_out + ".tmp.npy"
+    np.save(tmp, logits)
+    os.replace(tmp, logits_out)
+    info = system_info()
+    return {"schema": EVAL_SCHEMA, "status": "ok", "artifact": os.path.basename(artifact), "runtime": runtime,
+            "runtime_version": version, "threads": threads, "images": int(len(logits)),
+            "classes": int(logits.shape[1]), "seconds": round(time.perf_counter() - t0, 2), "size_mb": round(size_mb, 3),
+            "peak_rss_mb": peak_rss_mb(), "emulated": bool(info["emulation"]["emulated"]), "system": info}
+
+
 # --- the measurement -----------------------------------------------------------------------------
 
 def summarise(latencies_ms, batch: int) -> dict:
@@ -474,12 +599,17 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--input-shape", help="static input shape, comma separated (e.g. 1,3,224,224)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--eval-inputs", help="instead of timing: logits of these preprocessed inputs (float32 "
+                   "N×C×H×W .npy), written to --logits-out")
+    p.add_argument("--logits-out", help="where --eval-inputs writes its logits (.npy)")
     args = p.parse_args(argv)
     if args.runs is None and args.seconds is None:
         args.runs = 100
     if args.threads < 1 or args.warmup < 0 or args.batch < 1 or (args.runs is not None and args.runs < 1) \
             or (args.seconds is not None and args.seconds <= 0):
         p.error("--threads, --batch and --runs must be at least 1, --warmup at least 0, --seconds positive")
+    if bool(args.eval_inputs) != bool(args.logits_out):
+        p.error("--eval-inputs and --logits-out go together")
     if args.input_shape:
         try:
             args.input_shape = [int(v) for v in args.input_shape.split(",")]
@@ -512,17 +642,23 @@ def main(argv=None) -> int:
     try:
         if args.runtime is None:
             runtime_for(args.artifact)
-        result = bench(args.artifact, args.threads, args.warmup, args.runs, args.seconds, args.batch,
-                       args.input_shape, runtime=args.runtime)
+        if args.eval_inputs:
+            result = evaluate(args.artifact, args.eval_inputs, args.logits_out, args.threads, args.batch,
+                              runtime=args.runtime)
+        else:
+            result = bench(args.artifact, args.threads, args.warmup, args.runs, args.seconds, args.batch,
+                           args.input_shape, runtime=args.runtime)
     except (BenchFailure, ValueError) as e:
         if args.json:
-            print(json.dumps({"schema": SCHEMA, "status": "failed", "artifact": os.path.basename(args.artifact),
+            print(json.dumps({"schema": EVAL_SCHEMA if args.eval_inputs else SCHEMA, "status": "failed", "artifact": os.path.basename(args.artifact),
                               "threads": args.threads, "error": str(e)}))
         else:
             print(f"bench_runner: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         print(json.dumps(result))
+    elif args.eval_inputs:
+        print(f"{result['artifact']}: {result['images']} images in {result['seconds']} s -> {args.logits_out}")
     else:
         print(f"{result['artifact']} ({result['runtime']} {result['runtime_version']}, {args.threads} threads, "
               f"batch {args.batch}): load {result['load_ms']:.1f} ms, first {result['first_ms']:.1f} ms, "
