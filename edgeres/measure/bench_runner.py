@@ -591,7 +591,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark one ONNX / OpenVINO IR / TFLite artifact.")
     p.add_argument("--artifact", required=True, help="model.onnx, model.xml (+ .bin beside it) or model.tflite")
     p.add_argument("--runtime", choices=sorted(LOADERS), help="the runtime to load it with [by its suffix]")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="runtime threads (with --eval-inputs, 0: all cores)")
     p.add_argument("--warmup", type=int, default=10)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--runs", type=int, help="timed inferences (default 100)")
@@ -605,6 +605,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.runs is None and args.seconds is None:
         args.runs = 100
+    if args.eval_inputs and args.threads == 0:  # accuracy, not latency: every core of the device
+        args.threads = os.cpu_count() or 1
     if args.threads < 1 or args.warmup < 0 or args.batch < 1 or (args.runs is not None and args.runs < 1) \
             or (args.seconds is not None and args.seconds <= 0):
         p.error("--threads, --batch and --runs must be at least 1, --warmup at least 0, --seconds positive")

@@ -113,7 +113,7 @@ def evaluate_bundle_remote(bundle: str | Path, dataset: ImageDataset, remote: Re
     items = eval_items(manifest)
     for item in items:  # every file checked before anything is sent
         item.path(bundle)
-    device_threads = threads or 1
+    device_threads = threads or 0  # the runner's "every core": accuracy does not depend on it, time does
     with tempfile.TemporaryDirectory(prefix="edgeres-device-eval-") as tmp:
         work = Path(tmp)
         inputs = write_inputs(dataset, pre, limit, work / INPUTS)
@@ -147,7 +147,8 @@ def _result(bundle, manifest, dataset, remote, items, labels, host, device, docs
         reference["host"] = topk_accuracy(host[0], labels)
         reference["device_host_agreement_pct"] = round(float((device[0].argmax(1) == host[0].argmax(1)).mean() * 100), 4)
     result = {
-        "schema": SCHEMA, "host": remote.destination, "images": int(len(labels)), "threads": threads,
+        "schema": SCHEMA, "host": remote.destination, "images": int(len(labels)),
+        "threads": docs[0].get("threads") or threads,
         "emulated": bool((system.get("emulation") or {}).get("emulated")), "device": system,
         "reference": reference,
         "artifacts": [_row(item, device[i], docs[i], device[0], host.get(i), host.get(0), labels)
