@@ -364,8 +364,12 @@ def bench(
         from edgeres.tables import print_table
 
         system = result.get("system") or {}
-        print(f"{result['host']}: {system.get('cpu_model', '?')}, governor {system.get('governor') or 'n/a'}, "
-              f"batch {cfg.batch}")
+        features = " ".join((system.get("cpu_features") or {}).get("features", [])) or "none detected"
+        print(f"{result['host']}: {system.get('cpu_model', '?')} ({system.get('machine', '?')}; {features}), "
+              f"governor {system.get('governor') or 'n/a'}, batch {cfg.batch}")
+        if (system.get("emulation") or {}).get("emulated"):
+            print("EMULATED (" + "; ".join(system["emulation"]["evidence"]) + "): these latencies are the "
+                  "emulator's, not the device's")
         print_table(*bench_table(result))
     if any_failed(result):
         raise typer.Exit(3)

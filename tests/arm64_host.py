@@ -332,7 +332,7 @@ def start_host(cpu: str = DEFAULT_CPU, port: int | None = None, timeout_s: float
     raise HostUnavailable(f"sshd in the arm64 root did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
 
 
-def _processes_in(root: Path) -> list[int]:
+def processes_in(root: Path) -> list[int]:
     """Pids whose root directory is the image (sshd's sessions and whatever they started)."""
     pids = []
     for entry in Path("/proc").iterdir():
@@ -356,10 +356,14 @@ def stop_host(host: Arm64Host) -> None:
             os.kill(host.pid, signal.SIGKILL)
             os.waitpid(host.pid, 0)
     # started by this sshd and still running in this image (only when nothing else serves from it)
-    if not any(p for p in _processes_in(host.root) if _is_sshd_listener(p)):
-        for pid in _processes_in(host.root):
+    if not any(p for p in processes_in(host.root) if _is_sshd_listener(p)):
+        for pid in processes_in(host.root):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for _ in range(50):
+            if not processes_in(host.root):
+                break
+            time.sleep(0.1)
     shutil.rmtree(host.state, ignore_errors=True)
 
 
