@@ -235,6 +235,9 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate at most this many images (spread evenly)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads."),
     layers: bool = typer.Option(False, "--layers", help="Per-layer SQNR of the int8 ONNX artifact vs fp32."),
+    remote: Optional[str] = typer.Option(None, "--remote", help="Run every artifact on USER@HOST over ssh (key auth) and compare with here."),
+    remote_python: str = typer.Option("python3", "--remote-python", help="Python on the remote host."),
+    ssh_option: List[str] = typer.Option([], "--ssh-option", help="Extra ssh -o KEY=VALUE, e.g. Port=2222 (repeatable)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ):
     """Accuracy of a model (torch fp32) or of every artifact in a bundle vs the fp32 reference."""
@@ -245,6 +248,8 @@ def eval_cmd(
     check_number("--limit", limit, at_least=1)
     check_threads("--threads", threads)
     check_eval_request(path, layers)
+    if remote:
+        return _eval_remote(path, data, remote, remote_python, ssh_option, layers, limit, threads, json_out)
     result = evaluate_path(path, open_dataset(data), arch=arch, limit=limit, threads=threads, layers=layers)
     if json_out:
         return _print_json(result)
@@ -253,6 +258,29 @@ def eval_cmd(
 
         return print_eval(result)
     print(f"{result['arch']}  top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  ({result['images']} images)")
+
+
+def _eval_remote(path, data, remote, remote_python, ssh_option, layers, limit, threads, json_out) -> None:
+    from calibration import open_dataset
+    from edgeres.errors import InputError
+    from edgeres.measure.bench import RemoteHost
+    from edgeres.measure.remote_eval import device_eval_table, evaluate_bundle_remote
+
+    if layers:
+        raise InputError("--layers with --remote: per-layer SQNR runs here; drop one of them")
+    host = RemoteHost(remote, python=remote_python, ssh_options=tuple(ssh_option))
+    host.validate()
+    result = evaluate_bundle_remote(path, open_dataset(data), host, limit=limit, threads=threads)
+    if json_out:
+        return _print_json(result)
+    from edgeres.tables import print_table
+
+    device = result["device"]
+    print(f"{result['host']}: {device.get('machine')} {device.get('cpu_model')}; {result['images']} images"
+          + ("; EMULATED: accuracy of the emulated ARM kernels, no latency claimed" if result["emulated"] else ""))
+    print_table(*device_eval_table(result))
+    if any(r["status"] != "ok" for r in result["artifacts"]):
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -416,8 +444,12 @@ def bench(
         from edgeres.tables import print_table
 
         system = result.get("system") or {}
-        print(f"{result['host']}: {system.get('cpu_model', '?')}, governor {system.get('governor') or 'n/a'}, "
-              f"batch {cfg.batch}")
+        features = " ".join((system.get("cpu_features") or {}).get("features", [])) or "none detected"
+        print(f"{result['host']}: {system.get('cpu_model', '?')} ({system.get('machine', '?')}; {features}), "
+              f"governor {system.get('governor') or 'n/a'}, batch {cfg.batch}")
+        if (system.get("emulation") or {}).get("emulated"):
+            print("EMULATED (" + "; ".join(system["emulation"]["evidence"]) + "): these latencies are the "
+                  "emulator's, not the device's")
         print_table(*bench_table(result))
     if any_failed(result):
         raise typer.Exit(3)

@@ -140,7 +140,7 @@ def plan_items(manifest: dict) -> list[BenchItem]:
     return items
 
 
-def parse_runner_output(stdout: str) -> dict | None:
+def parse_runner_output(stdout: str, schema: str = RUNNER_SCHEMA) -> dict | None:
     """The runner's JSON line (the last line that is one), or None when there is none."""
     for line in reversed(stdout.strip().splitlines()):
         line = line.strip()
@@ -150,7 +150,7 @@ def parse_runner_output(stdout: str) -> dict | None:
             doc = json.loads(line)
         except ValueError:
             continue
-        if isinstance(doc, dict) and doc.get("schema") == RUNNER_SCHEMA and doc.get("status") in ("ok", "failed"):
+        if isinstance(doc, dict) and doc.get("schema") == schema and doc.get("status") in ("ok", "failed"):
             return doc
     return None
 
@@ -202,8 +202,10 @@ class LocalExecutor:
 class RemoteExecutor:
     """Copies the runner and the artifacts to ``host`` over ssh/scp and runs them there."""
 
-    def __init__(self, bundle: Path, cfg: BenchConfig, remote: RemoteHost, items: list[BenchItem]):
+    def __init__(self, bundle: Path, cfg: BenchConfig, remote: RemoteHost, items: list[BenchItem],
+                 extra_files: tuple[Path, ...] = ()):
         self.bundle, self.cfg, self.remote, self.items = bundle, cfg, remote, items
+        self.extra_files = extra_files  # sent to the temp folder beside the runner (eval's inputs)
         self.host = remote.destination
         self.workdir: str | None = None
 
@@ -271,7 +273,7 @@ class RemoteExecutor:
         sources = {f: p for item in self.items for f, p in item.copy_paths(self.bundle).items()}
         for f in sorted(sources):
             by_dir.setdefault(str(Path(f).parent), []).append(str(sources[f]))
-        by_dir.setdefault(".", []).insert(0, str(RUNNER))
+        by_dir.setdefault(".", [])[:0] = [str(RUNNER), *map(str, self.extra_files)]
         size_mb = sum(Path(p).stat().st_size for paths in by_dir.values() for p in paths) / 1e6
         # generous for a Pi on Wi-Fi (~1 MB/s), still bounded
         timeout = self.remote.call_timeout_s + size_mb
@@ -284,11 +286,14 @@ class RemoteExecutor:
                                   f"({_tail(out.stderr)}); check free space there")
 
     def run(self, item: BenchItem, threads: int) -> dict:
-        args = self.cfg.runner_args(item.file, threads, item.runtime)
+        return self.run_runner(item, self.cfg.runner_args(item.file, threads, item.runtime), "benchmarking")
+
+    def run_runner(self, item: BenchItem, args: list[str], doing: str, schema: str = RUNNER_SCHEMA) -> dict:
+        """Run bench_runner.py with ``args`` in the temp folder; its JSON result, or a failed row."""
         command = f"cd {shlex.quote(self.workdir)} && {remote_word(self.remote.python)} bench_runner.py " + \
             " ".join(map(shlex.quote, args))
-        out = self._ssh(command, self.cfg.run_timeout_s + self.remote.call_timeout_s, f"benchmarking {item.file}")
-        doc = parse_runner_output(out.stdout)
+        out = self._ssh(command, self.cfg.run_timeout_s + self.remote.call_timeout_s, f"{doing} {item.file}")
+        doc = parse_runner_output(out.stdout, schema)
         if doc is None:
             if out.returncode == 0:
                 raise RemoteError(f"{self.host}: the runner printed no result for {item.file} (got "
@@ -296,6 +301,14 @@ class RemoteExecutor:
             return {"status": "failed", "error": f"runner exited {out.returncode} on {self.host} without a result: "
                                                  f"{_tail(out.stderr)}"}
         return doc
+
+    def fetch(self, name: str, dest: Path) -> None:
+        """Copy ``name`` from the temp folder back to ``dest``."""
+        cmd = ["scp", "-q", "-B", *self.remote.base_options(), f"{self.remote.destination}:{self.workdir}/{name}",
+               str(dest)]
+        out = self._call(cmd, self.remote.call_timeout_s, f"fetching {name}")
+        if out.returncode != 0:
+            raise RemoteError(f"{self.host}: could not copy back {name} ({_tail(out.stderr)})")
 
 
 def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None = None) -> dict:
@@ -377,6 +390,8 @@ def bench_table(result: dict) -> tuple[list[str], list[list]]:
         status = "ok" if r["status"] == "ok" else f"failed: {r.get('error', '')}"
         if r["status"] == "ok" and r.get("throttled"):
             status = "ok (THROTTLED)"
+        if r["status"] == "ok" and r.get("emulated"):
+            status = "ok (EMULATED: not a device latency)"
         rows.append([r["target"], r["precision"], r["threads"], fmt(r.get("size_mb"), ".2f"), fmt(r.get("load_ms"), ".1f"),
                      fmt(r.get("first_ms"), ".1f"), fmt(r.get("p50_ms"), ".2f"), fmt(r.get("p90_ms"), ".2f"),
                      fmt(r.get("p99_ms"), ".2f"), fmt(r.get("fps"), ".1f"), fmt(r.get("peak_rss_mb"), ".0f"), status])

@@ -104,6 +104,77 @@ def read_throttled(timeout_s: float = 5.0) -> dict | None:
         return None
 
 
+# AT_HWCAP / AT_HWCAP2 bits on aarch64 (linux/arch/arm64/include/uapi/asm/hwcap.h): what the kernel, or
+# qemu-user for the CPU it emulates, tells programs, and what the runtimes pick their int8 kernels by
+AT_HWCAP, AT_HWCAP2 = 16, 26
+HWCAP_NAMES = ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp", "asimdhp",
+               "cpuid", "asimdrdm", "jscvt", "fcma", "lrcpc", "dcpop", "sha3", "sm3", "sm4", "asimddp", "sha512",
+               "sve", "asimdfhm", "dit", "uscat", "ilrcpc", "flagm", "ssbs", "sb", "paca", "pacg")
+HWCAP2_NAMES = ("dcpodp", "sve2", "sveaes", "svepmull", "svebitperm", "svesha3", "svesm4", "flagm2", "frint",
+                "svei8mm", "svef32mm", "svef64mm", "svebf16", "i8mm", "bf16", "dgh", "rng", "bti", "mte")
+X86_INT8_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+QEMU_HINT_ENV = "QEMU_CPU"
+
+
+def hwcap_features() -> list[str]:
+    """aarch64 CPU features from the auxiliary vector (empty elsewhere or when unreadable)."""
+    if not sys.platform.startswith("linux") or os.uname().machine.lower() not in ("aarch64", "arm64"):
+        return []
+    try:
+        import ctypes
+
+        getauxval = ctypes.CDLL(None).getauxval
+        getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+        words = (getauxval(AT_HWCAP), getauxval(AT_HWCAP2))
+    except (OSError, AttributeError):
+        return []
+    return [name for word, names in zip(words, (HWCAP_NAMES, HWCAP2_NAMES))
+            for bit, name in enumerate(names) if word >> bit & 1]
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict:
+    """The CPU features the runtimes see: HWCAP on aarch64, else the int8-relevant /proc/cpuinfo flags."""
+    found = hwcap_features()
+    if found:
+        return {"source": "hwcap", "features": found}
+    flags = set()
+    for line in (cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    arm = {"asimd", "asimddp", "i8mm", "sve", "bf16"} & flags
+    return {"source": "cpuinfo", "features": sorted(arm) if arm else [f for f in X86_INT8_FLAGS if f in flags]}
+
+
+def emulation(cpuinfo: str | None = None, proc: str = "/proc") -> dict:
+    """Whether this process runs under an instruction-set emulator, with the evidence.
+
+    Two signals from the kernel, which the emulator cannot rewrite: the executable the kernel started
+    for this process (under qemu-user via binfmt_misc it is the qemu binary; qemu rewrites only the
+    path ``/proc/self/exe``, so it is read relative to ``/proc``), and a /proc/cpuinfo that describes
+    another architecture than this process's (an x86 kernel behind aarch64 code). An environment
+    variable would prove nothing: anyone can set one, and a real device never would.
+    """
+    evidence = []
+    try:
+        fd = os.open(proc, os.O_RDONLY)
+        try:
+            exe = os.readlink("self/exe", dir_fd=fd)
+        finally:
+            os.close(fd)
+        if "qemu" in os.path.basename(exe).lower():
+            evidence.append(f"the kernel runs this process as {exe}")
+    except OSError:
+        pass
+    text = cpuinfo if cpuinfo is not None else _read(os.path.join(proc, "cpuinfo")) or ""
+    machine = platform.machine().lower()
+    x86_kernel = any(line.split(":")[0].strip() in ("vendor_id", "flags") for line in text.splitlines())
+    if machine in ("aarch64", "arm64") and x86_kernel:
+        evidence.append("/proc/cpuinfo describes an x86 CPU while this process runs aarch64 code")
+    hint = os.environ.get(QEMU_HINT_ENV) if evidence else None
+    return {"emulated": bool(evidence), "evidence": evidence, "emulated_cpu": hint}
+
+
 def system_info() -> dict:
     cpu0 = "/sys/devices/system/cpu/cpu0/cpufreq"
     freq = _read(f"{cpu0}/scaling_cur_freq")
@@ -129,6 +200,8 @@ def system_info() -> dict:
         "temperatures_c": temperatures_c(),
         "throttled": read_throttled(),
         "board": (_read("/proc/device-tree/model") or "").rstrip("\x00") or None,
+        "cpu_features": cpu_features(),
+        "emulation": emulation(),
     }
 
 
@@ -144,6 +217,9 @@ def warnings_for(before: dict, after: dict) -> list[str]:
     hottest = max(after.get("temperatures_c", {}).values(), default=None)
     if hottest is not None and hottest >= HOT_CELSIUS:
         notes.append(f"hot: {hottest:.1f} °C after the run")
+    if (after.get("emulation") or {}).get("emulated"):
+        notes.append("EMULATED (" + "; ".join(after["emulation"]["evidence"]) + "): latency is the emulator's, "
+                     "not a device figure; accuracy is the emulated ARM kernels'")
     governor = after.get("governor")
     if governor and governor not in ("performance",):
         notes.append(f"cpufreq governor is {governor!r}, not 'performance' (latency may vary with clock ramps)")
@@ -286,6 +362,132 @@ def load_litert(path: str, threads: int, batch: int, shape_override):
 LOADERS = {"onnxruntime": load_onnxruntime, "openvino": load_openvino, "litert": load_litert}
 
 
+# --- accuracy on the device: logits of preprocessed batches ------------------------------------
+# Each returns run(x) for float32 N×C×H×W batches (the layout edgeres preprocesses to) -> float32 logits,
+# doing what the host's runners in targets/ do, so the device's and the host's outputs are comparable.
+
+def eval_onnxruntime(path: str, threads: int):
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads yield the CPU
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return (lambda x: np.asarray(session.run(None, {name: x})[0], np.float32)), ort.__version__
+
+
+def _tflite_cast(x, detail, to_int: bool):
+    import numpy as np
+
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return x.astype(dtype if to_int else np.float32, copy=False)
+    scale, zero_point = detail["quantization"]
+    if not to_int:
+        return (x.astype(np.float32) - zero_point) * scale
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
+def eval_litert(path: str, threads: int):
+    import numpy as np
+
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+        import ai_edge_litert as rt
+    except ImportError:
+        from tflite_runtime.interpreter import Interpreter
+        import tflite_runtime as rt
+    interp = Interpreter(model_path=path, num_threads=threads)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
+    state = {"batch": int(inp["shape"][0])}
+    interp.allocate_tensors()
+
+    def invoke(nhwc):
+        if dynamic and len(nhwc) != state["batch"]:
+            interp.resize_tensor_input(inp["index"], [len(nhwc), *map(int, inp["shape"][1:])])
+            interp.allocate_tensors()
+            state["batch"] = len(nhwc)
+        interp.set_tensor(inp["index"], _tflite_cast(nhwc, inp, True))
+        interp.invoke()
+        return _tflite_cast(interp.get_tensor(out["index"]), out, False)
+
+    def run(x):
+        nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        if dynamic:
+            return invoke(nhwc)
+        b, outs = state["batch"], []  # fixed-batch model: chunks of its batch, the last one padded
+        for start in range(0, len(nhwc), b):
+            chunk = nhwc[start:start + b]
+            pad = b - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+            outs.append(invoke(chunk)[: b - pad])
+        return np.concatenate(outs)
+
+    return run, getattr(rt, "__version__", "unknown")
+
+
+def eval_openvino(path: str, threads: int):
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(path)
+    if _ir_setting(model, "input_preprocess"):
+        raise BenchFailure(f"{os.path.basename(path)}: an IR with embedded preprocessing takes uint8 images; "
+                           "the device evaluation sends preprocessed float batches")
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+              "INFERENCE_PRECISION_HINT": _ir_setting(model, "inference_precision") or "f32"}
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x):
+        return np.asarray(request.infer({0: x})[compiled.outputs[0]], np.float32)
+
+    return run, ov.__version__
+
+
+EVALUATORS = {"onnxruntime": eval_onnxruntime, "openvino": eval_openvino, "litert": eval_litert}
+EVAL_SCHEMA = "edgeres-eval-run/1"
+
+
+def evaluate(artifact: str, inputs: str, logits_out: str, threads: int, batch: int,
+             runtime: str | None = None) -> dict:
+    """Logits of every input (a float32 N×C×H×W .npy, memory-mapped: read one batch at a time) into
+    ``logits_out`` (.npy); raises ``BenchFailure`` when the artifact cannot run here."""
+    import numpy as np
+
+    runtime, size_mb = _check_artifact(artifact, runtime)
+    try:
+        x_all = np.load(inputs, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise BenchFailure(f"{inputs}: not a readable .npy ({_first_line(e)})") from None
+    if x_all.ndim != 4 or x_all.dtype != np.float32:
+        raise BenchFailure(f"{inputs}: expected float32 N×C×H×W, got {x_all.dtype} {x_all.shape}")
+    t0 = time.perf_counter()
+    try:
+        run, version = EVALUATORS[runtime](artifact, threads)
+        outs = [run(np.ascontiguousarray(x_all[i:i + batch])).reshape(min(batch, len(x_all) - i), -1)
+                for i in range(0, len(x_all), batch)]
+    except BenchFailure:
+        raise
+    except Exception as e:  # noqa: BLE001 - every runtime has its own exception types
+        raise BenchFailure(f"{runtime} cannot run {os.path.basename(artifact)}: {_first_line(e)}") from None
+    logits = np.concatenate(outs).astype(np.float32)
+    tmp = logits_out + ".tmp.npy"
+    np.save(tmp, logits)
+    os.replace(tmp, logits_out)
+    info = system_info()
+    return {"schema": EVAL_SCHEMA, "status": "ok", "artifact": os.path.basename(artifact), "runtime": runtime,
+            "runtime_version": version, "threads": threads, "images": int(len(logits)),
+            "classes": int(logits.shape[1]), "seconds": round(time.perf_counter() - t0, 2), "size_mb": round(size_mb, 3),
+            "peak_rss_mb": peak_rss_mb(), "emulated": bool(info["emulation"]["emulated"]), "system": info}
+
+
 # --- the measurement -----------------------------------------------------------------------------
 
 def summarise(latencies_ms, batch: int) -> dict:
@@ -373,6 +575,7 @@ def bench(artifact: str, threads: int, warmup: int, runs: int | None, seconds: f
         **summarise(latencies, batch),
         "peak_rss_mb": peak_rss_mb(),
         "rss_before_load_mb": rss_before_load,
+        "emulated": bool((after.get("emulation") or {}).get("emulated")),
         "throttled": bool(any(i.get("throttled") and i["throttled"]["now"] for i in (before, after))),
         "warnings": warnings_for(before, after),
         "system": after,
@@ -389,7 +592,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark one ONNX / OpenVINO IR / TFLite artifact.")
     p.add_argument("--artifact", required=True, help="model.onnx, model.xml (+ .bin beside it) or model.tflite")
     p.add_argument("--runtime", choices=sorted(LOADERS), help="the runtime to load it with [by its suffix]")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="runtime threads (with --eval-inputs, 0: all cores)")
     p.add_argument("--warmup", type=int, default=10)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--runs", type=int, help="timed inferences (default 100)")
@@ -397,12 +600,19 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--input-shape", help="static input shape, comma separated (e.g. 1,3,224,224)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--eval-inputs", help="instead of timing: logits of these preprocessed inputs (float32 "
+                   "N×C×H×W .npy), written to --logits-out")
+    p.add_argument("--logits-out", help="where --eval-inputs writes its logits (.npy)")
     args = p.parse_args(argv)
     if args.runs is None and args.seconds is None:
         args.runs = 100
+    if args.eval_inputs and args.threads == 0:  # accuracy, not latency: every core of the device
+        args.threads = os.cpu_count() or 1
     if args.threads < 1 or args.warmup < 0 or args.batch < 1 or (args.runs is not None and args.runs < 1) \
             or (args.seconds is not None and args.seconds <= 0):
         p.error("--threads, --batch and --runs must be at least 1, --warmup at least 0, --seconds positive")
+    if bool(args.eval_inputs) != bool(args.logits_out):
+        p.error("--eval-inputs and --logits-out go together")
     if args.input_shape:
         try:
             args.input_shape = [int(v) for v in args.input_shape.split(",")]
@@ -435,17 +645,23 @@ def main(argv=None) -> int:
     try:
         if args.runtime is None:
             runtime_for(args.artifact)
-        result = bench(args.artifact, args.threads, args.warmup, args.runs, args.seconds, args.batch,
-                       args.input_shape, runtime=args.runtime)
+        if args.eval_inputs:
+            result = evaluate(args.artifact, args.eval_inputs, args.logits_out, args.threads, args.batch,
+                              runtime=args.runtime)
+        else:
+            result = bench(args.artifact, args.threads, args.warmup, args.runs, args.seconds, args.batch,
+                           args.input_shape, runtime=args.runtime)
     except (BenchFailure, ValueError) as e:
         if args.json:
-            print(json.dumps({"schema": SCHEMA, "status": "failed", "artifact": os.path.basename(args.artifact),
+            print(json.dumps({"schema": EVAL_SCHEMA if args.eval_inputs else SCHEMA, "status": "failed", "artifact": os.path.basename(args.artifact),
                               "threads": args.threads, "error": str(e)}))
         else:
             print(f"bench_runner: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         print(json.dumps(result))
+    elif args.eval_inputs:
+        print(f"{result['artifact']}: {result['images']} images in {result['seconds']} s -> {args.logits_out}")
     else:
         print(f"{result['artifact']} ({result['runtime']} {result['runtime_version']}, {args.threads} threads, "
               f"batch {args.batch}): load {result['load_ms']:.1f} ms, first {result['first_ms']:.1f} ms, "

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeres.bundle import read_manifest, warn, write_text_atomic
+from edgeres.bundle import read_manifest, read_result, warn, write_text_atomic
+from edgeres.measure.remote_eval import DEVICE_EVAL_FILE, device_eval_table
 from edgeres.errors import InputError
 from edgeres.measure.paired import intervals_overlap
 from edgeres.measure.records import (Run, artifact_sha, choose_bench, choose_eval, is_partial, latest_per_host_threads,
@@ -283,10 +284,24 @@ def context_lines(data: ReportData) -> list[str]:
 def render_markdown(data: ReportData, plots: dict[str, Path] | None = None) -> str:
     name = data.bundle.resolve().name
     parts = [f"# edgeres report: {name}", "", *[f"- {line}" for line in context_lines(data)], "",
-             format_table(HEADERS, format_rows(data.rows)), ""]
+             format_table(HEADERS, format_rows(data.rows)), "", *device_section(data.bundle)]
     for title, path in (plots or {}).items():
         parts += [f"![{title}]({path.relative_to(data.bundle).as_posix()})", ""]
     return "\n".join(parts)
+
+
+def device_section(bundle: Path) -> list[str]:
+    """The accuracy measured on a device (``eval --remote``), beside this host's, when there is one."""
+    stored = read_result(bundle, DEVICE_EVAL_FILE)
+    if not stored:
+        return []
+    device = stored.get("device") or {}
+    note = (" **Emulated** (" + "; ".join((device.get("emulation") or {}).get("evidence", [])) +
+            "): the ARM kernels' accuracy, no latency claimed." if stored.get("emulated") else "")
+    head = (f"## On the device: {stored.get('host')} ({device.get('machine', '?')}, {device.get('cpu_model', '?')})",
+            "", f"- {stored.get('images')} images; top-1, drop and agreement with fp32 measured on the device; "
+                f"device=host: the share of images where the device and this host predict the same class.{note}", "")
+    return [*head, format_table(*device_eval_table(stored)), ""]
 
 
 # --- plots ---------------------------------------------------------------------------------------
