@@ -115,7 +115,13 @@ def runs(bundle: str | Path, folder: str, latest: str) -> list[Run]:
     if doc is not None and not any(r.doc == doc for r in found):
         # named by its file: it is either from before runs were kept or was changed after its run was kept
         found.append(Run(latest, bundle / latest, doc))
-    return sorted(found, key=lambda r: (r.created, r.path.parent == bundle))
+    return sorted(found, key=lambda r: (r.created, r.path.parent == bundle, run_sequence(r.id)))
+
+
+def run_sequence(run: str) -> int:
+    """The n of a run id ``YYYYMMDD-HHMMSS-n`` (0 without one): runs kept within one second, in order."""
+    parts = run.split("-")
+    return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else 0
 
 
 def pick(found: list[Run], run_id: str, flag: str, bundle: Path) -> Run:
@@ -166,7 +172,7 @@ def choose_eval(bundle: str | Path, manifest: dict, run_id: str | None = None) -
 
     def completeness(r: Run):
         covered = sum(matches(e, shas) and e.get("status") != "failed" for e in r.doc.get("artifacts", []))
-        return (not is_partial(r.doc), covered, r.doc.get("images") or 0, r.created)
+        return (not is_partial(r.doc), covered, r.doc.get("images") or 0, found.index(r))  # then the latest
 
     return max(found, key=completeness), found
 
@@ -203,7 +209,7 @@ def choose_bench(bundle: str | Path, manifest: dict, run_id: str | None = None, 
     shas = artifact_sha(manifest)
     with_threads = [r for r in on_host if threads in bench_threads(r.doc)]
     chosen = max(with_threads, key=lambda r: (sum(matches(e, shas) for e in r.doc["results"]
-                                                  if e["threads"] == threads), r.created))
+                                                  if e["threads"] == threads), found.index(r)))
     return chosen, threads, found
 
 
