@@ -19,7 +19,7 @@ import cli
 from edgeres.measure.paired import (PairedCounts, drop_interval_pp, pack_bits, paired_counts, unpack_bits)
 from edgeres.measure.report import (draw_accuracy_vs_latency, load_report, pareto_front, results_document,
                                     waterfall_bars, write_report)
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, make_images, run_cli
 from tests.test_report import make_results_bundle
 
 runner = CliRunner()
@@ -385,3 +385,78 @@ def test_report_json_after_a_limit_500_eval_still_reports_the_5000_image_one(cif
     lo, hi = onnx["top1_drop_ci95_pp"]
     assert lo <= onnx["top1_drop_pp"] <= hi and hi - lo < 1.0  # 5000 paired images: well under a point wide
     assert onnx["agreement_pct"] > 98 and onnx["p50_ms"] > 0 and onnx["threads"] >= 1 and onnx["host"] == "local"
+
+
+# --- progress on the long steps (stderr) ------------------------------------------------------------
+
+class _Recorder:
+    """Stands in for ``progress`` / ``step``: records what each long step announced and how far it got."""
+
+    def __init__(self):
+        self.bars, self.steps = [], []
+
+    def progress(self, description, total):
+        import contextlib
+
+        bar = {"description": description, "total": total, "done": 0}
+        self.bars.append(bar)
+
+        @contextlib.contextmanager
+        def cm():
+            def advance(n=1):
+                bar["done"] += n
+            yield advance
+
+        return cm()
+
+    def step(self, description):
+        import contextlib
+
+        self.steps.append(description)
+        return contextlib.nullcontext()
+
+
+def test_bench_shows_progress_over_every_run(kept, monkeypatch, tmp_path):
+    from edgeres.measure import bench
+
+    rec = _Recorder()
+    monkeypatch.setattr(bench, "progress", rec.progress)
+    bundle = tmp_path / "b"
+    shutil.copytree(kept["bundle"], bundle)
+    result = bench.bench_bundle(bundle, bench.BenchConfig(threads=(1,), runs=2, warmup=0))
+    assert rec.bars == [{"description": "benchmarking", "total": len(result["results"]),
+                         "done": len(result["results"])}]
+
+
+def test_calibration_and_each_compile_show_a_step(monkeypatch, tmp_path, tiny_checkpoint, tiny_npz):
+    from edgeres.convert import build
+
+    rec = _Recorder()
+    monkeypatch.setattr(build, "step", rec.step)
+    code, _, stderr = invoke("convert", tiny_checkpoint, "--targets", "onnx", "--precision", "int8,fp32", "--calib",
+                             tiny_npz, "--no-bench", "--out", tmp_path / "b")
+    assert code == 0, stderr
+    assert rec.steps[0].startswith("calibrating on 64 images") and rec.steps[1:] == ["compiling onnx int8",
+                                                                                     "compiling onnx fp32"]
+
+
+def test_reconstruction_shows_progress_block_by_block(monkeypatch, tiny_model):
+    import copy
+
+    from edgeres.compress import reconstruct as rc
+
+    rec = _Recorder()
+    monkeypatch.setattr(rc, "progress", rec.progress)
+    spec, model = tiny_model
+    x, _ = make_images(32, spec.input_size)
+    rc.reconstruct(copy.deepcopy(model), model, spec, [spec.preprocess(x, "test images")])
+    assert rec.bars == [{"description": "reconstructing pruned layers", "total": sum(spec.layers) + 1,
+                         "done": sum(spec.layers) + 1}]
+
+
+def test_prune_prints_its_drop_with_the_one_sign(tmp_path, tiny_checkpoint, tiny_npz):
+    code, stdout, stderr = invoke("prune", tiny_checkpoint, "--ratio", "0.5", "--eval", tiny_npz, "--out",
+                                  tmp_path / "p.pt")
+    assert code == 0, stderr
+    before, after, drop = re.search(r"\| top-1 % +\| ([\d.]+) +\| ([\d.]+) +\| drop (-?[\d.]+) pp", stdout).groups()
+    assert float(drop) == pytest.approx(float(before) - float(after), abs=0.011)
