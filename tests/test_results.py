@@ -282,7 +282,8 @@ def test_shell_completion_is_offered():
     code, stdout, _ = invoke("--help")
     assert "--install-completion" in stdout and "--show-completion" in stdout
     r = runner.invoke(cli.app, ["--show-completion", "bash"], prog_name="edgeres")
-    assert r.exit_code == 0 and "_EDGERES_COMPLETE=complete_bash" in r.stdout and "complete -o default" in r.stdout
+    assert r.exit_code == 0 and "_EDGERES_COMPLETE=complete_bash" in r.stdout and "complete -o default" in r.stdout, \
+        (r.exit_code, r.output[-500:], repr(r.exception))
 
 
 def test_help_keeps_bracketed_defaults_and_debug_is_a_plain_flag():
