@@ -17,6 +17,7 @@ from tests.conftest import ROOT
 LAYERS = (
     ("cli",),
     ("edgeres.demo",),
+    ("edgeres.sweep",),
     ("edgeres.convert",),
     ("edgeres.compress",),
     ("edgeres.measure",),
