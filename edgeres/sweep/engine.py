@@ -43,7 +43,8 @@ def _worker_env() -> dict:
     """Workers import this very edgeres (the driver's), wherever Ray starts them from."""
     root = str(Path(__file__).resolve().parents[2])
     paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+    # wide lines in the steps' log files, so no message is wrapped mid-way
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths), "COLUMNS": "160"}}
 
 
 @contextlib.contextmanager
@@ -55,7 +56,7 @@ def ray_session(address: str | None):
     if address is None:
         store = object_store_bytes()
         ctx = ray.init(address="local", num_cpus=machine_cpus(), resources={BENCH: 1}, include_dashboard=False,
-                       object_store_memory=store, **common)
+                       object_store_memory=store, _node_ip_address="127.0.0.1", **common)
     else:
         try:
             ctx = ray.init(address=address, **common)

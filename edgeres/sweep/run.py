@@ -43,12 +43,14 @@ class Planned:
 def sweep(cfg: SweepConfig) -> dict:
     """Run (or resume) the sweep into ``cfg.out``; returns the ``sweep.json`` document."""
     validate_sweep(cfg)
+    cfg = _absolute(cfg)  # every node reads the same files, whatever its working directory
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is a file; choose a folder for the sweep")
     if out.is_dir() and any(out.iterdir()) and not (out / SWEEP_FILE).exists() and not (out / SHARED_DIR).exists():
         raise InputError(f"--out {out}: exists and is not an edgeres sweep folder; choose an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / SHARED_DIR, out / LOGS_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with OutputLock(out):
         sha, eval_images = _check_inputs(cfg)
@@ -61,6 +63,13 @@ def sweep(cfg: SweepConfig) -> dict:
         write_json_atomic(out / SWEEP_FILE, doc)
         write_sweep_report(out, doc, html_out=cfg.html)
     return doc
+
+
+def _absolute(cfg: SweepConfig) -> SweepConfig:
+    paths = {name: str(Path(getattr(cfg, name)).absolute()) for name in ("model", "out", "calib", "eval_data",
+                                                                             "finetune_data")
+             if getattr(cfg, name) is not None}
+    return replace(cfg, **paths)
 
 
 def _check_inputs(cfg: SweepConfig) -> tuple[str, int]:
