@@ -4,11 +4,13 @@ best under a budget, failed trials as rows, re-runs that skip finished trials.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +38,15 @@ def cluster():
     ray_cli = str(Path(sys.executable).with_name("ray"))
     temp = tempfile.mkdtemp(prefix="edr", dir="/tmp")  # Ray's socket paths must stay short
     port = _free_port()
-    env = {"PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     start = subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
                             "--num-cpus", "2", "--resources", '{"bench": 1}', "--temp-dir", temp,
+                            "--object-store-memory", str(100 << 20),
                             "--include-dashboard", "false", "--disable-usage-stats"],
                            capture_output=True, text=True, timeout=120, env=env)
     try:
         assert start.returncode == 0, start.stderr
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", env
     finally:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
         shutil.rmtree(temp, ignore_errors=True)
@@ -93,17 +96,18 @@ def test_sweep_on_a_ray_start_cluster_reports_a_failed_trial_then_resumes(cluste
     out = tmp_path / "sw"
     (out / ".shared").mkdir(parents=True)
     (out / "prune0.3-onnx-fp32").write_text("in the way")  # this trial cannot publish its bundle
-    r = _sweep(tiny_checkpoint, tiny_npz, tiny_npz, out, "--address", cluster, "--accuracy-budget", "100",
-               "--bench-runs", "10")
+    address, env = cluster  # joining a cluster by address: its token authentication must be asked for
+    r = _sweep(tiny_checkpoint, tiny_npz, tiny_npz, out, "--address", address, "--accuracy-budget", "100",
+               "--bench-runs", "10", env={"RAY_AUTH_MODE": env["RAY_AUTH_MODE"]})
     assert r.returncode == 3, r.stderr[-3000:]
     doc = _doc(out)
-    assert doc["engine"]["mode"] == "cluster" and doc["engine"]["address"].endswith(cluster.split(":")[1])
+    assert doc["engine"]["mode"] == "cluster" and doc["engine"]["address"].endswith(address.split(":")[1])
     failed = [t for t in doc["trials"] if t["status"] != "ok"]
     assert [t["name"] for t in failed] == ["prune0.3-onnx-fp32-t1"] and failed[0]["error"]
     assert sum(t["status"] == "ok" for t in doc["trials"]) == 7 and doc["best"] is not None
     (out / "prune0.3-onnx-fp32").unlink()
-    again = _sweep(tiny_checkpoint, tiny_npz, tiny_npz, out, "--address", cluster, "--accuracy-budget", "100",
-                   "--bench-runs", "10")
+    again = _sweep(tiny_checkpoint, tiny_npz, tiny_npz, out, "--address", address, "--accuracy-budget", "100",
+                   "--bench-runs", "10", env={"RAY_AUTH_MODE": env["RAY_AUTH_MODE"]})
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("(finished in an earlier run, skipped)") == 7 + 2  # 7 trials and both bases
     doc = _doc(out)
@@ -121,13 +125,22 @@ def test_without_ray_the_command_says_what_to_install(tiny_checkpoint, tiny_npz,
     assert not (tmp_path / "sw").exists()
 
 
-@pytest.mark.parametrize("flags, expect", [(["--prune", "0,0.99"], "--prune"),
-                                           (["--threads", "0"], "--threads"),
-                                           (["--objective", "speed"], "--objective"),
-                                           (["--address", "nowhere"], "--address"),
-                                           (["--estimator", "mse,mse"], "names a value twice")])
-def test_bad_flags_fail_before_any_work(tiny_checkpoint, tiny_npz, tmp_path, flags, expect):
+@pytest.mark.parametrize("change, expect", [({"prune": (0.0, 0.99)}, "--prune"), ({"threads": (0,)}, "--threads"),
+                                            ({"objective": "speed"}, "--objective"),
+                                            ({"address": "nowhere"}, "--address"),
+                                            ({"estimators": ("mse", "mse")}, "names a value twice"),
+                                            ({"precisions": ("bf16",)}, "bf16")])
+def test_bad_flags_are_refused_with_the_flag_named(change, expect):
+    from edgeres.errors import InputError
+    from edgeres.sweep.grid import SweepConfig, validate_sweep
+
+    cfg = SweepConfig(model="m.pt", out="o", calib="c.npz", eval_data="e.npz", targets=("onnx", "tflite"))
+    with pytest.raises(InputError, match=expect):
+        validate_sweep(replace(cfg, **change))
+
+
+def test_a_bad_flag_fails_before_any_work(tiny_checkpoint, tiny_npz, tmp_path):
     out = tmp_path / "sw"
-    r = run_cli("sweep", tiny_checkpoint, "--calib", tiny_npz, "--eval", tiny_npz, "--out", out, *flags)
-    assert r.returncode == 2 and expect in r.stderr and r.stderr.startswith("edgeres: error:"), r.stderr
+    r = run_cli("sweep", tiny_checkpoint, "--calib", tiny_npz, "--eval", tiny_npz, "--out", out, "--threads", "1,x")
+    assert r.returncode == 2 and r.stderr.startswith("edgeres: error: --threads"), r.stderr
     assert not out.exists()

@@ -56,14 +56,16 @@ def ray_session(address: str | None):
     if address is None:
         store = object_store_bytes()
         ctx = ray.init(address="local", num_cpus=machine_cpus(), resources={BENCH: 1}, include_dashboard=False,
-                       object_store_memory=store, _node_ip_address="127.0.0.1", **common)
+                       object_store_memory=store, **common)
     else:
         try:
             ctx = ray.init(address=address, **common)
         except (ConnectionError, RuntimeError, ValueError) as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise InputError(f"--address {address}: cannot join a Ray cluster there ({reason}); start one with "
-                             "`ray start --head` and give the address it prints, or leave --address out") from None
+            auth = "" if os.environ.get("RAY_AUTH_MODE") == "token" else \
+                " (a cluster with token authentication also needs RAY_AUTH_MODE=token here)"
+            raise InputError(f"--address {address}: cannot join a Ray cluster there ({reason}){auth}; start one "
+                             "with `ray start --head` and give the address it prints, or leave --address out") from None
     try:
         yield _engine_record(ray, ctx, address)
     finally:
