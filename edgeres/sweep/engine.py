@@ -99,8 +99,8 @@ class TaskRunner:
         key = (fn, bench)
         if key not in self._remote:
             options = {"num_cpus": 1, "max_retries": 0}
-            if bench:
-                options["resources"] = {BENCH: 1}
+            if bench:  # no CPU: a device that offers only `bench` (--num-cpus 0) gets benchmarks, never compiles
+                options.update(num_cpus=0, resources={BENCH: 1})
             self._remote[key] = self.ray.remote(**options)(fn)
         ref = self._remote[key].remote(*args)
         self.submitted.append(ref)

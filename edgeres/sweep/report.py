@@ -70,10 +70,11 @@ def plot_pareto(doc: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
     best = (doc.get("best") or {}).get("name")
     for ax, key, label in ((axes[0], "p50_ms", "p50 latency, ms (batch 1)"), (axes[1], "size_mb", "size, MB")):
-        for r in ok:
+        for i, r in enumerate(sorted(ok, key=lambda r: (r["top1_drop_pp"], r[key]))):
             ax.scatter(r[key], r["top1_drop_pp"], s=30, color="tab:blue", zorder=3)
+            # alternate above/below so neighbours at equal accuracy do not print over each other
             ax.annotate(f"{r['target']} {r['precision']} p{r['prune']:g} t{r['threads']}", (r[key], r["top1_drop_pp"]),
-                        textcoords="offset points", xytext=(4, 3), fontsize=7)
+                        textcoords="offset points", xytext=(4, 5 if i % 2 == 0 else -11), fontsize=7)
         front = _front(ok, key)
         ax.step([r[key] for r in front], [r["top1_drop_pp"] for r in front], where="post", color="tab:red",
                 lw=1.2, marker="o", markersize=10, markerfacecolor="none", label="Pareto front", zorder=2)
@@ -86,7 +87,7 @@ def plot_pareto(doc: dict, path: Path) -> bool:
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 drop vs fp32, pp")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="center right")
     fig.suptitle("edgeres sweep: accuracy drop vs latency and size")
     fig.tight_layout()
     fig.savefig(path)

@@ -9,7 +9,7 @@ from edgeres.sweep.grid import SweepConfig, Trial
 OBJECTIVE_KEYS = {"latency": "p50_ms", "size": "size_mb"}
 
 
-def trial_row(trial: Trial, out: Path, built: dict, bench: dict | None, baseline_top1: float | None) -> dict:
+def trial_row(trial: Trial, built: dict, bench: dict | None, baseline_top1: float | None) -> dict:
     """One row of ``sweep.json``: the trial's settings, accuracy (vs the unpruned fp32 model), size, latency."""
     conv = trial.conversion
     row = {"name": f"{conv.name}-t{trial.threads}", "status": "failed", "prune": conv.prune,

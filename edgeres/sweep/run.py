@@ -116,7 +116,7 @@ def _planned(cfg, conv: Conversion, folder: Path, sha: str, eval_images: int, lo
 
 def _finished(folder: Path, key: str, cfg: SweepConfig, eval_images: int, evaluate: bool, bench: bool) -> bool:
     """Did an earlier run build, evaluate and benchmark this bundle with these very settings?"""
-    summary = tasks._existing(folder, key)
+    summary = tasks.existing_manifest(folder, key)
     if summary is None:
         return False
     if evaluate:
@@ -203,7 +203,7 @@ def _document(cfg: SweepConfig, out: Path, plan: dict, built: dict, benches: dic
     rows = []
     for trial in trials(cfg):
         folder = str(out / trial.conversion.name)
-        rows.append(trial_row(trial, out, built.get(folder, {"error": "not run"}), benches.get(folder),
+        rows.append(trial_row(trial, built.get(folder, {"error": "not run"}), benches.get(folder),
                               baseline["top1"]))
     return sweep_document(cfg, engine, rows, baseline, _shared_counts(out), wall_s)
 

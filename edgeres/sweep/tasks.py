@@ -94,7 +94,7 @@ def conversion_step(job: ConversionJob, pruned: str | None, base: dict | None) -
     """Build (or find) one bundle, reusing the base's reference and calibration; evaluate a trial."""
     out = Path(job.cfg.out)
     with logged(job.log, f"conversion {out.name}"), OutputLock(out):
-        built = _existing(out, job.key)
+        built = existing_manifest(out, job.key)
         if built is None:
             loaded = _model(job.cfg, pruned)
             calib = open_dataset(job.cfg.calib)
@@ -109,7 +109,7 @@ def conversion_step(job: ConversionJob, pruned: str | None, base: dict | None) -
         return summary(out)
 
 
-def _existing(out: Path, key: str) -> dict | None:
+def existing_manifest(out: Path, key: str) -> dict | None:
     if not (out / MANIFEST).exists():
         return None
     try:
