@@ -144,3 +144,32 @@ def test_a_bad_flag_fails_before_any_work(tiny_checkpoint, tiny_npz, tmp_path):
     r = run_cli("sweep", tiny_checkpoint, "--calib", tiny_npz, "--eval", tiny_npz, "--out", out, "--threads", "1,x")
     assert r.returncode == 2 and r.stderr.startswith("edgeres: error: --threads"), r.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_running_tasks_and_exits_130(tiny_checkpoint, tiny_npz, tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "cli", "sweep", str(tiny_checkpoint), "--calib", str(tiny_npz), "--eval",
+           str(tiny_npz), "--precision", "fp32", "--targets", "onnx", "--bench-runs", "10000000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not (out / "logs" / "prune0-onnx-fp32.log").exists() or \
+                "== bench" not in (out / "logs" / "prune0-onnx-fp32.log").read_text():
+            assert proc.poll() is None and time.time() < deadline, "the sweep never reached its benchmark"
+            time.sleep(0.5)
+        time.sleep(2)  # the benchmark runs (it would take hours)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; finished trials are kept" in err and not (out / "sweep.json").exists()
+    assert (out / "prune0-onnx-fp32" / "manifest.json").exists()  # the finished bundle stays for the re-run

@@ -113,7 +113,8 @@ class TaskRunner:
         try:
             with progress(what, len(pending)) as advance:
                 while pending:
-                    done, _ = self.ray.wait(list(pending), num_returns=1)
+                    # a short timeout: inside Ray's wait Python cannot see Ctrl-C
+                    done, _ = self.ray.wait(list(pending), num_returns=1, timeout=0.5)
                     for ref in done:
                         name = pending.pop(ref)
                         try:

@@ -160,6 +160,7 @@ def _submit_conversions(cfg: SweepConfig, out: Path, plan: dict, runner: TaskRun
         todo = [p for p in plan["trials"] if (p.conversion.prune, p.conversion.estimator) == (ratio, estimator)
                 and not p.done]
         if not todo and base.done:
+            first_base.setdefault(ratio, built[base.job.cfg.out])  # the reference for this ratio's other bases
             continue
         if ratio and ratio not in pruned:
             key = conversion_key(prune_key_config(cfg, ratio), plan["sha"])
