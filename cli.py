@@ -471,7 +471,16 @@ def report(
     from edgeres.measure.report import write_report
 
     check_threads("--threads", threads)
+    from pathlib import Path
 
+    if (Path(bundle) / "sweep.json").is_file():  # a sweep folder: its own report (edgeres/sweep/report.py)
+        from edgeres.sweep.report import read_sweep, write_sweep_report
+
+        swept = write_sweep_report(Path(bundle), read_sweep(Path(bundle)), html_out=html_out)
+        print(swept["markdown_text"])
+        if html_out:
+            print(f"wrote {swept['html']}", file=sys.stderr)
+        return
     result = write_report(bundle, html_out=html_out, threads=threads, eval_run=eval_run, bench_run=bench_run)
     if json_out:
         _print_json(result["results"])
@@ -571,6 +580,69 @@ def demo(
     _print_conversion(result["bundle"], result["manifest"])
     if any(a["status"] != "ok" for a in result["manifest"]["artifacts"]):
         raise typer.Exit(3)
+
+
+
+@app.command()
+@handled
+def sweep(
+    model: str = typer.Argument(..., help="PyTorch checkpoint, ResNet ONNX or Keras ResNet v1 (as for convert)."),
+    calib: str = typer.Option(..., "--calib", help="Calibration images (.npz or folder)."),
+    eval_data: str = typer.Option(..., "--eval", help="Labelled images every trial is evaluated on."),
+    out: str = typer.Option(..., "--out", help="Sweep folder: one bundle per conversion, sweep.json, sweep.md."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
+    prune_ratios: str = typer.Option("0", "--prune", help="Comma list of prune ratios, e.g. 0,0.3,0.5 (0: unpruned)."),
+    precision: str = typer.Option("int8", "--precision", help="Comma list of precisions, e.g. fp32,fp16,int8."),
+    targets: Optional[str] = typer.Option(None, "--targets", help=_targets_help()),
+    estimator: str = typer.Option("mse", "--estimator", help="Comma list of int8 range estimators: mse, percentile, entropy, minmax."),
+    threads: str = typer.Option("1", "--threads", help="Comma list of benchmark thread counts, e.g. 1,2,4."),
+    calib_images: int = typer.Option(300, "--calib-images", help="Calibration images to use (spread evenly)."),
+    eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on at most this many images."),
+    finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images for KD recovery after pruning."),
+    epochs: int = typer.Option(0, "--epochs", help="KD fine-tuning epochs after pruning (needs --finetune-data)."),
+    accuracy_budget: Optional[float] = typer.Option(None, "--accuracy-budget", help="Max top-1 drop (pp) vs the unpruned fp32 model for the best pick."),
+    objective: str = typer.Option("latency", "--objective", help="What the best pick minimises: latency or size."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join a running Ray cluster (auto or HOST:PORT) instead of an embedded one."),
+    remote: Optional[str] = typer.Option(None, "--remote", help="Benchmark on USER@HOST over ssh (key auth)."),
+    bench_runs: int = typer.Option(50, "--bench-runs", help="Timed inferences per artifact and thread count."),
+    html_out: bool = typer.Option(False, "--html", help="Also write DIR/sweep.html with the Pareto plot."),
+    json_out: bool = typer.Option(False, "--json", help="Print sweep.json."),
+):
+    """Search prune ratio × precision × target × threads on Ray: Pareto front and the best under a budget."""
+    from edgeres.sweep.grid import SweepConfig
+    from edgeres.sweep.report import table
+    from edgeres.sweep.run import sweep as run_sweep
+
+    cfg = SweepConfig(model=model, out=out, calib=calib, eval_data=eval_data, arch=arch,
+                      prune=_float_csv(prune_ratios, "--prune"), precisions=_csv(precision),
+                      targets=_csv(targets) or target_table.names(), estimators=_csv(estimator),
+                      threads=_int_csv(threads, "--threads"), calib_images=calib_images, eval_images=eval_images,
+                      finetune_data=finetune_data, finetune_epochs=epochs, accuracy_budget_pp=accuracy_budget,
+                      objective=objective, address=address, remote=remote, bench_runs=bench_runs, html=html_out)
+    try:
+        doc = run_sweep(cfg)
+    except KeyboardInterrupt:
+        _err(f"interrupted; finished trials are kept in {out}: re-run the same command to go on")
+        raise typer.Exit(130) from None
+    if json_out:
+        _print_json(doc)
+    else:
+        from edgeres.sweep.report import summary_lines
+        from edgeres.tables import print_table
+
+        print_table(*table(doc))
+        print("\n".join(summary_lines(doc)))
+    if any(t["status"] != "ok" for t in doc["trials"]):
+        raise typer.Exit(3)
+
+
+def _float_csv(value: Optional[str], flag: str) -> tuple[float, ...]:
+    from edgeres.errors import InputError
+
+    try:
+        return tuple(float(v) for v in _csv(value))
+    except ValueError:
+        raise InputError(f"{flag} {value!r}: expected a comma list of numbers, e.g. 0,0.3,0.5") from None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ LAYERS = (
     ("cli",),
     ("edgeres.demo",),
     ("edgeres.app",),
+    ("edgeres.sweep",),
     ("edgeres.convert",),
     ("edgeres.compress",),
     ("edgeres.measure",),

@@ -141,7 +141,7 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
 @contextlib.contextmanager
 def _staging(out: Path, key: str, force: bool):
     """The work folder and its step cache; kept after an interruption (to resume), gone otherwise."""
-    work = out.resolve().parent / f".{out.name}.partial-{key}"
+    work = staging_dir(out, key)
     if force and work.exists():
         shutil.rmtree(work)
     resumed = work.exists()
@@ -374,3 +374,14 @@ def _manifest(cfg: ConvertConfig, loaded, key: str, work: Path, steps: StepCache
         "timings": {name: r.get("seconds", r.get("compile_s")) for name, r in steps.done.items()
                     if isinstance(r, dict)},
     }
+
+
+# --- for drivers that share finished steps between conversions (edgeres/sweep) ---------------------
+
+STAGED_QDQ = Path(".work") / QDQ_FILE  # the calibrate step's QDQ model, relative to the staging folder
+
+
+def staging_dir(out: Path, key: str) -> Path:
+    """The work folder ``build_bundle`` resumes ``out`` from for ``key``: a driver may put finished steps
+    there (``StepCache.finish`` plus their files) so the build reuses them instead of redoing them."""
+    return Path(out).resolve().parent / f".{Path(out).name}.partial-{key}"

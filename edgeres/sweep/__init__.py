@@ -1,0 +1,1 @@
+"""A driver above ``convert``: search prune ratio × precision × target × threads on Ray (``edgeres sweep``)."""
