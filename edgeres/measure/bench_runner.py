@@ -455,8 +455,17 @@ EVALUATORS = {"onnxruntime": eval_onnxruntime, "openvino": eval_openvino, "liter
 EVAL_SCHEMA = "edgeres-eval-run/1"
 
 
+def _to_pixels(norm: dict):
+    """Normalised N×C×H×W inputs back to the pixel values a model that normalises them itself takes."""
+    import numpy as np
+
+    std = np.asarray(norm["std"], np.float32).reshape(1, -1, 1, 1)
+    mean = np.asarray(norm["mean"], np.float32).reshape(1, -1, 1, 1)
+    return lambda x: ((x * std + mean) / np.float32(norm["scale"])).astype(np.float32)
+
+
 def evaluate(artifact: str, inputs: str, logits_out: str, threads: int, batch: int,
-             runtime: str | None = None) -> dict:
+             runtime: str | None = None, pixels: dict | None = None) -> dict:
     """Logits of every input (a float32 N×C×H×W .npy, memory-mapped: read one batch at a time) into
     ``logits_out`` (.npy); raises ``BenchFailure`` when the artifact cannot run here."""
     import numpy as np
@@ -471,7 +480,8 @@ def evaluate(artifact: str, inputs: str, logits_out: str, threads: int, batch: i
     t0 = time.perf_counter()
     try:
         run, version = EVALUATORS[runtime](artifact, threads)
-        outs = [run(np.ascontiguousarray(x_all[i:i + batch])).reshape(min(batch, len(x_all) - i), -1)
+        feed = _to_pixels(pixels) if pixels else (lambda x: x)
+        outs = [run(feed(np.ascontiguousarray(x_all[i:i + batch]))).reshape(min(batch, len(x_all) - i), -1)
                 for i in range(0, len(x_all), batch)]
     except BenchFailure:
         raise
@@ -603,6 +613,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-inputs", help="instead of timing: logits of these preprocessed inputs (float32 "
                    "N×C×H×W .npy), written to --logits-out")
     p.add_argument("--logits-out", help="where --eval-inputs writes its logits (.npy)")
+    p.add_argument("--pixels", type=json.loads, default=None,
+                   help='with --eval-inputs: the model takes pixels; {"scale", "mean", "std"} undo the inputs\' normalisation')
     args = p.parse_args(argv)
     if args.runs is None and args.seconds is None:
         args.runs = 100
@@ -647,7 +659,7 @@ def main(argv=None) -> int:
             runtime_for(args.artifact)
         if args.eval_inputs:
             result = evaluate(args.artifact, args.eval_inputs, args.logits_out, args.threads, args.batch,
-                              runtime=args.runtime)
+                              runtime=args.runtime, pixels=args.pixels)
         else:
             result = bench(args.artifact, args.threads, args.warmup, args.runs, args.seconds, args.batch,
                            args.input_shape, runtime=args.runtime)
