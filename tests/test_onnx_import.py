@@ -170,7 +170,7 @@ def test_onnx_input_converts_to_all_targets_and_evaluates(cli, tiny_onnx, tiny_n
     r = cli("eval", out, "--data", tiny_npz, "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert set(report) == {"reference", "artifacts", "images"} and report["images"] == 64
+    assert {"reference", "artifacts", "images"} <= set(report) and report["images"] == 64
     assert {a["target"] for a in report["artifacts"]} == {"onnx", "openvino", "tflite"}
     assert all({"top1", "top1_drop_pp", "agreement_pct", "max_abs_logit_err"} <= set(a) for a in report["artifacts"])
 
