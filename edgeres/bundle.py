@@ -43,9 +43,12 @@ DAMAGED = "the bundle is damaged or was tampered with; re-run `edgeres convert`"
 
 # --- writing -------------------------------------------------------------------------------------
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse an output path that is a file, a non-bundle folder, or an existing bundle without --force."""
-    _check_destination(out, force)
+def check_output_dir(out: Path, force: bool, *, marker: str = MANIFEST, made_by: str = "an edgeres bundle",
+                     holding: str = "a bundle") -> None:
+    """Refuse an output path that is a file, a folder we did not make (no ``marker`` file), or one we
+    made without --force; and a parent that cannot be written. ``made_by``/``holding`` name what
+    ``marker`` marks (bundles by default; ``export-app`` folders too)."""
+    _check_destination(out, force, marker=marker, made_by=made_by, holding=holding)
     parent = out.resolve().parent
     if not parent.exists():
         raise InputError(f"{out}: parent folder {parent} does not exist; create it first")
@@ -59,14 +62,15 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise InputError(f"{out}: cannot write into {parent} ({e.strerror}); choose a writable --out") from None
 
 
-def _check_destination(out: Path, force: bool) -> None:
+def _check_destination(out: Path, force: bool, *, marker: str = MANIFEST, made_by: str = "an edgeres bundle",
+                       holding: str = "a bundle") -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is a file; choose another --out directory")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).exists():
-            raise InputError(f"{out}: exists and is not an edgeres bundle; choose an empty or new --out directory")
+        if not (out / marker).exists():
+            raise InputError(f"{out}: exists and is not {made_by}; choose an empty or new --out directory")
         if not force:
-            raise InputError(f"{out}: already holds a bundle; pass --force to replace it or choose another --out")
+            raise InputError(f"{out}: already holds {holding}; pass --force to replace it or choose another --out")
 
 
 def _destination_state(out: Path) -> tuple | None:

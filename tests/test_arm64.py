@@ -75,12 +75,14 @@ def test_remote_bench_runs_on_aarch64_sees_the_pi5_features_and_says_emulated(cl
 
 @pytest.mark.realdata
 def test_remote_eval_measures_accuracy_on_the_arm_kernels_and_compares_with_here(cli, arm64_host, r20_bundle, cifar):
-    r = cli("eval", r20_bundle, "--data", cifar / DEV, "--limit", "500", *arm64_host.cli_args(), "--json", timeout=900)
+    # 200 images keep the emulated fp32 reference (the slow part) near 4 minutes on 2 loaded cores;
+    # benchmarks and the README use 500
+    r = cli("eval", r20_bundle, "--data", cifar / DEV, "--limit", "200", *arm64_host.cli_args(), "--json", timeout=900)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["images"] == 500 and doc["emulated"] and doc["device"]["machine"] == "aarch64"
+    assert doc["images"] == 200 and doc["emulated"] and doc["device"]["machine"] == "aarch64"
     ref = doc["reference"]
-    assert 89 < ref["top1"] < 95 and ref["device_host_agreement_pct"] >= 99  # fp32: the same on both CPUs
+    assert 85 < ref["top1"] < 97 and ref["device_host_agreement_pct"] >= 99  # fp32: the same on both CPUs
     rows = {a["target"]: a for a in doc["artifacts"]}
     assert set(rows) == {"onnx", "tflite"}
     for row in rows.values():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgeres import __version__
 from edgeres.app import mobile
-from edgeres.bundle import OutputLock, artifact_path, label_names, read_manifest, verify_file
+from edgeres.bundle import OutputLock, artifact_path, check_output_dir, label_names, read_manifest, verify_file
 from edgeres.errors import InputError
 from edgeres.measure.predict import pick_artifact
 from edgeres.progress import log
@@ -34,18 +34,7 @@ def check_request(kind: str, out: str | Path, force: bool) -> Path:
     if kind not in KINDS:
         raise InputError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is a file; choose another --out folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / APP_FILE).exists():
-            raise InputError(f"{out}: exists and is not an app made by export-app; choose an empty or new --out folder")
-        if not force:
-            raise InputError(f"{out}: already holds an exported app; pass --force to replace it or choose another --out")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise InputError(f"{out}: parent folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{out}: cannot write into {parent} (permission denied); choose a writable --out")
+    check_output_dir(out, force, marker=APP_FILE, made_by="an app made by export-app", holding="an exported app")
     return out
 
 
