@@ -31,36 +31,34 @@ def constants(config: dict) -> dict:
             "TAKES_PIXELS": inp["pixels"], "INPUT_NAME": inp["name"], "OUTPUT_NAME": config["output"]["name"]}
 
 
-def kotlin_constants(config: dict) -> str:
+# how each language declares a constant of each kind: (bool, float list, float, int, string) and the wrapper
+_DECLARATIONS = {
+    "kotlin": ("object ModelConfig {{\n{}\n}}\n", {
+        bool: "    const val {name} = {lower}", list: "    val {name} = floatArrayOf({floats_f})",
+        float: "    const val {name} = {repr}f", int: "    const val {name} = {repr}", str: "    const val {name} = {json}"}),
+    "swift": ("enum ModelConfig {{\n{}\n}}\n", {
+        bool: "    static let {name} = {lower}", list: "    static let {name}: [Float] = [{floats}]",
+        float: "    static let {name}: Float = {repr}", int: "    static let {name} = {repr}", str: "    static let {name} = {json}"}),
+}
+
+
+def _constants_block(language: str, config: dict) -> str:
+    wrapper, forms = _DECLARATIONS[language]
     lines = []
     for name, value in constants(config).items():
-        if isinstance(value, bool):
-            lines.append(f"    const val {name} = {str(value).lower()}")
-        elif isinstance(value, list):
-            lines.append(f"    val {name} = floatArrayOf({_floats(value, 'f')})")
-        elif isinstance(value, float):
-            lines.append(f"    const val {name} = {value!r}f")
-        elif isinstance(value, int):
-            lines.append(f"    const val {name} = {value}")
-        else:
-            lines.append(f"    const val {name} = {json.dumps(value)}")
-    return "object ModelConfig {\n" + "\n".join(lines) + "\n}\n"
+        kind = next((t for t in (bool, list, float, int) if isinstance(value, t)), str)  # bool before int; else JSON
+        lines.append(forms[kind].format(
+            name=name, lower=str(value).lower(), repr=repr(value), json=json.dumps(value),
+            floats=_floats(value) if kind is list else "", floats_f=_floats(value, "f") if kind is list else ""))
+    return wrapper.format("\n".join(lines))
+
+
+def kotlin_constants(config: dict) -> str:
+    return _constants_block("kotlin", config)
 
 
 def swift_constants(config: dict) -> str:
-    lines = []
-    for name, value in constants(config).items():
-        if isinstance(value, bool):
-            lines.append(f"    static let {name} = {str(value).lower()}")
-        elif isinstance(value, list):
-            lines.append(f"    static let {name}: [Float] = [{_floats(value)}]")
-        elif isinstance(value, float):
-            lines.append(f"    static let {name}: Float = {value!r}")
-        elif isinstance(value, int):
-            lines.append(f"    static let {name} = {value}")
-        else:
-            lines.append(f"    static let {name} = {json.dumps(value)}")
-    return "enum ModelConfig {\n" + "\n".join(lines) + "\n}\n"
+    return _constants_block("swift", config)
 
 
 def generate(kind: str, config: dict, artifact: dict) -> dict[str, str]:
