@@ -83,16 +83,6 @@ def bundle(tmp_path_factory, tiny_model):
     return shared_bundle(tmp_path_factory, tiny_model)
 
 
-def _pixels_args(path) -> list[str]:
-    """--pixels for a .tflite that normalises its pixel input itself (as remote eval passes it)."""
-    if path.suffix != ".tflite":
-        return []
-    from targets.tflite import embedded_normalization
-
-    norm = embedded_normalization(path)
-    return ["--pixels", json.dumps(norm)] if norm else []
-
-
 @pytest.mark.parametrize("target", ["onnx", "tflite", "openvino"])
 def test_runner_eval_mode_gives_the_same_logits_as_the_host_runners(bundle, tmp_path, target):
     import targets
@@ -103,7 +93,7 @@ def test_runner_eval_mode_gives_the_same_logits_as_the_host_runners(bundle, tmp_
     np.save(tmp_path / "x.npy", x)
     out = subprocess.run([sys.executable, str(bench_runner.__file__), "--artifact", str(bundle / artifact["file"]),
                           "--eval-inputs", str(tmp_path / "x.npy"), "--logits-out", str(tmp_path / "y.npy"),
-                          "--batch", "3", "--json", *_pixels_args(bundle / artifact["file"])],
+                          "--batch", "3", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout.strip().splitlines()[-1])
@@ -124,18 +114,21 @@ def test_runner_eval_mode_refuses_inputs_of_the_wrong_kind(bundle, tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_runner_eval_mode_feeds_pixels_to_a_tflite_that_normalises_itself(app_bundle, tmp_path, precision):
-    """A converted .tflite takes pixels; remote eval sends normalised inputs with --pixels to undo it."""
+    """A converted .tflite takes pixels; the runner reads how it normalises them from the model and
+    turns the normalised inputs remote eval sends back into pixels."""
     import targets
 
     manifest = json.loads((app_bundle / "manifest.json").read_text())
     artifact = next(a for a in manifest["artifacts"] if a["target"] == "tflite" and a["precision"] == precision)
     path = app_bundle / artifact["file"]
-    assert _pixels_args(path), "a converted .tflite says how it normalises its pixels"
+    from targets.tflite import embedded_normalization
+
+    assert embedded_normalization(path) == bench_runner._embedded_pixel_normalization(str(path)) is not None
     x = np.random.default_rng(1).standard_normal((5, 3, 16, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     out = subprocess.run([sys.executable, str(bench_runner.__file__), "--artifact", str(path),
                           "--eval-inputs", str(tmp_path / "x.npy"), "--logits-out", str(tmp_path / "y.npy"),
-                          "--json", *_pixels_args(path)], capture_output=True, text=True, timeout=300)
+                          "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     expected = targets.get_target("tflite").load_runner(path)(x)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-4, atol=1e-4)

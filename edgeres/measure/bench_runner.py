@@ -403,6 +403,8 @@ def eval_litert(path: str, threads: int):
     interp = Interpreter(model_path=path, num_threads=threads)
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
+    norm = _embedded_pixel_normalization(path)
+    feed = _to_pixels(norm) if norm else (lambda x: x)
     state = {"batch": int(inp["shape"][0])}
     interp.allocate_tensors()
 
@@ -416,7 +418,7 @@ def eval_litert(path: str, threads: int):
         return _tflite_cast(interp.get_tensor(out["index"]), out, False)
 
     def run(x):
-        nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        nhwc = np.ascontiguousarray(feed(x).transpose(0, 2, 3, 1))
         if dynamic:
             return invoke(nhwc)
         b, outs = state["batch"], []  # fixed-batch model: chunks of its batch, the last one padded
@@ -455,6 +457,33 @@ EVALUATORS = {"onnxruntime": eval_onnxruntime, "openvino": eval_openvino, "liter
 EVAL_SCHEMA = "edgeres-eval-run/1"
 
 
+PIXELS_ENTRY = "edgeres.input"  # = targets.tflite.EMBEDDED_KEY (this file runs alone on the device)
+
+
+def _embedded_pixel_normalization(path: str) -> dict | None:
+    """The normalisation an edgeres ``.tflite`` does on its pixel input, from its own metadata (None:
+    it takes normalised input). Read with LiteRT's flatbuffer schema, which ships with the runtime;
+    the same reading as ``targets.tflite_metadata.entry``, repeated because this file runs alone."""
+    import json
+
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        schema = None
+    data = open(path, "rb").read()
+    if PIXELS_ENTRY.encode() not in data:
+        return None
+    if schema is None:
+        raise BenchFailure(f"{os.path.basename(path)}: takes pixels, and reading how it normalises them needs "
+                           "the model schema of ai-edge-litert; pip install ai-edge-litert")
+    model = schema.Model.GetRootAs(data, 0)
+    for i in range(model.MetadataLength()):
+        m = model.Metadata(i)
+        if m.Name().decode() == PIXELS_ENTRY:
+            return json.loads(model.Buffers(m.Buffer()).DataAsNumpy().tobytes())["normalization"]
+    return None
+
+
 def _to_pixels(norm: dict):
     """Normalised N×C×H×W inputs back to the pixel values a model that normalises them itself takes."""
     import numpy as np
@@ -465,7 +494,7 @@ def _to_pixels(norm: dict):
 
 
 def evaluate(artifact: str, inputs: str, logits_out: str, threads: int, batch: int,
-             runtime: str | None = None, pixels: dict | None = None) -> dict:
+             runtime: str | None = None) -> dict:
     """Logits of every input (a float32 N×C×H×W .npy, memory-mapped: read one batch at a time) into
     ``logits_out`` (.npy); raises ``BenchFailure`` when the artifact cannot run here."""
     import numpy as np
@@ -480,8 +509,7 @@ def evaluate(artifact: str, inputs: str, logits_out: str, threads: int, batch: i
     t0 = time.perf_counter()
     try:
         run, version = EVALUATORS[runtime](artifact, threads)
-        feed = _to_pixels(pixels) if pixels else (lambda x: x)
-        outs = [run(feed(np.ascontiguousarray(x_all[i:i + batch]))).reshape(min(batch, len(x_all) - i), -1)
+        outs = [run(np.ascontiguousarray(x_all[i:i + batch])).reshape(min(batch, len(x_all) - i), -1)
                 for i in range(0, len(x_all), batch)]
     except BenchFailure:
         raise
@@ -613,8 +641,6 @@ def parse_args(argv=None):
     p.add_argument("--eval-inputs", help="instead of timing: logits of these preprocessed inputs (float32 "
                    "N×C×H×W .npy), written to --logits-out")
     p.add_argument("--logits-out", help="where --eval-inputs writes its logits (.npy)")
-    p.add_argument("--pixels", type=json.loads, default=None,
-                   help='with --eval-inputs: the model takes pixels; {"scale", "mean", "std"} undo the inputs\' normalisation')
     args = p.parse_args(argv)
     if args.runs is None and args.seconds is None:
         args.runs = 100
@@ -659,7 +685,7 @@ def main(argv=None) -> int:
             runtime_for(args.artifact)
         if args.eval_inputs:
             result = evaluate(args.artifact, args.eval_inputs, args.logits_out, args.threads, args.batch,
-                              runtime=args.runtime, pixels=args.pixels)
+                              runtime=args.runtime)
         else:
             result = bench(args.artifact, args.threads, args.warmup, args.runs, args.seconds, args.batch,
                            args.input_shape, runtime=args.runtime)

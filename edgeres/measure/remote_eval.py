@@ -11,8 +11,6 @@ between the device's and the host's predictions. Stored as ``device_eval.json`` 
 
 from __future__ import annotations
 
-import json
-
 import datetime as dt
 import tempfile
 from dataclasses import replace
@@ -72,23 +70,11 @@ def host_logits(item: BenchItem, bundle: Path, inputs: np.ndarray, threads: int 
     return np.concatenate(outs)
 
 
-def _pixel_normalization(item: BenchItem, bundle: Path) -> dict | None:
-    """How a .tflite that takes pixels normalises them (read here: the device has only the runtime), so
-    the runner gives it the pixels the normalised inputs came from."""
-    if item.runtime != "litert":
-        return None
-    from targets.tflite import embedded_normalization
-
-    return embedded_normalization(item.path(bundle))
-
-
 def _device_logits(executor: RemoteExecutor, item: BenchItem, index: int, threads: int, work: Path,
-                   n: int, pixels: dict | None = None) -> tuple[np.ndarray | None, dict]:
+                   n: int) -> tuple[np.ndarray | None, dict]:
     name = f"logits_{index}.npy"
     args = ["--artifact", item.file, "--runtime", item.runtime, "--threads", str(threads), "--batch", str(BATCH),
             "--eval-inputs", INPUTS, "--logits-out", name, "--json"]
-    if pixels is not None:
-        args += ["--pixels", json.dumps(pixels)]
     doc = executor.run_runner(item, args, "evaluating", EVAL_SCHEMA)
     if doc.get("status") != "ok":
         return None, doc
@@ -143,8 +129,8 @@ def evaluate_bundle_remote(bundle: str | Path, dataset: ImageDataset, remote: Re
         with RemoteExecutor(bundle, cfg, remote, items, extra_files=(work / INPUTS,)) as executor:
             for i, item in enumerate(items):
                 log(f"{item.target} {item.precision} on {remote.destination}…")
-                device[i], docs[i] = _device_logits(executor, item, i, device_threads, work, len(labels),
-                                                    _pixel_normalization(item, bundle))
+                # a .tflite that takes pixels: the runner reads its normalisation from the model itself
+                device[i], docs[i] = _device_logits(executor, item, i, device_threads, work, len(labels))
                 if device[i] is None:
                     log(f"[red]{item.target} {item.precision} failed on {remote.destination}:[/] "
                         f"{docs[i].get('error', 'unknown failure')}")
