@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import sys
 from typing import List, Optional
 
@@ -109,7 +108,9 @@ def handled(fn):
 
 
 def _print_json(data) -> None:
-    print(json.dumps(data, indent=2))
+    from edgeres.bundle import json_text
+
+    print(json_text(data))
 
 
 def _quiet_broken_pipe() -> None:

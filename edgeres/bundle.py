@@ -216,8 +216,23 @@ def label_names(spec_or_manifest) -> list[str]:
     return [str(v) for v in labels] if labels else [str(i) for i in range(count)]
 
 
+def json_text(data, indent: int | None = 2) -> str:
+    """Strict JSON: a NaN or infinite number (never valid JSON, refused by most parsers) becomes null."""
+    return json.dumps(_finite_or_none(data), indent=indent, allow_nan=False)
+
+
+def _finite_or_none(v):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    return v
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, json_text(data) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -465,3 +465,19 @@ def test_prune_prints_its_drop_with_the_one_sign(tmp_path, tiny_checkpoint, tiny
     assert code == 0, stderr
     before, after, drop = re.search(r"\| top-1 % +\| ([\d.]+) +\| ([\d.]+) +\| drop (-?[\d.]+) pp", stdout).groups()
     assert float(drop) == pytest.approx(float(before) - float(after), abs=0.011)
+
+
+def test_json_output_is_strict_json_even_with_a_non_finite_number(tmp_path):
+    """A NaN or Inf (a failed timing, say) is null in what edgeres writes, never a bare NaN token that
+    strict parsers (JavaScript's JSON.parse, jq) refuse."""
+    import json as _json
+
+    from edgeres.bundle import json_text, write_json_atomic
+    from edgeres.measure.bench_runner import _nan_to_none
+
+    doc = {"p50_ms": float("nan"), "rows": [{"x": float("inf")}, 1.5], "ok": True}
+    assert _json.loads(json_text(doc)) == {"p50_ms": None, "rows": [{"x": None}, 1.5], "ok": True}
+    write_json_atomic(tmp_path / "r.json", doc)
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert _json.loads(_json.dumps(_nan_to_none(doc), allow_nan=False)) == _json.loads(text)

@@ -124,6 +124,7 @@ MODEL_CASES = [
     Case("model-pickle-code", lambda t, e: [_pickle_with_code(t, e)], "refused"),
     Case("model-nan", lambda t, e: [_bad_state_dict(t, lambda sd, torch: sd["conv1.weight"].view(-1).__setitem__(0, float("nan")))], "NaN or Inf"),
     Case("model-inf", lambda t, e: [_bad_state_dict(t, lambda sd, torch: sd["linear.weight"].view(-1).__setitem__(3, float("inf")))], "NaN or Inf"),
+    Case("model-negative-bn-variance", lambda t, e: [_bad_state_dict(t, lambda sd, torch: sd["bn1.running_var"].view(-1).__setitem__(0, -1.0))], "running variance below zero"),
     Case("model-misshaped", lambda t, e: [_bad_state_dict(t, lambda sd, torch: sd.__setitem__("linear.bias", torch.zeros(7)))], "mis-shaped"),
     Case("model-missing-key", lambda t, e: [_bad_state_dict(t, lambda sd, torch: sd.pop("layer2.0.bn1.running_var"))], "missing"),
     Case("model-not-resnet", lambda t, e: [_torch_save(t / "mlp.pt", {"fc1.weight": __import__("torch").zeros(4, 4)})], "does not look like a ResNet"),

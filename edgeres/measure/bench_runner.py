@@ -484,6 +484,19 @@ def _embedded_pixel_normalization(path: str) -> dict | None:
     return None
 
 
+def _nan_to_none(v):
+    """``edgeres.bundle.json_text``'s rule, repeated because this file runs alone on the device."""
+    import math
+
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_nan_to_none(x) for x in v]
+    return v
+
+
 def _to_pixels(norm: dict):
     """Normalised N×C×H×W inputs back to the pixel values a model that normalises them itself takes."""
     import numpy as np
@@ -696,8 +709,8 @@ def main(argv=None) -> int:
         else:
             print(f"bench_runner: error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    if args.json:
-        print(json.dumps(result))
+    if args.json:  # strict JSON: a non-finite timing (never expected) would be null, not a bare NaN
+        print(json.dumps(_nan_to_none(result), allow_nan=False))
     elif args.eval_inputs:
         print(f"{result['artifact']}: {result['images']} images in {result['seconds']} s -> {args.logits_out}")
     else:

@@ -204,6 +204,12 @@ def _check_finite(sd: dict, p: Path) -> None:
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise InputError(f"{p}: weights contain NaN or Inf ({', '.join(bad[:3])}); the checkpoint is broken")
+    # a BatchNorm's running variance is a variance: below zero, folding it takes a square root of a
+    # negative number and every artifact would compute NaN
+    negative = [k for k, v in sd.items() if k.endswith("running_var") and v.is_floating_point() and (v < 0).any()]
+    if negative:
+        raise InputError(f"{p}: BatchNorm running variance below zero ({', '.join(negative[:3])}); the checkpoint "
+                         "is broken — re-export it from the trained model")
 
 
 def save_checkpoint(path: str | Path, spec: ResNetSpec, state_dict: dict, extra: dict | None = None) -> None:
