@@ -197,7 +197,7 @@ def test_resnet20_finetune_agrees_with_fp32_more_often_than_fast_on_every_runtim
 
 
 def test_kl_loss_and_accurate_start_are_recipes_of_their_own(tiny_model, data_files):
-    """``loss="kl"`` trains other weights than MSE; ``init="accurate"`` starts from the clipped,
+    """``loss="kl"`` and ``loss="boundary"`` train other weights than MSE; ``init="accurate"`` starts from the clipped,
     bias-corrected weights (so its untrained curve point differs from the fp32 start's)."""
     spec, model = tiny_model
     mse = _tune(spec, model.state_dict(), data_files, lr=1e-4)
@@ -205,6 +205,8 @@ def test_kl_loss_and_accurate_start_are_recipes_of_their_own(tiny_model, data_fi
     key = "layer1.0.conv1.weight"
     assert not np.array_equal(mse.state_dict[key].numpy(), kl.state_dict[key].numpy())
     assert kl.record["loss"] == "kl" and np.isfinite(kl.record["curve"][-1]["logit_rms"])
+    boundary = _tune(spec, model.state_dict(), data_files, lr=1e-4, loss="boundary")
+    assert not np.array_equal(mse.state_dict[key].numpy(), boundary.state_dict[key].numpy())
     plain = _tune(spec, model.state_dict(), data_files, epochs=0)
     accurate = _tune(spec, model.state_dict(), data_files, epochs=0, init="accurate")
     assert accurate.record["init"] == "accurate"

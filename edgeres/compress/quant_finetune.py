@@ -38,7 +38,7 @@ MIN_FINETUNE_IMAGES = 256  # fewer leave too few for training plus a held-out ag
 # ResNet-20, train10k, 5000 dev (benchmarks/quant_finetune.md): 1 epoch is ≥ --quant fast on every target
 # (seeds 0, 1); 3 epochs lower the runtimes' logit error further but not their flips, and onnx fell below fast
 DEFAULT_EPOCHS = 1
-LOSSES = ("mse", "kl")
+LOSSES = ("mse", "kl", "boundary")
 INITS = ("fp32", "accurate")
 LEVELS = 255  # activation steps (uint8 in onnxruntime / OpenVINO, int8 with zero point in TFLite)
 REFERENCE_VALUES = 2_000_000  # activation values kept for matching ranges to a runtime's tensors
@@ -55,7 +55,9 @@ class QuantFinetuneConfig:
     range_lr: float = 3e-3  # Adam on log(range ends); unused with learn_ranges=False
     learn_ranges: bool = True
     init: str = "fp32"  # student's start: the fp32 weights, or "accurate" (clipped + bias-corrected, --quant accurate)
-    loss: str = "mse"  # on the logits; "kl": KL(teacher || student) at ``temperature`` (× T²)
+    # on the logits; "kl": KL(teacher || student) at ``temperature`` (× T²); "boundary": MSE weighted per
+    # image by 1 / (teacher's top-1 − top-2 margin + 0.5), batch mean 1 (the images that flip)
+    loss: str = "mse"
     temperature: float = 4.0
     batch_size: int = 64
     seed: int = 0
@@ -450,6 +452,10 @@ def _step(fq: FakeQuantModel, teacher, x, optimizer, cfg: QuantFinetuneConfig) -
         t = cfg.temperature
         loss = F.kl_div(F.log_softmax(out / t, dim=1), F.log_softmax(target / t, dim=1), log_target=True,
                         reduction="batchmean") * t * t
+    elif cfg.loss == "boundary":
+        top2 = target.topk(2, dim=1).values
+        weight = 1.0 / (top2[:, 0] - top2[:, 1] + 0.5)
+        loss = 0.5 * ((out - target) ** 2).mean(dim=1).mul(weight / weight.mean()).mean()
     else:
         loss = 0.5 * ((out - target) ** 2).mean()
     value = float(loss.detach())
