@@ -352,7 +352,7 @@ def convert(
     prune_ratio: Optional[float] = typer.Option(None, "--prune", help="Prune this share of channels first, in [0, 0.95) (see `edgeres prune`)."),
     prune_importance: str = typer.Option("l2", "--prune-importance", help="Channel importance for --prune: l1, l2, bn-scale, taylor."),
     finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images for KD recovery after --prune and for --quant finetune."),
-    epochs: int = typer.Option(0, "--epochs", help="KD fine-tuning epochs after --prune and of --quant finetune (default 2 there; needs --finetune-data)."),
+    epochs: int = typer.Option(0, "--epochs", help="KD fine-tuning epochs after --prune and of --quant finetune (default 1 there; needs --finetune-data)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --quant finetune (data order, augmentation, torch)."),
     preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Override the model's preprocessing: resize=256,crop=224,mode=shorter_side_crop|direct,mean=a,b,c,std=a,b,c (any of them), or a JSON file with those keys."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),

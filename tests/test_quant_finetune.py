@@ -167,8 +167,9 @@ def test_bad_finetune_data_is_one_line_exit_2_before_any_work(case, tiny_checkpo
 
 
 @pytest.mark.realdata
-@pytest.mark.xfail(reason="measured (README): 3 epochs on train10k lower ResNet-20's agreement on onnx and tflite "
-                          "(99.10 / 99.08 % vs fast 99.34 / 99.20 %) although the held-out RMS logit error falls",
+@pytest.mark.xfail(reason="measured (benchmarks/quant_finetune.md): 1 epoch of train10k is >= fast on every "
+                          "target but ties it on onnx (99.34 vs 99.34 %, seed 0); the flips left are images whose "
+                          "fp32 margin is below the int8 noise, so 'more often than fast' is not reliably met",
                    strict=False)
 def test_resnet20_finetune_agrees_with_fp32_more_often_than_fast_on_every_runtime(cifar, tmp_path):
     """One short epoch on part of train10k; agreement with fp32 on the same dev images, per runtime."""
@@ -193,3 +194,29 @@ def test_resnet20_finetune_agrees_with_fp32_more_often_than_fast_on_every_runtim
     for target in TARGETS:
         fast, tuned = scores["fast"][target], scores["finetune"][target]
         assert tuned["agreement_pct"] > fast["agreement_pct"], (target, fast, tuned)
+
+
+def test_kl_loss_and_accurate_start_are_recipes_of_their_own(tiny_model, data_files):
+    """``loss="kl"`` and ``loss="boundary"`` train other weights than MSE; ``init="accurate"`` starts from the clipped,
+    bias-corrected weights (so its untrained curve point differs from the fp32 start's)."""
+    spec, model = tiny_model
+    mse = _tune(spec, model.state_dict(), data_files, lr=1e-4)
+    kl = _tune(spec, model.state_dict(), data_files, lr=1e-4, loss="kl", temperature=4.0)
+    key = "layer1.0.conv1.weight"
+    assert not np.array_equal(mse.state_dict[key].numpy(), kl.state_dict[key].numpy())
+    assert kl.record["loss"] == "kl" and np.isfinite(kl.record["curve"][-1]["logit_rms"])
+    boundary = _tune(spec, model.state_dict(), data_files, lr=1e-4, loss="boundary")
+    assert not np.array_equal(mse.state_dict[key].numpy(), boundary.state_dict[key].numpy())
+    plain = _tune(spec, model.state_dict(), data_files, epochs=0)
+    accurate = _tune(spec, model.state_dict(), data_files, epochs=0, init="accurate")
+    assert accurate.record["init"] == "accurate"
+    assert any(not np.array_equal(plain.state_dict[k].numpy(), accurate.state_dict[k].numpy())
+               for k in plain.state_dict if k.endswith((".weight", ".bias")))
+
+
+def test_unknown_loss_is_a_clear_error(tiny_model, data_files):
+    from edgeres.errors import InputError
+
+    spec, model = tiny_model
+    with pytest.raises(InputError, match="loss 'l1'"):
+        _tune(spec, model.state_dict(), data_files, loss="l1")
