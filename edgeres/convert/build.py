@@ -38,7 +38,7 @@ from edgeres.convert.workers import (CALIB_FILE, WorkerTask, compile_record, def
                                      write_calibration, write_weights)
 from edgeres.progress import log, step
 from targets.base import LABELS_FILE, app_metadata
-from targets import (CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, info_for_file,
+from targets import (BUILTIN, CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, info_for_file,
                      shared_int8)
 
 STEPS_FILE = ".steps.json"
@@ -359,7 +359,10 @@ def _keras_weights(loaded, int8: Int8Inputs, precision: str) -> dict:
 
 
 def _in_worker(cfg: ConvertConfig, target: str, precision: str, job: CompileJob) -> bool:
-    return cfg.jobs != 0 and target != shared_int8().INFO.name and job.tuned_activations is None
+    """Here: ``--jobs 0``, the shared ONNX (a copy of the QDQ model), tuned activations (an object, not
+    files), and a target a plugin registered in this process (a fresh worker would not know it)."""
+    return (cfg.jobs != 0 and target != shared_int8().INFO.name and job.tuned_activations is None
+            and target in BUILTIN)
 
 
 def _worker_task(work: Path, loaded, target: str, precision: str, job: CompileJob, int8: Int8Inputs,
