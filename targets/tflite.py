@@ -205,7 +205,9 @@ class _RepresentativeDataset:
         self.images = 0
 
     def __call__(self):
-        for batch in _calibration_batches(self.job):
+        # the layout batch goes through a graph that logs every tensor too: sized like the estimator's
+        size = _estimator_batch(self.job) if self.first_batch_only else CALIB_BATCH
+        for batch in _calibration_batches(self.job, size):
             self.images += len(batch)
             yield [batch]
             if self.first_batch_only:

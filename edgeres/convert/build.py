@@ -34,7 +34,7 @@ from edgeres.errors import InputError
 from edgeres.model.export import export_onnx
 from edgeres.model.keras_model import build_keras
 from edgeres.model.torch_model import build_torch
-from edgeres.convert.workers import (CALIB_FILE, WorkerTask, compile_record, default_jobs, run_tasks, trim_memory,
+from edgeres.convert.workers import (CALIB_FILE, Compiles, WorkerTask, compile_record, default_jobs, trim_memory,
                                      write_calibration, write_weights)
 from edgeres.progress import log, step
 from targets.base import LABELS_FILE, app_metadata
@@ -128,8 +128,14 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
         log(f"[bold]edgeres convert[/] {loaded.source} ({spec.name}, {spec.cost()['macs'] / 1e6:.1f} M MACs) → {out}")
         _export_reference(loaded, work, steps, reference)
         source = _calibration_source(cfg, spec, calib_ds)
-        int8 = _int8_inputs(cfg, loaded, work, steps, source, steps_plan)
-        artifacts = _compile_all(cfg, loaded, work, steps, steps_plan, source, int8)
+        early = _start_keras_compiles(cfg, loaded, work, steps, steps_plan, source)
+        try:
+            int8 = _int8_inputs(cfg, loaded, work, steps, source, steps_plan)
+            artifacts = _compile_all(cfg, loaded, work, steps, steps_plan, source, int8, early)
+        except BaseException:
+            if early is not None:
+                early[0].stop()
+            raise
         write_text_atomic(work / LABELS_FILE, "".join(f"{name}\n" for name in label_names(spec)))
         manifest = _manifest(cfg, loaded, key, work, steps, int8.calibration, artifacts)
         shutil.rmtree(work / ".work", ignore_errors=True)
@@ -310,17 +316,48 @@ def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: 
     return {**record, "qdq": qdq, "ranges_file": RANGES_FILE, "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def _usable_record(steps: StepCache, work: Path, target: str, precision: str, *, say: bool = True) -> dict | None:
+    """The record of an earlier run's compile when it can stand (failed, or ok with its files there)."""
+    name = f"compile {target} {precision}"
+    record = steps.get(name) if say else steps.done.get(name)
+    files_there = record is not None and all((work / f).exists() for f in record["files"])
+    return record if record is not None and (record["status"] != "ok" or files_there) else None
+
+
+def _start_keras_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan,
+                          source: CalibrationSource | None):
+    """With room for two processes and plain PTQ, the Keras consumers (TFLite: it calibrates on its own
+    model, not on the shared ranges) start in a worker now, while this process calibrates the shared
+    QDQ model — the two longest steps side by side. (Compiles, their pairs), or None."""
+    needs_qdq = any(p == "int8" and get_info(t).consumes == QDQ_ONNX for t, p in steps_plan)
+    in_worker = [(t, p) for t, p in steps_plan if t in BUILTIN and t != shared_int8().INFO.name]
+    if cfg.quant != "fast" or cfg.jobs == 0 or not needs_qdq or steps.done.get("calibrate") is not None:
+        return None
+    jobs = cfg.jobs if cfg.jobs is not None else default_jobs(len(in_worker))
+    pairs = [(t, p) for t, p in in_worker if get_info(t).consumes == KERAS
+             and _usable_record(steps, work, t, p, say=False) is None]
+    if jobs < 2 or not pairs:
+        return None
+    plain = Int8Inputs({c: loaded.state_dict for c in CONSUMES}, None, None, None)  # --quant fast: the given weights
+    tasks = [_worker_task(work, loaded, t, p, _job(cfg, loaded, work, t, p, source, plain), plain, source)
+             for t, p in pairs]
+    return Compiles(tasks, work / ".work", len(tasks), labelled=True), pairs
+
+
 def _compile_all(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan, source: CalibrationSource | None,
-                 int8: Int8Inputs) -> list[dict]:
+                 int8: Int8Inputs, early=None) -> list[dict]:
     """The artifact record of every (target, precision), in plan order: from an earlier run if its files
     are there; else compiled — the shared ONNX here (a file copy), every other target in a worker process
-    (``--jobs`` at once; ``--jobs 0``, or tuned activations from --quant finetune, compile here)."""
+    (``--jobs`` at once; ``--jobs 0``, or tuned activations from --quant finetune, compile here).
+    ``early``: compiles already running (``_start_keras_compiles``)."""
+    started = early[1] if early is not None else []
     records: dict[tuple[str, str], dict] = {}
     todo = []
     for target, precision in steps_plan:
-        record = steps.get(f"compile {target} {precision}")
-        files_there = record is not None and all((work / f).exists() for f in record["files"])
-        if record is not None and (record["status"] != "ok" or files_there):
+        if (target, precision) in started:
+            continue
+        record = _usable_record(steps, work, target, precision)
+        if record is not None:
             records[target, precision] = record
         else:
             todo.append((target, precision, _job(cfg, loaded, work, target, precision, source, int8)))
@@ -329,12 +366,15 @@ def _compile_all(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps
     for target, precision, job in here:
         records[target, precision] = compile_record(target, job)
     if away:
-        jobs = cfg.jobs if cfg.jobs is not None else default_jobs(len(away))
+        jobs = cfg.jobs if cfg.jobs is not None else default_jobs(len(away) + len(started))
         tasks = [_worker_task(work, loaded, target, precision, job, int8, source) for target, precision, job in away]
         trim_memory()  # what calibration and export left behind is given back before the workers start
-        for (target, precision, _), record in zip(away, run_tasks(tasks, work / ".work", jobs)):
+        running = Compiles(tasks, work / ".work", max(1, jobs - len(started)), labelled=jobs > 1)
+        for (target, precision, _), record in zip(away, running.results()):
             records[target, precision] = record
-    for target, precision, _ in todo:  # failures are retried on the next run
+    if early is not None:
+        records.update(zip(started, early[0].results()))
+    for target, precision in [*((t, p) for t, p, _ in todo), *started]:  # failures are retried on the next run
         if records[target, precision]["status"] == "ok":
             steps.finish(f"compile {target} {precision}", records[target, precision])
     return [records[pair] for pair in steps_plan]

@@ -104,29 +104,66 @@ def write_weights(path: Path, state_dict: dict) -> None:
 
 def run_tasks(tasks: list[WorkerTask], work: Path, jobs: int) -> list[dict]:
     """Run every task in a worker, ``jobs`` at once; the records in the order of ``tasks``."""
-    work.mkdir(parents=True, exist_ok=True)
-    procs: dict[int, subprocess.Popen] = {}
-    lock = threading.Lock()
-    stopping = threading.Event()
+    return Compiles(tasks, work, jobs).results()
 
-    def one(i: int, task: WorkerTask) -> dict:
+
+class Compiles:
+    """Worker compiles started now, running while the caller does other work; ``results()`` waits
+    for them, ``stop()`` ends them (and is what an error or Ctrl-C in ``results()`` does)."""
+
+    def __init__(self, tasks: list[WorkerTask], work: Path, jobs: int, *, labelled: bool | None = None):
+        work.mkdir(parents=True, exist_ok=True)
+        self.work, self.tasks = work, list(tasks)
+        self.labelled = jobs > 1 if labelled is None else labelled  # several at once: say whose line it is
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="edgeres-worker")
+        self.futures = [self.pool.submit(self._one, i, t) for i, t in enumerate(self.tasks)]
+
+    def results(self) -> list[dict]:
+        try:
+            return [f.result() for f in self.futures]
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for f in self.futures:
+            f.cancel()
+        with self.lock:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.terminate()
+        for proc in list(self.procs.values()):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _one(self, i: int, task: WorkerTask) -> dict:
+        work = self.work
         task_file = work / f"task-{task.target}-{task.precision}.json"
         result_file = work / f"result-{task.target}-{task.precision}.json"
         result_file.unlink(missing_ok=True)
         write_json_atomic(task_file, {**task.__dict__, "result_file": str(result_file)})
-        if stopping.is_set():
-            raise KeyboardInterrupt
         t0 = time.perf_counter()
         env = {**os.environ, PARENT_ENV: str(os.getpid())}
-        with lock:
+        with self.lock:
+            if self.stopping.is_set():
+                raise KeyboardInterrupt
             proc = subprocess.Popen([sys.executable, "-m", "edgeres.convert.worker", str(task_file)], env=env,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, errors="replace", cwd=os.getcwd())
-            procs[i] = proc
+            self.procs[i] = proc
         for line in proc.stdout:  # the worker's progress lines, shown as ours
             line = line.rstrip("\n")
             if line:
-                log(f"[dim]{task.target} {task.precision}:[/] {line}" if jobs > 1 else line)
+                log(f"[dim]{task.target} {task.precision}:[/] {line}" if self.labelled else line)
         code = proc.wait()
         record = _read_result(result_file)
         if record is None:
@@ -139,27 +176,6 @@ def run_tasks(tasks: list[WorkerTask], work: Path, jobs: int) -> list[dict]:
         task_file.unlink(missing_ok=True)
         result_file.unlink(missing_ok=True)
         return record
-
-    pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="edgeres-worker")
-    futures = [pool.submit(one, i, t) for i, t in enumerate(tasks)]
-    try:
-        return [f.result() for f in futures]
-    except BaseException:
-        stopping.set()
-        for f in futures:
-            f.cancel()
-        with lock:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.terminate()
-        for proc in list(procs.values()):
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _read_result(path: Path) -> dict | None:
