@@ -126,10 +126,10 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
     steps_plan = plan(cfg)
     with _staging(out, key, cfg.force) as (work, steps):
         log(f"[bold]edgeres convert[/] {loaded.source} ({spec.name}, {spec.cost()['macs'] / 1e6:.1f} M MACs) → {out}")
-        _export_reference(loaded, work, steps, reference)
         source = _calibration_source(cfg, spec, calib_ds)
         early = _start_keras_compiles(cfg, loaded, work, steps, steps_plan, source)
         try:
+            _export_reference(loaded, work, steps, reference)
             int8 = _int8_inputs(cfg, loaded, work, steps, source, steps_plan)
             artifacts = _compile_all(cfg, loaded, work, steps, steps_plan, source, int8, early)
         except BaseException:
