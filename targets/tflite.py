@@ -205,7 +205,9 @@ class _RepresentativeDataset:
         self.images = 0
 
     def __call__(self):
-        for batch in _calibration_batches(self.job):
+        # the layout batch goes through a graph that logs every tensor too: sized like the estimator's
+        size = _estimator_batch(self.job) if self.first_batch_only else CALIB_BATCH
+        for batch in _calibration_batches(self.job, size):
             self.images += len(batch)
             yield [batch]
             if self.first_batch_only:
@@ -311,10 +313,21 @@ def _with_metadata(job: CompileJob, flatbuffer: bytes, io: str) -> tuple[bytes, 
     return tflite_metadata.attach(flatbuffer, entries, job.label_names() if note is None else None), note
 
 
-def _calibration_batches(job: CompileJob):
+# the estimator pass keeps every tensor of the graph (experimental_preserve_all_tensors): summed over
+# its layers a ResNet-50 holds ~800 values per input pixel, so 16 images at 224 held ~3 GB; batches
+# shrink with the image size (the ONNX calibration's rule) and stay 16 at CIFAR's 32×32
+ESTIMATOR_VALUES_PER_BATCH = 64_000_000
+
+
+def _estimator_batch(job: CompileJob) -> int:
+    size = int((job.preprocess or {}).get("size") or 224)
+    return int(np.clip(ESTIMATOR_VALUES_PER_BATCH // (size * size * 800), 1, CALIB_BATCH))
+
+
+def _calibration_batches(job: CompileJob, batch_size: int = CALIB_BATCH):
     """The job's calibration images as contiguous float32 NHWC batches, shape checked."""
     norm = pixel_normalization(job)
-    for batch in job.calibration(layout="NHWC", batch_size=CALIB_BATCH):
+    for batch in job.calibration(layout="NHWC", batch_size=batch_size):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[-1] != 3:
             raise TargetError(f"tflite: calibration batches must be N×H×W×3 (NHWC), got {batch.shape}")
@@ -346,7 +359,7 @@ def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> tuple[bytes, in
     inp = interp.get_input_details()[0]
     estimators = {i: make_estimator(job.estimator) for i in stats}
     shape, images = None, 0
-    for batch in _calibration_batches(job):
+    for batch in _calibration_batches(job, _estimator_batch(job)):
         images += len(batch)
         if batch.shape != shape:
             interp.resize_tensor_input(inp["index"], list(batch.shape))

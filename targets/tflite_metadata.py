@@ -88,7 +88,8 @@ def attach(model_flatbuffer: bytes, entries: dict[str, bytes], labels: list[str]
     if labels is not None:
         out.seek(0, io.SEEK_END)
         with zipfile.ZipFile(out, "a") as zf:  # "a" on a non-zip appends an archive after the flatbuffer
-            zf.writestr(LABELS_FILE, "".join(f"{v}\n" for v in labels))
+            # a fixed date in the entry (not the clock): the same model gives the same bytes
+            zf.writestr(zipfile.ZipInfo(LABELS_FILE, date_time=(1980, 1, 1, 0, 0, 0)), "".join(f"{v}\n" for v in labels))
     return out.getvalue()
 
 

@@ -34,10 +34,12 @@ from edgeres.errors import InputError
 from edgeres.model.export import export_onnx
 from edgeres.model.keras_model import build_keras
 from edgeres.model.torch_model import build_torch
+from edgeres.convert.workers import (CALIB_FILE, Compiles, WorkerTask, compile_record, default_jobs, trim_memory,
+                                     write_calibration, write_weights)
 from edgeres.progress import log, step
 from targets.base import LABELS_FILE, app_metadata
-from targets import (CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, get_target,
-                     info_for_file, shared_int8)
+from targets import (BUILTIN, CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, info_for_file,
+                     shared_int8)
 
 STEPS_FILE = ".steps.json"
 RANGES_FILE = "calibration_ranges.json"
@@ -124,11 +126,16 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
     steps_plan = plan(cfg)
     with _staging(out, key, cfg.force) as (work, steps):
         log(f"[bold]edgeres convert[/] {loaded.source} ({spec.name}, {spec.cost()['macs'] / 1e6:.1f} M MACs) → {out}")
-        _export_reference(loaded, work, steps, reference)
         source = _calibration_source(cfg, spec, calib_ds)
-        int8 = _int8_inputs(cfg, loaded, work, steps, source, steps_plan)
-        artifacts = [_compiled(cfg, spec, work, steps, target, precision, source, int8, source_sha256=loaded.sha256)
-                     for target, precision in steps_plan]
+        early = _start_keras_compiles(cfg, loaded, work, steps, steps_plan, source)
+        try:
+            _export_reference(loaded, work, steps, reference)
+            int8 = _int8_inputs(cfg, loaded, work, steps, source, steps_plan)
+            artifacts = _compile_all(cfg, loaded, work, steps, steps_plan, source, int8, early)
+        except BaseException:
+            if early is not None:
+                early[0].stop()
+            raise
         write_text_atomic(work / LABELS_FILE, "".join(f"{name}\n" for name in label_names(spec)))
         manifest = _manifest(cfg, loaded, key, work, steps, int8.calibration, artifacts)
         shutil.rmtree(work / ".work", ignore_errors=True)
@@ -309,44 +316,117 @@ def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: 
     return {**record, "qdq": qdq, "ranges_file": RANGES_FILE, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _compiled(cfg: ConvertConfig, spec, work: Path, steps: StepCache, target: str, precision: str,
-              source: CalibrationSource | None, int8: Int8Inputs, *, source_sha256: str | None = None) -> dict:
-    """The artifact record of one (target, precision): from an earlier run if its files are there."""
-    step = f"compile {target} {precision}"
-    record = steps.get(step)
+def _usable_record(steps: StepCache, work: Path, target: str, precision: str, *, say: bool = True) -> dict | None:
+    """The record of an earlier run's compile when it can stand (failed, or ok with its files there)."""
+    name = f"compile {target} {precision}"
+    record = steps.get(name) if say else steps.done.get(name)
     files_there = record is not None and all((work / f).exists() for f in record["files"])
-    if record is not None and (record["status"] != "ok" or files_there):
-        return record
-    keras = get_info(target).consumes == KERAS
-    job = CompileJob(onnx_fp32=work / REFERENCE_FILE, out_dir=work, precision=precision,
-                     calibration=source.batches if source else None, ranges=int8.ranges, qdq_onnx=int8.qdq_onnx,
-                     keras_model=functools.partial(build_keras, spec, int8.weights[KERAS]) if keras else None,
-                     options=dict(cfg.target_options.get(target, {})), preprocess=spec.preprocess.to_dict(),
-                     labels=spec.labels, estimator=cfg.estimator, producer_version=__version__,
-                     source_sha256=source_sha256, num_classes=spec.num_classes,
-                     tuned_activations=int8.tuned.get(get_info(target).consumes))
-    record = _compile_one(target, job)
-    if record["status"] == "ok":  # failures are retried on the next run
-        steps.finish(step, record)
-    return record
+    return record if record is not None and (record["status"] != "ok" or files_there) else None
 
 
-def _compile_one(target: str, job: CompileJob) -> dict:
-    t0 = time.perf_counter()
-    try:
-        with step(f"compiling {target} {job.precision}"):
-            artifact = get_target(target).compile(job)
-        record = artifact.to_dict()
-        record["file_records"] = [file_record(job.out_dir, f) for f in artifact.files]
-        record["size_bytes"] = sum(r["size_bytes"] for r in record["file_records"])
-        record["sha256"] = record["file_records"][0]["sha256"]
-        record["status"] = "ok"
-    except (TargetError, DataError, InputError) as e:
-        record = {"target": target, "precision": job.precision, "status": "failed", "error": str(e),
-                  "files": [], "file_records": []}
-        log(f"[red]{target} {job.precision} failed:[/] {e}")
-    record["compile_s"] = round(time.perf_counter() - t0, 3)
-    return record
+def _start_keras_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan,
+                          source: CalibrationSource | None):
+    """With room for two processes and plain PTQ, the Keras consumers (TFLite: it calibrates on its own
+    model, not on the shared ranges) start in a worker now, while this process calibrates the shared
+    QDQ model — the two longest steps side by side. (Compiles, their pairs), or None."""
+    needs_qdq = any(p == "int8" and get_info(t).consumes == QDQ_ONNX for t, p in steps_plan)
+    in_worker = [(t, p) for t, p in steps_plan if t in BUILTIN and t != shared_int8().INFO.name]
+    if cfg.quant != "fast" or cfg.jobs == 0 or not needs_qdq or steps.done.get("calibrate") is not None:
+        return None
+    jobs = cfg.jobs if cfg.jobs is not None else default_jobs(len(in_worker))
+    pairs = [(t, p) for t, p in in_worker if get_info(t).consumes == KERAS
+             and _usable_record(steps, work, t, p, say=False) is None]
+    if jobs < 2 or not pairs:
+        return None
+    plain = Int8Inputs({c: loaded.state_dict for c in CONSUMES}, None, None, None)  # --quant fast: the given weights
+    tasks = [_worker_task(work, loaded, t, p, _job(cfg, loaded, work, t, p, source, plain), plain, source)
+             for t, p in pairs]
+    return Compiles(tasks, work / ".work", len(tasks), labelled=True), pairs
+
+
+def _compile_all(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan, source: CalibrationSource | None,
+                 int8: Int8Inputs, early=None) -> list[dict]:
+    """The artifact record of every (target, precision), in plan order: from an earlier run if its files
+    are there; else compiled — the shared ONNX here (a file copy), every other target in a worker process
+    (``--jobs`` at once; ``--jobs 0``, or tuned activations from --quant finetune, compile here).
+    ``early``: compiles already running (``_start_keras_compiles``)."""
+    started = early[1] if early is not None else []
+    records: dict[tuple[str, str], dict] = {}
+    todo = []
+    for target, precision in steps_plan:
+        if (target, precision) in started:
+            continue
+        record = _usable_record(steps, work, target, precision)
+        if record is not None:
+            records[target, precision] = record
+        else:
+            todo.append((target, precision, _job(cfg, loaded, work, target, precision, source, int8)))
+    here = [t for t in todo if not _in_worker(cfg, *t)]
+    away = [t for t in todo if _in_worker(cfg, *t)]
+    for target, precision, job in here:
+        records[target, precision] = compile_record(target, job)
+    if away:
+        jobs = cfg.jobs if cfg.jobs is not None else default_jobs(len(away) + len(started))
+        tasks = [_worker_task(work, loaded, target, precision, job, int8, source) for target, precision, job in away]
+        trim_memory()  # what calibration and export left behind is given back before the workers start
+        running = Compiles(tasks, work / ".work", max(1, jobs - len(started)), labelled=jobs > 1)
+        for (target, precision, _), record in zip(away, running.results()):
+            records[target, precision] = record
+    if early is not None:
+        records.update(zip(started, early[0].results()))
+    for target, precision in [*((t, p) for t, p, _ in todo), *started]:  # failures are retried on the next run
+        if records[target, precision]["status"] == "ok":
+            steps.finish(f"compile {target} {precision}", records[target, precision])
+    return [records[pair] for pair in steps_plan]
+
+
+def _job(cfg: ConvertConfig, loaded, work: Path, target: str, precision: str, source: CalibrationSource | None,
+         int8: Int8Inputs) -> CompileJob:
+    spec, keras = loaded.spec, get_info(target).consumes == KERAS
+    weights = _keras_weights(loaded, int8, precision)
+    return CompileJob(onnx_fp32=work / REFERENCE_FILE, out_dir=work, precision=precision,
+                      calibration=source.batches if source else None, ranges=int8.ranges, qdq_onnx=int8.qdq_onnx,
+                      keras_model=functools.partial(build_keras, spec, weights) if keras else None,
+                      options=dict(cfg.target_options.get(target, {})), preprocess=spec.preprocess.to_dict(),
+                      labels=spec.labels, estimator=cfg.estimator, producer_version=__version__,
+                      source_sha256=loaded.sha256, num_classes=spec.num_classes,
+                      tuned_activations=int8.tuned.get(get_info(target).consumes) if precision == "int8" else None)
+
+
+def _keras_weights(loaded, int8: Int8Inputs, precision: str) -> dict:
+    """The fp32 artifact is the model as given; only int8 compiles take the weights improved for their grid."""
+    return int8.weights[KERAS] if precision == "int8" else loaded.state_dict
+
+
+def _in_worker(cfg: ConvertConfig, target: str, precision: str, job: CompileJob) -> bool:
+    """Here: ``--jobs 0``, the shared ONNX (a copy of the QDQ model), tuned activations (an object, not
+    files), and a target a plugin registered in this process (a fresh worker would not know it)."""
+    return (cfg.jobs != 0 and target != shared_int8().INFO.name and job.tuned_activations is None
+            and target in BUILTIN)
+
+
+def _worker_task(work: Path, loaded, target: str, precision: str, job: CompileJob, int8: Int8Inputs,
+                 source: CalibrationSource | None) -> WorkerTask:
+    """The job as files: calibration images as .npy, Keras weights as .npz, the rest as JSON data."""
+    data = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)
+            if f.name not in ("calibration", "keras_model", "tuned_activations")}
+    for key in ("onnx_fp32", "out_dir", "qdq_onnx"):
+        data[key] = str(data[key]) if data[key] is not None else None
+    if data["ranges"] is not None:
+        data["ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in data["ranges"].items()}
+    data["labels"] = list(data["labels"]) if data["labels"] is not None else None
+    task = WorkerTask(target, precision, data)
+    scratch = work / ".work"
+    scratch.mkdir(exist_ok=True)
+    if source is not None and job.calibration is not None and precision == "int8":
+        task.calibration_file = str(scratch / CALIB_FILE)
+        write_calibration(scratch / CALIB_FILE, source.batches)
+    if job.keras_model is not None:
+        weights = _keras_weights(loaded, int8, precision)
+        name = "keras.int8.npz" if precision == "int8" and weights is not loaded.state_dict else "keras.fp32.npz"
+        write_weights(scratch / name, weights)
+        task.keras_spec, task.keras_weights_file = loaded.spec.to_dict(), str(scratch / name)
+    return task
 
 
 def _manifest(cfg: ConvertConfig, loaded, key: str, work: Path, steps: StepCache, calibration: dict | None,

@@ -57,6 +57,7 @@ class ConvertConfig:
     quant: str = "fast"  # preset: fast = plain PTQ, accurate = weight clipping + bias correction first
     seed: int = 0  # --quant finetune: data order, augmentation and torch's generator
     preprocess: dict | None = None  # --preprocess override of the model's own: resize, crop, mode, mean, std, scale
+    jobs: int | None = None  # target compiles at once, each in a worker process (None: from cores and memory; 0: in this process)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -149,6 +150,7 @@ def _validate_numbers(cfg: ConvertConfig) -> None:
     check_number("--bench-runs", cfg.bench_runs, at_least=1)
     check_number("--epochs", cfg.finetune_epochs, at_least=0)
     check_number("--seed", cfg.seed, at_least=0)
+    check_number("--jobs", cfg.jobs, at_least=0, at_most=64, why="more parallel compiles than that only costs memory")
 
 
 def plan(cfg: ConvertConfig) -> list[tuple[str, str]]:

@@ -1,0 +1,103 @@
+"""``python -m edgeres.convert.worker TASK.json``: one target compile in its own process (see
+``edgeres.convert.workers``). Reads only data files; writes its artifact record to the task's
+``result_file``; dies with its parent."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from edgeres.bundle import write_json_atomic
+from edgeres.convert.workers import PARENT_ENV, compile_record
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """SIGKILL when the parent goes (kill -9 included); exit now if it has gone already."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    parent = os.environ.get(PARENT_ENV)
+    if parent and os.getppid() != int(parent):
+        os._exit(1)
+
+
+def calibration_batches(path: str):
+    """The parent's calibration images, in the layout and batch size a target asks for — the same
+    float32 values, in the same order, as the in-process batches."""
+    import numpy as np
+
+    images = np.load(path, mmap_mode="r")
+
+    def batches(layout: str = "NCHW", batch_size: int = 32):
+        for i in range(0, len(images), batch_size):
+            x = np.asarray(images[i:i + batch_size], np.float32)
+            yield x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+    return batches
+
+
+def keras_builder(spec: dict, weights_file: str):
+    import numpy as np
+
+    from edgeres.model.keras_model import build_keras
+    from edgeres.model.zoo import ResNetSpec
+
+    with np.load(weights_file, allow_pickle=False) as z:
+        state_dict = {k: z[k] for k in z.files}
+    return functools.partial(build_keras, ResNetSpec.from_dict(spec), state_dict)
+
+
+def job_from_task(task: dict):
+    from targets import CompileJob
+
+    fields = dict(task["job"])
+    for key in ("onnx_fp32", "out_dir", "qdq_onnx"):
+        if fields.get(key) is not None:
+            fields[key] = Path(fields[key])
+    if fields.get("ranges") is not None:
+        fields["ranges"] = {k: tuple(v) for k, v in fields["ranges"].items()}
+    if fields.get("labels") is not None:
+        fields["labels"] = tuple(fields["labels"])
+    if task.get("calibration_file"):
+        fields["calibration"] = calibration_batches(task["calibration_file"])
+    if task.get("keras_spec") is not None:
+        fields["keras_model"] = keras_builder(task["keras_spec"], task["keras_weights_file"])
+    return CompileJob(**fields)
+
+
+TEST_ABORT_ENV = "EDGERES_TEST_WORKER_ABORT"  # tests: the worker dies at once, as a crashed runtime would
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    if os.environ.get(TEST_ABORT_ENV):
+        os.abort()
+    task = json.loads(Path(argv[0]).read_text())
+    try:
+        record = compile_record(task["target"], job_from_task(task))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - anything else: a failed artifact with the reason, as one line
+        from edgeres.progress import DEBUG_ENV
+
+        if os.environ.get(DEBUG_ENV):
+            raise
+        record = {"target": task["target"], "precision": task["precision"], "status": "failed",
+                  "error": f"internal error in the {task['target']} worker: {type(e).__name__}: {e} "
+                           "(re-run with --debug for the traceback)", "files": [], "file_records": []}
+    write_json_atomic(Path(task["result_file"]), record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
