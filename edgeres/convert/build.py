@@ -158,7 +158,7 @@ def _staging(out: Path, key: str, force: bool):
         raise InputError(f"{out}: cannot create a folder in {work.parent} ({e.strerror}); choose a writable --out") from None
     steps = StepCache(work)
     if resumed:
-        log(f"resuming an interrupted conversion from {work.name}")
+        log(f"reusing the finished steps in {work.name} (an interrupted run, a growing bundle or a sweep)")
     keep_for_resume = False
     try:
         yield work, steps

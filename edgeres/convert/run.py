@@ -14,6 +14,7 @@ from edgeres.compress.prune import prune_into_loaded
 from edgeres.compress.quant_finetune import check_finetune_data
 from edgeres.convert.budget import enforce_accuracy_budget
 from edgeres.convert.build import build_bundle
+from edgeres.convert.grow import grown_config, prefill
 from edgeres.convert.config import (MIN_CALIB_IMAGES, ConvertConfig, apply_preprocess_override, conversion_key, plan,
                                     validate)
 from edgeres.errors import InputError
@@ -61,9 +62,17 @@ def convert(cfg: ConvertConfig) -> dict:
     prepared = functools.cache(lambda: prune_into_loaded(loaded, cfg, data.calib, data.eval)
                                if cfg.prune is not None else loaded)
     existing = _existing_manifest(out)
-    if existing is not None and existing.get("conversion_key") == key and not cfg.force:
-        log(f"[green]✓ {out} is up to date[/] (same model, data and options): conversion skipped")
-        manifest = existing
+    same = existing is not None and not cfg.force and existing.get("conversion_key") == key
+    # another plan on the same source, data and options: the bundle grows (refused, naming what differs, if not)
+    grown = grown_config(cfg, existing, loaded.sha256) if existing is not None and not cfg.force and not same else None
+    if existing is not None and not cfg.force and grown is None:
+        log(f"[green]✓ {out} is up to date[/] "
+            f"({'same model, data and options' if same else 'it has every artifact asked for'}): conversion skipped")
+        manifest, key = existing, existing["conversion_key"]
+    elif grown is not None:
+        cfg, key = grown, conversion_key(grown, loaded.sha256)
+        prefill(out, existing, grown, key)
+        manifest = build_bundle(cfg, prepared(), key, data.calib)
     else:
         check_output_dir(out, cfg.force)
         manifest = build_bundle(cfg, prepared(), key, data.calib)
