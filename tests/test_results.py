@@ -434,10 +434,12 @@ def test_bench_shows_progress_over_every_run(kept, monkeypatch, tmp_path):
 
 
 def test_calibration_and_each_compile_show_a_step(monkeypatch, tmp_path, tiny_checkpoint, tiny_npz):
+    from edgeres import progress
     from edgeres.convert import build
 
     rec = _Recorder()
     monkeypatch.setattr(build, "step", rec.step)
+    monkeypatch.setattr(progress, "step", rec.step)  # what compile_record (convert.workers) imports when it runs
     code, _, stderr = invoke("convert", tiny_checkpoint, "--targets", "onnx", "--precision", "int8,fp32", "--calib",
                              tiny_npz, "--no-bench", "--out", tmp_path / "b")
     assert code == 0, stderr
