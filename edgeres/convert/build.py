@@ -341,7 +341,8 @@ def _start_keras_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCac
     plain = Int8Inputs({c: loaded.state_dict for c in CONSUMES}, None, None, None)  # --quant fast: the given weights
     tasks = [_worker_task(work, loaded, t, p, _job(cfg, loaded, work, t, p, source, plain), plain, source)
              for t, p in pairs]
-    return Compiles(tasks, work / ".work", len(tasks), labelled=True), pairs
+    # one core stays with this process (export and calibration run beside them)
+    return Compiles(tasks, work / ".work", jobs - 1, labelled=True), pairs
 
 
 def _compile_all(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan, source: CalibrationSource | None,
@@ -369,7 +370,7 @@ def _compile_all(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps
         jobs = cfg.jobs if cfg.jobs is not None else default_jobs(len(away) + len(started))
         tasks = [_worker_task(work, loaded, target, precision, job, int8, source) for target, precision, job in away]
         trim_memory()  # what calibration and export left behind is given back before the workers start
-        running = Compiles(tasks, work / ".work", max(1, jobs - len(started)), labelled=jobs > 1)
+        running = Compiles(tasks, work / ".work", max(1, jobs - 1) if started else jobs, labelled=jobs > 1)
         for (target, precision, _), record in zip(away, running.results()):
             records[target, precision] = record
     if early is not None:
