@@ -480,7 +480,7 @@ def test_a_damaged_staging_step_record_is_redone_not_a_crash(env, tmp_path, monk
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:  # an interruption after the export step leaves its record behind
-        m.setattr(build, "_compile_one", interrupted)
+        m.setattr(build, "compile_record", interrupted)
         code, _, _ = _invoke(_fp32(env, out))
     assert code == 130
     steps = next(tmp_path.glob(".o.partial-*")) / ".steps.json"

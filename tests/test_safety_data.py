@@ -266,10 +266,12 @@ def test_a_class_folder_that_names_no_label_is_refused(env, tmp_path, case, role
 # -- non-finite outputs are an error, never an accuracy ----------------------------------------------
 
 def _negative_running_var(tmp: Path, env) -> str:
+    """Finite weights whose activations overflow float32 (a negative BatchNorm variance, the other way to
+    NaN, is refused at load: tests/test_safety.py)."""
     from edgeres.sources.loading import load_model, save_checkpoint
 
     loaded = load_model(env["checkpoint"])
-    sd = {k: (v.clone().fill_(-1.0) if k.endswith("running_var") else v) for k, v in loaded.state_dict.items()}
+    sd = {k: (v * 1e30 if k.endswith(".weight") and v.ndim == 4 else v) for k, v in loaded.state_dict.items()}
     save_checkpoint(tmp / "negvar.pt", loaded.spec, sd)
     return str(tmp / "negvar.pt")
 

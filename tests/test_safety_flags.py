@@ -240,7 +240,7 @@ def test_interrupted_conversion_keeps_its_steps_for_resuming(env, tmp_path, monk
     assert len(list(tmp_path.glob(".bundle.partial-*"))) == 1
     monkeypatch.setattr(onnx_target, "quantize_qdq", real)
     code, _, stderr = _invoke(_convert(tmp_path, env, "--no-bench"))
-    assert code == 0 and "resuming" in stderr, stderr
+    assert code == 0 and "reusing the finished steps" in stderr, stderr
     _no_partial(tmp_path)
 
 
