@@ -122,6 +122,8 @@ def _open_npz(p: Path) -> ImageDataset:
         raise DataError(f"{p}: images have {x.shape[-1]} channel(s) but RGB (3) is needed; x must be N×H×W×3")
     if x.ndim == 4 and x.shape[0] == 0:
         raise DataError(f"{p}: contains no images (x has shape {x.shape})")
+    if x.ndim == 4 and 0 in x.shape[1:3]:
+        raise DataError(f"{p}: images are {x.shape[1]}×{x.shape[2]} pixels (empty); give N×H×W×3 images with H, W ≥ 1")
     check_uint8_rgb(x, str(p))
     if y is not None:
         y = np.asarray(y)
