@@ -102,11 +102,6 @@ def write_weights(path: Path, state_dict: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_tasks(tasks: list[WorkerTask], work: Path, jobs: int) -> list[dict]:
-    """Run every task in a worker, ``jobs`` at once; the records in the order of ``tasks``."""
-    return Compiles(tasks, work, jobs).results()
-
-
 class Compiles:
     """Worker compiles started now, running while the caller does other work; ``results()`` waits
     for them, ``stop()`` ends them (and is what an error or Ctrl-C in ``results()`` does)."""
