@@ -130,7 +130,7 @@ def main() -> None:
         [sys.executable, "-c", NATIVE_NNCF.format(**fmt, dst=str(work / "nncf.xml"))], cwd=ROOT)
     after = load()
 
-    print(f"\n| run | wall s | CPU s | peak RSS, process tree GB | peak RSS, largest process GB |")
+    print("\n| run | wall s | CPU s | peak RSS, process tree GB | peak RSS, largest process GB |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['peak_tree_gb']} | {r['peak_main_gb']} |")

@@ -51,6 +51,27 @@ def sha256_file(path: str | Path) -> str:
         return sha256_stream(f)
 
 
+def release_memory() -> None:
+    """Collect garbage and give the freed heap back to the system (glibc keeps it otherwise), so a
+    process's RSS after a big step is what it still uses."""
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """A temporary name beside ``path`` to write to: renamed over ``path`` when the block ends well

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from calibration.errors import DataError
-from targets.base import (KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path)
+from targets.base import (KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path,
+                          cpu_threads, release_memory)
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 ENGINE = "keras-from-spec + LiteRT converter"
@@ -139,12 +140,7 @@ def _compile(job: CompileJob) -> Artifact:
     job = plan.job
     _interpreter_module()
     tf = _converter_modules()
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(_with_pixel_input(job.keras_model(), job))
-    feed = _RepresentativeDataset(job, first_batch_only=plan.range_source == "estimator") \
-        if job.precision == "int8" else None
-    options = _configure(converter, plan, feed, tf)
-    converted = _convert(converter, plan, feed, tf)
+    converted, options = _convert(plan, tf)
     if job.precision == "int8":
         options["representative_images"] = converted.representative_images
     notes = (f"tflite.io={plan.io} applies to full-int8 only; this {job.precision} model takes float input",) \
@@ -198,20 +194,14 @@ def _plan(job: CompileJob) -> _Plan:
 class _RepresentativeDataset:
     """The converter's calibration feed (a generator function, as LiteRT wants); counts the images it gave."""
 
-    def __init__(self, job: CompileJob, *, first_batch_only: bool):
+    def __init__(self, job: CompileJob):
         self.job = job
-        # one batch lays out the converter's statistics; our estimator then sees every image
-        self.first_batch_only = first_batch_only
         self.images = 0
 
     def __call__(self):
-        # the layout batch goes through a graph that logs every tensor too: sized like the estimator's
-        size = _estimator_batch(self.job) if self.first_batch_only else CALIB_BATCH
-        for batch in _calibration_batches(self.job, size):
+        for batch in _calibration_batches(self.job, CALIB_BATCH):
             self.images += len(batch)
             yield [batch]
-            if self.first_batch_only:
-                return
 
 
 def _io_dtype(tf, io: str):
@@ -219,7 +209,8 @@ def _io_dtype(tf, io: str):
 
 
 def _configure(converter, plan: _Plan, feed: _RepresentativeDataset | None, tf) -> dict:
-    """Set the converter up for the plan's precision; returns the options the artifact records."""
+    """Set the converter up for the plan's precision; returns the options the artifact records.
+    Full-int8 with estimator ranges converts to float here; ``_convert`` quantises it with our ranges."""
     precision = plan.job.precision
     options: dict = {"io": plan.io if precision == "int8" else "float"}
     if precision == "fp16":
@@ -231,32 +222,45 @@ def _configure(converter, plan: _Plan, feed: _RepresentativeDataset | None, tf) 
         options["weights"] = "int8 per-channel"
         options["activations"] = "float, quantised on the fly"
     elif precision == "int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = feed
-        # builtin int8 kernels only: an op without one fails conversion instead of silently staying float
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = _io_dtype(tf, plan.io)
-        converter.inference_output_type = _io_dtype(tf, plan.io)
-        if plan.range_source == "estimator":
-            converter._experimental_calibrate_only = True  # noqa: SLF001 - stop after calibration, before quantising
+        if not plan.estimator_ranges:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = feed
+            # builtin int8 kernels only: an op without one fails conversion instead of silently staying float
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = _io_dtype(tf, plan.io)
+            converter.inference_output_type = _io_dtype(tf, plan.io)
         options.update(weights="int8 per-channel", activations="int8 per-tensor", supported_ops="TFLITE_BUILTINS_INT8",
                        calibration=f"edgeres {plan.job.estimator} estimator on the LiteRT tensors"
                        if plan.range_source == "estimator" else "min/max (LiteRT converter)")
     return options
 
 
-def _convert(converter, plan: _Plan, feed: _RepresentativeDataset | None, tf) -> _Converted:
-    """Run the converter (and, for estimator ranges, quantise with them); its failures become TargetErrors."""
+def _convert(plan: _Plan, tf) -> tuple[_Converted, dict]:
+    """Run the converter (and, for estimator ranges, quantise with them); its failures become TargetErrors.
+    The Keras model and the converter are let go before the estimator pass, so the process holds one
+    of them at a time: the converter's peak, not the converter plus the calibration."""
+    job = plan.job
+    feed = _RepresentativeDataset(job) if job.precision == "int8" and not plan.estimator_ranges else None
+    converter = tf.lite.TFLiteConverter.from_keras_model(_with_pixel_input(job.keras_model(), job))
+    options = _configure(converter, plan, feed, tf)
     try:
         with warnings.catch_warnings():
             # the converter takes the input's range from calibration; this note says so and means no harm
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
             flatbuffer = converter.convert()
+            del converter
             images = feed.images if feed is not None else None
             if plan.estimator_ranges:
+                # the float model quantised with every activation range our estimator finds on its own
+                # tensors (no name mapping to the ONNX graph; TFLite gets the statistic every target gets)
+                # instead of the converter's calibrator, which would hold a second copy of the model
                 from tensorflow.lite.python import convert as tfl_convert
 
-                calibrated, images = _estimator_ranges(flatbuffer, plan.job, tf)
+                _release_keras()
+                ranges, images = _estimator_ranges(flatbuffer, job, tf)
+                calibrated = _with_ranges(flatbuffer, ranges)
+                del flatbuffer
+                release_memory()
                 io_dtype = _io_dtype(tf, plan.io)
                 flatbuffer = tfl_convert.mlir_quantize(calibrated, input_data_type=io_dtype, output_data_type=io_dtype)
     except (TargetError, DataError):  # raised by our representative dataset: keep their meaning
@@ -264,7 +268,15 @@ def _convert(converter, plan: _Plan, feed: _RepresentativeDataset | None, tf) ->
     except Exception as e:  # noqa: BLE001 - the converter raises many types (ConverterError, ValueError...)
         first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
         raise TargetError(f"tflite: LiteRT converter failed for {plan.job.precision} ({first})") from None
-    return _Converted(flatbuffer, images)
+    return _Converted(flatbuffer, images), options
+
+
+def _release_keras() -> None:
+    """Drop the Keras graph state and give the freed heap back to the system (glibc keeps it otherwise)."""
+    import tf_keras as keras
+
+    keras.backend.clear_session()
+    release_memory()
 
 
 def _write_artifact(job: CompileJob, flatbuffer: bytes, io: str, options: dict, notes: tuple[str, ...]) -> Artifact:
@@ -340,22 +352,26 @@ def to_pixels(x_nhwc: np.ndarray, norm: dict) -> np.ndarray:
             / np.float32(norm["scale"])).astype(np.float32)
 
 
-def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> tuple[bytes, int]:
-    """(the converter's calibrated float model with every activation range replaced by the one our
-    estimator finds on the calibration images, images seen). The images run through this very
-    model's tensors, so no name mapping to the ONNX graph is needed and TFLite gets the statistic
-    every target gets."""
-    from tensorflow.lite.tools import flatbuffer_utils
+def _activation_tensors(model: bytes) -> list[int]:
+    """Indices of the float tensors that hold activations (no constant data): what int8 needs a range for."""
+    from tensorflow.lite.python import schema_py_generated as schema
 
+    root = schema.Model.GetRootAs(model, 0)
+    graph = root.Subgraphs(0)
+    return [i for i in range(graph.TensorsLength())
+            if (t := graph.Tensors(i)).Type() == schema.TensorType.FLOAT32 and root.Buffers(t.Buffer()).DataLength() == 0]
+
+
+def _estimator_ranges(float_model: bytes, job: CompileJob, tf) -> tuple[dict, int]:
+    """({tensor index: (lo, hi)} for every activation of the float model, images seen): the job's
+    estimator over the calibration images, run by LiteRT with every tensor kept."""
     from calibration.estimators import make_estimator
 
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(calibrated))
-    tensors = model.subgraphs[0].tensors
-    stats = [i for i, t in enumerate(tensors)
-             if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1]
+    stats = _activation_tensors(float_model)
     with warnings.catch_warnings():  # tf.lite's interpreter warns it is deprecated and that all tensors are kept
         warnings.simplefilter("ignore", UserWarning)
-        interp = tf.lite.Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
+        interp = tf.lite.Interpreter(model_content=float_model, experimental_preserve_all_tensors=True,
+                                     num_threads=cpu_threads())
     inp = interp.get_input_details()[0]
     estimators = {i: make_estimator(job.estimator) for i in stats}
     shape, images = None, 0
@@ -374,9 +390,31 @@ def _estimator_ranges(calibrated: bytes, job: CompileJob, tf) -> tuple[bytes, in
         found.update(_tuned_ranges(interp, inp, stats, job.tuned_activations, pixel_normalization(job)))
     if inp["index"] in found and pixel_normalization(job) is not None:
         found[inp["index"]] = (0.0, 255.0)  # pixels: uint8 input with scale 1, zero point 0 is the raw image
-    for i, (lo, hi) in found.items():
+    return found, images
+
+
+def _with_ranges(float_model: bytes, ranges: dict) -> bytes:
+    """The float model with ``ranges`` as its tensors' min/max and its conversion metadata saying full
+    int8 — what the LiteRT converter's calibrator hands its quantiser (``mlir_quantize``)."""
+    from tensorflow.lite.python import conversion_metadata_schema_py_generated as metadata_schema
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.python import util
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
+    tensors = model.subgraphs[0].tensors
+    for i, (lo, hi) in ranges.items():
+        if tensors[i].quantization is None:
+            tensors[i].quantization = schema.QuantizationParametersT()
         tensors[i].quantization.min, tensors[i].quantization.max = [float(lo)], [float(hi)]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), images
+    for entry in model.metadata or ():
+        if entry.name == util.CONVERSION_METADATA_FIELD_NAME.encode():
+            raw = bytearray(model.buffers[entry.buffer].data)
+            metadata = metadata_schema.ConversionMetadataT.InitFromObj(
+                metadata_schema.ConversionMetadata.GetRootAs(raw, 0))
+            metadata.options.modelOptimizationModes = [metadata_schema.ModelOptimizationMode.PTQ_FULL_INTEGER]
+            model = util.populate_conversion_metadata(model, metadata)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _tuned_ranges(interp, inp: dict, stats: list[int], reference, norm: dict | None) -> dict:

@@ -127,11 +127,12 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
     with _staging(out, key, cfg.force) as (work, steps):
         log(f"[bold]edgeres convert[/] {loaded.source} ({spec.name}, {spec.cost()['macs'] / 1e6:.1f} M MACs) → {out}")
         source = _calibration_source(cfg, spec, calib_ds)
-        early = _start_keras_compiles(cfg, loaded, work, steps, steps_plan, source)
+        jobs = _jobs(cfg, steps_plan)
+        early = _start_keras_compiles(cfg, loaded, work, steps, steps_plan, source, jobs)
         try:
             _export_reference(loaded, work, steps, reference)
             int8 = _int8_inputs(cfg, loaded, work, steps, source, steps_plan)
-            artifacts = _compile_all(cfg, loaded, work, steps, steps_plan, source, int8, early)
+            artifacts = _compile_all(cfg, loaded, work, steps, steps_plan, source, int8, jobs, early)
         except BaseException:
             if early is not None:
                 early[0].stop()
@@ -324,16 +325,23 @@ def _usable_record(steps: StepCache, work: Path, target: str, precision: str, *,
     return record if record is not None and (record["status"] != "ok" or files_there) else None
 
 
+def _jobs(cfg: ConvertConfig, steps_plan) -> int:
+    """Worker processes at once: ``--jobs``, or as many as cores and free memory allow (decided once
+    per conversion); 0 compiles every target in this process."""
+    if cfg.jobs is not None:
+        return cfg.jobs
+    return default_jobs(sum(1 for t, _ in steps_plan if t in BUILTIN and t != shared_int8().INFO.name))
+
+
 def _start_keras_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan,
-                          source: CalibrationSource | None):
+                          source: CalibrationSource | None, jobs: int):
     """With room for two processes and plain PTQ, the Keras consumers (TFLite: it calibrates on its own
     model, not on the shared ranges) start in a worker now, while this process calibrates the shared
     QDQ model — the two longest steps side by side. (Compiles, their pairs), or None."""
     needs_qdq = any(p == "int8" and get_info(t).consumes == QDQ_ONNX for t, p in steps_plan)
     in_worker = [(t, p) for t, p in steps_plan if t in BUILTIN and t != shared_int8().INFO.name]
-    if cfg.quant != "fast" or cfg.jobs == 0 or not needs_qdq or steps.done.get("calibrate") is not None:
+    if cfg.quant != "fast" or jobs == 0 or not needs_qdq or steps.done.get("calibrate") is not None:
         return None
-    jobs = cfg.jobs if cfg.jobs is not None else default_jobs(len(in_worker))
     pairs = [(t, p) for t, p in in_worker if get_info(t).consumes == KERAS
              and _usable_record(steps, work, t, p, say=False) is None]
     if jobs < 2 or not pairs:
@@ -346,7 +354,7 @@ def _start_keras_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCac
 
 
 def _compile_all(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan, source: CalibrationSource | None,
-                 int8: Int8Inputs, early=None) -> list[dict]:
+                 int8: Int8Inputs, jobs: int, early=None) -> list[dict]:
     """The artifact record of every (target, precision), in plan order: from an earlier run if its files
     are there; else compiled — the shared ONNX here (a file copy), every other target in a worker process
     (``--jobs`` at once; ``--jobs 0``, or tuned activations from --quant finetune, compile here).
@@ -362,12 +370,11 @@ def _compile_all(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps
             records[target, precision] = record
         else:
             todo.append((target, precision, _job(cfg, loaded, work, target, precision, source, int8)))
-    here = [t for t in todo if not _in_worker(cfg, *t)]
-    away = [t for t in todo if _in_worker(cfg, *t)]
+    here = [t for t in todo if not _in_worker(jobs, *t)]
+    away = [t for t in todo if _in_worker(jobs, *t)]
     for target, precision, job in here:
         records[target, precision] = compile_record(target, job)
     if away:
-        jobs = cfg.jobs if cfg.jobs is not None else default_jobs(len(away) + len(started))
         tasks = [_worker_task(work, loaded, target, precision, job, int8, source) for target, precision, job in away]
         trim_memory()  # what calibration and export left behind is given back before the workers start
         running = Compiles(tasks, work / ".work", max(1, jobs - 1) if started else jobs, labelled=jobs > 1)
@@ -399,10 +406,10 @@ def _keras_weights(loaded, int8: Int8Inputs, precision: str) -> dict:
     return int8.weights[KERAS] if precision == "int8" else loaded.state_dict
 
 
-def _in_worker(cfg: ConvertConfig, target: str, precision: str, job: CompileJob) -> bool:
+def _in_worker(jobs: int, target: str, precision: str, job: CompileJob) -> bool:
     """Here: ``--jobs 0``, the shared ONNX (a copy of the QDQ model), tuned activations (an object, not
     files), and a target a plugin registered in this process (a fresh worker would not know it)."""
-    return (cfg.jobs != 0 and target != shared_int8().INFO.name and job.tuned_activations is None
+    return (jobs != 0 and target != shared_int8().INFO.name and job.tuned_activations is None
             and target in BUILTIN)
 
 

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -47,14 +46,19 @@ def calibration_batches(path: str):
 
 
 def keras_builder(spec: dict, weights_file: str):
-    import numpy as np
+    """Builds the Keras model from the .npz when called; the arrays go once Keras holds the weights."""
 
-    from edgeres.model.keras_model import build_keras
-    from edgeres.model.zoo import ResNetSpec
+    def build():
+        import numpy as np
 
-    with np.load(weights_file, allow_pickle=False) as z:
-        state_dict = {k: z[k] for k in z.files}
-    return functools.partial(build_keras, ResNetSpec.from_dict(spec), state_dict)
+        from edgeres.model.keras_model import build_keras
+        from edgeres.model.zoo import ResNetSpec
+
+        with np.load(weights_file, allow_pickle=False) as z:
+            state_dict = {k: z[k] for k in z.files}
+        return build_keras(ResNetSpec.from_dict(spec), state_dict)
+
+    return build
 
 
 def job_from_task(task: dict):

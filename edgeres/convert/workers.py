@@ -25,6 +25,7 @@ from pathlib import Path
 
 from edgeres.bundle import file_record, write_json_atomic
 from edgeres.progress import log
+from targets.base import cpu_threads, release_memory
 
 PARENT_ENV = "EDGERES_WORKER_PARENT"  # the worker exits at once if its parent is already gone
 CALIB_FILE = "calibration.nchw.npy"
@@ -69,7 +70,7 @@ def compile_record(target: str, job) -> dict:
 
 def default_jobs(worker_compiles: int) -> int:
     """As many workers as cores and free memory allow, no more than there are compiles."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_threads()
     try:
         import psutil
 
@@ -182,15 +183,6 @@ def _read_result(path: Path) -> dict | None:
 
 
 def trim_memory() -> None:
-    """Give freed heap back to the system (glibc keeps it otherwise), so the parent's RSS while its
-    workers run is what it still uses."""
-    import gc
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    """What export and calibration left behind is given back before workers start, so the parent's
+    RSS while they run is what it still uses."""
+    release_memory()

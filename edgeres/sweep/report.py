@@ -49,7 +49,7 @@ def summary_lines(doc: dict) -> list[str]:
 
 def markdown(doc: dict, plot: str | None = None) -> str:
     headers, rows = table(doc)
-    lines = [f"# edgeres sweep", "", *(f"- {l}" for l in summary_lines(doc)), "",
+    lines = ["# edgeres sweep", "", *(f"- {l}" for l in summary_lines(doc)), "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
     if plot:
