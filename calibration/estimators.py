@@ -77,8 +77,7 @@ class _HistogramEstimator(RangeEstimator):
         if x.size == 0:
             return
         super().update(x)
-        nonzero = x[x != 0]
-        zeros = x.size - nonzero.size
+        zeros = x.size - int(np.count_nonzero(x))
         self.zeros += zeros
         amax = max(abs(self.min), abs(self.max))
         if amax == 0.0:
@@ -90,11 +89,17 @@ class _HistogramEstimator(RangeEstimator):
             self._zeros_before_radius = 0
         while amax > self.radius:
             self._double_radius()
-        scale = np.float32(self.bins / (2 * self.radius))
-        idx = ((nonzero + np.float32(self.radius)) * scale).astype(np.int64)
-        np.clip(idx, 0, self.bins - 1, out=idx)
-        self.hist += np.bincount(idx, minlength=self.bins)
-        self.hist[self.bins // 2] += zeros  # placed explicitly: float rounding could put 0 one bin low
+        radius, scale = np.float32(self.radius), np.float32(self.bins / (2 * self.radius))
+        # every value binned in one float32 pass (no compaction of the non-zeros: the calibration's
+        # hot loop), clipped before the integer cast, which gives the same bins as clipping after
+        t = x + radius
+        t *= scale
+        np.clip(t, 0, self.bins - 1, out=t)
+        counts = np.bincount(t.astype(np.intp), minlength=self.bins)
+        if zeros:  # exact zeros belong in bin N/2 = [0, width): float rounding could put them one bin low
+            counts[int(min(max(radius * scale, 0), self.bins - 1))] -= zeros
+            counts[self.bins // 2] += zeros
+        self.hist += counts
 
     def _double_radius(self) -> None:
         # bin pairs (2i, 2i+1) of [-R, R] are exactly bin N/4 + i of [-2R, 2R]

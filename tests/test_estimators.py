@@ -105,3 +105,48 @@ def test_estimator_options_are_passed_through():
 def test_an_estimator_that_saw_nothing_says_so():
     with pytest.raises(ValueError, match="saw no values"):
         make_estimator("minmax").compute()
+
+
+def test_histogram_bins_every_value_as_the_per_value_rule_says_across_growth_and_zeros():
+    """Each non-zero value in bin floor((x + R) · N / 2R) (clipped to the ends), each exact zero (±0)
+    in bin N/2, for the radius R the estimator ends with — however the batches arrived."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        est = make_estimator("percentile")
+        seen = []
+        for _ in range(4):
+            x = (rng.standard_normal(int(rng.integers(0, 3000))) * 10 ** rng.uniform(-3, 3)).astype(np.float32)
+            if rng.random() < 0.5:
+                x = np.maximum(x, 0)
+            if rng.random() < 0.3:
+                x[::3] = -0.0
+            est.update(x)
+            seen.append(x)
+        x = np.concatenate(seen)
+        if not x.any():
+            continue
+        # the rule, batch by batch at the radius each batch met, then merged up to the final radius
+        expected = np.zeros(est.bins, np.int64)
+        radius = 0.0
+        amax = 0.0
+        zeros_first = 0
+        for batch in seen:
+            if batch.size:
+                amax = max(amax, float(np.abs(batch).max()))
+            if amax == 0.0:
+                zeros_first += batch.size
+                continue
+            if radius == 0.0:
+                radius, expected[est.bins // 2] = amax, zeros_first
+            while amax > radius:
+                merged = expected.reshape(-1, 2).sum(axis=1)
+                expected = np.zeros(est.bins, np.int64)
+                expected[est.bins // 4: 3 * est.bins // 4] = merged
+                radius *= 2
+            nz = batch[batch != 0]
+            idx = np.clip(((nz + np.float32(radius)) * np.float32(est.bins / (2 * radius))).astype(np.int64), 0, est.bins - 1)
+            np.add.at(expected, idx, 1)
+            expected[est.bins // 2] += batch.size - nz.size
+        assert est.radius == radius
+        assert np.array_equal(est.hist, expected)
+        assert est.zeros == int(np.sum(x == 0))
