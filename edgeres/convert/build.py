@@ -34,10 +34,10 @@ from edgeres.errors import InputError
 from edgeres.model.export import export_onnx
 from edgeres.model.keras_model import build_keras
 from edgeres.model.torch_model import build_torch
-from edgeres.convert.workers import (CALIB_FILE, Compiles, WorkerTask, compile_record, default_jobs, trim_memory,
+from edgeres.convert.workers import (CALIB_FILE, Compiles, WorkerTask, compile_record, default_jobs,
                                      write_calibration, write_weights)
 from edgeres.progress import log, step
-from targets.base import LABELS_FILE, app_metadata
+from targets.base import LABELS_FILE, app_metadata, release_memory
 from targets import (BUILTIN, CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, info_for_file,
                      shared_int8)
 
@@ -376,7 +376,7 @@ def _compile_all(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps
         records[target, precision] = compile_record(target, job)
     if away:
         tasks = [_worker_task(work, loaded, target, precision, job, int8, source) for target, precision, job in away]
-        trim_memory()  # what calibration and export left behind is given back before the workers start
+        release_memory()  # what calibration and export left behind is given back before the workers start
         running = Compiles(tasks, work / ".work", max(1, jobs - 1) if started else jobs, labelled=jobs > 1)
         for (target, precision, _), record in zip(away, running.results()):
             records[target, precision] = record

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from edgeres.bundle import file_record, write_json_atomic
 from edgeres.progress import log
-from targets.base import cpu_threads, release_memory
+from targets.base import cpu_threads
 
 PARENT_ENV = "EDGERES_WORKER_PARENT"  # the worker exits at once if its parent is already gone
 CALIB_FILE = "calibration.nchw.npy"
@@ -180,9 +180,3 @@ def _read_result(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("status") in ("ok", "failed") else None
-
-
-def trim_memory() -> None:
-    """What export and calibration left behind is given back before workers start, so the parent's
-    RSS while they run is what it still uses."""
-    release_memory()
