@@ -354,7 +354,7 @@ def convert(
     finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images for KD recovery after --prune and for --quant finetune."),
     epochs: int = typer.Option(0, "--epochs", help="KD fine-tuning epochs after --prune and of --quant finetune (default 1 there; needs --finetune-data)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --quant finetune (data order, augmentation, torch)."),
-    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Override the model's preprocessing: resize=256,crop=224,mode=shorter_side_crop|direct,mean=a,b,c,std=a,b,c (any of them), or a JSON file with those keys."),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Override the model's preprocessing: resize=256,crop=224,mode=shorter_side_crop|direct,filter=bilinear|bicubic|nearest,antialias=true|false,order=RGB|BGR,mean=a,b,c,std=a,b,c,scale=s (any of them), or a JSON file with those keys."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Target compiles at once, each in its own process [from cores and free memory]; 0 compiles in this process."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Redo every step and replace an existing bundle at --out."),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from calibration import DataError, Preprocess
 from calibration.estimators import ESTIMATORS
-from calibration.preprocess import RESIZE_MODES
+from calibration.preprocess import FILTERS, RESIZE_MODES
 from edgeres.bundle import MAX_IMAGE_SIDE
 from edgeres import __version__
 from edgeres.compress.distill import check_finetune_flags
@@ -190,8 +190,8 @@ def conversion_key(cfg: ConvertConfig, source_sha256: str) -> str:
 
 # -- --preprocess ----------------------------------------------------------------------------------------
 
-PREPROCESS_FLAG_KEYS = ("resize", "crop", "mode", "mean", "std", "scale")
-PREPROCESS_EXAMPLE = "e.g. --preprocess resize=256,crop=224,mode=shorter_side_crop,mean=0.485,0.456,0.406"
+PREPROCESS_FLAG_KEYS = ("resize", "crop", "mode", "filter", "antialias", "order", "mean", "std", "scale")
+PREPROCESS_EXAMPLE = "e.g. --preprocess resize=256,crop=224,filter=bicubic,mean=0.485,0.456,0.406"
 
 
 def parse_preprocess_override(text: str | None) -> dict | None:
@@ -241,8 +241,19 @@ def _preprocess_value(key: str, value):
         if key in ("mean", "std"):
             values = value if isinstance(value, list) else [value]
             return [float(v) for v in values]
-        if key == "mode":
+        if key in ("mode", "filter"):
             return str(value)
+        if key == "order":
+            return str(value).upper()
+        if key == "antialias":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
         if key == "resize" and (value is None or str(value).lower() == "none"):
             return None
         number = float(value)
@@ -259,7 +270,10 @@ def _what(key: str) -> str:
             "mean": "mean is three numbers, one per channel (e.g. mean=0.485,0.456,0.406)",
             "std": "std is three positive numbers, one per channel (e.g. std=0.229,0.224,0.225)",
             "scale": "scale multiplies the 0..255 pixel values before mean/std (e.g. scale=0.00392156862745098)",
-            "mode": f"mode is one of {', '.join(RESIZE_MODES)}"}[key]
+            "mode": f"mode is one of {', '.join(RESIZE_MODES)}",
+            "filter": f"filter is one of {', '.join(FILTERS)}",
+            "antialias": "antialias is true or false (widen the filter when downscaling, as Pillow and torchvision do)",
+            "order": "order is RGB or BGR (the channel order the model takes)"}[key]
 
 
 def check_preprocess_override(override: dict) -> None:
@@ -283,6 +297,12 @@ def _bad_value(key: str, value) -> str | None:
     """How ``value`` is wrong for ``key`` (shown after ``key=``), or None."""
     if key == "mode":
         return None if value in RESIZE_MODES else f"{value!r} is not a resize mode"
+    if key == "filter":
+        return None if value in FILTERS else f"{value!r} is not a resize filter"
+    if key == "order":
+        return None if value in ("RGB", "BGR") else f"{value!r} is not a channel order"
+    if key == "antialias":
+        return None if isinstance(value, bool) else f"{value!r} is not true or false"
     if key in ("mean", "std"):
         if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
             return f"{value!r} is not three numbers"
@@ -318,6 +338,9 @@ def apply_preprocess_override(pre: Preprocess, override: dict | None) -> Preproc
             changes[key] = tuple(override[key])
     if "scale" in override:
         changes["scale"] = override["scale"]
+    for key, field_name in (("filter", "filter"), ("antialias", "antialias"), ("order", "channel_order")):
+        if key in override:
+            changes[field_name] = override[key]
     try:
         return replace(pre, **changes)
     except DataError as e:
