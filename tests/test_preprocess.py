@@ -154,6 +154,23 @@ def test_filter_and_antialias_are_recorded_and_described():
     assert (Preprocess.from_dict(old).filter, Preprocess.from_dict(old).antialias) == ("bilinear", True)
 
 
+@pytest.mark.parametrize("pre", [Preprocess(size=224, resize=256, filter="bicubic"),
+                                 Preprocess(size=224, resize=256, antialias=False),
+                                 Preprocess(size=224, resize_mode="direct", filter="nearest"),
+                                 Preprocess(size=224, resize=256)], ids=lambda p: p.describe().split(";")[0])
+def test_exported_python_app_resizes_exactly_as_edgeres(pre):
+    import importlib.util
+
+    from edgeres.app import classify_template
+
+    spec = importlib.util.spec_from_file_location("classify_copy", classify_template.__file__)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    app.CONFIG["preprocess"] = pre.to_dict()
+    for img in (photo(500, 375, seed=1), photo(300, 641, seed=2)):
+        assert np.array_equal(app.geometry(img), pre.geometry(img[None])[0])
+
+
 def test_unknown_filter_is_refused():
     with pytest.raises(DataError, match="filter 'lanczos' is not one of bilinear, bicubic, nearest"):
         Preprocess(size=224, resize=256, filter="lanczos")
