@@ -355,6 +355,7 @@ def convert(
     epochs: int = typer.Option(0, "--epochs", help="KD fine-tuning epochs after --prune and of --quant finetune (default 1 there; needs --finetune-data)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --quant finetune (data order, augmentation, torch)."),
     preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Override the model's preprocessing: resize=256,crop=224,mode=shorter_side_crop|direct,filter=bilinear|bicubic|nearest,antialias=true|false,order=RGB|BGR,mean=a,b,c,std=a,b,c,scale=s (any of them), or a JSON file with those keys."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class names: a text file with one name per line, or a TSV/CSV with an index column and name columns (e.g. ImageNet's classes.tsv: index, wnid, name); class folders named by any column are matched."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Target compiles at once, each in its own process [from cores and free memory]; 0 compiles in this process."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Redo every step and replace an existing bundle at --out."),
@@ -372,7 +373,7 @@ def convert(
                         bench_threads=_int_csv(bench_threads, "--bench-threads") or ConvertConfig.bench_threads,
                         bench_runs=bench_runs, prune=prune_ratio, prune_importance=prune_importance,
                         finetune_data=finetune_data, finetune_epochs=epochs, accuracy_budget_pp=accuracy_budget,
-                        quant=quant, seed=seed, preprocess=parse_preprocess_override(preprocess), jobs=jobs)
+                        quant=quant, seed=seed, preprocess=parse_preprocess_override(preprocess), labels=labels, jobs=jobs)
     cfg = apply_profile(cfg, device, targets_given=targets is not None, precisions_given=precision is not None,
                         threads_given=threads is not None, bench_threads_given=bench_threads is not None)
     manifest = run_convert(cfg)

@@ -18,6 +18,7 @@ from edgeres.compress.distill import check_finetune_flags
 from edgeres.compress.prune import PruneConfig
 from edgeres.device.profiles import load_profile
 from edgeres.errors import InputError
+from edgeres.model.labels import read_labels
 from edgeres.flags import check_number, check_threads
 from targets import get_info
 from targets import names as target_names
@@ -57,6 +58,7 @@ class ConvertConfig:
     quant: str = "fast"  # preset: fast = plain PTQ, accurate = weight clipping + bias correction first
     seed: int = 0  # --quant finetune: data order, augmentation and torch's generator
     preprocess: dict | None = None  # --preprocess override of the model's own: resize, crop, mode, mean, std, scale
+    labels: str | None = None  # --labels: a file of class names (one per line, or a TSV/CSV such as classes.tsv)
     jobs: int | None = None  # target compiles at once, each in a worker process (None: from cores and memory; 0: in this process)
 
     def to_dict(self) -> dict:
@@ -140,6 +142,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError("--quant finetune: needs training images; give --finetune-data DATA (.npz or image folder)")
     if cfg.preprocess is not None:
         check_preprocess_override(cfg.preprocess)
+    if cfg.labels is not None:
+        read_labels(cfg.labels)  # the count is checked once the model is loaded
 
 
 def _validate_numbers(cfg: ConvertConfig) -> None:
@@ -185,6 +189,9 @@ def conversion_key(cfg: ConvertConfig, source_sha256: str) -> str:
         decisive["quant_finetune"] = [_fingerprint(cfg.finetune_data), cfg.finetune_epochs, cfg.threads, cfg.seed]
     if cfg.preprocess is not None:  # likewise for bundles made without an override
         decisive["preprocess"] = cfg.preprocess
+    if cfg.labels is not None:  # the names go into every artifact's metadata
+        names = read_labels(cfg.labels)
+        decisive["labels"] = [list(names.names), [list(k) for k in names.keys] if names.keys else None]
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
