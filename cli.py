@@ -198,6 +198,9 @@ def inspect(
         if key in info:
             print(f"{key:16} {plain(info[key])}")
     print(f"{'preprocess':16} {Preprocess.from_dict(info['preprocess']).describe()}")
+    from edgeres.measure.describe import labels_text
+
+    print(f"{'labels':16} {labels_text(info.get('labels'), info['num_classes'])}")
     print(f"{'params':16} {info['params']:,}")
     print(f"{'MACs':16} {info['macs']:,} ({info['macs'] / 1e6:.1f} M)")
     for s, stage in enumerate(info["inner_widths"]):

@@ -201,3 +201,15 @@ def test_calibration_takes_a_folder_of_unlabelled_images(env, tmp_path):
                                "--calib", folder, "--no-bench", "--out", tmp_path / "bundle"])
     assert code == 0, stderr
     assert json.loads((tmp_path / "bundle" / "manifest.json").read_text())["artifacts"][0]["status"] == "ok"
+
+
+def test_inspect_and_the_report_show_the_names_and_the_preprocessing(labelled_bundle):
+    import cli
+
+    shown = runner.invoke(cli.app, ["inspect", str(labelled_bundle)])
+    assert shown.exit_code == 0, shown.output
+    assert "labels           tench, goldfish, great white shark, … (10 names)" in shown.stdout, shown.stdout
+    report = runner.invoke(cli.app, ["report", str(labelled_bundle)])
+    assert report.exit_code == 0, report.output
+    assert "Preprocessing: 16×16 as is (no resize); RGB" in report.stdout, report.stdout
+    assert "classes: tench, goldfish, great white shark, … (10 names)" in report.stdout
