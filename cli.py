@@ -264,6 +264,33 @@ def eval_cmd(
     print(f"{result['arch']}  top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  ({result['images']} images)")
 
 
+@app.command("check-preprocess")
+@handled
+def check_preprocess(
+    path: str = typer.Argument(..., metavar="DIR", help="A bundle directory (its fp32 reference is run)."),
+    data: str = typer.Option(..., "--data", help="Labelled images: .npz (x, y) or image folder root/<class>/."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many images (spread evenly)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+):
+    """fp32 top-1 under the standard preprocessing conventions (crop or direct resize, bilinear or bicubic, RGB or BGR, mean/std sets) beside the bundle's."""
+    from calibration import open_dataset
+    from pathlib import Path
+
+    from edgeres.errors import InputError
+    from edgeres.flags import check_number, check_threads
+    from edgeres.measure.preprocess_check import check_bundle, print_check
+
+    check_number("--limit", limit, at_least=1)
+    check_threads("--threads", threads)
+    if not Path(path).is_dir():
+        raise InputError(f"{path}: not a bundle directory; convert the model first (edgeres convert MODEL --out DIR)")
+    result = check_bundle(path, open_dataset(data, require_labels=True), limit=limit, threads=threads)
+    if json_out:
+        return _print_json(result)
+    print_check(result)
+
+
 def _eval_remote(path, data, remote, remote_python, ssh_option, layers, limit, threads, json_out) -> None:
     from calibration import open_dataset
     from edgeres.errors import InputError

@@ -117,6 +117,17 @@ def _evaluate(cfg: ConvertConfig, out: Path, key: str, eval_ds: ImageDataset) ->
         log("[dim]✓ eval (done in an earlier run, skipped)[/]")
     else:
         evaluate_bundle(out, eval_ds, limit=cfg.eval_images, threads=cfg.threads)
+        _check_preprocessing(cfg, out, eval_ds)
+
+
+def _check_preprocessing(cfg: ConvertConfig, out: Path, eval_ds: ImageDataset) -> None:
+    """One line on stderr when another standard preprocessing convention beats the recorded one by > 1 pp."""
+    from edgeres.measure.preprocess_check import CONVERT_CHECK_IMAGES, check_bundle, warning
+
+    limit = min(cfg.eval_images or CONVERT_CHECK_IMAGES, CONVERT_CHECK_IMAGES)
+    line = warning(check_bundle(out, eval_ds, limit=limit, threads=cfg.threads))
+    if line:
+        log(f"[yellow]warning:[/] {line}")
 
 
 def _enforce_budget(cfg: ConvertConfig, out: Path, data: ConvertData, prepared, source_sha256: str) -> None:
