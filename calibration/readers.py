@@ -17,7 +17,7 @@ import numpy as np
 from calibration.errors import DataError
 from calibration.preprocess import Preprocess, check_uint8_rgb
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # the formats decoded
 # An uncompressed npz member is memory-mapped; anything else is decompressed into memory, so a small
 # compressed file could ask for any amount: refuse members that would need more than this.
 MAX_IN_MEMORY_BYTES = 2 << 30

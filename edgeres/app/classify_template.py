@@ -25,7 +25,7 @@ from PIL import Image
 
 CONFIG: dict = {}  # written by edgeres export-app: runtime, model, labels, preprocess, input
 HERE = Path(__file__).resolve().parent
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # the formats decoded
 
 
 # -- preprocessing --------------------------------------------------------------------------------
