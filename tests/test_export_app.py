@@ -121,6 +121,7 @@ def test_mobile_code_constants_equal_the_manifest(app_bundle, tmp_path, kind, ta
     pre = manifest["preprocess"]
     assert c["INPUT_SIZE"] == pre["size"] and c["RESIZE"] == (pre["resize"] or 0)
     assert c["RESIZE_MODE"] == pre["resize_mode"] and c["BGR"] == (pre["channel_order"] == "BGR")
+    assert c["RESIZE_FILTER"] == pre["filter"] and c["ANTIALIAS"] == pre["antialias"]
     assert c["MEAN"] == pytest.approx(pre["mean"]) and c["STD"] == pytest.approx(pre["std"])
     assert c["SCALE"] == pytest.approx(pre["scale"]) and c["NUM_CLASSES"] == manifest["arch"]["num_classes"]
     loaded = get_target(target).load_runner(app_bundle / artifact["file"])
