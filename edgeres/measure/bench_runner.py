@@ -819,10 +819,8 @@ def litert_to_pixels(x_nhwc: np.ndarray, norm: dict) -> np.ndarray:
 
 def litert_metadata_entry(data: bytes, name: str) -> bytes | None:
     """The model metadata buffer called ``name``, read with the LiteRT package's own flatbuffer schema."""
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:
-        from tensorflow.lite.python import schema_py_generated as schema
+    from ai_edge_litert import schema_py_generated as schema
+
     model = schema.Model.GetRootAs(data, 0)
     for i in range(model.MetadataLength()):
         m = model.Metadata(i)
