@@ -103,7 +103,7 @@ class OnnxRuntimeRunner:
     runtime = "onnxruntime"
     suffix, companions = ".onnx", ()
     missing = "onnxruntime is not installed for this python; pip install onnxruntime"
-    input_layout = "NCHW"
+    input_layout = tensor_layout = "NCHW"  # its input; its intermediate tensors
     takes_pixels = False
 
     def __init__(self, path, threads: int | None = None, *, spin: bool = True):
@@ -148,12 +148,12 @@ class OnnxRuntimeRunner:
         """Logits (float32) of an N×C×H×W float32 batch."""
         return self.run_native(np.asarray(x, np.float32))
 
-    def intermediates(self, x: np.ndarray) -> list[dict]:
-        """Each activation the graph computes, as float32 for the batch ``x`` (NCHW float32): in a QDQ
-        graph the outputs of its QuantizeLinear nodes (what the fused int8 kernels produce), dequantised
-        with the node's own scale and zero point and named by the float tensor they quantise; in a float
-        graph every float node output. Entries: name, op (the producer's type, ``+Relu`` when a Relu
-        follows it), value. Needs the ``onnx`` package."""
+    def intermediate_tensors(self):
+        """``run(x)`` giving each activation the graph computes, as float32, for a batch ``x`` (NCHW
+        float32): in a QDQ graph the outputs of its QuantizeLinear nodes (what the fused int8 kernels
+        produce), dequantised with the node's own scale and zero point and named by the float tensor they
+        quantise; in a float graph every float node output. Entries: name, op (the producer's type,
+        ``+Relu`` when a Relu follows it), value. A second session fetches them; needs ``onnx``."""
         import onnx
         import onnxruntime as ort
         from onnx import numpy_helper
@@ -169,17 +169,23 @@ class OnnxRuntimeRunner:
             if point["fetch"] not in existing and point["fetch"] not in inputs:
                 graph.output.append(onnx.ValueInfoProto(name=point["fetch"]))
         session = ort.InferenceSession(model.SerializeToString(), self._options, providers=["CPUExecutionProvider"])
-        x = np.asarray(x, np.float32)
         fetch = [p["fetch"] for p in points if p["fetch"] not in inputs]
-        got = dict(zip(fetch, session.run(fetch, {self.input_name: x})))
-        out = []
-        for p in points:
-            value = x if p["fetch"] in inputs else got[p["fetch"]]
-            if p.get("scale") is not None:
-                scale, zero_point = (numpy_helper.to_array(constants[n]) for n in (p["scale"], p["zero_point"]))
-                value = (value.astype(np.float32) - zero_point.astype(np.float32)) * scale.astype(np.float32)
-            out.append({"name": p["name"], "op": _ort_op_label(p["name"], producer), "value": np.asarray(value, np.float32)})
-        return out
+        grids = {p["name"]: tuple(np.float32(numpy_helper.to_array(constants[p[k]])) for k in ("scale", "zero_point"))
+                 for p in points if p.get("scale") is not None}
+        ops = {p["name"]: _ort_op_label(p["name"], producer) for p in points}
+
+        def run(x: np.ndarray) -> list[dict]:
+            x = np.asarray(x, np.float32)
+            got = dict(zip(fetch, session.run(fetch, {self.input_name: x})))
+            out = []
+            for p in points:
+                value = x if p["fetch"] in inputs else got[p["fetch"]]
+                if p["name"] in grids:
+                    scale, zero_point = grids[p["name"]]
+                    value = (value.astype(np.float32) - zero_point) * scale
+                out.append({"name": p["name"], "op": ops[p["name"]], "value": np.asarray(value, np.float32)})
+            return out
+        return run
 
 
 def _ort_quantised_points(graph, constants: dict, producer: dict) -> list[dict]:
@@ -249,6 +255,7 @@ class OpenVinoIrRunner:
     runtime = "openvino"
     suffix, companions = ".xml", (".bin",)
     missing = "openvino is not installed for this python; pip install openvino"
+    tensor_layout = "NCHW"  # of its intermediate tensors
 
     def __init__(self, path, threads: int | None = None, *, hint: str | None = None,
                  inference_precision: str | None = None, streams: int | None = None):
@@ -330,12 +337,12 @@ class OpenVinoIrRunner:
             v = v[..., ::-1]
         return np.clip(np.rint(v / np.float32(p["scale"])), 0, 255).astype(np.uint8)
 
-    def intermediates(self, x: np.ndarray) -> list[dict]:
-        """Each quantised activation of an int8 IR (the outputs of its FakeQuantize ops on activations,
-        float as the IR defines them), or each float op output of a float IR, for the batch ``x`` (NCHW
-        float32). Entries: name (a tensor name of the activation it quantises, as the source graph named
-        it), names (all of them), op (the producer's type), value. The IR is compiled afresh with the
-        extra outputs (``model.add_outputs``), the artifact's own compiled model is left as it is."""
+    def intermediate_tensors(self):
+        """``run(x)`` giving each quantised activation of an int8 IR (the outputs of its FakeQuantize ops
+        on activations, float as the IR defines them), or each float op output of a float IR, for a batch
+        ``x`` (NCHW float32). Entries: name (a tensor name of the activation it quantises, as the source
+        graph named it), names (all of them), op (the producer's type), value. The IR is compiled afresh
+        with the extra outputs (``model.add_outputs``); the artifact's own compiled model is left as it is."""
         model = self.core.read_model(str(self.path))
         points = []
         for op in model.get_ordered_ops():
@@ -349,18 +356,23 @@ class OpenVinoIrRunner:
                       if op.get_type_name() not in skip and op.get_output_size() == 1
                       and op.output(0).get_element_type().is_real() and op.output(0).get_partial_shape().rank.is_static
                       and op.output(0).get_partial_shape().rank.get_length() >= 2]
-        outputs = model.add_outputs([p[0] for p in points])
+        model.add_outputs([p[0] for p in points])  # a port that already is an output is not added twice
+        fed = [result.input_value(0) for result in model.get_results()]  # model outputs, in order
+        keys = [(o.get_node().get_friendly_name(), o.get_index()) for o in fed]
+        where = [keys.index((port.get_node().get_friendly_name(), port.get_index())) for port, _, _ in points]
         compiled = self.core.compile_model(model, "CPU", self.config())
-        x = np.asarray(x, dtype=np.float32)
-        if self.raw_preprocess is not None:
-            x = self.to_uint8_images(x)
-        result = compiled.create_infer_request().infer({0: np.ascontiguousarray(x)})
-        out = []
-        for (port, source, op), added in zip(points, outputs):
-            names = sorted(source.get_names()) or [source.get_node().get_friendly_name()]
-            out.append({"name": names[0], "names": names, "op": op,
-                        "value": np.array(result[compiled.output(added.get_any_name())], np.float32)})
-        return out
+        request = compiled.create_infer_request()
+        names = [sorted(source.get_names()) or [source.get_node().get_friendly_name()] for _, source, _ in points]
+
+        def run(x: np.ndarray) -> list[dict]:
+            x = np.asarray(x, dtype=np.float32)
+            if self.raw_preprocess is not None:
+                x = self.to_uint8_images(x)
+            request.infer({0: np.ascontiguousarray(x)})
+            return [{"name": n[0], "names": n, "op": op,
+                     "value": np.array(request.get_output_tensor(i).data, np.float32)}
+                    for i, (_, _, op), n in zip(where, points, names)]
+        return run
 
 
 def _openvino_rt_info(model, key: str) -> str | None:
@@ -413,14 +425,13 @@ class LiteRtRunner:
     runtime = "litert"
     suffix, companions = ".tflite", ()
     missing = "no TFLite runtime for this python; pip install ai-edge-litert"
-    input_layout = "NHWC"
+    tensor_layout = "NHWC"  # of its intermediate tensors
 
-    def __init__(self, path, threads: int | None = None, *, preserve_all_tensors: bool = False):
+    def __init__(self, path, threads: int | None = None):
         module = litert_interpreter_module()
         self.path = path
         self.version = litert_version()
-        keep = {"experimental_preserve_all_tensors": True} if preserve_all_tensors else {}
-        self.interp = module.Interpreter(model_path=str(path), num_threads=threads, **keep)
+        self.interp = module.Interpreter(model_path=str(path), num_threads=threads)
         self.interp.allocate_tensors()
         self.input = self.interp.get_input_details()[0]
         self.output = self.interp.get_output_details()[0]
@@ -448,7 +459,7 @@ class LiteRtRunner:
         return self.input["name"], self.output["name"]
 
     def reshape(self, shape) -> None:
-        if [int(v) for v in self.input["shape"]] != list(shape):
+        if [int(v) for v in self.interp.get_input_details()[0]["shape"]] != list(shape):
             self.interp.resize_tensor_input(self.input["index"], list(shape))
             self.interp.allocate_tensors()
             self.batch = int(shape[0])
@@ -493,30 +504,44 @@ class LiteRtRunner:
         self.interp.invoke()
         return litert_dequantize(self.interp.get_tensor(self.output["index"]), self.output)
 
-    def intermediates(self, x: np.ndarray) -> list[dict]:
-        """Every activation tensor (op outputs) for the batch ``x`` (NCHW float32), dequantised with each
-        tensor's own scale and zero point, in NHWC as LiteRT holds them. Entries: name, op, value. Runs a
-        second interpreter that keeps every tensor (``experimental_preserve_all_tensors``)."""
-        keep = LiteRtRunner(self.path, preserve_all_tensors=True)
-        nhwc = self._nhwc(x)
-        if keep.dynamic_batch or len(nhwc) == keep.batch:
-            keep.reshape([len(nhwc), *(int(v) for v in keep.input["shape"][1:])])
-        else:
-            raise ValueError(f"intermediate tensors of a fixed-batch model need batches of {keep.batch}")
-        keep.interp.set_tensor(keep.input["index"], litert_quantize(nhwc, keep.input))
-        keep.interp.invoke()
-        details = {t["index"]: t for t in keep.interp.get_tensor_details()}
-        out = []
-        for op in keep.interp._get_ops_details():  # noqa: SLF001 - the only API listing ops with their tensors
-            if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
-                continue
-            for index in op["outputs"]:
-                detail = details.get(int(index))
-                if detail is None or np.dtype(detail["dtype"]).kind not in "fiu":
+    def intermediate_tensors(self):
+        """``run(x)`` giving every activation tensor (op outputs) for a batch ``x`` (NCHW float32),
+        dequantised with each tensor's own scale and zero point, in NHWC as LiteRT holds them. Entries:
+        name, op, value. A second interpreter keeps every tensor (``experimental_preserve_all_tensors``)
+        and runs LiteRT's builtin kernels: the XNNPACK delegate would hide the tensors inside what it fuses."""
+        import warnings
+
+        module = litert_interpreter_module()
+        with warnings.catch_warnings():  # that keeping every tensor is meant for debugging: it is
+            warnings.simplefilter("ignore", UserWarning)
+            keep = module.Interpreter(model_path=str(self.path), experimental_preserve_all_tensors=True,
+                                      experimental_op_resolver_type=module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        inp = keep.get_input_details()[0]
+        dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
+        state = {"batch": None}
+
+        def run(x: np.ndarray) -> list[dict]:
+            nhwc = self._nhwc(x)
+            if len(nhwc) != state["batch"]:
+                if not dynamic and len(nhwc) != int(inp["shape"][0]):
+                    raise ValueError(f"intermediate tensors of a fixed-batch model need batches of {inp['shape'][0]}")
+                keep.resize_tensor_input(inp["index"], [len(nhwc), *(int(v) for v in inp["shape"][1:])])
+                keep.allocate_tensors()
+                state["batch"] = len(nhwc)
+            keep.set_tensor(inp["index"], litert_quantize(nhwc, inp))
+            keep.invoke()
+            details = {t["index"]: t for t in keep.get_tensor_details()}
+            out = []
+            for op in keep._get_ops_details():  # noqa: SLF001 - the only API listing ops with their tensors
+                if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
                     continue
-                value = litert_dequantize(keep.interp.get_tensor(int(index)), detail)
-                out.append({"name": detail["name"], "op": op["op_name"], "value": value})
-        return out
+                for index in op["outputs"]:
+                    detail = details.get(int(index))
+                    if detail is not None and np.dtype(detail["dtype"]).kind in "fiu":
+                        out.append({"name": detail["name"], "op": op["op_name"],
+                                    "value": litert_dequantize(keep.get_tensor(int(index)), detail)})
+            return out
+        return run
 
 
 def litert_quantize(x: np.ndarray, detail: dict) -> np.ndarray:

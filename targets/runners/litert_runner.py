@@ -42,14 +42,13 @@ class LiteRtRunner:
     runtime = "litert"
     suffix, companions = ".tflite", ()
     missing = "no TFLite runtime for this python; pip install ai-edge-litert"
-    input_layout = "NHWC"
+    tensor_layout = "NHWC"  # of its intermediate tensors
 
-    def __init__(self, path, threads: int | None = None, *, preserve_all_tensors: bool = False):
+    def __init__(self, path, threads: int | None = None):
         module = litert_interpreter_module()
         self.path = path
         self.version = litert_version()
-        keep = {"experimental_preserve_all_tensors": True} if preserve_all_tensors else {}
-        self.interp = module.Interpreter(model_path=str(path), num_threads=threads, **keep)
+        self.interp = module.Interpreter(model_path=str(path), num_threads=threads)
         self.interp.allocate_tensors()
         self.input = self.interp.get_input_details()[0]
         self.output = self.interp.get_output_details()[0]
@@ -77,7 +76,7 @@ class LiteRtRunner:
         return self.input["name"], self.output["name"]
 
     def reshape(self, shape) -> None:
-        if [int(v) for v in self.input["shape"]] != list(shape):
+        if [int(v) for v in self.interp.get_input_details()[0]["shape"]] != list(shape):
             self.interp.resize_tensor_input(self.input["index"], list(shape))
             self.interp.allocate_tensors()
             self.batch = int(shape[0])
@@ -122,30 +121,44 @@ class LiteRtRunner:
         self.interp.invoke()
         return litert_dequantize(self.interp.get_tensor(self.output["index"]), self.output)
 
-    def intermediates(self, x: np.ndarray) -> list[dict]:
-        """Every activation tensor (op outputs) for the batch ``x`` (NCHW float32), dequantised with each
-        tensor's own scale and zero point, in NHWC as LiteRT holds them. Entries: name, op, value. Runs a
-        second interpreter that keeps every tensor (``experimental_preserve_all_tensors``)."""
-        keep = LiteRtRunner(self.path, preserve_all_tensors=True)
-        nhwc = self._nhwc(x)
-        if keep.dynamic_batch or len(nhwc) == keep.batch:
-            keep.reshape([len(nhwc), *(int(v) for v in keep.input["shape"][1:])])
-        else:
-            raise ValueError(f"intermediate tensors of a fixed-batch model need batches of {keep.batch}")
-        keep.interp.set_tensor(keep.input["index"], litert_quantize(nhwc, keep.input))
-        keep.interp.invoke()
-        details = {t["index"]: t for t in keep.interp.get_tensor_details()}
-        out = []
-        for op in keep.interp._get_ops_details():  # noqa: SLF001 - the only API listing ops with their tensors
-            if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
-                continue
-            for index in op["outputs"]:
-                detail = details.get(int(index))
-                if detail is None or np.dtype(detail["dtype"]).kind not in "fiu":
+    def intermediate_tensors(self):
+        """``run(x)`` giving every activation tensor (op outputs) for a batch ``x`` (NCHW float32),
+        dequantised with each tensor's own scale and zero point, in NHWC as LiteRT holds them. Entries:
+        name, op, value. A second interpreter keeps every tensor (``experimental_preserve_all_tensors``)
+        and runs LiteRT's builtin kernels: the XNNPACK delegate would hide the tensors inside what it fuses."""
+        import warnings
+
+        module = litert_interpreter_module()
+        with warnings.catch_warnings():  # that keeping every tensor is meant for debugging: it is
+            warnings.simplefilter("ignore", UserWarning)
+            keep = module.Interpreter(model_path=str(self.path), experimental_preserve_all_tensors=True,
+                                      experimental_op_resolver_type=module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        inp = keep.get_input_details()[0]
+        dynamic = int(inp.get("shape_signature", inp["shape"])[0]) == -1
+        state = {"batch": None}
+
+        def run(x: np.ndarray) -> list[dict]:
+            nhwc = self._nhwc(x)
+            if len(nhwc) != state["batch"]:
+                if not dynamic and len(nhwc) != int(inp["shape"][0]):
+                    raise ValueError(f"intermediate tensors of a fixed-batch model need batches of {inp['shape'][0]}")
+                keep.resize_tensor_input(inp["index"], [len(nhwc), *(int(v) for v in inp["shape"][1:])])
+                keep.allocate_tensors()
+                state["batch"] = len(nhwc)
+            keep.set_tensor(inp["index"], litert_quantize(nhwc, inp))
+            keep.invoke()
+            details = {t["index"]: t for t in keep.get_tensor_details()}
+            out = []
+            for op in keep._get_ops_details():  # noqa: SLF001 - the only API listing ops with their tensors
+                if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
                     continue
-                value = litert_dequantize(keep.interp.get_tensor(int(index)), detail)
-                out.append({"name": detail["name"], "op": op["op_name"], "value": value})
-        return out
+                for index in op["outputs"]:
+                    detail = details.get(int(index))
+                    if detail is not None and np.dtype(detail["dtype"]).kind in "fiu":
+                        out.append({"name": detail["name"], "op": op["op_name"],
+                                    "value": litert_dequantize(keep.get_tensor(int(index)), detail)})
+            return out
+        return run
 
 
 def litert_quantize(x: np.ndarray, detail: dict) -> np.ndarray:

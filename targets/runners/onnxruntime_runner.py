@@ -17,7 +17,7 @@ class OnnxRuntimeRunner:
     runtime = "onnxruntime"
     suffix, companions = ".onnx", ()
     missing = "onnxruntime is not installed for this python; pip install onnxruntime"
-    input_layout = "NCHW"
+    input_layout = tensor_layout = "NCHW"  # its input; its intermediate tensors
     takes_pixels = False
 
     def __init__(self, path, threads: int | None = None, *, spin: bool = True):
@@ -62,12 +62,12 @@ class OnnxRuntimeRunner:
         """Logits (float32) of an N×C×H×W float32 batch."""
         return self.run_native(np.asarray(x, np.float32))
 
-    def intermediates(self, x: np.ndarray) -> list[dict]:
-        """Each activation the graph computes, as float32 for the batch ``x`` (NCHW float32): in a QDQ
-        graph the outputs of its QuantizeLinear nodes (what the fused int8 kernels produce), dequantised
-        with the node's own scale and zero point and named by the float tensor they quantise; in a float
-        graph every float node output. Entries: name, op (the producer's type, ``+Relu`` when a Relu
-        follows it), value. Needs the ``onnx`` package."""
+    def intermediate_tensors(self):
+        """``run(x)`` giving each activation the graph computes, as float32, for a batch ``x`` (NCHW
+        float32): in a QDQ graph the outputs of its QuantizeLinear nodes (what the fused int8 kernels
+        produce), dequantised with the node's own scale and zero point and named by the float tensor they
+        quantise; in a float graph every float node output. Entries: name, op (the producer's type,
+        ``+Relu`` when a Relu follows it), value. A second session fetches them; needs ``onnx``."""
         import onnx
         import onnxruntime as ort
         from onnx import numpy_helper
@@ -83,17 +83,23 @@ class OnnxRuntimeRunner:
             if point["fetch"] not in existing and point["fetch"] not in inputs:
                 graph.output.append(onnx.ValueInfoProto(name=point["fetch"]))
         session = ort.InferenceSession(model.SerializeToString(), self._options, providers=["CPUExecutionProvider"])
-        x = np.asarray(x, np.float32)
         fetch = [p["fetch"] for p in points if p["fetch"] not in inputs]
-        got = dict(zip(fetch, session.run(fetch, {self.input_name: x})))
-        out = []
-        for p in points:
-            value = x if p["fetch"] in inputs else got[p["fetch"]]
-            if p.get("scale") is not None:
-                scale, zero_point = (numpy_helper.to_array(constants[n]) for n in (p["scale"], p["zero_point"]))
-                value = (value.astype(np.float32) - zero_point.astype(np.float32)) * scale.astype(np.float32)
-            out.append({"name": p["name"], "op": _ort_op_label(p["name"], producer), "value": np.asarray(value, np.float32)})
-        return out
+        grids = {p["name"]: tuple(np.float32(numpy_helper.to_array(constants[p[k]])) for k in ("scale", "zero_point"))
+                 for p in points if p.get("scale") is not None}
+        ops = {p["name"]: _ort_op_label(p["name"], producer) for p in points}
+
+        def run(x: np.ndarray) -> list[dict]:
+            x = np.asarray(x, np.float32)
+            got = dict(zip(fetch, session.run(fetch, {self.input_name: x})))
+            out = []
+            for p in points:
+                value = x if p["fetch"] in inputs else got[p["fetch"]]
+                if p["name"] in grids:
+                    scale, zero_point = grids[p["name"]]
+                    value = (value.astype(np.float32) - zero_point) * scale
+                out.append({"name": p["name"], "op": ops[p["name"]], "value": np.asarray(value, np.float32)})
+            return out
+        return run
 
 
 def _ort_quantised_points(graph, constants: dict, producer: dict) -> list[dict]:

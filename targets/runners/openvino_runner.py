@@ -23,6 +23,7 @@ class OpenVinoIrRunner:
     runtime = "openvino"
     suffix, companions = ".xml", (".bin",)
     missing = "openvino is not installed for this python; pip install openvino"
+    tensor_layout = "NCHW"  # of its intermediate tensors
 
     def __init__(self, path, threads: int | None = None, *, hint: str | None = None,
                  inference_precision: str | None = None, streams: int | None = None):
@@ -104,12 +105,12 @@ class OpenVinoIrRunner:
             v = v[..., ::-1]
         return np.clip(np.rint(v / np.float32(p["scale"])), 0, 255).astype(np.uint8)
 
-    def intermediates(self, x: np.ndarray) -> list[dict]:
-        """Each quantised activation of an int8 IR (the outputs of its FakeQuantize ops on activations,
-        float as the IR defines them), or each float op output of a float IR, for the batch ``x`` (NCHW
-        float32). Entries: name (a tensor name of the activation it quantises, as the source graph named
-        it), names (all of them), op (the producer's type), value. The IR is compiled afresh with the
-        extra outputs (``model.add_outputs``), the artifact's own compiled model is left as it is."""
+    def intermediate_tensors(self):
+        """``run(x)`` giving each quantised activation of an int8 IR (the outputs of its FakeQuantize ops
+        on activations, float as the IR defines them), or each float op output of a float IR, for a batch
+        ``x`` (NCHW float32). Entries: name (a tensor name of the activation it quantises, as the source
+        graph named it), names (all of them), op (the producer's type), value. The IR is compiled afresh
+        with the extra outputs (``model.add_outputs``); the artifact's own compiled model is left as it is."""
         model = self.core.read_model(str(self.path))
         points = []
         for op in model.get_ordered_ops():
@@ -123,18 +124,23 @@ class OpenVinoIrRunner:
                       if op.get_type_name() not in skip and op.get_output_size() == 1
                       and op.output(0).get_element_type().is_real() and op.output(0).get_partial_shape().rank.is_static
                       and op.output(0).get_partial_shape().rank.get_length() >= 2]
-        outputs = model.add_outputs([p[0] for p in points])
+        model.add_outputs([p[0] for p in points])  # a port that already is an output is not added twice
+        fed = [result.input_value(0) for result in model.get_results()]  # model outputs, in order
+        keys = [(o.get_node().get_friendly_name(), o.get_index()) for o in fed]
+        where = [keys.index((port.get_node().get_friendly_name(), port.get_index())) for port, _, _ in points]
         compiled = self.core.compile_model(model, "CPU", self.config())
-        x = np.asarray(x, dtype=np.float32)
-        if self.raw_preprocess is not None:
-            x = self.to_uint8_images(x)
-        result = compiled.create_infer_request().infer({0: np.ascontiguousarray(x)})
-        out = []
-        for (port, source, op), added in zip(points, outputs):
-            names = sorted(source.get_names()) or [source.get_node().get_friendly_name()]
-            out.append({"name": names[0], "names": names, "op": op,
-                        "value": np.array(result[compiled.output(added.get_any_name())], np.float32)})
-        return out
+        request = compiled.create_infer_request()
+        names = [sorted(source.get_names()) or [source.get_node().get_friendly_name()] for _, source, _ in points]
+
+        def run(x: np.ndarray) -> list[dict]:
+            x = np.asarray(x, dtype=np.float32)
+            if self.raw_preprocess is not None:
+                x = self.to_uint8_images(x)
+            request.infer({0: np.ascontiguousarray(x)})
+            return [{"name": n[0], "names": n, "op": op,
+                     "value": np.array(request.get_output_tensor(i).data, np.float32)}
+                    for i, (_, _, op), n in zip(where, points, names)]
+        return run
 
 
 def _openvino_rt_info(model, key: str) -> str | None:
