@@ -246,13 +246,14 @@ def eval_cmd(
 ):
     """Accuracy of a model (torch fp32) or of every artifact in a bundle vs the fp32 reference."""
     from calibration import open_dataset
-    from edgeres.flags import check_number, check_threads
+    from edgeres.flags import check_number, check_remote, check_threads
     from edgeres.measure.bundle_eval import check_eval_request, evaluate_path
 
     check_number("--limit", limit, at_least=1)
     check_threads("--threads", threads)
+    check_remote("--remote", remote)  # '' is refused, not read as "here"
     check_eval_request(path, layers)
-    if remote:
+    if remote is not None:
         return _eval_remote(path, data, remote, remote_python, ssh_option, layers, limit, threads, json_out)
     result = evaluate_path(path, open_dataset(data), arch=arch, limit=limit, threads=threads, layers=layers)
     if json_out:
@@ -456,7 +457,7 @@ def bench(
 ):
     """Latency, FPS and peak memory of every artifact, each in a fresh process (locally or on a device)."""
     from edgeres.measure.bench import BenchConfig, RemoteHost, any_failed, bench_bundle, bench_table
-    from edgeres.flags import check_number, check_threads
+    from edgeres.flags import check_number, check_remote, check_threads
 
     thread_counts = _int_csv(threads, "--threads")
     check_threads("--threads", thread_counts)
@@ -469,7 +470,8 @@ def bench(
                  why="a larger random input does not fit an edge device's memory")
     cfg = BenchConfig(threads=thread_counts, warmup=warmup, runs=None if seconds is not None and runs is None
                       else (runs if runs is not None else 100), seconds=seconds, batch=batch)
-    host = RemoteHost(remote, python=remote_python, ssh_options=tuple(ssh_option)) if remote else None
+    check_remote("--remote", remote)  # '' is refused, not read as "here"
+    host = RemoteHost(remote, python=remote_python, ssh_options=tuple(ssh_option)) if remote is not None else None
     result = bench_bundle(bundle, cfg, host)
     if json_out:
         _print_json(result)
