@@ -198,6 +198,9 @@ def inspect(
         if key in info:
             print(f"{key:16} {plain(info[key])}")
     print(f"{'preprocess':16} {Preprocess.from_dict(info['preprocess']).describe()}")
+    from edgeres.measure.describe import labels_text
+
+    print(f"{'labels':16} {labels_text(info.get('labels'), info['num_classes'])}")
     print(f"{'params':16} {info['params']:,}")
     print(f"{'MACs':16} {info['macs']:,} ({info['macs'] / 1e6:.1f} M)")
     for s, stage in enumerate(info["inner_widths"]):
@@ -243,13 +246,14 @@ def eval_cmd(
 ):
     """Accuracy of a model (torch fp32) or of every artifact in a bundle vs the fp32 reference."""
     from calibration import open_dataset
-    from edgeres.flags import check_number, check_threads
+    from edgeres.flags import check_number, check_remote, check_threads
     from edgeres.measure.bundle_eval import check_eval_request, evaluate_path
 
     check_number("--limit", limit, at_least=1)
     check_threads("--threads", threads)
+    check_remote("--remote", remote)  # '' is refused, not read as "here"
     check_eval_request(path, layers)
-    if remote:
+    if remote is not None:
         return _eval_remote(path, data, remote, remote_python, ssh_option, layers, limit, threads, json_out)
     result = evaluate_path(path, open_dataset(data), arch=arch, limit=limit, threads=threads, layers=layers)
     if json_out:
@@ -259,6 +263,33 @@ def eval_cmd(
 
         return print_eval(result)
     print(f"{result['arch']}  top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  ({result['images']} images)")
+
+
+@app.command("check-preprocess")
+@handled
+def check_preprocess(
+    path: str = typer.Argument(..., metavar="DIR", help="A bundle directory (its fp32 reference is run)."),
+    data: str = typer.Option(..., "--data", help="Labelled images: .npz (x, y) or image folder root/<class>/."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many images (spread evenly)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+):
+    """fp32 top-1 under the standard preprocessing conventions (crop or direct resize, bilinear or bicubic, RGB or BGR, mean/std sets) beside the bundle's."""
+    from calibration import open_dataset
+    from pathlib import Path
+
+    from edgeres.errors import InputError
+    from edgeres.flags import check_number, check_threads
+    from edgeres.measure.preprocess_check import check_bundle, print_check
+
+    check_number("--limit", limit, at_least=1)
+    check_threads("--threads", threads)
+    if not Path(path).is_dir():
+        raise InputError(f"{path}: not a bundle directory; convert the model first (edgeres convert MODEL --out DIR)")
+    result = check_bundle(path, open_dataset(data, require_labels=True), limit=limit, threads=threads)
+    if json_out:
+        return _print_json(result)
+    print_check(result)
 
 
 def _eval_remote(path, data, remote, remote_python, ssh_option, layers, limit, threads, json_out) -> None:
@@ -354,7 +385,8 @@ def convert(
     finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Training images for KD recovery after --prune and for --quant finetune."),
     epochs: int = typer.Option(0, "--epochs", help="KD fine-tuning epochs after --prune and of --quant finetune (default 1 there; needs --finetune-data)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --quant finetune (data order, augmentation, torch)."),
-    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Override the model's preprocessing: resize=256,crop=224,mode=shorter_side_crop|direct,mean=a,b,c,std=a,b,c (any of them), or a JSON file with those keys."),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Override the model's preprocessing: resize=256,crop=224,mode=shorter_side_crop|direct,filter=bilinear|bicubic|nearest,antialias=true|false,order=RGB|BGR,mean=a,b,c,std=a,b,c,scale=s (any of them), or a JSON file with those keys."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class names: a text file with one name per line, or a TSV/CSV with an index column and name columns (e.g. ImageNet's classes.tsv: index, wnid, name); class folders named by any column are matched."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Target compiles at once, each in its own process [from cores and free memory]; 0 compiles in this process."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Redo every step and replace an existing bundle at --out."),
@@ -372,7 +404,7 @@ def convert(
                         bench_threads=_int_csv(bench_threads, "--bench-threads") or ConvertConfig.bench_threads,
                         bench_runs=bench_runs, prune=prune_ratio, prune_importance=prune_importance,
                         finetune_data=finetune_data, finetune_epochs=epochs, accuracy_budget_pp=accuracy_budget,
-                        quant=quant, seed=seed, preprocess=parse_preprocess_override(preprocess), jobs=jobs)
+                        quant=quant, seed=seed, preprocess=parse_preprocess_override(preprocess), labels=labels, jobs=jobs)
     cfg = apply_profile(cfg, device, targets_given=targets is not None, precisions_given=precision is not None,
                         threads_given=threads is not None, bench_threads_given=bench_threads is not None)
     manifest = run_convert(cfg)
@@ -425,7 +457,7 @@ def bench(
 ):
     """Latency, FPS and peak memory of every artifact, each in a fresh process (locally or on a device)."""
     from edgeres.measure.bench import BenchConfig, RemoteHost, any_failed, bench_bundle, bench_table
-    from edgeres.flags import check_number, check_threads
+    from edgeres.flags import check_number, check_remote, check_threads
 
     thread_counts = _int_csv(threads, "--threads")
     check_threads("--threads", thread_counts)
@@ -438,7 +470,8 @@ def bench(
                  why="a larger random input does not fit an edge device's memory")
     cfg = BenchConfig(threads=thread_counts, warmup=warmup, runs=None if seconds is not None and runs is None
                       else (runs if runs is not None else 100), seconds=seconds, batch=batch)
-    host = RemoteHost(remote, python=remote_python, ssh_options=tuple(ssh_option)) if remote else None
+    check_remote("--remote", remote)  # '' is refused, not read as "here"
+    host = RemoteHost(remote, python=remote_python, ssh_options=tuple(ssh_option)) if remote is not None else None
     result = bench_bundle(bundle, cfg, host)
     if json_out:
         _print_json(result)

@@ -14,6 +14,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # shorter_side_crop: torchvision's ImageNet pipeline, Resize(shorter side) then CenterCrop;
 # direct: Keras' load_img(target_size=...), straight to size×size with no crop
 RESIZE_MODES = ("shorter_side_crop", "direct")
+# Pillow's resampling filters by the name the manifest records
+FILTERS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,9 @@ class Preprocess:
     ``resize_mode`` "shorter_side_crop" resizes the shorter side to ``resize`` then centre-crops
     ``size`` (torchvision); ``resize`` ``None`` there means the images must already be ``size``×``size``
     (CIFAR models take their 32×32 images as is). "direct" resizes straight to ``size``×``size`` with
-    no crop (Keras); ``resize`` is then ``None``. Resizing is Pillow's antialiased bilinear.
+    no crop (Keras); ``resize`` is then ``None``. Resizing is Pillow's ``filter`` (bilinear, bicubic or
+    nearest); ``antialias`` widens the filter when downscaling, as Pillow's ``resize`` and torchvision do
+    (False samples the filter at the output pixel centres only, as OpenCV's and TF's plain resize do).
     ``scale`` multiplies the uint8 values before mean/std (1/255 for torchvision, 1 for Keras
     caffe-style preprocessing); ``channel_order`` is the order the network expects.
     """
@@ -36,8 +40,14 @@ class Preprocess:
     channel_order: str = "RGB"
     layout: str = "NCHW"
     resize_mode: str = "shorter_side_crop"
+    filter: str = "bilinear"
+    antialias: bool = True
 
     def __post_init__(self):
+        if self.filter not in FILTERS:
+            raise DataError(f"preprocess filter {self.filter!r} is not one of {', '.join(FILTERS)}")
+        if not isinstance(self.antialias, bool):
+            raise DataError(f"preprocess antialias {self.antialias!r} is not true or false")
         if self.layout not in ("NCHW", "NHWC"):
             raise DataError(f"preprocess layout {self.layout!r} is not NCHW or NHWC")
         if self.channel_order not in ("RGB", "BGR"):
@@ -72,6 +82,8 @@ class Preprocess:
             geometry = f"{self.size}×{self.size} as is (no resize)"
         else:
             geometry = f"shorter side to {self.resize}, centre crop {self.size}×{self.size}"
+        if self.resize_mode == "direct" or self.resize is not None:
+            geometry += f" ({self.filter}{'' if self.filter == 'nearest' else ', antialiased' if self.antialias else ', not antialiased'})"
         numbers = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
         return (f"{geometry}; {self.channel_order}, scale {self.scale:g}, mean {numbers(self.mean)}, "
                 f"std {numbers(self.std)}")
@@ -83,7 +95,7 @@ class Preprocess:
         if self.resize_mode == "direct":
             if (h, w) == (self.size, self.size):
                 return images
-            return np.stack([bilinear_resize(img, self.size, self.size) for img in images])
+            return np.stack([resize_image(img, self.size, self.size, self.filter, self.antialias) for img in images])
         if self.resize is None:
             if (h, w) != (self.size, self.size):
                 raise DataError(
@@ -94,7 +106,7 @@ class Preprocess:
             return images
         out = np.empty((images.shape[0], self.size, self.size, 3), np.uint8)
         for i, img in enumerate(images):
-            out[i] = resize_center_crop(img, self.resize, self.size)
+            out[i] = resize_center_crop(img, self.resize, self.size, self.filter, self.antialias)
         return out
 
     def __call__(self, images: np.ndarray, source: str = "images") -> np.ndarray:
@@ -118,7 +130,8 @@ def check_uint8_rgb(images: np.ndarray, source: str) -> None:
         raise DataError(f"{source}: contains no images")
 
 
-def resize_center_crop(img: np.ndarray, shorter: int, crop: int) -> np.ndarray:
+def resize_center_crop(img: np.ndarray, shorter: int, crop: int, filter: str = "bilinear",
+                       antialias: bool = True) -> np.ndarray:
     """Resize the shorter side to ``shorter`` then centre-crop ``crop``², as torchvision's
     ``Resize(shorter)`` + ``CenterCrop(crop)`` on a PIL image (same sizes, same offsets)."""
     h, w = img.shape[:2]
@@ -126,18 +139,28 @@ def resize_center_crop(img: np.ndarray, shorter: int, crop: int) -> np.ndarray:
         nh, nw = shorter, max(crop, int(shorter * w / h))
     else:
         nh, nw = max(crop, int(shorter * h / w)), shorter
-    resized = bilinear_resize(img, nh, nw)
+    resized = resize_image(img, nh, nw, filter, antialias)
     top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
     return resized[top : top + crop, left : left + crop]
 
 
 def bilinear_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Pillow's bilinear resize of an H×W×C uint8 image (C 1 or 3); it antialiases when downscaling,
-    as the images torchvision and Keras models were trained on were resized."""
+    """Pillow's antialiased bilinear resize of an H×W×C uint8 image (C 1 or 3)."""
+    return resize_image(img, out_h, out_w)
+
+
+def resize_image(img: np.ndarray, out_h: int, out_w: int, filter: str = "bilinear", antialias: bool = True) -> np.ndarray:
+    """Pillow's resize of an H×W×C uint8 image (C 1 or 3) with ``filter``. Antialiased: ``Image.resize``, which
+    widens the filter when downscaling (how the images torchvision and Keras models were trained on were
+    resized). Not antialiased: an affine ``Image.transform``, the filter at each output pixel centre."""
     h, w = img.shape[:2]
     if (h, w) == (out_h, out_w):
         return img
     gray = img.ndim == 3 and img.shape[2] == 1
     pil = Image.fromarray(np.ascontiguousarray(img[:, :, 0] if gray else img))
-    out = np.asarray(pil.resize((out_w, out_h), Image.BILINEAR))
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[filter]
+    if antialias or filter == "nearest":
+        out = np.asarray(pil.resize((out_w, out_h), resample))
+    else:
+        out = np.asarray(pil.transform((out_w, out_h), Image.AFFINE, (w / out_w, 0, 0, 0, h / out_h, 0), resample))
     return out[:, :, None] if gray else out

@@ -121,6 +121,7 @@ def test_mobile_code_constants_equal_the_manifest(app_bundle, tmp_path, kind, ta
     pre = manifest["preprocess"]
     assert c["INPUT_SIZE"] == pre["size"] and c["RESIZE"] == (pre["resize"] or 0)
     assert c["RESIZE_MODE"] == pre["resize_mode"] and c["BGR"] == (pre["channel_order"] == "BGR")
+    assert c["RESIZE_FILTER"] == pre["filter"] and c["ANTIALIAS"] == pre["antialias"]
     assert c["MEAN"] == pytest.approx(pre["mean"]) and c["STD"] == pytest.approx(pre["std"])
     assert c["SCALE"] == pytest.approx(pre["scale"]) and c["NUM_CLASSES"] == manifest["arch"]["num_classes"]
     loaded = get_target(target).load_runner(app_bundle / artifact["file"])
@@ -136,14 +137,27 @@ def test_mobile_kinds_refuse_a_runtime_without_a_mobile_build(app_bundle, tmp_pa
     assert not (tmp_path / "app").exists()
 
 
-@pytest.mark.parametrize("make, expect", [
-    (lambda d: (d / "out").write_text("x"), "exists and is a file"),
-    (lambda d: ((d / "out").mkdir(), (d / "out" / "mine.txt").write_text("keep")), "is not an app made by export-app"),
-])
-def test_out_rules_are_those_of_convert(app_bundle, tmp_path, make, expect):
-    make(tmp_path)
-    r = _export(app_bundle, "--kind", "python", "--out", tmp_path / "out")
-    assert r.exit_code == 2 and expect in r.stderr
+def _app_behind_a_link(d: Path, app_bundle) -> None:
+    assert _export(app_bundle, "--kind", "python", "--target", "onnx", "--out", d / "real").exit_code == 0
+    (d / "out").symlink_to(d / "real")
+
+
+@pytest.mark.parametrize("make, expect, force", [
+    (lambda d, b: (d / "out").write_text("x"), "exists and is a file", False),
+    (lambda d, b: ((d / "out").mkdir(), (d / "out" / "mine.txt").write_text("keep")), "is not an app made by export-app",
+     False),
+    # issue 33: a dangling link was an internal error (exit 1); a link to an app was replaced, leaving .old links
+    (lambda d, b: (d / "out").symlink_to(d / "gone"), "is a symbolic link (to {d}/gone, which does not exist)", False),
+    (_app_behind_a_link, "is a symbolic link (to {d}/real); export-app never replaces a link", True),
+], ids=["file", "foreign-folder", "dangling-link", "link-to-an-app"])
+def test_out_rules_are_those_of_convert(app_bundle, tmp_path, make, expect, force):
+    make(tmp_path, app_bundle)
+    before = {p.name: (p.is_symlink(), p.stat().st_mtime_ns if p.exists() else None) for p in tmp_path.iterdir()}
+    r = _export(app_bundle, "--kind", "python", "--out", tmp_path / "out", *(["--force"] if force else []))
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and expect.format(d=tmp_path) in lines[0], r.stderr
+    after = {p.name: (p.is_symlink(), p.stat().st_mtime_ns if p.exists() else None) for p in tmp_path.iterdir()}
+    assert after == before  # nothing replaced, no staging, .old or lock left beside it
 
 
 def test_an_app_is_replaced_only_with_force_and_whole(app_bundle, tmp_path):

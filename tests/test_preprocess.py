@@ -103,13 +103,77 @@ def test_bundle_schema_accepts_resize_mode_and_refuses_unknown_modes():
     assert _preprocess_problem(old, "preprocess") is None
 
 
-def test_keras_imports_resize_directly_and_torch_imports_keep_torchvision():
+def test_keras_imagenet_models_are_evaluated_as_imagenet_shorter_side_256_then_crop_224():
+    """A straight resize to 224² cost the real Keras ResNet-50 ten points top-1 on the ImageNet dev photos."""
     from edgeres.model.zoo import IMAGENET_PREPROCESS
     from edgeres.sources.keras_import import keras_caffe_preprocess
 
     pre = keras_caffe_preprocess(224)
-    assert (pre.resize_mode, pre.resize, pre.size, pre.channel_order) == ("direct", None, 224, "BGR")
+    assert (pre.resize_mode, pre.resize, pre.size, pre.channel_order) == ("shorter_side_crop", 256, 224, "BGR")
+    assert (pre.filter, pre.antialias) == ("bilinear", True)
     assert (IMAGENET_PREPROCESS.resize_mode, IMAGENET_PREPROCESS.resize) == ("shorter_side_crop", 256)
+
+
+def test_keras_cifar_models_take_their_32_pixel_images_unchanged():
+    from edgeres.sources.keras_import import keras_caffe_preprocess
+
+    pre = keras_caffe_preprocess(32, imagenet=False)
+    img = photo(32, 32)
+    assert (pre.resize_mode, pre.resize) == ("direct", None)
+    assert np.array_equal(pre.geometry(img[None])[0], img)
+
+
+# -- filter and antialiasing ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,pil", [("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC), ("nearest", Image.NEAREST)])
+def test_filter_is_pillows_filter_of_that_name(name, pil):
+    img = photo(500, 375)
+    pre = Preprocess(size=224, resize=256, filter=name)
+    resized = np.asarray(Image.fromarray(img).resize((341, 256), pil))
+    top, left = 16, int(round((341 - 224) / 2.0))
+    assert np.array_equal(pre.geometry(img[None])[0], resized[top:top + 224, left:left + 224])
+
+
+def test_without_antialiasing_downscaling_samples_pixel_centres_as_plain_bilinear():
+    """A 2× downscale without antialiasing is the mean of each 2×2 block (the sample sits between four pixels);
+    with it Pillow's wider filter also weighs the neighbours."""
+    img = photo(64, 64)
+    blocks = img.reshape(32, 2, 32, 2, 3).astype(np.float32).mean((1, 3))
+    plain = Preprocess(size=32, resize_mode="direct", antialias=False).geometry(img[None])[0].astype(np.float32)
+    smooth = Preprocess(size=32, resize_mode="direct").geometry(img[None])[0].astype(np.float32)
+    assert np.abs(plain - blocks).max() <= 1
+    assert np.abs(smooth - blocks).max() > 5
+
+
+def test_filter_and_antialias_are_recorded_and_described():
+    pre = Preprocess(size=224, resize=256, filter="bicubic", antialias=False)
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+    assert pre.to_dict()["filter"] == "bicubic" and pre.to_dict()["antialias"] is False
+    assert "shorter side to 256, centre crop 224×224 (bicubic, not antialiased)" in pre.describe()
+    old = {k: v for k, v in pre.to_dict().items() if k not in ("filter", "antialias")}
+    assert (Preprocess.from_dict(old).filter, Preprocess.from_dict(old).antialias) == ("bilinear", True)
+
+
+@pytest.mark.parametrize("pre", [Preprocess(size=224, resize=256, filter="bicubic"),
+                                 Preprocess(size=224, resize=256, antialias=False),
+                                 Preprocess(size=224, resize_mode="direct", filter="nearest"),
+                                 Preprocess(size=224, resize=256)], ids=lambda p: p.describe().split(";")[0])
+def test_exported_python_app_resizes_exactly_as_edgeres(pre):
+    import importlib.util
+
+    from edgeres.app import classify_template
+
+    spec = importlib.util.spec_from_file_location("classify_copy", classify_template.__file__)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    app.CONFIG["preprocess"] = pre.to_dict()
+    for img in (photo(500, 375, seed=1), photo(300, 641, seed=2)):
+        assert np.array_equal(app.geometry(img), pre.geometry(img[None])[0])
+
+
+def test_unknown_filter_is_refused():
+    with pytest.raises(DataError, match="filter 'lanczos' is not one of bilinear, bicubic, nearest"):
+        Preprocess(size=224, resize=256, filter="lanczos")
 
 
 # -- --preprocess ---------------------------------------------------------------------------------------
@@ -128,6 +192,16 @@ def test_preprocess_flag_reads_a_json_file(tmp_path):
     path = tmp_path / "pre.json"
     path.write_text(json.dumps({"mode": "direct", "crop": 224, "std": [1, 1, 1]}))
     assert parse_preprocess_override(str(path)) == {"mode": "direct", "crop": 224, "std": [1.0, 1.0, 1.0]}
+
+
+def test_preprocess_flag_sets_filter_antialias_and_channel_order():
+    from edgeres.convert.config import apply_preprocess_override, parse_preprocess_override
+    from edgeres.model.zoo import IMAGENET_PREPROCESS
+
+    got = parse_preprocess_override("resize=256,crop=224,filter=bicubic,antialias=false,order=bgr")
+    assert got == {"resize": 256, "crop": 224, "filter": "bicubic", "antialias": False, "order": "BGR"}
+    pre = apply_preprocess_override(IMAGENET_PREPROCESS, got)
+    assert (pre.filter, pre.antialias, pre.channel_order, pre.resize) == ("bicubic", False, "BGR", 256)
 
 
 def test_override_replaces_only_the_keys_given():
@@ -156,6 +230,10 @@ PREPROCESS_CASES = [
                                            "shorter_side_crop, direct"),
     Case("direct-with-resize", _pre("mode=direct,resize=256"), "resize=256 with mode=direct: .*leave resize out"),
     Case("not-key-value", _pre("256"), "expected KEY=VALUE pairs"),
+    Case("bad-filter", _pre("filter=lanczos"), "--preprocess filter='lanczos' is not a resize filter; filter is one of "
+                                               "bilinear, bicubic, nearest"),
+    Case("bad-antialias", _pre("antialias=maybe"), "--preprocess antialias='maybe': not a number; antialias is true or false"),
+    Case("bad-order", _pre("order=GBR"), "--preprocess order='GBR' is not a channel order; order is RGB or BGR"),
     Case("word-size", _pre("resize=big"), "--preprocess resize='big': not a number"),
     Case("missing-json", _pre("nowhere.json"), "--preprocess nowhere.json: cannot read it as JSON"),
 ]
@@ -185,7 +263,7 @@ def test_override_is_recorded_in_the_manifest_and_shown_by_inspect(env, tmp_path
     assert manifest["arch"]["preprocess"] == manifest["preprocess"]
     assert manifest["config"]["preprocess"] == {"mode": "direct", "mean": [0.5, 0.5, 0.5]}
     shown = run_cli("inspect", out)
-    assert "direct resize to 16×16; RGB" in shown.stdout and "mean 0.5,0.5,0.5" in shown.stdout, shown.stdout
+    assert "direct resize to 16×16 (bilinear, antialiased); RGB" in shown.stdout and "mean 0.5,0.5,0.5" in shown.stdout, shown.stdout
     model = run_cli("inspect", env["checkpoint"])
     assert "16×16 as is (no resize)" in model.stdout, model.stdout
 
@@ -217,7 +295,7 @@ def spread_logits(keras, model, x, target_std: float = 3.0) -> None:
 
 
 @pytest.mark.slow
-def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_on_images_fed_as_they_are(tmp_path, cli):
+def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_fed_the_same_pixels(tmp_path, cli):
     keras = pytest.importorskip("keras", minversion="3")
     from targets import get_target
     from tests.test_keras_import import randomize
@@ -240,17 +318,15 @@ def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_on_images_fed_as
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     pre = Preprocess.from_dict(manifest["preprocess"]).with_layout("NCHW")
-    assert pre.resize_mode == "direct"
+    assert (pre.resize_mode, pre.resize) == ("shorter_side_crop", 256)
+    pixels = pre.geometry(images)
+    keras_top1 = np.asarray(model.predict(keras.applications.resnet.preprocess_input(pixels.astype(np.float32)),
+                                          batch_size=16, verbose=0)).argmax(1)
     x = pre(images)
-    x_crop = replace(pre, resize_mode="shorter_side_crop", resize=256)(images)
     for a in manifest["artifacts"]:
         assert a["status"] == "ok", a
         run = get_target(a["target"]).load_runner(out / a["files"][0])
         top1 = np.concatenate([np.asarray(run(x[i:i + 8])).argmax(1) for i in range(0, len(x), 8)])
         agreement = float((top1 == keras_top1).mean())
-        cropped = np.concatenate([np.asarray(run(x_crop[i:i + 8])).argmax(1) for i in range(0, len(x), 8)])
-        crop_agreement = float((cropped == keras_top1).mean())
-        print(f"{a['target']} fp32 agrees with Keras on {agreement:.1%} of 64 images "
-              f"({len(set(keras_top1))} classes); resized to 256 + centre crop: {crop_agreement:.1%}")
+        print(f"{a['target']} fp32 agrees with Keras fed the same pixels on {agreement:.1%} of 64 images")
         assert agreement >= 0.984, (a["target"], agreement)
-        assert crop_agreement < agreement, "the crop convention should not match Keras as well as direct resize"

@@ -7,8 +7,8 @@ plus OpenCV for --camera. Usage:
     python classify.py IMAGE... | FOLDER [--top K] [--json] [--threads N]
     python classify.py --camera 0        (needs: pip install opencv-python)
 
-The preprocessing below is the bundle's, written out: decode with Pillow, resize with Pillow's
-antialiased bilinear as torchvision/Keras do, scale, mean/std, layout.
+The preprocessing below is the bundle's, written out: decode with Pillow, resize with Pillow's filter
+the bundle names (antialiased as torchvision does, unless it says not), scale, mean/std, layout.
 """
 
 from __future__ import annotations
@@ -28,10 +28,20 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 # -- preprocessing --------------------------------------------------------------------------------
 
+FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
 def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Pillow's resize with the bundle's filter; not antialiased: the filter sampled at output pixel centres."""
     if img.shape[:2] == (h, w):
         return img
-    return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+    pre = CONFIG["preprocess"]
+    name = pre.get("filter", "bilinear")
+    if pre.get("antialias", True) or name == "nearest":
+        return np.asarray(Image.fromarray(img).resize((w, h), FILTERS[name]))
+    src_h, src_w = img.shape[:2]
+    return np.asarray(Image.fromarray(img).transform((w, h), Image.AFFINE, (src_w / w, 0, 0, 0, src_h / h, 0),
+                                                     FILTERS[name]))
 
 
 def geometry(img: np.ndarray) -> np.ndarray:

@@ -34,6 +34,11 @@ def check_request(kind: str, out: str | Path, force: bool) -> Path:
     if kind not in KINDS:
         raise InputError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}")
     out = Path(out)
+    if out.is_symlink():  # publishing renames onto --out: a link there would be replaced (or, dangling, fail)
+        target = os.readlink(out)
+        where = target if out.exists() else f"{target}, which does not exist"
+        raise InputError(f"--out {out}: is a symbolic link (to {where}); export-app never replaces a link: give "
+                         "the folder itself or a new path")
     check_output_dir(out, force, marker=APP_FILE, made_by="an app made by export-app", holding="an exported app")
     return out
 

@@ -25,7 +25,8 @@ def constants(config: dict) -> dict:
     pre, inp = config["preprocess"], config["input"]
     return {"MODEL_FILE": config["model"], "LABELS_FILE": config["labels"], "NUM_CLASSES": config["num_classes"],
             "INPUT_SIZE": pre["size"], "RESIZE": pre.get("resize") or 0,
-            "RESIZE_MODE": pre.get("resize_mode", "shorter_side_crop"), "SCALE": float(pre["scale"]),
+            "RESIZE_MODE": pre.get("resize_mode", "shorter_side_crop"), "RESIZE_FILTER": pre.get("filter", "bilinear"),
+            "ANTIALIAS": bool(pre.get("antialias", True)), "SCALE": float(pre["scale"]),
             "MEAN": [float(v) for v in pre["mean"]], "STD": [float(v) for v in pre["std"]],
             "BGR": pre["channel_order"] == "BGR", "INPUT_LAYOUT": inp["layout"], "INPUT_DTYPE": inp["dtype"],
             "TAKES_PIXELS": inp["pixels"], "INPUT_NAME": inp["name"], "OUTPUT_NAME": config["output"]["name"]}
@@ -83,7 +84,8 @@ def _preprocess_text(config: dict) -> str:
     how = ("the model normalises inside: it takes the pixel values 0..255" if inp["pixels"] else
            f"(pixel × {pre['scale']:g} − mean {pre['mean']}) / std {pre['std']}, {pre['channel_order']}")
     return (f"{pre['size']}×{pre['size']} {pre['channel_order']} input ({pre.get('resize_mode', 'shorter_side_crop')}"
-            f", resize {pre.get('resize')}); {how}; layout {inp['layout']}, {inp['dtype']}; "
+            f", resize {pre.get('resize')}, {pre.get('filter', 'bilinear')}"
+            f"{'' if pre.get('antialias', True) else ' not antialiased'}); {how}; layout {inp['layout']}, {inp['dtype']}; "
             f"tensors `{inp['name']}` → `{config['output']['name']}`")
 
 
@@ -193,17 +195,19 @@ class ImageClassifier(context: Context, threads: Int = 2) : AutoCloseable {
     override fun close() = interpreter.close()
 }
 ''' + '''
-/** Resize and crop as the bundle's preprocessing says (Android's bilinear filter, not Pillow's). */
+/** Resize and crop as the bundle's preprocessing says (Android's filter: bilinear for RESIZE_FILTER bilinear
+ *  or bicubic, none for nearest; not Pillow's antialiased one, so a large downscale differs slightly). */
 object Geometry {
     fun apply(bitmap: Bitmap): Bitmap {
         val n = ModelConfig.INPUT_SIZE
+        val filter = ModelConfig.RESIZE_FILTER != "nearest"
         if (ModelConfig.RESIZE_MODE == "direct" || ModelConfig.RESIZE == 0) {
-            return Bitmap.createScaledBitmap(bitmap, n, n, true)
+            return Bitmap.createScaledBitmap(bitmap, n, n, filter)
         }
         val s = ModelConfig.RESIZE.toFloat() / minOf(bitmap.width, bitmap.height)
         val w = maxOf(n, (bitmap.width * s).toInt())
         val h = maxOf(n, (bitmap.height * s).toInt())
-        val scaled = Bitmap.createScaledBitmap(bitmap, w, h, true)
+        val scaled = Bitmap.createScaledBitmap(bitmap, w, h, filter)
         return Bitmap.createBitmap(scaled, Math.round((w - n) / 2f), Math.round((h - n) / 2f), n, n)
     }
 }
@@ -325,7 +329,8 @@ enum Geometry {
         var rgba = [UInt8](repeating: 0, count: n * n * 4)
         let ctx = CGContext(data: &rgba, width: n, height: n, bitsPerComponent: 8, bytesPerRow: n * 4,
                             space: CGColorSpaceCreateDeviceRGB(), bitmapInfo: CGImageAlphaInfo.noneSkipLast.rawValue)!
-        ctx.interpolationQuality = .medium
+        ctx.interpolationQuality = ModelConfig.RESIZE_FILTER == "nearest" ? .none
+            : ModelConfig.RESIZE_FILTER == "bicubic" ? .high : .medium
         ctx.draw(image, in: rect)
         return (0..<(n * n)).flatMap { [rgba[$0 * 4], rgba[$0 * 4 + 1], rgba[$0 * 4 + 2]] }
     }

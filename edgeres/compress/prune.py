@@ -486,7 +486,7 @@ def check_data(dataset, spec: ResNetSpec, flag: str, *, labels: bool = False) ->
     if labels and dataset.labels is None:
         raise DataError(f"{dataset.source}: {flag} needs labels (y) to measure accuracy")
     if dataset.class_names is not None:
-        number_class_folders(dataset, spec.labels)
+        number_class_folders(dataset, spec.labels, spec.label_keys)
     check_label_range(dataset, spec.num_classes, fix=f"check {flag} matches the model", error=DataError)
 
 

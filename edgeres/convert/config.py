@@ -11,7 +11,7 @@ from pathlib import Path
 
 from calibration import DataError, Preprocess
 from calibration.estimators import ESTIMATORS
-from calibration.preprocess import RESIZE_MODES
+from calibration.preprocess import FILTERS, RESIZE_MODES
 from edgeres.bundle import MAX_IMAGE_SIDE
 from edgeres import __version__
 from edgeres.compress.distill import check_finetune_flags
@@ -19,6 +19,7 @@ from edgeres.compress.prune import PruneConfig
 from edgeres.convert.data_digest import data_sha256
 from edgeres.device.profiles import load_profile
 from edgeres.errors import InputError
+from edgeres.model.labels import read_labels
 from edgeres.flags import check_number, check_threads
 from targets import get_info
 from targets import names as target_names
@@ -58,6 +59,7 @@ class ConvertConfig:
     quant: str = "fast"  # preset: fast = plain PTQ, accurate = weight clipping + bias correction first
     seed: int = 0  # --quant finetune: data order, augmentation and torch's generator
     preprocess: dict | None = None  # --preprocess override of the model's own: resize, crop, mode, mean, std, scale
+    labels: str | None = None  # --labels: a file of class names (one per line, or a TSV/CSV such as classes.tsv)
     jobs: int | None = None  # target compiles at once, each in a worker process (None: from cores and memory; 0: in this process)
     # a grown bundle: exactly these (target, precision) pairs, not every target × precision (convert/grow.py)
     pairs: tuple[tuple[str, str], ...] | None = None
@@ -144,6 +146,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise InputError("--quant finetune: needs training images; give --finetune-data DATA (.npz or image folder)")
     if cfg.preprocess is not None:
         check_preprocess_override(cfg.preprocess)
+    if cfg.labels is not None:
+        read_labels(cfg.labels)  # the count is checked once the model is loaded
 
 
 def _validate_numbers(cfg: ConvertConfig) -> None:
@@ -189,13 +193,16 @@ def conversion_key(cfg: ConvertConfig, source_sha256: str, digests: dict | None 
         decisive["quant_finetune"] = [digests.get("finetune_data"), cfg.finetune_epochs, cfg.threads, cfg.seed]
     if cfg.preprocess is not None:  # likewise for bundles made without an override
         decisive["preprocess"] = cfg.preprocess
+    if cfg.labels is not None:  # the names go into every artifact's metadata
+        names = read_labels(cfg.labels)
+        decisive["labels"] = [list(names.names), [list(k) for k in names.keys] if names.keys else None]
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- --preprocess ----------------------------------------------------------------------------------------
 
-PREPROCESS_FLAG_KEYS = ("resize", "crop", "mode", "mean", "std", "scale")
-PREPROCESS_EXAMPLE = "e.g. --preprocess resize=256,crop=224,mode=shorter_side_crop,mean=0.485,0.456,0.406"
+PREPROCESS_FLAG_KEYS = ("resize", "crop", "mode", "filter", "antialias", "order", "mean", "std", "scale")
+PREPROCESS_EXAMPLE = "e.g. --preprocess resize=256,crop=224,filter=bicubic,mean=0.485,0.456,0.406"
 
 
 def parse_preprocess_override(text: str | None) -> dict | None:
@@ -245,8 +252,19 @@ def _preprocess_value(key: str, value):
         if key in ("mean", "std"):
             values = value if isinstance(value, list) else [value]
             return [float(v) for v in values]
-        if key == "mode":
+        if key in ("mode", "filter"):
             return str(value)
+        if key == "order":
+            return str(value).upper()
+        if key == "antialias":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
         if key == "resize" and (value is None or str(value).lower() == "none"):
             return None
         number = float(value)
@@ -263,7 +281,10 @@ def _what(key: str) -> str:
             "mean": "mean is three numbers, one per channel (e.g. mean=0.485,0.456,0.406)",
             "std": "std is three positive numbers, one per channel (e.g. std=0.229,0.224,0.225)",
             "scale": "scale multiplies the 0..255 pixel values before mean/std (e.g. scale=0.00392156862745098)",
-            "mode": f"mode is one of {', '.join(RESIZE_MODES)}"}[key]
+            "mode": f"mode is one of {', '.join(RESIZE_MODES)}",
+            "filter": f"filter is one of {', '.join(FILTERS)}",
+            "antialias": "antialias is true or false (widen the filter when downscaling, as Pillow and torchvision do)",
+            "order": "order is RGB or BGR (the channel order the model takes)"}[key]
 
 
 def check_preprocess_override(override: dict) -> None:
@@ -287,6 +308,12 @@ def _bad_value(key: str, value) -> str | None:
     """How ``value`` is wrong for ``key`` (shown after ``key=``), or None."""
     if key == "mode":
         return None if value in RESIZE_MODES else f"{value!r} is not a resize mode"
+    if key == "filter":
+        return None if value in FILTERS else f"{value!r} is not a resize filter"
+    if key == "order":
+        return None if value in ("RGB", "BGR") else f"{value!r} is not a channel order"
+    if key == "antialias":
+        return None if isinstance(value, bool) else f"{value!r} is not true or false"
     if key in ("mean", "std"):
         if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
             return f"{value!r} is not three numbers"
@@ -322,6 +349,9 @@ def apply_preprocess_override(pre: Preprocess, override: dict | None) -> Preproc
             changes[key] = tuple(override[key])
     if "scale" in override:
         changes["scale"] = override["scale"]
+    for key, field_name in (("filter", "filter"), ("antialias", "antialias"), ("order", "channel_order")):
+        if key in override:
+            changes[field_name] = override[key]
     try:
         return replace(pre, **changes)
     except DataError as e:

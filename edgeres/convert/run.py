@@ -22,6 +22,7 @@ from edgeres.measure.bench import BENCH_FILE, BenchConfig, bench_bundle
 from edgeres.measure.bundle_eval import EVAL_FILE, evaluate_bundle
 from edgeres.measure.evaluate import check_labels
 from edgeres.measure.report import write_report
+from edgeres.model.labels import check_label_count, read_labels
 from edgeres.progress import log
 from edgeres.sources.loading import load_model
 
@@ -56,6 +57,10 @@ def convert(cfg: ConvertConfig) -> dict:
         spec = loaded.spec
         loaded = replace(loaded, spec=replace(spec, preprocess=apply_preprocess_override(spec.preprocess,
                                                                                           cfg.preprocess)))
+    if cfg.labels is not None:  # the names travel with the spec: labels.txt, every artifact's metadata, the apps
+        names = read_labels(cfg.labels)
+        check_label_count(names, loaded.spec.num_classes, f"--labels {cfg.labels}")
+        loaded = replace(loaded, spec=replace(loaded.spec, labels=names.names, label_keys=names.keys))
     data = _open_data(cfg, loaded.spec)
     key = conversion_key(cfg, loaded.sha256)
     # pruning (and its fine-tuning) runs once, and only when something is built from the pruned model
@@ -103,7 +108,7 @@ def _open_data(cfg: ConvertConfig, spec) -> ConvertData:
     if cfg.eval_data is not None:
         eval_ds = open_dataset(cfg.eval_data)
         eval_ds.check_image_size(spec.preprocess)
-        check_labels(eval_ds, spec.num_classes, spec.labels)
+        check_labels(eval_ds, spec.num_classes, spec.labels, spec.label_keys)
     return ConvertData(calib_ds, eval_ds)
 
 
@@ -115,6 +120,17 @@ def _evaluate(cfg: ConvertConfig, out: Path, key: str, eval_ds: ImageDataset) ->
         log("[dim]✓ eval (done in an earlier run, skipped)[/]")
     else:
         evaluate_bundle(out, eval_ds, limit=cfg.eval_images, threads=cfg.threads)
+        _check_preprocessing(cfg, out, eval_ds)
+
+
+def _check_preprocessing(cfg: ConvertConfig, out: Path, eval_ds: ImageDataset) -> None:
+    """One line on stderr when another standard preprocessing convention beats the recorded one by > 1 pp."""
+    from edgeres.measure.preprocess_check import CONVERT_CHECK_IMAGES, check_bundle, warning
+
+    limit = min(cfg.eval_images or CONVERT_CHECK_IMAGES, CONVERT_CHECK_IMAGES)
+    line = warning(check_bundle(out, eval_ds, limit=limit, threads=cfg.threads))
+    if line:
+        log(f"[yellow]warning:[/] {line}")
 
 
 def _enforce_budget(cfg: ConvertConfig, out: Path, data: ConvertData, prepared, source_sha256: str) -> None:

@@ -75,7 +75,7 @@ def check_data_for(manifest: dict, dataset: ImageDataset) -> Preprocess:
     model's labels) fit the model; unreadable or mis-sized images are the first problem reported."""
     pre = Preprocess.from_dict(manifest["preprocess"])
     dataset.check_image_size(pre)
-    check_labels(dataset, manifest["arch"]["num_classes"], manifest["arch"].get("labels"))
+    check_labels(dataset, manifest["arch"]["num_classes"], manifest["arch"].get("labels"), manifest["arch"].get("label_keys"))
     return pre
 
 
@@ -104,7 +104,7 @@ def evaluate_path(path: str | Path, dataset: ImageDataset, *, arch: str | None =
 def _evaluate_model(path: Path, dataset: ImageDataset, arch: str | None, limit: int | None) -> dict:
     loaded = load_model(path, arch)
     dataset.check_image_size(loaded.spec.preprocess)
-    check_labels(dataset, loaded.spec.num_classes, loaded.spec.labels)
+    check_labels(dataset, loaded.spec.num_classes, loaded.spec.labels, loaded.spec.label_keys)
     logits = collect_logits(torch_runner(loaded.to_torch()), dataset, loaded.spec.preprocess, limit=limit,
                             source=str(path))
     labels = dataset.labels[dataset.spread(limit)]

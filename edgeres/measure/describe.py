@@ -18,6 +18,13 @@ def plain(value) -> str:
     return str(value)
 
 
+def labels_text(labels, num_classes) -> str:
+    """``tench, goldfish, … (1000 names)``, or that the classes are numbered only."""
+    if not labels:
+        return f"{num_classes} numbered 0..{(num_classes or 1) - 1} (no names; give convert --labels FILE)"
+    return ", ".join(str(v) for v in labels[:3]) + (f", … ({len(labels)} names)" if len(labels) > 3 else "")
+
+
 def describe_spec(spec: ResNetSpec) -> dict:
     cost = spec.cost()
     info = {
@@ -35,6 +42,7 @@ def describe_spec(spec: ResNetSpec) -> dict:
         "params": cost["params"],
         "macs": cost["macs"],
         "preprocess": spec.preprocess.to_dict(),
+        "labels": list(spec.labels) if spec.labels else None,
     }
     if spec.head_layers != Head():  # e.g. a Keras Flatten → Dense → softmax head
         info["head"] = spec.head_layers.to_dict()

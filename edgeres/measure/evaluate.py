@@ -23,7 +23,8 @@ class NonFiniteLogits(TargetError):
     exit_code = 2
 
 
-def check_labels(dataset: ImageDataset, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+def check_labels(dataset: ImageDataset, num_classes: int, class_names: Sequence[str] | None = None,
+                 class_keys: Sequence[Sequence[str]] | None = None) -> None:
     """Labels must name classes the model has; a mismatch means the data is for another model.
 
     Class folders are numbered by ``class_names`` (the model's labels; see ``number_class_folders``); a dataset
@@ -32,7 +33,7 @@ def check_labels(dataset: ImageDataset, num_classes: int, class_names: Sequence[
     if dataset.labels is None:
         raise InputError(f"{dataset.source}: has no labels; accuracy needs labelled images (y in the npz or class folders)")
     if dataset.class_names is not None and (class_names or dataset.class_indices is None):
-        number_class_folders(dataset, class_names)
+        number_class_folders(dataset, class_names, class_keys)
     check_label_range(dataset, num_classes)
 
 
@@ -46,12 +47,15 @@ def check_label_range(dataset: ImageDataset, num_classes: int, *, fix: str = "ch
         raise error(f"{dataset.source}: labels run {lo}..{hi} but the model has {num_classes} classes; {fix}")
 
 
-def number_class_folders(dataset: ImageDataset, class_names: Sequence[str] | None) -> None:
-    """Give each class folder the index of the model label it names (case-insensitive; a numeric folder name
-    is the index itself). Without model labels: numeric names as indices, else sorted folder order."""
+def number_class_folders(dataset: ImageDataset, class_names: Sequence[str] | None,
+                         class_keys: Sequence[Sequence[str]] | None = None) -> None:
+    """Give each class folder the index of the model label it names, or of any other name the class goes by
+    (``class_keys``, e.g. ImageNet wnids; case-insensitive; a numeric folder name is the index itself).
+    Without model labels: numeric names as indices, else sorted folder order."""
     folders = dataset.class_names
     if class_names:
-        index = {name.casefold(): i for i, name in enumerate(class_names)}
+        index = {key.casefold(): i for i, keys in enumerate(class_keys or ()) for key in keys}
+        index.update({name.casefold(): i for i, name in enumerate(class_names)})
         indices = []
         for folder in folders:
             i = index.get(folder.casefold())

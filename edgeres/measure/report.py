@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeres.bundle import read_manifest, read_result, warn, write_text_atomic
+from edgeres.measure.describe import labels_text
 from edgeres.measure.remote_eval import DEVICE_EVAL_FILE, device_eval_table
 from edgeres.errors import InputError
 from edgeres.measure.paired import intervals_overlap
@@ -232,6 +233,15 @@ def _accuracy_line(data: ReportData) -> str:
 
 
 
+def preprocess_text(pre: dict) -> str:
+    from calibration import DataError, Preprocess
+
+    try:
+        return Preprocess.from_dict(pre).describe()
+    except (DataError, TypeError, ValueError):
+        return "unreadable"
+
+
 def context_lines(data: ReportData) -> list[str]:
     m = data.manifest
     arch = m["arch"]
@@ -241,6 +251,7 @@ def context_lines(data: ReportData) -> list[str]:
     lines.append(f"Model: {arch.get('name', '?')}" + (f" from `{source}`" if source else "")
                  + (f", {macs / 1e6:.1f} M MACs" if macs else "")
                  + f", input {m['preprocess'].get('size', '?')}².")
+    lines.append(f"Preprocessing: {preprocess_text(m['preprocess'])}; classes: {labels_text(m.get('labels'), arch.get('num_classes'))}.")
     pruning = m.get("pruning")
     if pruning:
         ratio = pruning.get("ratio")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 from calibration.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from edgeres.errors import InputError
+from edgeres.model.labels import label_problem
 
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -77,6 +78,9 @@ class ResNetSpec:
     # per stage: does block 0 have a projection shortcut? None = wherever its shape changes. Set when
     # pruning leaves a projection whose input and output widths came out equal (it still maps channels)
     projections: tuple[bool, ...] | None = None
+    # per class, the other names it goes by (e.g. its ImageNet wnid), from a --labels table's other columns:
+    # class folders named by any of them find their index. Recorded only when set.
+    label_keys: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self):
         problems = list(self.head_layers.problems())
@@ -103,8 +107,20 @@ class ResNetSpec:
                 problems.append("projections must have one entry per stage")
             elif any(not p and self._shape_changes(s, 0) for s, p in enumerate(self.projections)):
                 problems.append("projections: a stage whose first block changes shape needs its projection")
-        if self.labels is not None and len(self.labels) != self.num_classes:
-            problems.append(f"{len(self.labels)} labels for {self.num_classes} classes")
+        if self.labels is not None:
+            problem = label_problem(self.labels)
+            if problem:
+                problems.append(problem)
+            elif len(self.labels) != self.num_classes:
+                problems.append(f"{len(self.labels)} labels for {self.num_classes} classes")
+        if self.label_keys is not None:
+            if (not isinstance(self.label_keys, tuple) or len(self.label_keys) != self.num_classes
+                    or not all(isinstance(k, tuple) for k in self.label_keys)):
+                problems.append(f"label_keys must hold one list of names per class ({self.num_classes})")
+            else:
+                problem = label_problem([k for keys in self.label_keys for k in keys], "label key")
+                if problem:
+                    problems.append(problem)
         if problems:
             raise InputError(f"invalid ResNet spec {self.name!r}: " + "; ".join(problems))
 
@@ -167,6 +183,10 @@ class ResNetSpec:
             del d["projections"]
         else:
             d["projections"] = list(self.projections)
+        if self.label_keys is None:
+            del d["label_keys"]
+        else:
+            d["label_keys"] = [list(k) for k in self.label_keys]
         return d
 
     @classmethod
@@ -177,7 +197,9 @@ class ResNetSpec:
             d["layers"] = tuple(int(v) for v in d["layers"])
             d["stage_widths"] = tuple(int(v) for v in d["stage_widths"])
             d["inner_widths"] = tuple(tuple(tuple(int(w) for w in b) for b in st) for st in d["inner_widths"])
-            d["labels"] = tuple(d["labels"]) if d.get("labels") is not None else None
+            d["labels"] = tuple(d["labels"]) if isinstance(d.get("labels"), list) else d.get("labels")
+            if isinstance(d.get("label_keys"), list):
+                d["label_keys"] = tuple(tuple(k) if isinstance(k, list) else k for k in d["label_keys"])
             if "head_layers" in d:
                 d["head_layers"] = Head.from_dict(d["head_layers"])
             if d.get("projections") is not None:

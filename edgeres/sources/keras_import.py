@@ -535,20 +535,23 @@ def _keras_spec(p: Path, state_dict: dict, trunk: Trunk, head: _KerasHead, side:
     strides = 2 ** (stages - 1) * (4 if trunk.stem.kind == "imagenet" else 1)
     size = side or (head.feature * strides if head.pool == "flatten" else 224 if trunk.stem.kind == "imagenet" else 32)
     spec = replace(spec, name=f"{spec.name.split('-')[0]}-keras", stride_on=trunk.layout.stride_on,
-                   head_layers=head.layers(), preprocess=keras_caffe_preprocess(int(size)))
+                   head_layers=head.layers(), preprocess=keras_caffe_preprocess(int(size), imagenet=trunk.stem.kind == "imagenet"))
     if head.pool == "flatten" and spec.feature_size != head.feature:
         raise _refuse(p, f"Flatten sees a {head.feature}×{head.feature} map but a {size}² input gives "
                       f"{spec.feature_size}×{spec.feature_size}")
     return spec
 
 
-def keras_caffe_preprocess(size: int):
-    """``keras.applications.resnet.preprocess_input`` (caffe mode) at ``size``, resized as Keras users do:
-    ``keras.utils.load_img(target_size=(size, size))``, straight to the input size with no crop."""
+def keras_caffe_preprocess(size: int, *, imagenet: bool = True):
+    """``keras.applications.resnet.preprocess_input`` (caffe mode) at ``size``, geometry as the family is
+    evaluated: ImageNet-stem models shorter side to size·256/224 then a centre crop (the ImageNet evaluation
+    convention these weights were scored with; a straight resize to 224² costs them ~10 points top-1 on real
+    photos), CIFAR-stem models straight to ``size``² (their images already are)."""
     from calibration.preprocess import Preprocess
 
-    return Preprocess(size=size, resize=None, resize_mode="direct", mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0),
-                      scale=1.0, channel_order="BGR")
+    geometry = (dict(resize=round(size * 256 / 224), resize_mode="shorter_side_crop") if imagenet
+                else dict(resize=None, resize_mode="direct"))
+    return Preprocess(size=size, **geometry, mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0), scale=1.0, channel_order="BGR")
 
 
 def _skip_dropout(g: _Graph, node: _Node) -> _Node:

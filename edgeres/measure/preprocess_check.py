@@ -1,0 +1,161 @@
+"""The preprocessing check: the fp32 model's top-1 under the standard preprocessing conventions beside the one
+the bundle records. A wrong convention (a straight resize where the model was scored on a centre crop, BGR for
+RGB, another mean/std) costs more accuracy than any quantisation choice and nothing else shows it.
+
+One change from the recorded convention at a time (geometry, channel order, normalisation), so each row says
+what that one choice is worth. Photos are decoded and resized once per geometry, batch by batch (bounded
+memory), and every normalisation of that geometry runs on the same pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from calibration import ImageDataset, Preprocess
+from calibration.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from edgeres.progress import progress
+
+# how far below the best convention the recorded one may be before convert --eval says so
+WARN_GAP_PP = 1.0
+# convert --eval checks on at most this many of its images (each convention is a pass of the fp32 model)
+CONVERT_CHECK_IMAGES = 400
+# per-channel statistics in RGB order: (name, scale, mean, std)
+NORMALISATIONS = (
+    ("torchvision: x/255, ImageNet mean/std", 1 / 255, IMAGENET_MEAN, IMAGENET_STD),
+    ("caffe: 0..255 minus the ImageNet mean", 1.0, (123.68, 116.779, 103.939), (1.0, 1.0, 1.0)),
+    ("tf/inception: x/127.5 − 1", 1 / 127.5, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
+    ("x/255 only", 1 / 255, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """One way to bring a photo to the model's input; ``axis`` is what differs from the recorded one."""
+
+    name: str
+    axis: str  # "recorded", "geometry", "channel order" or "normalisation"
+    preprocess: Preprocess
+
+
+def _geometry_key(pre: Preprocess) -> tuple:
+    return (pre.resize_mode, pre.resize, pre.filter if pre.resize_mode == "direct" or pre.resize else None,
+            pre.antialias if pre.resize_mode == "direct" or pre.resize else None)
+
+
+def _numbers_key(pre: Preprocess) -> tuple:
+    """The arithmetic in RGB terms (so BGR with reversed statistics is the same arithmetic on each colour)."""
+    flip = (lambda v: tuple(v)[::-1]) if pre.channel_order == "BGR" else tuple
+    return (pre.channel_order, round(pre.scale, 9), tuple(round(v, 6) for v in flip(pre.mean)),
+            tuple(round(v, 6) for v in flip(pre.std)))
+
+
+def _geometry_name(pre: Preprocess) -> str:
+    return pre.describe().split(";")[0]
+
+
+def conventions(recorded: Preprocess) -> list[Convention]:
+    """The recorded convention first, then each standard alternative differing from it in one respect."""
+    out = [Convention(recorded.describe(), "recorded", recorded)]
+    seen_geometry, seen_numbers = {_geometry_key(recorded)}, {_numbers_key(recorded)}
+    if recorded.resize_mode == "direct" or recorded.resize is not None:  # images of any size: geometry matters
+        crop = round(recorded.size * 256 / 224)
+        for geometry in (dict(resize_mode="shorter_side_crop", resize=crop, filter="bilinear", antialias=True),
+                         dict(resize_mode="shorter_side_crop", resize=crop, filter="bicubic", antialias=True),
+                         dict(resize_mode="direct", resize=None, filter="bilinear", antialias=True),
+                         dict(resize_mode="direct", resize=None, filter="nearest", antialias=True)):
+            pre = replace(recorded, **geometry)
+            if _geometry_key(pre) not in seen_geometry:
+                seen_geometry.add(_geometry_key(pre))
+                out.append(Convention(_geometry_name(pre), "geometry", pre))
+    other = "RGB" if recorded.channel_order == "BGR" else "BGR"
+    flipped = replace(recorded, channel_order=other, mean=tuple(recorded.mean)[::-1], std=tuple(recorded.std)[::-1])
+    out.append(Convention(f"{other} channel order", "channel order", flipped))
+    seen_numbers.add(_numbers_key(flipped))
+    for name, scale, mean_rgb, std_rgb in NORMALISATIONS:
+        order = (lambda v: tuple(v)[::-1]) if recorded.channel_order == "BGR" else tuple
+        pre = replace(recorded, scale=scale, mean=order(mean_rgb), std=order(std_rgb))
+        if _numbers_key(pre) not in seen_numbers:
+            seen_numbers.add(_numbers_key(pre))
+            out.append(Convention(name, "normalisation", pre))
+    return out
+
+
+def check_preprocessing(run: Callable[[np.ndarray], np.ndarray], dataset: ImageDataset, recorded: Preprocess, *,
+                        limit: int | None = None, batch_size: int = 32) -> dict:
+    """top-1 of ``run`` (the fp32 model) under every convention of ``conventions(recorded)`` on ``dataset``."""
+    indices = dataset.spread(limit)
+    labels = dataset.labels[indices]
+    found = conventions(recorded)
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(found):
+        groups.setdefault(_geometry_key(c.preprocess), []).append(i)
+    correct = np.zeros((len(found), len(indices)), bool)
+    with progress("preprocessing check", len(indices) * len(found)) as advance:
+        for members in groups.values():
+            geometry = found[members[0]].preprocess
+            for start in range(0, len(indices), batch_size):
+                idx = indices[start:start + batch_size]
+                pixels = dataset.read(idx, geometry)  # decoded and resized once for every convention of this geometry
+                for i in members:
+                    x = replace(found[i].preprocess, resize=None, resize_mode="shorter_side_crop")(pixels, dataset.source)
+                    logits = np.asarray(run(x), np.float32).reshape(len(x), -1)
+                    correct[i, start:start + len(idx)] = logits.argmax(1) == labels[start:start + len(idx)]
+                    advance(len(idx))
+    rows = [{"convention": c.name, "axis": c.axis, "preprocess": c.preprocess.to_dict(),
+             "top1": round(float(correct[i].mean() * 100), 4)} for i, c in enumerate(found)]
+    best = max(rows, key=lambda r: r["top1"])
+    return {"data": str(dataset.source), "images": int(len(indices)), "recorded_top1": rows[0]["top1"],
+            "best": best["convention"], "best_top1": best["top1"],
+            "gap_pp": round(best["top1"] - rows[0]["top1"], 4), "conventions": rows}
+
+
+def warning(result: dict) -> str | None:
+    """One line when the recorded convention is more than ``WARN_GAP_PP`` below the best, else None."""
+    if result["gap_pp"] <= WARN_GAP_PP:
+        return None
+    best = next(r for r in result["conventions"] if r["convention"] == result["best"])
+    return (f"preprocessing: the recorded convention scores {result['recorded_top1']:.2f} % top-1 (fp32, "
+            f"{result['images']} images) but {best['convention']} scores {best['top1']:.2f} % "
+            f"(+{result['gap_pp']:.2f} pp); check how the model was trained and convert again with "
+            f"--preprocess {override_text(best['preprocess'])}")
+
+
+def override_text(pre: dict) -> str:
+    """The --preprocess value that gives ``pre`` (a Preprocess.to_dict())."""
+    parts = [f"mode={pre['resize_mode']}"]
+    if pre.get("resize") is not None:
+        parts.append(f"resize={pre['resize']}")
+    parts += [f"filter={pre['filter']}", f"antialias={str(pre['antialias']).lower()}", f"order={pre['channel_order']}",
+              f"scale={pre['scale']!r}", "mean=" + ",".join(f"{v:g}" for v in pre["mean"]),
+              "std=" + ",".join(f"{v:g}" for v in pre["std"])]
+    return ",".join(parts)
+
+
+def check_bundle(bundle, dataset: ImageDataset, *, limit: int | None = None, threads: int | None = None) -> dict:
+    """``check_preprocessing`` of a bundle's fp32 reference (ONNX, run by onnxruntime)."""
+    from pathlib import Path
+
+    from edgeres.bundle import read_manifest, reference_path
+    from edgeres.measure.bundle_eval import check_data_for
+    from targets import get_target, info_for_file
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    recorded = check_data_for(manifest, dataset)
+    ref_path = reference_path(bundle, manifest)
+    run = get_target(info_for_file(ref_path.name).name).load_runner(ref_path, threads=threads)
+    return {"bundle": str(bundle), **check_preprocessing(run, dataset, recorded, limit=limit)}
+
+
+def print_check(result: dict) -> None:
+    """The table on stdout: top-1 per convention, the recorded one marked."""
+    print(f"fp32 top-1 by preprocessing convention ({result['images']} images of {result['data']}):")
+    width = max(len(r["convention"]) for r in result["conventions"])
+    for r in result["conventions"]:
+        mark = "recorded" if r["axis"] == "recorded" else f"{r['top1'] - result['recorded_top1']:+.2f} pp"
+        print(f"  {r['convention']:<{width}}  {r['top1']:6.2f} %  {mark}")
+    line = warning(result)
+    print(line if line else f"the recorded convention is within {WARN_GAP_PP:g} pp of the best ({result['best']})")

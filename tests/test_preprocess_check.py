@@ -1,0 +1,105 @@
+"""The preprocessing check: fp32 top-1 under each standard convention beside the recorded one, and
+``convert --eval`` warning in one line when the recorded one is more than 1 pp below the best."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from calibration import Preprocess, open_dataset
+from tests.conftest import make_images, run_cli
+
+KERAS = Preprocess(size=32, resize=37, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), scale=1.0,
+                   channel_order="BGR", layout="NHWC")
+
+
+def photos(tmp_path, n=12):
+    """Class folders 0..3 of photos of other sizes than the model's input (so geometry matters)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = tmp_path / "photos" / str(i % 4)
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return open_dataset(tmp_path / "photos")
+
+
+def model_trained_on(true: Preprocess, dataset):
+    """A stand-in fp32 model that is right exactly on inputs made by ``true`` (and wrong on anything else)."""
+    dataset.number_classes(list(range(len(dataset.class_names))))
+    table = np.concatenate([true(dataset.read([i]), "t") for i in range(len(dataset))]).reshape(len(dataset), -1)
+
+    def run(x):
+        flat = x.reshape(len(x), -1)
+        out = np.zeros((len(x), 5), np.float32)  # class 4: no image's label, the answer to an unknown input
+        for row, v in enumerate(flat):
+            d = np.abs(table - v).max(1)
+            j = int(d.argmin())
+            out[row, dataset.labels[j] if d[j] < 1e-4 else 4] = 1
+        return out
+    return run
+
+
+def test_conventions_change_one_thing_at_a_time_and_start_with_the_recorded_one():
+    from edgeres.measure.preprocess_check import conventions
+
+    found = conventions(KERAS)
+    assert found[0].axis == "recorded" and found[0].preprocess == KERAS
+    axes = [c.axis for c in found]
+    assert axes.count("geometry") == 3  # crop bicubic, direct bilinear, direct nearest (crop bilinear is recorded)
+    assert axes.count("channel order") == 1 and axes.count("normalisation") == 3  # caffe is the recorded one
+    for c in found[1:]:
+        differs = {k for k, v in c.preprocess.to_dict().items() if v != KERAS.to_dict()[k]}
+        assert differs <= {"geometry": {"resize_mode", "resize", "filter"}, "channel order": {"channel_order", "mean"},
+                           "normalisation": {"scale", "mean", "std"}}[c.axis], (c.name, differs)
+
+
+def test_models_that_take_their_images_as_they_are_get_no_geometry_rows():
+    from edgeres.measure.preprocess_check import conventions
+
+    assert "geometry" not in {c.axis for c in conventions(Preprocess(size=32))}
+
+
+@pytest.mark.parametrize("true", [replace(KERAS, filter="bicubic"), replace(KERAS, resize_mode="direct", resize=None),
+                                  replace(KERAS, channel_order="RGB", mean=KERAS.mean[::-1]),
+                                  replace(KERAS, scale=1 / 127.5, mean=(1.0, 1.0, 1.0))],
+                         ids=["bicubic", "direct", "rgb", "inception"])
+def test_the_check_finds_the_convention_the_model_was_trained_with(tmp_path, true):
+    from edgeres.measure.preprocess_check import check_preprocessing, warning
+
+    dataset = photos(tmp_path)
+    result = check_preprocessing(model_trained_on(true, dataset), dataset, KERAS, batch_size=5)
+    assert result["recorded_top1"] == 0.0 and result["best_top1"] == 100.0
+    best = next(r for r in result["conventions"] if r["convention"] == result["best"])
+    assert Preprocess.from_dict(best["preprocess"]) == true
+    line = warning(result)
+    assert "\n" not in line and "scores 0.00 % top-1" in line and "+100.00 pp" in line
+    assert Preprocess.from_dict(best["preprocess"]) == _apply(KERAS, line.rsplit("--preprocess ", 1)[1])
+
+
+def _apply(pre, text):
+    from edgeres.convert.config import apply_preprocess_override, parse_preprocess_override
+
+    return apply_preprocess_override(pre, parse_preprocess_override(text))
+
+
+def test_no_warning_when_the_recorded_convention_is_the_best(tmp_path):
+    from edgeres.measure.preprocess_check import check_preprocessing, warning
+
+    dataset = photos(tmp_path)
+    result = check_preprocessing(model_trained_on(KERAS, dataset), dataset, KERAS)
+    assert result["recorded_top1"] == 100.0 and result["gap_pp"] == 0 and warning(result) is None
+
+
+def test_check_preprocess_command_prints_each_convention_beside_the_recorded_one(app_bundle, tmp_path):
+    x, y = make_images(20, 16, seed=1)
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    r = run_cli("check-preprocess", app_bundle, "--data", tmp_path / "eval.npz")
+    assert r.returncode == 0, r.stderr
+    assert "16×16 as is (no resize); RGB" in r.stdout and "recorded" in r.stdout and "BGR channel order" in r.stdout
+    doc = json.loads(run_cli("check-preprocess", app_bundle, "--data", tmp_path / "eval.npz", "--json").stdout)
+    assert doc["images"] == 20 and doc["conventions"][0]["axis"] == "recorded" and len(doc["conventions"]) == 5
