@@ -171,7 +171,17 @@ def plan(cfg: ConvertConfig) -> list[tuple[str, str]]:
 def data_digests(cfg: ConvertConfig) -> dict:
     """The data files' content sha256 that the key uses (recorded in the manifest, so a bundle's key can
     be checked later without its data files being where they were)."""
-    return {"calib": data_sha256(cfg.calib), "finetune_data": data_sha256(cfg.finetune_data)}
+    return {"calib": data_sha256(cfg.calib), "finetune_data": data_sha256(cfg.finetune_data),
+            "labels": _labels_sha256(cfg.labels)}
+
+
+def _labels_sha256(path: str | None) -> str | None:
+    """The names (and keys) a --labels file gives, by what they are, not how the file is laid out."""
+    if path is None:
+        return None
+    names = read_labels(path)
+    given = [list(names.names), [list(k) for k in names.keys] if names.keys else None]
+    return hashlib.sha256(json.dumps(given).encode()).hexdigest()
 
 
 def conversion_key(cfg: ConvertConfig, source_sha256: str, digests: dict | None = None) -> str:
@@ -194,8 +204,7 @@ def conversion_key(cfg: ConvertConfig, source_sha256: str, digests: dict | None 
     if cfg.preprocess is not None:  # likewise for bundles made without an override
         decisive["preprocess"] = cfg.preprocess
     if cfg.labels is not None:  # the names go into every artifact's metadata
-        names = read_labels(cfg.labels)
-        decisive["labels"] = [list(names.names), [list(k) for k in names.keys] if names.keys else None]
+        decisive["labels"] = digests.get("labels")
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -32,11 +32,11 @@ from edgeres.progress import log
 
 _TUPLES = ("targets", "precisions", "bench_threads")
 # the plan (what a grow adds) and the data (compared by content) are not settings that must match
-_COMPARED_APART = {"targets", "precisions", "pairs", "force", "calib", "finetune_data"}
+_COMPARED_APART = {"targets", "precisions", "pairs", "force", "calib", "finetune_data", "labels"}
 _FLAGS = {"arch": "--arch", "calib_images": "--calib-images", "estimator": "--estimator", "quant": "--quant",
           "target_options": "--option", "prune": "--prune", "prune_importance": "--prune-importance",
           "preprocess": "--preprocess", "finetune_epochs": "--epochs", "seed": "--seed", "threads": "--threads"}
-_DATA_FLAGS = {"calib": "--calib", "finetune_data": "--finetune-data"}
+_DATA_FLAGS = {"calib": "--calib", "finetune_data": "--finetune-data", "labels": "--labels"}
 
 
 def replayed_config(manifest: dict) -> ConvertConfig | None:
