@@ -319,7 +319,9 @@ def store_result(bundle: Path, name: str, data: dict) -> bool:
 
 def warn(message: str) -> None:
     """One plain stderr line (rich would wrap a long one at 80 columns when stderr is not a terminal)."""
-    print(f"edgeres: warning: {message}", file=sys.stderr)
+    from edgeres.tables import printable  # a file name or label in the message cannot drive the terminal
+
+    print(f"edgeres: warning: {printable(message)}", file=sys.stderr)
 
 
 # --- reading -------------------------------------------------------------------------------------

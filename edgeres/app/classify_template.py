@@ -7,8 +7,10 @@ plus OpenCV for --camera. Usage:
     python classify.py IMAGE... | FOLDER [--top K] [--json] [--threads N]
     python classify.py --camera 0        (needs: pip install opencv-python)
 
-The preprocessing below is the bundle's, written out: decode with Pillow, resize with Pillow's filter
-the bundle names (antialiased as torchvision does, unless it says not), scale, mean/std, layout.
+The preprocessing below is the bundle's, written out: decode with Pillow by edgeres' own rule (EXIF
+orientation applied; 16-bit, greyscale, palette, CMYK and alpha images as edgeres reads them), resize
+with Pillow's filter the bundle names (antialiased as torchvision does, unless it says not), scale,
+mean/std, layout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ from PIL import Image
 
 CONFIG: dict = {}  # written by edgeres export-app: runtime, model, labels, preprocess, input
 HERE = Path(__file__).resolve().parent
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # the formats decoded
 
 
 # -- preprocessing --------------------------------------------------------------------------------
@@ -75,9 +78,9 @@ def model_input(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def read_image(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+# -- image files: edgeres' own decoding rule (EXIF orientation, 16-bit, size and format checks) ---------
+
+from calibration.image_file import ImageRefused, decode_image  # export-app puts that module's source here
 
 
 # -- runtimes: one loader per runtime, each returning run(x) -> logits ------------------------------
@@ -151,11 +154,25 @@ def image_files(items: list[str]) -> list[str]:
         p = Path(item)
         if p.is_dir():
             files += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        elif p.exists():
+        elif p.is_file():
             files.append(str(p))
+        elif p.exists():  # a FIFO or a device would block or never end: refused without opening it
+            sys.exit(f"classify: error: {printable(str(p))}: is not a regular file; give image files or folders")
         else:
-            sys.exit(f"classify: error: {p}: no such image file or folder")
+            sys.exit(f"classify: error: {printable(str(p))}: no such image file or folder")
     return files
+
+
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so a file name or label cannot drive the terminal (the
+    rule of edgeres.tables.printable; --json keeps the exact text)."""
+    if text.isprintable():
+        return text
+    return "".join(ascii(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in BIDI_CONTROLS
+                   else c for c in text)
 
 
 def camera(run, labels: list[str], index: int, k: int) -> None:
@@ -181,7 +198,7 @@ def camera(run, labels: list[str], index: int, k: int) -> None:
             # a model that takes images as they are gets the square scaled to its size first
             pixels = geometry(_resize(np.ascontiguousarray(square), pre["size"], pre["size"]) if as_is else square)
             best = top_k(run(model_input(pixels))[0], labels, k)
-            print(", ".join(f"{t['label']} {t['score']:.3f}" for t in best), flush=True)
+            print(", ".join(f"{printable(t['label'])} {t['score']:.3f}" for t in best), flush=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -211,14 +228,15 @@ def main(argv=None) -> int:
     predictions, skipped = [], 0
     for f in image_files(args.inputs):
         try:
-            x = model_input(geometry(read_image(f)))
-        except (OSError, ValueError) as e:
-            print(f"classify: warning: {f}: cannot be used ({e}); skipped", file=sys.stderr)
+            x = model_input(geometry(decode_image(f)))
+        except (OSError, ValueError) as e:  # ImageRefused is a ValueError
+            print(f"classify: warning: {printable(f)}: {printable(str(e))}; skipped", file=sys.stderr)
             skipped += 1
             continue
         predictions.append({"file": f, "top": top_k(run(x)[0], labels, min(args.top, len(labels)))})
         if not args.json:
-            print(f"{f}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in predictions[-1]["top"]), flush=True)
+            print(f"{printable(f)}: " + ", ".join(f"{printable(t['label'])} {t['score']:.3f}"
+                                                  for t in predictions[-1]["top"]), flush=True)
     if args.json:
         print(json.dumps({"predictions": predictions}, indent=2))
     if skipped:
