@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeres.bundle import BENCH_FILE, EVAL_FILE, read_result, store_result, warn
+from edgeres.bundle import BENCH_FILE, EVAL_FILE, ResultsLock, read_result, store_result, warn
 from edgeres.errors import InputError
 from targets.base import sha256_file
 
@@ -72,6 +72,12 @@ def keep_bench(bundle: str | Path, doc: dict) -> str | None:
 
 
 def _keep(bundle: Path, latest: str, folder: str, doc: dict) -> str | None:
+    # a grow publishing over this bundle now carries this run into the grown bundle, or waits until it is kept
+    with ResultsLock(bundle):
+        return _keep_locked(bundle, latest, folder, doc)
+
+
+def _keep_locked(bundle: Path, latest: str, folder: str, doc: dict) -> str | None:
     doc.setdefault("created", now())
     run = _new_run_id(bundle / folder, doc["created"])
     doc["run"] = run
