@@ -314,6 +314,7 @@ TERMINAL_CASES = [  # (id, args from (bundle, image)): text output escapes every
     ("predict-skipped-file", lambda b, i: ["predict", b, i, _eps(i.with_name(f"x{ESC}.png")), "--top", "10"]),
     ("predict-missing-file", lambda b, i: ["predict", b, i.with_name(f"gone{ESC}.png")]),
     ("inspect-bundle", lambda b, i: ["inspect", b]),
+    ("report", lambda b, i: ["report", b]),
     ("predict-undecodable-file-name", lambda b, i: ["predict", b, i.with_name("caf\udce9.png")]),
 ]
 
