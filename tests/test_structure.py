@@ -212,7 +212,7 @@ def fake_cli(tmp_path):
 
 def test_a_registered_fourth_target_shows_in_doctor_and_help(fake_cli):
     doctor = json.loads(fake_cli("doctor", "--json").stdout)
-    assert doctor["targets"]["fakert"]["precisions"] == ["fp32"]
+    assert doctor["targets"]["fakert"]["precisions"] == ["fp32", "int8"]
     help_text = " ".join(fake_cli("convert", "--help").stdout.split())
     assert "fakert" in help_text and "fakert.speed" in help_text
 

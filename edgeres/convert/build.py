@@ -32,7 +32,7 @@ from edgeres.convert.config import ConvertConfig, data_digests, plan
 from edgeres.errors import InputError
 from edgeres.model.export import export_onnx
 from edgeres.model.torch_model import build_torch
-from edgeres.convert.model_sources import SourceRequest, make_files, open_files
+from edgeres.convert.model_sources import SourceRequest, get_source, make_files, open_files
 from edgeres.convert.workers import CALIB_FILE, Compiles, WorkerTask, compile_record, default_jobs, write_calibration
 from edgeres.progress import log, step
 from targets.base import LABELS_FILE, app_metadata, release_memory
@@ -364,13 +364,14 @@ def _jobs(cfg: ConvertConfig, steps_plan) -> int:
 
 def _start_early_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan,
                           source: CalibrationSource | None, jobs: int):
-    """With room for two processes and plain PTQ, the compiles whose source the int8 stage does not make
-    (TFLite's Keras network: it measures its ranges on its own model) start in a worker now, while this
-    process calibrates the shared QDQ model — the two longest steps side by side. (Compiles, pairs), or None."""
+    """With room for two processes and plain PTQ, the compiles whose source needs neither the export nor
+    the int8 stage (TFLite's Keras network: it measures its ranges on its own model) start in a worker
+    now, while this process exports and calibrates the shared QDQ model — the two longest steps side by
+    side. (Compiles, pairs), or None."""
     needs_qdq = any(p == "int8" and get_info(t).consumes == QDQ_ONNX for t, p in steps_plan)
     if cfg.quant != "fast" or jobs == 0 or not needs_qdq or steps.done.get("calibrate") is not None:
         return None
-    pairs = [(t, p) for t, p in steps_plan if get_info(t).source_for(p) != QDQ_ONNX
+    pairs = [(t, p) for t, p in steps_plan if get_source(get_info(t).source_for(p)).after == ""
              and _in_worker(jobs, t, None) and _usable_record(steps, work, t, p, say=False) is None]
     if jobs < 2 or not pairs:
         return None

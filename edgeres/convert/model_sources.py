@@ -37,11 +37,14 @@ class SourceRequest:
 @dataclass(frozen=True)
 class ModelSource:
     """``make(request) -> {role: path}`` writes (or finds) its files; ``open(files)`` turns them into what
-    a target's ``CompileJob.sources[name]`` holds, in the compiling process."""
+    a target's ``CompileJob.sources[name]`` holds, in the compiling process. ``after``: the conversion
+    step whose output it needs — "export" (the fp32 reference), "int8" (the int8 stage's QDQ model) or
+    "" (the network as loaded: its compiles may start at once, beside export and calibration)."""
 
     name: str
     make: Callable[[SourceRequest], dict[str, str]]
     open: Callable[[dict[str, str]], object]
+    after: str = "export"
 
 
 _SOURCES: dict[str, ModelSource] = {}
@@ -110,6 +113,7 @@ def _open_keras(files: dict[str, str]):
     return build
 
 
-register_source(ModelSource(REFERENCE_ONNX, lambda req: {"file": str(req.reference)}, _path))
-register_source(ModelSource(QDQ_ONNX, lambda req: {"file": str(req.qdq)} if req.qdq is not None else {}, _path))
-register_source(ModelSource(KERAS, _make_keras, _open_keras))
+register_source(ModelSource(REFERENCE_ONNX, lambda req: {"file": str(req.reference)}, _path, after="export"))
+register_source(ModelSource(QDQ_ONNX, lambda req: {"file": str(req.qdq)} if req.qdq is not None else {}, _path,
+                            after="int8"))
+register_source(ModelSource(KERAS, _make_keras, _open_keras, after=""))
