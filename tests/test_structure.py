@@ -242,7 +242,7 @@ def test_a_fourth_target_converts_int8_from_its_own_source_in_a_worker_and_is_ev
     assert not (out / ".work").exists()  # the source's files stay out of the bundle
     evaluated = {a["precision"]: a for a in json.loads((out / "eval.json").read_text())["artifacts"]}
     assert evaluated["fp32"]["agreement_pct"] == 100.0
-    assert evaluated["int8"]["status"] == "ok" and evaluated["int8"]["agreement_pct"] >= 50.0
+    assert evaluated["int8"]["agreement_pct"] >= 50.0 and not evaluated["int8"].get("error")
     r = fake_cli("bench", out, "--threads", "1", "--runs", "3", "--json")
     assert r.returncode == 0, r.stderr
     rows = {(row["target"], row["precision"]): row for row in json.loads(r.stdout)["results"]}
