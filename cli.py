@@ -69,7 +69,24 @@ _state = {"debug": False}
 
 
 def _err(message: str) -> None:
-    print(f"edgeres: error: {message}", file=sys.stderr)
+    from edgeres.tables import printable
+
+    print(f"edgeres: error: {printable(message)}", file=sys.stderr)
+
+
+def _say(line: str) -> None:
+    """A line on stdout with control characters escaped (a newline too): labels, file names and model names
+    come from users' files. --json output keeps the exact text."""
+    from edgeres.tables import printable
+
+    print(printable(line))
+
+
+def _say_document(text: str) -> None:
+    """A multi-line text (a Markdown report) on stdout, each line as ``_say`` prints it."""
+    from edgeres.tables import printable_lines
+
+    print(printable_lines(text))
 
 
 def handled(fn):
@@ -196,17 +213,17 @@ def inspect(
     for key in ("file", "bundle", "format", "file_size_bytes", "arch", "block", "layers", "depth", "stem_width",
                 "stage_widths", "shortcut", "num_classes", "input_size", "head"):
         if key in info:
-            print(f"{key:16} {plain(info[key])}")
-    print(f"{'preprocess':16} {Preprocess.from_dict(info['preprocess']).describe()}")
+            _say(f"{key:16} {plain(info[key])}")
+    _say(f"{'preprocess':16} {Preprocess.from_dict(info['preprocess']).describe()}")
     from edgeres.measure.describe import labels_text
 
-    print(f"{'labels':16} {labels_text(info.get('labels'), info['num_classes'])}")
-    print(f"{'params':16} {info['params']:,}")
-    print(f"{'MACs':16} {info['macs']:,} ({info['macs'] / 1e6:.1f} M)")
+    _say(f"{'labels':16} {labels_text(info.get('labels'), info['num_classes'])}")
+    _say(f"{'params':16} {info['params']:,}")
+    _say(f"{'MACs':16} {info['macs']:,} ({info['macs'] / 1e6:.1f} M)")
     for s, stage in enumerate(info["inner_widths"]):
-        print(f"{'layer' + str(s + 1):16} out {info['stage_widths'][s]}, inner widths per block {plain(stage)}")
+        _say(f"{'layer' + str(s + 1):16} out {info['stage_widths'][s]}, inner widths per block {plain(stage)}")
     for a in info.get("artifacts", []):
-        print(f"artifact         {a['target']} {a['precision']} {a['file'] or ''} {a['status']}")
+        _say(f"artifact         {a['target']} {a['precision']} {a['file'] or ''} {a['status']}")
 
 
 @app.command()
@@ -246,13 +263,14 @@ def eval_cmd(
 ):
     """Accuracy of a model (torch fp32) or of every artifact in a bundle vs the fp32 reference."""
     from calibration import open_dataset
-    from edgeres.flags import check_number, check_threads
+    from edgeres.flags import check_number, check_remote, check_threads
     from edgeres.measure.bundle_eval import check_eval_request, evaluate_path
 
     check_number("--limit", limit, at_least=1)
     check_threads("--threads", threads)
+    check_remote("--remote", remote)  # '' is refused, not read as "here"
     check_eval_request(path, layers)
-    if remote:
+    if remote is not None:
         return _eval_remote(path, data, remote, remote_python, ssh_option, layers, limit, threads, json_out)
     result = evaluate_path(path, open_dataset(data), arch=arch, limit=limit, threads=threads, layers=layers)
     if json_out:
@@ -261,7 +279,7 @@ def eval_cmd(
         from edgeres.tables import print_eval
 
         return print_eval(result)
-    print(f"{result['arch']}  top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  ({result['images']} images)")
+    _say(f"{result['arch']}  top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  ({result['images']} images)")
 
 
 @app.command("check-preprocess")
@@ -334,7 +352,7 @@ def predict(
     if json_out:
         return _print_json(result)
     for p in result["predictions"]:
-        print(f"{p['file']}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top"]))
+        _say(f"{p['file']}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top"]))
 
 
 @app.command("export-app")
@@ -456,7 +474,7 @@ def bench(
 ):
     """Latency, FPS and peak memory of every artifact, each in a fresh process (locally or on a device)."""
     from edgeres.measure.bench import BenchConfig, RemoteHost, any_failed, bench_bundle, bench_table
-    from edgeres.flags import check_number, check_threads
+    from edgeres.flags import check_number, check_remote, check_threads
 
     thread_counts = _int_csv(threads, "--threads")
     check_threads("--threads", thread_counts)
@@ -469,7 +487,8 @@ def bench(
                  why="a larger random input does not fit an edge device's memory")
     cfg = BenchConfig(threads=thread_counts, warmup=warmup, runs=None if seconds is not None and runs is None
                       else (runs if runs is not None else 100), seconds=seconds, batch=batch)
-    host = RemoteHost(remote, python=remote_python, ssh_options=tuple(ssh_option)) if remote else None
+    check_remote("--remote", remote)  # '' is refused, not read as "here"
+    host = RemoteHost(remote, python=remote_python, ssh_options=tuple(ssh_option)) if remote is not None else None
     result = bench_bundle(bundle, cfg, host)
     if json_out:
         _print_json(result)
@@ -510,7 +529,7 @@ def report(
         from edgeres.sweep.report import read_sweep, write_sweep_report
 
         swept = write_sweep_report(Path(bundle), read_sweep(Path(bundle)), html_out=html_out)
-        print(swept["markdown_text"])
+        _say_document(swept["markdown_text"])
         if html_out:
             print(f"wrote {swept['html']}", file=sys.stderr)
         return
@@ -518,7 +537,7 @@ def report(
     if json_out:
         _print_json(result["results"])
     else:
-        print(result["markdown_text"])
+        _say_document(result["markdown_text"])
     if html_out:
         print(f"wrote {result['html']}", file=sys.stderr)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field, replace
@@ -18,12 +17,10 @@ import numpy as np
 from calibration.errors import DataError
 from calibration.preprocess import Preprocess, check_uint8_rgb
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # the formats decoded
 # An uncompressed npz member is memory-mapped; anything else is decompressed into memory, so a small
 # compressed file could ask for any amount: refuse members that would need more than this.
 MAX_IN_MEMORY_BYTES = 2 << 30
-# Pillow's own warning threshold (~89 MP, 268 MB decoded as RGB): far beyond any photo a ResNet is fed
-MAX_IMAGE_PIXELS = 89_478_485
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -219,38 +216,17 @@ def _open_folder(p: Path) -> ImageDataset:
 
 
 def read_image(path: str) -> np.ndarray:
-    """One image file as uint8 H×W×3 RGB, decoded by Pillow (``DataError`` naming the file when it cannot be)."""
+    """One image file as uint8 H×W×3 RGB, upright, decoded by the rule of ``calibration.image_file`` (the
+    exported Python app's too); ``DataError`` naming the file when it is refused."""
     return _read_image(path)
 
 
 def _read_image(path: str) -> np.ndarray:
     try:
-        from PIL import Image
+        from calibration.image_file import ImageRefused, decode_image  # Pillow: imported when images are read
     except ImportError:  # pragma: no cover - Pillow ships with the install
         raise DataError("reading image folders needs Pillow: pip install pillow") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
-            with Image.open(path) as im:  # reads the header only: the size is known before decoding
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise DataError(_too_many_pixels(path, f"is {im.width}×{im.height} pixels"))
-                return _to_rgb8(im)
-    except DataError:
-        raise
-    except Image.DecompressionBombError as e:  # Pillow refuses in open() itself beyond twice its limit
-        raise DataError(_too_many_pixels(path, f"is too large to decode ({e})")) from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot be read as an image ({e}); remove or replace it") from None
-
-
-def _too_many_pixels(path: str, what: str) -> str:
-    return (f"{path}: image {what}; images above {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are refused "
-            "(decoding would take gigabytes); downscale it or remove it")
-
-
-def _to_rgb8(im) -> np.ndarray:
-    """uint8 H×W×3 RGB; 16-bit greyscale is scaled to 8 bits (Pillow's convert would clip it at 255)."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # "I": 16-bit PNGs in older Pillow
-        grey = (np.clip(np.asarray(im), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return decode_image(path)
+    except ImageRefused as e:
+        raise DataError(f"{path}: {e}") from None

@@ -87,7 +87,7 @@ def _destination_state(out: Path) -> tuple | None:
     return st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), manifest
 
 
-_held: dict[Path, "OutputLock"] = {}
+_held: dict[Path, "OutputLock"] = {}  # lock file -> the outermost lock this process holds on it
 
 
 class OutputLock:
@@ -99,26 +99,29 @@ class OutputLock:
     was taken (something outside edgeres wrote there). Re-entrant within a process.
     """
 
+    SUFFIX = ".lock"
+    WAITS = False  # a second run fails at once (it would wait for a whole conversion)
+
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.key = self.out.resolve()
-        self.path = self.key.parent / f".{self.key.name}.lock"
+        self.path = self.key.parent / f".{self.key.name}{self.SUFFIX}"
         self.fd: int | None = None
         self.expected: tuple | None = None
         self.outer: OutputLock | None = None
 
     def __enter__(self) -> "OutputLock":
-        self.outer = _held.get(self.key)
+        self.outer = _held.get(self.path)
         if self.outer is not None:  # this process already holds it: the outermost run releases it
             return self.outer
         self._acquire()
         self.expected = _destination_state(self.out)
-        _held[self.key] = self
+        _held[self.path] = self
         return self
 
     def __exit__(self, *exc) -> bool:
         if self.outer is None:
-            del _held[self.key]
+            del _held[self.path]
             self._release()
         return False
 
@@ -133,9 +136,12 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise InputError(f"{self.out}: another edgeres run is writing it (pid {holder}); wait for it "
-                                 "or choose another --out") from None
+                if not self.WAITS:
+                    os.close(fd)
+                    raise InputError(f"{self.out}: another edgeres run is writing it (pid {holder}); wait for it "
+                                     "or choose another --out") from None
+                print(f"edgeres: waiting for pid {holder}, which is publishing {self.out}, to finish", file=sys.stderr)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError:  # a file system without locks: nothing to hold
                 os.close(fd)
                 return
@@ -153,7 +159,7 @@ class OutputLock:
         except OSError as e:
             if os.path.islink(self.path):
                 raise InputError(f"{self.path}: is a symlink, not an edgeres lock file; remove it") from None
-            if e.errno in (errno.EACCES, errno.EROFS, errno.ENOENT, errno.EPERM):
+            if e.errno in (errno.EACCES, errno.EROFS, errno.ENOENT, errno.EPERM, errno.ENOSPC):
                 return None  # nothing can be written beside it either; check_output_dir says why
             raise InputError(f"{self.path}: cannot be opened ({e.strerror}); remove it") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -180,12 +186,24 @@ class OutputLock:
         self.fd = None
 
 
-def publish(staging: Path, out: Path) -> None:
+class ResultsLock(OutputLock):
+    """Held while a result is kept in a bundle (``eval.json``, ``evals/…``) and while a grown bundle is
+    published over it, so a result is either carried into the grown bundle or written into it — never
+    into the old folder being replaced. Held for moments only, so the other side waits (one line)."""
+
+    SUFFIX = ".results.lock"
+    WAITS = True
+
+
+def publish(staging: Path, out: Path, *, keep_results: bool = False) -> None:
     """Move a complete staging dir to ``out`` (replacing an old bundle there).
 
     Needs the ``OutputLock`` on ``out``: the destination must still be what it was when the lock was
-    taken (or when this run last published), else nothing is replaced."""
-    lock = _held.get(Path(out).resolve())
+    taken (or when this run last published), else nothing is replaced. ``keep_results`` (a grown bundle):
+    every file of the old bundle that the new manifest does not list — kept evaluations and benchmarks,
+    the report, anything the user put there — is carried over as it is at this moment, under
+    ``ResultsLock``, so results kept while the bundle was growing are not lost."""
+    lock = _held.get(OutputLock(out).path)
     if lock is None:
         raise RuntimeError(f"publish({out}) without holding OutputLock({out})")
     if _destination_state(out) != lock.expected:
@@ -193,13 +211,48 @@ def publish(staging: Path, out: Path) -> None:
                          "nothing was replaced — check what is there, then re-run (with --force to replace it)")
     _check_destination(out, force=True)  # whatever is there, a folder that is not a bundle is never replaced
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
+        with ResultsLock(out):
+            if keep_results:
+                carry_results(out, staging)
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(staging, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)
     lock.expected = _destination_state(out)
+
+
+def carry_results(old: Path, new: Path) -> list[str]:
+    """Put every file of bundle ``old`` that ``new``'s manifest does not list into ``new`` (replacing its
+    copy: ``old``'s is the latest). Hard links where possible (``old`` is about to go), else copies.
+    Returns the paths carried, relative to the bundles."""
+    manifest = json.loads((new / MANIFEST).read_text())
+    listed = {MANIFEST, *(r["file"] for r in listed_files(manifest))}
+    carried = []
+    for root, dirs, files in os.walk(old):  # symlinked folders are not followed, only carried as links
+        here = Path(root)
+        for name in [*files, *(d for d in dirs if (here / d).is_symlink())]:
+            src = here / name
+            rel = src.relative_to(old).as_posix()
+            if rel in listed or not (src.is_symlink() or src.is_file()):
+                continue
+            dst = new / rel
+            if dst.is_dir() and not dst.is_symlink():
+                continue  # the new bundle has a folder there: it wins
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.carry-{os.getpid()}")
+            discard(tmp)
+            if src.is_symlink():
+                os.symlink(os.readlink(src), tmp)
+            else:
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+            carried.append(rel)
+    return carried
 
 
 def file_record(bundle: Path, rel: str) -> dict:
@@ -266,7 +319,9 @@ def store_result(bundle: Path, name: str, data: dict) -> bool:
 
 def warn(message: str) -> None:
     """One plain stderr line (rich would wrap a long one at 80 columns when stderr is not a terminal)."""
-    print(f"edgeres: warning: {message}", file=sys.stderr)
+    from edgeres.tables import printable  # a file name or label in the message cannot drive the terminal
+
+    print(f"edgeres: warning: {printable(message)}", file=sys.stderr)
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -43,3 +43,21 @@ def check_threads(flag: str, values: int | Iterable[int] | None) -> None:
         return
     for value in [values] if isinstance(values, int) else values:
         check_number(flag, value, at_least=1, at_most=MAX_THREADS, why=THREADS_WHY)
+
+
+def check_remote(flag: str, destination: str | None) -> None:
+    """An ssh destination: ``USER@HOST`` or an ~/.ssh/config alias, never empty, an option or half an address.
+
+    ``None`` (flag not given) passes; an empty value is refused rather than read as "run here"."""
+    if destination is None:
+        return
+    given = f"{flag} {destination!r}"
+    expected = "expected USER@HOST (or an ssh config alias), e.g. pi@raspberrypi.local"
+    if not destination.strip():
+        raise InputError(f"{given}: empty; {expected}, or leave {flag} out to run here")
+    if destination.startswith("-") or any(c.isspace() or not c.isprintable() for c in destination):
+        raise InputError(f"{given}: {expected}")
+    user, at, host = destination.rpartition("@")
+    if at and (not user or not host or host.startswith("-")):
+        raise InputError(f"{given}: the {'host' if not host or host.startswith('-') else 'user'} is missing; "
+                         f"{expected}")

@@ -18,6 +18,7 @@ import numpy as np
 from calibration.cpu import CpuFeatures, cpu_features
 from calibration.errors import DataError
 from targets.base import (QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path, first_line)
+from targets.runners.onnxruntime_runner import OnnxRuntimeRunner
 
 PRECISIONS = ("fp32", "fp16", "int8")
 QDQ_METADATA_KEY = "edgeres.quantization"
@@ -297,28 +298,16 @@ def _versions() -> dict:
 # run
 
 
-class OnnxRunner(Runner):
-    def __init__(self, path: str | Path, threads: int | None = None):
-        self.path = Path(path)  # named when its outputs are unusable (edgeres.measure.evaluate)
-        available()
-        import onnxruntime as ort
+class OnnxRunner(OnnxRuntimeRunner, Runner):
+    """``targets.runners.onnxruntime_runner`` with this target's errors."""
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+    def __init__(self, path: str | Path, threads: int | None = None):
+        available()
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            super().__init__(str(path), threads)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise TargetError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x.astype(np.float32, copy=False)})[0]
-
-    def io_names(self) -> tuple[str, str]:
-        return self.input_name, self.session.get_outputs()[0].name
+        self.path = Path(path)  # named when its outputs are unusable (edgeres.measure.evaluate)
 
 
 def load_runner(path: str | Path, threads: int | None = None) -> OnnxRunner:

@@ -123,7 +123,7 @@ def test_runner_eval_mode_feeds_pixels_to_a_tflite_that_normalises_itself(app_bu
     path = app_bundle / artifact["file"]
     from targets.tflite import embedded_normalization
 
-    assert embedded_normalization(path) == bench_runner._embedded_pixel_normalization(str(path)) is not None
+    assert embedded_normalization(path) == bench_runner.litert_embedded_normalization(str(path)) is not None
     x = np.random.default_rng(1).standard_normal((5, 3, 16, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     out = subprocess.run([sys.executable, str(bench_runner.__file__), "--artifact", str(path),

@@ -10,12 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 import cli
 from tests.conftest import make_images
+from tests.test_predict import photo_bundle  # noqa: F401  (a fixture: the session bundle taking any photo size)
 
 runner = CliRunner()
 
@@ -137,14 +139,27 @@ def test_mobile_kinds_refuse_a_runtime_without_a_mobile_build(app_bundle, tmp_pa
     assert not (tmp_path / "app").exists()
 
 
-@pytest.mark.parametrize("make, expect", [
-    (lambda d: (d / "out").write_text("x"), "exists and is a file"),
-    (lambda d: ((d / "out").mkdir(), (d / "out" / "mine.txt").write_text("keep")), "is not an app made by export-app"),
-])
-def test_out_rules_are_those_of_convert(app_bundle, tmp_path, make, expect):
-    make(tmp_path)
-    r = _export(app_bundle, "--kind", "python", "--out", tmp_path / "out")
-    assert r.exit_code == 2 and expect in r.stderr
+def _app_behind_a_link(d: Path, app_bundle) -> None:
+    assert _export(app_bundle, "--kind", "python", "--target", "onnx", "--out", d / "real").exit_code == 0
+    (d / "out").symlink_to(d / "real")
+
+
+@pytest.mark.parametrize("make, expect, force", [
+    (lambda d, b: (d / "out").write_text("x"), "exists and is a file", False),
+    (lambda d, b: ((d / "out").mkdir(), (d / "out" / "mine.txt").write_text("keep")), "is not an app made by export-app",
+     False),
+    # issue 33: a dangling link was an internal error (exit 1); a link to an app was replaced, leaving .old links
+    (lambda d, b: (d / "out").symlink_to(d / "gone"), "is a symbolic link (to {d}/gone, which does not exist)", False),
+    (_app_behind_a_link, "is a symbolic link (to {d}/real); export-app never replaces a link", True),
+], ids=["file", "foreign-folder", "dangling-link", "link-to-an-app"])
+def test_out_rules_are_those_of_convert(app_bundle, tmp_path, make, expect, force):
+    make(tmp_path, app_bundle)
+    before = {p.name: (p.is_symlink(), p.stat().st_mtime_ns if p.exists() else None) for p in tmp_path.iterdir()}
+    r = _export(app_bundle, "--kind", "python", "--out", tmp_path / "out", *(["--force"] if force else []))
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and expect.format(d=tmp_path) in lines[0], r.stderr
+    after = {p.name: (p.is_symlink(), p.stat().st_mtime_ns if p.exists() else None) for p in tmp_path.iterdir()}
+    assert after == before  # nothing replaced, no staging, .old or lock left beside it
 
 
 def test_an_app_is_replaced_only_with_force_and_whole(app_bundle, tmp_path):
@@ -162,3 +177,144 @@ def test_bad_kind_is_refused_before_any_work(app_bundle, tmp_path):
     r = _export(app_bundle, "--kind", "web", "--out", tmp_path / "app")
     assert r.exit_code == 2 and "--kind 'web': choose one of python, android, ios" in r.stderr
     assert not (tmp_path / "app").exists()
+
+
+# -- the app decodes files by edgeres' own rule: modes, EXIF orientation, special files, huge headers ----
+
+def _app(bundle, where, target="onnx"):
+    """Export a Python app of ``bundle`` and import its classify.py (in this interpreter: numpy, Pillow and
+    the runtime are all it uses)."""
+    import importlib.util
+
+    out = where / "app"
+    r = _export(bundle, "--kind", "python", "--target", target, "--precision", "fp32", "--out", out)
+    assert r.exit_code == 0, r.output
+    spec = importlib.util.spec_from_file_location(f"classify_{abs(hash(str(out)))}", out / "classify.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return out, module
+
+
+def _classify_json(app, capsys, *args) -> dict:
+    capsys.readouterr()
+    code = app.main(["--json", *map(str, args)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
+@pytest.fixture(scope="module")
+def kinds_app(app_bundle, tmp_path_factory):
+    return _app(app_bundle, tmp_path_factory.mktemp("kinds_app"))
+
+
+def test_the_app_carries_edgeres_decoding_code_verbatim(kinds_app):
+    import calibration.image_file
+
+    out, _ = kinds_app
+    module = Path(calibration.image_file.__file__).read_text(encoding="utf-8")
+    code = module[module.index("\nimport os\n"):]  # after the docstring and the __future__ import
+    assert code in (out / "classify.py").read_text(encoding="utf-8")
+    assert "from calibration" not in (out / "classify.py").read_text(encoding="utf-8")
+
+
+def test_every_pixel_mode_gives_the_app_and_edgeres_identical_arrays(kinds_app, tmp_path):
+    from calibration.readers import read_image
+    from tests.test_readers import image_kinds
+
+    _, app = kinds_app
+    for name, (path, expected) in image_kinds(tmp_path).items():
+        ours, theirs = read_image(str(path)), app.decode_image(str(path))
+        assert theirs.dtype == np.uint8 and np.array_equal(theirs, ours), name
+        assert np.array_equal(ours, expected), name
+
+
+def test_every_pixel_mode_gets_predicts_scores_in_the_app(app_bundle, kinds_app, tmp_path, capsys):
+    """Before: 16-bit greyscale was clipped to white by the app's convert("RGB"), another class."""
+    from tests.test_readers import image_kinds
+
+    _, app = kinds_app
+    image_kinds(tmp_path / "kinds")
+    theirs = _classify_json(app, capsys, tmp_path / "kinds", "--top", "10")["predictions"]
+    ours = runner.invoke(cli.app, ["predict", str(app_bundle), str(tmp_path / "kinds"), "--target", "onnx",
+                                   "--precision", "fp32", "--top", "10", "--json"])
+    assert ours.exit_code == 0, ours.output
+    ours = json.loads(ours.stdout)["predictions"]
+    assert [p["file"] for p in theirs] == [p["file"] for p in ours] and len(ours) == 14
+    for p, q in zip(theirs, ours):
+        assert p["top"] == q["top"], p["file"]
+
+
+def test_exif_rotated_dev_photos_get_the_upright_output_in_the_app(photo_bundle, tmp_path, capsys):
+    from tests.test_predict import dev_photos, exif_rotated_copies
+
+    _, app = _app(photo_bundle, tmp_path)
+    copies = exif_rotated_copies(dev_photos(3), tmp_path / "rotated")
+    doc = _classify_json(app, capsys, tmp_path / "rotated", "--top", "10")
+    scores = {Path(p["file"]).name: p["top"] for p in doc["predictions"]}
+    ours = runner.invoke(cli.app, ["predict", str(photo_bundle), str(tmp_path / "rotated"), "--target", "onnx",
+                                   "--precision", "fp32", "--top", "10", "--json"])
+    predicted = {Path(p["file"]).name: p["top"] for p in json.loads(ours.stdout)["predictions"]}
+    for orientation, files in copies.items():
+        for upright, rotated in zip(copies[1], files):
+            assert scores[rotated.name] == scores[upright.name], (orientation, rotated.name)
+            assert scores[rotated.name] == predicted[rotated.name]
+
+
+def test_the_apps_terminal_escaping_is_edgeres(kinds_app):
+    from edgeres.tables import printable
+
+    _, app = kinds_app
+    for text in ["plain", "tab\there", "\x1b[2J", "bell\x07", "\u202eevil", "\udcff", "line\u2028sep", "日本\u3000語",
+                 "👨\u200d👩\u200d👧", "\x9b31m", "crlf\r\n"]:
+        assert app.printable(text) == printable(text), repr(text)
+    assert printable("a\x1b[2Jb\u202e") == "a\\x1b[2Jb\\u202e"
+
+
+def _run_app(out: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(out / "classify.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=out)
+
+
+def test_the_app_refuses_a_fifo_without_waiting(kinds_app, pngs, tmp_path):
+    out, _ = kinds_app
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    r = _run_app(out, pngs / "p00.png", tmp_path / "pipe.png")  # before: blocked in open() until the timeout
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.strip() == f"classify: error: {tmp_path / 'pipe.png'}: is not a regular file; give image files or folders"
+
+
+@pytest.mark.parametrize("width, height, expect", [
+    (100_000, 100_000, "image is too large to decode"),
+    (1, 89_000_000, "image is 1×89000000 pixels; a side above 65535 pixels is refused"),
+])
+def test_the_app_refuses_a_huge_declared_size_in_one_line(kinds_app, tmp_path, width, height, expect):
+    from tests.test_predict import png_header_only
+
+    out, _ = kinds_app
+    big = png_header_only(tmp_path / "big.png", width, height)
+    r = _run_app(out, big)  # before: a DecompressionBombError traceback
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"classify: warning: {big}: {expect}" in r.stderr
+
+
+@pytest.mark.parametrize("kind, target", [("android", "tflite"), ("android", "onnx"), ("ios", "tflite"), ("ios", "onnx")])
+def test_mobile_code_says_it_takes_upright_images_where_it_classifies(app_bundle, tmp_path, kind, target):
+    out = tmp_path / "app"
+    assert _export(app_bundle, "--kind", kind, "--target", target, "--precision", "fp32", "--out", out).exit_code == 0
+    code = (out / ("ImageClassifier.kt" if kind == "android" else "ImageClassifier.swift")).read_text()
+    signature = "fun classify(bitmap: Bitmap" if kind == "android" else "func classify(_ image: CGImage"
+    above = code[:code.index(signature)].rsplit("\n\n", 1)[-1]  # the comment block right above classify
+    before = " ".join(above.replace("//", " ").split())
+    assert "UPRIGHT IMAGES ONLY" in before and "EXIF orientation" in before
+    assert ("ExifInterface" if kind == "android" else "imageOrientation") in before
+    readme = (out / "README.md").read_text()
+    assert "**Give it upright images.**" in readme and "EXIF orientation" in readme
+
+
+def test_python_readme_says_how_images_are_decoded(kinds_app):
+    out, _ = kinds_app
+    readme = (out / "README.md").read_text()
+    assert "EXIF\norientation a phone camera writes is applied" in readme and "a FIFO or device is refused" in readme

@@ -76,3 +76,143 @@ def test_batches_resize_and_crop_once(tmp_path):
     pre = Preprocess(size=24, resize=28)
     (batch, _), = open_dataset(tmp_path / "d.npz").batches(pre, 8)
     assert np.array_equal(batch, pre(x))
+
+
+# -- every pixel mode decodes by one rule (the exported app copies it: tests/test_export_app.py) ------
+
+def _rgb(seed: int = 0, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _png16(path, values: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG (48 bits a pixel), written by hand: Pillow cannot save one."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">L", len(data)) + kind + data + struct.pack(">L", zlib.crc32(kind + data))
+
+    h, w, _ = values.shape
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">LLBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def _palette_rgb(im) -> np.ndarray:
+    return np.asarray(im.getpalette("RGB"), np.uint8).reshape(-1, 3)[np.asarray(im)]
+
+
+def _make(folder, name):
+    """(file, the uint8 RGB the rule gives) for one kind of image, the expectation computed independently."""
+    rgb, grey = _rgb(1), _rgb(2)[..., 0]
+    alpha = _rgb(3)[..., 0]
+    path = folder / name
+    if name == "grey.png":
+        Image.fromarray(grey).save(path)
+        return path, np.repeat(grey[..., None], 3, -1)
+    if name == "grey16.png":  # 16-bit greyscale: the high byte (Pillow's convert clips to 255: white)
+        deep = (grey.astype(np.uint16) << 8) | _rgb(4)[..., 0]
+        Image.fromarray(deep).save(path)
+        return path, np.repeat(grey[..., None], 3, -1)
+    if name == "rgb48.png":
+        deep = (rgb.astype(np.uint16) << 8) | _rgb(5)
+        _png16(path, deep)
+        return path, rgb
+    if name in ("rgba.png", "rgba.webp"):  # alpha dropped, as torchvision's and Keras' loaders drop it
+        Image.fromarray(np.dstack([rgb, alpha])).save(path, **({"lossless": True, "exact": True} if name.endswith("webp") else {}))
+        return path, rgb
+    if name == "grey-alpha.png":
+        Image.fromarray(np.dstack([grey, alpha])).save(path)
+        return path, np.repeat(grey[..., None], 3, -1)
+    if name in ("palette.png", "palette.gif", "palette.bmp"):
+        im = Image.fromarray(rgb).quantize(32)
+        im.save(path)
+        return path, _palette_rgb(im)
+    if name == "palette-transparent.png":
+        im = Image.fromarray(rgb).quantize(32)
+        im.info["transparency"] = 0
+        im.save(path, transparency=0)
+        return path, _palette_rgb(im)
+    if name == "bilevel.png":
+        bits = grey > 127
+        Image.fromarray(bits).save(path)
+        return path, np.repeat(np.where(bits, 255, 0).astype(np.uint8)[..., None], 3, -1)
+    if name == "cmyk.tiff":  # Pillow's CMYK → RGB: (255 − C)(255 − K)/255 per channel
+        cmyk = np.dstack([rgb, grey]).astype(np.uint8)
+        Image.fromarray(cmyk, "CMYK").save(path)
+        c, k = cmyk[..., :3].astype(int), cmyk[..., 3:].astype(int)
+        return path, np.round((255 - c) * (255 - k) / 255).astype(np.uint8)
+    if name == "int32.tiff":  # 32-bit integer greyscale: 0..65535 scaled like 16-bit
+        deep = grey.astype(np.int32) * 256 + 7
+        deep[0, 0] = 70_000  # beyond 16 bits: clipped
+        Image.fromarray(deep).save(path)
+        scaled = grey.copy()
+        scaled[0, 0] = 255
+        return path, np.repeat(scaled[..., None], 3, -1)
+    if name == "rgb.bmp":
+        Image.fromarray(rgb).save(path)
+        return path, rgb
+    raise ValueError(name)
+
+
+IMAGE_KINDS = ["grey.png", "grey16.png", "rgb48.png", "rgba.png", "rgba.webp", "grey-alpha.png", "palette.png",
+               "palette.gif", "palette.bmp", "palette-transparent.png", "bilevel.png", "cmyk.tiff", "int32.tiff", "rgb.bmp"]
+
+
+def image_kinds(folder) -> dict:
+    """{name: (file, expected RGB)} for every kind in IMAGE_KINDS, written into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {name: _make(folder, name) for name in IMAGE_KINDS}
+
+
+@pytest.mark.parametrize("name", IMAGE_KINDS)
+def test_every_pixel_mode_becomes_the_rules_rgb(tmp_path, name):
+    from calibration.readers import read_image
+
+    path, expected = _make(tmp_path, name)
+    got = read_image(str(path))
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_fifo_is_refused_without_opening_it(tmp_path):
+    import os
+    import signal
+
+    from calibration.readers import read_image
+
+    os.mkfifo(tmp_path / "pipe.png")
+
+    def hung(*_):
+        raise TimeoutError("read_image waited on the FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(DataError, match=r"pipe.png: is a FIFO \(named pipe\), not an image file"):
+            read_image(str(tmp_path / "pipe.png"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tiff", ".webp", ".jpg"])
+def test_image_folders_apply_the_exif_orientation(tmp_path, suffix):
+    """Calibration and eval read a phone's sideways-stored photo upright (lossless formats: exactly)."""
+    from tests.test_predict import STORED_AS
+
+    upright = np.repeat(np.repeat(_rgb(7, 8)[:, :6], 4, 0), 4, 1)  # 32×24, blocks survive JPEG well
+    for orientation in (1, *STORED_AS):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored = Image.fromarray(upright)
+        stored = stored if orientation == 1 else stored.transpose(STORED_AS[orientation])
+        (tmp_path / "cat").mkdir(exist_ok=True)
+        stored.save(tmp_path / "cat" / f"o{orientation}{suffix}", exif=exif,
+                    **({"lossless": True} if suffix == ".webp" else {"quality": 100, "subsampling": 0} if suffix == ".jpg" else {}))
+    ds = open_dataset(tmp_path)
+    images = ds.read(np.arange(len(ds)))
+    assert images.shape == (8, 32, 24, 3)
+    for got in images:  # JPEG re-encodes each orientation's blocks: close on average, not exact
+        error = np.abs(got.astype(int) - upright)
+        assert (error.mean() < 2) if suffix == ".jpg" else not error.any()

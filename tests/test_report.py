@@ -171,3 +171,114 @@ def test_html_report_renders_in_headless_chromium(bundle, tmp_path):
     rows = re.findall(r'<tr class="(ok|failed)" data-target="(\w+)" data-precision="(\w+)">', dom)
     assert rows == [("ok", "reference", "fp32"), ("ok", "onnx", "int8"), ("ok", "openvino", "int8"),
                     ("failed", "tflite", "int8")]
+
+
+# -- damaged results are skipped or refused in one line, never shown as numbers (issue 33) -------------
+
+def _nan_top1(bundle: Path) -> str:
+    doc = json.loads((bundle / "eval.json").read_text())
+    doc["artifacts"][0]["top1"] = float("nan")  # json.dumps writes NaN, which json.loads reads back
+    (bundle / "eval.json").write_text(json.dumps(doc))
+    return "artifacts[0].top1"
+
+
+def _infinite_reference(bundle: Path) -> str:
+    doc = json.loads((bundle / "eval.json").read_text())
+    doc["reference"]["top5"] = float("inf")
+    (bundle / "eval.json").write_text(json.dumps(doc))
+    return "reference.top5"
+
+
+def _nan_latency(bundle: Path) -> str:
+    doc = json.loads((bundle / "bench.json").read_text())
+    doc["results"][2]["p50_ms"] = float("nan")
+    (bundle / "bench.json").write_text(json.dumps(doc))
+    return "results[2].p50_ms"
+
+
+@pytest.mark.parametrize("damage, name", [(_nan_top1, "eval.json"), (_infinite_reference, "eval.json"),
+                                          (_nan_latency, "bench.json")], ids=["nan-top1", "inf-top5", "nan-p50"])
+def test_a_kept_result_with_a_non_finite_number_is_skipped_as_damaged(tmp_path, damage, name):
+    from typer.testing import CliRunner
+
+    import cli
+
+    bundle = make_results_bundle(tmp_path)
+    where = damage(bundle)
+    r = CliRunner().invoke(cli.app, ["report", str(bundle)])
+    assert r.exit_code == 0, r.stderr
+    assert f"ignored damaged {bundle / name} ({where} is not a finite number)" in r.stderr
+    assert "nan" not in r.stdout.lower() and "inf " not in r.stdout.lower(), r.stdout
+
+
+def _sweep_doc() -> dict:
+    row = {"name": "prune0-onnx-int8-mse-t1", "status": "ok", "prune": 0.0, "precision": "int8", "target": "onnx",
+           "estimator": "mse", "threads": 1, "bundle": "prune0-onnx-int8-mse", "top1": 90.5, "top1_drop_pp": 0.5,
+           "conversion_drop_pp": 0.5, "agreement_pct": 98.0, "p50_ms": 1.5, "p90_ms": 1.7, "fps": 600.0,
+           "size_mb": 0.3, "macs": 41_000_000, "error": None}
+    failed = {**row, "name": "prune0-tflite-int8-mse-t1", "target": "tflite", "status": "failed", "top1": None,
+              "top1_drop_pp": None, "agreement_pct": None, "p50_ms": None, "size_mb": None, "error": "converter died"}
+    return {"schema": "edgeres-sweep/1", "objective": "latency", "accuracy_budget_pp": 1.0, "wall_s": 12.0,
+            "engine": {"name": "ray", "ray_version": "2.60.0", "mode": "embedded", "address": "127.0.0.1:6379",
+                       "nodes": 1, "cpus": 2.0, "bench_slots": 1.0, "object_store_mb": 80},
+            "baseline": {"top1": 91.0, "images": 500, "what": "the unpruned fp32 model"}, "shared": {},
+            "trials": [row, failed], "pareto": [row["name"]], "best": dict(row)}
+
+
+def _without(*path):
+    def damage(doc):
+        for key in path[:-1]:
+            doc = doc[key]
+        del doc[path[-1]]
+    return damage
+
+
+def _set(value, *path):
+    def damage(doc):
+        for key in path[:-1]:
+            doc = doc[key]
+        doc[path[-1]] = value
+    return damage
+
+
+SWEEP_FAULTS = [
+    ("no-trials", _without("trials"), "trials is missing"),
+    ("no-engine", _without("engine"), "engine is missing"),
+    ("engine-without-cpus", _without("engine", "cpus"), "engine.cpus is missing"),
+    ("baseline-without-top1", _without("baseline", "top1"), "baseline.top1 is missing"),
+    ("trial-without-name", _without("trials", 0, "name"), "trials\\[0\\].name is missing"),
+    ("trial-without-status", _without("trials", 1, "status"), "trials\\[1\\].status is missing"),
+    ("trial-prune-text", _set("0.3", "trials", 0, "prune"), 'trials\\[0\\].prune is "0.3", not a finite number'),
+    ("trial-top1-nan", _set(float("nan"), "trials", 0, "top1"), "trials\\[0\\].top1 is NaN, not a finite number"),
+    ("trial-not-object", _set(3, "trials", 1), "trials\\[1\\] is not an object"),
+    ("best-without-p50", _without("best", "p50_ms"), "best.p50_ms is missing"),
+    ("pareto-numbers", _set([1], "pareto"), "pareto is not a list of trial names"),
+    ("not-an-object", lambda doc: doc.clear() or doc.update(x=1), "objective is missing|engine is missing"),
+]
+
+
+def test_a_whole_sweep_document_reports(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    (tmp_path / "sweep.json").write_text(json.dumps(_sweep_doc()))
+    r = CliRunner().invoke(cli.app, ["report", str(tmp_path)])
+    assert r.exit_code == 0, r.stderr
+    assert "prune0-onnx-int8-mse-t1 ★" in r.stdout and "failed: converter died" in r.stdout
+
+
+@pytest.mark.parametrize("name, damage, expect", SWEEP_FAULTS, ids=[f[0] for f in SWEEP_FAULTS])
+def test_a_damaged_sweep_document_is_refused_in_one_line(tmp_path, name, damage, expect):
+    from typer.testing import CliRunner
+
+    import cli
+
+    doc = _sweep_doc()
+    damage(doc)
+    (tmp_path / "sweep.json").write_text(json.dumps(doc))
+    r = CliRunner().invoke(cli.app, ["report", str(tmp_path)])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.stderr
+    assert re.search(f"sweep.json: damaged \\(({expect})\\); re-run the same `edgeres sweep`", lines[0]), lines[0]
+    assert not (tmp_path / "sweep.md").exists()  # nothing written from a damaged document

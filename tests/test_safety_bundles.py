@@ -290,12 +290,12 @@ import os, sys, time
 from pathlib import Path
 import edgeres.convert.build as build
 real_publish = build.publish
-def held_publish(staging, out):
+def held_publish(staging, out, **kwargs):
     Path(os.environ["EDGERES_TEST_READY"]).touch()
     go, until = Path(os.environ["EDGERES_TEST_GO"]), time.time() + 300
     while not go.exists() and time.time() < until:
         time.sleep(0.05)
-    return real_publish(staging, out)
+    return real_publish(staging, out, **kwargs)
 build.publish = held_publish
 from cli import app
 sys.argv = ["edgeres", *sys.argv[1:]]
@@ -578,3 +578,170 @@ def test_a_killed_bench_takes_its_runner_with_it(tmp_path, onnx_bundle, signum):
         if cli_proc.poll() is None:
             cli_proc.kill()
 
+
+
+# -- growing a bundle (issue 33): what a grow keeps, with other processes and a full disk -----------------
+
+# `edgeres eval`, held right after it took the results lock, before it keeps its run
+HELD_EVAL = """
+import os, sys, time
+from pathlib import Path
+import edgeres.measure.records as records
+real_keep = records._keep_locked
+def held_keep(*args, **kwargs):
+    Path(os.environ["EDGERES_TEST_READY"]).touch()
+    go, until = Path(os.environ["EDGERES_TEST_GO"]), time.time() + 300
+    while not go.exists() and time.time() < until:
+        time.sleep(0.05)
+    return real_keep(*args, **kwargs)
+records._keep_locked = held_keep
+from cli import app
+sys.argv = ["edgeres", *sys.argv[1:]]
+app()
+"""
+
+
+def _grow(env, out) -> list:
+    """The onnx fp32 bundle grows an fp16 artifact (no calibration: quick)."""
+    return ["convert", env["checkpoint"], "--targets", "onnx", "--precision", "fp32,fp16", "--out", out,
+            "--no-bench", "--jobs", "0"]
+
+
+def _kept_runs(out: Path, folder: str) -> list[str]:
+    return sorted(p.stem for p in (out / folder).glob("*.json")) if (out / folder).is_dir() else []
+
+
+def _assert_grown_with_results(out: Path, eval_run: dict, bench_run: dict | None = None) -> None:
+    from edgeres.bundle import read_manifest
+
+    assert {a["precision"] for a in read_manifest(out)["artifacts"]} == {"fp32", "fp16"}
+    assert _kept_runs(out, "evals") == [eval_run["run"]]
+    assert json.loads((out / "eval.json").read_text()) == eval_run
+    if bench_run is not None:
+        assert _kept_runs(out, "benches") == [bench_run["run"]]
+        assert json.loads((out / "bench.json").read_text()) == bench_run
+    assert not list(out.parent.glob(f".{out.name}.old-*")) and not list(out.parent.glob(f".{out.name}.*lock"))
+
+
+def test_eval_and_bench_kept_while_a_bundle_grows_are_in_the_grown_bundle(env, tmp_path, onnx_bundle):
+    """Item 1, two real processes: the grow is held just before publishing while `eval` and `bench` keep
+    their runs in the bundle; the grown bundle carries both (evals/, benches/, the latest files)."""
+    out = tmp_path / "o"
+    shutil.copytree(onnx_bundle, out)
+    grow, go = _start_held_convert(tmp_path, _grow(env, out))
+    try:
+        ev = run_cli("eval", out, "--data", env["npz"], "--json", timeout=300)
+        bench = run_cli("bench", out, "--runs", "2", "--warmup", "0", "--json", timeout=300)
+    finally:
+        go.touch()
+        _, grow_err = grow.communicate(timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    assert bench.returncode == 0, bench.stderr
+    assert grow.returncode == 0, grow_err
+    _assert_grown_with_results(out, json.loads((out / "evals" / f"{_kept_runs(out, 'evals')[0]}.json").read_text()),
+                               json.loads((out / "benches" / f"{_kept_runs(out, 'benches')[0]}.json").read_text()))
+    assert json.loads(ev.stdout)["reference"] == json.loads((out / "eval.json").read_text())["reference"]
+    _no_partial(tmp_path)
+
+
+def test_a_grow_publishing_while_eval_keeps_its_run_waits_for_it(env, tmp_path, onnx_bundle):
+    """Item 1, the narrow window: `eval` is writing its run when the grow publishes; the grow waits (one
+    line) instead of moving the bundle away under it, and the run is in the grown bundle."""
+    out = tmp_path / "o"
+    shutil.copytree(onnx_bundle, out)
+    ready, go = tmp_path / "held-ready", tmp_path / "held-go"
+    child_env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGERES_TEST_READY": str(ready), "EDGERES_TEST_GO": str(go)}
+    ev = subprocess.Popen([sys.executable, "-c", HELD_EVAL, "eval", str(out), "--data", str(env["npz"])], cwd=ROOT,
+                          env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    grow_log = tmp_path / "grow.stderr"
+    grow = None
+    try:
+        until = time.time() + 300
+        while not ready.exists():
+            assert ev.poll() is None, f"eval ended before keeping its run: {ev.communicate()[1]}"
+            assert time.time() < until, "eval never reached keeping its run"
+            time.sleep(0.05)
+        with open(grow_log, "w") as log:
+            grow = subprocess.Popen([sys.executable, "-m", "cli", *map(str, _grow(env, out))], cwd=ROOT,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=log)
+        until = time.time() + 300
+        while "waiting for pid" not in grow_log.read_text():
+            assert grow.poll() is None, f"the grow published without waiting for eval: {grow_log.read_text()}"
+            assert time.time() < until, "the grow never reached publishing"
+            time.sleep(0.1)
+        said = " ".join(grow_log.read_text().split())
+        assert f"waiting for pid {ev.pid}, which is publishing" in said and str(out) in said
+    finally:
+        go.touch()
+        _, ev_err = ev.communicate(timeout=300)
+        if grow is not None:
+            grow.wait(timeout=300)
+    assert ev.returncode == 0, ev_err
+    assert grow.returncode == 0, grow_log.read_text()
+    _assert_grown_with_results(out, json.loads((out / "eval.json").read_text()))
+    _no_partial(tmp_path)
+
+
+def test_eval_after_an_interrupted_grow_is_in_the_resumed_grown_bundle(env, tmp_path, onnx_bundle, monkeypatch):
+    """Item 1: grow interrupted (its staging kept), `eval`, the same grow again: the run is kept."""
+    from edgeres.convert import build
+
+    out = tmp_path / "o"
+    shutil.copytree(onnx_bundle, out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(build, "compile_record", interrupted)
+        code, _, _ = _invoke(_grow(env, out))
+    assert code == 130 and list(tmp_path.glob(".o.partial-*"))
+    ev = run_cli("eval", out, "--data", env["npz"], timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    kept = json.loads((out / "eval.json").read_text())
+    code, _, stderr = _invoke(_grow(env, out))
+    assert code == 0, stderr
+    _assert_grown_with_results(out, kept)
+    _no_partial(tmp_path)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root/CAP_SYS_ADMIN): {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("room", ["half-a-copy", "a-copy-but-not-the-new-artifact"])
+def test_a_grow_on_a_full_disk_is_one_line_and_leaves_the_bundle_as_it_was(env, tmp_path, onnx_bundle, tmpfs, room):
+    """Item 4: whether the disk fills while the bundle's artifacts are copied for the grow or while the new
+    artifact is written: one line, exit 2, nothing left beside the bundle, the bundle as it was — on
+    every try."""
+    from edgeres.bundle import read_manifest
+
+    out = tmpfs / "o"
+    shutil.copytree(onnx_bundle, out)
+    listed = sum(r["size_bytes"] for r in _manifest_records(out))
+    st = os.statvfs(tmpfs)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    extra = listed // 2 if room == "half-a-copy" else listed + 16 * 1024
+    r = subprocess.run(["mount", "-o", f"remount,size={used + extra}", str(tmpfs)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for _ in range(2):  # a second try meets the same full disk, not leftovers of the first
+        code, _, stderr = _invoke(_grow(env, out))
+        _assert_one_line(code, stderr, Case("full", None, "No space left on device", code=2), named=str(out))
+        assert "free disk space" in stderr
+        assert sorted(p.name for p in tmpfs.iterdir()) == ["o"], list(tmpfs.iterdir())
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        read_manifest(out)
+
+
+def _manifest_records(out: Path) -> list[dict]:
+    from edgeres.bundle import listed_files
+
+    return listed_files(_manifest(out))

@@ -3,9 +3,11 @@ replacing its own input — table-driven like tests/test_safety.py, every payloa
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
 import struct
 import zipfile
 import zlib
@@ -110,6 +112,19 @@ def _huge_png_folder(tmp: Path, width: int, height: int) -> str:
     return str(tmp / "folder")
 
 
+def _folder_with(tmp: Path, make_first) -> str:
+    """A class folder whose 0.png is made by ``make_first(path)`` beside 11 good images."""
+    (tmp / "folder" / "cat").mkdir(parents=True)
+    make_first(tmp / "folder" / "cat" / "0.png")
+    for i in range(1, 12):
+        Image.fromarray(make_images(1, 16, seed=i)[0][0]).save(tmp / "folder" / "cat" / f"{i}.png")
+    return str(tmp / "folder")
+
+
+def _eps_content(path: Path) -> None:
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n")
+
+
 def _images(n: int, size: int = 16, seed: int = 0) -> list[np.ndarray]:
     return list(make_images(n, size, seed)[0])
 
@@ -124,6 +139,13 @@ DATA_CASES = [
          r"channels-first.*np\.transpose\(x, \(0, 2, 3, 1\)\)"),
     Case("png-decompression-bomb", lambda t, e: [_huge_png_folder(t, 20000, 20000)], "0.png: image is too large.*megapixels"),
     Case("png-over-the-pixel-cap", lambda t, e: [_huge_png_folder(t, 10000, 10000)], "0.png: image is 10000×10000 pixels.*megapixels"),
+    Case("png-one-pixel-high-89-megapixels", lambda t, e: [_huge_png_folder(t, 89_000_000, 1)],
+         "0.png: image is 89000000×1 pixels; a side above 65535 pixels is refused"),
+    Case("png-strip-60-to-1", lambda t, e: [_huge_png_folder(t, 60_000, 1_000)],
+         "0.png: image is 60000×1000 pixels, its longer side more than 50 times its shorter"),
+    Case("fifo-named-png", lambda t, e: [_folder_with(t, os.mkfifo)], r"0.png: is a FIFO \(named pipe\), not an image file"),
+    Case("eps-named-png", lambda t, e: [_folder_with(t, _eps_content)],
+         "0.png: cannot be read as an image: its content is not JPEG, PNG, BMP, WebP, TIFF or GIF"),
     Case("folder-wrong-size-names-a-real-fix", lambda t, e: [_image_folder(t, {"cat": _images(12, 9)})],
          r"9×9 but the model expects 16×16.*give 16×16 images"),
 ]
@@ -138,11 +160,27 @@ def test_bad_data_is_refused_before_it_is_decoded(env, tmp_path, case, role, onn
     args = {"calib": [*CONVERT, env["checkpoint"], "--calib", data, "--out", out],
             "eval-data": ["eval", env["checkpoint"], "--data", data],
             "eval-bundle": ["eval", onnx_bundle, "--data", data]}[role]
-    code, _, stderr = _invoke(args)
+    with _fails_instead_of_hanging(120):  # a FIFO blocked the reader in open() forever
+        code, _, stderr = _invoke(args)
     _assert_one_line(code, stderr, case, named=Path(data).name)
     assert not env["marker"].exists(), "the pickle payload ran"
     assert not out.exists()
     _no_partial(tmp_path)
+
+
+@contextlib.contextmanager
+def _fails_instead_of_hanging(seconds: int):
+    """A blocking system call (opening a FIFO) ends in TimeoutError after ``seconds``, not never."""
+    def hung(*_):
+        raise TimeoutError(f"still waiting after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_uncompressed_npz_is_memory_mapped_not_read(tmp_path):

@@ -4,6 +4,7 @@ folder exists leaves nothing behind."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -36,6 +37,15 @@ def no_work(monkeypatch):
                          (edgeres.convert.run, "open_dataset"), (edgeres.measure.bench, "bench_bundle"),
                          (edgeres.measure.report, "write_report"), (edgeres.demo, "run_demo")]:
         monkeypatch.setattr(module, name, started)
+    if importlib.util.find_spec("ray") is not None:  # sweep imports these by name: its copies are what it calls
+        import edgeres.measure.bundle_eval
+        import edgeres.measure.remote_eval
+        import edgeres.sweep.run
+
+        for module, name in [(edgeres.sweep.run, "load_model"), (edgeres.sweep.run, "open_dataset"),
+                             (edgeres.sweep.run, "ray_session"), (edgeres.measure.bundle_eval, "evaluate_path"),
+                             (edgeres.measure.remote_eval, "evaluate_bundle_remote")]:
+            monkeypatch.setattr(module, name, started)
 
 
 def _convert(t: Path, e: dict, *extra) -> list:
@@ -139,7 +149,32 @@ NUMBER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", NUMBER_CASES, ids=lambda c: c.id)
+def _sweep(t: Path, e: dict, *extra) -> list:
+    pytest.importorskip("ray", reason="edgeres sweep needs Ray")
+    return ["sweep", e["checkpoint"], "--calib", e["npz"], "--eval", e["npz"], "--targets", "onnx", "--out",
+            t / "sw", *extra]
+
+
+REMOTE_EXPECT = "expected USER@HOST \\(or an ssh config alias\\)"
+
+# issue 33: an empty --remote ran here without a word, a half address reached ssh, --epochs did nothing
+FLAG_CASES = [
+    Case("bench-remote-empty", _bench("--remote", ""), "--remote '': empty; " + REMOTE_EXPECT),
+    Case("bench-remote-no-host", _bench("--remote", "pi@"), "--remote 'pi@': the host is missing; " + REMOTE_EXPECT),
+    Case("bench-remote-no-user", _bench("--remote", "@pi5"), "--remote '@pi5': the user is missing"),
+    Case("bench-remote-option", _bench("--remote", "-oProxyCommand=x"), "--remote '-oProxyCommand=x': " + REMOTE_EXPECT),
+    Case("bench-remote-control-char", _bench("--remote", "pi@host\x1b"), "--remote 'pi@host\\\\x1b': " + REMOTE_EXPECT),
+    Case("eval-remote-empty", _eval("--remote", ""), "--remote '': empty"),
+    Case("eval-remote-no-host", _eval("--remote", "pi@"), "--remote 'pi@': the host is missing"),
+    Case("sweep-remote-empty", lambda t, e: _sweep(t, e, "--remote", ""), "--remote '': empty"),
+    Case("sweep-remote-no-host", lambda t, e: _sweep(t, e, "--remote", "pi@"), "--remote 'pi@': the host is missing"),
+    Case("sweep-epochs-without-data", lambda t, e: _sweep(t, e, "--epochs", "3"),
+         "--epochs 3: fine-tuning needs training images; give --finetune-data"),
+    Case("sweep-epochs-negative", lambda t, e: _sweep(t, e, "--epochs", "-1"), "--epochs -1: must be at least 0"),
+]
+
+
+@pytest.mark.parametrize("case", NUMBER_CASES + FLAG_CASES, ids=lambda c: c.id)
 def test_bad_number_is_refused_before_any_work(env, tmp_path, onnx_bundle, no_work, case):
     bundle = tmp_path / "b"
     shutil.copytree(onnx_bundle, bundle)

@@ -27,6 +27,9 @@ KINDS = ("python", "android", "ios")
 APP_FILE = "app.json"  # what was exported from where; marks the folder as made by export-app
 TEMPLATE = Path(__file__).with_name("classify_template.py")
 CONFIG_LINE = "CONFIG: dict = {}  # written by edgeres export-app: runtime, model, labels, preprocess, input"
+# the template imports edgeres' image decoding; the app gets that module's source in its place (one rule)
+IMAGE_FILE_LINE = "from calibration.image_file import ImageRefused, decode_image  # export-app puts that module's source here"
+IMAGE_FILE_MODULE = "calibration.image_file"
 
 
 def check_request(kind: str, out: str | Path, force: bool) -> Path:
@@ -34,6 +37,11 @@ def check_request(kind: str, out: str | Path, force: bool) -> Path:
     if kind not in KINDS:
         raise InputError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}")
     out = Path(out)
+    if out.is_symlink():  # publishing renames onto --out: a link there would be replaced (or, dangling, fail)
+        target = os.readlink(out)
+        where = target if out.exists() else f"{target}, which does not exist"
+        raise InputError(f"--out {out}: is a symbolic link (to {where}); export-app never replaces a link: give "
+                         "the folder itself or a new path")
     check_output_dir(out, force, marker=APP_FILE, made_by="an app made by export-app", holding="an exported app")
     return out
 
@@ -118,10 +126,27 @@ def _write(staging: Path, kind: str, bundle: Path, manifest: dict, artifact: dic
 def classify_script(config: dict) -> str:
     """The standalone classify.py with this app's CONFIG written in."""
     text = TEMPLATE.read_text(encoding="utf-8")
-    if text.count(CONFIG_LINE) != 1:
-        raise RuntimeError(f"{TEMPLATE}: the CONFIG line to fill in is missing")
+    if text.count(CONFIG_LINE) != 1 or text.count(IMAGE_FILE_LINE) != 1:
+        raise RuntimeError(f"{TEMPLATE}: the CONFIG or image-file line to fill in is missing")
+    text = text.replace(IMAGE_FILE_LINE, image_file_source())
     return text.replace(CONFIG_LINE, "CONFIG: dict = " + pprint.pformat(config, sort_dicts=False, width=110)
                         + "  # written by edgeres export-app")
+
+
+def image_file_source() -> str:
+    """``calibration/image_file.py`` as it goes into classify.py: its code, the module docstring as comments
+    and without the ``__future__`` import (the script has its own at the top)."""
+    import ast
+    import importlib.util
+
+    source = Path(importlib.util.find_spec(IMAGE_FILE_MODULE).origin).read_text(encoding="utf-8")
+    body = ast.parse(source).body
+    docstring = ast.get_docstring(ast.parse(source)) or ""
+    code_from = next(node.lineno for node in body[1:] if not (isinstance(node, ast.ImportFrom)
+                                                                and node.module == "__future__"))
+    code = "\n".join(source.splitlines()[code_from - 1:])
+    comments = "\n".join(f"# {line}".rstrip() for line in docstring.splitlines())
+    return f"# calibration/image_file.py of edgeres {__version__}, copied in by export-app:\n{comments}\n\n{code}"
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -29,7 +29,7 @@ from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, fi
 from edgeres.compress.quant_accurate import improve_for_int8
 from edgeres.compress.quant_finetune import (DEFAULT_EPOCHS, QuantFinetuneConfig, check_finetune_data,
                                              quantization_aware_finetune, tuned_onnx_ranges)
-from edgeres.convert.config import ConvertConfig, plan
+from edgeres.convert.config import ConvertConfig, data_digests, plan
 from edgeres.errors import InputError
 from edgeres.model.export import export_onnx
 from edgeres.model.keras_model import build_keras
@@ -117,11 +117,13 @@ class Int8Inputs:
     tuned: dict = dataclasses.field(default_factory=dict)  # consumer -> ReferenceActivations (--quant finetune)
 
 
-def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: Path | None = None) -> dict:
+def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: Path | None = None,
+                 keep_results: bool = False) -> dict:
     """Build (or resume) the bundle at ``cfg.out`` from ``loaded``; returns its manifest.
 
     ``reference``: an fp32 reference ONNX of this very model to copy instead of exporting it again
-    (the accuracy budget's trials)."""
+    (the accuracy budget's trials). ``keep_results``: the bundle at ``cfg.out`` grows (or retries what
+    failed), so the results kept in it are carried into the new one when it is published."""
     out, spec = Path(cfg.out), loaded.spec
     steps_plan = plan(cfg)
     with _staging(out, key, cfg.force) as (work, steps):
@@ -142,7 +144,7 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
         shutil.rmtree(work / ".work", ignore_errors=True)
         (work / STEPS_FILE).unlink(missing_ok=True)
         write_json_atomic(work / MANIFEST, manifest)
-        publish(work, out)
+        publish(work, out, keep_results=keep_results)
         return manifest
 
 
@@ -168,7 +170,8 @@ def _staging(out: Path, key: str, force: bool):
         log(f"interrupted: {out} was not written; finished steps are kept in {work.name} — re-run to resume")
         raise
     except OSError as e:
-        raise InputError(f"{out}: writing the bundle failed ({e.strerror or e}); free disk space or choose another --out") from None
+        raise InputError(f"{out}: writing the bundle failed ({os_reason(e)}); nothing was replaced — free disk "
+                         "space or choose another --out") from None
     finally:
         # only an interruption is worth resuming; after any error (or after publishing) nothing may stay behind
         if not keep_for_resume:
@@ -459,6 +462,7 @@ def _manifest(cfg: ConvertConfig, loaded, key: str, work: Path, steps: StepCache
         "data_files": [file_record(work, f) for f in (RANGES_FILE, LABELS_FILE) if (work / f).exists()],
         "artifacts": artifacts,
         "config": cfg.to_dict(),
+        "data_sha256": data_digests(cfg),  # what the key hashed for --calib/--finetune-data (checked on a grow)
         "timings": {name: r.get("seconds", r.get("compile_s")) for name, r in steps.done.items()
                     if isinstance(r, dict)},
     }
@@ -467,6 +471,16 @@ def _manifest(cfg: ConvertConfig, loaded, key: str, work: Path, steps: StepCache
 # --- for drivers that share finished steps between conversions (edgeres/sweep) ---------------------
 
 STAGED_QDQ = Path(".work") / QDQ_FILE  # the calibrate step's QDQ model, relative to the staging folder
+
+
+def os_reason(e: OSError) -> str:
+    """The reason of a failed write in a few words: ``shutil.copytree``'s ``Error`` lists every file it
+    could not copy (hundreds on a full disk); its first one says why."""
+    if e.strerror:
+        return e.strerror
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        return str(e.args[0][0][-1])
+    return str(e)
 
 
 def staging_dir(out: Path, key: str) -> Path:

@@ -16,6 +16,7 @@ from edgeres.bundle import MAX_IMAGE_SIDE
 from edgeres import __version__
 from edgeres.compress.distill import check_finetune_flags
 from edgeres.compress.prune import PruneConfig
+from edgeres.convert.data_digest import data_sha256
 from edgeres.device.profiles import load_profile
 from edgeres.errors import InputError
 from edgeres.model.labels import read_labels
@@ -60,11 +61,14 @@ class ConvertConfig:
     preprocess: dict | None = None  # --preprocess override of the model's own: resize, crop, mode, mean, std, scale
     labels: str | None = None  # --labels: a file of class names (one per line, or a TSV/CSV such as classes.tsv)
     jobs: int | None = None  # target compiles at once, each in a worker process (None: from cores and memory; 0: in this process)
+    # a grown bundle: exactly these (target, precision) pairs, not every target × precision (convert/grow.py)
+    pairs: tuple[tuple[str, str], ...] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"], d["precisions"] = list(self.targets), list(self.precisions)
         d["bench_threads"] = list(self.bench_threads)
+        d["pairs"] = [list(p) for p in self.pairs] if self.pairs is not None else None
         return d
 
 
@@ -159,39 +163,48 @@ def _validate_numbers(cfg: ConvertConfig) -> None:
 
 def plan(cfg: ConvertConfig) -> list[tuple[str, str]]:
     """(target, precision) pairs to build; a precision a target does not make is skipped for it."""
+    if cfg.pairs is not None:
+        return [(t, p) for t, p in cfg.pairs]
     return [(t, p) for t in cfg.targets for p in cfg.precisions if p in get_info(t).precisions]
 
 
-def _fingerprint(path: str | None) -> list | None:
-    """Cheap identity of a data file or folder (size and mtime), so changed data invalidates the cache."""
+def data_digests(cfg: ConvertConfig) -> dict:
+    """The data files' content sha256 that the key uses (recorded in the manifest, so a bundle's key can
+    be checked later without its data files being where they were)."""
+    return {"calib": data_sha256(cfg.calib), "finetune_data": data_sha256(cfg.finetune_data),
+            "labels": _labels_sha256(cfg.labels)}
+
+
+def _labels_sha256(path: str | None) -> str | None:
+    """The names (and keys) a --labels file gives, by what they are, not how the file is laid out."""
     if path is None:
         return None
-    p = Path(path)
-    if p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file()]
-        return [str(p.resolve()), len(files), max((f.stat().st_mtime_ns for f in files), default=0)]
-    st = p.stat()
-    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    names = read_labels(path)
+    given = [list(names.names), [list(k) for k in names.keys] if names.keys else None]
+    return hashlib.sha256(json.dumps(given).encode()).hexdigest()
 
 
-def conversion_key(cfg: ConvertConfig, source_sha256: str) -> str:
-    """Hash of everything that decides the bundle's files (not evaluation or threads)."""
+def conversion_key(cfg: ConvertConfig, source_sha256: str, digests: dict | None = None) -> str:
+    """Hash of everything that decides the bundle's files (not evaluation or threads); data by content
+    (``digests``, as ``data_digests`` gives; computed from ``cfg``'s paths when not given)."""
+    digests = data_digests(cfg) if digests is None else digests
     decisive = {
-        "edgeres": __version__, "source": source_sha256, "arch": cfg.arch, "calib": _fingerprint(cfg.calib),
+        "edgeres": __version__, "source": source_sha256, "arch": cfg.arch, "calib": digests.get("calib"),
         "targets": list(cfg.targets), "precisions": list(cfg.precisions), "estimator": cfg.estimator,
         "calib_images": cfg.calib_images, "options": cfg.target_options,
     }
+    if cfg.pairs is not None:  # keys of bundles that were never grown stay as they were
+        decisive["pairs"] = [list(p) for p in cfg.pairs]
     if cfg.prune is not None:
-        decisive["prune"] = [cfg.prune, cfg.prune_importance, _fingerprint(cfg.finetune_data), cfg.finetune_epochs]
+        decisive["prune"] = [cfg.prune, cfg.prune_importance, digests.get("finetune_data"), cfg.finetune_epochs]
     if cfg.quant != "fast":  # fast keys stay those of bundles made before presets existed
         decisive["quant"] = cfg.quant
     if cfg.quant == "finetune":
-        decisive["quant_finetune"] = [_fingerprint(cfg.finetune_data), cfg.finetune_epochs, cfg.threads, cfg.seed]
+        decisive["quant_finetune"] = [digests.get("finetune_data"), cfg.finetune_epochs, cfg.threads, cfg.seed]
     if cfg.preprocess is not None:  # likewise for bundles made without an override
         decisive["preprocess"] = cfg.preprocess
     if cfg.labels is not None:  # the names go into every artifact's metadata
-        names = read_labels(cfg.labels)
-        decisive["labels"] = [list(names.names), [list(k) for k in names.keys] if names.keys else None]
+        decisive["labels"] = digests.get("labels")
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -14,7 +14,7 @@ from edgeres.compress.prune import prune_into_loaded
 from edgeres.compress.quant_finetune import check_finetune_data
 from edgeres.convert.budget import enforce_accuracy_budget
 from edgeres.convert.build import build_bundle
-from edgeres.convert.grow import grown_config, prefill
+from edgeres.convert.grow import grown_config, ok_pairs, prefill
 from edgeres.convert.config import (MIN_CALIB_IMAGES, ConvertConfig, apply_preprocess_override, conversion_key, plan,
                                     validate)
 from edgeres.errors import InputError
@@ -67,8 +67,10 @@ def convert(cfg: ConvertConfig) -> dict:
     prepared = functools.cache(lambda: prune_into_loaded(loaded, cfg, data.calib, data.eval)
                                if cfg.prune is not None else loaded)
     existing = _existing_manifest(out)
-    same = existing is not None and not cfg.force and existing.get("conversion_key") == key
-    # another plan on the same source, data and options: the bundle grows (refused, naming what differs, if not)
+    same = (existing is not None and not cfg.force and existing.get("conversion_key") == key
+            and set(plan(cfg)) <= ok_pairs(existing))  # a failed artifact is never up to date: it is retried
+    # another plan on the same source, data and options, or failed artifacts: the bundle grows (refused,
+    # naming what differs, if it cannot)
     grown = grown_config(cfg, existing, loaded.sha256) if existing is not None and not cfg.force and not same else None
     if existing is not None and not cfg.force and grown is None:
         log(f"[green]✓ {out} is up to date[/] "
@@ -76,8 +78,9 @@ def convert(cfg: ConvertConfig) -> dict:
         manifest, key = existing, existing["conversion_key"]
     elif grown is not None:
         cfg, key = grown, conversion_key(grown, loaded.sha256)
-        prefill(out, existing, grown, key)
-        manifest = build_bundle(cfg, prepared(), key, data.calib)
+        if cfg.quant == "fast":  # other presets retry a failed artifact by rebuilding (their tuned weights are not kept)
+            prefill(out, existing, grown, key)
+        manifest = build_bundle(cfg, prepared(), key, data.calib, keep_results=True)
     else:
         check_output_dir(out, cfg.force)
         manifest = build_bundle(cfg, prepared(), key, data.calib)

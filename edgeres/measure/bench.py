@@ -25,6 +25,7 @@ from pathlib import Path
 import targets
 from edgeres.bundle import BENCH_FILE, bundle_path, model_path, ok_artifacts, read_manifest
 from edgeres.errors import InputError, TargetError
+from edgeres.flags import check_remote
 from edgeres.measure.bench_runner import PARENT_PID_ENV
 from edgeres.measure.records import keep_bench
 from edgeres.progress import log, progress
@@ -84,8 +85,7 @@ class RemoteHost:
     call_timeout_s: float = 120.0
 
     def validate(self) -> None:
-        if not self.destination or self.destination.startswith("-") or any(c.isspace() for c in self.destination):
-            raise InputError(f"--remote {self.destination!r}: expected USER@HOST (or an ssh config alias)")
+        check_remote("--remote", self.destination)
         for o in self.ssh_options:
             if "=" not in o or o.startswith("-"):
                 raise InputError(f"--ssh-option {o!r}: expected KEY=VALUE, e.g. Port=2222")
@@ -318,7 +318,7 @@ def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None
     misbehaving remote host raises ``RemoteError`` and leaves the bundle untouched.
     """
     cfg.validate()
-    if remote:
+    if remote is not None:
         remote.validate()
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -327,7 +327,7 @@ def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None
         raise InputError(f"{bundle}: has no ok artifact to benchmark; re-run `edgeres convert`")
     for item in items:  # here or on a device, nothing runs unless every file it reads is a checked one
         item.path(bundle)
-    executor = RemoteExecutor(bundle, cfg, remote, items) if remote else LocalExecutor(bundle, cfg)
+    executor = RemoteExecutor(bundle, cfg, remote, items) if remote is not None else LocalExecutor(bundle, cfg)
     rows, system = [], None
     with _terminate_as_interrupt(), executor, progress("benchmarking", len(items) * len(cfg.threads)) as advance:
         for item in items:

@@ -1,8 +1,10 @@
 """``predict``: classify image files with one artifact of a bundle, as an app would.
 
-Images are decoded by Pillow and preprocessed by ``calibration``'s ``Preprocess`` from the manifest
-(the code calibration and eval use), then run by the artifact's own runtime only: nothing here
-imports torch, so predict works where only numpy, Pillow and one runtime are installed.
+Images are decoded by ``calibration.image_file`` (EXIF orientation applied, size checked before decoding,
+image formats only; the exported Python app decodes with the same code) and preprocessed by
+``calibration``'s ``Preprocess`` from the manifest (the code calibration and eval use), then run by the
+artifact's own runtime only: nothing here imports torch, so predict works where only numpy, Pillow and
+one runtime are installed.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def pick_artifact(manifest: dict, bundle: Path, target: str | None, precision: s
 
 def image_files(inputs: list[str]) -> list[str]:
     """Files to classify: each file as given, each folder's images (by suffix, recursively, sorted).
-    A path that does not exist is an error before any work."""
+    A path that does not exist, or is not a regular file, is an error before any work."""
     files = []
     for item in inputs:
         p = Path(item)
@@ -61,8 +63,11 @@ def image_files(inputs: list[str]) -> list[str]:
             if not found:
                 raise InputError(f"{p}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             files += found
-        elif p.exists():
+        elif p.is_file():
             files.append(str(p))
+        elif p.exists():  # a FIFO would block the read and a device never end: refused without opening it
+            raise InputError(f"{p}: is not a regular file (a FIFO, device or socket); give image files or a folder "
+                             "of images")
         else:
             raise InputError(f"{p}: no such image file or folder; give image files or a folder of images")
     return files

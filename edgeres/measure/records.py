@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeres.bundle import BENCH_FILE, EVAL_FILE, read_result, store_result, warn
+from edgeres.bundle import BENCH_FILE, EVAL_FILE, ResultsLock, read_result, store_result, warn
 from edgeres.errors import InputError
 from targets.base import sha256_file
 
@@ -71,6 +72,12 @@ def keep_bench(bundle: str | Path, doc: dict) -> str | None:
 
 
 def _keep(bundle: Path, latest: str, folder: str, doc: dict) -> str | None:
+    # a grow publishing over this bundle now carries this run into the grown bundle, or waits until it is kept
+    with ResultsLock(bundle):
+        return _keep_locked(bundle, latest, folder, doc)
+
+
+def _keep_locked(bundle: Path, latest: str, folder: str, doc: dict) -> str | None:
     doc.setdefault("created", now())
     run = _new_run_id(bundle / folder, doc["created"])
     doc["run"] = run
@@ -108,14 +115,38 @@ def runs(bundle: str | Path, folder: str, latest: str) -> list[Run]:
         for path in sorted(directory.glob("*.json")):
             if not RUN_ID.fullmatch(path.stem) or path.is_symlink():
                 continue
-            doc = read_result(bundle, f"{folder}/{path.name}", kind=latest)
+            doc = _finite_result(bundle, f"{folder}/{path.name}", latest)
             if doc is not None:
                 found.append(Run(path.stem, path, doc))
-    doc = read_result(bundle, latest)
+    doc = _finite_result(bundle, latest, latest)
     if doc is not None and not any(r.doc == doc for r in found):
         # named by its file: it is either from before runs were kept or was changed after its run was kept
         found.append(Run(latest, bundle / latest, doc))
     return sorted(found, key=lambda r: (r.created, r.path.parent == bundle, run_sequence(r.id)))
+
+
+def _finite_result(bundle: Path, name: str, kind: str) -> dict | None:
+    """``read_result``, and a record holding NaN or an infinity is damaged too: edgeres writes strict JSON
+    (a non-finite value becomes null), so one came from elsewhere, and a report would show "nan … ok"."""
+    doc = read_result(bundle, name, kind=kind)
+    where = _non_finite(doc) if doc is not None else None
+    if where is None:
+        return doc
+    command = "bench DIR" if kind == BENCH_FILE else "eval DIR --data DATA"
+    warn(f"ignored damaged {bundle / name} ({where} is not a finite number); re-run `edgeres {command}`")
+    return None
+
+
+def _non_finite(value, where: str = "") -> str | None:
+    """Where the first NaN or infinite number in ``value`` is (``artifacts[1].top1``), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "a value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found:
+            return found
+    return None
 
 
 def run_sequence(run: str) -> int:

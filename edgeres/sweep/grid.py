@@ -14,7 +14,8 @@ from pathlib import Path
 import targets
 from edgeres.convert.config import ConvertConfig, validate
 from edgeres.errors import InputError
-from edgeres.flags import check_number, check_threads
+from edgeres.compress.distill import check_finetune_flags
+from edgeres.flags import check_number, check_remote, check_threads
 
 OBJECTIVES = ("latency", "size")
 SHARED_DIR = ".shared"
@@ -101,8 +102,9 @@ def validate_sweep(cfg: SweepConfig) -> None:
     if cfg.address is not None and cfg.address != "auto" and not _host_port(cfg.address):
         raise InputError(f"--address {cfg.address!r}: expected auto or HOST:PORT of a running Ray cluster "
                          "(e.g. 127.0.0.1:6379, what `ray start --head` printed)")
-    if cfg.remote is not None and (not cfg.remote or cfg.remote.startswith("-") or any(c.isspace() for c in cfg.remote)):
-        raise InputError(f"--remote {cfg.remote!r}: expected USER@HOST (or an ssh config alias)")
+    check_remote("--remote", cfg.remote)
+    check_number("--epochs", cfg.finetune_epochs, at_least=0)
+    check_finetune_flags(cfg.finetune_epochs, cfg.finetune_data)  # whatever --prune is: help says it needs it
     if not conversions(cfg):
         raise InputError(f"--precision {','.join(cfg.precisions)}: none of them is made by "
                          f"{','.join(cfg.targets)}; see edgeres doctor")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
 from edgeres.bundle import write_text_atomic
@@ -146,8 +147,58 @@ def _html(doc: dict, plot: Path | None) -> str:
 
 
 def read_sweep(folder: Path) -> dict:
-    """``sweep.json`` of a sweep folder (for ``edgeres report DIR``)."""
+    """``sweep.json`` of a sweep folder (for ``edgeres report DIR``), checked to hold what the report shows."""
+    path = Path(folder) / "sweep.json"
+    rerun = "re-run the same `edgeres sweep` (finished trials are skipped)"
     try:
-        return json.loads((Path(folder) / "sweep.json").read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"{folder}/sweep.json: cannot be read ({e}); re-run `edgeres sweep`") from None
+        raise InputError(f"{path}: cannot be read ({e}); {rerun}") from None
+    problem = sweep_problem(doc)
+    if problem:
+        raise InputError(f"{path}: damaged ({problem}); {rerun}")
+    return doc
+
+
+# what the report reads of sweep.json: key → (types, may be None); numbers must be finite
+_NUMBER, _TEXT, _INT = (int, float), (str,), (int,)
+_KIND_NAMES = {_NUMBER: "a finite number", _TEXT: "text", _INT: "an integer", (dict,): "an object", (list,): "a list"}
+_TOP = {"engine": ((dict,), False), "baseline": ((dict,), False), "trials": ((list,), False),
+        "pareto": ((list,), False), "best": ((dict,), True), "objective": (_TEXT, False),
+        "accuracy_budget_pp": (_NUMBER, True), "wall_s": (_NUMBER, False)}
+_ENGINE = {"ray_version": (_TEXT, False), "mode": (_TEXT, False), "address": (_TEXT, True), "nodes": (_INT, False),
+           "cpus": (_NUMBER, False)}
+_BASELINE = {"top1": (_NUMBER, True), "images": (_INT, True)}
+_TRIAL = {"name": (_TEXT, False), "status": (_TEXT, False), "prune": (_NUMBER, False), "precision": (_TEXT, False),
+          "target": (_TEXT, False), "threads": (_INT, False), "top1": (_NUMBER, True), "top1_drop_pp": (_NUMBER, True),
+          "agreement_pct": (_NUMBER, True), "p50_ms": (_NUMBER, True), "size_mb": (_NUMBER, True),
+          "error": (_TEXT, True)}
+_BEST = {"name": (_TEXT, False), "top1_drop_pp": (_NUMBER, False), "p50_ms": (_NUMBER, False),
+         "size_mb": (_NUMBER, False)}
+
+
+def sweep_problem(doc) -> str | None:
+    """What makes ``doc`` unusable as a sweep document (a key missing or of the wrong kind), or None."""
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    problem = _fields_problem(doc, _TOP, "")
+    for key, spec in (("engine", _ENGINE), ("baseline", _BASELINE), ("best", _BEST)):
+        problem = problem or (doc[key] is not None and _fields_problem(doc[key], spec, f"{key}."))
+    for i, row in enumerate(doc["trials"] if not problem else []):
+        problem = problem or (_fields_problem(row, _TRIAL, f"trials[{i}].") if isinstance(row, dict)
+                              else f"trials[{i}] is not an object")
+    if not problem and not all(isinstance(n, str) for n in doc["pareto"]):
+        problem = "pareto is not a list of trial names"
+    return problem or None
+
+
+def _fields_problem(d: dict, spec: dict, where: str) -> str | None:
+    for key, (kinds, optional) in spec.items():
+        if key not in d:
+            return f"{where}{key} is missing"
+        v = d[key]
+        if v is None and optional:
+            continue
+        if not isinstance(v, kinds) or isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v)):
+            return f"{where}{key} is {json.dumps(v)[:40]}, not {_KIND_NAMES[kinds]}"
+    return None

@@ -184,6 +184,6 @@ def bench_step(job: BenchJob) -> dict:
                 and stored.get("host") == host:
             log("✓ bench (done in an earlier run, skipped)")
             return stored
-        remote = RemoteHost(job.remote) if job.remote else None
+        remote = RemoteHost(job.remote) if job.remote is not None else None
         print(f"benchmarking on {host} ({sys.platform})", file=sys.stderr)
         return bench_bundle(bundle, cfg, remote)
