@@ -23,8 +23,12 @@ import targets
 from calibration import ImageDataset, Preprocess
 from edgeres.bundle import artifact_path, data_file_path, ok_artifacts, read_manifest, reference_path, warn
 from edgeres.errors import InputError
+from edgeres.int8 import qdq_record, quantize_qdq
 from edgeres.progress import log
 from targets import TargetError, get_target, info_for_file
+
+# what quantize_qdq's record holds of the recipe it was made with
+QDQ_RECIPE_KEYS = ("activation_type", "weight_type", "per_channel", "reduce_range", "reason", "cpu_features")
 
 EXACT_SQNR_DB = 999.0  # reported when the int8 tensor equals fp32 exactly
 # a value match must beat this: an unrelated tensor of the same shape scores about 0 dB or below, a matched
@@ -37,7 +41,7 @@ MAX_VALUES_PER_BATCH = 64_000_000
 def layer_sqnr_for_bundle(bundle_dir: str | Path, dataset: ImageDataset, images: int = 32) -> list[dict]:
     """[{"name", "op", "sqnr_db", ...}] for each quantised activation of the bundle's shared int8 QDQ
     model (the one the budget can keep in float), worst (lowest SQNR) first."""
-    shared = targets.shared_int8().INFO.name
+    shared = targets.shipping_target(targets.QDQ_ONNX)  # its int8 artifact is the int8 stage's QDQ ONNX itself
     report = layer_report(bundle_dir, dataset, images, only=shared)
     return [{k: v for k, v in row.items() if k not in ("target", "precision")} for row in report["layers"]]
 
@@ -80,7 +84,7 @@ def layer_report(bundle_dir: str | Path, dataset: ImageDataset, images: int = 32
         rows += [{"target": a["target"], "precision": a["precision"], **row} for row in found]
     if not rows:
         raise TargetError(f"{bundle}: no int8 artifact gave per-layer tensors matching the fp32 reference")
-    shared = targets.shared_int8().INFO.name
+    shared = targets.shipping_target(targets.QDQ_ONNX)
     calibration = manifest.get("calibration") or {}
     qdq = [a for a in int8 if a["target"] == shared]
     if qdq and calibration.get("quant") == "accurate" and calibration.get("ranges_file"):
@@ -100,15 +104,12 @@ def add_gain_over_fast(rows: list[dict], fp32_path: Path, qdq_path: Path, ranges
     import json
     import tempfile
 
-    onnx_target = targets.shared_int8()
-    recipe = onnx_target.qdq_record(qdq_path)
-    options = {k: recipe[k] for k in ("activation_type", "reduce_range", "per_channel") if k in recipe}
-    if recipe.get("float_nodes"):
-        options["float_nodes"] = list(recipe["float_nodes"])
+    recipe = qdq_record(qdq_path)
+    options = {"float_nodes": list(recipe["float_nodes"])} if recipe.get("float_nodes") else {}
     ranges = {k: tuple(v) for k, v in json.loads(ranges_path.read_text()).items()}
     with tempfile.TemporaryDirectory(prefix="edgeres-fast-qdq-") as tmp:
         fast_path = Path(tmp) / "fast.qdq.onnx"
-        onnx_target.quantize_qdq(fp32_path, ranges, fast_path, options=options)
+        quantize_qdq(fp32_path, ranges, fast_path, recipe={k: recipe[k] for k in QDQ_RECIPE_KEYS}, options=options)
         fast = {r["name"]: r["sqnr_db"] for r in layer_sqnr(fp32_path, fast_path, x)}
     for row in rows:
         if row["name"] in fast:
