@@ -209,6 +209,18 @@ def test_a_closed_address_fails_in_seconds_before_any_work(tiny_checkpoint, tiny
     assert time.perf_counter() - t0 < 60 and not out.exists()
 
 
+@pytest.mark.parametrize("address, loopback", [("127.0.0.1:6379", True), ("localhost:6379", True),
+                                               ("[::1]:6379", True), ("127.0.0.2:6379", True),
+                                               ("192.0.2.2:6379", False), ("head.local:6379", False),
+                                               ("auto", False)])
+def test_only_a_loopback_address_keeps_ray_on_loopback(address, loopback):
+    from edgeres.sweep.engine import _is_loopback, check_address
+
+    assert _is_loopback(address) is loopback
+    if address == "auto":
+        check_address(address)  # Ray finds the cluster itself: nothing to dial here
+
+
 def _listening(pid: int) -> set[str]:
     """The addresses the process tree of ``pid`` (a sweep: its Ray and Ray's workers) listens on."""
     import psutil

@@ -164,6 +164,9 @@ def _split(address: str) -> tuple[str, int]:
 
 
 def _is_loopback(address: str) -> bool:
+    """Is HOST of HOST:PORT this machine's loopback (``auto`` is not an address: Ray finds the cluster)?"""
+    if address == "auto":
+        return False
     host = _split(address)[0]
     if host == "localhost":
         return True
