@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import (METADATA_PREFIX, QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line)
+from targets.base import (METADATA_PREFIX, QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line, x86_u8s8_recipe)
 from targets.runners.openvino_runner import OPENVINO_RT_INFO_KEY, OpenVinoIrRunner
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -40,7 +40,8 @@ DEFAULT_HINT, DEFAULT_INFERENCE_PRECISION = "LATENCY", "f32"
 INFO = TargetInfo(
     name="openvino", title="OpenVINO IR", suffixes=(".xml",), companions=(".bin",), dist="openvino",
     runtime="openvino",
-    precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("nncf",),
+    precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("nncf",), int8_recipe=x86_u8s8_recipe,
+    budget_tunes=("estimator", "float_nodes"),
     options=(
         TargetOption("engine", str, DEFAULT_ENGINE, "int8 from the shared QDQ model (qdq) or nncf.quantize", ENGINES),
         TargetOption("embed_preprocess", bool, False, "take uint8 NHWC pixels; mean/std inside the IR"),

@@ -36,9 +36,11 @@ IO_TYPES = ("float", "int8", "uint8")
 # full-int8 activation ranges: "estimator" = the edgeres estimator the other targets use (job.estimator),
 # measured on the LiteRT model's own tensors; "converter" = the LiteRT converter's min/max
 RANGE_SOURCES = ("estimator", "converter")
+# the TFLite int8 spec, whatever the CPU: int8 activations, symmetric per-channel weights of ±127
+LITERT_INT8 = ("int8", False, "LiteRT full-int8: the TFLite int8 spec (symmetric ±127 weights per channel)")
 INFO = TargetInfo(
     name="tflite", title="TFLite (LiteRT)", suffixes=(".tflite",), dist="ai-edge-litert", runtime="litert",
-    precisions=PRECISIONS, consumes=KERAS, tools=("tensorflow",),
+    precisions=PRECISIONS, consumes=KERAS, tools=("tensorflow",), int8_recipe=lambda cpu: LITERT_INT8,
     options=(
         TargetOption("io", str, "float", "full-int8 input/output type", IO_TYPES),
         TargetOption("ranges", str, "estimator", "full-int8 activation ranges: the shared estimator's or the "

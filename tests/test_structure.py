@@ -22,6 +22,7 @@ LAYERS = (
     ("edgeres.convert",),
     ("edgeres.compress",),
     ("edgeres.measure",),
+    ("edgeres.int8",),
     ("edgeres.sources", "edgeres.bundle"),
     ("edgeres.model",),
     ("edgeres.device",),
@@ -35,6 +36,7 @@ RUNTIME_NAMES = ("onnx", "openvino", "tflite")
 NOT_A_RUNTIME = {
     ("edgeres/device/doctor.py", "onnx"): "the onnx Python package, a tool edgeres exports with",
     ("edgeres/sources/loading.py", "onnx"): "the format of a model file the user brings",
+    ("edgeres/int8/options.py", "onnx"): "the old spelling of the int8 options (--option onnx.*), still accepted",
     ("edgeres/measure/bench_runner.py", "openvino"): "the device-side loaders of the standalone runner (no imports)",
     ("edgeres/app/classify_template.py", "openvino"): "the exported app's own loaders (a standalone script)",
 }

@@ -16,6 +16,10 @@ import targets
 from calibration import ImageDataset, Preprocess
 from edgeres.bundle import artifact_path, data_file_path, ok_artifacts, read_manifest, reference_path, warn
 from edgeres.errors import InputError
+from edgeres.int8 import qdq_record, quantize_qdq
+
+# what quantize_qdq's record holds of the recipe it was made with
+QDQ_RECIPE_KEYS = ("activation_type", "weight_type", "per_channel", "reduce_range", "reason", "cpu_features")
 
 QUANTIZE_INPUT_SUFFIX = "_QuantizeLinear_Input"  # the quantiser's rename of a graph output it quantises
 EXACT_SQNR_DB = 999.0  # reported when the int8 tensor equals fp32 exactly
@@ -26,7 +30,7 @@ def layer_sqnr_for_bundle(bundle_dir: str | Path, dataset: ImageDataset, images:
     worst (lowest SQNR) first, on ``images`` images of ``dataset`` spread over the set."""
     bundle = Path(bundle_dir)
     manifest = read_manifest(bundle)
-    shared = targets.shared_int8().INFO.name  # its int8 artifact is the shared QDQ ONNX itself
+    shared = targets.shipping_target(targets.QDQ_ONNX)  # its int8 artifact is the int8 stage's QDQ ONNX itself
     int8 = [a for a in ok_artifacts(manifest) if a["target"] == shared and a["precision"] == "int8"]
     if not int8:
         raise InputError(f"{bundle}: has no {shared} int8 artifact; --layers needs one "
@@ -52,15 +56,12 @@ def add_gain_over_fast(rows: list[dict], fp32_path: Path, qdq_path: Path, ranges
     import json
     import tempfile
 
-    onnx_target = targets.shared_int8()
-    recipe = onnx_target.qdq_record(qdq_path)
-    options = {k: recipe[k] for k in ("activation_type", "reduce_range", "per_channel") if k in recipe}
-    if recipe.get("float_nodes"):
-        options["float_nodes"] = list(recipe["float_nodes"])
+    recipe = qdq_record(qdq_path)
+    options = {"float_nodes": list(recipe["float_nodes"])} if recipe.get("float_nodes") else {}
     ranges = {k: tuple(v) for k, v in json.loads(ranges_path.read_text()).items()}
     with tempfile.TemporaryDirectory(prefix="edgeres-fast-qdq-") as tmp:
         fast_path = Path(tmp) / "fast.qdq.onnx"
-        onnx_target.quantize_qdq(fp32_path, ranges, fast_path, options=options)
+        quantize_qdq(fp32_path, ranges, fast_path, recipe={k: recipe[k] for k in QDQ_RECIPE_KEYS}, options=options)
         fast = {r["name"]: r["sqnr_db"] for r in layer_sqnr(fp32_path, fast_path, x)}
     for row in rows:
         if row["name"] in fast:
