@@ -671,8 +671,13 @@ def sweep(
                       threads=_int_csv(threads, "--threads"), calib_images=calib_images, eval_images=eval_images,
                       finetune_data=finetune_data, finetune_epochs=epochs, accuracy_budget_pp=accuracy_budget,
                       objective=objective, address=address, remote=remote, bench_runs=bench_runs, html=html_out)
+    from edgeres.sweep.engine import Terminated
+
     try:
         doc = run_sweep(cfg)
+    except Terminated:
+        _err(f"terminated (SIGTERM); finished trials are kept in {out}: re-run the same command to go on")
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
         _err(f"interrupted; finished trials are kept in {out}: re-run the same command to go on")
         raise typer.Exit(130) from None
