@@ -315,6 +315,7 @@ TERMINAL_CASES = [  # (id, args from (bundle, image)): text output escapes every
     ("predict-missing-file", lambda b, i: ["predict", b, i.with_name(f"gone{ESC}.png")]),
     ("inspect-bundle", lambda b, i: ["inspect", b]),
     ("report", lambda b, i: ["report", b]),
+    ("eval-missing-data", lambda b, i: ["eval", b, "--data", i.with_name(f"data{ESC}.npz")]),
     ("predict-undecodable-file-name", lambda b, i: ["predict", b, i.with_name("caf\udce9.png")]),
 ]
 
