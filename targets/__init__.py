@@ -61,6 +61,12 @@ def get_target(name: str) -> ModuleType:
     return _modules[name]
 
 
+def shipping_target(source: str) -> str | None:
+    """The target whose int8 artifact is ``source`` itself (``compile_here``: its compile only adds metadata
+    to the file the int8 stage made), e.g. the ONNX target for the QDQ model; None when no target is."""
+    return next((i.name for i in infos().values() if i.compile_here and i.consumes == source), None)
+
+
 def info_for_file(path: str) -> TargetInfo | None:
     """The target whose artifacts end like ``path`` (None when no target makes such files)."""
     return next((i for i in infos().values() if any(str(path).endswith(s) for s in i.suffixes)), None)
@@ -75,10 +81,5 @@ def companion_files(path: str) -> list[str]:
     return [str(path)[: -len(suffix)] + c for c in info.companions]
 
 
-def shared_int8() -> ModuleType:
-    """The module that computes the shared activation ranges and writes the shared QDQ ONNX."""
-    return importlib.import_module("targets.onnx")
-
-
 __all__ = ["Artifact", "CONSUMES", "CompileJob", "OptionError", "KERAS", "QDQ_ONNX", "TargetError", "TargetInfo", "TargetOption",
-           "TargetUnavailable", "companion_files", "get_info", "get_target", "info_for_file", "infos", "names", "register", "shared_int8"]
+           "TargetUnavailable", "companion_files", "get_info", "get_target", "info_for_file", "infos", "names", "register", "shipping_target"]

@@ -91,6 +91,7 @@ def atomic_path(path: Path):
 # keys of the metadata every artifact carries in its runtime's own format (see CompileJob.model_metadata)
 METADATA_PREFIX = "edgeres."
 LABELS_FILE = "labels.txt"  # one class name a line, in the bundle and as the .tflite's associated file
+QDQ_RECORD_KEY = "edgeres.quantization"  # a QDQ ONNX's metadata entry: the int8 recipe it was written with
 
 
 # What a target's int8 compiles from (TargetInfo.consumes): the shared QDQ ONNX that the pipeline
@@ -139,8 +140,9 @@ class TargetOption:
 class TargetInfo:
     """Everything the rest of edgeres knows about one runtime; declared as ``INFO`` in its module.
 
-    ``runtime`` names the loader in the standalone benchmark runner (``bench_runner.LOADERS``), so a
-    device needs only that script, numpy and ``dist``.
+    ``runtime`` names its runner class in ``targets/runners`` (``RUNNERS`` in the standalone benchmark
+    runner, which carries those modules), so a device needs only that script, numpy and ``dist``.
+    ``int8_recipe`` says what its int8 kernels need.
     """
 
     name: str
@@ -153,6 +155,13 @@ class TargetInfo:
     options: tuple[TargetOption, ...] = ()
     tools: tuple[str, ...] = ()  # further distributions its compile uses (shown by doctor)
     companions: tuple[str, ...] = ()  # suffixes of files an artifact needs beside it (an IR's .bin)
+    # what its int8 kernels need on a CPU: (cpu) -> (activation type, reduce_range, reason); the int8
+    # stage (edgeres.int8) makes its recipe from it, with the user's --option int8.* on top
+    int8_recipe: Callable | None = None
+    # what --accuracy-budget may change to bring its int8 within budget: "estimator" (another range
+    # estimator), "float_nodes" (the most sensitive layers kept in float)
+    budget_tunes: tuple[str, ...] = ()
+    compile_here: bool = False  # its compile is a copy of what the int8 stage made: no worker process for it
 
     def option(self, name: str) -> TargetOption:
         for o in self.options:
@@ -205,6 +214,19 @@ class CompileJob:
         """``app_metadata`` of this job's model for an artifact whose input is ``layout`` / ``dtype``."""
         return app_metadata(self.label_names(), self.preprocess, layout=layout, dtype=dtype,
                             version=self.producer_version, source_sha256=self.source_sha256)
+
+
+def x86_u8s8_recipe(cpu) -> tuple[str, bool, str]:
+    """The int8 recipe of CPU runtimes whose x86 kernels multiply uint8 activations by int8 weights
+    (onnxruntime's MLAS, OpenVINO's CPU plugin): without VNNI those kernels multiply-add pairs into
+    int16 (vpmaddubsw), which saturates with full-range per-channel weights, so weights get 7 bits
+    (``reduce_range``; NNCF's "overflow fix" is the same remedy); with VNNI (vpdpbusd accumulates into
+    int32) full 8-bit weights are safe. ARM kernels prefer S8S8."""
+    if cpu.arch == "arm":
+        return "int8", False, "ARM: S8S8 kernels"
+    if cpu.vnni:
+        return "uint8", False, "x86 with VNNI: U8S8 accumulates in int32"
+    return "uint8", True, "x86 without VNNI: U8S8 saturates int16, 7-bit weights"
 
 
 def app_metadata(labels: list[str], preprocess: dict | None, *, layout: str, dtype: str, version: str | None,

@@ -1,9 +1,8 @@
 """ONNX target run by onnxruntime: fp32 (the reference), fp16 and int8 QDQ.
 
-int8 is made once per conversion: ``compute_ranges`` runs the fp32 reference over the calibration
-batches and feeds our range estimators; ``quantize_qdq`` writes one QDQ ONNX whose activation
-scales and zero points come from those ranges (onnxruntime's quantizer places the Q/DQ pairs and
-quantises the weights per channel). ``compile`` ships that file; other targets may compile it too.
+int8 compiles from the QDQ ONNX that the int8 stage (``edgeres.int8``) writes once per conversion
+from the shared ranges with this runtime's recipe (``INFO.int8_recipe``); ``compile`` ships that file
+with the app metadata added.
 """
 
 from __future__ import annotations
@@ -11,31 +10,20 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
-from calibration.cpu import CpuFeatures, cpu_features
-from calibration.errors import DataError
-from targets.base import (QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path, first_line)
+from targets.base import (QDQ_ONNX, QDQ_RECORD_KEY, Artifact, CompileJob, Runner, TargetError, TargetInfo,
+                          TargetUnavailable, atomic_path, first_line, x86_u8s8_recipe)
+from targets.runners.onnxruntime_runner import OnnxRuntimeRunner
 
 PRECISIONS = ("fp32", "fp16", "int8")
-QDQ_METADATA_KEY = "edgeres.quantization"
-ACTIVATION_TYPES = ("uint8", "int8")
 INFO = TargetInfo(
     name="onnx", title="ONNX (onnxruntime)", suffixes=(".onnx",), dist="onnxruntime", runtime="onnxruntime",
-    precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("onnx",),
-    options=(
-        TargetOption("activation_type", str, None, "int8 activations: uint8 or int8 [chosen for the CPU]",
-                     ACTIVATION_TYPES),
-        TargetOption("reduce_range", bool, None, "7-bit weights (x86 without VNNI) [chosen for the CPU]"),
-        TargetOption("per_channel", bool, True, "per-channel int8 weights"),
-        TargetOption("float_nodes", list, (), "ONNX node names kept in float (comma list)"),
-    ),
+    precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("onnx",), int8_recipe=x86_u8s8_recipe,
+    budget_tunes=("estimator", "float_nodes"),
+    compile_here=True,
 )
-QDQ_OPTIONS = tuple(o.name for o in INFO.options)
-# keep one calibration batch of exposed activations (float32) around 256 MB
-MAX_CALIB_VALUES_PER_BATCH = 64_000_000
 
 
 def available() -> str:
@@ -46,161 +34,13 @@ def available() -> str:
     return onnxruntime.__version__
 
 
-# ---------------------------------------------------------------------------------------------
-# calibration: ranges of every activation the QDQ graph quantises
-
-
-def calibration_tensors(model) -> list[str]:
-    """Float activation tensors of ``model`` (inputs and outputs of its nodes, no weights), graph order."""
-    from onnx import TensorProto
-
-    initializers = {t.name for t in model.graph.initializer}
-    float_names = {v.name for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
-                   if v.type.tensor_type.elem_type == TensorProto.FLOAT}
-    seen: dict[str, None] = {}
-    for node in model.graph.node:
-        for name in [*node.input, *node.output]:
-            if name and name in float_names and name not in initializers:
-                seen.setdefault(name, None)
-    return list(seen)
-
-
-def compute_ranges(onnx_fp32_path: str | Path, calib_fn: Callable[..., Iterable[np.ndarray]],
-                   estimator: str = "percentile", **options) -> dict[str, tuple[float, float]]:
-    """Activation ranges {tensor name: (lo, hi)} of the fp32 ONNX over ``calib_fn(layout="NCHW")``
-    batches, estimated by ``estimator`` (see ``calibration.estimators``) with ``options``."""
-    available()
-    import onnx
-    import onnxruntime as ort
-
-    from calibration.estimators import make_estimator
-
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_fp32_path)))
-    input_name = model.graph.input[0].name
-    names = calibration_tensors(model)
-    exposed = [n for n in names if n != input_name]
-    existing = {o.name for o in model.graph.output}
-    for name in exposed:
-        if name not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise TargetError(f"{onnx_fp32_path}: onnxruntime cannot run it for calibration ({first_line(e)})") from None
-    try:
-        estimators = {n: make_estimator(estimator, **options) for n in names}
-    except ValueError as e:
-        raise DataError(f"calibration estimator: {e}") from None
-
-    images = 0
-    for i, x in enumerate(calib_fn(layout="NCHW", batch_size=_calib_batch_size(model))):
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[0] == 0:
-            raise DataError(f"calibration batch {i}: expected N×C×H×W images, got shape {x.shape}")
-        if not np.isfinite(x).all():
-            raise DataError(f"calibration batch {i}: images contain NaN or Inf; check the data and its preprocessing")
-        try:
-            outputs = session.run(exposed, {input_name: x})
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"calibration batch {i} of shape {x.shape} does not fit the model ({first_line(e)})") from None
-        for name, value in zip([input_name, *exposed], [x, *outputs]):
-            if name not in estimators:
-                continue
-            if not np.isfinite(value).all():
-                raise DataError(f"calibration: activation {name!r} became NaN/Inf on batch {i}; "
-                                "check the images and the model weights")
-            estimators[name].update(value)
-        images += len(x)
-    if images == 0:
-        raise DataError("calibration data gave no images; give at least one calibration image with --calib")
-    return {name: est.compute() for name, est in estimators.items()}
-
-
-def _calib_batch_size(model) -> int:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    hw = [d.dim_value for d in dims[2:]]
-    pixels = (hw[0] * hw[1]) if len(hw) == 2 and all(hw) else 224 * 224
-    # summed over its layers ResNet-18 exposes ~230 activation values per input pixel; 800 covers ResNet-50+
-    return int(np.clip(MAX_CALIB_VALUES_PER_BATCH // (pixels * 800), 1, 32))
-
-
-# ---------------------------------------------------------------------------------------------
-# QDQ int8 from our ranges
-
-
-def choose_int8_recipe(cpu: CpuFeatures, options: dict | None = None) -> dict:
-    """activation type and ``reduce_range`` for this CPU (user options override), with the reason.
-
-    onnxruntime's x86 U8S8 kernels without VNNI multiply-add pairs into int16 (vpmaddubsw), which
-    saturates with full-range per-channel weights; 7-bit weights (``reduce_range``) avoid that. With
-    VNNI (vpdpbusd accumulates into int32) full 8-bit weights are safe. ARM kernels prefer S8S8.
-    """
-    options = INFO.check_options(dict(options or {}))
-    if cpu.arch == "arm":
-        activation_type, reduce_range, reason = "int8", False, "ARM: S8S8 kernels"
-    elif cpu.vnni:
-        activation_type, reduce_range, reason = "uint8", False, "x86 with VNNI: U8S8 accumulates in int32"
-    else:
-        activation_type, reduce_range, reason = "uint8", True, "x86 without VNNI: U8S8 saturates int16, 7-bit weights"
-    if "activation_type" in options:
-        activation_type = str(options["activation_type"]).lower()
-        reason = "set by option onnx.activation_type"
-    if "reduce_range" in options:
-        reduce_range, reason = options["reduce_range"], "set by option onnx.reduce_range"
-    per_channel = options.get("per_channel", True)
-    return {"activation_type": activation_type, "weight_type": "int8", "per_channel": per_channel,
-            "reduce_range": reduce_range, "reason": reason, "cpu_features": list(cpu.flags)}
-
-
-def quantize_qdq(onnx_fp32_path: str | Path, ranges: dict, out_path: str | Path, *,
-                 options: dict | None = None) -> dict:
-    """Write an int8 QDQ ONNX (weights int8 symmetric per channel, activations per tensor with OUR
-    ``ranges``) to ``out_path``; returns the record of what was chosen (for the manifest)."""
-    available()
-    import onnx
-    import onnxruntime
-    from onnxruntime.quantization import QuantType
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    recipe = choose_int8_recipe(cpu_features(), options)
-    float_nodes = options.get("float_nodes") or [] if options else []
-    if isinstance(float_nodes, str):
-        float_nodes = [n for n in float_nodes.split(",") if n]
-    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_fp32_path)))
-    tensors_range = TensorsData(CalibrationMethod.MinMax, {
-        name: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
-        for name, (lo, hi) in ranges.items()})
-    op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-    try:
-        quantizer = QDQQuantizer(model, recipe["per_channel"], recipe["reduce_range"], QuantType.QInt8,
-                                 qtype[recipe["activation_type"]], tensors_range, [], list(float_nodes),
-                                 op_types, {})
-        quantizer.quantize_model()
-        qmodel = quantizer.model.model
-    except Exception as e:  # noqa: BLE001 - the quantizer raises bare exceptions
-        raise TargetError(f"{onnx_fp32_path}: onnxruntime's QDQ quantizer failed ({first_line(e)})") from None
-    quantized = sum(1 for n in qmodel.graph.node if n.op_type == "QuantizeLinear")
-    record = {"engine": f"onnxruntime {onnxruntime.__version__} QDQQuantizer with edgeres ranges",
-              **recipe, "quantized_tensors": quantized, "float_nodes": list(float_nodes),
-              "opset": max(o.version for o in qmodel.opset_import if o.domain in ("", "ai.onnx"))}
-    entry = qmodel.metadata_props.add()
-    entry.key, entry.value = QDQ_METADATA_KEY, json.dumps(record)
-    _save_atomic(qmodel, Path(out_path))
-    return record
-
-
 def qdq_record(path: str | Path) -> dict:
-    """The record ``quantize_qdq`` stored in a QDQ ONNX (empty if it was made elsewhere)."""
+    """The int8 recipe stored in a QDQ ONNX by the int8 stage (empty if it was made elsewhere)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     for prop in model.metadata_props:
-        if prop.key == QDQ_METADATA_KEY:
+        if prop.key == QDQ_RECORD_KEY:
             return json.loads(prop.value)
     return {}
 
@@ -297,28 +137,16 @@ def _versions() -> dict:
 # run
 
 
-class OnnxRunner(Runner):
-    def __init__(self, path: str | Path, threads: int | None = None):
-        self.path = Path(path)  # named when its outputs are unusable (edgeres.measure.evaluate)
-        available()
-        import onnxruntime as ort
+class OnnxRunner(OnnxRuntimeRunner, Runner):
+    """``targets.runners.onnxruntime_runner`` with this target's errors."""
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+    def __init__(self, path: str | Path, threads: int | None = None):
+        available()
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            super().__init__(str(path), threads)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise TargetError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x.astype(np.float32, copy=False)})[0]
-
-    def io_names(self) -> tuple[str, str]:
-        return self.input_name, self.session.get_outputs()[0].name
+        self.path = Path(path)  # named when its outputs are unusable (edgeres.measure.evaluate)
 
 
 def load_runner(path: str | Path, threads: int | None = None) -> OnnxRunner:

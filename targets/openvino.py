@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import (METADATA_PREFIX, QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line)
+from targets.base import (METADATA_PREFIX, QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line, x86_u8s8_recipe)
+from targets.runners.openvino_runner import OPENVINO_RT_INFO_KEY, OpenVinoIrRunner
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINES = ("qdq", "nncf")
@@ -39,7 +40,8 @@ DEFAULT_HINT, DEFAULT_INFERENCE_PRECISION = "LATENCY", "f32"
 INFO = TargetInfo(
     name="openvino", title="OpenVINO IR", suffixes=(".xml",), companions=(".bin",), dist="openvino",
     runtime="openvino",
-    precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("nncf",),
+    precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("nncf",), int8_recipe=x86_u8s8_recipe,
+    budget_tunes=("estimator", "float_nodes"),
     options=(
         TargetOption("engine", str, DEFAULT_ENGINE, "int8 from the shared QDQ model (qdq) or nncf.quantize", ENGINES),
         TargetOption("embed_preprocess", bool, False, "take uint8 NHWC pixels; mean/std inside the IR"),
@@ -51,7 +53,7 @@ INFO = TargetInfo(
     ),
 )
 OPTIONS = tuple(o.name for o in INFO.options)
-RT_INFO_KEY = "edgeres"  # IR rt_info section holding what the runner needs to know
+RT_INFO_KEY = OPENVINO_RT_INFO_KEY  # IR rt_info section holding what the runner needs to know
 
 
 def available() -> str:
@@ -182,8 +184,8 @@ def _count_ops(model, type_name: str) -> int:
     return sum(op.get_type_name() == type_name for op in model.get_ops())
 
 
-class OpenVinoRunner(Runner):
-    """Runs an IR on NCHW float32 batches; an IR with embedded preprocessing gets the images back as uint8.
+class OpenVinoRunner(OpenVinoIrRunner, Runner):
+    """``targets.runners.openvino_runner`` with this target's errors, compiled on load.
 
     ``hint`` / ``inference_precision`` default to what the IR was compiled with (``--option
     openvino.hint=…``), else LATENCY / f32. f32 is pinned because OpenVINO's CPU default is bf16 on CPUs
@@ -192,66 +194,21 @@ class OpenVinoRunner(Runner):
 
     def __init__(self, path: str | Path, threads: int | None = None, hint: str | None = None,
                  inference_precision: str | None = None):
-        self.path = Path(path)  # named when its outputs are unusable (edgeres.measure.evaluate)
         available()
-        import openvino as ov
-
-        core = ov.Core()
         try:
-            model = core.read_model(str(path))
+            super().__init__(str(path), threads, hint=hint, inference_precision=inference_precision)
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"{path}: OpenVINO cannot read it ({first_line(e)})") from None
-        self.hint = (hint or _rt_info(model, "hint") or DEFAULT_HINT).upper()
-        self.inference_precision = (inference_precision or _rt_info(model, "inference_precision")
-                                    or DEFAULT_INFERENCE_PRECISION)
+        self.path = Path(path)  # named when its outputs are unusable (edgeres.measure.evaluate)
         if self.hint not in HINTS:
             raise TargetError(f"openvino performance hint {self.hint!r}: choose one of {', '.join(HINTS)}")
         if self.inference_precision not in INFERENCE_PRECISIONS:
             raise TargetError(f"openvino inference precision {self.inference_precision!r}: "
                               f"choose one of {', '.join(INFERENCE_PRECISIONS)}")
-        config = {"PERFORMANCE_HINT": self.hint, "INFERENCE_PRECISION_HINT": self.inference_precision}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
-            self.compiled = core.compile_model(model, "CPU", config)
+            self.compile()
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"{path}: OpenVINO cannot load it ({first_line(e)})") from None
-        self.request = self.compiled.create_infer_request()
-        self.raw_preprocess = None
-        stored = _rt_info(model, "input_preprocess")
-        if stored:
-            self.raw_preprocess = json.loads(stored)
-            self.input_layout, self.input_dtype = "NHWC", "uint8"
-            self.takes_pixels = True
-        else:
-            self.input_layout, self.input_dtype = "NCHW", "float32"
-
-    def io_names(self) -> tuple[str, str]:
-        return self.compiled.input(0).get_any_name(), self.compiled.output(0).get_any_name()
-
-    def run_native(self, x: np.ndarray) -> np.ndarray:
-        """Run on the IR's own input (float32 NCHW, or uint8 NHWC images when preprocessing is embedded)."""
-        self.request.infer({0: x})
-        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        if self.raw_preprocess is not None:
-            x = self._to_uint8_images(x)
-        return self.run_native(np.ascontiguousarray(x))
-
-    def _to_uint8_images(self, x: np.ndarray) -> np.ndarray:
-        """Undo float preprocessing: exact for inputs made from uint8 images, others round to the nearest level."""
-        p = self.raw_preprocess
-        v = x.transpose(0, 2, 3, 1) * np.asarray(p["std"], np.float32) + np.asarray(p["mean"], np.float32)
-        if p["channel_order"] == "BGR":
-            v = v[..., ::-1]
-        return np.clip(np.rint(v / np.float32(p["scale"])), 0, 255).astype(np.uint8)
-
-
-def _rt_info(model, key: str) -> str | None:
-    path = [RT_INFO_KEY, key]
-    return model.get_rt_info(path).astype(str) if model.has_rt_info(path) else None
 
 
 def load_runner(path: str | Path, threads: int | None = None, hint: str | None = None,

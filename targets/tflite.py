@@ -25,6 +25,10 @@ import numpy as np
 from calibration.errors import DataError
 from targets.base import (KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path,
                           cpu_threads, release_memory)
+from targets.runners.litert_runner import (LiteRtRunner, litert_dequantize, litert_embedded_normalization,
+                                           litert_quantize, litert_to_pixels, LITERT_PIXELS_ENTRY)
+
+quantize, dequantize, to_pixels = litert_quantize, litert_dequantize, litert_to_pixels  # the runner's, named as before
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 ENGINE = "keras-from-spec + LiteRT converter"
@@ -32,9 +36,11 @@ IO_TYPES = ("float", "int8", "uint8")
 # full-int8 activation ranges: "estimator" = the edgeres estimator the other targets use (job.estimator),
 # measured on the LiteRT model's own tensors; "converter" = the LiteRT converter's min/max
 RANGE_SOURCES = ("estimator", "converter")
+# the TFLite int8 spec, whatever the CPU: int8 activations, symmetric per-channel weights of ±127
+LITERT_INT8 = ("int8", False, "LiteRT full-int8: the TFLite int8 spec (symmetric ±127 weights per channel)")
 INFO = TargetInfo(
     name="tflite", title="TFLite (LiteRT)", suffixes=(".tflite",), dist="ai-edge-litert", runtime="litert",
-    precisions=PRECISIONS, consumes=KERAS, tools=("tensorflow",),
+    precisions=PRECISIONS, consumes=KERAS, tools=("tensorflow",), int8_recipe=lambda cpu: LITERT_INT8,
     options=(
         TargetOption("io", str, "float", "full-int8 input/output type", IO_TYPES),
         TargetOption("ranges", str, "estimator", "full-int8 activation ranges: the shared estimator's or the "
@@ -46,7 +52,7 @@ OPTIONS = tuple(o.name for o in INFO.options)
 EDGE_OPS = ("QUANTIZE", "DEQUANTIZE")
 FLOAT_DTYPES = ("float32", "float16", "float64")
 CALIB_BATCH = 16
-EMBEDDED_KEY = "edgeres.input"  # model metadata entry: the normalisation the model does on its pixel input
+EMBEDDED_KEY = LITERT_PIXELS_ENTRY  # model metadata entry: the normalisation the model does on its pixel input
 
 
 def available() -> str:
@@ -346,12 +352,6 @@ def _calibration_batches(job: CompileJob, batch_size: int = CALIB_BATCH):
         yield batch if norm is None else to_pixels(batch, norm)
 
 
-def to_pixels(x_nhwc: np.ndarray, norm: dict) -> np.ndarray:
-    """Normalised NHWC input back to the 0..255 pixel values it came from (float32)."""
-    return ((x_nhwc * np.asarray(norm["std"], np.float32) + np.asarray(norm["mean"], np.float32))
-            / np.float32(norm["scale"])).astype(np.float32)
-
-
 def _activation_tensors(model: bytes) -> list[int]:
     """Indices of the float tensors that hold activations (no constant data): what int8 needs a range for."""
     from tensorflow.lite.python import schema_py_generated as schema
@@ -535,99 +535,40 @@ def sidecar(path: Path, job: CompileJob) -> dict:
 
 # -- run -----------------------------------------------------------------------------------------
 
-class TFLiteRunner(Runner):
-    """Runs a ``.tflite`` on NCHW float32 batches (transposed to NHWC, quantised if the model's input
-    is integer) and returns float32 logits. XNNPACK is LiteRT's default CPU delegate."""
+class TFLiteRunner(LiteRtRunner, Runner):
+    """``targets.runners.litert_runner`` with this target's errors: runs a ``.tflite`` on NCHW float32
+    batches (transposed to NHWC, quantised if the model's input is integer) and returns float32 logits."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        module = _interpreter_module()
+        _interpreter_module()
         try:
             # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." is printed by the C++ runtime on fd 2
             with native_stderr_quiet():
-                self.interp = module.Interpreter(model_path=str(path), num_threads=threads)
-                self.interp.allocate_tensors()
+                super().__init__(str(path), threads)
         except (ValueError, RuntimeError) as e:
             raise TargetError(f"{path}: LiteRT cannot load it ({str(e).splitlines()[0][:200]})") from None
         self.path = Path(path)
         # a model that normalises its pixel input itself gets eval's normalised batches back as pixels
-        self.normalization = embedded_normalization(self.path)
-        self.takes_pixels = self.normalization is not None
-        self.input = self.interp.get_input_details()[0]
-        self.output = self.interp.get_output_details()[0]
-        signature = self.input.get("shape_signature", self.input["shape"])
-        self.dynamic_batch = int(signature[0]) == -1
-        self.batch = int(self.input["shape"][0])
-        self.interp.allocate_tensors()
-
-    def io_names(self) -> tuple[str, str]:
-        return self.input["name"], self.output["name"]
-
-    def _resize(self, n: int) -> None:
-        if n != self.batch:
-            shape = [n, *(int(v) for v in self.input["shape"][1:])]
-            self.interp.resize_tensor_input(self.input["index"], shape)
-            self.interp.allocate_tensors()
-            self.batch = n
-
-    def _run(self, x_nhwc: np.ndarray) -> np.ndarray:
-        self.interp.set_tensor(self.input["index"], quantize(x_nhwc, self.input))
-        self.interp.invoke()
-        return dequantize(self.interp.get_tensor(self.output["index"]), self.output)
+        self._normalization = embedded_normalization(self.path) or {}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 4:
-            raise TargetError(f"{self.path}: expected an N×C×H×W batch, got shape {x.shape}")
-        nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        if self.normalization is not None:
-            nhwc = to_pixels(nhwc, self.normalization)
-        if self.dynamic_batch:
-            self._resize(len(nhwc))
-            return self._run(nhwc)
-        # fixed-batch model (e.g. from another converter): run in chunks of its batch, padding the last
-        b, outs = self.batch, []
-        for start in range(0, len(nhwc), b):
-            chunk = nhwc[start:start + b]
-            pad = b - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
-            outs.append(self._run(chunk)[: b - pad])
-        return np.concatenate(outs)
+        try:
+            return super().__call__(x)
+        except ValueError as e:
+            if np.ndim(x) != 4:
+                raise TargetError(f"{self.path}: {e}") from None
+            raise
 
 
 def embedded_normalization(path: Path) -> dict | None:
     """The normalisation a ``.tflite`` made by edgeres does on its pixel input (None: it takes the
     normalised input, as models from elsewhere or from before it did)."""
-    from targets import tflite_metadata
-
     try:
-        raw = Path(path).read_bytes()
-        data = tflite_metadata.entry(raw, EMBEDDED_KEY)
-    except ImportError:  # no flatbuffers schema beside the interpreter (tflite-runtime alone)
-        if EMBEDDED_KEY.encode() not in raw:
-            return None
-        raise TargetUnavailable(f"{path}: takes pixels, and reading how it normalises them needs the model "
-                                "schema of ai-edge-litert; pip install ai-edge-litert") from None
+        return litert_embedded_normalization(path)
+    except ImportError as e:  # no flatbuffers schema beside the interpreter (tflite-runtime alone)
+        raise TargetUnavailable(f"{path}: {e}") from None
     except (OSError, ValueError, IndexError, AttributeError, TypeError):
         raise TargetError(f"{path}: LiteRT cannot load it (not a readable .tflite flatbuffer)") from None
-    return json.loads(data)["normalization"] if data else None
-
-
-def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
-    """Float → the tensor's dtype with its (scale, zero_point); float tensors pass through."""
-    dtype = np.dtype(detail["dtype"])
-    if dtype.kind == "f":
-        return x.astype(dtype, copy=False)
-    scale, zero_point = detail["quantization"]
-    info = np.iinfo(dtype)
-    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
-
-
-def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
-    if np.dtype(detail["dtype"]).kind == "f":
-        return y.astype(np.float32, copy=True)
-    scale, zero_point = detail["quantization"]
-    return ((y.astype(np.float32) - zero_point) * np.float32(scale)).astype(np.float32)
 
 
 def load_runner(path: str | Path, threads: int | None = None) -> TFLiteRunner:

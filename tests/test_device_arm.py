@@ -54,12 +54,13 @@ def test_the_board_name_wins_over_the_features(tmp_path):
 def test_the_pi_profiles_quantise_onnx_s8s8_whatever_cpu_builds_them(profile):
     from calibration.cpu import CpuFeatures
     from edgeres.device.profiles import load_profile
-    from targets.onnx import choose_int8_recipe
+    from edgeres.int8 import choose_recipe
+    from targets.onnx import INFO
 
-    options = load_profile(profile).options["onnx"]
-    recipe = choose_int8_recipe(CpuFeatures("x86", ("avx2",)), options)  # built on an x86 host without VNNI
+    options = load_profile(profile).options["int8"]
+    recipe = choose_recipe(INFO, CpuFeatures("x86", ("avx2",)), options)  # built on an x86 host without VNNI
     assert recipe["activation_type"] == "int8" and recipe["weight_type"] == "int8" and not recipe["reduce_range"]
-    on_arm = choose_int8_recipe(CpuFeatures("arm", ("asimd", "asimddp")))  # what a Pi would choose for itself
+    on_arm = choose_recipe(INFO, CpuFeatures("arm", ("asimd", "asimddp")))  # what a Pi would choose for itself
     assert {k: recipe[k] for k in ("activation_type", "weight_type", "per_channel", "reduce_range")} == \
         {k: on_arm[k] for k in ("activation_type", "weight_type", "per_channel", "reduce_range")}
 
@@ -123,7 +124,7 @@ def test_runner_eval_mode_feeds_pixels_to_a_tflite_that_normalises_itself(app_bu
     path = app_bundle / artifact["file"]
     from targets.tflite import embedded_normalization
 
-    assert embedded_normalization(path) == bench_runner._embedded_pixel_normalization(str(path)) is not None
+    assert embedded_normalization(path) == bench_runner.litert_embedded_normalization(str(path)) is not None
     x = np.random.default_rng(1).standard_normal((5, 3, 16, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     out = subprocess.run([sys.executable, str(bench_runner.__file__), "--artifact", str(path),

@@ -282,7 +282,7 @@ def test_the_app_refuses_a_fifo_without_waiting(kinds_app, pngs, tmp_path):
 
     os.mkfifo(tmp_path / "pipe.png")
     r = _run_app(out, pngs / "p00.png", tmp_path / "pipe.png")  # before: blocked in open() until the timeout
-    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
     assert r.stderr.strip() == f"classify: error: {tmp_path / 'pipe.png'}: is not a regular file; give image files or folders"
 
 
@@ -298,3 +298,23 @@ def test_the_app_refuses_a_huge_declared_size_in_one_line(kinds_app, tmp_path, w
     r = _run_app(out, big)  # before: a DecompressionBombError traceback
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"classify: warning: {big}: {expect}" in r.stderr
+
+
+@pytest.mark.parametrize("kind, target", [("android", "tflite"), ("android", "onnx"), ("ios", "tflite"), ("ios", "onnx")])
+def test_mobile_code_says_it_takes_upright_images_where_it_classifies(app_bundle, tmp_path, kind, target):
+    out = tmp_path / "app"
+    assert _export(app_bundle, "--kind", kind, "--target", target, "--precision", "fp32", "--out", out).exit_code == 0
+    code = (out / ("ImageClassifier.kt" if kind == "android" else "ImageClassifier.swift")).read_text()
+    signature = "fun classify(bitmap: Bitmap" if kind == "android" else "func classify(_ image: CGImage"
+    above = code[:code.index(signature)].rsplit("\n\n", 1)[-1]  # the comment block right above classify
+    before = " ".join(above.replace("//", " ").split())
+    assert "UPRIGHT IMAGES ONLY" in before and "EXIF orientation" in before
+    assert ("ExifInterface" if kind == "android" else "imageOrientation") in before
+    readme = (out / "README.md").read_text()
+    assert "**Give it upright images.**" in readme and "EXIF orientation" in readme
+
+
+def test_python_readme_says_how_images_are_decoded(kinds_app):
+    out, _ = kinds_app
+    readme = (out / "README.md").read_text()
+    assert "EXIF\norientation a phone camera writes is applied" in readme and "a FIFO or device is refused" in readme

@@ -8,6 +8,8 @@ import pytest
 
 from calibration import DataError
 from calibration.cpu import CpuFeatures, cpu_features
+from edgeres import int8
+from edgeres.int8 import choose_recipe
 from targets import onnx as onnx_target
 from targets.base import TargetError
 from tests.conftest import make_images
@@ -46,7 +48,7 @@ def qdq_params(path):
 
 @pytest.fixture(scope="module")
 def tiny_ranges(tiny_onnx):
-    return onnx_target.compute_ranges(tiny_onnx, calib_batches(), estimator="percentile")
+    return int8.compute_ranges(tiny_onnx, calib_batches(), estimator="percentile")
 
 
 def relu_tensor(ranges):
@@ -67,7 +69,8 @@ def test_qdq_scales_come_from_our_ranges(tiny_onnx, tiny_ranges, tmp_path):
     name = relu_tensor(tiny_ranges)
     ranges = dict(tiny_ranges)
     ranges[name] = (0.0, 5.1)  # a range no estimator would produce: the graph must use it
-    onnx_target.quantize_qdq(tiny_onnx, ranges, tmp_path / "q.onnx", options={"activation_type": "uint8"})
+    int8.quantize_qdq(tiny_onnx, ranges, tmp_path / "q.onnx", consumer=onnx_target.INFO,
+                      options={"activation_type": "uint8"})
     scale, zero_point = qdq_params(tmp_path / "q.onnx")[name]
     assert scale == pytest.approx(5.1 / 255, rel=1e-6)
     assert zero_point == 0
@@ -76,33 +79,53 @@ def test_qdq_scales_come_from_our_ranges(tiny_onnx, tiny_ranges, tmp_path):
 def test_qdq_is_int8_per_channel_opset_17_and_records_the_recipe(tiny_onnx, tiny_ranges, tmp_path):
     import onnx
 
-    record = onnx_target.quantize_qdq(tiny_onnx, tiny_ranges, tmp_path / "q.onnx", options={})
+    record = int8.quantize_qdq(tiny_onnx, tiny_ranges, tmp_path / "q.onnx", consumer=onnx_target.INFO)
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert record["per_channel"] and record["weight_type"] == "int8" and record["quantized_tensors"] > 5
     assert record["opset"] >= 17
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "Conv_" in n.input[0]]
     scales = {t.name: t for t in model.graph.initializer}
     assert any(len(scales[n.input[1]].dims) == 1 and scales[n.input[1]].dims[0] > 1 for n in weight_dq)
-    assert onnx_target.qdq_record(tmp_path / "q.onnx") == record
+    assert int8.qdq_record(tmp_path / "q.onnx") == onnx_target.qdq_record(tmp_path / "q.onnx") == record
 
 
 @pytest.mark.parametrize("flags, vnni_expected_reduce", [(("avx2",), True), (("avx2", "avx512_vnni"), False)])
 def test_reduce_range_follows_vnni(flags, vnni_expected_reduce):
-    recipe = onnx_target.choose_int8_recipe(CpuFeatures("x86", flags))
+    recipe = choose_recipe(onnx_target.INFO, CpuFeatures("x86", flags))
     assert recipe["reduce_range"] is vnni_expected_reduce and recipe["activation_type"] == "uint8"
 
 
 def test_user_options_override_the_cpu_choice():
-    recipe = onnx_target.choose_int8_recipe(CpuFeatures("x86", ("avx2", "avx512_vnni")),
-                                            {"reduce_range": True, "activation_type": "int8"})
+    recipe = choose_recipe(onnx_target.INFO, CpuFeatures("x86", ("avx2", "avx512_vnni")),
+                           {"reduce_range": True, "activation_type": "int8"})
     assert recipe["reduce_range"] is True and recipe["activation_type"] == "int8"
     assert recipe["reason"].startswith("set by option")
 
 
 @pytest.mark.parametrize("options", [{"activation_type": "int4"}, {"reduce_range": "maybe"}, {"reduce_rang": True}])
-def test_bad_onnx_options_are_refused(options):
-    with pytest.raises(TargetError, match="onnx"):
-        onnx_target.choose_int8_recipe(CpuFeatures("x86", ("avx2",)), options)
+def test_bad_int8_options_are_refused(options):
+    with pytest.raises(TargetError, match="int8"):
+        choose_recipe(onnx_target.INFO, CpuFeatures("x86", ("avx2",)), options)
+
+
+def test_old_onnx_spellings_of_int8_options_are_taken_as_int8_with_a_note(capsys):
+    from edgeres.convert.config import parse_target_options
+
+    options = parse_target_options(["onnx.reduce_range=true", "int8.per_channel=false", "openvino.engine=nncf"])
+    assert options == {"int8": {"reduce_range": True, "per_channel": False}, "openvino": {"engine": "nncf"}}
+    err = capsys.readouterr().err
+    assert "--option onnx.reduce_range is now spelled --option int8.reduce_range" in err and err.count("\n") == 1
+
+
+def test_int8_options_do_not_reach_a_runtime_with_its_own_int8_spec(tmp_path):
+    from edgeres.convert.build import int8_recipes
+    from edgeres.convert.config import ConvertConfig
+
+    cfg = ConvertConfig(model="m.pt", out=str(tmp_path / "b"), targets=("onnx", "openvino", "tflite"),
+                        target_options={"int8": {"reduce_range": True}})
+    recipes = int8_recipes(cfg, [(t, "int8") for t in cfg.targets])
+    assert recipes["onnx"]["reduce_range"] is True and recipes["openvino"]["reduce_range"] is True
+    assert recipes["tflite"]["reduce_range"] is False and recipes["tflite"]["activation_type"] == "int8"
 
 
 def test_cpu_features_read_vnni_from_cpuinfo(tmp_path):
@@ -120,12 +143,12 @@ def test_nan_calibration_activations_raise_data_error(tiny_onnx):
         return iter([x])
 
     with pytest.raises(DataError, match="NaN"):
-        onnx_target.compute_ranges(tiny_onnx, nan_batches)
+        int8.compute_ranges(tiny_onnx, nan_batches)
 
 
 def test_empty_calibration_raises_data_error(tiny_onnx):
     with pytest.raises(DataError, match="no images"):
-        onnx_target.compute_ranges(tiny_onnx, lambda layout="NCHW", batch_size=32: iter([]))
+        int8.compute_ranges(tiny_onnx, lambda layout="NCHW", batch_size=32: iter([]))
 
 
 # --- through the CLI -------------------------------------------------------------------------
@@ -137,7 +160,7 @@ def int8_bundle(tmp_path_factory, tiny_checkpoint, tiny_npz):
 
     out = tmp_path_factory.mktemp("bundles") / "int8"
     r = run_cli("convert", tiny_checkpoint, "--calib", tiny_npz, "--targets", "onnx", "--precision", "int8,fp16",
-                "--option", "onnx.reduce_range=true", "--out", out)
+                "--option", "int8.reduce_range=true", "--out", out)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -146,7 +169,7 @@ def test_convert_int8_records_the_recipe_in_the_manifest(int8_bundle):
     manifest = json.loads((int8_bundle / "manifest.json").read_text())
     int8 = next(a for a in manifest["artifacts"] if a["precision"] == "int8")
     assert int8["status"] == "ok" and int8["file"] == "onnx/model.int8.onnx"
-    assert int8["options"]["reduce_range"] is True and int8["options"]["reason"] == "set by option onnx.reduce_range"
+    assert int8["options"]["reduce_range"] is True and int8["options"]["reason"] == "set by option int8.reduce_range"
     assert manifest["calibration"]["qdq"]["reduce_range"] is True
     assert manifest["calibration"]["estimator"] == "mse"  # the default
     assert (int8_bundle / "model.fp32.onnx").exists()

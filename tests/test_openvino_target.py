@@ -236,7 +236,7 @@ def test_embedded_preprocess_runner_still_accepts_eval_float_nchw(built, test_in
     a, d = built["fp32-raw"]
     runner = ov_target.load_runner(d / a.file)
     images, x = test_inputs
-    np.testing.assert_array_equal(runner._to_uint8_images(x), images)
+    np.testing.assert_array_equal(runner.to_uint8_images(x), images)
     np.testing.assert_allclose(runner(x), runner.run_native(images), rtol=0, atol=1e-6)
 
 

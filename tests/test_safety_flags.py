@@ -65,6 +65,8 @@ OPTION_CASES = [
     Case("onnx-activation-type", _option("onnx.activation_type=int4"), "onnx.activation_type=int4: choose one of uint8, int8"),
     Case("onnx-float-nodes-number", _option("onnx.float_nodes=5"), "onnx.float_nodes=5: give names separated by commas"),
     Case("onnx-threads-word", _option("onnx.threads=many"), "unknown option onnx.threads"),
+    Case("int8-unknown-key", _option("int8.no_such_key=1"), "unknown option int8.no_such_key"),
+    Case("int8-reduce-range-word", _option("int8.reduce_range=maybe"), "int8.reduce_range=maybe: choose true or false"),
     Case("openvino-unknown-key", _option("openvino.colour=1"), "unknown option openvino.colour"),
     Case("openvino-engine", _option("openvino.engine=tensorrt"), "openvino.engine=tensorrt: choose one of qdq, nncf"),
     Case("openvino-embed-word", _option("openvino.embed_preprocess=maybe"), "embed_preprocess=maybe: choose true or false"),
@@ -234,7 +236,7 @@ def test_eval_layers_without_int8_writes_no_eval_json(env, tmp_path, onnx_bundle
     shutil.copytree(onnx_bundle, bundle)  # fp32 only: per-layer SQNR has no int8 model to measure
     assert not (bundle / "eval.json").exists()
     code, _, stderr = _invoke(["eval", bundle, "--data", env["npz"], "--layers"])
-    _assert_one_line(code, stderr, Case("layers", None, "has no onnx int8 artifact; --layers needs one"))
+    _assert_one_line(code, stderr, Case("layers", None, "has no int8 artifact; --layers needs one"))
     assert not (bundle / "eval.json").exists()
     _no_partial(tmp_path)
 
@@ -254,9 +256,9 @@ def _fail_in_quantizer(error: BaseException):
     pytest.param(DataError("a bad batch"), 2, id="data-error"),
 ])
 def test_failure_after_staging_began_leaves_no_partial_folder(env, tmp_path, monkeypatch, error, code):
-    from targets import onnx as onnx_target
+    from edgeres.convert import build
 
-    monkeypatch.setattr(onnx_target, "quantize_qdq", _fail_in_quantizer(error))
+    monkeypatch.setattr(build, "quantize_qdq", _fail_in_quantizer(error))
     out = tmp_path / "bundle"
     exit_code, _, stderr = _invoke(_convert(tmp_path, env, "--no-bench"))
     assert exit_code == code, stderr
@@ -266,14 +268,14 @@ def test_failure_after_staging_began_leaves_no_partial_folder(env, tmp_path, mon
 
 
 def test_interrupted_conversion_keeps_its_steps_for_resuming(env, tmp_path, monkeypatch):
-    from targets import onnx as onnx_target
+    from edgeres.convert import build
 
-    real = onnx_target.quantize_qdq
-    monkeypatch.setattr(onnx_target, "quantize_qdq", _fail_in_quantizer(KeyboardInterrupt()))
+    real = build.quantize_qdq
+    monkeypatch.setattr(build, "quantize_qdq", _fail_in_quantizer(KeyboardInterrupt()))
     code, _, stderr = _invoke(_convert(tmp_path, env, "--no-bench"))
     assert code == 130, stderr
     assert len(list(tmp_path.glob(".bundle.partial-*"))) == 1
-    monkeypatch.setattr(onnx_target, "quantize_qdq", real)
+    monkeypatch.setattr(build, "quantize_qdq", real)
     code, _, stderr = _invoke(_convert(tmp_path, env, "--no-bench"))
     assert code == 0 and "reusing the finished steps" in stderr, stderr
     _no_partial(tmp_path)

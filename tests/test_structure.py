@@ -22,6 +22,7 @@ LAYERS = (
     ("edgeres.convert",),
     ("edgeres.compress",),
     ("edgeres.measure",),
+    ("edgeres.int8",),
     ("edgeres.sources", "edgeres.bundle"),
     ("edgeres.model",),
     ("edgeres.device",),
@@ -35,6 +36,7 @@ RUNTIME_NAMES = ("onnx", "openvino", "tflite")
 NOT_A_RUNTIME = {
     ("edgeres/device/doctor.py", "onnx"): "the onnx Python package, a tool edgeres exports with",
     ("edgeres/sources/loading.py", "onnx"): "the format of a model file the user brings",
+    ("edgeres/int8/options.py", "onnx"): "the old spelling of the int8 options (--option onnx.*), still accepted",
     ("edgeres/measure/bench_runner.py", "openvino"): "the device-side loaders of the standalone runner (no imports)",
     ("edgeres/app/classify_template.py", "openvino"): "the exported app's own loaders (a standalone script)",
 }
@@ -213,3 +215,63 @@ def test_a_fourth_target_converts_and_evaluates(fake_cli, tiny_checkpoint, tiny_
     assert artifact["target"] == "fakert" and artifact["status"] == "ok" and artifact["options"] == {"speed": "slow"}
     evaluated = json.loads((out / "eval.json").read_text())
     assert evaluated["artifacts"][0]["agreement_pct"] == 100.0
+
+
+# -- one runner per runtime: numpy-only modules, copied verbatim into the standalone files -------------------
+
+RUNNER_MODULES = sorted(p for p in (ROOT / "targets" / "runners").glob("*_runner.py"))
+STANDALONE_FILES = ("edgeres/measure/bench_runner.py", "edgeres/app/classify_template.py")
+
+
+def test_there_is_a_runner_module_per_builtin_runtime():
+    import targets
+
+    runtimes = {targets.get_info(name).runtime for name in targets.BUILTIN}
+    assert {p.stem.removesuffix("_runner") for p in RUNNER_MODULES} == runtimes
+
+
+@pytest.mark.parametrize("path", RUNNER_MODULES, ids=lambda p: p.name)
+def test_a_runner_module_needs_only_the_standard_library_and_numpy(path):
+    """Its runtime is imported inside functions; nothing from edgeres, targets or calibration anywhere."""
+    tree = ast.parse(path.read_text())
+    top, anywhere = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or "."]
+            roots = {n.split(".")[0] for n in names} | ({"."} if getattr(node, "level", 0) else set())
+            anywhere |= roots
+            if node in tree.body:
+                top |= roots
+    assert top <= set(sys.stdlib_module_names) | {"__future__", "numpy"}, top
+    assert not anywhere & {"edgeres", "targets", "calibration", "cli", "."}, anywhere
+
+
+@pytest.mark.parametrize("rel", STANDALONE_FILES)
+def test_the_standalone_files_carry_the_runner_modules_verbatim(rel):
+    from targets.runners import assemble
+
+    text = (ROOT / rel).read_text()
+    assert assemble.assemble(text, rel) == text, f"{rel} is stale: run python -m targets.runners.assemble {rel}"
+    for path in RUNNER_MODULES:
+        body = path.read_text().replace(assemble.FUTURE, "", 1)
+        assert f"# --- targets/runners/{path.name} ---\n{body}" in text  # byte for byte, less the __future__ line
+
+
+def test_the_assembler_refuses_a_runner_whose_names_clash_with_the_file():
+    from targets.runners import assemble
+
+    text = f"from __future__ import annotations\n\ndef litert_quantize():\n    pass\n\n{assemble.BEGIN}\n{assemble.END}\n"
+    with pytest.raises(ValueError, match="defined twice.*litert_quantize"):
+        assemble.assemble(text)
+    with pytest.raises(ValueError, match="exactly one runners part"):
+        assemble.assemble("x = 1\n")
+
+
+def test_the_assembler_check_names_a_stale_file(tmp_path):
+    stale = tmp_path / "standalone.py"
+    stale.write_text((ROOT / STANDALONE_FILES[0]).read_text().replace("class LiteRtRunner:", "class LiteRtRunner:  # edited", 1))
+    r = subprocess.run([sys.executable, "-m", "targets.runners.assemble", "--check", str(stale)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "differs from targets/runners" in r.stderr
+    assert subprocess.run([sys.executable, "-m", "targets.runners.assemble", str(stale)], cwd=ROOT).returncode == 0
+    assert stale.read_text() == (ROOT / STANDALONE_FILES[0]).read_text()

@@ -104,6 +104,11 @@ python -m venv .venv && .venv/bin/pip install -r requirements.txt
 Files: `classify.py`, `{config['model']}` (the artifact), `labels.txt` ({config['num_classes']} classes),
 `requirements.txt` (the runtime pinned to the version the bundle was made and tested with), `app.json`.
 
+Images are decoded as `edgeres predict` decodes them (the same code, copied into classify.py): the EXIF
+orientation a phone camera writes is applied; 16-bit, greyscale, palette, CMYK and alpha images give
+edgeres' pixels; only JPEG, PNG, BMP, WebP, TIFF and GIF content is decoded; a FIFO or device is refused
+unopened and an image above 89 megapixels (or with a side above 65535 pixels) before it is decoded.
+
 Preprocessing (written into classify.py from the bundle's manifest): {_preprocess_text(config)}.
 
 requirements.txt:
@@ -112,6 +117,14 @@ requirements.txt:
 {requirements.strip()}
 ```
 """
+
+
+UPRIGHT = {  # what the mobile README says about EXIF orientation, per kind
+    "android": "like BitmapFactory, which ignores the tag: rotate by ExifInterface's `rotationDegrees` (from "
+               "CameraX: `imageInfo.rotationDegrees`) before `classify`",
+    "ios": "like a CGImage, which has no orientation: draw a UIImage whose `imageOrientation` is not `.up` "
+           "upright before `classify`",
+}
 
 
 def mobile_readme(kind: str, config: dict, artifact: dict) -> str:
@@ -129,6 +142,10 @@ preprocessing; `{build}` adds the runtime to your build. Put `{config['model']}`
 toolchain, so it has not been built or run; edgeres' tests check only that its constants equal the
 bundle's manifest. Check it in your project before you rely on it. The platform's image scaling
 (bilinear, not antialiased as Pillow's) can differ slightly from `edgeres predict` on downscaled images.
+
+**Give it upright images.** edgeres and the Python app apply the EXIF orientation a phone camera writes
+(a portrait photo is stored as landscape pixels plus a tag); this code classifies pixels as they lie,
+{UPRIGHT[kind]}. The comment above `classify` in `{code}` shows how.
 
 Preprocessing: {_preprocess_text(config)}.
 """
@@ -159,6 +176,11 @@ class ImageClassifier(context: Context, threads: Int = 2) : AutoCloseable {
         interpreter = Interpreter(model, Interpreter.Options().setNumThreads(threads))
     }
 
+    // UPRIGHT IMAGES ONLY: the bitmap is classified as its pixels lie. BitmapFactory ignores the EXIF
+    // orientation a phone camera writes (a portrait photo is stored as landscape pixels plus a tag), and
+    // edgeres applies it, so rotate first: ExifInterface(path).rotationDegrees (androidx.exifinterface) and
+    // Bitmap.createBitmap(bitmap, 0, 0, w, h, Matrix().apply { postRotate(degrees) }, true); from CameraX
+    // use imageProxy.imageInfo.rotationDegrees. Alpha is ignored, as edgeres drops it.
     fun classify(bitmap: Bitmap, top: Int = 5): List<Pair<String, Float>> {
         val input = toInput(Geometry.apply(bitmap))
         val output = interpreter.getOutputTensor(0)
@@ -240,6 +262,11 @@ class ImageClassifier(context: Context, threads: Int = 2) : AutoCloseable {
         context.assets.open(ModelConfig.MODEL_FILE).readBytes(),
         OrtSession.SessionOptions().apply { setIntraOpNumThreads(threads) })
 
+    // UPRIGHT IMAGES ONLY: the bitmap is classified as its pixels lie. BitmapFactory ignores the EXIF
+    // orientation a phone camera writes (a portrait photo is stored as landscape pixels plus a tag), and
+    // edgeres applies it, so rotate first: ExifInterface(path).rotationDegrees (androidx.exifinterface) and
+    // Bitmap.createBitmap(bitmap, 0, 0, w, h, Matrix().apply { postRotate(degrees) }, true); from CameraX
+    // use imageProxy.imageInfo.rotationDegrees. Alpha is ignored, as edgeres drops it.
     fun classify(bitmap: Bitmap, top: Int = 5): List<Pair<String, Float>> {
         val n = ModelConfig.INPUT_SIZE
         val img = Geometry.apply(bitmap)
@@ -288,6 +315,10 @@ final class ImageClassifier {
         try interpreter.allocateTensors()
     }
 
+    // UPRIGHT IMAGES ONLY: a CGImage carries no orientation, so it is classified as its pixels lie, while
+    // edgeres applies the EXIF orientation a camera writes. From a UIImage whose imageOrientation is not
+    // .up, draw it upright first (UIGraphicsImageRenderer(size: image.size).image { _ in image.draw(at: .zero) }),
+    // or load files with CGImageSourceCreateThumbnailAtIndex and kCGImageSourceCreateThumbnailWithTransform.
     func classify(_ image: CGImage, top: Int = 5) throws -> [(String, Float)] {
         let rgb = Geometry.rgbPixels(image)
         var data = Data()
@@ -366,6 +397,10 @@ final class ImageClassifier {
         session = try ORTSession(env: env, modelPath: model, sessionOptions: options)
     }
 
+    // UPRIGHT IMAGES ONLY: a CGImage carries no orientation, so it is classified as its pixels lie, while
+    // edgeres applies the EXIF orientation a camera writes. From a UIImage whose imageOrientation is not
+    // .up, draw it upright first (UIGraphicsImageRenderer(size: image.size).image { _ in image.draw(at: .zero) }),
+    // or load files with CGImageSourceCreateThumbnailAtIndex and kCGImageSourceCreateThumbnailWithTransform.
     func classify(_ image: CGImage, top: Int = 5) throws -> [(String, Float)] {
         let n = ModelConfig.INPUT_SIZE
         let rgb = Geometry.rgbPixels(image)

@@ -16,6 +16,7 @@ from typing import Callable
 import targets
 from edgeres.bundle import (MANIFEST, file_record, publish, read_manifest, read_result, reference_path,
                             write_json_atomic)
+from edgeres.int8 import STAGE as INT8_STAGE
 from edgeres.measure.bundle_eval import EVAL_FILE
 from edgeres.measure.layer_error import layer_sqnr_for_bundle
 from edgeres.progress import log
@@ -72,10 +73,10 @@ def _pending(out: Path, budget_pp: float) -> tuple[dict, list[dict]]:
     pending = {a["target"]: a for a in over_budget(read_result(out, EVAL_FILE), budget_pp)}
     actions = []
     for target in list(pending):
-        if targets.get_info(target).consumes != targets.QDQ_ONNX:  # only the shared QDQ model takes these options
+        if not targets.get_info(target).budget_tunes:  # the runtime declares nothing a trial may change
             actions.append({"target": target, "precision": "int8", "action": "none left",
-                            "detail": f"{target} full-int8 keeps every op int8 and calibrates in its converter; "
-                                      "no better setting to try", "fits": False})
+                            "detail": f"{target} declares no int8 setting the budget may tune "
+                                      "(its full-int8 keeps every op int8); no better setting to try", "fits": False})
             pending.pop(target)
     return pending, actions
 
@@ -87,8 +88,8 @@ def _trial_config(cfg, out: Path, i: int, trial: Trial, pending: tuple[str, ...]
         return replace(trial_cfg, estimator=trial.estimator), trial.label
     nodes = sensitive()[: trial.float_layers]
     options = {t: dict(o) for t, o in cfg.target_options.items()}
-    # the shared QDQ model (which every QDQ consumer compiles from) takes its recipe's options
-    options.setdefault(targets.shared_int8().INFO.name, {})["float_nodes"] = nodes
+    # float nodes are an int8 stage setting: the QDQ model every QDQ consumer compiles from keeps them
+    options.setdefault(INT8_STAGE, {})["float_nodes"] = nodes
     return replace(trial_cfg, target_options=options), f"{trial.label}: {', '.join(nodes)}"
 
 

@@ -38,15 +38,16 @@ from edgeres.convert.workers import (CALIB_FILE, Compiles, WorkerTask, compile_r
                                      write_calibration, write_weights)
 from edgeres.progress import log, step
 from targets.base import LABELS_FILE, app_metadata, release_memory
-from targets import (BUILTIN, CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, info_for_file,
-                     shared_int8)
+from edgeres.int8 import STAGE as INT8_STAGE
+from edgeres.int8 import compute_ranges, quantize_qdq, recipes_for
+from edgeres.int8.recipe import same_qdq, weight_levels
+from targets import BUILTIN, CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, info_for_file
 
 STEPS_FILE = ".steps.json"
 RANGES_FILE = "calibration_ranges.json"
 QDQ_FILE = "model.qdq.onnx"
 ACCURATE_FP32 = "model.accurate.fp32.onnx"  # improved weights, fp32: what the QDQ model quantises
 FINETUNE_FP32 = "model.finetune.fp32.onnx"  # quantisation-aware tuned weights (on their grid), fp32
-FULL_INT8_LEVELS = 127  # symmetric int8 weights, ±127: the grid of every target without reduce_range
 # the manifest names the improved weights by the grid they were fitted to
 _GRID_NAMES = {QDQ_ONNX: "qdq", KERAS: "keras"}
 
@@ -115,6 +116,7 @@ class Int8Inputs:
     ranges: dict | None
     calibration: dict | None
     tuned: dict = dataclasses.field(default_factory=dict)  # consumer -> ReferenceActivations (--quant finetune)
+    recipes: dict = dataclasses.field(default_factory=dict)  # int8 target -> its recipe (edgeres.int8)
 
 
 def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: Path | None = None,
@@ -140,7 +142,7 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
                 early[0].stop()
             raise
         write_text_atomic(work / LABELS_FILE, "".join(f"{name}\n" for name in label_names(spec)))
-        manifest = _manifest(cfg, loaded, key, work, steps, int8.calibration, artifacts)
+        manifest = _manifest(cfg, loaded, key, work, steps, int8, artifacts)
         shutil.rmtree(work / ".work", ignore_errors=True)
         (work / STEPS_FILE).unlink(missing_ok=True)
         _drop_unlisted(work, manifest)
@@ -199,11 +201,10 @@ def _export_reference(loaded, work: Path, steps: StepCache, reference: Path | No
         shutil.copyfile(reference, work / REFERENCE_FILE)
     else:
         log("exporting the fp32 reference ONNX…")
-        export_onnx(loaded.to_torch(), loaded.spec, work / REFERENCE_FILE)
-    # the reference carries what an app needs too, so the fp32 ONNX artifact stays a byte copy of it
-    shared_int8().stamp_metadata(work / REFERENCE_FILE, app_metadata(
-        label_names(loaded.spec), loaded.spec.preprocess.to_dict(), layout="NCHW", dtype="float32",
-        version=__version__, source_sha256=loaded.sha256))
+        # the reference carries what an app needs too, so the fp32 ONNX artifact stays a byte copy of it
+        export_onnx(loaded.to_torch(), loaded.spec, work / REFERENCE_FILE, metadata=app_metadata(
+            label_names(loaded.spec), loaded.spec.preprocess.to_dict(), layout="NCHW", dtype="float32",
+            version=__version__, source_sha256=loaded.sha256))
     steps.finish("export", {"seconds": round(time.perf_counter() - t0, 3)})
 
 
@@ -223,44 +224,44 @@ def _int8_inputs(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, sourc
                  steps_plan) -> Int8Inputs:
     """Weights (improved with ``--quant accurate``), then — once for every QDQ consumer — the shared
     ranges and QDQ model. A Keras consumer calibrates inside its converter on the same images."""
-    consumers = {get_info(t).consumes for t, p in steps_plan if p == "int8"}
+    recipes = int8_recipes(cfg, steps_plan)
+    levels = _weight_levels(recipes)
+    consumers = set(levels)
     weights = {c: loaded.state_dict for c in CONSUMES}
     fp32_for_qdq = work / REFERENCE_FILE
     record = source.record if source else None
     if cfg.quant == "accurate" and consumers:
-        weights, fp32_for_qdq, improved = _improve_weights(cfg, loaded, work, source, consumers)
+        weights, fp32_for_qdq, improved = _improve_weights(loaded, work, source, levels)
         record = {**record, "accurate": improved}
     tuned: dict = {}
     if cfg.quant == "finetune" and consumers:
-        weights, fp32_for_qdq, tuned, finetuned = _finetune_weights(cfg, loaded, work, source, consumers)
+        weights, fp32_for_qdq, tuned, finetuned = _finetune_weights(cfg, loaded, work, source, levels)
         record = {**record, "finetune": finetuned}
     if QDQ_ONNX not in consumers:
-        return Int8Inputs(weights, None, None, record, tuned)
+        return Int8Inputs(weights, None, None, record, tuned, recipes)
     qdq_path = work / ".work" / QDQ_FILE
     done = steps.get("calibrate")
     if done is None or not qdq_path.exists():
-        done = _calibrate(cfg, work, source.batches, qdq_path, record, fp32_for_qdq, tuned.get(QDQ_ONNX))
+        done = _calibrate(cfg, work, source.batches, qdq_path, record, fp32_for_qdq, _qdq_recipe(recipes),
+                          tuned.get(QDQ_ONNX))
         steps.finish("calibrate", done)
     ranges = {k: tuple(v) for k, v in json.loads((work / RANGES_FILE).read_text()).items()}
-    return Int8Inputs(weights, qdq_path, ranges, done, tuned)
+    return Int8Inputs(weights, qdq_path, ranges, done, tuned, recipes)
 
 
-def _improve_weights(cfg: ConvertConfig, loaded, work: Path, source: CalibrationSource, consumers: set):
-    """``--quant accurate``: weights clipped and biases corrected for each int8 weight grid in use.
-
-    The shared QDQ ONNX uses onnxruntime's grid (64 steps a side with reduce_range); a Keras consumer
-    always 127. The fp32 reference keeps the original weights; the improved ones go to an internal
-    fp32 ONNX that the QDQ model quantises and to the Keras model."""
+def _improve_weights(loaded, work: Path, source: CalibrationSource, levels: dict):
+    """``--quant accurate``: weights clipped and biases corrected for each int8 weight grid in use
+    (``levels``: steps a side per consumer, from its recipe: the QDQ model's 64 with reduce_range, a
+    Keras consumer's 127). The fp32 reference keeps the original weights; the improved ones go to an
+    internal fp32 ONNX that the QDQ model quantises and to the Keras model."""
     t0 = time.perf_counter()
     log("quant accurate: clipping weights and correcting biases on the calibration images…")
     weights, record = {c: loaded.state_dict for c in CONSUMES}, {}
     fp32_for_qdq = work / REFERENCE_FILE
+    consumers = set(levels)
     if QDQ_ONNX in consumers:
-        shared = shared_int8()
-        recipe = shared.choose_int8_recipe(cpu_features(), dict(cfg.target_options.get(shared.INFO.name, {})))
-        levels = 64 if recipe["reduce_range"] else FULL_INT8_LEVELS
         weights[QDQ_ONNX], record["qdq"] = improve_for_int8(loaded.spec, loaded.state_dict, source.batches("NCHW"),
-                                                           levels=levels)
+                                                           levels=levels[QDQ_ONNX])
         fp32_for_qdq = work / ".work" / ACCURATE_FP32
         if not fp32_for_qdq.exists():
             model = build_torch(loaded.spec)
@@ -268,28 +269,24 @@ def _improve_weights(cfg: ConvertConfig, loaded, work: Path, source: Calibration
             fp32_for_qdq.parent.mkdir(exist_ok=True)
             export_onnx(model, loaded.spec, fp32_for_qdq)
     if KERAS in consumers:
-        if record.get("qdq", {}).get("weight_levels") == FULL_INT8_LEVELS:  # same grid: same improved weights
+        if record.get("qdq", {}).get("weight_levels") == levels[KERAS]:  # same grid: same improved weights
             weights[KERAS], record["keras"] = weights[QDQ_ONNX], record["qdq"]
         else:
             weights[KERAS], record["keras"] = improve_for_int8(loaded.spec, loaded.state_dict, source.batches("NCHW"),
-                                                               levels=FULL_INT8_LEVELS)
+                                                               levels=levels[KERAS])
     record["seconds"] = round(time.perf_counter() - t0, 3)
     return weights, fp32_for_qdq, record
 
 
-def _finetune_weights(cfg: ConvertConfig, loaded, work: Path, source: CalibrationSource, consumers: set):
-    """``--quant finetune``: quantisation-aware KD once per int8 weight grid in use (the QDQ ONNX's,
-    which is 64 steps a side with reduce_range, and Keras's 127). Returns the tuned weights per
-    consumer, the fp32 ONNX the QDQ model quantises, the ranges' carriers per consumer, the record."""
+def _finetune_weights(cfg: ConvertConfig, loaded, work: Path, source: CalibrationSource, levels: dict):
+    """``--quant finetune``: quantisation-aware KD once per int8 weight grid in use (``levels``: steps a
+    side per consumer, from its recipe). Returns the tuned weights per consumer, the fp32 ONNX the QDQ
+    model quantises, the ranges' carriers per consumer, the record."""
     t0 = time.perf_counter()
     dataset = check_finetune_data(cfg.finetune_data, loaded.spec, cfg.finetune_epochs)
     recipe = QuantFinetuneConfig(epochs=cfg.finetune_epochs or DEFAULT_EPOCHS, estimator=cfg.estimator,
                                  threads=cfg.threads or 2, seed=cfg.seed)
-    levels = {c: FULL_INT8_LEVELS for c in consumers}
-    if QDQ_ONNX in consumers:
-        shared = shared_int8()
-        qdq = shared.choose_int8_recipe(cpu_features(), dict(cfg.target_options.get(shared.INFO.name, {})))
-        levels[QDQ_ONNX] = 64 if qdq["reduce_range"] else FULL_INT8_LEVELS
+    consumers = set(levels)
     by_grid = {}
     for grid in sorted(set(levels.values())):
         log(f"quant finetune: {recipe.epochs} epoch(s) of quantisation-aware KD on {cfg.finetune_data} "
@@ -310,15 +307,54 @@ def _finetune_weights(cfg: ConvertConfig, loaded, work: Path, source: Calibratio
     return weights, fp32_for_qdq, {c: by_grid[levels[c]].reference for c in consumers}, record
 
 
+def int8_options(cfg: ConvertConfig) -> dict:
+    """The int8 stage's own ``--option int8.*`` settings."""
+    return dict(cfg.target_options.get(INT8_STAGE, {}))
+
+
+def int8_recipes(cfg: ConvertConfig, steps_plan) -> dict[str, dict]:
+    """The int8 recipe of each int8 target of the plan on this CPU (``edgeres.int8``); the ``int8.*``
+    options shape the QDQ model, so they go on top of its consumers' recipes only."""
+    infos = [get_info(t) for t, p in steps_plan if p == "int8" and get_info(t).int8_recipe is not None]
+    cpu, options = cpu_features(), int8_options(cfg)
+    return {**recipes_for([i for i in infos if i.consumes == QDQ_ONNX], cpu, options),
+            **recipes_for([i for i in infos if i.consumes != QDQ_ONNX], cpu, {})}
+
+
+def qdq_recipe(cfg: ConvertConfig) -> dict | None:
+    """The recipe of the QDQ model for the QDQ consumers among ``cfg.targets`` (None without one)."""
+    recipes = int8_recipes(cfg, [(t, "int8") for t in cfg.targets if get_info(t).consumes == QDQ_ONNX])
+    return _qdq_recipe(recipes) if recipes else None
+
+
+def _weight_levels(recipes: dict[str, dict]) -> dict[str, int]:
+    """The int8 weight grid of each kind of consumer (what ``--quant accurate|finetune`` fit weights to)."""
+    if any(get_info(t).consumes == QDQ_ONNX for t in recipes):
+        _qdq_recipe(recipes)  # every QDQ consumer shares one QDQ model, hence one grid
+    return {get_info(t).consumes: weight_levels(r) for t, r in recipes.items()}
+
+
+def _qdq_recipe(recipes: dict[str, dict]) -> dict:
+    """The recipe of the one QDQ model every QDQ consumer compiles from: the first consumer's; the
+    others must make the same QDQ model with theirs."""
+    qdq = [(t, r) for t, r in recipes.items() if get_info(t).consumes == QDQ_ONNX]
+    first_target, first = qdq[0]
+    for target, recipe in qdq[1:]:
+        if not same_qdq(first, recipe):
+            raise TargetError(f"int8: {first_target} and {target} need different int8 recipes on this CPU "
+                              f"({first['reason']}; {recipe['reason']}); convert them into separate bundles or "
+                              "set --option int8.activation_type / int8.reduce_range")
+    return first
+
+
 def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: dict, onnx_fp32: Path,
-               tuned=None) -> dict:
+               recipe: dict, tuned=None) -> dict:
     """Ranges once from the calibration set (those ``tuned`` by ``--quant finetune`` replacing them
-    where they apply), then one QDQ int8 ONNX that every QDQ consumer reuses."""
-    shared = shared_int8()
+    where they apply), then one QDQ int8 ONNX with ``recipe`` that every QDQ consumer reuses."""
     t0 = time.perf_counter()
     try:
         with step(f"calibrating on {record['images']} images with the {cfg.estimator} estimator"):
-            ranges = shared.compute_ranges(onnx_fp32, batches, estimator=cfg.estimator)
+            ranges = compute_ranges(onnx_fp32, batches, estimator=cfg.estimator)
     except TargetError as e:
         raise InputError(f"{cfg.calib}: calibration failed ({e})") from None
     except DataError as e:
@@ -329,7 +365,7 @@ def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: 
         record = {**record, "tuned_ranges": len(tuned_ranges)}
     write_json_atomic(work / RANGES_FILE, {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
     qdq_path.parent.mkdir(exist_ok=True)
-    qdq = shared.quantize_qdq(onnx_fp32, ranges, qdq_path, options=dict(cfg.target_options.get(shared.INFO.name, {})))
+    qdq = quantize_qdq(onnx_fp32, ranges, qdq_path, recipe=recipe, options=int8_options(cfg))
     return {**record, "qdq": qdq, "ranges_file": RANGES_FILE, "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -346,7 +382,7 @@ def _jobs(cfg: ConvertConfig, steps_plan) -> int:
     per conversion); 0 compiles every target in this process."""
     if cfg.jobs is not None:
         return cfg.jobs
-    return default_jobs(sum(1 for t, _ in steps_plan if t in BUILTIN and t != shared_int8().INFO.name))
+    return default_jobs(sum(1 for t, _ in steps_plan if t in BUILTIN and not get_info(t).compile_here))
 
 
 def _start_keras_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan,
@@ -355,7 +391,7 @@ def _start_keras_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCac
     model, not on the shared ranges) start in a worker now, while this process calibrates the shared
     QDQ model — the two longest steps side by side. (Compiles, their pairs), or None."""
     needs_qdq = any(p == "int8" and get_info(t).consumes == QDQ_ONNX for t, p in steps_plan)
-    in_worker = [(t, p) for t, p in steps_plan if t in BUILTIN and t != shared_int8().INFO.name]
+    in_worker = [(t, p) for t, p in steps_plan if t in BUILTIN and not get_info(t).compile_here]
     if cfg.quant != "fast" or jobs == 0 or not needs_qdq or steps.done.get("calibrate") is not None:
         return None
     pairs = [(t, p) for t, p in in_worker if get_info(t).consumes == KERAS
@@ -425,7 +461,7 @@ def _keras_weights(loaded, int8: Int8Inputs, precision: str) -> dict:
 def _in_worker(jobs: int, target: str, precision: str, job: CompileJob) -> bool:
     """Here: ``--jobs 0``, the shared ONNX (a copy of the QDQ model), tuned activations (an object, not
     files), and a target a plugin registered in this process (a fresh worker would not know it)."""
-    return (jobs != 0 and target != shared_int8().INFO.name and job.tuned_activations is None
+    return (jobs != 0 and not get_info(target).compile_here and job.tuned_activations is None
             and target in BUILTIN)
 
 
@@ -453,9 +489,11 @@ def _worker_task(work: Path, loaded, target: str, precision: str, job: CompileJo
     return task
 
 
-def _manifest(cfg: ConvertConfig, loaded, key: str, work: Path, steps: StepCache, calibration: dict | None,
+def _manifest(cfg: ConvertConfig, loaded, key: str, work: Path, steps: StepCache, int8: Int8Inputs,
               artifacts: list[dict]) -> dict:
     spec = loaded.spec
+    int8_record = {"options": int8_options(cfg), "recipes": int8.recipes,
+                   "ranges_file": RANGES_FILE if (work / RANGES_FILE).exists() else None} if int8.recipes else None
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -469,7 +507,8 @@ def _manifest(cfg: ConvertConfig, loaded, key: str, work: Path, steps: StepCache
         "preprocess": spec.preprocess.to_dict(),
         "labels": list(spec.labels) if spec.labels else None,
         "pruning": (loaded.extra or {}).get("pruning"),
-        "calibration": calibration,
+        "calibration": int8.calibration,
+        "int8": int8_record,
         "reference": {**file_record(work, REFERENCE_FILE), "precision": "fp32",
                       "engine": info_for_file(REFERENCE_FILE).dist},
         "data_files": [file_record(work, f) for f in (RANGES_FILE, LABELS_FILE) if (work / f).exists()],

@@ -12,7 +12,7 @@ from pathlib import Path
 from calibration import DataError, Preprocess
 from calibration.estimators import ESTIMATORS
 from calibration.preprocess import FILTERS, RESIZE_MODES
-from edgeres.bundle import MAX_IMAGE_SIDE
+from edgeres.bundle import MAX_IMAGE_SIDE, warn
 from edgeres import __version__
 from edgeres.compress.distill import check_finetune_flags
 from edgeres.compress.prune import PruneConfig
@@ -21,6 +21,9 @@ from edgeres.device.profiles import load_profile
 from edgeres.errors import InputError
 from edgeres.model.labels import read_labels
 from edgeres.flags import check_number, check_threads
+from edgeres.int8 import STAGE as INT8_STAGE
+from edgeres.int8 import check_options as check_int8_options
+from edgeres.int8 import lift_legacy_options
 from targets import get_info
 from targets import names as target_names
 
@@ -74,7 +77,7 @@ class ConvertConfig:
 
 def parse_target_options(items: list[str] | tuple[str, ...]) -> dict:
     """``["openvino.engine=nncf", "tflite.io=uint8"]`` → ``{"openvino": {"engine": "nncf"}, ...}``."""
-    known = target_names()
+    known = (*target_names(), INT8_STAGE)
     out: dict[str, dict] = {}
     for item in items:
         key, eq, value = item.partition("=")
@@ -89,7 +92,15 @@ def parse_target_options(items: list[str] | tuple[str, ...]) -> dict:
             except ValueError:
                 pass
         out.setdefault(target, {})[name] = parsed
-    return out
+    return _lifted(out)
+
+
+def _lifted(options: dict) -> dict:
+    """``options`` with the int8 stage's settings under ``int8`` (old ``onnx.*`` spellings moved, with a note)."""
+    lifted, notes = lift_legacy_options(options)
+    for note in notes:
+        warn(note)
+    return lifted
 
 
 def apply_profile(cfg: ConvertConfig, device: str | None, *, targets_given: bool, precisions_given: bool,
@@ -101,6 +112,7 @@ def apply_profile(cfg: ConvertConfig, device: str | None, *, targets_given: bool
     options = {t: dict(o) for t, o in profile.options.items()}
     for t, o in cfg.target_options.items():
         options.setdefault(t, {}).update(o)
+    options = _lifted(options)
     return replace(
         cfg,
         device=profile.name,
@@ -132,8 +144,11 @@ def validate(cfg: ConvertConfig) -> None:
     if cfg.quant not in QUANT_PRESETS:
         raise InputError(f"--quant: unknown preset {cfg.quant!r}; choose from {', '.join(QUANT_PRESETS)}")
     _validate_numbers(cfg)
-    for target_name, options in cfg.target_options.items():  # onnx options also shape openvino's QDQ int8
-        get_info(target_name).check_options(options)
+    for target_name, options in cfg.target_options.items():
+        if target_name == INT8_STAGE:  # the int8 stage's own: they shape every runtime's int8
+            check_int8_options(options)
+        else:
+            get_info(target_name).check_options(options)
     if cfg.accuracy_budget_pp is not None and not 0 <= cfg.accuracy_budget_pp < float("inf"):  # NaN too
         raise InputError(f"--accuracy-budget: {cfg.accuracy_budget_pp} pp must be a finite number, zero or more (e.g. 1.0)")
     if cfg.accuracy_budget_pp is not None and cfg.eval_data is None:

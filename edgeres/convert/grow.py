@@ -25,9 +25,10 @@ import shutil
 from pathlib import Path
 
 from edgeres.bundle import REFERENCE_FILE, listed_files
-from edgeres.convert.build import QDQ_FILE, RANGES_FILE, STEPS_FILE, os_reason, staging_dir
+from edgeres.convert.build import QDQ_FILE, RANGES_FILE, STEPS_FILE, int8_options, os_reason, qdq_recipe, staging_dir
 from edgeres.convert.config import ConvertConfig, conversion_key, data_digests, plan
 from edgeres.errors import InputError
+from edgeres.int8 import quantize_qdq
 from edgeres.progress import log
 
 _TUPLES = ("targets", "precisions", "bench_threads")
@@ -146,8 +147,6 @@ def prefill(out: Path, manifest: dict, grown: ConvertConfig, key: str) -> None:
 
 
 def _prefill_into(tmp: Path, out: Path, manifest: dict, grown: ConvertConfig) -> dict:
-    from targets import shared_int8
-
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for record in listed_files(manifest):  # read_manifest verified them all
@@ -159,12 +158,12 @@ def _prefill_into(tmp: Path, out: Path, manifest: dict, grown: ConvertConfig) ->
         if artifact.get("status") == "ok":
             steps[f"compile {artifact['target']} {artifact['precision']}"] = artifact
     calibration = manifest.get("calibration")
-    shared = shared_int8()
-    if calibration and calibration.get("qdq") and (tmp / RANGES_FILE).exists():
+    recipe = qdq_recipe(grown)
+    if calibration and calibration.get("qdq") and recipe is not None and (tmp / RANGES_FILE).exists():
         ranges = {k: tuple(v) for k, v in json.loads((tmp / RANGES_FILE).read_text()).items()}
         (tmp / ".work").mkdir(exist_ok=True)
-        record = shared.quantize_qdq(tmp / REFERENCE_FILE, ranges, tmp / ".work" / QDQ_FILE,
-                                     options=dict(grown.target_options.get(shared.INFO.name, {})))
+        record = quantize_qdq(tmp / REFERENCE_FILE, ranges, tmp / ".work" / QDQ_FILE, recipe=recipe,
+                              options=int8_options(grown))
         if record != calibration["qdq"]:
             raise InputError(f"{out}: its int8 recipe cannot be rebuilt on this machine ({record} here, "
                              f"{calibration['qdq']} in the bundle); pass --force to rebuild it or choose another --out")

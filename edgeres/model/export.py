@@ -11,8 +11,9 @@ OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-def export_onnx(model, spec, path: str | Path) -> Path:
-    """Write ``model`` (a torch module built from ``spec``) as simplified fp32 ONNX at ``path``."""
+def export_onnx(model, spec, path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (a torch module built from ``spec``) as simplified fp32 ONNX at ``path``, with
+    ``metadata`` (what an app needs: labels, preprocessing) in its ``metadata_props``."""
     import onnx
     import torch
 
@@ -28,6 +29,9 @@ def export_onnx(model, spec, path: str | Path) -> Path:
         )
         proto = _simplify(onnx.load(str(tmp)))
         onnx.checker.check_model(proto)
+        for key, value in (metadata or {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
         onnx.save(proto, str(tmp))
     return path
 

@@ -147,9 +147,14 @@ def base_conversion(group: list[Conversion]) -> Conversion:
     """What the shared steps of one (ratio, estimator) are made by: the shared QDQ target at int8 when a
     conversion of the group uses the shared ranges, else at fp32 (the reference export only)."""
     first = group[0]
-    shared = targets.shared_int8().INFO.name
     precision = "int8" if any(c.uses_shared_ranges for c in group) else "fp32"
-    return replace(first, target=shared, precision=precision)
+    return replace(first, target=base_target(), precision=precision)
+
+
+def base_target() -> str:
+    """The base conversion's target: its int8 artifact is the int8 stage's QDQ model with metadata added
+    (tasks.summary checks that before trials reuse it)."""
+    return targets.shipping_target(targets.QDQ_ONNX)
 
 
 def base_dir(out: Path, conv: Conversion) -> Path:

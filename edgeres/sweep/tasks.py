@@ -20,11 +20,12 @@ from edgeres.compress.prune import prune_into_loaded
 from edgeres.convert.build import RANGES_FILE, STAGED_QDQ, StepCache, build_bundle, staging_dir
 from edgeres.convert.config import ConvertConfig
 from edgeres.errors import InputError
+from edgeres.int8 import qdq_record
 from edgeres.measure.bench import BENCH_FILE, BenchConfig, RemoteHost, bench_bundle
 from edgeres.measure.bundle_eval import evaluate_bundle
 from edgeres.progress import log
+from edgeres.sweep.grid import base_target
 from edgeres.sources.loading import load_model, save_checkpoint
-from targets import shared_int8
 
 PRUNE_LOG = "pruning (and fine-tuning) once for ratio"  # counted by the sweep: each ratio is pruned once
 
@@ -156,12 +157,11 @@ def summary(out: Path) -> dict:
     evaluated = read_result(out, EVAL_FILE) or {}
     entry = next((e for e in evaluated.get("artifacts", []) if e["target"] == artifact["target"]
                   and e["precision"] == artifact["precision"]), None)
-    shared = shared_int8().INFO.name
     qdq = None
-    if artifact["status"] == "ok" and artifact["target"] == shared and artifact["precision"] == "int8":
+    if artifact["status"] == "ok" and artifact["target"] == base_target() and artifact["precision"] == "int8":
         path = artifact_path(out, artifact)
-        # the shared target's int8 artifact is the QDQ model unchanged: checked, not assumed
-        if shared_int8().qdq_record(path) == (manifest.get("calibration") or {}).get("qdq"):
+        # the base target's int8 artifact is the QDQ model unchanged: checked, not assumed
+        if qdq_record(path) == (manifest.get("calibration") or {}).get("qdq"):
             qdq = str(path)
     ranges = out / RANGES_FILE
     return {"bundle": str(out), "conversion_key": manifest["conversion_key"], "artifact": artifact,
