@@ -12,6 +12,7 @@ from PIL import Image
 
 from calibration import Preprocess, open_dataset
 from tests.conftest import make_images, run_cli
+from tests.test_safety import env  # noqa: F401
 
 KERAS = Preprocess(size=32, resize=37, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), scale=1.0,
                    channel_order="BGR", layout="NHWC")
@@ -103,3 +104,19 @@ def test_check_preprocess_command_prints_each_convention_beside_the_recorded_one
     assert "16×16 as is (no resize); RGB" in r.stdout and "recorded" in r.stdout and "BGR channel order" in r.stdout
     doc = json.loads(run_cli("check-preprocess", app_bundle, "--data", tmp_path / "eval.npz", "--json").stdout)
     assert doc["images"] == 20 and doc["conventions"][0]["axis"] == "recorded" and len(doc["conventions"]) == 5
+
+
+def test_convert_eval_keeps_the_check_and_warns_in_one_line_when_another_convention_is_better(env, tmp_path):
+    """On random weights every convention is near chance; the warning depends only on the stored numbers."""
+    import cli
+    from edgeres.measure.preprocess_check import CHECK_FILE, WARN_GAP_PP
+    from tests.test_safety import _invoke
+
+    out = tmp_path / "bundle"
+    code, _, stderr = _invoke(["convert", env["checkpoint"], "--targets", "onnx", "--precision", "fp32",
+                               "--eval", env["npz"], "--no-bench", "--out", out])
+    assert code == 0, stderr
+    check = json.loads((out / CHECK_FILE).read_text())
+    assert check["images"] == 64 and check["conventions"][0]["axis"] == "recorded"
+    warned = [line for line in stderr.splitlines() if "preprocessing: the recorded convention" in line]
+    assert len(warned) == (1 if check["gap_pp"] > WARN_GAP_PP else 0), stderr

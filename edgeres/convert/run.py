@@ -125,12 +125,15 @@ def _evaluate(cfg: ConvertConfig, out: Path, key: str, eval_ds: ImageDataset) ->
 
 def _check_preprocessing(cfg: ConvertConfig, out: Path, eval_ds: ImageDataset) -> None:
     """One line on stderr when another standard preprocessing convention beats the recorded one by > 1 pp."""
-    from edgeres.measure.preprocess_check import CONVERT_CHECK_IMAGES, check_bundle, warning
+    from edgeres.bundle import store_result, warn
+    from edgeres.measure.preprocess_check import CHECK_FILE, CONVERT_CHECK_IMAGES, check_bundle, warning
 
     limit = min(cfg.eval_images or CONVERT_CHECK_IMAGES, CONVERT_CHECK_IMAGES)
-    line = warning(check_bundle(out, eval_ds, limit=limit, threads=cfg.threads))
+    result = check_bundle(out, eval_ds, limit=limit, threads=cfg.threads)
+    store_result(out, CHECK_FILE, result)
+    line = warning(result)
     if line:
-        log(f"[yellow]warning:[/] {line}")
+        warn(line)
 
 
 def _enforce_budget(cfg: ConvertConfig, out: Path, data: ConvertData, prepared, source_sha256: str) -> None:

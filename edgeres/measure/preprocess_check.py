@@ -20,6 +20,7 @@ from edgeres.progress import progress
 
 # how far below the best convention the recorded one may be before convert --eval says so
 WARN_GAP_PP = 1.0
+CHECK_FILE = "preprocess_check.json"  # convert --eval keeps its check here
 # convert --eval checks on at most this many of its images (each convention is a pass of the fp32 model)
 CONVERT_CHECK_IMAGES = 400
 # per-channel statistics in RGB order: (name, scale, mean, std)
