@@ -255,7 +255,7 @@ def eval_cmd(
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of MODEL (inferred when omitted)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate at most this many images (spread evenly)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads."),
-    layers: bool = typer.Option(False, "--layers", help="Per-layer SQNR of the int8 ONNX artifact vs fp32."),
+    layers: bool = typer.Option(False, "--layers", help="Per-layer SQNR of every int8 artifact vs the fp32 reference, worst first."),
     remote: Optional[str] = typer.Option(None, "--remote", help="Run every artifact on USER@HOST over ssh (key auth) and compare with here."),
     remote_python: str = typer.Option("python3", "--remote-python", help="Python on the remote host."),
     ssh_option: List[str] = typer.Option([], "--ssh-option", help="Extra ssh -o KEY=VALUE, e.g. Port=2222 (repeatable)."),
@@ -671,8 +671,13 @@ def sweep(
                       threads=_int_csv(threads, "--threads"), calib_images=calib_images, eval_images=eval_images,
                       finetune_data=finetune_data, finetune_epochs=epochs, accuracy_budget_pp=accuracy_budget,
                       objective=objective, address=address, remote=remote, bench_runs=bench_runs, html=html_out)
+    from edgeres.sweep.engine import Terminated
+
     try:
         doc = run_sweep(cfg)
+    except Terminated:
+        _err(f"terminated (SIGTERM); finished trials are kept in {out}: re-run the same command to go on")
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
         _err(f"interrupted; finished trials are kept in {out}: re-run the same command to go on")
         raise typer.Exit(130) from None

@@ -148,9 +148,12 @@ class OutputLock:
             if self._still_named(fd):
                 break
             os.close(fd)  # the previous holder removed this file as we locked it: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        try:  # the pid is for the message of whoever waits; a full disk must not keep us from holding the lock
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
 
     def _open(self) -> int | None:
         """The lock file, never through a symlink (one planted there could make this truncate any file)."""

@@ -53,9 +53,31 @@ def print_eval(result: dict) -> None:
     print("drop = reference top-1 − artifact top-1 (positive = accuracy lost)"
           + (f"; kept as eval run {result['run']}" if result.get("run") else "")
           + (f"; partial: {result['images']} of {result['dataset_images']} images" if result.get("partial") else ""))
-    for layer in result.get("layers", [])[:10]:
-        gain = f"  ({layer['gain_db']:+.1f} dB vs --quant fast)" if "gain_db" in layer else ""
-        print(f"  SQNR {layer['sqnr_db']:6.1f} dB{gain}  {printable(layer['name'])}")
+    print_layers(result.get("layers", []), result.get("layer_targets", []))
+
+
+LAYERS_SHOWN = 10  # per artifact: the worst
+
+
+def print_layers(layers: list[dict], coverage: list[dict]) -> None:
+    """``eval --layers``: the worst layers of each int8 artifact, then how its tensors were matched."""
+    if not layers:
+        return
+    gains = any("gain_db" in row for row in layers)
+    shown = [row for key in dict.fromkeys((r.get("target"), r.get("precision")) for r in layers)
+             for row in [r for r in layers if (r.get("target"), r.get("precision")) == key][:LAYERS_SHOWN]]
+    print_table(["target", "precision", "SQNR dB", *(["gain dB"] if gains else []), "op", "runtime op", "layer"],
+                [[row.get("target", ""), row.get("precision", ""), fmt(row["sqnr_db"], ".1f"),
+                  *([fmt(row.get("gain_db"), "+.1f")] if gains else []), row.get("op", ""), row.get("runtime_op", ""),
+                  printable(row["name"])] for row in shown])
+    if gains:
+        print("gain dB = SQNR of --quant accurate minus that of the same model quantised plainly (vs --quant fast)")
+    for c in coverage:
+        if c.get("status") == "ok":
+            print(f"{c['target']} {c['precision']}: {c['matched_by_name']} tensors matched to fp32 by name, "
+                  f"{c['matched_by_value']} by value, {c['unmatched']} unmatched; logits SQNR {c['logits_sqnr_db']:.1f} dB")
+        else:
+            print(f"{c['target']} {c['precision']}: per-layer SQNR failed: {c.get('error')}")
 
 
 def print_bundle(out: str | Path, manifest: dict) -> None:

@@ -140,8 +140,9 @@ class TargetOption:
 class TargetInfo:
     """Everything the rest of edgeres knows about one runtime; declared as ``INFO`` in its module.
 
-    ``runtime`` names the loader in the standalone benchmark runner (``bench_runner.LOADERS``), so a
-    device needs only that script, numpy and ``dist``. ``int8_recipe`` says what its int8 kernels need.
+    ``runtime`` names its runner class in ``targets/runners`` (``RUNNERS`` in the standalone benchmark
+    runner, which carries those modules), so a device needs only that script, numpy and ``dist``.
+    ``int8_recipe`` says what its int8 kernels need.
     """
 
     name: str

@@ -282,7 +282,7 @@ def test_the_app_refuses_a_fifo_without_waiting(kinds_app, pngs, tmp_path):
 
     os.mkfifo(tmp_path / "pipe.png")
     r = _run_app(out, pngs / "p00.png", tmp_path / "pipe.png")  # before: blocked in open() until the timeout
-    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
     assert r.stderr.strip() == f"classify: error: {tmp_path / 'pipe.png'}: is not a regular file; give image files or folders"
 
 

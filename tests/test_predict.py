@@ -305,6 +305,7 @@ def hostile(app_bundle, tmp_path_factory):
     bundle = edited_bundle(app_bundle, where, labels=labels)
     image = where / f"photo{ESC}\u202e.png"
     Image.fromarray(make_images(1, 16, seed=9)[0][0]).save(image)
+    Image.fromarray(make_images(1, 16, seed=9)[0][0]).save(where / "caf\udce9.png")  # bytes caf\xe9: not UTF-8
     return bundle, image, labels
 
 
@@ -313,6 +314,9 @@ TERMINAL_CASES = [  # (id, args from (bundle, image)): text output escapes every
     ("predict-skipped-file", lambda b, i: ["predict", b, i, _eps(i.with_name(f"x{ESC}.png")), "--top", "10"]),
     ("predict-missing-file", lambda b, i: ["predict", b, i.with_name(f"gone{ESC}.png")]),
     ("inspect-bundle", lambda b, i: ["inspect", b]),
+    ("report", lambda b, i: ["report", b]),
+    ("eval-missing-data", lambda b, i: ["eval", b, "--data", i.with_name(f"data{ESC}.npz")]),
+    ("predict-undecodable-file-name", lambda b, i: ["predict", b, i.with_name("caf\udce9.png")]),
 ]
 
 

@@ -194,3 +194,25 @@ def test_a_fifo_is_refused_without_opening_it(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tiff", ".webp", ".jpg"])
+def test_image_folders_apply_the_exif_orientation(tmp_path, suffix):
+    """Calibration and eval read a phone's sideways-stored photo upright (lossless formats: exactly)."""
+    from tests.test_predict import STORED_AS
+
+    upright = np.repeat(np.repeat(_rgb(7, 8)[:, :6], 4, 0), 4, 1)  # 32×24, blocks survive JPEG well
+    for orientation in (1, *STORED_AS):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored = Image.fromarray(upright)
+        stored = stored if orientation == 1 else stored.transpose(STORED_AS[orientation])
+        (tmp_path / "cat").mkdir(exist_ok=True)
+        stored.save(tmp_path / "cat" / f"o{orientation}{suffix}", exif=exif,
+                    **({"lossless": True} if suffix == ".webp" else {"quality": 100, "subsampling": 0} if suffix == ".jpg" else {}))
+    ds = open_dataset(tmp_path)
+    images = ds.read(np.arange(len(ds)))
+    assert images.shape == (8, 32, 24, 3)
+    for got in images:  # JPEG re-encodes each orientation's blocks: close on average, not exact
+        error = np.abs(got.astype(int) - upright)
+        assert (error.mean() < 2) if suffix == ".jpg" else not error.any()

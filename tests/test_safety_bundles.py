@@ -723,14 +723,7 @@ def test_a_grow_on_a_full_disk_is_one_line_and_leaves_the_bundle_as_it_was(env, 
     every try."""
     from edgeres.bundle import read_manifest
 
-    out = tmpfs / "o"
-    shutil.copytree(onnx_bundle, out)
-    listed = sum(r["size_bytes"] for r in _manifest_records(out))
-    st = os.statvfs(tmpfs)
-    used = (st.f_blocks - st.f_bfree) * st.f_frsize
-    extra = listed // 2 if room == "half-a-copy" else listed + 16 * 1024
-    r = subprocess.run(["mount", "-o", f"remount,size={used + extra}", str(tmpfs)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    out = _bundle_on_a_nearly_full_disk(tmpfs, onnx_bundle, half=room == "half-a-copy")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for _ in range(2):  # a second try meets the same full disk, not leftovers of the first
         code, _, stderr = _invoke(_grow(env, out))
@@ -739,6 +732,37 @@ def test_a_grow_on_a_full_disk_is_one_line_and_leaves_the_bundle_as_it_was(env, 
         assert sorted(p.name for p in tmpfs.iterdir()) == ["o"], list(tmpfs.iterdir())
         assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
         read_manifest(out)
+
+
+def _bundle_on_a_nearly_full_disk(tmpfs: Path, bundle: Path, half: bool) -> Path:
+    """A copy of ``bundle`` on ``tmpfs``, shrunk to leave room for half a copy of its artifacts, or for a
+    copy and 16 kB more (less than any new artifact)."""
+    out = tmpfs / "o"
+    shutil.copytree(bundle, out)
+    listed = sum(r["size_bytes"] for r in _manifest_records(out))
+    st = os.statvfs(tmpfs)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    extra = listed // 2 if half else listed + 16 * 1024
+    r = subprocess.run(["mount", "-o", f"remount,size={used + extra}", str(tmpfs)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_a_worker_out_of_disk_in_a_grow_is_a_failed_row_and_leaves_no_half_artifact(env, tmp_path, onnx_bundle,
+                                                                                   tmpfs):
+    """Item 4 with the new artifact written by a worker process: its artifact is a failed row (exit 3), the
+    kept ones stay byte for byte, nothing it half wrote is published, nothing is left beside the bundle."""
+    out = _bundle_on_a_nearly_full_disk(tmpfs, onnx_bundle, half=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, stderr = _invoke(["convert", env["checkpoint"], "--targets", "onnx,openvino", "--precision", "fp32",
+                               "--out", out, "--no-bench", "--jobs", "1"])
+    assert code == 3, stderr
+    rows = {a["target"]: a for a in _manifest(out)["artifacts"]}
+    assert rows["onnx"]["status"] == "ok" and rows["openvino"]["status"] == "failed"
+    kept = {rel for rel in before if rel.parts[0] == "onnx" or rel.name == "model.fp32.onnx"}
+    assert all((out / rel).read_bytes() == before[rel] for rel in kept)
+    assert not (out / "openvino").exists()
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["o"], list(tmpfs.iterdir())
 
 
 def _manifest_records(out: Path) -> list[dict]:

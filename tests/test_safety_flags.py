@@ -236,7 +236,7 @@ def test_eval_layers_without_int8_writes_no_eval_json(env, tmp_path, onnx_bundle
     shutil.copytree(onnx_bundle, bundle)  # fp32 only: per-layer SQNR has no int8 model to measure
     assert not (bundle / "eval.json").exists()
     code, _, stderr = _invoke(["eval", bundle, "--data", env["npz"], "--layers"])
-    _assert_one_line(code, stderr, Case("layers", None, "has no onnx int8 artifact; --layers needs one"))
+    _assert_one_line(code, stderr, Case("layers", None, "has no int8 artifact; --layers needs one"))
     assert not (bundle / "eval.json").exists()
     _no_partial(tmp_path)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,29 +28,70 @@ def _sweep(model, calib, evald, out, *extra, **kw):
     return run_cli("sweep", model, "--calib", calib, "--eval", evald, *GRID, "--out", out, *extra, **kw)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SECOND_ADDRESS = "192.0.2.77"  # TEST-NET-1: never routed anywhere
+NAMESPACE_SETUP = (f"ip link set lo up && ip link add v0 type veth peer name v1 && ip addr add {SECOND_ADDRESS}/24 "
+                   "dev v0 && ip link set v0 up && ip link set v1 up && ip route add default dev v0")
+
+
+class Namespace:
+    """A private network and PID namespace: loopback plus a second address with a default route, so Ray's
+    "this node's address" is not 127.0.0.1 (the machine of issue 33). Every process started in it is
+    killed by the kernel when its first process ends, so no Ray is left behind, and `ray stop` is never
+    needed (it would stop every Ray on this machine, other runs' too)."""
+
+    def __init__(self):
+        self.holder = subprocess.Popen(["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
+                                        f"{NAMESPACE_SETUP} && exec sleep 3600"], stderr=subprocess.PIPE, text=True)
+        self.pid = None
+        deadline = time.time() + 30
+        while time.time() < deadline and self.holder.poll() is None:
+            import psutil
+
+            children = psutil.Process(self.holder.pid).children()
+            if children and children[0].name() == "sleep":
+                self.pid = children[0].pid
+                return
+            time.sleep(0.1)
+        self.close()
+        raise OSError(f"cannot make a network namespace ({(self.holder.stderr.read() or '').strip()[:200]})")
+
+    def run(self, *cmd, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", "--target", str(self.pid), "--net", "--pid", "--mount", "--", *map(str, cmd)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    def close(self):
+        if self.holder.poll() is None:
+            if self.pid is not None:
+                os.kill(self.pid, signal.SIGKILL)  # the namespace's first process: the kernel kills the rest
+            self.holder.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A real Ray cluster from `ray start --head` on 127.0.0.1 with one `bench` slot; stopped afterwards."""
+    """`ray start --head --node-ip-address 127.0.0.1 --port 6391` (issue 33) with one `bench` slot, in a
+    namespace whose machine also has 192.0.2.77. Started as a one-machine Ray, as the embedded one is, its
+    servers listen on 127.0.0.1 only: a driver that swaps the address given for 192.0.2.77 cannot join."""
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("nsenter") and shutil.which("ip")):
+        pytest.skip("the cluster test runs in a network namespace with a second address: needs root, unshare, "
+                    "nsenter and ip")
+    try:
+        ns = Namespace()
+    except OSError as e:
+        pytest.skip(f"the cluster test needs a network namespace with a second address: {e}")
     ray_cli = str(Path(sys.executable).with_name("ray"))
     temp = tempfile.mkdtemp(prefix="edr", dir="/tmp")  # Ray's socket paths must stay short
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    start = subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                            "--num-cpus", "2", "--resources", '{"bench": 1}', "--temp-dir", temp,
-                            "--object-store-memory", str(100 << 20),
-                            "--include-dashboard", "false", "--disable-usage-stats"],
-                           capture_output=True, text=True, timeout=120, env=env)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # token authentication, its token given to both sides
     try:
-        assert start.returncode == 0, start.stderr
-        yield f"127.0.0.1:{port}", env
+        start = ns.run(ray_cli, "start", "--head", "--port", "6391", "--node-ip-address", "127.0.0.1", "--num-cpus",
+                       "2", "--resources", '{"bench": 1}', "--temp-dir", temp, "--object-store-memory",
+                       str(100 << 20), "--include-dashboard", "false", "--disable-usage-stats",
+                       env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, timeout=180)
+        assert start.returncode == 0, start.stderr[-3000:]
+        assert ns.run("ip", "-brief", "addr", env=env).stdout.count(SECOND_ADDRESS) == 1
+        yield ns, "127.0.0.1:6391", env
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        ns.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -90,24 +133,30 @@ def test_resnet20_sweep_on_embedded_ray_gives_8_trials_a_front_and_a_best(cifar,
     assert report.returncode == 0 and best["name"] + " ★" in report.stdout
 
 
+def _sweep_in(ns: Namespace, env: dict, model, calib, evald, out, *extra):
+    return ns.run(sys.executable, "-m", "cli", "sweep", model, "--calib", calib, "--eval", evald, *GRID, "--out", out,
+                  *extra, env=env)
+
+
 @pytest.mark.slow
 def test_sweep_on_a_ray_start_cluster_reports_a_failed_trial_then_resumes(cluster, tiny_checkpoint, tiny_npz,
                                                                           tmp_path):
     out = tmp_path / "sw"
     (out / ".shared").mkdir(parents=True)
     (out / "prune0.3-onnx-fp32").write_text("in the way")  # this trial cannot publish its bundle
-    address, env = cluster  # joining a cluster by address: its token authentication must be asked for
-    r = _sweep(tiny_checkpoint, tiny_npz, tiny_npz, out, "--address", address, "--accuracy-budget", "100",
-               "--bench-runs", "10", env={"RAY_AUTH_MODE": env["RAY_AUTH_MODE"]})
+    ns, address, env = cluster
+    r = _sweep_in(ns, env, tiny_checkpoint, tiny_npz, tiny_npz, out, "--address", address, "--accuracy-budget", "100",
+                  "--bench-runs", "10")
     assert r.returncode == 3, r.stderr[-3000:]
     doc = _doc(out)
-    assert doc["engine"]["mode"] == "cluster" and doc["engine"]["address"].endswith(address.split(":")[1])
+    # the cluster was joined at the address given, not at this machine's other address (issue 33)
+    assert doc["engine"]["mode"] == "cluster" and doc["engine"]["address"] == address, doc["engine"]
     failed = [t for t in doc["trials"] if t["status"] != "ok"]
     assert [t["name"] for t in failed] == ["prune0.3-onnx-fp32-t1"] and failed[0]["error"]
     assert sum(t["status"] == "ok" for t in doc["trials"]) == 7 and doc["best"] is not None
     (out / "prune0.3-onnx-fp32").unlink()
-    again = _sweep(tiny_checkpoint, tiny_npz, tiny_npz, out, "--address", address, "--accuracy-budget", "100",
-                   "--bench-runs", "10", env={"RAY_AUTH_MODE": env["RAY_AUTH_MODE"]})
+    again = _sweep_in(ns, env, tiny_checkpoint, tiny_npz, tiny_npz, out, "--address", address, "--accuracy-budget",
+                      "100", "--bench-runs", "10")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("(finished in an earlier run, skipped)") == 7 + 2  # 7 trials and both bases
     doc = _doc(out)
@@ -146,12 +195,68 @@ def test_a_bad_flag_fails_before_any_work(tiny_checkpoint, tiny_npz, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_ctrl_c_cancels_the_running_tasks_and_exits_130(tiny_checkpoint, tiny_npz, tmp_path):
-    import os
-    import signal
-    import time
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "localhost:1"])
+def test_a_closed_address_fails_in_seconds_before_any_work(tiny_checkpoint, tiny_npz, tmp_path, address):
+    """Issue 33: Ray redialled this machine's other address for minutes; nothing is dialled but the one given."""
+    out = tmp_path / "sw"
+    t0 = time.perf_counter()
+    r = run_cli("sweep", tiny_checkpoint, "--calib", tiny_npz, "--eval", tiny_npz, "--out", out, "--targets", "onnx",
+                "--address", address, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines == [f"edgeres: error: --address {address}: nothing listens there; start a "
+                                           "cluster with `ray start --head --port PORT` and give the address it "
+                                           "prints, or leave --address out for a Ray of this sweep's own"], r.stderr
+    assert time.perf_counter() - t0 < 60 and not out.exists()
 
+
+@pytest.mark.parametrize("address, loopback", [("127.0.0.1:6379", True), ("localhost:6379", True),
+                                               ("[::1]:6379", True), ("127.0.0.2:6379", True),
+                                               ("192.0.2.2:6379", False), ("head.local:6379", False),
+                                               ("auto", False)])
+def test_only_a_loopback_address_keeps_ray_on_loopback(address, loopback):
+    from edgeres.sweep.engine import _is_loopback, check_address
+
+    assert _is_loopback(address) is loopback
+    if address == "auto":
+        check_address(address)  # Ray finds the cluster itself: nothing to dial here
+
+
+def _listening(pid: int) -> set[str]:
+    """The addresses the process tree of ``pid`` (a sweep: its Ray and Ray's workers) listens on."""
+    import psutil
+
+    found = set()
+    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            found |= {c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            pass
+    return found
+
+
+def _ray_session_dir(pid: int) -> Path | None:
+    import psutil
+
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            for arg in p.cmdline():
+                if arg.startswith("--raylet_socket_name="):
+                    return Path(arg.split("=", 1)[1]).parents[1]
+        except psutil.Error:
+            pass
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, line", [
+    (signal.SIGINT, 130, "edgeres: error: interrupted; finished trials are kept in {out}: re-run the same command "
+                         "to go on"),
+    (signal.SIGTERM, 143, "edgeres: error: terminated (SIGTERM); finished trials are kept in {out}: re-run the same "
+                          "command to go on")], ids=["ctrl-c", "sigterm"])
+def test_a_signal_cancels_the_running_tasks_and_leaves_nothing_behind(tiny_checkpoint, tiny_npz, tmp_path, sig,
+                                                                      code, line):
+    """Ctrl-C exits 130, SIGTERM 143 (was: a stack dump and exit 134): one line, the finished bundle kept, no
+    lock file, no Ray session folder; while it ran, its embedded Ray listened on 127.0.0.1 only."""
     out = tmp_path / "sw"
     cmd = [sys.executable, "-m", "cli", "sweep", str(tiny_checkpoint), "--calib", str(tiny_npz), "--eval",
            str(tiny_npz), "--precision", "fp32", "--targets", "onnx", "--bench-runs", "10000000", "--out", str(out)]
@@ -159,17 +264,23 @@ def test_ctrl_c_cancels_the_running_tasks_and_exits_130(tiny_checkpoint, tiny_np
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while not (out / "logs" / "prune0-onnx-fp32.log").exists() or \
                 "== bench" not in (out / "logs" / "prune0-onnx-fp32.log").read_text():
             assert proc.poll() is None and time.time() < deadline, "the sweep never reached its benchmark"
             time.sleep(0.5)
         time.sleep(2)  # the benchmark runs (it would take hours)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        listening, session = _listening(proc.pid), _ray_session_dir(proc.pid)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err[-2000:]
-    assert "interrupted; finished trials are kept" in err and not (out / "sweep.json").exists()
+    assert proc.returncode == code, err[-2000:]
+    assert [l for l in err.splitlines() if l.startswith("edgeres: error:")] == [line.format(out=out)], err[-2000:]
+    assert "SIGTERM received" not in err and "Traceback" not in err, err[-2000:]
+    assert not (out / "sweep.json").exists()
     assert (out / "prune0-onnx-fp32" / "manifest.json").exists()  # the finished bundle stays for the re-run
+    assert not [p.name for p in out.rglob("*.lock")] and not list(tmp_path.glob(".*.lock"))
+    assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
+    assert session is not None and not session.exists() and not str(session).startswith("/tmp/ray/"), session

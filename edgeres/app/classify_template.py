@@ -630,10 +630,16 @@ def image_files(items: list[str]) -> list[str]:
         elif p.is_file():
             files.append(str(p))
         elif p.exists():  # a FIFO or a device would block or never end: refused without opening it
-            sys.exit(f"classify: error: {printable(str(p))}: is not a regular file; give image files or folders")
+            usage_error(f"{p}: is not a regular file; give image files or folders")
         else:
-            sys.exit(f"classify: error: {printable(str(p))}: no such image file or folder")
+            usage_error(f"{p}: no such image file or folder")
     return files
+
+
+def usage_error(message: str) -> None:
+    """One line on stderr and exit 2, before any image is read."""
+    print(f"classify: error: {printable(message)}", file=sys.stderr)
+    sys.exit(2)
 
 
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")

@@ -24,8 +24,8 @@ from typing import Callable
 from calibration import DataError
 from calibration.cpu import cpu_features
 from edgeres import __version__
-from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, label_names, publish,
-                            warn, write_json_atomic, write_text_atomic)
+from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, label_names,
+                            listed_files, publish, warn, write_json_atomic, write_text_atomic)
 from edgeres.compress.quant_accurate import improve_for_int8
 from edgeres.compress.quant_finetune import (DEFAULT_EPOCHS, QuantFinetuneConfig, check_finetune_data,
                                              quantization_aware_finetune, tuned_onnx_ranges)
@@ -145,9 +145,22 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
         manifest = _manifest(cfg, loaded, key, work, steps, int8, artifacts)
         shutil.rmtree(work / ".work", ignore_errors=True)
         (work / STEPS_FILE).unlink(missing_ok=True)
+        _drop_unlisted(work, manifest)
         write_json_atomic(work / MANIFEST, manifest)
         publish(work, out, keep_results=keep_results)
         return manifest
+
+
+def _drop_unlisted(work: Path, manifest: dict) -> None:
+    """What a failed compile left (a worker killed or out of disk space half way) is not published."""
+    listed = {r["file"] for r in listed_files(manifest)}
+    for path in sorted(work.rglob("*"), reverse=True):  # files before the folders holding them
+        rel = path.relative_to(work).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif rel not in listed:
+            path.unlink()
 
 
 @contextlib.contextmanager

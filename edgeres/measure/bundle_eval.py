@@ -11,7 +11,7 @@ from edgeres.bundle import EVAL_FILE, artifact_path, ok_artifacts, read_manifest
 from edgeres.errors import InputError
 from edgeres.measure.evaluate import (check_labels, collect_logits, compare_to_reference,
                                       topk_accuracy, torch_runner)
-from edgeres.measure.layer_error import layer_sqnr_for_bundle
+from edgeres.measure.layer_error import layer_report
 from edgeres.measure.paired import CI_METHOD, pack_bits
 from edgeres.measure.records import artifact_sha, data_fingerprint, keep_eval, now
 from edgeres.progress import log
@@ -22,9 +22,10 @@ __all__ = ["EVAL_FILE", "evaluate_bundle", "evaluate_path", "record_eval"]
 
 
 def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | None = None,
-                    threads: int | None = None, layers: list[dict] | None = None) -> dict:
+                    threads: int | None = None, layers: dict | None = None) -> dict:
     """Evaluate and keep the run in the bundle (``eval.json`` + ``evals/``); returns the ``eval --json``
-    document. ``layers``: per-layer SQNR rows measured for this run, kept in the same record.
+    document. ``layers``: the per-layer SQNR measured for this run (``layers`` rows and ``layer_targets``),
+    kept in the same record.
 
     When the bundle cannot be written (read-only) the result is still returned, with one warning."""
 
@@ -52,7 +53,7 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
             log(f"[red]{a['target']} {a['precision']} failed:[/] {e}")
         result["artifacts"].append(entry)
     if layers is not None:
-        result["layers"] = layers
+        result.update(layers)
     return record_eval(bundle, manifest, dataset, result, threads=threads)
 
 
@@ -82,14 +83,14 @@ def check_data_for(manifest: dict, dataset: ImageDataset) -> Preprocess:
 def check_eval_request(path: str | Path, layers: bool) -> None:
     """What ``eval`` can refuse before reading any data."""
     if layers and not Path(path).is_dir():
-        raise InputError(f"--layers: {path} is not a bundle directory; per-layer SQNR compares a bundle's "
-                         "int8 QDQ artifact to its fp32 reference")
+        raise InputError(f"--layers: {path} is not a bundle directory; per-layer SQNR compares each int8 "
+                         "artifact of a bundle to its fp32 reference")
 
 
 def evaluate_path(path: str | Path, dataset: ImageDataset, *, arch: str | None = None, limit: int | None = None,
                   threads: int | None = None, layers: bool = False) -> dict:
     """``edgeres eval``: a bundle (every artifact vs its fp32 reference; ``layers``: per-layer SQNR of
-    the int8 QDQ model, kept in eval.json for ``report``) or a model file (its torch fp32 accuracy)."""
+    every int8 artifact, kept in eval.json for ``report``) or a model file (its torch fp32 accuracy)."""
     path = Path(path)
     check_eval_request(path, layers)
     if not path.is_dir():
@@ -97,7 +98,7 @@ def evaluate_path(path: str | Path, dataset: ImageDataset, *, arch: str | None =
     layer_rows = None
     if layers:  # measured before evaluate_bundle stores its record, so a failure leaves the stored results as they were
         check_data_for(read_manifest(path, verify=False), dataset)
-        layer_rows = layer_sqnr_for_bundle(path, dataset)
+        layer_rows = layer_report(path, dataset)
     return evaluate_bundle(path, dataset, limit=limit, threads=threads, layers=layer_rows)
 
 

@@ -9,8 +9,15 @@ Raspberry Pi started with ``ray start --address HEAD --resources '{"bench": 1}'`
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -47,29 +54,176 @@ def _worker_env() -> dict:
     return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths), "COLUMNS": "160"}}
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps 127.0.0.1 as this node's address
+CONNECT_TIMEOUT_S = 5.0
+CANCEL_GRACE_S = 5.0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: the sweep stops as on Ctrl-C (tasks cancelled, Ray stopped, lock released), then exits 143."""
+
+
+_sigterm = {"received": False}
+
+
+def _raise_terminated(signum, frame):
+    _sigterm["received"] = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the sweep is already stopping
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM raises ``Terminated`` in the main thread for the body (Ray's init takes the signal over, so
+    ``ray_session`` takes it back), instead of ending the process where it stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _sigterm["received"] = False
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except KeyboardInterrupt as e:  # raised inside Ray's wait, it comes out as a plain KeyboardInterrupt
+        if _sigterm["received"] and not isinstance(e, Terminated):
+            raise Terminated() from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None):
-    """Start (or join) Ray for the sweep; yields the engine record for ``sweep.json``."""
-    import ray
+    """Start (or join) Ray for the sweep; yields the engine record for ``sweep.json``.
 
+    An embedded Ray listens on 127.0.0.1 only and keeps its session files in a folder of its own, removed
+    afterwards (unless RAY_TMPDIR names where Ray should keep them). A cluster is joined at exactly the
+    address given: a loopback one is not swapped for this machine's LAN address, and an address where
+    nothing answers fails within seconds."""
     common = dict(log_to_driver=False, logging_level=logging.WARNING, runtime_env=_worker_env())
-    if address is None:
-        store = object_store_bytes()
-        ctx = ray.init(address="local", num_cpus=machine_cpus(), resources={BENCH: 1}, include_dashboard=False,
-                       object_store_memory=store, **common)
-    else:
-        try:
-            ctx = ray.init(address=address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            auth = "" if os.environ.get("RAY_AUTH_MODE") == "token" else \
-                " (a cluster with token authentication also needs RAY_AUTH_MODE=token here)"
-            raise InputError(f"--address {address}: cannot join a Ray cluster there ({reason}){auth}; start one "
-                             "with `ray start --head` and give the address it prints, or leave --address out") from None
+    temp = None
+    check_address(address)
     try:
-        yield _engine_record(ray, ctx, address)
+        with _loopback_only(address is None or _is_loopback(address)):
+            import ray
+
+            if address is None:
+                temp = None if os.environ.get("RAY_TMPDIR") else tempfile.mkdtemp(prefix="edgeres-ray-", dir=_short_tmp())
+                ctx = _init(ray, address, dict(address="local", num_cpus=machine_cpus(), resources={BENCH: 1},
+                                               include_dashboard=False, object_store_memory=object_store_bytes(),
+                                               _temp_dir=temp, **common))
+            else:
+                ctx = _init(ray, address, dict(address=address, **common))
+            try:
+                yield _engine_record(ray, ctx, address)
+            finally:
+                with _sigterm_ignored():
+                    ray.shutdown()
     finally:
-        ray.shutdown()
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _init(ray, address: str | None, kwargs: dict):
+    """``ray.init``, with SIGTERM given back to ``stop_on_sigterm`` (Ray installs a stack dumper for it)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        ctx = ray.init(**kwargs)
+    except SystemExit as e:  # Ray's own SIGTERM handler during init
+        if e.code == signal.SIGTERM:
+            raise Terminated() from None
+        raise
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        if address is None:
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        auth = "" if os.environ.get("RAY_AUTH_MODE") == "token" else \
+            " (a cluster with token authentication also needs RAY_AUTH_MODE=token here)"
+        raise InputError(f"--address {address}: cannot join a Ray cluster there ({reason}){auth}; start one "
+                         "with `ray start --head` and give the address it prints, or leave --address out") from None
+    finally:
+        if threading.current_thread() is threading.main_thread() and callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+    return ctx
+
+
+@contextlib.contextmanager
+def _sigterm_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(address: str) -> bool:
+    """Is HOST of HOST:PORT this machine's loopback (``auto`` is not an address: Ray finds the cluster)?"""
+    if address == "auto":
+        return False
+    host = _split(address)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_address(address: str | None) -> None:
+    """Something must accept a connection at exactly HOST:PORT, or Ray would retry for minutes."""
+    if address is None or address == "auto":
+        return
+    host, port = _split(address)
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except socket.gaierror as e:
+        reason = f"unknown host ({e.strerror})"
+    except TimeoutError:
+        reason = f"no answer within {CONNECT_TIMEOUT_S:g} s"
+    except OSError as e:
+        reason = "nothing listens there" if isinstance(e, ConnectionRefusedError) else (e.strerror or str(e))
+    else:
+        return
+    raise InputError(f"--address {address}: {reason}; start a cluster with `ray start --head --port PORT` and give "
+                     "the address it prints, or leave --address out for a Ray of this sweep's own")
+
+
+@contextlib.contextmanager
+def _loopback_only(on: bool):
+    """Ray swaps 127.0.0.1 for this machine's LAN address, whether given as the node's address or the
+    cluster's, unless told this is a one-machine Ray (then its servers also listen on 127.0.0.1 only)."""
+    if not on:
+        yield
+        return
+    saved = os.environ.get(LOOPBACK_ENV)
+    os.environ[LOOPBACK_ENV] = "0"  # read when Ray is imported, and inherited by the processes it starts
+    constants = sys.modules.get("ray._private.ray_constants")
+    enabled = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    if constants is not None:  # Ray imported already: the constant was read before
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = saved
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None:
+            constants.ENABLE_RAY_CLUSTER = enabled if enabled is not None else saved != "0"
+
+
+def _short_tmp() -> str:
+    """Ray's socket paths must stay under 108 bytes: /tmp, as Ray itself uses on Linux."""
+    return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
 
 
 def _engine_record(ray, ctx, address: str | None) -> dict:
@@ -129,10 +283,17 @@ class TaskRunner:
         return results
 
     def cancel(self) -> None:
+        """Interrupt every task (its ``with`` blocks then release locks and drop staging folders); kill
+        the ones still running after a grace period."""
         log("interrupted: cancelling the sweep's running and queued tasks…")
         for ref in self.submitted:
             with contextlib.suppress(Exception):
-                self.ray.cancel(ref, force=True)
+                self.ray.cancel(ref, force=False)
+        with contextlib.suppress(Exception):
+            _, running = self.ray.wait(self.submitted, num_returns=len(self.submitted), timeout=CANCEL_GRACE_S)
+            for ref in running:
+                with contextlib.suppress(Exception):
+                    self.ray.cancel(ref, force=True)
 
 
 def task_error(e: Exception) -> str:

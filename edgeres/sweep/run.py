@@ -8,6 +8,7 @@ key says when a re-run can skip it."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from edgeres.measure.bundle_eval import EVAL_FILE, check_data_for
 from edgeres.progress import log
 from edgeres.sources.loading import load_model
 from edgeres.sweep import tasks
-from edgeres.sweep.engine import TaskRunner, ray_session
+from edgeres.sweep.engine import TaskRunner, check_address, ray_session, stop_on_sigterm
 from edgeres.sweep.grid import (LOGS_DIR, SHARED_DIR, Conversion, SweepConfig, base_conversion, base_dir,
                                 conversions, convert_config, prune_key_config, pruned_path, trials, validate_sweep)
 from edgeres.sweep.report import write_sweep_report
@@ -43,6 +44,7 @@ class Planned:
 def sweep(cfg: SweepConfig) -> dict:
     """Run (or resume) the sweep into ``cfg.out``; returns the ``sweep.json`` document."""
     validate_sweep(cfg)
+    check_address(cfg.address)  # before any work: a closed address fails in seconds
     cfg = _absolute(cfg)  # every node reads the same files, whatever its working directory
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -52,17 +54,30 @@ def sweep(cfg: SweepConfig) -> dict:
     for folder in (out, out / SHARED_DIR, out / LOGS_DIR):
         folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with OutputLock(out):
+    with stop_on_sigterm(), OutputLock(out):
         sha, eval_images = _check_inputs(cfg)
         plan = _plan(cfg, out, sha, eval_images)
-        with ray_session(cfg.address) as engine:
-            log(f"[bold]edgeres sweep[/] {len(trials(cfg))} trials ({len(plan['trials'])} conversions) on Ray "
-                f"{engine['ray_version']} ({engine['mode']}, {engine['cpus']:g} CPUs) → {out}")
-            built, benches = _execute(cfg, out, plan, TaskRunner())
+        try:
+            with ray_session(cfg.address) as engine:
+                log(f"[bold]edgeres sweep[/] {len(trials(cfg))} trials ({len(plan['trials'])} conversions) on "
+                    f"Ray {engine['ray_version']} ({engine['mode']}, {engine['cpus']:g} CPUs) → {out}")
+                built, benches = _execute(cfg, out, plan, TaskRunner())
+        finally:
+            _drop_stale_locks(plan)
         doc = _document(cfg, out, plan, built, benches, engine, time.perf_counter() - t0)
         write_json_atomic(out / SWEEP_FILE, doc)
         write_sweep_report(out, doc, html_out=cfg.html)
     return doc
+
+
+def _drop_stale_locks(plan: dict) -> None:
+    """A task killed while it held its bundle's lock leaves the lock file (never a lock: the kernel dropped
+    it); taking and releasing the lock removes the file. One still held is left to its holder."""
+    for p in [*plan["bases"].values(), *plan["trials"]]:
+        folder = Path(p.job.cfg.out)
+        if (folder.parent / f".{folder.name}.lock").exists():
+            with contextlib.suppress(InputError, OSError), OutputLock(folder):
+                pass
 
 
 def _absolute(cfg: SweepConfig) -> SweepConfig:
