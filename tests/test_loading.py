@@ -1,6 +1,9 @@
 """Loading checkpoints: formats, wrappers, spec inference, and refusals that name the file."""
 
+import argparse
 import pickle
+import re
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -73,6 +76,58 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
     with pytest.raises(InputError, match="evil.pt: refused"):
         load_model(path)
     assert not marker.exists()
+
+
+def _torchvision_train_checkpoint(model: torch.nn.Module, args) -> dict:
+    """What torchvision's references/classification/train.py passes to torch.save after an epoch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers: tensors in the optimizer state
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheduler.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+            "epoch": 0, "args": args}
+
+
+def _train_args(**extra) -> argparse.Namespace:
+    return argparse.Namespace(
+        data_path="/datasets01/imagenet_full_size/061417/", model="resnet18", device="cuda", batch_size=32, epochs=90,
+        workers=16, opt="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, norm_weight_decay=None, label_smoothing=0.0,
+        lr_scheduler="steplr", lr_warmup_epochs=0, lr_step_size=30, lr_gamma=0.1, output_dir=".", resume="",
+        start_epoch=0, sync_bn=False, test_only=False, auto_augment=None, amp=False, world_size=1,
+        dist_url="env://", interpolation="bilinear", val_resize_size=256, val_crop_size=224, train_crop_size=224,
+        clip_grad_norm=None, weights=None, distributed=False, **extra)
+
+
+def test_torchvision_training_checkpoint_with_its_argparse_namespace_loads(tmp_path):
+    model = randomize_bn(build_torch(ZOO["resnet20"]))
+    path = _save(tmp_path / "model_0.pth", _torchvision_train_checkpoint(model, _train_args()))
+    loaded = load_model(path)
+    assert loaded.spec.name == "resnet20"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded.to_torch()(x), model.eval()(x), atol=1e-5)
+
+
+class TrainingConfig:
+    """A class of the training script's own: unpickling it would import and run the script's code."""
+
+
+@pytest.mark.parametrize("args,global_name", [
+    (TrainingConfig(), "TrainingConfig"),
+    (_train_args(callback=print), "print"),  # a Namespace is no way in for a function
+])
+def test_checkpoint_with_any_other_global_is_refused_in_one_line_naming_it(tmp_path, args, global_name):
+    model = build_torch(ZOO["resnet20"])
+    path = _save(tmp_path / "model_0.pth", _torchvision_train_checkpoint(model, args))
+    with pytest.raises(InputError) as e:
+        load_model(path)
+    message = str(e.value)
+    assert "\n" not in message
+    assert re.match(rf"{re.escape(str(path))}: refused: the checkpoint holds an object of ([\w.]+\.)?{global_name}, "
+                    "a Python class or function that could run code when loaded \\(nothing was executed\\)", message)
+    assert message.endswith("torch.save({'model': model.state_dict()}, path)")
 
 
 @pytest.mark.parametrize("content,match", [(b"", "file is empty"), (b"not a checkpoint at all" * 10, "refused: not a tensor-only checkpoint")])

@@ -123,8 +123,19 @@ def _sha256_dir(p: Path) -> str:
     return h.hexdigest()
 
 
+def _plain_data_globals() -> list:
+    """The only classes a checkpoint's pickle may name besides tensors and containers: plain data that
+    training scripts save beside the weights and that runs no code when rebuilt. torchvision's
+    ``references/classification/train.py`` saves its ``argparse.Namespace`` of arguments as ``"args"``."""
+    import argparse
+
+    return [argparse.Namespace]
+
+
 def _torch_load(p: Path):
+    import contextlib
     import pickle
+    import re
 
     import torch
 
@@ -132,20 +143,38 @@ def _torch_load(p: Path):
         archive = f.read(4) == b"PK\x03\x04"  # torch.load's own test for the zip format
     if archive:
         _refuse_torchscript(p, check_archive(p, "PyTorch checkpoint"))
+    # scoped to this call: nothing else in the process may unpickle these classes
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    allowed = safe_globals(_plain_data_globals()) if safe_globals else contextlib.nullcontext()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), allowed:
             warnings.simplefilter("ignore")  # pickle-protocol notes; the refusal below says what matters
             # mmap: the storages stay in the file until _check_tensor_sizes has seen what they declare
             return torch.load(str(p), map_location="cpu", weights_only=True, mmap=archive), "pytorch"
     except pickle.UnpicklingError as e:
-        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
-        detail = detail[0][:120] if detail else type(e).__name__
+        text = str(e).split("WeightsUnpickler error:")[-1]
+        foreign = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+        if foreign:
+            raise InputError(
+                f"{p}: refused: the checkpoint holds an object of {foreign.group(1)}, a Python class or function that "
+                "could run code when loaded (nothing was executed); save only the weights: torch.save({'model': model.state_dict()}, path)"
+            ) from None
         raise InputError(
-            f"{p}: refused: not a tensor-only checkpoint ({detail}); it is corrupt, or holds Python objects "
-            "that could run code (nothing was executed); save only the state_dict: torch.save(model.state_dict(), path)"
+            f"{p}: refused: not a tensor-only checkpoint ({_first_sentence(text) or type(e).__name__}); it is corrupt, "
+            "or holds Python objects that could run code (nothing was executed); save only the state_dict: "
+            "torch.save(model.state_dict(), path)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError) as e:
         raise InputError(f"{p}: is not a readable PyTorch checkpoint ({first_line(e, 160, with_type=True)}); the file is corrupt or truncated") from None
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """The first line of ``text`` up to its first full stop, cut at a word (never mid-word) past ``limit``."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    sentence = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
+    return sentence
 
 
 def _refuse_torchscript(p: Path, members) -> None:
