@@ -98,7 +98,8 @@ def collect_logits(run: Callable[[np.ndarray], np.ndarray], dataset: ImageDatase
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict:
     """top-1 / top-5 in percent."""
-    top5 = np.argsort(-logits, axis=1)[:, : min(5, logits.shape[1])]
+    # stable: among tied scores (common in int8 outputs) the first class, as argmax (agreement, correct_bits) picks
+    top5 = np.argsort(-logits, axis=1, kind="stable")[:, : min(5, logits.shape[1])]
     return {
         "top1": round(float((top5[:, 0] == labels).mean() * 100), 4),
         "top5": round(float((top5 == labels[:, None]).any(axis=1).mean() * 100), 4),
