@@ -1,6 +1,7 @@
 """Load trained ResNets safely: PyTorch state_dicts / checkpoints (always ``weights_only=True``, sizes
-checked before anything is copied), edgeres' own pruned checkpoints, ResNet ONNX graphs
-(``onnx_import``) and Keras ResNets (``keras_import``); infer the spec when no arch is given.
+checked before anything is copied), ``.safetensors`` state_dicts (``safetensors_reader``), edgeres' own
+pruned checkpoints, ResNet ONNX graphs (``onnx_import``) and Keras ResNets (``keras_import``); infer the
+spec when no arch is given.
 TorchScript archives are programs and are refused."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from targets.base import atomic_path, first_line, sha256_file
 from edgeres.model.limits import check_archive, check_weight_bytes, size_text
 from edgeres.model.infer import check_state_dict, infer_spec
 from edgeres.model.zoo import ResNetSpec, get_spec
+from edgeres.sources.safetensors_reader import SAFETENSORS_SUFFIX, read_safetensors
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
 SPEC_KEY = "edgeres_spec"
@@ -45,7 +47,8 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
     if arch is not None:
         get_spec(arch)  # an unknown name fails first, with the list of known ones
     if not p.exists():
-        raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th), a ResNet .onnx or a Keras .keras/.h5")
+        raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th) or .safetensors, a ResNet .onnx "
+                         "or a Keras .keras/.h5")
     from edgeres.sources.keras_import import KERAS_SUFFIXES, is_saved_model_dir
 
     if is_saved_model_dir(p):
@@ -60,9 +63,13 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
         return _load_keras(p, arch)
     if suffix == ".onnx":
         return _load_onnx(p, arch)
-    if suffix not in TORCH_SUFFIXES:
-        raise InputError(f"{p}: unknown model format {suffix!r}; give a PyTorch checkpoint ({' '.join(TORCH_SUFFIXES)}) or a ResNet .onnx")
-    raw, fmt = _torch_load(p)
+    if suffix == SAFETENSORS_SUFFIX:
+        raw, fmt = read_safetensors(p), "safetensors"
+    elif suffix in TORCH_SUFFIXES:
+        raw, fmt = _torch_load(p)
+    else:
+        raise InputError(f"{p}: unknown model format {suffix!r}; give a PyTorch checkpoint ({' '.join(TORCH_SUFFIXES)}), "
+                         "a .safetensors state_dict, a ResNet .onnx or a Keras .keras/.h5")
     state_dict, saved_spec, extra = _unwrap(raw, p)
     _check_finite(state_dict, p)
     if saved_spec is not None:
