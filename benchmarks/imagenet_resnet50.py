@@ -19,6 +19,7 @@ reuses ``DIR/bundle`` when it is there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -140,7 +141,8 @@ def main() -> int:
                                            for x in calib for i in range(len(x)))
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     tfl = work / "litert_native.int8.tflite"
-    tfl.write_bytes(conv.convert())
+    with contextlib.redirect_stdout(sys.stderr):  # the converter prints its SavedModel's signature on stdout
+        tfl.write_bytes(conv.convert())
     add("LiteRT", "TFLiteConverter full-int8, representative dataset", "int8",
         predictions(get_target("tflite").load_runner(tfl), xs))
 

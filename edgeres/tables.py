@@ -53,6 +53,10 @@ def print_eval(result: dict) -> None:
     print("drop = reference top-1 − artifact top-1 (positive = accuracy lost)"
           + (f"; kept as eval run {result['run']}" if result.get("run") else "")
           + (f"; partial: {result['images']} of {result['dataset_images']} images" if result.get("partial") else ""))
+    rows = [{"target": "reference", "precision": "fp32", **ref}, *result["artifacts"]]
+    ties = [f"{a['target']} {a['precision']} {a['top1_tied_images']}" for a in rows if a.get("top1_tied_images")]
+    if ties:  # int8 logits tie often; say how many top-1s the tie rule decided
+        print(f"top score tied (top-1 = the lowest tied class index) on {', '.join(ties)} of {result['images']} images")
     print_layers(result.get("layers", []), result.get("layer_targets", []))
 
 

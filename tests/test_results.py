@@ -89,6 +89,13 @@ def test_every_eval_run_is_kept_and_a_partial_one_is_marked(kept):
     assert latest["run"] == kept["partial"]["run"]  # eval.json is the latest run, as before
 
 
+def test_the_eval_record_names_its_tie_rule_and_counts_tied_top_scores(kept):
+    stored = json.loads((kept["bundle"] / "evals" / f"{kept['layered']['run']}.json").read_text())
+    assert stored["tie_rule"] == "lowest-class-index"
+    for row in [stored["reference"], *stored["artifacts"]]:
+        assert isinstance(row["top1_tied_images"], int) and 0 <= row["top1_tied_images"] <= stored["images"]
+
+
 def test_report_uses_the_complete_evaluation_not_the_latest_and_names_it(kept):
     data = load_report(kept["bundle"])
     assert data.eval_run.id == kept["layered"]["run"] and data.eval["images"] == 64

@@ -9,8 +9,8 @@ from calibration import ImageDataset, Preprocess
 
 from edgeres.bundle import EVAL_FILE, artifact_path, ok_artifacts, read_manifest, reference_path
 from edgeres.errors import InputError
-from edgeres.measure.evaluate import (check_labels, collect_logits, compare_to_reference,
-                                      topk_accuracy, torch_runner)
+from edgeres.measure.evaluate import (TIE_RULE, check_labels, collect_logits, compare_to_reference,
+                                      top1_class, topk_accuracy, torch_runner)
 from edgeres.measure.layer_error import layer_report
 from edgeres.measure.paired import CI_METHOD, pack_bits
 from edgeres.measure.records import artifact_sha, data_fingerprint, keep_eval, now
@@ -39,7 +39,7 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     shas = artifact_sha(manifest)
     ref_runner = get_target(info_for_file(ref_path.name).name).load_runner(ref_path, threads=threads)
     reference = collect_logits(ref_runner, dataset, pre, limit=limit, description="fp32 reference")
-    result = {"reference": {**topk_accuracy(reference, labels), "correct_bits": pack_bits(reference.argmax(1) == labels)},
+    result = {"reference": {**topk_accuracy(reference, labels), "correct_bits": pack_bits(top1_class(reference) == labels)},
               "artifacts": [], "images": int(len(labels))}
     for a, path in zip(artifacts, paths):
         entry = {"target": a["target"], "precision": a["precision"], "file": a["file"],
@@ -64,7 +64,7 @@ def record_eval(bundle: Path, manifest: dict, dataset: ImageDataset, result: dic
     result.update(data=str(dataset.source), data_fingerprint=data_fingerprint(dataset.source),
                   dataset_images=len(dataset), partial=result["images"] < len(dataset), threads=threads, host=host,
                   hostname=platform.node(), created=now(), conversion_key=manifest.get("conversion_key"),
-                  ci_method=CI_METHOD)
+                  ci_method=CI_METHOD, tie_rule=TIE_RULE)
     run = keep_eval(bundle, result)
     if run is not None:
         result["run"] = run

@@ -1,6 +1,7 @@
 """Load trained ResNets safely: PyTorch state_dicts / checkpoints (always ``weights_only=True``, sizes
-checked before anything is copied), edgeres' own pruned checkpoints, ResNet ONNX graphs
-(``onnx_import``) and Keras ResNets (``keras_import``); infer the spec when no arch is given.
+checked before anything is copied), ``.safetensors`` state_dicts (``safetensors_reader``), edgeres' own
+pruned checkpoints, ResNet ONNX graphs (``onnx_import``) and Keras ResNets (``keras_import``); infer the
+spec when no arch is given.
 TorchScript archives are programs and are refused."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from targets.base import atomic_path, first_line, sha256_file
 from edgeres.model.limits import check_archive, check_weight_bytes, size_text
 from edgeres.model.infer import check_state_dict, infer_spec
 from edgeres.model.zoo import ResNetSpec, get_spec
+from edgeres.sources.safetensors_reader import SAFETENSORS_SUFFIX, read_safetensors
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
 SPEC_KEY = "edgeres_spec"
@@ -45,7 +47,8 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
     if arch is not None:
         get_spec(arch)  # an unknown name fails first, with the list of known ones
     if not p.exists():
-        raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th), a ResNet .onnx or a Keras .keras/.h5")
+        raise InputError(f"{p}: no such file; give a PyTorch checkpoint (.pt/.pth/.th) or .safetensors, a ResNet .onnx "
+                         "or a Keras .keras/.h5")
     from edgeres.sources.keras_import import KERAS_SUFFIXES, is_saved_model_dir
 
     if is_saved_model_dir(p):
@@ -60,9 +63,13 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
         return _load_keras(p, arch)
     if suffix == ".onnx":
         return _load_onnx(p, arch)
-    if suffix not in TORCH_SUFFIXES:
-        raise InputError(f"{p}: unknown model format {suffix!r}; give a PyTorch checkpoint ({' '.join(TORCH_SUFFIXES)}) or a ResNet .onnx")
-    raw, fmt = _torch_load(p)
+    if suffix == SAFETENSORS_SUFFIX:
+        raw, fmt = read_safetensors(p), "safetensors"
+    elif suffix in TORCH_SUFFIXES:
+        raw, fmt = _torch_load(p)
+    else:
+        raise InputError(f"{p}: unknown model format {suffix!r}; give a PyTorch checkpoint ({' '.join(TORCH_SUFFIXES)}), "
+                         "a .safetensors state_dict, a ResNet .onnx or a Keras .keras/.h5")
     state_dict, saved_spec, extra = _unwrap(raw, p)
     _check_finite(state_dict, p)
     if saved_spec is not None:
@@ -123,8 +130,19 @@ def _sha256_dir(p: Path) -> str:
     return h.hexdigest()
 
 
+def _plain_data_globals() -> list:
+    """The only classes a checkpoint's pickle may name besides tensors and containers: plain data that
+    training scripts save beside the weights and that runs no code when rebuilt. torchvision's
+    ``references/classification/train.py`` saves its ``argparse.Namespace`` of arguments as ``"args"``."""
+    import argparse
+
+    return [argparse.Namespace]
+
+
 def _torch_load(p: Path):
+    import contextlib
     import pickle
+    import re
 
     import torch
 
@@ -132,20 +150,38 @@ def _torch_load(p: Path):
         archive = f.read(4) == b"PK\x03\x04"  # torch.load's own test for the zip format
     if archive:
         _refuse_torchscript(p, check_archive(p, "PyTorch checkpoint"))
+    # scoped to this call: nothing else in the process may unpickle these classes
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    allowed = safe_globals(_plain_data_globals()) if safe_globals else contextlib.nullcontext()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), allowed:
             warnings.simplefilter("ignore")  # pickle-protocol notes; the refusal below says what matters
             # mmap: the storages stay in the file until _check_tensor_sizes has seen what they declare
             return torch.load(str(p), map_location="cpu", weights_only=True, mmap=archive), "pytorch"
     except pickle.UnpicklingError as e:
-        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
-        detail = detail[0][:120] if detail else type(e).__name__
+        text = str(e).split("WeightsUnpickler error:")[-1]
+        foreign = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+        if foreign:
+            raise InputError(
+                f"{p}: refused: the checkpoint holds an object of {foreign.group(1)}, a Python class or function that "
+                "could run code when loaded (nothing was executed); save only the weights: torch.save({'model': model.state_dict()}, path)"
+            ) from None
         raise InputError(
-            f"{p}: refused: not a tensor-only checkpoint ({detail}); it is corrupt, or holds Python objects "
-            "that could run code (nothing was executed); save only the state_dict: torch.save(model.state_dict(), path)"
+            f"{p}: refused: not a tensor-only checkpoint ({_first_sentence(text) or type(e).__name__}); it is corrupt, "
+            "or holds Python objects that could run code (nothing was executed); save only the state_dict: "
+            "torch.save(model.state_dict(), path)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError) as e:
         raise InputError(f"{p}: is not a readable PyTorch checkpoint ({first_line(e, 160, with_type=True)}); the file is corrupt or truncated") from None
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """The first line of ``text`` up to its first full stop, cut at a word (never mid-word) past ``limit``."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    sentence = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
+    return sentence
 
 
 def _refuse_torchscript(p: Path, members) -> None:
