@@ -9,11 +9,15 @@ rounding, NCHW or NHWC) is that point and takes its range. numpy only, so every 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 RTOL = 1e-3  # relative to the tensor's largest magnitude: float32 runtimes differ by ~1e-6 here
+SAMPLE_VALUES = 65_536  # values kept per image and tensor in a saved file (evenly spread over the tensor)
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,11 @@ class ReferenceActivations:
     (NCHW float32) at each quantisation point, and the range each point was tuned to."""
 
     images: np.ndarray
-    values: dict  # point -> array (NCHW for 4-D)
+    values: dict  # point -> array (NCHW for 4-D); sampled (N × k, see ``sizes``) when read from a file
     ranges: dict  # point -> (lo, hi)
+    # point -> values per image of the whole activation, for points whose ``values`` are an evenly spread
+    # sample of it (``sample_indices``): what ``save`` writes, so a ResNet-50's activations stay small
+    sizes: dict = field(default_factory=dict)
 
     def match(self, tensors: dict, *, layout: str = "NCHW") -> dict:
         """{tensor key: tuned (lo, hi)} for every runtime tensor (computed on ``images``) that equals
@@ -39,9 +46,16 @@ class ReferenceActivations:
         if value.ndim == 4 and layout == "NHWC":
             value = value.transpose(0, 3, 1, 2)
         for point, ref in self.values.items():
-            if ref.size != value.size or len(ref) != len(value):
+            if len(ref) != len(value):
                 continue
-            ref_flat, flat = ref.reshape(len(ref), -1), value.reshape(len(value), -1)
+            flat = value.reshape(len(value), -1)
+            if point in self.sizes:
+                if flat.shape[1] != self.sizes[point]:
+                    continue
+                flat = flat[:, sample_indices(flat.shape[1])]
+            elif ref.size != value.size:
+                continue
+            ref_flat = ref.reshape(len(ref), -1)
             if ref_flat.shape != flat.shape:
                 continue
             scale = max(float(np.abs(ref_flat).max()), 1e-6)
@@ -53,3 +67,45 @@ class ReferenceActivations:
 def _not_trivial(x: np.ndarray) -> bool:
     """An all-constant activation (all zero) would match any other constant one: never a match."""
     return float(x.max()) != float(x.min())
+
+
+def sample_indices(size: int) -> np.ndarray:
+    """The positions (per image, flattened NCHW) a saved file keeps of an activation of ``size`` values."""
+    return np.unique(np.linspace(0, size - 1, min(size, SAMPLE_VALUES)).round().astype(np.int64))
+
+
+def save(path: str | Path, reference: ReferenceActivations) -> None:
+    """Write ``reference`` as a plain-data ``.npz`` (no pickle), each activation sampled (``sample_indices``)."""
+    points = list(reference.values)
+    arrays, sizes = {"images": np.asarray(reference.images, np.float32)}, {}
+    for i, point in enumerate(points):
+        value = np.asarray(reference.values[point], np.float32)
+        flat = value.reshape(len(value), -1)
+        sizes[point] = int(reference.sizes.get(point, flat.shape[1]))
+        arrays[f"v{i}"] = flat if point in reference.sizes else flat[:, sample_indices(flat.shape[1])]
+    meta = {"points": points, "sizes": sizes,
+            "ranges": {p: [float(v) for v in r] for p, r in reference.ranges.items()}}
+    arrays["meta"] = np.array(json.dumps(meta))
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def save_unavailable(path: str | Path, reason: str) -> None:
+    """Say in the file a runtime waits for that there are no shared ranges to match, and why."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, meta=np.array(json.dumps({"unavailable": reason})))
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> ReferenceActivations | str:
+    """What ``save`` wrote, or the reason ``save_unavailable`` wrote."""
+    with np.load(str(path), allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        if "unavailable" in meta:
+            return str(meta["unavailable"])
+        values = {p: z[f"v{i}"] for i, p in enumerate(meta["points"])}
+        images = z["images"]
+    return ReferenceActivations(images, values, {p: tuple(r) for p, r in meta["ranges"].items()}, meta["sizes"])

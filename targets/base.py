@@ -211,6 +211,11 @@ class CompileJob:
     # calibration.matching.ReferenceActivations from --quant finetune: its tuned ranges replace the
     # estimator's on every tensor of the target's own graph that holds one of its activations
     tuned_activations: object | None = None
+    # the shared ranges once, for a target with a graph of its own (TFLite): a file of the fp32 reference's
+    # activations on a few calibration images with the int8 stage's ranges (``calibration.matching.save``),
+    # whose tensors the target matches by value; it may appear only after the compile starts (a compile
+    # started beside the int8 stage waits for it). A file holding only "unavailable" means: no shared ranges.
+    reference_activations: str | None = None
     producer_version: str | None = None  # edgeres' version, written into the artifact's own metadata
     source_sha256: str | None = None  # sha256 of the model file the user converted
     num_classes: int | None = None

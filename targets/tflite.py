@@ -17,11 +17,13 @@ import json
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from calibration import matching
 from calibration.errors import DataError
 from targets.base import (ANY_PRECISION, KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path,
                           cpu_threads, release_memory)
@@ -33,8 +35,10 @@ quantize, dequantize, to_pixels = litert_quantize, litert_dequantize, litert_to_
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 ENGINE = "keras-from-spec + LiteRT converter"
 IO_TYPES = ("float", "int8", "uint8")
-# full-int8 activation ranges: "estimator" = the edgeres estimator the other targets use (job.estimator),
-# measured on the LiteRT model's own tensors; "converter" = the LiteRT converter's min/max
+# full-int8 activation ranges: "estimator" = the edgeres estimator the other targets use (job.estimator):
+# the shared ranges of the int8 stage (job.reference_activations: the fp32 reference's tensors matched to
+# the LiteRT model's by value, the few unmatched derived from the op making them), else measured on the
+# LiteRT model's own tensors; "converter" = the LiteRT converter's min/max
 RANGE_SOURCES = ("estimator", "converter")
 # the TFLite int8 spec, whatever the CPU: int8 activations, symmetric per-channel weights of ±127
 LITERT_INT8 = ("int8", False, "LiteRT full-int8: the TFLite int8 spec (symmetric ±127 weights per channel)")
@@ -139,6 +143,12 @@ class _Converted:
 
     flatbuffer: bytes
     representative_images: int | None  # full-int8 only: calibration images seen
+    ranges: dict | None = None  # full-int8 with estimator ranges: where they came from (the artifact's options)
+    notes: tuple[str, ...] = ()
+
+
+OWN_PASS = "edgeres {estimator} estimator on the LiteRT tensors"
+SHARED = "edgeres {estimator} estimator on the fp32 reference (the shared ranges), matched to the LiteRT tensors"
 
 
 def _compile(job: CompileJob) -> Artifact:
@@ -149,8 +159,9 @@ def _compile(job: CompileJob) -> Artifact:
     converted, options = _convert(plan, tf)
     if job.precision == "int8":
         options["representative_images"] = converted.representative_images
+        options.update(converted.ranges or {})
     notes = (f"tflite.io={plan.io} applies to full-int8 only; this {job.precision} model takes float input",) \
-        if plan.io != "float" and job.precision != "int8" else ()
+        if plan.io != "float" and job.precision != "int8" else converted.notes
     return _write_artifact(job, converted.flatbuffer, plan.io, options, notes)
 
 
@@ -235,7 +246,7 @@ def _configure(converter, plan: _Plan, feed: _RepresentativeDataset | None, tf) 
             converter.inference_input_type = _io_dtype(tf, plan.io)
             converter.inference_output_type = _io_dtype(tf, plan.io)
         options.update(weights="int8 per-channel", activations="int8 per-tensor", supported_ops="TFLITE_BUILTINS_INT8",
-                       calibration=f"edgeres {plan.job.estimator} estimator on the LiteRT tensors"
+                       calibration=OWN_PASS.format(estimator=plan.job.estimator)
                        if plan.range_source == "estimator" else "min/max (LiteRT converter)")
     return options
 
@@ -255,6 +266,7 @@ def _convert(plan: _Plan, tf) -> tuple[_Converted, dict]:
             flatbuffer = converter.convert()
             del converter
             images = feed.images if feed is not None else None
+            origin, notes = None, ()
             if plan.estimator_ranges:
                 # the float model quantised with every activation range our estimator finds on its own
                 # tensors (no name mapping to the ONNX graph; TFLite gets the statistic every target gets)
@@ -262,7 +274,7 @@ def _convert(plan: _Plan, tf) -> tuple[_Converted, dict]:
                 from tensorflow.lite.python import convert as tfl_convert
 
                 _release_keras()
-                ranges, images = _estimator_ranges(flatbuffer, job, tf)
+                ranges, images, origin, notes = _int8_ranges(flatbuffer, job, tf)
                 calibrated = _with_ranges(flatbuffer, ranges)
                 del flatbuffer
                 release_memory()
@@ -273,7 +285,7 @@ def _convert(plan: _Plan, tf) -> tuple[_Converted, dict]:
     except Exception as e:  # noqa: BLE001 - the converter raises many types (ConverterError, ValueError...)
         first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
         raise TargetError(f"tflite: LiteRT converter failed for {plan.job.precision} ({first})") from None
-    return _Converted(flatbuffer, images), options
+    return _Converted(flatbuffer, images, origin, notes), options
 
 
 def _release_keras() -> None:
@@ -390,6 +402,133 @@ def _estimator_ranges(float_model: bytes, job: CompileJob, tf) -> tuple[dict, in
     if inp["index"] in found and pixel_normalization(job) is not None:
         found[inp["index"]] = (0.0, 255.0)  # pixels: uint8 input with scale 1, zero point 0 is the raw image
     return found, images
+
+
+def _int8_ranges(float_model: bytes, job: CompileJob, tf) -> tuple[dict, int | None, dict, tuple[str, ...]]:
+    """({tensor index: (lo, hi)} of every activation, calibration images this compile ran itself (None:
+    none), where the ranges came from, notes). The shared ranges when the int8 stage gave them
+    (``job.reference_activations``): each LiteRT tensor takes the range of the reference tensor holding
+    the same values on the reference's images; a tensor matching none gets a range derived from the op
+    that makes it (``_derived_ranges``); only what is still left is measured by this target's own
+    estimator pass. Without shared ranges (or with --quant finetune's tuned ones) that pass gives them all."""
+    reference = _shared_reference(job)
+    if job.tuned_activations is not None or not isinstance(reference, matching.ReferenceActivations):
+        ranges, images = _estimator_ranges(float_model, job, tf)
+        notes = (f"tflite: no shared ranges ({reference}); ranges measured on the LiteRT model's own tensors",) \
+            if isinstance(reference, str) else ()
+        return ranges, images, {"ranges_from": "own estimator pass"}, notes
+    norm = pixel_normalization(job)
+    stats = _activation_tensors(float_model)
+    interp, inp = _keep_all_interpreter(float_model, tf)
+    found = reference.match(_values_on(interp, inp, stats, reference.images, norm), layout="NHWC")
+    del interp
+    matched = len(found)
+    if norm is not None:
+        found[inp["index"]] = (0.0, 255.0)  # pixels: uint8 input with scale 1, zero point 0 is the raw image
+    found.update(_derived_ranges(float_model, found, stats))
+    missing = [i for i in stats if i not in found]
+    origin = {"ranges_from": "shared", "calibration": SHARED.format(estimator=job.estimator),
+              "ranges_matched": matched, "ranges_derived": len(found) - matched, "ranges_own_pass": len(missing)}
+    if not missing:
+        return {i: found[i] for i in stats}, None, origin, ()
+    own, images = _estimator_ranges(float_model, job, tf)
+    found.update({i: own[i] for i in missing})
+    note = (f"tflite: {len(missing)} of {len(stats)} activation tensors match no tensor of the fp32 reference and "
+            "no rule derives them; their ranges come from this target's own estimator pass")
+    return {i: found[i] for i in stats}, images, origin, (note,)
+
+
+WAIT_NOTE_S = 5.0
+
+
+def _shared_reference(job: CompileJob):
+    """The int8 stage's reference activations (``calibration.matching.ReferenceActivations``), the reason
+    there are none (str), or None when the job names no file. A compile started beside the int8 stage
+    waits for the file (the parent stops it if the stage fails; a worker dies with its parent)."""
+    if not job.reference_activations:
+        return None
+    path, t0, said = Path(job.reference_activations), time.monotonic(), False
+    while not path.exists():
+        if not said and time.monotonic() - t0 > WAIT_NOTE_S:
+            print("waiting for the shared ranges of the int8 stage…", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.2)
+    try:
+        return matching.load(path)
+    except (OSError, ValueError, KeyError) as e:
+        return f"{path.name} is unreadable: {e}"
+
+
+def _keep_all_interpreter(float_model: bytes, tf):
+    with warnings.catch_warnings():  # tf.lite's interpreter warns it is deprecated and that all tensors are kept
+        warnings.simplefilter("ignore", UserWarning)
+        interp = tf.lite.Interpreter(model_content=float_model, experimental_preserve_all_tensors=True,
+                                     num_threads=cpu_threads())
+    return interp, interp.get_input_details()[0]
+
+
+def _values_on(interp, inp: dict, stats: list[int], images_nchw: np.ndarray, norm: dict | None) -> dict:
+    """{tensor index: its values} of the model on ``images_nchw`` (the pipeline's NCHW input; given as
+    pixels when the model normalises its input itself)."""
+    images = np.ascontiguousarray(np.asarray(images_nchw).transpose(0, 2, 3, 1), dtype=np.float32)
+    images = images if norm is None else to_pixels(images, norm)
+    interp.resize_tensor_input(inp["index"], list(images.shape))
+    interp.allocate_tensors()
+    interp.set_tensor(inp["index"], images)
+    interp.invoke()
+    return {i: interp.get_tensor(i) for i in stats}
+
+
+# ops whose output range follows from their activation input's: the same values moved, some dropped
+# (a max, a slice), or zeros added (the torch-exact padding's PAD)
+SAME_RANGE_OPS = ("RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "MAX_POOL_2D", "STRIDED_SLICE", "SLICE",
+                  "DEPTH_TO_SPACE", "SPACE_TO_DEPTH")
+WITH_ZERO_OPS = ("PAD", "PADV2")
+
+
+def _derived_ranges(float_model: bytes, known: dict, stats: list[int]) -> dict:
+    """{tensor index: range} for activations without one, derived in graph order from the op making each:
+    data movement keeps its input's range (PAD adds 0), RELU clips it, MUL/ADD/SUB by a constant
+    compute it (interval arithmetic, per channel)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
+    graph = model.subgraphs[0]
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    wanted, out = set(stats), {}
+    ranges = dict(known)
+
+    def constant(i: int):
+        t = graph.tensors[i]
+        data = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
+        if data is None or len(data) == 0 or t.type != schema.TensorType.FLOAT32:
+            return None
+        return np.frombuffer(bytes(data), np.float32)
+
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        name = names.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode)), "")
+        outputs = [o for o in op.outputs if o in wanted and o not in ranges]
+        activations = [i for i in op.inputs if i >= 0 and i in wanted]
+        if len(outputs) != 1 or len(activations) != 1 or activations[0] not in ranges:
+            continue
+        lo, hi = ranges[activations[0]]
+        consts = [c for i in op.inputs if i >= 0 and i not in wanted and (c := constant(i)) is not None]
+        if name in SAME_RANGE_OPS:
+            derived = (lo, hi)
+        elif name in WITH_ZERO_OPS:
+            derived = (min(lo, 0.0), max(hi, 0.0))
+        elif name == "RELU":
+            derived = (max(lo, 0.0), max(hi, 0.0))
+        elif name in ("MUL", "ADD", "SUB") and len(consts) == 1 and consts[0].size:
+            c = consts[0].astype(np.float64)
+            ends = {"MUL": (lo * c, hi * c), "ADD": (lo + c, hi + c), "SUB": (lo - c, hi - c)}[name]
+            derived = (float(min(e.min() for e in ends)), float(max(e.max() for e in ends)))
+        else:
+            continue
+        ranges[outputs[0]] = out[outputs[0]] = derived
+    return out
 
 
 def _with_ranges(float_model: bytes, ranges: dict) -> bytes:

@@ -141,3 +141,14 @@ def test_default_jobs_is_bounded_by_cores_and_compiles():
     assert default_jobs(1) == 1
     assert 1 <= default_jobs(5) <= max(1, os.cpu_count() or 1)
     assert isinstance(np.int64(default_jobs(2)).item(), int)
+
+
+def test_tflite_int8_takes_the_shared_ranges_in_process_and_in_workers(three_ways):
+    """Ranges once: in process, in one worker and in a worker started beside the int8 stage (--jobs 2,
+    which waits for the reference activations), TFLite's int8 ranges are the int8 stage's, matched."""
+    for jobs in ("0", "1", "2"):
+        manifest = json.loads((three_ways[jobs][0] / "manifest.json").read_text())
+        tflite = next(a for a in manifest["artifacts"] if a["target"] == "tflite" and a["precision"] == "int8")
+        o = tflite["options"]
+        assert o["ranges_from"] == "shared" and o["ranges_own_pass"] == 0 and o["ranges_matched"] > 5, (jobs, o)
+        assert manifest["calibration"]["reference_images"] == 2

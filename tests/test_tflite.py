@@ -33,7 +33,7 @@ def _inputs(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def _compile(tmp: Path, spec, model, precision: str, calib_npz: Path | None = None, calib_images: int | None = None,
-             estimator: str | None = None, **options):
+             estimator: str | None = None, reference_activations: Path | None = None, **options):
     from calibration import open_dataset
     from edgeres.model.keras_model import build_keras
     from targets import tflite
@@ -48,7 +48,8 @@ def _compile(tmp: Path, spec, model, precision: str, calib_npz: Path | None = No
 
     job = CompileJob(onnx_fp32=tmp / "unused.onnx", out_dir=tmp, precision=precision, calibration=calibration,
                      sources={KERAS: lambda: build_keras(spec, model.state_dict())}, options=options,
-                     preprocess=spec.preprocess.to_dict(), labels=spec.labels, estimator=estimator)
+                     preprocess=spec.preprocess.to_dict(), labels=spec.labels, estimator=estimator,
+                     reference_activations=str(reference_activations) if reference_activations else None)
     return tflite.compile(job)
 
 
@@ -361,3 +362,101 @@ def test_estimator_ranges_need_the_estimators_name(tmp_path, tiny_model, tiny_np
     spec, model = tiny_model
     with pytest.raises(TargetError, match="tflite.ranges=estimator needs"):
         _compile(tmp_path, spec, model, "int8", tiny_npz, 16, ranges="estimator")
+
+
+# -- ranges once: the int8 stage's shared ranges, matched to the LiteRT tensors by value --------------
+
+@pytest.fixture(scope="module")
+def shared_reference(tmp_path_factory, tiny_model, tiny_npz):
+    """(the reference activations file the int8 stage writes, its ranges) for the tiny model: percentile
+    ranges of its fp32 ONNX over 64 images, its activations on 2 of them."""
+    from calibration import matching, open_dataset
+    from edgeres.int8 import compute_ranges, reference_activations
+    from edgeres.model.export import export_onnx
+
+    spec, model = tiny_model
+    tmp = tmp_path_factory.mktemp("shared")
+    export_onnx(model, spec, tmp / "ref.onnx")
+    ds = open_dataset(tiny_npz)
+
+    def batches(layout="NCHW", batch_size=32):
+        return (x for x, _ in ds.batches(spec.preprocess.with_layout(layout), batch_size, 64))
+
+    ranges = compute_ranges(tmp / "ref.onnx", batches, estimator="percentile")
+    matching.save(tmp / "reference.npz", reference_activations(tmp / "ref.onnx", batches, ranges))
+    return tmp / "reference.npz", ranges
+
+
+def _tensor_ranges(path: Path) -> dict[str, tuple[float, float]]:
+    """{tensor name: (lo, hi)} of a full-int8 .tflite's per-tensor int8 activations (scale, zero point)."""
+    from targets.tflite import _interpreter_module
+
+    interp = _interpreter_module().Interpreter(model_path=str(path))
+    out = {}
+    for t in interp.get_tensor_details():
+        scales = t["quantization_parameters"]["scales"]
+        if np.dtype(t["dtype"]) == np.int8 and len(scales) == 1 and scales[0]:
+            scale, zp = float(scales[0]), int(t["quantization_parameters"]["zero_points"][0])
+            out[t["name"]] = ((-128 - zp) * scale, (127 - zp) * scale)
+    return out
+
+
+def test_shared_ranges_cover_every_tensor_without_an_own_pass(tmp_path, tiny_model, tiny_npz, shared_reference):
+    spec, model = tiny_model
+    artifact = _compile(tmp_path, spec, model, "int8", tiny_npz, 64, estimator="percentile",
+                        reference_activations=shared_reference[0])
+    o = artifact.options
+    assert o["ranges_from"] == "shared" and o["ranges_own_pass"] == 0 and o["representative_images"] is None
+    assert o["ranges_matched"] > 5 and o["ranges_derived"] >= 2  # the pixel input and its normalising MUL
+    assert artifact.notes == () and "fp32 reference" in o["calibration"]
+
+
+def test_shared_ranges_are_what_the_artifact_uses(tmp_path, tiny_model, tiny_npz, shared_reference):
+    """Doubling every shared range doubles the int8 activation grids of the matched tensors."""
+    from calibration import matching
+
+    spec, model = tiny_model
+    ref = matching.load(shared_reference[0])
+    wide = matching.ReferenceActivations(ref.images, ref.values, {k: (2 * lo, 2 * hi) for k, (lo, hi) in ref.ranges.items()},
+                                         ref.sizes)
+    matching.save(tmp_path / "wide.npz", wide)
+    base = _compile(tmp_path / "a", spec, model, "int8", tiny_npz, 64, estimator="percentile",
+                    reference_activations=shared_reference[0])
+    doubled = _compile(tmp_path / "b", spec, model, "int8", tiny_npz, 64, estimator="percentile",
+                       reference_activations=tmp_path / "wide.npz")
+    a, b = _tensor_ranges(tmp_path / "a" / base.file), _tensor_ranges(tmp_path / "b" / doubled.file)
+    # (the pixel input keeps 0..255 and its normalising MUL follows from it; the rest is the network's)
+    ratios = [(b[n][1] - b[n][0]) / (a[n][1] - a[n][0]) for n in a if n in b and "/normalize/" not in n
+              and n != "tfl.quantize"]
+    assert len(ratios) > 10 and ratios == pytest.approx([2.0] * len(ratios), rel=1e-3), ratios
+
+
+def test_unmatched_tensors_fall_back_to_the_own_pass_with_a_note(tmp_path, tiny_model, tiny_npz, shared_reference):
+    from calibration import matching
+
+    spec, model = tiny_model
+    ref = matching.load(shared_reference[0])
+    noise = np.random.default_rng(0)
+    other = matching.ReferenceActivations(ref.images, {k: v + noise.standard_normal(v.shape).astype(np.float32)
+                                                       for k, v in ref.values.items()}, ref.ranges, ref.sizes)
+    matching.save(tmp_path / "other.npz", other)
+    artifact = _compile(tmp_path, spec, model, "int8", tiny_npz, 64, estimator="percentile",
+                        reference_activations=tmp_path / "other.npz")
+    o = artifact.options
+    assert o["ranges_matched"] == 0 and o["ranges_own_pass"] > 5 and o["representative_images"] == 64
+    assert any("own estimator pass" in n for n in artifact.notes)
+
+
+def test_no_shared_ranges_means_the_own_pass_and_converter_ranges_still_work(tmp_path, tiny_model, tiny_npz,
+                                                                            shared_reference):
+    from calibration import matching
+
+    spec, model = tiny_model
+    matching.save_unavailable(tmp_path / "none.npz", "onnxruntime is not installed")
+    artifact = _compile(tmp_path / "a", spec, model, "int8", tiny_npz, 64, estimator="percentile",
+                        reference_activations=tmp_path / "none.npz")
+    assert artifact.options["ranges_from"] == "own estimator pass"
+    assert any("onnxruntime is not installed" in n for n in artifact.notes)
+    converter = _compile(tmp_path / "b", spec, model, "int8", tiny_npz, 64, estimator="percentile",
+                         reference_activations=shared_reference[0], ranges="converter")
+    assert converter.options["calibration"] == "min/max (LiteRT converter)" and "ranges_from" not in converter.options

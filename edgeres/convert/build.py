@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from calibration import DataError
+from calibration import matching
 from calibration.cpu import cpu_features
 from edgeres import __version__
 from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, label_names,
@@ -37,13 +38,17 @@ from edgeres.convert.workers import CALIB_FILE, Compiles, WorkerTask, compile_re
 from edgeres.progress import log, step
 from targets.base import LABELS_FILE, app_metadata, release_memory
 from edgeres.int8 import STAGE as INT8_STAGE
-from edgeres.int8 import compute_ranges, quantize_qdq, recipes_for
+from edgeres.int8 import compute_ranges, quantize_qdq, recipes_for, reference_activations
+from edgeres.int8.ranges import require_onnxruntime
 from edgeres.int8.recipe import same_qdq, weight_levels
-from targets import BUILTIN, QDQ_ONNX, CompileJob, TargetError, get_info, get_target, info_for_file
+from targets import BUILTIN, QDQ_ONNX, CompileJob, TargetError, TargetUnavailable, get_info, get_target, info_for_file
 
 STEPS_FILE = ".steps.json"
 RANGES_FILE = "calibration_ranges.json"
 QDQ_FILE = "model.qdq.onnx"
+# the reference's activations on a few calibration images + the shared ranges, for int8 targets with a graph
+# of their own (TFLite): they take the ranges by matching their tensors to these values (ranges once)
+REFERENCE_ACTIVATIONS_FILE = "reference_activations.npz"
 ACCURATE_FP32 = "model.accurate.fp32.onnx"  # improved weights, fp32: what the QDQ model quantises
 FINETUNE_FP32 = "model.finetune.fp32.onnx"  # quantisation-aware tuned weights (on their grid), fp32
 
@@ -218,8 +223,9 @@ def _calibration_source(cfg: ConvertConfig, spec, calib_ds) -> CalibrationSource
 
 def _int8_inputs(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, source: CalibrationSource | None,
                  steps_plan) -> Int8Inputs:
-    """Weights (improved with ``--quant accurate|finetune``), then — once for every QDQ consumer — the
-    shared ranges and QDQ model. TFLite measures the same estimator on its own model's tensors."""
+    """Weights (improved with ``--quant accurate|finetune``), then — once for every int8 consumer — the
+    shared ranges, the reference's activations for the consumers that match them by value (TFLite, with
+    the weights as given) and the QDQ model for the QDQ consumers."""
     recipes = int8_recipes(cfg, steps_plan)
     levels = _weight_levels(recipes)
     consumers = set(levels)
@@ -233,15 +239,44 @@ def _int8_inputs(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, sourc
     if cfg.quant == "finetune" and consumers:
         weights, fp32_for_qdq, tuned, finetuned = _finetune_weights(cfg, loaded, work, source, levels)
         record = {**record, "finetune": finetuned}
+    matched = any(_matches_ranges(cfg, t, p, source) for t, p in steps_plan)
     if QDQ_ONNX not in consumers:
+        if matched:
+            record = _share_ranges(cfg, work, steps, source, record)
         return Int8Inputs(weights, None, record, tuned, recipes)
     qdq_path = work / ".work" / QDQ_FILE
     done = steps.get("calibrate")
-    if done is None or not qdq_path.exists():
+    if done is None or not qdq_path.exists() or (matched and not (work / ".work" / REFERENCE_ACTIVATIONS_FILE).exists()):
         done = _calibrate(cfg, work, source.batches, qdq_path, record, fp32_for_qdq, _qdq_recipe(recipes),
-                          tuned.get(QDQ_ONNX))
+                          tuned.get(QDQ_ONNX), matched=matched)
         steps.finish("calibrate", done)
     return Int8Inputs(weights, qdq_path, done, tuned, recipes)
+
+
+def _matches_ranges(cfg: ConvertConfig, target: str, precision: str, source: CalibrationSource | None) -> bool:
+    """Does this compile take the shared ranges by matching its own tensors to the reference's activations?
+    An int8 target compiling from a source other than the QDQ model, with the model's weights as given
+    (improved weights give other activations, so their ranges are measured on its own model)."""
+    info = get_info(target)
+    return (precision == "int8" and source is not None and cfg.quant == "fast" and info.int8_recipe is not None
+            and info.consumes != QDQ_ONNX)
+
+
+def _share_ranges(cfg: ConvertConfig, work: Path, steps: StepCache, source: CalibrationSource, record: dict) -> dict:
+    """Ranges once without a QDQ consumer: the reference's ranges and activations for the matching
+    consumers; without onnxruntime (which runs the reference) they measure their own (the file says so)."""
+    done = steps.get("calibrate")
+    if done is not None and (work / ".work" / REFERENCE_ACTIVATIONS_FILE).exists():
+        return done
+    try:
+        require_onnxruntime()
+    except TargetUnavailable as e:
+        (work / ".work").mkdir(exist_ok=True)
+        matching.save_unavailable(work / ".work" / REFERENCE_ACTIVATIONS_FILE, str(e))
+        return record
+    done = _calibrate(cfg, work, source.batches, None, record, work / REFERENCE_FILE, None, matched=True)
+    steps.finish("calibrate", done)
+    return done
 
 
 def _improve_weights(loaded, work: Path, source: CalibrationSource, levels: dict):
@@ -337,10 +372,12 @@ def _qdq_recipe(recipes: dict[str, dict]) -> dict:
     return first
 
 
-def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: dict, onnx_fp32: Path,
-               recipe: dict, tuned=None) -> dict:
+def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path | None, record: dict, onnx_fp32: Path,
+               recipe: dict | None, tuned=None, *, matched: bool = False) -> dict:
     """Ranges once from the calibration set (those ``tuned`` by ``--quant finetune`` replacing them
-    where they apply), then one QDQ int8 ONNX with ``recipe`` that every QDQ consumer reuses."""
+    where they apply); with ``matched``, the reference's activations on a few of the images for the
+    consumers that match ranges by value (written first: a compile started beside this waits for them);
+    then (``qdq_path``) one QDQ int8 ONNX with ``recipe`` that every QDQ consumer reuses."""
     t0 = time.perf_counter()
     try:
         with step(f"calibrating on {record['images']} images with the {cfg.estimator} estimator"):
@@ -354,9 +391,15 @@ def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path, record: 
         ranges.update(tuned_ranges)
         record = {**record, "tuned_ranges": len(tuned_ranges)}
     write_json_atomic(work / RANGES_FILE, {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
-    qdq_path.parent.mkdir(exist_ok=True)
-    qdq = quantize_qdq(onnx_fp32, ranges, qdq_path, recipe=recipe, options=int8_options(cfg))
-    return {**record, "qdq": qdq, "ranges_file": RANGES_FILE, "seconds": round(time.perf_counter() - t0, 3)}
+    (work / ".work").mkdir(exist_ok=True)
+    if matched:
+        reference = reference_activations(onnx_fp32, batches, ranges)
+        matching.save(work / ".work" / REFERENCE_ACTIVATIONS_FILE, reference)
+        record = {**record, "reference_images": len(reference.images)}
+        del reference
+    if qdq_path is not None:
+        record = {**record, "qdq": quantize_qdq(onnx_fp32, ranges, qdq_path, recipe=recipe, options=int8_options(cfg))}
+    return {**record, "ranges_file": RANGES_FILE, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _usable_record(steps: StepCache, work: Path, target: str, precision: str, *, say: bool = True) -> dict | None:
@@ -444,10 +487,13 @@ def _source_files(loaded, work: Path, target: str, precision: str, int8: Int8Inp
     return {name: files} if files else {}
 
 
-def _job_data(cfg: ConvertConfig, loaded, work: Path, target: str, precision: str) -> dict:
+def _job_data(cfg: ConvertConfig, loaded, work: Path, target: str, precision: str,
+              source: CalibrationSource | None) -> dict:
     """The plain-data fields of a target's ``CompileJob``."""
     spec = loaded.spec
+    shared = work / ".work" / REFERENCE_ACTIVATIONS_FILE
     return dict(onnx_fp32=work / REFERENCE_FILE, out_dir=work, precision=precision,
+                reference_activations=str(shared) if _matches_ranges(cfg, target, precision, source) else None,
                 options=dict(cfg.target_options.get(target, {})), preprocess=spec.preprocess.to_dict(),
                 labels=spec.labels, estimator=cfg.estimator, producer_version=__version__,
                 source_sha256=loaded.sha256, num_classes=spec.num_classes)
@@ -457,7 +503,7 @@ def _job(cfg: ConvertConfig, loaded, work: Path, target: str, precision: str, so
          int8: Int8Inputs) -> CompileJob:
     """The compile of ``target`` at ``precision`` in this process."""
     files = _source_files(loaded, work, target, precision, int8)
-    return CompileJob(**_job_data(cfg, loaded, work, target, precision),
+    return CompileJob(**_job_data(cfg, loaded, work, target, precision, source),
                       sources={name: open_files(name, f) for name, f in files.items()},
                       calibration=source.batches if source else None,
                       tuned_activations=int8.tuned.get(get_info(target).consumes) if precision == "int8" else None)
@@ -487,7 +533,7 @@ def _plugin(target: str) -> tuple[str | None, str | None]:
 def _worker_task(cfg: ConvertConfig, loaded, work: Path, target: str, precision: str,
                  source: CalibrationSource | None, int8: Int8Inputs) -> WorkerTask:
     """The compile as files: the job's plain data as JSON, its source's files, calibration images as .npy."""
-    data = _job_data(cfg, loaded, work, target, precision)
+    data = _job_data(cfg, loaded, work, target, precision, source)
     data["onnx_fp32"], data["out_dir"] = str(data["onnx_fp32"]), str(data["out_dir"])
     data["labels"] = list(data["labels"]) if data["labels"] is not None else None
     plugin, root = _plugin(target)

@@ -12,8 +12,8 @@ Runtimes (onnxruntime, onnx) are imported inside the functions that need them.
 
 from edgeres.int8.options import LEGACY_TARGET, OPTIONS, STAGE, check_options, lift_legacy_options
 from edgeres.int8.qdq import qdq_record, quantize_qdq
-from edgeres.int8.ranges import compute_ranges
+from edgeres.int8.ranges import compute_ranges, reference_activations
 from edgeres.int8.recipe import choose_recipe, recipes_for
 
-__all__ = ["LEGACY_TARGET", "OPTIONS", "STAGE", "check_options", "choose_recipe", "compute_ranges",
+__all__ = ["LEGACY_TARGET", "OPTIONS", "STAGE", "check_options", "choose_recipe", "compute_ranges", "reference_activations",
            "lift_legacy_options", "qdq_record", "quantize_qdq", "recipes_for"]

@@ -100,3 +100,39 @@ def _calib_batch_size(model) -> int:
     pixels = (hw[0] * hw[1]) if len(hw) == 2 and all(hw) else 224 * 224
     # summed over its layers ResNet-18 exposes ~230 activation values per input pixel; 800 covers ResNet-50+
     return int(np.clip(MAX_CALIB_VALUES_PER_BATCH // (pixels * 800), 1, 32))
+
+
+REFERENCE_IMAGES = 2  # calibration images whose activations travel to runtimes that match ranges by value
+
+
+def reference_activations(onnx_fp32_path: str | Path, calib_fn: Callable[..., Iterable[np.ndarray]], ranges: dict,
+                          images: int = REFERENCE_IMAGES):
+    """The reference's activations at every tensor of ``ranges`` on the first ``images`` calibration images,
+    with the shared ranges (``calibration.matching.ReferenceActivations``): what a runtime with its own graph
+    (TFLite) matches its tensors to by value, so the ranges computed once here become its ranges."""
+    require_onnxruntime()
+    import onnx
+    import onnxruntime as ort
+
+    from calibration.matching import ReferenceActivations, sample_indices
+
+    model = onnx.load(str(onnx_fp32_path))
+    input_name = model.graph.input[0].name
+    existing = {o.name for o in model.graph.output}
+    exposed = [n for n in ranges if n != input_name]
+    for name in exposed:
+        if name not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = np.concatenate([np.asarray(b, np.float32) for b, _ in zip(calib_fn(layout="NCHW", batch_size=images),
+                                                                   range(1))])[:images]
+    outputs = dict(zip(exposed, session.run(exposed, {input_name: x})))
+    if input_name in ranges:
+        outputs[input_name] = x
+    values, sizes = {}, {}
+    for name, value in outputs.items():  # an evenly spread sample of each: a ResNet-50's would be ~160 MB an image
+        flat = np.asarray(value, np.float32).reshape(len(x), -1)
+        values[name], sizes[name] = np.ascontiguousarray(flat[:, sample_indices(flat.shape[1])]), flat.shape[1]
+    return ReferenceActivations(x, values, dict(ranges), sizes)
