@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import (ANY_PRECISION, QDQ_ONNX, QDQ_RECORD_KEY, REFERENCE_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo,
+from edgeres.targets.base import (ANY_PRECISION, QDQ_ONNX, QDQ_RECORD_KEY, REFERENCE_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo,
                           TargetUnavailable, atomic_path, first_line, x86_u8s8_recipe)
-from targets.runners.onnxruntime_runner import OnnxRuntimeRunner
+from edgeres.targets.runners.onnxruntime_runner import OnnxRuntimeRunner
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INFO = TargetInfo(

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.cpu import cpu_features
+from edgeres.calibration.cpu import cpu_features
 from edgeres.int8.ranges import require_onnxruntime
 from edgeres.int8.recipe import choose_recipe
-from targets.base import QDQ_RECORD_KEY, TargetError, atomic_path, first_line
+from edgeres.targets.base import QDQ_RECORD_KEY, TargetError, atomic_path, first_line
 
 
 def quantize_qdq(onnx_fp32_path: str | Path, ranges: dict, out_path: str | Path, *, recipe: dict | None = None,
