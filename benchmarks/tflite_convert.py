@@ -34,7 +34,7 @@ from edgeres.model.keras_model import build_keras
 from edgeres.model.torch_model import build_torch, randomize_bn
 from edgeres.model.zoo import get_spec
 from targets import tflite
-from targets.base import CompileJob
+from targets.base import KERAS, CompileJob
 
 torch.manual_seed(0)
 spec = get_spec({arch!r})
@@ -52,7 +52,7 @@ import tensorflow  # noqa: F401 - imported here so its cost is timed apart from 
 t_ready = time.perf_counter()
 out = Path({out!r})
 job = CompileJob(onnx_fp32=out / "unused.onnx", out_dir=out, precision="int8", calibration=calibration,
-                 keras_model=lambda: build_keras(spec, state_dict), preprocess=spec.preprocess.to_dict())
+                 sources={KERAS: lambda: build_keras(spec, state_dict)}, preprocess=spec.preprocess.to_dict())
 artifact = tflite.compile(job)
 t_done = time.perf_counter()
 report = json.loads((out / artifact.files[1]).read_text())

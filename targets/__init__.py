@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from targets.base import (CONSUMES, KERAS, QDQ_ONNX, Artifact, CompileJob, OptionError, TargetError, TargetInfo, TargetOption,
+from targets.base import (ANY_PRECISION, KERAS, QDQ_ONNX, REFERENCE_ONNX, Artifact, CompileJob, OptionError, TargetError, TargetInfo, TargetOption,
                           TargetUnavailable)
 
 BUILTIN = ("onnx", "openvino", "tflite")
@@ -26,8 +26,8 @@ _modules: dict[str, ModuleType] = {}
 def register(module: ModuleType) -> TargetInfo:
     """Add a target module (with ``INFO``, ``compile``, ``load_runner``, ``available``) to the table."""
     info = module.INFO
-    if not isinstance(info, TargetInfo) or info.consumes not in CONSUMES:
-        raise TypeError(f"{module.__name__}: INFO must be a TargetInfo consuming one of {', '.join(CONSUMES)}")
+    if not isinstance(info, TargetInfo) or not isinstance(info.sources, dict) or not info.sources:
+        raise TypeError(f"{module.__name__}: INFO must be a TargetInfo naming the model sources it compiles from")
     _modules[info.name] = module
     return info
 
@@ -81,5 +81,5 @@ def companion_files(path: str) -> list[str]:
     return [str(path)[: -len(suffix)] + c for c in info.companions]
 
 
-__all__ = ["Artifact", "CONSUMES", "CompileJob", "OptionError", "KERAS", "QDQ_ONNX", "TargetError", "TargetInfo", "TargetOption",
+__all__ = ["ANY_PRECISION", "Artifact", "CompileJob", "OptionError", "KERAS", "QDQ_ONNX", "REFERENCE_ONNX", "TargetError", "TargetInfo", "TargetOption",
            "TargetUnavailable", "companion_files", "get_info", "get_target", "info_for_file", "infos", "names", "register", "shipping_target"]

@@ -94,11 +94,13 @@ LABELS_FILE = "labels.txt"  # one class name a line, in the bundle and as the .t
 QDQ_RECORD_KEY = "edgeres.quantization"  # a QDQ ONNX's metadata entry: the int8 recipe it was written with
 
 
-# What a target's int8 compiles from (TargetInfo.consumes): the shared QDQ ONNX that the pipeline
-# quantises once with the shared ranges, or the network rebuilt in Keras and converted there.
-QDQ_ONNX = "qdq_onnx"
-KERAS = "keras"
-CONSUMES = (QDQ_ONNX, KERAS)
+# Model sources a target compiles from (TargetInfo.sources, by precision). The pipeline materialises each
+# as files once per conversion (edgeres/convert/model_sources.py, an open registry: a plugin may add its
+# own) and hands the target what the files open to in CompileJob.sources. The built-in ones:
+REFERENCE_ONNX = "reference_onnx"  # the fp32 reference ONNX (BN folded, dynamic batch): a Path
+QDQ_ONNX = "qdq_onnx"  # the QDQ int8 ONNX the int8 stage writes from the shared ranges: a Path
+KERAS = "keras"  # the network rebuilt in Keras from its spec + weights: a callable that builds it
+ANY_PRECISION = "*"  # TargetInfo.sources key for every precision not named
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class TargetInfo:
     dist: str
     runtime: str
     precisions: tuple[str, ...]
-    consumes: str
+    sources: dict  # precision (or ANY_PRECISION) -> the model source its compile reads (see above)
     options: tuple[TargetOption, ...] = ()
     tools: tuple[str, ...] = ()  # further distributions its compile uses (shown by doctor)
     companions: tuple[str, ...] = ()  # suffixes of files an artifact needs beside it (an IR's .bin)
@@ -162,6 +164,15 @@ class TargetInfo:
     # estimator), "float_nodes" (the most sensitive layers kept in float)
     budget_tunes: tuple[str, ...] = ()
     compile_here: bool = False  # its compile is a copy of what the int8 stage made: no worker process for it
+
+    def source_for(self, precision: str) -> str:
+        """The model source a ``precision`` compile reads."""
+        return self.sources.get(precision, self.sources.get(ANY_PRECISION, REFERENCE_ONNX))
+
+    @property
+    def consumes(self) -> str:
+        """What its int8 compiles from (the weight grid and recipe of that source apply)."""
+        return self.source_for("int8")
 
     def option(self, name: str) -> TargetOption:
         for o in self.options:
@@ -181,18 +192,18 @@ class CompileJob:
     """Everything a target compiles from. Targets never import ``edgeres``.
 
     ``onnx_fp32``: the BN-folded fp32 reference ONNX (input ``input``, NCHW float32, dynamic batch).
+    ``sources``: {source name: what its files open to} for the sources this compile reads (``TargetInfo
+    .sources``): a Path for file sources, a builder for the Keras network. What crosses into a worker
+    process is only the sources' files, opened there.
     ``calibration``: a callable returning an iterator of NCHW float32 batches (the same images for
-    every target); ``ranges``: activation ranges {onnx tensor name: (lo, hi)} computed once.
-    ``keras_model``: a callable building the same network in Keras (NHWC) for the TFLite target.
+    every target, read from one file in a worker).
     """
 
     onnx_fp32: Path
     out_dir: Path
     precision: str
+    sources: dict = field(default_factory=dict)
     calibration: Callable[[], Iterable[np.ndarray]] | None = None
-    ranges: dict | None = None
-    qdq_onnx: Path | None = None
-    keras_model: Callable[[], object] | None = None
     options: dict = field(default_factory=dict)
     preprocess: dict | None = None  # calibration.Preprocess.to_dict(): mean/std/size/layout of the input
     labels: tuple | None = None
@@ -203,6 +214,13 @@ class CompileJob:
     producer_version: str | None = None  # edgeres' version, written into the artifact's own metadata
     source_sha256: str | None = None  # sha256 of the model file the user converted
     num_classes: int | None = None
+
+    def source(self, name: str):
+        """What source ``name`` opened to; a TargetError when the pipeline did not provide it."""
+        if name not in self.sources:
+            raise TargetError(f"the pipeline gave no {name} source for a {self.precision} compile "
+                              f"(it gave: {', '.join(self.sources) or 'none'})")
+        return self.sources[name]
 
     def label_names(self) -> list[str]:
         """The class names; their indices "0".."N-1" when the model has none."""

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import (QDQ_ONNX, QDQ_RECORD_KEY, Artifact, CompileJob, Runner, TargetError, TargetInfo,
+from targets.base import (ANY_PRECISION, QDQ_ONNX, QDQ_RECORD_KEY, REFERENCE_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo,
                           TargetUnavailable, atomic_path, first_line, x86_u8s8_recipe)
 from targets.runners.onnxruntime_runner import OnnxRuntimeRunner
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INFO = TargetInfo(
     name="onnx", title="ONNX (onnxruntime)", suffixes=(".onnx",), dist="onnxruntime", runtime="onnxruntime",
-    precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("onnx",), int8_recipe=x86_u8s8_recipe,
+    precisions=PRECISIONS, sources={"int8": QDQ_ONNX, ANY_PRECISION: REFERENCE_ONNX}, tools=("onnx",), int8_recipe=x86_u8s8_recipe,
     budget_tunes=("estimator", "float_nodes"),
     compile_here=True,
 )
@@ -60,14 +60,15 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
     rel = Path("onnx") / f"model.{job.precision}.onnx"
     dest = job.out_dir / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if job.precision == "int8" and (job.qdq_onnx is None or not Path(job.qdq_onnx).exists()):
+    qdq = Path(job.source(QDQ_ONNX)) if job.precision == "int8" else None
+    if qdq is not None and not qdq.exists():
         raise TargetError("onnx int8: no QDQ model was made; int8 needs --calib images")
     if job.precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = convert_float_to_float16(onnx.load(str(job.onnx_fp32)), keep_io_types=True)
     else:
-        model = onnx.load(str(job.qdq_onnx if job.precision == "int8" else job.onnx_fp32))
+        model = onnx.load(str(qdq if qdq is not None else job.onnx_fp32))
     metadata = job.model_metadata(layout="NCHW", dtype="float32")
     if job.precision == "fp32" and _has_metadata(model, metadata):
         shutil.copyfile(job.onnx_fp32, dest)  # byte-identical to the reference, so bench runs it once

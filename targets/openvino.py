@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import (METADATA_PREFIX, QDQ_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line, x86_u8s8_recipe)
+from targets.base import (ANY_PRECISION, METADATA_PREFIX, QDQ_ONNX, REFERENCE_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line, x86_u8s8_recipe)
 from targets.runners.openvino_runner import OPENVINO_RT_INFO_KEY, OpenVinoIrRunner
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -40,7 +40,7 @@ DEFAULT_HINT, DEFAULT_INFERENCE_PRECISION = "LATENCY", "f32"
 INFO = TargetInfo(
     name="openvino", title="OpenVINO IR", suffixes=(".xml",), companions=(".bin",), dist="openvino",
     runtime="openvino",
-    precisions=PRECISIONS, consumes=QDQ_ONNX, tools=("nncf",), int8_recipe=x86_u8s8_recipe,
+    precisions=PRECISIONS, sources={"int8": QDQ_ONNX, ANY_PRECISION: REFERENCE_ONNX}, tools=("nncf",), int8_recipe=x86_u8s8_recipe,
     budget_tunes=("estimator", "float_nodes"),
     options=(
         TargetOption("engine", str, DEFAULT_ENGINE, "int8 from the shared QDQ model (qdq) or nncf.quantize", ENGINES),
@@ -133,10 +133,10 @@ def _convert(onnx_path: Path):
 
 
 def _int8_from_qdq(job: CompileJob):
-    if job.qdq_onnx is None or not Path(job.qdq_onnx).exists():
-        raise TargetError("openvino int8 engine 'qdq' needs the pipeline's QDQ int8 ONNX (job.qdq_onnx), which was "
-                          "not made; use --option openvino.engine=nncf or fix the onnx int8 step")
-    return _convert(Path(job.qdq_onnx)), {"source": "QDQ ONNX from the shared calibration ranges"}
+    if QDQ_ONNX not in job.sources or not Path(job.sources[QDQ_ONNX]).exists():
+        raise TargetError("openvino int8 engine 'qdq' needs the int8 stage's QDQ ONNX (the qdq_onnx source), which was "
+                          "not made; use --option openvino.engine=nncf or give --calib images")
+    return _convert(Path(job.source(QDQ_ONNX))), {"source": "QDQ ONNX from the shared calibration ranges"}
 
 
 def _int8_with_nncf(job: CompileJob, options: dict):

@@ -1,6 +1,6 @@
 """TFLite (LiteRT) target: fp32, fp16 weights, dynamic-range int8 and full-integer int8.
 
-Engine: the network rebuilt in Keras from its spec (``job.keras_model()``) and converted by the
+Engine: the network rebuilt in Keras from its spec (the ``keras`` source: ``job.source(KERAS)()``) and converted by the
 LiteRT converter; full-int8 is calibrated on ``job.calibration(layout="NHWC")``, the same images
 every other target uses. After conversion an op report lists every op with its tensor dtypes; a
 full-int8 model that still computes in float anywhere is an error, not a warning.
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.errors import DataError
-from targets.base import (KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path,
+from targets.base import (ANY_PRECISION, KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path,
                           cpu_threads, release_memory)
 from targets.runners.litert_runner import (LiteRtRunner, litert_dequantize, litert_embedded_normalization,
                                            litert_quantize, litert_to_pixels, LITERT_PIXELS_ENTRY)
@@ -40,7 +40,7 @@ RANGE_SOURCES = ("estimator", "converter")
 LITERT_INT8 = ("int8", False, "LiteRT full-int8: the TFLite int8 spec (symmetric ±127 weights per channel)")
 INFO = TargetInfo(
     name="tflite", title="TFLite (LiteRT)", suffixes=(".tflite",), dist="ai-edge-litert", runtime="litert",
-    precisions=PRECISIONS, consumes=KERAS, tools=("tensorflow",), int8_recipe=lambda cpu: LITERT_INT8,
+    precisions=PRECISIONS, sources={ANY_PRECISION: KERAS}, tools=("tensorflow",), int8_recipe=lambda cpu: LITERT_INT8,
     options=(
         TargetOption("io", str, "float", "full-int8 input/output type", IO_TYPES),
         TargetOption("ranges", str, "estimator", "full-int8 activation ranges: the shared estimator's or the "
@@ -92,7 +92,7 @@ def _converter_modules():
 # -- compile -------------------------------------------------------------------------------------
 
 def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's verb
-    """Convert ``job.keras_model()`` to ``tflite/model.<precision>.tflite`` plus its op report and sidecar."""
+    """Convert the Keras network (``job.source(KERAS)()``) to ``tflite/model.<precision>.tflite`` plus its op report and sidecar."""
     with native_stderr_quiet():
         return _compile(job)
 
@@ -190,8 +190,7 @@ def _plan(job: CompileJob) -> _Plan:
     range_source = str(job.options.get("ranges", "estimator" if job.estimator else "converter"))
     if range_source == "estimator" and not job.estimator:
         raise TargetError("tflite: --option tflite.ranges=estimator needs the pipeline's estimator (job.estimator)")
-    if job.keras_model is None:
-        raise TargetError("tflite: the pipeline gave no Keras model builder (job.keras_model); cannot convert")
+    job.source(KERAS)  # a TargetError now, before any work, when the pipeline gave no Keras network
     if job.precision == "int8" and job.calibration is None:
         raise TargetError("tflite: full-integer int8 needs calibration images; pass --calib")
     return _Plan(job, io, range_source)
@@ -247,7 +246,7 @@ def _convert(plan: _Plan, tf) -> tuple[_Converted, dict]:
     of them at a time: the converter's peak, not the converter plus the calibration."""
     job = plan.job
     feed = _RepresentativeDataset(job) if job.precision == "int8" and not plan.estimator_ranges else None
-    converter = tf.lite.TFLiteConverter.from_keras_model(_with_pixel_input(job.keras_model(), job))
+    converter = tf.lite.TFLiteConverter.from_keras_model(_with_pixel_input(job.source(KERAS)(), job))
     options = _configure(converter, plan, feed, tf)
     try:
         with warnings.catch_warnings():

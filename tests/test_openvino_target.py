@@ -81,11 +81,11 @@ def reference_logits(tiny_onnx, test_inputs):
 
 def compile_ir(tiny_onnx, out_dir, precision, *, calibration=None, qdq=None, **options):
     from targets import openvino as ov_target
-    from targets.base import CompileJob
+    from targets.base import QDQ_ONNX, CompileJob
 
     spec, src = tiny_onnx
     job = CompileJob(onnx_fp32=src, out_dir=Path(out_dir), precision=precision, calibration=calibration,
-                     qdq_onnx=qdq, options=options, preprocess=spec.preprocess.to_dict())
+                     sources={QDQ_ONNX: qdq} if qdq is not None else {}, options=options, preprocess=spec.preprocess.to_dict())
     return ov_target.compile(job)
 
 

@@ -70,7 +70,7 @@ def test_convert_accurate_records_the_preset_and_keeps_the_original_reference(fa
     fast, acc = (json.loads((o / "manifest.json").read_text()) for o in (out_fast, out_acc))
     assert fast["calibration"]["quant"] == "fast" and "accurate" not in fast["calibration"]
     assert acc["calibration"]["quant"] == "accurate"
-    assert acc["calibration"]["accurate"]["qdq"]["bias_correction"] is True
+    assert acc["calibration"]["accurate"]["qdq_onnx"]["bias_correction"] is True
     assert acc["reference"]["sha256"] == fast["reference"]["sha256"]  # fp32 reference: the original model
     assert acc["artifacts"][0]["sha256"] != fast["artifacts"][0]["sha256"]
     assert acc["conversion_key"] != fast["conversion_key"]

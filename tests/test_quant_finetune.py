@@ -72,10 +72,10 @@ def test_each_runtime_runs_what_was_trained_within_one_int8_step(bundles, data_f
     spec, _ = tiny_model
     x = spec.preprocess(make_images(64, 16, seed=9)[0])
     bundle, manifest = bundles["finetune"]
-    grids = {"qdq": manifest["calibration"]["finetune"]["qdq"]["weight_levels"], "keras": 127}
+    grids = {"qdq_onnx": manifest["calibration"]["finetune"]["qdq_onnx"]["weight_levels"], "keras": 127}
     for target in TARGETS:
         # each runtime against the simulation of the grid its weights were tuned on
-        tuned = bundles["tuned"][grids["keras" if targets.get_info(target).consumes == targets.KERAS else "qdq"]]
+        tuned = bundles["tuned"][grids[targets.get_info(target).consumes]]
         with torch.no_grad():
             simulated = fake_quant_model(spec, tuned)(x).numpy()
         lo, hi = tuned.reference.ranges[spec.head]
@@ -109,7 +109,7 @@ def test_int8_graphs_are_op_for_op_those_of_fast(bundles):
 
 def test_manifest_records_recipe_epochs_and_held_out_curve(bundles):
     _, manifest = bundles["finetune"]
-    record = manifest["calibration"]["finetune"]["qdq"]
+    record = manifest["calibration"]["finetune"]["qdq_onnx"]
     assert record["epochs"] == 1 and record["learn_ranges"] is True and record["seed"] == 0
     assert [row["epoch"] for row in record["curve"]] == [0, 1]
     assert all(0 <= row["agreement_pct"] <= 100 for row in record["curve"])

@@ -146,14 +146,30 @@ def test_no_module_outside_targets_names_a_runtime():
 
 
 FAKE_TARGET = '''
-"""A throwaway fourth runtime: the fp32 ONNX under another suffix, run by onnxruntime."""
+"""A throwaway fourth runtime, int8 from a model source of its own: onnxruntime's dynamic int8
+quantisation of a copy of the reference that its source step makes, under another suffix."""
+import os
 import shutil
 from pathlib import Path
 
-from targets.base import QDQ_ONNX, Artifact, TargetInfo, TargetOption
+from edgeres.convert.model_sources import ModelSource, register_source
+from targets.base import ANY_PRECISION, Artifact, TargetInfo, TargetOption
 
-INFO = TargetInfo(name="fakert", title="Fake runtime", suffixes=(".fake",), dist="onnxruntime", runtime="fakert",
-                  precisions=("fp32",), consumes=QDQ_ONNX,
+SOURCE = "fake_onnx_copy"
+
+
+def _make(request):
+    copy = request.scratch / "fake.source.onnx"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    if not copy.exists():
+        shutil.copyfile(request.reference, copy)
+    return {"file": str(copy)}
+
+
+register_source(ModelSource(SOURCE, _make, lambda files: Path(files["file"])))
+INFO = TargetInfo(name="fakert", title="Fake runtime", suffixes=(".fake",), dist="onnxruntime", runtime="onnxruntime",
+                  precisions=("fp32", "int8"), sources={ANY_PRECISION: SOURCE},
+                  int8_recipe=lambda cpu: ("int8", False, "onnxruntime dynamic int8"),
                   options=(TargetOption("speed", str, "fast", "how fast it pretends to be", ("fast", "slow")),))
 
 
@@ -164,8 +180,15 @@ def available():
 def compile(job):
     rel = Path("fake") / f"model.{job.precision}.fake"
     (job.out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(job.onnx_fp32, job.out_dir / rel)
-    return Artifact("fakert", job.precision, (str(rel),), engine="copy",
+    source = job.source(SOURCE)
+    if job.precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(source), str(job.out_dir / rel), weight_type=QuantType.QInt8)
+    else:
+        shutil.copyfile(source, job.out_dir / rel)
+    where = "worker" if os.environ.get("EDGERES_WORKER_PARENT") else "here"
+    return Artifact("fakert", job.precision, (str(rel),), engine=f"copy + quantize_dynamic ({where})",
                     options=INFO.check_options(job.options))
 
 
@@ -189,7 +212,7 @@ def fake_cli(tmp_path):
 
 def test_a_registered_fourth_target_shows_in_doctor_and_help(fake_cli):
     doctor = json.loads(fake_cli("doctor", "--json").stdout)
-    assert doctor["targets"]["fakert"]["precisions"] == ["fp32"]
+    assert doctor["targets"]["fakert"]["precisions"] == ["fp32", "int8"]
     help_text = " ".join(fake_cli("convert", "--help").stdout.split())
     assert "fakert" in help_text and "fakert.speed" in help_text
 
@@ -205,16 +228,25 @@ def test_a_fourth_targets_options_are_validated_before_any_work(fake_cli, tiny_c
     assert not out.exists()
 
 
-def test_a_fourth_target_converts_and_evaluates(fake_cli, tiny_checkpoint, tiny_npz, tmp_path):
+def test_a_fourth_target_converts_int8_from_its_own_source_in_a_worker_and_is_evaluated_and_benchmarked(
+        fake_cli, tiny_checkpoint, tiny_npz, tmp_path):
     out = tmp_path / "b"
-    r = fake_cli("convert", tiny_checkpoint, "--targets", "fakert", "--precision", "fp32", "--option",
-                 "fakert.speed=slow", "--eval", tiny_npz, "--out", out, "--no-bench")
+    r = fake_cli("convert", tiny_checkpoint, "--targets", "fakert", "--precision", "int8,fp32", "--calib", tiny_npz,
+                 "--option", "fakert.speed=slow", "--eval", tiny_npz, "--out", out, "--no-bench", "--jobs", "1")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    (artifact,) = manifest["artifacts"]
-    assert artifact["target"] == "fakert" and artifact["status"] == "ok" and artifact["options"] == {"speed": "slow"}
-    evaluated = json.loads((out / "eval.json").read_text())
-    assert evaluated["artifacts"][0]["agreement_pct"] == 100.0
+    int8, fp32 = manifest["artifacts"]
+    assert (int8["target"], int8["precision"], int8["status"]) == ("fakert", "int8", "ok")
+    assert int8["engine"].endswith("(worker)") and int8["options"] == {"speed": "slow"}  # compiled in a worker
+    assert fp32["status"] == "ok" and manifest["int8"]["recipes"]["fakert"]["reason"] == "onnxruntime dynamic int8"
+    assert not (out / ".work").exists()  # the source's files stay out of the bundle
+    evaluated = {a["precision"]: a for a in json.loads((out / "eval.json").read_text())["artifacts"]}
+    assert evaluated["fp32"]["agreement_pct"] == 100.0
+    assert evaluated["int8"]["agreement_pct"] >= 50.0 and not evaluated["int8"].get("error")
+    r = fake_cli("bench", out, "--threads", "1", "--runs", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {(row["target"], row["precision"]): row for row in json.loads(r.stdout)["results"]}
+    assert rows["fakert", "int8"]["status"] == "ok" and rows["fakert", "int8"]["p50_ms"] > 0
 
 
 # -- one runner per runtime: numpy-only modules, copied verbatim into the standalone files -------------------

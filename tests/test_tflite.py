@@ -37,7 +37,7 @@ def _compile(tmp: Path, spec, model, precision: str, calib_npz: Path | None = No
     from calibration import open_dataset
     from edgeres.model.keras_model import build_keras
     from targets import tflite
-    from targets.base import CompileJob
+    from targets.base import KERAS, CompileJob
 
     calibration = None
     if calib_npz is not None:
@@ -47,7 +47,7 @@ def _compile(tmp: Path, spec, model, precision: str, calib_npz: Path | None = No
             return (x for x, _ in ds.batches(spec.preprocess.with_layout(layout), batch_size, calib_images))
 
     job = CompileJob(onnx_fp32=tmp / "unused.onnx", out_dir=tmp, precision=precision, calibration=calibration,
-                     keras_model=lambda: build_keras(spec, model.state_dict()), options=options,
+                     sources={KERAS: lambda: build_keras(spec, model.state_dict())}, options=options,
                      preprocess=spec.preprocess.to_dict(), labels=spec.labels, estimator=estimator)
     return tflite.compile(job)
 
@@ -121,7 +121,7 @@ def test_calibration_data_error_keeps_its_type(tmp_path, tiny_model):
     from calibration import DataError
     from edgeres.model.keras_model import build_keras
     from targets import tflite
-    from targets.base import CompileJob
+    from targets.base import KERAS, CompileJob
 
     spec, model = tiny_model
 
@@ -130,7 +130,7 @@ def test_calibration_data_error_keeps_its_type(tmp_path, tiny_model):
         yield  # pragma: no cover - makes this a generator
 
     job = CompileJob(onnx_fp32=tmp_path / "unused.onnx", out_dir=tmp_path, precision="int8",
-                     calibration=broken_calibration, keras_model=lambda: build_keras(spec, model.state_dict()))
+                     calibration=broken_calibration, sources={KERAS: lambda: build_keras(spec, model.state_dict())})
     with pytest.raises(DataError, match="truncated"):
         tflite.compile(job)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import functools
 import json
 import shutil
 import time
@@ -32,24 +31,21 @@ from edgeres.compress.quant_finetune import (DEFAULT_EPOCHS, QuantFinetuneConfig
 from edgeres.convert.config import ConvertConfig, data_digests, plan
 from edgeres.errors import InputError
 from edgeres.model.export import export_onnx
-from edgeres.model.keras_model import build_keras
 from edgeres.model.torch_model import build_torch
-from edgeres.convert.workers import (CALIB_FILE, Compiles, WorkerTask, compile_record, default_jobs,
-                                     write_calibration, write_weights)
+from edgeres.convert.model_sources import SourceRequest, get_source, make_files, open_files
+from edgeres.convert.workers import CALIB_FILE, Compiles, WorkerTask, compile_record, default_jobs, write_calibration
 from edgeres.progress import log, step
 from targets.base import LABELS_FILE, app_metadata, release_memory
 from edgeres.int8 import STAGE as INT8_STAGE
 from edgeres.int8 import compute_ranges, quantize_qdq, recipes_for
 from edgeres.int8.recipe import same_qdq, weight_levels
-from targets import BUILTIN, CONSUMES, KERAS, QDQ_ONNX, CompileJob, TargetError, get_info, info_for_file
+from targets import BUILTIN, QDQ_ONNX, CompileJob, TargetError, get_info, get_target, info_for_file
 
 STEPS_FILE = ".steps.json"
 RANGES_FILE = "calibration_ranges.json"
 QDQ_FILE = "model.qdq.onnx"
 ACCURATE_FP32 = "model.accurate.fp32.onnx"  # improved weights, fp32: what the QDQ model quantises
 FINETUNE_FP32 = "model.finetune.fp32.onnx"  # quantisation-aware tuned weights (on their grid), fp32
-# the manifest names the improved weights by the grid they were fitted to
-_GRID_NAMES = {QDQ_ONNX: "qdq", KERAS: "keras"}
 
 
 class StepCache:
@@ -108,12 +104,12 @@ class CalibrationSource:
 
 @dataclass(frozen=True)
 class Int8Inputs:
-    """What int8 compiles start from: weights per grid (``targets.QDQ_ONNX`` / ``targets.KERAS``),
-    the shared QDQ model and its ranges (when a QDQ consumer makes int8), the calibration record."""
+    """What int8 compiles start from: improved weights per int8 source (``--quant accurate|finetune``;
+    none: the model as given), the shared QDQ model (when a QDQ consumer makes int8; its ranges are in
+    the bundle's calibration_ranges.json), the calibration record."""
 
     weights: dict
     qdq_onnx: Path | None
-    ranges: dict | None
     calibration: dict | None
     tuned: dict = dataclasses.field(default_factory=dict)  # consumer -> ReferenceActivations (--quant finetune)
     recipes: dict = dataclasses.field(default_factory=dict)  # int8 target -> its recipe (edgeres.int8)
@@ -132,7 +128,7 @@ def build_bundle(cfg: ConvertConfig, loaded, key: str, calib_ds, *, reference: P
         log(f"[bold]edgeres convert[/] {loaded.source} ({spec.name}, {spec.cost()['macs'] / 1e6:.1f} M MACs) → {out}")
         source = _calibration_source(cfg, spec, calib_ds)
         jobs = _jobs(cfg, steps_plan)
-        early = _start_keras_compiles(cfg, loaded, work, steps, steps_plan, source, jobs)
+        early = _start_early_compiles(cfg, loaded, work, steps, steps_plan, source, jobs)
         try:
             _export_reference(loaded, work, steps, reference)
             int8 = _int8_inputs(cfg, loaded, work, steps, source, steps_plan)
@@ -222,12 +218,12 @@ def _calibration_source(cfg: ConvertConfig, spec, calib_ds) -> CalibrationSource
 
 def _int8_inputs(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, source: CalibrationSource | None,
                  steps_plan) -> Int8Inputs:
-    """Weights (improved with ``--quant accurate``), then — once for every QDQ consumer — the shared
-    ranges and QDQ model. A Keras consumer calibrates inside its converter on the same images."""
+    """Weights (improved with ``--quant accurate|finetune``), then — once for every QDQ consumer — the
+    shared ranges and QDQ model. TFLite measures the same estimator on its own model's tensors."""
     recipes = int8_recipes(cfg, steps_plan)
     levels = _weight_levels(recipes)
     consumers = set(levels)
-    weights = {c: loaded.state_dict for c in CONSUMES}
+    weights: dict = {}  # source -> improved weights (--quant accurate|finetune); the model as given otherwise
     fp32_for_qdq = work / REFERENCE_FILE
     record = source.record if source else None
     if cfg.quant == "accurate" and consumers:
@@ -238,44 +234,42 @@ def _int8_inputs(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, sourc
         weights, fp32_for_qdq, tuned, finetuned = _finetune_weights(cfg, loaded, work, source, levels)
         record = {**record, "finetune": finetuned}
     if QDQ_ONNX not in consumers:
-        return Int8Inputs(weights, None, None, record, tuned, recipes)
+        return Int8Inputs(weights, None, record, tuned, recipes)
     qdq_path = work / ".work" / QDQ_FILE
     done = steps.get("calibrate")
     if done is None or not qdq_path.exists():
         done = _calibrate(cfg, work, source.batches, qdq_path, record, fp32_for_qdq, _qdq_recipe(recipes),
                           tuned.get(QDQ_ONNX))
         steps.finish("calibrate", done)
-    ranges = {k: tuple(v) for k, v in json.loads((work / RANGES_FILE).read_text()).items()}
-    return Int8Inputs(weights, qdq_path, ranges, done, tuned, recipes)
+    return Int8Inputs(weights, qdq_path, done, tuned, recipes)
 
 
 def _improve_weights(loaded, work: Path, source: CalibrationSource, levels: dict):
-    """``--quant accurate``: weights clipped and biases corrected for each int8 weight grid in use
-    (``levels``: steps a side per consumer, from its recipe: the QDQ model's 64 with reduce_range, a
-    Keras consumer's 127). The fp32 reference keeps the original weights; the improved ones go to an
-    internal fp32 ONNX that the QDQ model quantises and to the Keras model."""
+    """``--quant accurate``: weights clipped and biases corrected once for each int8 weight grid in use
+    (``levels``: steps a side per source, from its consumers' recipe: the QDQ model's 64 with
+    reduce_range, the Keras network's 127). The fp32 reference keeps the original weights; the improved
+    ones go to an internal fp32 ONNX that the QDQ model quantises and to every other int8 source."""
     t0 = time.perf_counter()
     log("quant accurate: clipping weights and correcting biases on the calibration images…")
-    weights, record = {c: loaded.state_dict for c in CONSUMES}, {}
+    by_grid = {grid: improve_for_int8(loaded.spec, loaded.state_dict, source.batches("NCHW"), levels=grid)
+               for grid in sorted(set(levels.values()), reverse=True)}
+    weights = {name: by_grid[grid][0] for name, grid in levels.items()}
+    record = {name: by_grid[grid][1] for name, grid in levels.items()}
     fp32_for_qdq = work / REFERENCE_FILE
-    consumers = set(levels)
-    if QDQ_ONNX in consumers:
-        weights[QDQ_ONNX], record["qdq"] = improve_for_int8(loaded.spec, loaded.state_dict, source.batches("NCHW"),
-                                                           levels=levels[QDQ_ONNX])
+    if QDQ_ONNX in levels:
         fp32_for_qdq = work / ".work" / ACCURATE_FP32
         if not fp32_for_qdq.exists():
-            model = build_torch(loaded.spec)
-            model.load_state_dict(weights[QDQ_ONNX])
-            fp32_for_qdq.parent.mkdir(exist_ok=True)
-            export_onnx(model, loaded.spec, fp32_for_qdq)
-    if KERAS in consumers:
-        if record.get("qdq", {}).get("weight_levels") == levels[KERAS]:  # same grid: same improved weights
-            weights[KERAS], record["keras"] = weights[QDQ_ONNX], record["qdq"]
-        else:
-            weights[KERAS], record["keras"] = improve_for_int8(loaded.spec, loaded.state_dict, source.batches("NCHW"),
-                                                               levels=levels[KERAS])
+            _export_weights(loaded, weights[QDQ_ONNX], fp32_for_qdq)
     record["seconds"] = round(time.perf_counter() - t0, 3)
     return weights, fp32_for_qdq, record
+
+
+def _export_weights(loaded, weights: dict, path: Path) -> None:
+    """An internal fp32 ONNX of the network with ``weights`` (what the QDQ model quantises)."""
+    model = build_torch(loaded.spec)
+    model.load_state_dict(weights)
+    path.parent.mkdir(exist_ok=True)
+    export_onnx(model, loaded.spec, path)
 
 
 def _finetune_weights(cfg: ConvertConfig, loaded, work: Path, source: CalibrationSource, levels: dict):
@@ -293,16 +287,12 @@ def _finetune_weights(cfg: ConvertConfig, loaded, work: Path, source: Calibratio
             f"(int8 weights ±{grid})…")
         by_grid[grid] = quantization_aware_finetune(loaded.spec, loaded.state_dict, source.batches("NCHW"), dataset,
                                                     dataclasses.replace(recipe, weight_levels=grid))
-    weights = {c: loaded.state_dict for c in CONSUMES}
-    weights.update({c: by_grid[levels[c]].state_dict for c in consumers})
+    weights = {c: by_grid[levels[c]].state_dict for c in consumers}
     fp32_for_qdq = work / REFERENCE_FILE
     if QDQ_ONNX in consumers:
         fp32_for_qdq = work / ".work" / FINETUNE_FP32
-        model = build_torch(loaded.spec)
-        model.load_state_dict(weights[QDQ_ONNX])
-        fp32_for_qdq.parent.mkdir(exist_ok=True)
-        export_onnx(model, loaded.spec, fp32_for_qdq)
-    record = {_GRID_NAMES[c]: by_grid[levels[c]].record for c in consumers}
+        _export_weights(loaded, weights[QDQ_ONNX], fp32_for_qdq)
+    record = {c: by_grid[levels[c]].record for c in consumers}
     record["seconds"] = round(time.perf_counter() - t0, 3)
     return weights, fp32_for_qdq, {c: by_grid[levels[c]].reference for c in consumers}, record
 
@@ -385,22 +375,21 @@ def _jobs(cfg: ConvertConfig, steps_plan) -> int:
     return default_jobs(sum(1 for t, _ in steps_plan if t in BUILTIN and not get_info(t).compile_here))
 
 
-def _start_keras_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan,
+def _start_early_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan,
                           source: CalibrationSource | None, jobs: int):
-    """With room for two processes and plain PTQ, the Keras consumers (TFLite: it calibrates on its own
-    model, not on the shared ranges) start in a worker now, while this process calibrates the shared
-    QDQ model — the two longest steps side by side. (Compiles, their pairs), or None."""
+    """With room for two processes and plain PTQ, the compiles whose source needs neither the export nor
+    the int8 stage (TFLite's Keras network: it measures its ranges on its own model) start in a worker
+    now, while this process exports and calibrates the shared QDQ model — the two longest steps side by
+    side. (Compiles, pairs), or None."""
     needs_qdq = any(p == "int8" and get_info(t).consumes == QDQ_ONNX for t, p in steps_plan)
-    in_worker = [(t, p) for t, p in steps_plan if t in BUILTIN and not get_info(t).compile_here]
     if cfg.quant != "fast" or jobs == 0 or not needs_qdq or steps.done.get("calibrate") is not None:
         return None
-    pairs = [(t, p) for t, p in in_worker if get_info(t).consumes == KERAS
-             and _usable_record(steps, work, t, p, say=False) is None]
+    pairs = [(t, p) for t, p in steps_plan if get_source(get_info(t).source_for(p)).after == ""
+             and _in_worker(jobs, t, None) and _usable_record(steps, work, t, p, say=False) is None]
     if jobs < 2 or not pairs:
         return None
-    plain = Int8Inputs({c: loaded.state_dict for c in CONSUMES}, None, None, None)  # --quant fast: the given weights
-    tasks = [_worker_task(work, loaded, t, p, _job(cfg, loaded, work, t, p, source, plain), plain, source)
-             for t, p in pairs]
+    plain = Int8Inputs({}, None, None)  # --quant fast: every source reads the given weights
+    tasks = [_worker_task(cfg, loaded, work, t, p, source, plain) for t, p in pairs]
     # one core stays with this process (export and calibration run beside them)
     return Compiles(tasks, work / ".work", jobs - 1, labelled=True), pairs
 
@@ -408,9 +397,9 @@ def _start_keras_compiles(cfg: ConvertConfig, loaded, work: Path, steps: StepCac
 def _compile_all(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps_plan, source: CalibrationSource | None,
                  int8: Int8Inputs, jobs: int, early=None) -> list[dict]:
     """The artifact record of every (target, precision), in plan order: from an earlier run if its files
-    are there; else compiled — the shared ONNX here (a file copy), every other target in a worker process
-    (``--jobs`` at once; ``--jobs 0``, or tuned activations from --quant finetune, compile here).
-    ``early``: compiles already running (``_start_keras_compiles``)."""
+    are there; else compiled — a ``compile_here`` target here (a file copy), every other target in a
+    worker process (``--jobs`` at once; ``--jobs 0``, or tuned activations from --quant finetune, compile
+    here). ``early``: compiles already running (``_start_early_compiles``)."""
     started = early[1] if early is not None else []
     records: dict[tuple[str, str], dict] = {}
     todo = []
@@ -421,71 +410,94 @@ def _compile_all(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, steps
         if record is not None:
             records[target, precision] = record
         else:
-            todo.append((target, precision, _job(cfg, loaded, work, target, precision, source, int8)))
-    here = [t for t in todo if not _in_worker(jobs, *t)]
-    away = [t for t in todo if _in_worker(jobs, *t)]
-    for target, precision, job in here:
-        records[target, precision] = compile_record(target, job)
+            todo.append((target, precision))
+    tuned = {(t, p): int8.tuned.get(get_info(t).consumes) if p == "int8" else None for t, p in todo}
+    here = [(t, p) for t, p in todo if not _in_worker(jobs, t, tuned[t, p])]
+    away = [(t, p) for t, p in todo if _in_worker(jobs, t, tuned[t, p])]
+    for target, precision in here:
+        records[target, precision] = compile_record(target, _job(cfg, loaded, work, target, precision, source, int8))
     if away:
-        tasks = [_worker_task(work, loaded, target, precision, job, int8, source) for target, precision, job in away]
+        tasks = [_worker_task(cfg, loaded, work, target, precision, source, int8) for target, precision in away]
         release_memory()  # what calibration and export left behind is given back before the workers start
         running = Compiles(tasks, work / ".work", max(1, jobs - 1) if started else jobs, labelled=jobs > 1)
-        for (target, precision, _), record in zip(away, running.results()):
-            records[target, precision] = record
+        for pair, record in zip(away, running.results()):
+            records[pair] = record
     if early is not None:
         records.update(zip(started, early[0].results()))
-    for target, precision in [*((t, p) for t, p, _ in todo), *started]:  # failures are retried on the next run
+    for target, precision in [*todo, *started]:  # failures are retried on the next run
         if records[target, precision]["status"] == "ok":
             steps.finish(f"compile {target} {precision}", records[target, precision])
     return [records[pair] for pair in steps_plan]
 
 
+def _source_files(loaded, work: Path, target: str, precision: str, int8: Int8Inputs) -> dict[str, dict]:
+    """{source name: its files} for what ``target`` reads at ``precision`` (made now if need be). int8
+    compiles read the weights improved for their source's grid (``--quant accurate|finetune``); the fp32
+    artifact is the model as given."""
+    name = get_info(target).source_for(precision)
+    improved = int8.weights.get(name) if precision == "int8" else None
+    request = SourceRequest(spec=loaded.spec, weights=improved if improved is not None else loaded.state_dict,
+                            weights_tag="int8" if improved is not None and improved is not loaded.state_dict else "fp32",
+                            precision=precision, reference=work / REFERENCE_FILE, qdq=int8.qdq_onnx,
+                            scratch=work / ".work")
+    files = make_files(name, request)
+    return {name: files} if files else {}
+
+
+def _job_data(cfg: ConvertConfig, loaded, work: Path, target: str, precision: str) -> dict:
+    """The plain-data fields of a target's ``CompileJob``."""
+    spec = loaded.spec
+    return dict(onnx_fp32=work / REFERENCE_FILE, out_dir=work, precision=precision,
+                options=dict(cfg.target_options.get(target, {})), preprocess=spec.preprocess.to_dict(),
+                labels=spec.labels, estimator=cfg.estimator, producer_version=__version__,
+                source_sha256=loaded.sha256, num_classes=spec.num_classes)
+
+
 def _job(cfg: ConvertConfig, loaded, work: Path, target: str, precision: str, source: CalibrationSource | None,
          int8: Int8Inputs) -> CompileJob:
-    spec, keras = loaded.spec, get_info(target).consumes == KERAS
-    weights = _keras_weights(loaded, int8, precision)
-    return CompileJob(onnx_fp32=work / REFERENCE_FILE, out_dir=work, precision=precision,
-                      calibration=source.batches if source else None, ranges=int8.ranges, qdq_onnx=int8.qdq_onnx,
-                      keras_model=functools.partial(build_keras, spec, weights) if keras else None,
-                      options=dict(cfg.target_options.get(target, {})), preprocess=spec.preprocess.to_dict(),
-                      labels=spec.labels, estimator=cfg.estimator, producer_version=__version__,
-                      source_sha256=loaded.sha256, num_classes=spec.num_classes,
+    """The compile of ``target`` at ``precision`` in this process."""
+    files = _source_files(loaded, work, target, precision, int8)
+    return CompileJob(**_job_data(cfg, loaded, work, target, precision),
+                      sources={name: open_files(name, f) for name, f in files.items()},
+                      calibration=source.batches if source else None,
                       tuned_activations=int8.tuned.get(get_info(target).consumes) if precision == "int8" else None)
 
 
-def _keras_weights(loaded, int8: Int8Inputs, precision: str) -> dict:
-    """The fp32 artifact is the model as given; only int8 compiles take the weights improved for their grid."""
-    return int8.weights[KERAS] if precision == "int8" else loaded.state_dict
+def _in_worker(jobs: int, target: str, tuned) -> bool:
+    """Here: ``--jobs 0``, a ``compile_here`` target (a copy of what the int8 stage made), tuned
+    activations (an object, not files), and a plugin target whose module a fresh process cannot import."""
+    return jobs != 0 and not get_info(target).compile_here and tuned is None and _plugin(target) != (None, None)
 
 
-def _in_worker(jobs: int, target: str, precision: str, job: CompileJob) -> bool:
-    """Here: ``--jobs 0``, the shared ONNX (a copy of the QDQ model), tuned activations (an object, not
-    files), and a target a plugin registered in this process (a fresh worker would not know it)."""
-    return (jobs != 0 and not get_info(target).compile_here and job.tuned_activations is None
-            and target in BUILTIN)
+def _plugin(target: str) -> tuple[str | None, str | None]:
+    """(module, the folder it imports from) of a target registered from outside targets/; ("", "") for a
+    built-in; (None, None) when a worker could not import it (a module made in memory)."""
+    if target in BUILTIN:
+        return "", ""
+    module = get_target(target)
+    path = getattr(module, "__file__", None)
+    if not path or module.__name__ == "__main__":
+        return None, None
+    root = Path(path).resolve().parent
+    for _ in range(module.__name__.count(".") + (Path(path).name == "__init__.py")):
+        root = root.parent
+    return module.__name__, str(root)
 
 
-def _worker_task(work: Path, loaded, target: str, precision: str, job: CompileJob, int8: Int8Inputs,
-                 source: CalibrationSource | None) -> WorkerTask:
-    """The job as files: calibration images as .npy, Keras weights as .npz, the rest as JSON data."""
-    data = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)
-            if f.name not in ("calibration", "keras_model", "tuned_activations")}
-    for key in ("onnx_fp32", "out_dir", "qdq_onnx"):
-        data[key] = str(data[key]) if data[key] is not None else None
-    if data["ranges"] is not None:
-        data["ranges"] = {k: [float(lo), float(hi)] for k, (lo, hi) in data["ranges"].items()}
+def _worker_task(cfg: ConvertConfig, loaded, work: Path, target: str, precision: str,
+                 source: CalibrationSource | None, int8: Int8Inputs) -> WorkerTask:
+    """The compile as files: the job's plain data as JSON, its source's files, calibration images as .npy."""
+    data = _job_data(cfg, loaded, work, target, precision)
+    data["onnx_fp32"], data["out_dir"] = str(data["onnx_fp32"]), str(data["out_dir"])
     data["labels"] = list(data["labels"]) if data["labels"] is not None else None
-    task = WorkerTask(target, precision, data)
+    plugin, root = _plugin(target)
+    task = WorkerTask(target, precision, data, _source_files(loaded, work, target, precision, int8),
+                      plugin=plugin or None, plugin_root=root or None)
     scratch = work / ".work"
     scratch.mkdir(exist_ok=True)
-    if source is not None and job.calibration is not None and precision == "int8":
+    if source is not None and precision == "int8":
         task.calibration_file = str(scratch / CALIB_FILE)
         write_calibration(scratch / CALIB_FILE, source.batches)
-    if job.keras_model is not None:
-        weights = _keras_weights(loaded, int8, precision)
-        name = "keras.int8.npz" if precision == "int8" and weights is not loaded.state_dict else "keras.fp32.npz"
-        write_weights(scratch / name, weights)
-        task.keras_spec, task.keras_weights_file = loaded.spec.to_dict(), str(scratch / name)
     return task
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -45,37 +46,23 @@ def calibration_batches(path: str):
     return batches
 
 
-def keras_builder(spec: dict, weights_file: str):
-    """Builds the Keras model from the .npz when called; the arrays go once Keras holds the weights."""
-
-    def build():
-        import numpy as np
-
-        from edgeres.model.keras_model import build_keras
-        from edgeres.model.zoo import ResNetSpec
-
-        with np.load(weights_file, allow_pickle=False) as z:
-            state_dict = {k: z[k] for k in z.files}
-        return build_keras(ResNetSpec.from_dict(spec), state_dict)
-
-    return build
-
-
 def job_from_task(task: dict):
+    """The ``CompileJob`` of a task: its data, its sources' files opened here, its calibration file."""
+    from edgeres.convert.model_sources import open_files
     from targets import CompileJob
 
+    if task.get("plugin"):  # a target (and its sources) registered from outside targets/
+        import targets
+
+        targets.register(importlib.import_module(task["plugin"]))
     fields = dict(task["job"])
-    for key in ("onnx_fp32", "out_dir", "qdq_onnx"):
-        if fields.get(key) is not None:
-            fields[key] = Path(fields[key])
-    if fields.get("ranges") is not None:
-        fields["ranges"] = {k: tuple(v) for k, v in fields["ranges"].items()}
+    for key in ("onnx_fp32", "out_dir"):
+        fields[key] = Path(fields[key])
     if fields.get("labels") is not None:
         fields["labels"] = tuple(fields["labels"])
+    fields["sources"] = {name: open_files(name, files) for name, files in task["sources"].items()}
     if task.get("calibration_file"):
         fields["calibration"] = calibration_batches(task["calibration_file"])
-    if task.get("keras_spec") is not None:
-        fields["keras_model"] = keras_builder(task["keras_spec"], task["keras_weights_file"])
     return CompileJob(**fields)
 
 

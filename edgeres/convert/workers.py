@@ -4,9 +4,10 @@ memory is its largest step, not torch + TensorFlow + onnxruntime + OpenVINO in o
 ``--jobs N`` up to N of them at once.
 
 A worker gets files only (never a pickle: code from files must never run): a JSON task naming the
-fp32 / QDQ ONNX, the ranges, the options and metadata, plus, as needed, the calibration images as a
-float32 ``.npy`` (NCHW, exactly the batches the in-process compile would read) and the Keras weights
-as an ``.npz`` with the spec as JSON. It writes its artifact record as JSON; the parent turns a failed
+fp32 ONNX, the files of the model source the target reads (``model_sources``: the QDQ ONNX, the Keras
+network's spec and weights, a plugin's own), the options and metadata, plus, as needed, the calibration
+images as a float32 ``.npy`` (NCHW, exactly the batches the in-process compile would read). A target a
+plugin registered compiles there too: the task names the plugin's module, which the worker imports. It writes its artifact record as JSON; the parent turns a failed
 or vanished worker into the same "failed" record an in-process compile gives. Workers die with the
 parent (``PR_SET_PDEATHSIG``) and are stopped on Ctrl-C, so nothing runs on after the conversion.
 """
@@ -38,10 +39,11 @@ class WorkerTask:
 
     target: str
     precision: str
-    job: dict  # CompileJob fields that are data (paths as str, ranges as lists)
+    job: dict  # CompileJob fields that are data (paths as str)
+    sources: dict  # source name -> its files (model_sources.make_files), opened in the worker
     calibration_file: str | None = None  # NCHW float32 .npy of the calibration images
-    keras_spec: dict | None = None  # ResNetSpec.to_dict(), with keras_weights_file: the Keras model to build
-    keras_weights_file: str | None = None
+    plugin: str | None = None  # the module of a target registered from outside targets/, imported by the worker
+    plugin_root: str | None = None  # the folder that module is imported from
 
 
 def compile_record(target: str, job) -> dict:
@@ -92,17 +94,6 @@ def write_calibration(path: Path, batches) -> None:
     os.replace(tmp, path)
 
 
-def write_weights(path: Path, state_dict: dict) -> None:
-    import numpy as np
-
-    if path.exists():
-        return
-    arrays = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 class Compiles:
     """Worker compiles started now, running while the caller does other work; ``results()`` waits
     for them, ``stop()`` ends them (and is what an error or Ctrl-C in ``results()`` does)."""
@@ -149,6 +140,8 @@ class Compiles:
         write_json_atomic(task_file, {**task.__dict__, "result_file": str(result_file)})
         t0 = time.perf_counter()
         env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        if task.plugin_root:  # the plugin's module is found where this process found it
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (task.plugin_root, env.get("PYTHONPATH")) if p)
         with self.lock:
             if self.stopping.is_set():
                 raise KeyboardInterrupt
