@@ -380,7 +380,7 @@ def export_app(
 @app.command()
 @handled
 def convert(
-    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
+    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th, or .safetensors), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration images (.npz or folder)."),
     targets: Optional[str] = typer.Option(None, "--targets", help=_targets_help()),
@@ -545,7 +545,7 @@ def report(
 @app.command()
 @handled
 def prune(
-    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
+    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th, or .safetensors), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
     ratio: float = typer.Option(..., "--ratio", help="Share of channels to remove, in [0, 0.95)."),
     importance: str = typer.Option("l2", "--importance", help="Channel importance: l1, l2, bn-scale, taylor (needs data)."),
