@@ -34,10 +34,10 @@ def _inputs(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def _compile(tmp: Path, spec, model, precision: str, calib_npz: Path | None = None, calib_images: int | None = None,
              estimator: str | None = None, reference_activations: Path | None = None, **options):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.model.keras_model import build_keras
-    from targets import tflite
-    from targets.base import KERAS, CompileJob
+    from edgeres.targets import tflite
+    from edgeres.targets.base import KERAS, CompileJob
 
     calibration = None
     if calib_npz is not None:
@@ -67,7 +67,7 @@ def tiny_artifacts(tmp_path_factory, tiny_model, tiny_npz):
 # -- Keras rebuild ---------------------------------------------------------------------------------
 
 def _imagenet_bottleneck_spec(stride_on: str, size: int):
-    from calibration import Preprocess
+    from edgeres.calibration import Preprocess
     from edgeres.model.zoo import get_spec
 
     spec = get_spec("resnet50", num_classes=7)
@@ -94,7 +94,7 @@ def test_keras_imagenet_bottleneck_projection_matches_torch(stride_on, size):
 def test_keras_cifar_option_a_matches_torch_on_odd_input(tiny_model):
     from edgeres.model.keras_model import build_keras
     from edgeres.model.torch_model import build_torch
-    from calibration import Preprocess
+    from edgeres.calibration import Preprocess
 
     spec, model = tiny_model
     odd = replace(spec, preprocess=Preprocess(size=15))  # odd sizes: [::2] keeps ceil(H/2) rows in both
@@ -119,10 +119,10 @@ def test_keras_option_a_with_uneven_channel_padding_matches_torch(tiny_model):
 
 
 def test_calibration_data_error_keeps_its_type(tmp_path, tiny_model):
-    from calibration import DataError
+    from edgeres.calibration import DataError
     from edgeres.model.keras_model import build_keras
-    from targets import tflite
-    from targets.base import KERAS, CompileJob
+    from edgeres.targets import tflite
+    from edgeres.targets.base import KERAS, CompileJob
 
     spec, model = tiny_model
 
@@ -139,7 +139,7 @@ def test_calibration_data_error_keeps_its_type(tmp_path, tiny_model):
 # -- conversion ------------------------------------------------------------------------------------
 
 def test_tflite_fp32_matches_torch_logits(tiny_model, tiny_artifacts):
-    from targets import tflite
+    from edgeres.targets import tflite
 
     spec, model = tiny_model
     tmp, artifact = tiny_artifacts["fp32"]
@@ -167,8 +167,8 @@ def test_full_int8_op_report_has_only_int8_compute_ops(tiny_artifacts):
 
 
 def test_float_compute_op_in_full_int8_is_an_error(tiny_artifacts):
-    from targets.base import TargetError
-    from targets.tflite import check_full_int8, op_report
+    from edgeres.targets.base import TargetError
+    from edgeres.targets.tflite import check_full_int8, op_report
 
     tmp, artifact = tiny_artifacts["fp32"]
     with pytest.raises(TargetError, match="still computes in float.*CONV_2D"):
@@ -176,8 +176,8 @@ def test_float_compute_op_in_full_int8_is_an_error(tiny_artifacts):
 
 
 def test_full_int8_io_type_must_match_the_request(tiny_artifacts):
-    from targets.base import TargetError
-    from targets.tflite import check_full_int8, op_report
+    from edgeres.targets.base import TargetError
+    from edgeres.targets.tflite import check_full_int8, op_report
 
     tmp, artifact = tiny_artifacts["int8"]
     with pytest.raises(TargetError, match="input is float32, expected uint8"):
@@ -185,7 +185,7 @@ def test_full_int8_io_type_must_match_the_request(tiny_artifacts):
 
 
 def test_io_uint8_model_takes_uint8_and_runs_like_float_io(tiny_model, tiny_artifacts):
-    from targets import tflite
+    from edgeres.targets import tflite
 
     spec, _ = tiny_model
     tmp_u8, u8 = tiny_artifacts["uint8"]
@@ -210,7 +210,7 @@ def test_sidecar_carries_labels_and_nhwc_preprocessing(tiny_model, tiny_artifact
 
 
 def test_runner_handles_changing_batch_sizes(tiny_model, tiny_artifacts):
-    from targets import tflite
+    from edgeres.targets import tflite
 
     spec, _ = tiny_model
     tmp, artifact = tiny_artifacts["fp32"]
@@ -223,7 +223,7 @@ def test_runner_handles_changing_batch_sizes(tiny_model, tiny_artifacts):
 
 
 def test_unknown_tflite_option_is_rejected(tmp_path, tiny_model):
-    from targets.base import TargetError
+    from edgeres.targets.base import TargetError
 
     spec, model = tiny_model
     with pytest.raises(TargetError, match="unknown option.*tflite.iio"):
@@ -263,7 +263,7 @@ for name in ("torch", "tensorflow", "tf_keras", "keras", "onnx", "onnxruntime", 
 sys.path.insert(0, {root!r})
 import json
 import numpy as np
-from targets.tflite import load_runner
+from edgeres.targets.tflite import load_runner
 x = np.random.default_rng(0).standard_normal((3, 3, {size}, {size})).astype(np.float32)
 print(json.dumps(load_runner({path!r})(x).tolist()))
 """
@@ -271,7 +271,7 @@ print(json.dumps(load_runner({path!r})(x).tolist()))
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_bundle_tflite_runs_with_only_numpy_and_litert(tflite_bundle, precision):
-    from targets.tflite import load_runner
+    from edgeres.targets.tflite import load_runner
 
     size = tiny_spec().input_size
     path = str(tflite_bundle / "tflite" / f"model.{precision}.tflite")
@@ -288,10 +288,10 @@ def test_bundle_tflite_runs_with_only_numpy_and_litert(tflite_bundle, precision)
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_resnet20_full_int8_drops_at_most_half_a_point(cifar, tmp_path):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.measure.evaluate import collect_logits, topk_accuracy
     from edgeres.sources.loading import load_model
-    from targets import tflite
+    from edgeres.targets import tflite
 
     loaded = load_model(cifar / "resnet20.th")
     model = loaded.to_torch()
@@ -311,7 +311,7 @@ def test_resnet20_full_int8_drops_at_most_half_a_point(cifar, tmp_path):
 
 
 def _activation_scales(path: Path) -> dict[str, float]:
-    from targets.tflite import _interpreter_module
+    from edgeres.targets.tflite import _interpreter_module
 
     interp = _interpreter_module().Interpreter(model_path=str(path))
     return {t["name"]: float(t["quantization"][0]) for t in interp.get_tensor_details()
@@ -347,7 +347,7 @@ def test_estimator_ranges_replace_the_converters_min_max(estimator_int8, tiny_mo
     converter, ours = (_activation_scales(estimator_int8[k][0]) for k in ("converter", "percentile"))
     narrower = [n for n in ours if ours[n] < converter[n] * 0.999]
     assert narrower, "the percentile estimator should clip some activation ranges below min/max"
-    from targets import tflite
+    from edgeres.targets import tflite
 
     spec, model = tiny_model
     x = _inputs(4, spec.input_size)
@@ -357,7 +357,7 @@ def test_estimator_ranges_replace_the_converters_min_max(estimator_int8, tiny_mo
 
 
 def test_estimator_ranges_need_the_estimators_name(tmp_path, tiny_model, tiny_npz):
-    from targets.base import TargetError
+    from edgeres.targets.base import TargetError
 
     spec, model = tiny_model
     with pytest.raises(TargetError, match="tflite.ranges=estimator needs"):
@@ -370,7 +370,7 @@ def test_estimator_ranges_need_the_estimators_name(tmp_path, tiny_model, tiny_np
 def shared_reference(tmp_path_factory, tiny_model, tiny_npz):
     """(the reference activations file the int8 stage writes, its ranges) for the tiny model: percentile
     ranges of its fp32 ONNX over 64 images, its activations on 2 of them."""
-    from calibration import matching, open_dataset
+    from edgeres.calibration import matching, open_dataset
     from edgeres.int8 import compute_ranges, reference_activations
     from edgeres.model.export import export_onnx
 
@@ -389,7 +389,7 @@ def shared_reference(tmp_path_factory, tiny_model, tiny_npz):
 
 def _tensor_ranges(path: Path) -> dict[str, tuple[float, float]]:
     """{tensor name: (lo, hi)} of a full-int8 .tflite's per-tensor int8 activations (scale, zero point)."""
-    from targets.tflite import _interpreter_module
+    from edgeres.targets.tflite import _interpreter_module
 
     interp = _interpreter_module().Interpreter(model_path=str(path))
     out = {}
@@ -413,7 +413,7 @@ def test_shared_ranges_cover_every_tensor_without_an_own_pass(tmp_path, tiny_mod
 
 def test_shared_ranges_are_what_the_artifact_uses(tmp_path, tiny_model, tiny_npz, shared_reference):
     """Doubling every shared range doubles the int8 activation grids of the matched tensors."""
-    from calibration import matching
+    from edgeres.calibration import matching
 
     spec, model = tiny_model
     ref = matching.load(shared_reference[0])
@@ -432,7 +432,7 @@ def test_shared_ranges_are_what_the_artifact_uses(tmp_path, tiny_model, tiny_npz
 
 
 def test_unmatched_tensors_fall_back_to_the_own_pass_with_a_note(tmp_path, tiny_model, tiny_npz, shared_reference):
-    from calibration import matching
+    from edgeres.calibration import matching
 
     spec, model = tiny_model
     ref = matching.load(shared_reference[0])
@@ -449,7 +449,7 @@ def test_unmatched_tensors_fall_back_to_the_own_pass_with_a_note(tmp_path, tiny_
 
 def test_no_shared_ranges_means_the_own_pass_and_converter_ranges_still_work(tmp_path, tiny_model, tiny_npz,
                                                                             shared_reference):
-    from calibration import matching
+    from edgeres.calibration import matching
 
     spec, model = tiny_model
     matching.save_unavailable(tmp_path / "none.npz", "onnxruntime is not installed")
