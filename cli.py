@@ -55,7 +55,7 @@ def _one_line_usage_errors(group_ctx):
         raise typer.Exit(2) from None
 
 
-import targets as target_table  # the runtime records only: no runtime is imported
+from edgeres import targets as target_table  # the runtime records only: no runtime is imported
 
 app = typer.Typer(
     cls=OneLineUsageErrors,
@@ -94,9 +94,9 @@ def handled(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from calibration.errors import DataError
+        from edgeres.calibration.errors import DataError
         from edgeres.errors import EdgeResError
-        from targets.base import TargetError
+        from edgeres.targets.base import TargetError
 
         try:
             result = fn(*args, **kwargs)
@@ -202,7 +202,7 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Arch, params, MACs, widths per stage and (for a bundle) its artifacts."""
-    from calibration import Preprocess
+    from edgeres.calibration import Preprocess
     from edgeres.measure.describe import inspect_path
 
     info = inspect_path(path, arch)
@@ -262,7 +262,7 @@ def eval_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ):
     """Accuracy of a model (torch fp32) or of every artifact in a bundle vs the fp32 reference."""
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.flags import check_number, check_remote, check_threads
     from edgeres.measure.bundle_eval import check_eval_request, evaluate_path
 
@@ -292,7 +292,7 @@ def check_preprocess(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ):
     """fp32 top-1 under the standard preprocessing conventions (crop or direct resize, bilinear or bicubic, RGB or BGR, mean/std sets) beside the bundle's."""
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from pathlib import Path
 
     from edgeres.errors import InputError
@@ -310,7 +310,7 @@ def check_preprocess(
 
 
 def _eval_remote(path, data, remote, remote_python, ssh_option, layers, limit, threads, json_out) -> None:
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.errors import InputError
     from edgeres.measure.bench import RemoteHost
     from edgeres.measure.remote_eval import device_eval_table, evaluate_bundle_remote
@@ -380,7 +380,7 @@ def export_app(
 @app.command()
 @handled
 def convert(
-    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
+    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th, or .safetensors), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration images (.npz or folder)."),
     targets: Optional[str] = typer.Option(None, "--targets", help=_targets_help()),
@@ -545,7 +545,7 @@ def report(
 @app.command()
 @handled
 def prune(
-    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
+    model: str = typer.Argument(..., help="PyTorch checkpoint (.pt/.pth/.th, or .safetensors), ResNet ONNX (.onnx) or Keras ResNet v1 (.keras/.h5/SavedModel folder)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (inferred when omitted)."),
     ratio: float = typer.Option(..., "--ratio", help="Share of channels to remove, in [0, 0.95)."),
     importance: str = typer.Option("l2", "--importance", help="Channel importance: l1, l2, bn-scale, taylor (needs data)."),
@@ -569,7 +569,7 @@ def prune(
     """Structured channel pruning (+ optional KD recovery) into a new, smaller checkpoint."""
     _check_prune_numbers(round_to=round_to, steps=steps, epochs=epochs, batch_size=batch_size, seed=seed,
                          eval_images=eval_images)
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.compress.distill import FinetuneConfig, check_finetune_flags
     from edgeres.sources.loading import load_model
     from edgeres.compress.prune import PruneConfig, check_output_path, prune_loaded, save_pruned

@@ -252,7 +252,7 @@ def main() -> int:
                         (row["p50_ms"], theirs[0], row["min_ms"], theirs[1]))
 
     log("one end-to-end `edgeres bench --json` run…")
-    doc = json.loads(_run([sys.executable, "-m", "cli", "bench", str(out), "--threads", args.threads, "--runs",
+    doc = json.loads(_run([sys.executable, "-m", "edgeres.cli", "bench", str(out), "--threads", args.threads, "--runs",
                            str(args.runs), "--json"]))
     assert all(row["status"] == "ok" for row in doc["results"]), doc
 

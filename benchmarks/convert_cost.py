@@ -36,7 +36,7 @@ TARGETS = ("onnx", "openvino", "tflite")
 _IMAGES = """
 import sys, numpy as np
 sys.path.insert(0, {root!r})
-from calibration import open_dataset
+from edgeres.calibration import open_dataset
 from edgeres.model.zoo import get_spec
 pre = get_spec({arch!r}).preprocess  # edgeres' own preprocessing of the same images (resize, crop, normalise)
 b = np.concatenate([x for x, _ in open_dataset({calib!r}).batches(pre, 16, None)]).astype(np.float32)

@@ -54,9 +54,9 @@ def native_rows(arch: str, work: Path, calib_images: int) -> list[dict]:
     import openvino as ov
 
     from benchmarks.native_recipes import ort_quantize_static
-    from calibration import Preprocess, open_dataset
-    from targets import onnx as onnx_target
-    from targets import openvino as ov_target
+    from edgeres.calibration import Preprocess, open_dataset
+    from edgeres.targets import onnx as onnx_target
+    from edgeres.targets import openvino as ov_target
 
     bundle = work / f"{arch}.fast"
     manifest = json.loads((bundle / "manifest.json").read_text())

@@ -42,7 +42,7 @@ def log(message: str) -> None:
 
 
 def convert(model: Path, data: Path, out: Path) -> float:
-    cmd = [sys.executable, "-m", "cli", "convert", str(model), "--calib", str(data / "calib"), "--eval", str(data / "dev"),
+    cmd = [sys.executable, "-m", "edgeres.cli", "convert", str(model), "--calib", str(data / "calib"), "--eval", str(data / "dev"),
            "--labels", str(data / "classes.tsv"), "--targets", "onnx,openvino,tflite", "--precision", "int8,fp32",
            "--no-bench", "--jobs", "0", "--out", str(out)]
     log("$ edgeres " + " ".join(cmd[3:]))
@@ -81,9 +81,9 @@ def main() -> int:
     bundle = work / "bundle"
     seconds = None if (bundle / "eval.json").is_file() else convert(model, data, bundle)
 
-    from calibration import Preprocess, open_dataset
+    from edgeres.calibration import Preprocess, open_dataset
     from edgeres.measure.evaluate import number_class_folders
-    from targets import get_target
+    from edgeres.targets import get_target
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     pre = Preprocess.from_dict(manifest["preprocess"])

@@ -158,7 +158,7 @@ def learn_weights(sim, calib: np.ndarray, *, epochs: int, lr: float, seed: int =
 
 
 def main() -> None:
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.sources.loading import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -144,7 +144,7 @@ class QuantSim:
         """Activation ranges of the float (folded) model over ``batches`` with our estimator."""
         import torch
 
-        from calibration.estimators import make_estimator
+        from edgeres.calibration.estimators import make_estimator
 
         ests: dict = {}
 
@@ -189,7 +189,7 @@ def groups(ranges: dict, spec) -> dict[str, list[str]]:
 
 
 def main() -> None:
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.sources.loading import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

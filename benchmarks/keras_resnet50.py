@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 def synthetic_images(n: int, seed: int, size: int = 224) -> np.ndarray:
     """Smooth random colour fields (coarse noise upsampled, at 2–28 cells a side) with a random tint."""
-    from calibration.preprocess import bilinear_resize
+    from edgeres.calibration.preprocess import bilinear_resize
 
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size, 3), np.uint8)
@@ -122,7 +122,7 @@ def main() -> int:
           f"min {np.min(top2[:, 1] - top2[:, 0]):.4f}")
 
     out = work / "bundle"
-    cmd = [sys.executable, "-m", "cli", "convert", str(model_path), "--calib", str(work / "calib.npz"),
+    cmd = [sys.executable, "-m", "edgeres.cli", "convert", str(model_path), "--calib", str(work / "calib.npz"),
            "--calib-images", str(len(calib_images)), "--targets", "onnx,openvino,tflite", "--precision", "fp32,int8",
            "--eval", str(work / "eval.npz"), "--out", str(out), "--no-bench", "--force"]
     print("$ edgeres " + " ".join(cmd[3:]))
@@ -138,7 +138,7 @@ def main() -> int:
     import torch
 
     from edgeres.sources.loading import load_model
-    from targets import get_target
+    from edgeres.targets import get_target
 
     loaded = load_model(model_path)
     print(f"spec {loaded.spec.name}: stem {loaded.spec.stem}, {loaded.spec.block}, stride_on {loaded.spec.stride_on}, "

@@ -34,7 +34,7 @@ def build_models(arch: str, work: Path, calib_images: int, estimator: str) -> di
     from edgeres.model.export import export_onnx
     from edgeres.model.torch_model import build_torch, randomize_bn
     from edgeres.model.zoo import get_spec
-    from targets import onnx as onnx_target
+    from edgeres.targets import onnx as onnx_target
 
     spec = get_spec(arch)
     fp32 = export_onnx(randomize_bn(build_torch(spec)), spec, work / f"{arch}.fp32.onnx")

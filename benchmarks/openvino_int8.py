@@ -68,7 +68,7 @@ def nncf_default(fp32_onnx: Path, data: Path, preprocess: dict, out_xml: Path, c
     import nncf
     import openvino as ov
 
-    from calibration import Preprocess, open_dataset
+    from edgeres.calibration import Preprocess, open_dataset
 
     t0 = time.perf_counter()
     pre = Preprocess.from_dict(preprocess)
@@ -79,7 +79,7 @@ def nncf_default(fp32_onnx: Path, data: Path, preprocess: dict, out_xml: Path, c
 
 
 def time_interleaved(paths: dict[str, Path], shape: tuple, threads: int, rounds: int, per_round: int) -> dict:
-    from targets.openvino import load_runner
+    from edgeres.targets.openvino import load_runner
 
     runners = {k: load_runner(p, threads=threads, hint="LATENCY") for k, p in paths.items()}
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)

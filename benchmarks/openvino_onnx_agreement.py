@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def agreement(bundle: Path, data: Path, precision: str = "int8", limit: int | None = None,
               threads: int | None = None) -> dict:
-    from calibration import Preprocess, open_dataset
+    from edgeres.calibration import Preprocess, open_dataset
     from edgeres.bundle import ok_artifacts, read_manifest
     from edgeres.measure.evaluate import collect_logits, topk_accuracy
-    from targets import get_target
+    from edgeres.targets import get_target
 
     manifest = read_manifest(bundle)
     pre = Preprocess.from_dict(manifest["preprocess"])

@@ -46,9 +46,9 @@ def timed_convert(ckpt: Path, calib: Path, out: Path, quant: str) -> dict:
 
 
 def interleaved_latency(bundles: dict[str, Path], size: int, rounds: int, runs: int) -> list[dict]:
-    from targets import onnx as onnx_target
-    from targets import openvino as ov_target
-    from targets import tflite as tflite_target
+    from edgeres.targets import onnx as onnx_target
+    from edgeres.targets import openvino as ov_target
+    from edgeres.targets import tflite as tflite_target
 
     loaders = {"onnx": onnx_target, "openvino": ov_target, "tflite": tflite_target}
     x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)

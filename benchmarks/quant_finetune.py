@@ -62,7 +62,7 @@ def convert_rows(arch: str, work: Path, quant: str, *, seed: int = 0, epochs: in
 
 def interleaved_latency(bundles: dict[str, Path], size: int, rounds: int, runs: int) -> list[dict]:
     """p50 ms per target and preset at 1 thread, the presets' runs interleaved round by round."""
-    import targets
+    from edgeres import targets
 
     x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
     rows = []

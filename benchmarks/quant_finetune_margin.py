@@ -9,7 +9,8 @@ then the agreement that estimate gives for smaller sigmas.
 import sys, json
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
-import numpy as np, torch, targets
+import numpy as np, torch
+from edgeres import targets
 
 from scipy.stats import norm
 from quant_finetune_sim import dev_batch

@@ -62,7 +62,7 @@ def convert_capturing(arch: str, out: Path, epochs: int, recipe: dict, seed: int
 def dev_batch(spec, n: int) -> np.ndarray:
     from dataclasses import replace
 
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
 
     ds = open_dataset(str(DATA / "cifar10_dev.npz"))
     idx = np.arange(min(n, len(ds)))
@@ -73,7 +73,7 @@ def dev_batch(spec, n: int) -> np.ndarray:
 def compare(spec, tuned, bundle: Path, x: np.ndarray, state_dict: dict) -> dict:
     import torch
 
-    import targets
+    from edgeres import targets
     from edgeres.compress.quant_finetune import fake_quant_model
     from edgeres.model.torch_model import build_torch
 

@@ -37,7 +37,7 @@ def edgeres(*args: str, cwd: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     shown = " ".join(args)
     print(f"$ edgeres {shown}", file=sys.stderr, flush=True)
-    r = subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "edgeres.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"edgeres {shown} exited {r.returncode}:\n{r.stderr[-3000:]}")
     return r.stdout

@@ -28,7 +28,7 @@ def run(args: list[str], log: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     with open(log, "a") as f:
-        proc = subprocess.run([sys.executable, "-m", "cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "edgeres.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env,
                               cwd=ROOT)
     if proc.returncode not in (0, 3):
         sys.exit(f"{' '.join(args[:2])} failed (exit {proc.returncode}); see {log}")

@@ -25,7 +25,7 @@ LIMITS_PP = {"int8": 0.5, "fp16": 0.05, "dynamic": 0.3, "fp32": 0.0}
 
 def cli(*args) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "edgeres.cli", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                        text=True)
     if r.returncode != 0:
         raise SystemExit(f"edgeres {' '.join(map(str, args[:2]))} failed:\n{r.stderr[-2000:]}")
@@ -33,10 +33,10 @@ def cli(*args) -> str:
 
 
 def torch_relative_error(checkpoint: Path, tflite_path: Path, dev: Path) -> float:
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.measure.evaluate import collect_logits, torch_runner
     from edgeres.sources.loading import load_model
-    from targets import tflite
+    from edgeres.targets import tflite
 
     loaded = load_model(checkpoint)
     ds = open_dataset(dev)

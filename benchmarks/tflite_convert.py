@@ -33,8 +33,8 @@ import torch
 from edgeres.model.keras_model import build_keras
 from edgeres.model.torch_model import build_torch, randomize_bn
 from edgeres.model.zoo import get_spec
-from targets import tflite
-from targets.base import KERAS, CompileJob
+from edgeres.targets import tflite
+from edgeres.targets.base import KERAS, CompileJob
 
 torch.manual_seed(0)
 spec = get_spec({arch!r})

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from calibration.errors import DataError
+from edgeres.calibration.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -14,8 +14,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from calibration.errors import DataError
-from calibration.preprocess import Preprocess, check_uint8_rgb
+from edgeres.calibration.errors import DataError
+from edgeres.calibration.preprocess import Preprocess, check_uint8_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # the formats decoded
 # An uncompressed npz member is memory-mapped; anything else is decompressed into memory, so a small
@@ -223,7 +223,7 @@ def read_image(path: str) -> np.ndarray:
 
 def _read_image(path: str) -> np.ndarray:
     try:
-        from calibration.image_file import ImageRefused, decode_image  # Pillow: imported when images are read
+        from edgeres.calibration.image_file import ImageRefused, decode_image  # Pillow: imported when images are read
     except ImportError:  # pragma: no cover - Pillow ships with the install
         raise DataError("reading image folders needs Pillow: pip install pillow") from None
     try:

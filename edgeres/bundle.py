@@ -19,10 +19,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path, PurePosixPath
 
-from calibration import DataError, Preprocess
-from calibration.preprocess import RESIZE_MODES
-from targets import companion_files
-from targets.base import atomic_path, sha256_file, sha256_stream
+from edgeres.calibration import DataError, Preprocess
+from edgeres.calibration.preprocess import RESIZE_MODES
+from edgeres.targets import companion_files
+from edgeres.targets.base import atomic_path, sha256_file, sha256_stream
 from edgeres.errors import InputError
 from edgeres.model.zoo import ResNetSpec
 

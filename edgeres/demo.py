@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.preprocess import bilinear_resize
+from edgeres.calibration.preprocess import bilinear_resize
 from edgeres.progress import log, progress
 
 DIGIT_LABELS = tuple(str(d) for d in range(10))

@@ -1,6 +1,6 @@
 """Errors a user can cause carry a one-line message that names the input and the fix."""
 
-from targets.base import TargetError  # one class for "a runtime failed" (exit 3), raised by targets and edgeres
+from edgeres.targets.base import TargetError  # one class for "a runtime failed" (exit 3), raised by targets and edgeres
 
 __all__ = ["EdgeResError", "InputError", "TargetError"]
 

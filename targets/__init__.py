@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from targets.base import (ANY_PRECISION, KERAS, QDQ_ONNX, REFERENCE_ONNX, Artifact, CompileJob, OptionError, TargetError, TargetInfo, TargetOption,
+from edgeres.targets.base import (ANY_PRECISION, KERAS, QDQ_ONNX, REFERENCE_ONNX, Artifact, CompileJob, OptionError, TargetError, TargetInfo, TargetOption,
                           TargetUnavailable)
 
 BUILTIN = ("onnx", "openvino", "tflite")
@@ -35,7 +35,7 @@ def register(module: ModuleType) -> TargetInfo:
 def _load_builtins() -> None:
     for name in BUILTIN:
         if name not in _modules:
-            register(importlib.import_module(f"targets.{name}"))
+            register(importlib.import_module(f"edgeres.targets.{name}"))
 
 
 def infos() -> dict[str, TargetInfo]:

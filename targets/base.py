@@ -94,6 +94,17 @@ LABELS_FILE = "labels.txt"  # one class name a line, in the bundle and as the .t
 QDQ_RECORD_KEY = "edgeres.quantization"  # a QDQ ONNX's metadata entry: the int8 recipe it was written with
 
 
+def qdq_record(path: str | Path) -> dict:
+    """The int8 recipe the int8 stage stored in a QDQ ONNX (empty if it was made elsewhere)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == QDQ_RECORD_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
 # Model sources a target compiles from (TargetInfo.sources, by precision). The pipeline materialises each
 # as files once per conversion (edgeres/convert/model_sources.py, an open registry: a plugin may add its
 # own) and hands the target what the files open to in CompileJob.sources. The built-in ones:

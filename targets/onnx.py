@@ -7,15 +7,14 @@ with the app metadata added.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from targets.base import (ANY_PRECISION, QDQ_ONNX, QDQ_RECORD_KEY, REFERENCE_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo,
-                          TargetUnavailable, atomic_path, first_line, x86_u8s8_recipe)
-from targets.runners.onnxruntime_runner import OnnxRuntimeRunner
+from edgeres.targets.base import (ANY_PRECISION, QDQ_ONNX, REFERENCE_ONNX, Artifact, CompileJob, Runner, TargetError,
+                                  TargetInfo, TargetUnavailable, atomic_path, first_line, qdq_record, x86_u8s8_recipe)
+from edgeres.targets.runners.onnxruntime_runner import OnnxRuntimeRunner
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INFO = TargetInfo(
@@ -32,17 +31,6 @@ def available() -> str:
     except ImportError:
         raise TargetUnavailable("onnxruntime is not installed; pip install 'edgeres[onnx]'") from None
     return onnxruntime.__version__
-
-
-def qdq_record(path: str | Path) -> dict:
-    """The int8 recipe stored in a QDQ ONNX by the int8 stage (empty if it was made elsewhere)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == QDQ_RECORD_KEY:
-            return json.loads(prop.value)
-    return {}
 
 
 # ---------------------------------------------------------------------------------------------

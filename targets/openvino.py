@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import (ANY_PRECISION, METADATA_PREFIX, QDQ_ONNX, REFERENCE_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line, x86_u8s8_recipe)
-from targets.runners.openvino_runner import OPENVINO_RT_INFO_KEY, OpenVinoIrRunner
+from edgeres.targets.base import (ANY_PRECISION, METADATA_PREFIX, QDQ_ONNX, REFERENCE_ONNX, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, first_line, x86_u8s8_recipe)
+from edgeres.targets.runners.openvino_runner import OPENVINO_RT_INFO_KEY, OpenVinoIrRunner
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINES = ("qdq", "nncf")

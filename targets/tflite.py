@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.errors import DataError
-from targets.base import (ANY_PRECISION, KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path,
+from edgeres.calibration.errors import DataError
+from edgeres.targets.base import (ANY_PRECISION, KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path,
                           cpu_threads, release_memory)
-from targets.runners.litert_runner import (LiteRtRunner, litert_dequantize, litert_embedded_normalization,
+from edgeres.targets.runners.litert_runner import (LiteRtRunner, litert_dequantize, litert_embedded_normalization,
                                            litert_quantize, litert_to_pixels, LITERT_PIXELS_ENTRY)
 
 quantize, dequantize, to_pixels = litert_quantize, litert_dequantize, litert_to_pixels  # the runner's, named as before
@@ -309,7 +309,7 @@ def _write_artifact(job: CompileJob, flatbuffer: bytes, io: str, options: dict, 
 def _with_metadata(job: CompileJob, flatbuffer: bytes, io: str) -> tuple[bytes, str | None]:
     """The model with standard TFLite Metadata (image classifier) and, for the runner, the
     normalisation it does inside; or as it is with the reason why not."""
-    from targets import tflite_metadata
+    from edgeres.targets import tflite_metadata
 
     norm = pixel_normalization(job)
     if norm is None:
@@ -364,7 +364,7 @@ def _activation_tensors(model: bytes) -> list[int]:
 def _estimator_ranges(float_model: bytes, job: CompileJob, tf) -> tuple[dict, int]:
     """({tensor index: (lo, hi)} for every activation of the float model, images seen): the job's
     estimator over the calibration images, run by LiteRT with every tensor kept."""
-    from calibration.estimators import make_estimator
+    from edgeres.calibration.estimators import make_estimator
 
     stats = _activation_tensors(float_model)
     with warnings.catch_warnings():  # tf.lite's interpreter warns it is deprecated and that all tensors are kept

@@ -16,7 +16,7 @@ import zipfile
 
 import numpy as np
 
-from targets.base import LABELS_FILE
+from edgeres.targets.base import LABELS_FILE
 
 METADATA_FIELD_NAME = "TFLITE_METADATA"  # the model's metadata entry that readers look for
 METADATA_FILE_IDENTIFIER = b"M001"
@@ -30,7 +30,7 @@ def image_classifier_metadata(*, name: str, version: str, description: str, labe
     None for an input that takes raw pixels), class scores out with ``labels`` as TENSOR_AXIS_LABELS."""
     import flatbuffers
 
-    from targets import tflite_metadata_schema as fb
+    from edgeres.targets import tflite_metadata_schema as fb
 
     image = fb.TensorMetadataT()
     image.name, image.description = "image", f"RGB image, {size}×{size}"
@@ -110,7 +110,7 @@ def entry(data: bytes, name: str) -> bytes | None:
 def read(path) -> dict:
     """The metadata of a ``.tflite`` as {"metadata": ModelMetadataT, "files": {name: bytes}}; needs only
     flatbuffers and the LiteRT package's schema."""
-    from targets import tflite_metadata_schema as fb
+    from edgeres.targets import tflite_metadata_schema as fb
 
     data = open(path, "rb").read()
     files = {}

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 def tiny_spec():
     """A 3-stage CIFAR-style ResNet-8 at 16×16 input: builds and runs in milliseconds."""
-    from calibration import Preprocess
+    from edgeres.calibration import Preprocess
     from edgeres.model.zoo import get_spec
 
     spec = get_spec("resnet20")
@@ -72,7 +72,7 @@ def cifar():
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
     """Run ``edgeres ARGS`` in a fresh interpreter; returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd or ROOT, env=full_env,
+    return subprocess.run([sys.executable, "-m", "edgeres.cli", *map(str, args)], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

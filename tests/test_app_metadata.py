@@ -52,8 +52,8 @@ def test_openvino_rt_info_carries_labels_and_preprocessing(app_bundle, precision
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_tflite_carries_standard_image_classifier_metadata(app_bundle, precision):
-    from targets import tflite_metadata
-    from targets.tflite_metadata_schema import AssociatedFileType, ProcessUnitOptions
+    from edgeres.targets import tflite_metadata
+    from edgeres.targets.tflite_metadata_schema import AssociatedFileType, ProcessUnitOptions
 
     manifest = _manifest(app_bundle)
     artifact = _artifact(app_bundle, "tflite", precision)

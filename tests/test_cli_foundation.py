@@ -12,8 +12,8 @@ from tests.conftest import ROOT
 HEAVY = ("torch", "tensorflow", "openvino", "onnxruntime", "onnx", "keras")
 
 
-@pytest.mark.parametrize("code", ["import edgeres", "import calibration", "import targets",
-                                  "import cli, sys; sys.argv=['edgeres','--help']\ntry: cli.app()\nexcept SystemExit: pass"])
+@pytest.mark.parametrize("code", ["import edgeres", "import edgeres.calibration", "import edgeres.targets",
+                                  "from edgeres import cli; import sys; sys.argv=['edgeres','--help']\ntry: cli.app()\nexcept SystemExit: pass"])
 def test_light_imports_pull_in_no_runtime(code):
     probe = code + "\nimport sys, json; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))" % (HEAVY,)
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -64,7 +64,7 @@ def test_workers_leave_nothing_behind_and_say_what_they_compile(three_ways):
 
 def test_worker_calibration_batches_equal_the_in_process_ones(tmp_path, tiny_npz):
     """What a worker reads from the .npy is, batch for batch, what the dataset gives in-process."""
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.convert.worker import calibration_batches
     from edgeres.convert.workers import write_calibration
     from tests.conftest import tiny_spec
@@ -110,7 +110,7 @@ def test_kill_9_of_the_parent_takes_its_workers_and_leaves_no_bundle(tmp_path, t
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "convert", str(tiny_checkpoint), "--calib", str(tiny_npz),
+    proc = subprocess.Popen([sys.executable, "-m", "edgeres.cli", "convert", str(tiny_checkpoint), "--calib", str(tiny_npz),
                              "--targets", "onnx,tflite", "--no-bench", "--calib-images", "16", "--jobs", "1",
                              "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []

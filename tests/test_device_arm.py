@@ -52,10 +52,10 @@ def test_the_board_name_wins_over_the_features(tmp_path):
 
 @pytest.mark.parametrize("profile", ["rpi4", "rpi5"])
 def test_the_pi_profiles_quantise_onnx_s8s8_whatever_cpu_builds_them(profile):
-    from calibration.cpu import CpuFeatures
+    from edgeres.calibration.cpu import CpuFeatures
     from edgeres.device.profiles import load_profile
     from edgeres.int8 import choose_recipe
-    from targets.onnx import INFO
+    from edgeres.targets.onnx import INFO
 
     options = load_profile(profile).options["int8"]
     recipe = choose_recipe(INFO, CpuFeatures("x86", ("avx2",)), options)  # built on an x86 host without VNNI
@@ -86,7 +86,7 @@ def bundle(tmp_path_factory, tiny_model):
 
 @pytest.mark.parametrize("target", ["onnx", "tflite", "openvino"])
 def test_runner_eval_mode_gives_the_same_logits_as_the_host_runners(bundle, tmp_path, target):
-    import targets
+    from edgeres import targets
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     artifact = next(a for a in manifest["artifacts"] if a["target"] == target and a["status"] == "ok")
@@ -117,12 +117,12 @@ def test_runner_eval_mode_refuses_inputs_of_the_wrong_kind(bundle, tmp_path):
 def test_runner_eval_mode_feeds_pixels_to_a_tflite_that_normalises_itself(app_bundle, tmp_path, precision):
     """A converted .tflite takes pixels; the runner reads how it normalises them from the model and
     turns the normalised inputs remote eval sends back into pixels."""
-    import targets
+    from edgeres import targets
 
     manifest = json.loads((app_bundle / "manifest.json").read_text())
     artifact = next(a for a in manifest["artifacts"] if a["target"] == "tflite" and a["precision"] == precision)
     path = app_bundle / artifact["file"]
-    from targets.tflite import embedded_normalization
+    from edgeres.targets.tflite import embedded_normalization
 
     assert embedded_normalization(path) == bench_runner.litert_embedded_normalization(str(path)) is not None
     x = np.random.default_rng(1).standard_normal((5, 3, 16, 16)).astype(np.float32)

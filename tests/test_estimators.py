@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from calibration.estimators import ESTIMATORS, fake_quantize, make_estimator
+from edgeres.calibration.estimators import ESTIMATORS, fake_quantize, make_estimator
 
 
 def feed(name, batches, **options):

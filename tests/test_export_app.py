@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import cli
+from edgeres import cli
 from tests.conftest import make_images
 from tests.test_predict import photo_bundle  # noqa: F401  (a fixture: the session bundle taking any photo size)
 
@@ -111,7 +111,7 @@ def _constants(text: str, swift: bool) -> dict:
 
 @pytest.mark.parametrize("kind, target", [("android", "tflite"), ("android", "onnx"), ("ios", "tflite"), ("ios", "onnx")])
 def test_mobile_code_constants_equal_the_manifest(app_bundle, tmp_path, kind, target):
-    from targets import get_target
+    from edgeres.targets import get_target
 
     out = tmp_path / "app"
     r = _export(app_bundle, "--kind", kind, "--target", target, "--precision", "fp32", "--out", out)
@@ -209,17 +209,18 @@ def kinds_app(app_bundle, tmp_path_factory):
 
 
 def test_the_app_carries_edgeres_decoding_code_verbatim(kinds_app):
-    import calibration.image_file
+    import edgeres.calibration.image_file
 
     out, _ = kinds_app
-    module = Path(calibration.image_file.__file__).read_text(encoding="utf-8")
+    module = Path(edgeres.calibration.image_file.__file__).read_text(encoding="utf-8")
     code = module[module.index("\nimport os\n"):]  # after the docstring and the __future__ import
     assert code in (out / "classify.py").read_text(encoding="utf-8")
-    assert "from calibration" not in (out / "classify.py").read_text(encoding="utf-8")
+    script = (out / "classify.py").read_text(encoding="utf-8")
+    assert "from edgeres" not in script and "from calibration" not in script
 
 
 def test_every_pixel_mode_gives_the_app_and_edgeres_identical_arrays(kinds_app, tmp_path):
-    from calibration.readers import read_image
+    from edgeres.calibration.readers import read_image
     from tests.test_readers import image_kinds
 
     _, app = kinds_app

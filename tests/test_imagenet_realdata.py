@@ -73,9 +73,9 @@ def test_the_fp32_reference_agrees_with_keras_fed_the_same_pixels(imagenet, conv
     """With every fp32 artifact at 100 % agreement with the reference (above), all of them agree with Keras."""
     import keras
 
-    from calibration import Preprocess, open_dataset
+    from edgeres.calibration import Preprocess, open_dataset
     from edgeres.measure.evaluate import number_class_folders
-    from targets import get_target
+    from edgeres.targets import get_target
 
     data, model = imagenet
     bundle, _ = converted

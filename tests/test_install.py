@@ -54,3 +54,31 @@ def test_one_tensorflow_and_the_cpu_torch():
     tensorflows = sorted(n for n in names if n in {"tensorflow", "tensorflow-cpu", "tensorflow-intel"})
     assert len(tensorflows) <= 1, f"two TensorFlow distributions share one package directory: {tensorflows}"
     assert _locked()["torch"].endswith("+cpu")
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_one_top_level_package(tmp_path):
+    """Installed, edgeres puts only ``edgeres`` into site-packages (no ``cli``, ``targets`` or ``calibration``
+    to collide with other packages), and its console script is ``edgeres.cli:app``."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    source = tmp_path / "src"  # setuptools builds in the source tree: a copy keeps build/ out of the repository
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "tests", "benchmarks", "docs", "demo-out"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path), str(source)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 and "No module named" in r.stderr:
+        pytest.skip(f"cannot build a wheel here: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("edgeres-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"edgeres"}
+    for module in ("edgeres/cli.py", "edgeres/targets/base.py", "edgeres/calibration/estimators.py",
+                   "edgeres/targets/runners/onnxruntime_runner.py", "edgeres/measure/bench_runner.py"):
+        assert module in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "edgeres = edgeres.cli:app" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -178,7 +178,7 @@ def test_arch_flag_must_agree_with_the_keras_model(saved):
 # -- conversion ---------------------------------------------------------------------------------------
 
 def test_flatten_head_converts_to_every_target_matching_keras(saved, npz32, tmp_path, cli):
-    from targets import get_target
+    from edgeres.targets import get_target
 
     out = tmp_path / "bundle"
     r = cli("convert", saved["flatten", ".keras"], "--calib", npz32, "--targets", "onnx,openvino,tflite",
@@ -201,7 +201,7 @@ def test_flatten_head_converts_to_every_target_matching_keras(saved, npz32, tmp_
 
 
 def test_gap_head_converts_fp32_matching_keras(saved, tmp_path, cli):
-    from targets import get_target
+    from edgeres.targets import get_target
 
     out = tmp_path / "bundle"
     r = cli("convert", saved["gap", ".h5"], "--targets", "onnx,openvino,tflite", "--precision", "fp32",

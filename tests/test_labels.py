@@ -158,7 +158,7 @@ def test_names_reach_the_manifest_and_the_onnx_metadata(labelled_bundle):
 
 
 def test_predict_prints_the_names(labelled_bundle, wnid_folder):
-    import cli
+    from edgeres import cli
 
     r = runner.invoke(cli.app, ["predict", str(labelled_bundle), str(next(wnid_folder.rglob("*.png"))), "--json"])
     assert r.exit_code == 0, r.output
@@ -166,14 +166,14 @@ def test_predict_prints_the_names(labelled_bundle, wnid_folder):
 
 
 def test_eval_numbers_wnid_folders_by_the_recorded_keys(labelled_bundle, wnid_folder):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.measure.evaluate import check_labels
 
     manifest = json.loads((labelled_bundle / "manifest.json").read_text())
     ds = open_dataset(wnid_folder)
     check_labels(ds, 10, manifest["arch"]["labels"], manifest["arch"]["label_keys"])
     assert sorted(set(ds.labels.tolist())) == [2, 5, 7, 9]
-    import cli
+    from edgeres import cli
 
     r = runner.invoke(cli.app, ["eval", str(labelled_bundle), "--data", str(wnid_folder), "--json"])
     assert r.exit_code == 0, r.output
@@ -181,7 +181,7 @@ def test_eval_numbers_wnid_folders_by_the_recorded_keys(labelled_bundle, wnid_fo
 
 
 def test_folders_named_by_class_name_map_too(labelled_bundle, tmp_path):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.measure.evaluate import check_labels
 
     for name in ("Hen", "tench"):
@@ -204,7 +204,7 @@ def test_calibration_takes_a_folder_of_unlabelled_images(env, tmp_path):
 
 
 def test_inspect_and_the_report_show_the_names_and_the_preprocessing(labelled_bundle):
-    import cli
+    from edgeres import cli
 
     shown = runner.invoke(cli.app, ["inspect", str(labelled_bundle)])
     assert shown.exit_code == 0, shown.output

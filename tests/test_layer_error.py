@@ -21,7 +21,7 @@ COMPATIBLE_OPS = {"CONV_2D": {"Conv", "Conv+Relu"}, "DEPTHWISE_CONV_2D": {"Conv"
 
 @pytest.fixture(scope="module")
 def report(app_bundle, tiny_npz):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
 
     return layer_report(app_bundle, open_dataset(tiny_npz))
 
@@ -71,7 +71,7 @@ def test_the_same_point_has_about_the_same_error_on_every_runtime(report):
 @pytest.mark.parametrize("target", RUNTIMES)
 def test_a_runners_int8_tensors_are_on_their_int8_grid(app_bundle, target):
     """What a runner taps in an int8 model are int8 tensors (dequantised): at most 256 levels each."""
-    import targets
+    from edgeres import targets
 
     manifest = json.loads((app_bundle / "manifest.json").read_text())
     artifact = next(a for a in manifest["artifacts"] if a["target"] == target and a["precision"] == "int8")

@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from calibration import DataError
-from calibration.cpu import CpuFeatures, cpu_features
+from edgeres.calibration import DataError
+from edgeres.calibration.cpu import CpuFeatures, cpu_features
 from edgeres import int8
 from edgeres.int8 import choose_recipe
-from targets import onnx as onnx_target
-from targets.base import TargetError
+from edgeres.targets import onnx as onnx_target
+from edgeres.targets.base import TargetError
 from tests.conftest import make_images
 
 

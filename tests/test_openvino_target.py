@@ -74,14 +74,14 @@ def test_inputs(tiny_onnx):
 
 @pytest.fixture(scope="module")
 def reference_logits(tiny_onnx, test_inputs):
-    from targets import onnx as onnx_target
+    from edgeres.targets import onnx as onnx_target
 
     return onnx_target.load_runner(tiny_onnx[1])(test_inputs[1])
 
 
 def compile_ir(tiny_onnx, out_dir, precision, *, calibration=None, qdq=None, **options):
-    from targets import openvino as ov_target
-    from targets.base import QDQ_ONNX, CompileJob
+    from edgeres.targets import openvino as ov_target
+    from edgeres.targets.base import QDQ_ONNX, CompileJob
 
     spec, src = tiny_onnx
     job = CompileJob(onnx_fp32=src, out_dir=Path(out_dir), precision=precision, calibration=calibration,
@@ -118,7 +118,7 @@ def test_artifact_lists_xml_then_bin_under_openvino(built):
 
 
 def test_fp32_ir_matches_onnx_reference(built, test_inputs, reference_logits):
-    from targets import openvino as ov_target
+    from edgeres.targets import openvino as ov_target
 
     a, d = built["fp32"]
     logits = ov_target.load_runner(d / a.file)(test_inputs[1])
@@ -143,7 +143,7 @@ def test_fp16_ir_stores_fp16_weights_at_half_the_size(built):
 
 
 def test_fp16_ir_stays_close_to_reference(built, test_inputs, reference_logits):
-    from targets import openvino as ov_target
+    from edgeres.targets import openvino as ov_target
 
     a, d = built["fp16"]
     logits = ov_target.load_runner(d / a.file)(test_inputs[1])
@@ -166,7 +166,7 @@ def test_int8_with_nncf_is_fake_quantized_and_records_settings(built, calib_imag
 
 @pytest.mark.parametrize("variant", ["int8-qdq", "int8-nncf"])
 def test_int8_ir_stays_close_to_reference(built, variant, test_inputs, reference_logits):
-    from targets import openvino as ov_target
+    from edgeres.targets import openvino as ov_target
 
     a, d = built[variant]
     logits = ov_target.load_runner(d / a.file)(test_inputs[1])
@@ -175,7 +175,7 @@ def test_int8_ir_stays_close_to_reference(built, variant, test_inputs, reference
 
 
 def test_int8_qdq_engine_without_qdq_file_fails_naming_the_fix(tiny_onnx, tmp_path):
-    from targets.base import TargetError
+    from edgeres.targets.base import TargetError
 
     with pytest.raises(TargetError, match="engine=nncf"):
         compile_ir(tiny_onnx, tmp_path, "int8", qdq=None, engine="qdq")
@@ -184,7 +184,7 @@ def test_int8_qdq_engine_without_qdq_file_fails_naming_the_fix(tiny_onnx, tmp_pa
 @pytest.mark.parametrize("options, fragment", [({"engine": "tensorrt"}, "engine"), ({"colour": 1}, "unknown option"),
                                                ({"embed_preprocess": "maybe"}, "true or false")])
 def test_bad_options_are_refused_naming_the_option(tiny_onnx, tmp_path, options, fragment):
-    from targets.base import TargetError
+    from edgeres.targets.base import TargetError
 
     with pytest.raises(TargetError, match=fragment):
         compile_ir(tiny_onnx, tmp_path, "fp32", **options)
@@ -192,7 +192,7 @@ def test_bad_options_are_refused_naming_the_option(tiny_onnx, tmp_path, options,
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_runner_honours_thread_count_and_hint(built, threads):
-    from targets import openvino as ov_target
+    from edgeres.targets import openvino as ov_target
 
     a, d = built["fp32"]
     runner = ov_target.load_runner(d / a.file, threads=threads, hint="THROUGHPUT")
@@ -201,7 +201,7 @@ def test_runner_honours_thread_count_and_hint(built, threads):
 
 
 def test_runner_defaults_to_the_hint_compiled_into_the_ir(built):
-    from targets import openvino as ov_target
+    from edgeres.targets import openvino as ov_target
 
     a, d = built["fp32-throughput"]
     assert a.options["runtime"]["hint"] == "THROUGHPUT"
@@ -212,7 +212,7 @@ def test_runner_defaults_to_the_hint_compiled_into_the_ir(built):
 
 def test_runner_pins_fp32_inference_precision(built):
     """OpenVINO would run an fp32 IR in bf16 on CPUs with avx512_bf16 unless told otherwise."""
-    from targets import openvino as ov_target
+    from edgeres.targets import openvino as ov_target
 
     a, d = built["fp32"]
     runner = ov_target.load_runner(d / a.file)
@@ -220,7 +220,7 @@ def test_runner_pins_fp32_inference_precision(built):
 
 
 def test_embedded_preprocess_ir_takes_raw_uint8_nhwc_images(built, test_inputs, reference_logits):
-    from targets import openvino as ov_target
+    from edgeres.targets import openvino as ov_target
 
     a, d = built["fp32-raw"]
     assert (a.input_layout, a.input_dtype) == ("NHWC", "uint8")
@@ -231,7 +231,7 @@ def test_embedded_preprocess_ir_takes_raw_uint8_nhwc_images(built, test_inputs, 
 
 
 def test_embedded_preprocess_runner_still_accepts_eval_float_nchw(built, test_inputs):
-    from targets import openvino as ov_target
+    from edgeres.targets import openvino as ov_target
 
     a, d = built["fp32-raw"]
     runner = ov_target.load_runner(d / a.file)
@@ -287,7 +287,7 @@ def test_bundle_artifact_runs_with_only_numpy_and_openvino(cli, tiny_checkpoint,
     assert (artifact["input_layout"], artifact["input_dtype"]) == ("NHWC", "uint8")
     probe = BLOCK_HEAVY + textwrap.dedent(f"""
         import json, numpy as np
-        from targets.openvino import load_runner
+        from edgeres.targets.openvino import load_runner
         runner = load_runner({str(out / artifact["file"])!r}, threads=1)
         images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
         logits = runner.run_native(images)
@@ -304,9 +304,9 @@ def test_bundle_artifact_runs_with_only_numpy_and_openvino(cli, tiny_checkpoint,
 def resnet20_int8(cifar, tmp_path_factory):
     """ResNet-20 through the real pipeline (300 calibration images → one QDQ ONNX → ONNX and OpenVINO int8),
     then the fp32 reference and both int8 artifacts on the 5000 dev images: {manifest, labels, top1 per model}."""
-    from calibration import Preprocess, open_dataset
+    from edgeres.calibration import Preprocess, open_dataset
     from edgeres.measure.evaluate import collect_logits
-    from targets import get_target
+    from edgeres.targets import get_target
     from tests.conftest import run_cli
 
     out = tmp_path_factory.mktemp("r20") / "bundle"

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import cli
+from edgeres import cli
 from tests.conftest import ROOT, make_images
 
 runner = CliRunner()
@@ -36,8 +36,8 @@ def _predict(*args):
 
 @pytest.mark.parametrize("target", ["onnx", "openvino", "tflite"])
 def test_predict_top1_is_the_artifacts_argmax_on_the_decoded_pixels(app_bundle, pngs, target):
-    from calibration import Preprocess
-    from targets import get_target
+    from edgeres.calibration import Preprocess
+    from edgeres.targets import get_target
 
     folder, x = pngs
     r = _predict(app_bundle, folder, "--target", target, "--precision", "fp32", "--top", "3", "--json")
@@ -112,8 +112,8 @@ def test_a_missing_input_is_refused_before_any_work(app_bundle, tmp_path):
 
 
 def test_images_are_resized_as_the_manifest_says(tmp_path):
-    from calibration import Preprocess
-    from calibration.readers import read_image
+    from edgeres.calibration import Preprocess
+    from edgeres.calibration.readers import read_image
 
     img = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / "a.png")
@@ -123,7 +123,7 @@ def test_images_are_resized_as_the_manifest_says(tmp_path):
 
 def test_a_missing_runtime_names_the_pip_package(app_bundle, pngs):
     folder, _ = pngs
-    code = ("import sys; sys.modules['onnxruntime'] = None\nimport cli\n"
+    code = ("import sys; sys.modules['onnxruntime'] = None\nfrom edgeres import cli\n"
             "cli.app(sys.argv[1:])")
     r = subprocess.run([sys.executable, "-c", code, "predict", str(app_bundle), str(folder), "--target", "onnx"],
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
@@ -231,7 +231,7 @@ def test_exif_rotated_phone_jpegs_get_the_upright_photos_output(photo_bundle, tm
 def test_a_fifo_given_by_name_is_refused_without_waiting_for_a_writer(app_bundle, pngs, tmp_path):
     folder, _ = pngs
     os.mkfifo(tmp_path / "camera.png")
-    r = subprocess.run([sys.executable, "-m", "cli", "predict", str(app_bundle), str(folder / "img0.png"),
+    r = subprocess.run([sys.executable, "-m", "edgeres.cli", "predict", str(app_bundle), str(folder / "img0.png"),
                         str(tmp_path / "camera.png")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=120)  # before: blocked in open() forever
     assert r.returncode == 2 and r.stdout == "", r.stderr

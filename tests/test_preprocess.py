@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibration import DataError, Preprocess
+from edgeres.calibration import DataError, Preprocess
 from tests.conftest import run_cli
 from tests.test_safety import Case, _assert_one_line, _invoke, _no_partial, env, runner  # noqa: F401
 from tests.test_safety_flags import _convert, no_work  # noqa: F401
@@ -297,7 +297,7 @@ def spread_logits(keras, model, x, target_std: float = 3.0) -> None:
 @pytest.mark.slow
 def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_fed_the_same_pixels(tmp_path, cli):
     keras = pytest.importorskip("keras", minversion="3")
-    from targets import get_target
+    from edgeres.targets import get_target
     from tests.test_keras_import import randomize
 
     L = keras.layers

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibration import Preprocess, open_dataset
+from edgeres.calibration import Preprocess, open_dataset
 from tests.conftest import make_images, run_cli
 from tests.test_safety import env  # noqa: F401
 
@@ -108,7 +108,7 @@ def test_check_preprocess_command_prints_each_convention_beside_the_recorded_one
 
 def test_convert_eval_keeps_the_check_and_warns_in_one_line_when_another_convention_is_better(env, tmp_path):
     """On random weights every convention is near chance; the warning depends only on the stored numbers."""
-    import cli
+    from edgeres import cli
     from edgeres.measure.preprocess_check import CHECK_FILE, WARN_GAP_PP
     from tests.test_safety import _invoke
 

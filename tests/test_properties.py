@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from calibration import DataError, Preprocess, open_dataset
+from edgeres.calibration import DataError, Preprocess, open_dataset
 from edgeres.bundle import read_manifest
 from edgeres.errors import InputError
 

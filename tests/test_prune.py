@@ -142,7 +142,7 @@ def test_taylor_importance_needs_data(tiny_checkpoint):
 
 
 def test_taylor_importance_prunes_with_data(tiny_checkpoint, tiny_npz):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.sources.loading import load_model
     from edgeres.compress.prune import PruneConfig, prune_loaded
 
@@ -156,7 +156,7 @@ def test_bn_recalibration_restores_running_stats_of_the_pruned_model(pruned, tin
 
     import torch
 
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.compress.prune import identity_bns, recalibrate_bn
 
     model = copy.deepcopy(pruned.model)
@@ -189,7 +189,7 @@ def test_finetune_one_epoch_is_reproducible_with_the_same_seed(tiny_model, tiny_
 
     import torch
 
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.compress.distill import FinetuneConfig, distill
     from edgeres.compress.prune import PruneConfig, identity_bns, prune
 
@@ -213,7 +213,7 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_model, tiny_npz
 
     import torch
 
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.compress.distill import FinetuneConfig, distill
     from edgeres.compress.prune import PruneConfig, identity_bns, prune
 
@@ -320,7 +320,7 @@ def test_convert_with_a_bad_prune_ratio_exits_2(cli, tiny_checkpoint, tmp_path):
 
 @pytest.mark.realdata
 def test_resnet32_at_ratio_0_3_has_1_7x_fewer_macs_and_bn_recalibration_recovers_accuracy(cifar):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.sources.loading import load_model
     from edgeres.compress.prune import PruneConfig, identity_bns, prune, recalibrate_bn, top1
 
@@ -338,7 +338,7 @@ def test_resnet32_at_ratio_0_3_has_1_7x_fewer_macs_and_bn_recalibration_recovers
 
 @pytest.mark.realdata
 def test_resnet32_reconstruction_recovers_most_of_the_accuracy_before_any_finetuning(cifar):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.sources.loading import load_model
     from edgeres.compress.prune import PruneConfig, prune_loaded
 

@@ -11,7 +11,7 @@ from conftest import make_images
 
 
 def _bottleneck_spec():
-    from calibration import Preprocess
+    from edgeres.calibration import Preprocess
     from edgeres.model.zoo import get_spec
 
     # stage 1 goes 8 → 16 wide, so block 0 needs a projection; pruning by half makes it 8 → 8

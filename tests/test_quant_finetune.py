@@ -66,7 +66,7 @@ def _artifact(bundle: Path, manifest: dict, target: str) -> Path:
 def test_each_runtime_runs_what_was_trained_within_one_int8_step(bundles, data_files, tiny_model):
     import torch
 
-    import targets
+    from edgeres import targets
     from edgeres.compress.quant_finetune import fake_quant_model
 
     spec, _ = tiny_model
@@ -93,7 +93,7 @@ def test_int8_graphs_are_op_for_op_those_of_fast(bundles):
     import onnx
     import openvino as ov
 
-    import targets.tflite as tfl
+    import edgeres.targets.tflite as tfl
 
     ops = {}
     for preset in ("fast", "finetune"):
@@ -119,7 +119,7 @@ def test_manifest_records_recipe_epochs_and_held_out_curve(bundles):
 
 
 def _tune(spec, state_dict, data_files, **cfg):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.compress.quant_finetune import QuantFinetuneConfig, quantization_aware_finetune
 
     calib = [spec.preprocess(make_images(32, 16, seed=1)[0])]
@@ -178,7 +178,7 @@ def test_bad_finetune_data_is_one_line_exit_2_before_any_work(case, tiny_checkpo
                    strict=False)
 def test_resnet20_finetune_agrees_with_fp32_more_often_than_fast_on_every_runtime(cifar, tmp_path):
     """One short epoch on part of train10k; agreement with fp32 on the same dev images, per runtime."""
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.measure.bundle_eval import evaluate_bundle
 
     subset = open_dataset(cifar / "cifar10_train10k.npz")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibration import DataError, Preprocess, open_dataset
+from edgeres.calibration import DataError, Preprocess, open_dataset
 
 
 def test_npz_batches_are_preprocessed_nchw(tiny_npz):
@@ -68,7 +68,7 @@ def test_labels_must_match_images(tmp_path):
 
 def test_batches_resize_and_crop_once(tmp_path):
     """A resize+crop preprocess (ImageNet style) must give the same input as calling it on the raw images."""
-    from calibration import Preprocess, open_dataset
+    from edgeres.calibration import Preprocess, open_dataset
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
@@ -167,7 +167,7 @@ def image_kinds(folder) -> dict:
 
 @pytest.mark.parametrize("name", IMAGE_KINDS)
 def test_every_pixel_mode_becomes_the_rules_rgb(tmp_path, name):
-    from calibration.readers import read_image
+    from edgeres.calibration.readers import read_image
 
     path, expected = _make(tmp_path, name)
     got = read_image(str(path))
@@ -179,7 +179,7 @@ def test_a_fifo_is_refused_without_opening_it(tmp_path):
     import os
     import signal
 
-    from calibration.readers import read_image
+    from edgeres.calibration.readers import read_image
 
     os.mkfifo(tmp_path / "pipe.png")
 

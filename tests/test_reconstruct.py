@@ -13,7 +13,7 @@ from tests.conftest import make_images
 def _bottleneck_model():
     import torch
 
-    from calibration import Preprocess
+    from edgeres.calibration import Preprocess
     from edgeres.model.torch_model import build_torch, randomize_bn
     from edgeres.model.zoo import get_spec
 
@@ -107,7 +107,7 @@ def test_reconstructing_an_unpruned_model_keeps_its_outputs(tiny_model):
 
 
 def test_prune_with_data_reconstructs_and_skips_bn_reestimation(tiny_checkpoint, tiny_npz):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.sources.loading import load_model
     from edgeres.compress.prune import PruneConfig, prune_loaded
 
@@ -135,7 +135,7 @@ def test_plan_uses_fewer_images_and_smaller_batches_for_large_inputs():
 
 
 def test_iterative_pruning_reconstructs_after_every_step(tiny_checkpoint, tiny_npz):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.compress.distill import FinetuneConfig
     from edgeres.sources.loading import load_model
     from edgeres.compress.prune import PruneConfig, check_rebuild, prune_loaded

@@ -201,7 +201,7 @@ def _nan_latency(bundle: Path) -> str:
 def test_a_kept_result_with_a_non_finite_number_is_skipped_as_damaged(tmp_path, damage, name):
     from typer.testing import CliRunner
 
-    import cli
+    from edgeres import cli
 
     bundle = make_results_bundle(tmp_path)
     where = damage(bundle)
@@ -260,7 +260,7 @@ SWEEP_FAULTS = [
 def test_a_whole_sweep_document_reports(tmp_path):
     from typer.testing import CliRunner
 
-    import cli
+    from edgeres import cli
 
     (tmp_path / "sweep.json").write_text(json.dumps(_sweep_doc()))
     r = CliRunner().invoke(cli.app, ["report", str(tmp_path)])
@@ -272,7 +272,7 @@ def test_a_whole_sweep_document_reports(tmp_path):
 def test_a_damaged_sweep_document_is_refused_in_one_line(tmp_path, name, damage, expect):
     from typer.testing import CliRunner
 
-    import cli
+    from edgeres import cli
 
     doc = _sweep_doc()
     damage(doc)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import cli
+from edgeres import cli
 from edgeres.measure.paired import (PairedCounts, drop_interval_pp, pack_bits, paired_counts, unpack_bits)
 from edgeres.measure.report import (draw_accuracy_vs_latency, load_report, pareto_front, results_document,
                                     waterfall_bars, write_report)
@@ -63,7 +63,7 @@ def test_the_interval_holds_the_estimate_and_counts_come_back_from_the_bits():
 @pytest.fixture(scope="module")
 def kept(tmp_path_factory, tiny_checkpoint, tiny_npz):
     """A tiny onnx fp32+int8 bundle, evaluated on all images, then on part of them, and benchmarked twice."""
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.measure.bench import BenchConfig, bench_bundle
     from edgeres.measure.bundle_eval import evaluate_path
 
@@ -290,7 +290,7 @@ def test_shell_completion_is_offered():
     assert "--install-completion" in stdout and "--show-completion" in stdout
     # without a detectable parent shell (make, CI) Typer's auto-detection fails; name the shell instead
     env = {**os.environ, "PYTHONPATH": str(ROOT), "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
-    r = subprocess.run([sys.executable, "-c", "import cli; cli.app(prog_name='edgeres')", "--show-completion", "bash"],
+    r = subprocess.run([sys.executable, "-c", "from edgeres import cli; cli.app(prog_name='edgeres')", "--show-completion", "bash"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "_EDGERES_COMPLETE=complete_bash" in r.stdout and "complete -o default" in r.stdout, \
         (r.returncode, r.stdout[-300:], r.stderr[-500:])
@@ -345,7 +345,7 @@ def test_inspect_prints_no_python_lists(kept):
 
 
 def test_a_closed_stdout_pipe_ends_quietly():
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "zoo"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.Popen([sys.executable, "-m", "edgeres.cli", "zoo"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # like `| head -1` having exited: every write fails with EPIPE
     _, stderr = proc.communicate(timeout=60)

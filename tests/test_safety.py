@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import cli
+from edgeres import cli
 from tests.conftest import make_images
 
 runner = CliRunner()
@@ -424,7 +424,7 @@ def test_kill_9_during_convert_never_leaves_an_acceptable_partial_bundle(env, tm
     from tests.conftest import ROOT
 
     out = tmp_path / "bundle"
-    args = [sys.executable, "-m", "cli", "convert", str(env["checkpoint"]), "--targets", "onnx",
+    args = [sys.executable, "-m", "edgeres.cli", "convert", str(env["checkpoint"]), "--targets", "onnx",
             "--precision", "fp32", "--out", str(out), "--no-bench"]
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -47,9 +47,9 @@ def deadline(seconds: float):
 @pytest.fixture
 def loads(monkeypatch):
     """Every model file handed to a runtime: in this process, or to a benchmark runner process."""
-    import targets.onnx
-    import targets.openvino
-    import targets.tflite
+    import edgeres.targets.onnx
+    import edgeres.targets.openvino
+    import edgeres.targets.tflite
 
     seen: list[Path] = []
     for module in (targets.onnx, targets.openvino, targets.tflite):
@@ -297,7 +297,7 @@ def held_publish(staging, out, **kwargs):
         time.sleep(0.05)
     return real_publish(staging, out, **kwargs)
 build.publish = held_publish
-from cli import app
+from edgeres.cli import app
 sys.argv = ["edgeres", *sys.argv[1:]]
 app()
 """
@@ -549,7 +549,7 @@ def test_a_killed_bench_takes_its_runner_with_it(tmp_path, onnx_bundle, signum):
 
     bundle = tmp_path / "b"
     shutil.copytree(onnx_bundle, bundle)
-    cli_proc = subprocess.Popen([sys.executable, "-m", "cli", "bench", str(bundle), "--seconds", "120",
+    cli_proc = subprocess.Popen([sys.executable, "-m", "edgeres.cli", "bench", str(bundle), "--seconds", "120",
                                  "--warmup", "0"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parent = psutil.Process(cli_proc.pid)
@@ -595,7 +595,7 @@ def held_keep(*args, **kwargs):
         time.sleep(0.05)
     return real_keep(*args, **kwargs)
 records._keep_locked = held_keep
-from cli import app
+from edgeres.cli import app
 sys.argv = ["edgeres", *sys.argv[1:]]
 app()
 """
@@ -662,7 +662,7 @@ def test_a_grow_publishing_while_eval_keeps_its_run_waits_for_it(env, tmp_path, 
             assert time.time() < until, "eval never reached keeping its run"
             time.sleep(0.05)
         with open(grow_log, "w") as log:
-            grow = subprocess.Popen([sys.executable, "-m", "cli", *map(str, _grow(env, out))], cwd=ROOT,
+            grow = subprocess.Popen([sys.executable, "-m", "edgeres.cli", *map(str, _grow(env, out))], cwd=ROOT,
                                     env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=log)
         until = time.time() + 300
         while "waiting for pid" not in grow_log.read_text():

@@ -185,7 +185,7 @@ def _fails_instead_of_hanging(seconds: int):
 
 def test_uncompressed_npz_is_memory_mapped_not_read(tmp_path):
     """np.savez output is read in place: a large uncompressed x costs no memory until batches are read."""
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
 
     x, y = make_images(40, 16)
     ds = open_dataset(_npz(tmp_path, "d.npz", x=x, y=y))
@@ -199,7 +199,7 @@ def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     Image.fromarray(values).save(tmp_path / "d" / "cat" / "deep.png")
     with Image.open(tmp_path / "d" / "cat" / "deep.png") as im:
         assert im.mode.startswith("I"), im.mode  # really a 16-bit greyscale PNG
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
 
     rgb = open_dataset(tmp_path / "d").read(np.arange(1))[0]
     assert rgb.shape == (2, 4, 3) and rgb.dtype == np.uint8
@@ -341,12 +341,12 @@ def test_nan_logits_are_an_error_not_an_accuracy(env, tmp_path, case):
 def test_an_artifact_with_nan_outputs_is_a_failed_row_and_no_bare_nan_is_stored(env, tmp_path, onnx_bundle, monkeypatch):
     import shutil
 
-    import targets.onnx
+    import edgeres.targets.onnx
     from edgeres.bundle import REFERENCE_FILE
 
     bundle = tmp_path / "b"
     shutil.copytree(onnx_bundle, bundle)
-    real = targets.onnx.load_runner
+    real = edgeres.targets.onnx.load_runner
 
     def nan_artifacts(path, threads=None):
         runner = real(path, threads)

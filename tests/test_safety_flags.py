@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import cli
-from calibration import DataError
-from targets.base import TargetError
+from edgeres import cli
+from edgeres.calibration import DataError
+from edgeres.targets.base import TargetError
 from tests.conftest import run_cli
 from tests.test_safety import Case, _assert_one_line, _invoke, _no_partial, env, onnx_bundle, runner  # noqa: F401
 
@@ -23,7 +23,7 @@ from tests.test_safety import Case, _assert_one_line, _invoke, _no_partial, env,
 @pytest.fixture
 def no_work(monkeypatch):
     """Loading, reading data, benchmarking, reporting or training fail the test: flags come first."""
-    import calibration
+    from edgeres import calibration
     import edgeres.measure.bench
     import edgeres.demo
     import edgeres.sources.loading

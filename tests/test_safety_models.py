@@ -288,7 +288,7 @@ def _run_limited(args, timeout=240):
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
-    r = subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=ROOT, preexec_fn=limit,
+    r = subprocess.run([sys.executable, "-m", "edgeres.cli", *map(str, args)], cwd=ROOT, preexec_fn=limit,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=timeout)
     return r.returncode, r.stdout, r.stderr
 

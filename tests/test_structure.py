@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 
 # Top to bottom: a module may import only from layers below its own (and within its own package).
 LAYERS = (
-    ("cli",),
+    ("edgeres.cli",),
     ("edgeres.demo",),
     ("edgeres.app",),
     ("edgeres.sweep",),
@@ -28,8 +28,8 @@ LAYERS = (
     ("edgeres.device",),
     ("edgeres.flags", "edgeres.progress", "edgeres.tables"),
     ("edgeres", "edgeres.errors"),
-    ("targets",),
-    ("calibration",),
+    ("edgeres.targets",),
+    ("edgeres.calibration",),
 )
 RUNTIME_NAMES = ("onnx", "openvino", "tflite")
 # Where such a string is not a runtime's identity: (file, value) and why.
@@ -42,11 +42,21 @@ NOT_A_RUNTIME = {
 }
 
 
+# the repository keeps targets/, calibration/ and cli.py beside edgeres/; installed (and through the
+# symlinks edgeres/targets, edgeres/calibration, edgeres/cli.py) they are edgeres.targets, edgeres.calibration
+# and edgeres.cli: one top-level package
+BESIDE = {"targets": "edgeres.targets", "calibration": "edgeres.calibration"}
+
+
 def _modules() -> dict[str, Path]:
-    found = {"cli": ROOT / "cli.py"}
-    for pkg in ("edgeres", "targets", "calibration"):
+    found = {"edgeres.cli": ROOT / "cli.py"}
+    for pkg in ("edgeres", *BESIDE):
         for path in (ROOT / pkg).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+            rel = path.relative_to(ROOT)
+            if rel.parts[0] == "edgeres" and (ROOT / "edgeres" / rel.parts[1]).is_symlink():
+                continue  # edgeres/targets -> ../targets: walked as targets/ below
+            parts = list(rel.with_suffix("").parts)
+            parts[0] = BESIDE.get(parts[0], parts[0])
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
@@ -141,7 +151,7 @@ def _runtime_name_uses(path: Path) -> list[str]:
 
 
 def test_no_module_outside_targets_names_a_runtime():
-    uses = [u for name, path in MODULES.items() if not name.startswith("targets") for u in _runtime_name_uses(path)]
+    uses = [u for name, path in MODULES.items() if not name.startswith("edgeres.targets") for u in _runtime_name_uses(path)]
     assert not uses, "runtime names outside targets/ (read targets.infos() instead):\n" + "\n".join(uses)
 
 
@@ -153,7 +163,7 @@ import shutil
 from pathlib import Path
 
 from edgeres.convert.model_sources import ModelSource, register_source
-from targets.base import ANY_PRECISION, Artifact, TargetInfo, TargetOption
+from edgeres.targets.base import ANY_PRECISION, Artifact, TargetInfo, TargetOption
 
 SOURCE = "fake_onnx_copy"
 
@@ -193,7 +203,7 @@ def compile(job):
 
 
 def load_runner(path, threads=None):
-    from targets.onnx import load_runner as onnx_runner
+    from edgeres.targets.onnx import load_runner as onnx_runner
     return onnx_runner(path, threads)
 '''
 
@@ -201,8 +211,8 @@ def load_runner(path, threads=None):
 @pytest.fixture
 def fake_cli(tmp_path):
     (tmp_path / "fake_target.py").write_text(textwrap.dedent(FAKE_TARGET))
-    boot = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import targets, fake_target; "
-            "targets.register(fake_target); import cli; sys.argv[0] = 'edgeres'; cli.app()")
+    boot = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import fake_target; "
+            "from edgeres import targets, cli; targets.register(fake_target); sys.argv[0] = 'edgeres'; cli.app()")
 
     def run(*args):
         return subprocess.run([sys.executable, "-c", boot, str(tmp_path), *map(str, args)], cwd=ROOT,
@@ -256,7 +266,7 @@ STANDALONE_FILES = ("edgeres/measure/bench_runner.py", "edgeres/app/classify_tem
 
 
 def test_there_is_a_runner_module_per_builtin_runtime():
-    import targets
+    from edgeres import targets
 
     runtimes = {targets.get_info(name).runtime for name in targets.BUILTIN}
     assert {p.stem.removesuffix("_runner") for p in RUNNER_MODULES} == runtimes
@@ -280,17 +290,17 @@ def test_a_runner_module_needs_only_the_standard_library_and_numpy(path):
 
 @pytest.mark.parametrize("rel", STANDALONE_FILES)
 def test_the_standalone_files_carry_the_runner_modules_verbatim(rel):
-    from targets.runners import assemble
+    from edgeres.targets.runners import assemble
 
     text = (ROOT / rel).read_text()
-    assert assemble.assemble(text, rel) == text, f"{rel} is stale: run python -m targets.runners.assemble {rel}"
+    assert assemble.assemble(text, rel) == text, f"{rel} is stale: run python -m edgeres.targets.runners.assemble {rel}"
     for path in RUNNER_MODULES:
         body = path.read_text().replace(assemble.FUTURE, "", 1)
         assert f"# --- targets/runners/{path.name} ---\n{body}" in text  # byte for byte, less the __future__ line
 
 
 def test_the_assembler_refuses_a_runner_whose_names_clash_with_the_file():
-    from targets.runners import assemble
+    from edgeres.targets.runners import assemble
 
     text = f"from __future__ import annotations\n\ndef litert_quantize():\n    pass\n\n{assemble.BEGIN}\n{assemble.END}\n"
     with pytest.raises(ValueError, match="defined twice.*litert_quantize"):
@@ -302,8 +312,22 @@ def test_the_assembler_refuses_a_runner_whose_names_clash_with_the_file():
 def test_the_assembler_check_names_a_stale_file(tmp_path):
     stale = tmp_path / "standalone.py"
     stale.write_text((ROOT / STANDALONE_FILES[0]).read_text().replace("class LiteRtRunner:", "class LiteRtRunner:  # edited", 1))
-    r = subprocess.run([sys.executable, "-m", "targets.runners.assemble", "--check", str(stale)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "edgeres.targets.runners.assemble", "--check", str(stale)], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "differs from targets/runners" in r.stderr
-    assert subprocess.run([sys.executable, "-m", "targets.runners.assemble", str(stale)], cwd=ROOT).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "edgeres.targets.runners.assemble", str(stale)], cwd=ROOT).returncode == 0
     assert stale.read_text() == (ROOT / STANDALONE_FILES[0]).read_text()
+
+
+def test_code_imports_the_beside_folders_only_as_edgeres_subpackages():
+    """An installed edgeres has no top-level cli, targets or calibration module; an import of one would
+    work here (the repository root is on sys.path) and break there."""
+    found = []
+    for path in [*ROOT.glob("*.py"), *(p for d in ("edgeres", "targets", "calibration", "tests", "benchmarks", "scripts")
+                                        for p in (ROOT / d).rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else []
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                      if n.split(".")[0] in ("cli", *BESIDE)]
+    assert not found, "import them as edgeres.cli / edgeres.targets / edgeres.calibration:\n" + "\n".join(found)

@@ -134,7 +134,7 @@ def test_resnet20_sweep_on_embedded_ray_gives_8_trials_a_front_and_a_best(cifar,
 
 
 def _sweep_in(ns: Namespace, env: dict, model, calib, evald, out, *extra):
-    return ns.run(sys.executable, "-m", "cli", "sweep", model, "--calib", calib, "--eval", evald, *GRID, "--out", out,
+    return ns.run(sys.executable, "-m", "edgeres.cli", "sweep", model, "--calib", calib, "--eval", evald, *GRID, "--out", out,
                   *extra, env=env)
 
 
@@ -165,7 +165,7 @@ def test_sweep_on_a_ray_start_cluster_reports_a_failed_trial_then_resumes(cluste
 
 
 def test_without_ray_the_command_says_what_to_install(tiny_checkpoint, tiny_npz, tmp_path):
-    boot = "import sys; sys.modules['ray'] = None; import cli; sys.argv[0] = 'edgeres'; cli.app()"
+    boot = "import sys; sys.modules['ray'] = None; from edgeres import cli; sys.argv[0] = 'edgeres'; cli.app()"
     r = subprocess.run([sys.executable, "-c", boot, "sweep", str(tiny_checkpoint), "--calib", str(tiny_npz),
                         "--eval", str(tiny_npz), "--out", str(tmp_path / "sw")], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
@@ -258,7 +258,7 @@ def test_a_signal_cancels_the_running_tasks_and_leaves_nothing_behind(tiny_check
     """Ctrl-C exits 130, SIGTERM 143 (was: a stack dump and exit 134): one line, the finished bundle kept, no
     lock file, no Ray session folder; while it ran, its embedded Ray listened on 127.0.0.1 only."""
     out = tmp_path / "sw"
-    cmd = [sys.executable, "-m", "cli", "sweep", str(tiny_checkpoint), "--calib", str(tiny_npz), "--eval",
+    cmd = [sys.executable, "-m", "edgeres.cli", "sweep", str(tiny_checkpoint), "--calib", str(tiny_npz), "--eval",
            str(tiny_npz), "--precision", "fp32", "--targets", "onnx", "--bench-runs", "10000000", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,

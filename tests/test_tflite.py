@@ -34,10 +34,10 @@ def _inputs(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def _compile(tmp: Path, spec, model, precision: str, calib_npz: Path | None = None, calib_images: int | None = None,
              estimator: str | None = None, **options):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.model.keras_model import build_keras
-    from targets import tflite
-    from targets.base import KERAS, CompileJob
+    from edgeres.targets import tflite
+    from edgeres.targets.base import KERAS, CompileJob
 
     calibration = None
     if calib_npz is not None:
@@ -66,7 +66,7 @@ def tiny_artifacts(tmp_path_factory, tiny_model, tiny_npz):
 # -- Keras rebuild ---------------------------------------------------------------------------------
 
 def _imagenet_bottleneck_spec(stride_on: str, size: int):
-    from calibration import Preprocess
+    from edgeres.calibration import Preprocess
     from edgeres.model.zoo import get_spec
 
     spec = get_spec("resnet50", num_classes=7)
@@ -93,7 +93,7 @@ def test_keras_imagenet_bottleneck_projection_matches_torch(stride_on, size):
 def test_keras_cifar_option_a_matches_torch_on_odd_input(tiny_model):
     from edgeres.model.keras_model import build_keras
     from edgeres.model.torch_model import build_torch
-    from calibration import Preprocess
+    from edgeres.calibration import Preprocess
 
     spec, model = tiny_model
     odd = replace(spec, preprocess=Preprocess(size=15))  # odd sizes: [::2] keeps ceil(H/2) rows in both
@@ -118,10 +118,10 @@ def test_keras_option_a_with_uneven_channel_padding_matches_torch(tiny_model):
 
 
 def test_calibration_data_error_keeps_its_type(tmp_path, tiny_model):
-    from calibration import DataError
+    from edgeres.calibration import DataError
     from edgeres.model.keras_model import build_keras
-    from targets import tflite
-    from targets.base import KERAS, CompileJob
+    from edgeres.targets import tflite
+    from edgeres.targets.base import KERAS, CompileJob
 
     spec, model = tiny_model
 
@@ -138,7 +138,7 @@ def test_calibration_data_error_keeps_its_type(tmp_path, tiny_model):
 # -- conversion ------------------------------------------------------------------------------------
 
 def test_tflite_fp32_matches_torch_logits(tiny_model, tiny_artifacts):
-    from targets import tflite
+    from edgeres.targets import tflite
 
     spec, model = tiny_model
     tmp, artifact = tiny_artifacts["fp32"]
@@ -166,8 +166,8 @@ def test_full_int8_op_report_has_only_int8_compute_ops(tiny_artifacts):
 
 
 def test_float_compute_op_in_full_int8_is_an_error(tiny_artifacts):
-    from targets.base import TargetError
-    from targets.tflite import check_full_int8, op_report
+    from edgeres.targets.base import TargetError
+    from edgeres.targets.tflite import check_full_int8, op_report
 
     tmp, artifact = tiny_artifacts["fp32"]
     with pytest.raises(TargetError, match="still computes in float.*CONV_2D"):
@@ -175,8 +175,8 @@ def test_float_compute_op_in_full_int8_is_an_error(tiny_artifacts):
 
 
 def test_full_int8_io_type_must_match_the_request(tiny_artifacts):
-    from targets.base import TargetError
-    from targets.tflite import check_full_int8, op_report
+    from edgeres.targets.base import TargetError
+    from edgeres.targets.tflite import check_full_int8, op_report
 
     tmp, artifact = tiny_artifacts["int8"]
     with pytest.raises(TargetError, match="input is float32, expected uint8"):
@@ -184,7 +184,7 @@ def test_full_int8_io_type_must_match_the_request(tiny_artifacts):
 
 
 def test_io_uint8_model_takes_uint8_and_runs_like_float_io(tiny_model, tiny_artifacts):
-    from targets import tflite
+    from edgeres.targets import tflite
 
     spec, _ = tiny_model
     tmp_u8, u8 = tiny_artifacts["uint8"]
@@ -209,7 +209,7 @@ def test_sidecar_carries_labels_and_nhwc_preprocessing(tiny_model, tiny_artifact
 
 
 def test_runner_handles_changing_batch_sizes(tiny_model, tiny_artifacts):
-    from targets import tflite
+    from edgeres.targets import tflite
 
     spec, _ = tiny_model
     tmp, artifact = tiny_artifacts["fp32"]
@@ -222,7 +222,7 @@ def test_runner_handles_changing_batch_sizes(tiny_model, tiny_artifacts):
 
 
 def test_unknown_tflite_option_is_rejected(tmp_path, tiny_model):
-    from targets.base import TargetError
+    from edgeres.targets.base import TargetError
 
     spec, model = tiny_model
     with pytest.raises(TargetError, match="unknown option.*tflite.iio"):
@@ -262,7 +262,7 @@ for name in ("torch", "tensorflow", "tf_keras", "keras", "onnx", "onnxruntime", 
 sys.path.insert(0, {root!r})
 import json
 import numpy as np
-from targets.tflite import load_runner
+from edgeres.targets.tflite import load_runner
 x = np.random.default_rng(0).standard_normal((3, 3, {size}, {size})).astype(np.float32)
 print(json.dumps(load_runner({path!r})(x).tolist()))
 """
@@ -270,7 +270,7 @@ print(json.dumps(load_runner({path!r})(x).tolist()))
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_bundle_tflite_runs_with_only_numpy_and_litert(tflite_bundle, precision):
-    from targets.tflite import load_runner
+    from edgeres.targets.tflite import load_runner
 
     size = tiny_spec().input_size
     path = str(tflite_bundle / "tflite" / f"model.{precision}.tflite")
@@ -287,10 +287,10 @@ def test_bundle_tflite_runs_with_only_numpy_and_litert(tflite_bundle, precision)
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_resnet20_full_int8_drops_at_most_half_a_point(cifar, tmp_path):
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
     from edgeres.measure.evaluate import collect_logits, topk_accuracy
     from edgeres.sources.loading import load_model
-    from targets import tflite
+    from edgeres.targets import tflite
 
     loaded = load_model(cifar / "resnet20.th")
     model = loaded.to_torch()
@@ -310,7 +310,7 @@ def test_resnet20_full_int8_drops_at_most_half_a_point(cifar, tmp_path):
 
 
 def _activation_scales(path: Path) -> dict[str, float]:
-    from targets.tflite import _interpreter_module
+    from edgeres.targets.tflite import _interpreter_module
 
     interp = _interpreter_module().Interpreter(model_path=str(path))
     return {t["name"]: float(t["quantization"][0]) for t in interp.get_tensor_details()
@@ -346,7 +346,7 @@ def test_estimator_ranges_replace_the_converters_min_max(estimator_int8, tiny_mo
     converter, ours = (_activation_scales(estimator_int8[k][0]) for k in ("converter", "percentile"))
     narrower = [n for n in ours if ours[n] < converter[n] * 0.999]
     assert narrower, "the percentile estimator should clip some activation ranges below min/max"
-    from targets import tflite
+    from edgeres.targets import tflite
 
     spec, model = tiny_model
     x = _inputs(4, spec.input_size)
@@ -356,7 +356,7 @@ def test_estimator_ranges_replace_the_converters_min_max(estimator_int8, tiny_mo
 
 
 def test_estimator_ranges_need_the_estimators_name(tmp_path, tiny_model, tiny_npz):
-    from targets.base import TargetError
+    from edgeres.targets.base import TargetError
 
     spec, model = tiny_model
     with pytest.raises(TargetError, match="tflite.ranges=estimator needs"):

@@ -80,12 +80,12 @@ def model_input(pixels: np.ndarray) -> np.ndarray:
 
 # -- image files: edgeres' own decoding rule (EXIF orientation, 16-bit, size and format checks) ---------
 
-from calibration.image_file import ImageRefused, decode_image  # export-app puts that module's source here
+from edgeres.calibration.image_file import ImageRefused, decode_image  # export-app puts that module's source here
 
 
 # -- runtimes: the runner of each, as edgeres runs it (its targets/runners modules, written in) ------------
 
-# >>> runners: assembled from targets/runners by `python -m targets.runners.assemble FILE`; edit there, not here
+# >>> runners: assembled from targets/runners by `python -m edgeres.targets.runners.assemble FILE`; edit there, not here
 
 # --- targets/runners/onnxruntime_runner.py ---
 """onnxruntime: run an ``.onnx`` on NCHW float32 batches (numpy + onnxruntime only; copied verbatim into

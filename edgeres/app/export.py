@@ -21,15 +21,15 @@ from edgeres.bundle import OutputLock, artifact_path, check_output_dir, label_na
 from edgeres.errors import InputError
 from edgeres.measure.predict import pick_artifact
 from edgeres.progress import log
-from targets import companion_files, get_info, get_target
+from edgeres.targets import companion_files, get_info, get_target
 
 KINDS = ("python", "android", "ios")
 APP_FILE = "app.json"  # what was exported from where; marks the folder as made by export-app
 TEMPLATE = Path(__file__).with_name("classify_template.py")
 CONFIG_LINE = "CONFIG: dict = {}  # written by edgeres export-app: runtime, model, labels, preprocess, input"
 # the template imports edgeres' image decoding; the app gets that module's source in its place (one rule)
-IMAGE_FILE_LINE = "from calibration.image_file import ImageRefused, decode_image  # export-app puts that module's source here"
-IMAGE_FILE_MODULE = "calibration.image_file"
+IMAGE_FILE_LINE = "from edgeres.calibration.image_file import ImageRefused, decode_image  # export-app puts that module's source here"
+IMAGE_FILE_MODULE = "edgeres.calibration.image_file"
 
 
 def check_request(kind: str, out: str | Path, force: bool) -> Path:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from calibration import ImageDataset, Preprocess
+from edgeres.calibration import ImageDataset, Preprocess
 from edgeres.errors import InputError
 from edgeres.progress import log, progress
 

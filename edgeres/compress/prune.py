@@ -478,7 +478,7 @@ CURVE_IMAGES = 1000
 
 def check_data(dataset, spec: ResNetSpec, flag: str, *, labels: bool = False) -> None:
     """Fail before any work if ``dataset`` cannot feed ``spec`` (image size, label range)."""
-    from calibration import DataError
+    from edgeres.calibration import DataError
 
     from edgeres.measure.evaluate import check_label_range, number_class_folders
 
@@ -687,7 +687,7 @@ def prune_into_loaded(loaded, cfg, calib_data=None, eval_data=None):
     Calibration images (train split) re-estimate BN and feed taylor; fine-tuning only with
     ``cfg.finetune_data`` and ``cfg.finetune_epochs``.
     """
-    from calibration import open_dataset
+    from edgeres.calibration import open_dataset
 
     prune_cfg = PruneConfig(ratio=cfg.prune, importance=cfg.prune_importance)
     prune_cfg.validate("--prune", "--prune-importance")

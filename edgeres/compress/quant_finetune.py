@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from calibration import DataError, ImageDataset, open_dataset
-from calibration.estimators import make_estimator
-from calibration.matching import ReferenceActivations
+from edgeres.calibration import DataError, ImageDataset, open_dataset
+from edgeres.calibration.estimators import make_estimator
+from edgeres.calibration.matching import ReferenceActivations
 from edgeres.compress.distill import augment
 from edgeres.compress.quant_accurate import _conv_bn_pairs
 from edgeres.errors import InputError

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import targets
+from edgeres import targets
 from edgeres.bundle import (MANIFEST, file_record, publish, read_manifest, read_result, reference_path,
                             write_json_atomic)
 from edgeres.int8 import STAGE as INT8_STAGE

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from calibration import DataError
-from calibration.cpu import cpu_features
+from edgeres.calibration import DataError
+from edgeres.calibration.cpu import cpu_features
 from edgeres import __version__
 from edgeres.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, REFERENCE_FILE, file_record, label_names,
                             listed_files, publish, warn, write_json_atomic, write_text_atomic)
@@ -35,11 +35,11 @@ from edgeres.model.torch_model import build_torch
 from edgeres.convert.model_sources import SourceRequest, get_source, make_files, open_files
 from edgeres.convert.workers import CALIB_FILE, Compiles, WorkerTask, compile_record, default_jobs, write_calibration
 from edgeres.progress import log, step
-from targets.base import LABELS_FILE, app_metadata, release_memory
+from edgeres.targets.base import LABELS_FILE, app_metadata, release_memory
 from edgeres.int8 import STAGE as INT8_STAGE
 from edgeres.int8 import compute_ranges, quantize_qdq, recipes_for
 from edgeres.int8.recipe import same_qdq, weight_levels
-from targets import BUILTIN, QDQ_ONNX, CompileJob, TargetError, get_info, get_target, info_for_file
+from edgeres.targets import BUILTIN, QDQ_ONNX, CompileJob, TargetError, get_info, get_target, info_for_file
 
 STEPS_FILE = ".steps.json"
 RANGES_FILE = "calibration_ranges.json"

@@ -9,9 +9,9 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from calibration import DataError, Preprocess
-from calibration.estimators import ESTIMATORS
-from calibration.preprocess import FILTERS, RESIZE_MODES
+from edgeres.calibration import DataError, Preprocess
+from edgeres.calibration.estimators import ESTIMATORS
+from edgeres.calibration.preprocess import FILTERS, RESIZE_MODES
 from edgeres.bundle import MAX_IMAGE_SIDE, warn
 from edgeres import __version__
 from edgeres.compress.distill import check_finetune_flags
@@ -24,8 +24,8 @@ from edgeres.flags import check_number, check_threads
 from edgeres.int8 import STAGE as INT8_STAGE
 from edgeres.int8 import check_options as check_int8_options
 from edgeres.int8 import lift_legacy_options
-from targets import get_info
-from targets import names as target_names
+from edgeres.targets import get_info
+from edgeres.targets import names as target_names
 
 DEFAULT_CALIB_IMAGES = 300
 MIN_CALIB_IMAGES = 10  # fewer cannot estimate activation ranges that generalise

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from targets import KERAS, QDQ_ONNX, REFERENCE_ONNX
+from edgeres.targets import KERAS, QDQ_ONNX, REFERENCE_ONNX
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def register_source(source: ModelSource) -> ModelSource:
 
 
 def get_source(name: str) -> ModelSource:
-    from targets import TargetError
+    from edgeres.targets import TargetError
 
     if name not in _SOURCES:
         raise TargetError(f"no model source named {name!r} is registered (known: {', '.join(_SOURCES)})")

@@ -8,7 +8,7 @@ import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from calibration import ImageDataset, open_dataset
+from edgeres.calibration import ImageDataset, open_dataset
 from edgeres.bundle import MANIFEST, OutputLock, check_output_dir, read_manifest, read_result, reference_path
 from edgeres.compress.prune import prune_into_loaded
 from edgeres.compress.quant_finetune import check_finetune_data

@@ -49,10 +49,10 @@ def calibration_batches(path: str):
 def job_from_task(task: dict):
     """The ``CompileJob`` of a task: its data, its sources' files opened here, its calibration file."""
     from edgeres.convert.model_sources import open_files
-    from targets import CompileJob
+    from edgeres.targets import CompileJob
 
     if task.get("plugin"):  # a target (and its sources) registered from outside targets/
-        import targets
+        from edgeres import targets
 
         targets.register(importlib.import_module(task["plugin"]))
     fields = dict(task["job"])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from edgeres.bundle import file_record, write_json_atomic
 from edgeres.progress import log
-from targets.base import cpu_threads
+from edgeres.targets.base import cpu_threads
 
 PARENT_ENV = "EDGERES_WORKER_PARENT"  # the worker exits at once if its parent is already gone
 CALIB_FILE = "calibration.nchw.npy"
@@ -48,10 +48,10 @@ class WorkerTask:
 
 def compile_record(target: str, job) -> dict:
     """Compile one (target, precision) here; its artifact record, or a "failed" one with the reason."""
-    from calibration import DataError
+    from edgeres.calibration import DataError
     from edgeres.errors import InputError
     from edgeres.progress import step
-    from targets import TargetError, get_target
+    from edgeres.targets import TargetError, get_target
 
     t0 = time.perf_counter()
     try:

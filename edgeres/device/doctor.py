@@ -7,8 +7,8 @@ import os
 import platform
 from pathlib import Path
 
-import targets
-from calibration.cpu import hwcap_flags, read_cpuinfo
+from edgeres import targets
+from edgeres.calibration.cpu import hwcap_flags, read_cpuinfo
 
 # what edgeres itself builds with; each target's runtime and tools come from its record (targets.infos)
 CORE_DISTS = ("torch", "torch-pruning", "onnx")

@@ -6,7 +6,7 @@ profiles keep working."""
 
 from __future__ import annotations
 
-from targets.base import TargetOption
+from edgeres.targets.base import TargetOption
 
 STAGE = "int8"
 LEGACY_TARGET = "onnx"
@@ -22,7 +22,7 @@ NAMES = tuple(o.name for o in OPTIONS)
 
 
 def _option(name: str) -> TargetOption:
-    from targets.base import OptionError
+    from edgeres.targets.base import OptionError
 
     for o in OPTIONS:
         if o.name == name:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.cpu import cpu_features
+from edgeres.calibration.cpu import cpu_features
 from edgeres.int8.ranges import require_onnxruntime
 from edgeres.int8.recipe import choose_recipe
-from targets.base import QDQ_RECORD_KEY, TargetError, atomic_path, first_line
+from edgeres.targets.base import QDQ_RECORD_KEY, TargetError, atomic_path, first_line
+from edgeres.targets.base import qdq_record  # noqa: F401 - the int8 stage's face: what quantize_qdq stored
 
 
 def quantize_qdq(onnx_fp32_path: str | Path, ranges: dict, out_path: str | Path, *, recipe: dict | None = None,
@@ -60,12 +61,3 @@ def quantize_qdq(onnx_fp32_path: str | Path, ranges: dict, out_path: str | Path,
     return record
 
 
-def qdq_record(path: str | Path) -> dict:
-    """The record ``quantize_qdq`` stored in a QDQ ONNX (empty if it was made elsewhere)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == QDQ_RECORD_KEY:
-            return json.loads(prop.value)
-    return {}

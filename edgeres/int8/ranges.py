@@ -9,8 +9,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from calibration.errors import DataError
-from targets.base import TargetError, TargetUnavailable, first_line
+from edgeres.calibration.errors import DataError
+from edgeres.targets.base import TargetError, TargetUnavailable, first_line
 
 # keep one calibration batch of exposed activations (float32) around 256 MB
 MAX_CALIB_VALUES_PER_BATCH = 64_000_000
@@ -49,7 +49,7 @@ def compute_ranges(onnx_fp32_path: str | Path, calib_fn: Callable[..., Iterable[
     import onnx
     import onnxruntime as ort
 
-    from calibration.estimators import make_estimator
+    from edgeres.calibration.estimators import make_estimator
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_fp32_path)))
     input_name = model.graph.input[0].name

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from calibration.cpu import CpuFeatures
+from edgeres.calibration.cpu import CpuFeatures
 from edgeres.int8.options import STAGE, check_options
 
 FULL_LEVELS = 127  # symmetric int8 weights, ±127

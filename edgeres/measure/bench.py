@@ -22,7 +22,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import targets
+from edgeres import targets
 from edgeres.bundle import BENCH_FILE, bundle_path, model_path, ok_artifacts, read_manifest
 from edgeres.errors import InputError, TargetError
 from edgeres.flags import check_remote

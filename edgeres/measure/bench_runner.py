@@ -356,7 +356,7 @@ def evaluate(artifact: str, inputs: str, logits_out: str, threads: int, batch: i
             "peak_rss_mb": peak_rss_mb(), "emulated": bool(info["emulation"]["emulated"]), "system": info}
 
 
-# >>> runners: assembled from targets/runners by `python -m targets.runners.assemble FILE`; edit there, not here
+# >>> runners: assembled from targets/runners by `python -m edgeres.targets.runners.assemble FILE`; edit there, not here
 
 # --- targets/runners/onnxruntime_runner.py ---
 """onnxruntime: run an ``.onnx`` on NCHW float32 batches (numpy + onnxruntime only; copied verbatim into

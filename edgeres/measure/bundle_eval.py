@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from calibration import ImageDataset, Preprocess
+from edgeres.calibration import ImageDataset, Preprocess
 
 from edgeres.bundle import EVAL_FILE, artifact_path, ok_artifacts, read_manifest, reference_path
 from edgeres.errors import InputError
@@ -16,7 +16,7 @@ from edgeres.measure.paired import CI_METHOD, pack_bits
 from edgeres.measure.records import artifact_sha, data_fingerprint, keep_eval, now
 from edgeres.progress import log
 from edgeres.sources.loading import load_model
-from targets import TargetError, get_target, info_for_file
+from edgeres.targets import TargetError, get_target, info_for_file
 
 __all__ = ["EVAL_FILE", "evaluate_bundle", "evaluate_path", "record_eval"]
 

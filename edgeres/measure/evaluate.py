@@ -6,11 +6,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from calibration import DataError, ImageDataset, Preprocess
+from edgeres.calibration import DataError, ImageDataset, Preprocess
 from edgeres.errors import InputError
 from edgeres.measure.paired import drop_interval_pp, pack_bits, paired_counts
 from edgeres.progress import log, progress
-from targets.base import TargetError
+from edgeres.targets.base import TargetError
 
 
 class NonFiniteLogits(TargetError):

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-import targets
-from calibration import ImageDataset, Preprocess
+from edgeres import targets
+from edgeres.calibration import ImageDataset, Preprocess
 from edgeres.bundle import artifact_path, data_file_path, ok_artifacts, read_manifest, reference_path, warn
 from edgeres.errors import InputError
 from edgeres.int8 import qdq_record, quantize_qdq
 from edgeres.progress import log
-from targets import TargetError, get_target, info_for_file
+from edgeres.targets import TargetError, get_target, info_for_file
 
 # what quantize_qdq's record holds of the recipe it was made with
 QDQ_RECIPE_KEYS = ("activation_type", "weight_type", "per_channel", "reduce_range", "reason", "cpu_features")

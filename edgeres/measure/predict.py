@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import DataError, Preprocess
-from calibration.readers import IMAGE_SUFFIXES, read_image
+from edgeres.calibration import DataError, Preprocess
+from edgeres.calibration.readers import IMAGE_SUFFIXES, read_image
 from edgeres.bundle import artifact_path, label_names, ok_artifacts, read_manifest, verify_file, warn
 from edgeres.errors import InputError
 from edgeres.progress import progress
-from targets import get_target
+from edgeres.targets import get_target
 
 BATCH = 32
 PREFERRED_PRECISIONS = ("int8", "fp32")  # without --precision: the smallest artifact that keeps accuracy, else fp32

@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from calibration import ImageDataset, Preprocess
-from calibration.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from edgeres.calibration import ImageDataset, Preprocess
+from edgeres.calibration.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from edgeres.progress import progress
 
 # how far below the best convention the recorded one may be before convert --eval says so
@@ -141,7 +141,7 @@ def check_bundle(bundle, dataset: ImageDataset, *, limit: int | None = None, thr
 
     from edgeres.bundle import read_manifest, reference_path
     from edgeres.measure.bundle_eval import check_data_for
-    from targets import get_target, info_for_file
+    from edgeres.targets import get_target, info_for_file
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)

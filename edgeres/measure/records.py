@@ -23,7 +23,7 @@ from pathlib import Path
 
 from edgeres.bundle import BENCH_FILE, EVAL_FILE, ResultsLock, read_result, store_result, warn
 from edgeres.errors import InputError
-from targets.base import sha256_file
+from edgeres.targets.base import sha256_file
 
 EVALS_DIR = "evals"
 BENCHES_DIR = "benches"

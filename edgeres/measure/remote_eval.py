@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import ImageDataset
+from edgeres.calibration import ImageDataset
 from edgeres.bundle import ok_artifacts, read_manifest, store_result
 from edgeres.errors import InputError
 from edgeres.measure.bench import BenchConfig, BenchItem, RemoteError, RemoteExecutor, RemoteHost
@@ -27,7 +27,7 @@ from edgeres.measure.bundle_eval import check_data_for
 from edgeres.measure.evaluate import compare_to_reference, topk_accuracy
 from edgeres.progress import log, progress
 from edgeres.tables import fmt
-from targets import TargetError, get_target, info_for_file
+from edgeres.targets import TargetError, get_target, info_for_file
 
 DEVICE_EVAL_FILE = "device_eval.json"
 SCHEMA = "edgeres-device-eval/1"

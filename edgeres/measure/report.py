@@ -22,7 +22,7 @@ from edgeres.measure.paired import intervals_overlap
 from edgeres.measure.records import (Run, artifact_sha, choose_bench, choose_eval, is_partial, latest_per_host_threads,
                                      matches)
 from edgeres.tables import fmt, format_table
-from targets.base import atomic_path
+from edgeres.targets.base import atomic_path
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -234,7 +234,7 @@ def _accuracy_line(data: ReportData) -> str:
 
 
 def preprocess_text(pre: dict) -> str:
-    from calibration import DataError, Preprocess
+    from edgeres.calibration import DataError, Preprocess
 
     try:
         return Preprocess.from_dict(pre).describe()
@@ -409,7 +409,7 @@ SHAPES = ("o", "s", "^", "v", "P", "X")  # one per runtime, in targets.names() o
 
 
 def _shape(target: str) -> str:
-    import targets
+    from edgeres import targets
 
     names = targets.names()
     if target == "reference" or target not in names:

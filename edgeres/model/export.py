@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from targets.base import atomic_path
+from edgeres.targets.base import atomic_path
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"

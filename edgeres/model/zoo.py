@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from calibration.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from edgeres.calibration.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from edgeres.errors import InputError
 from edgeres.model.labels import label_problem
 

@@ -46,7 +46,7 @@ def is_saved_model_dir(p: Path) -> bool:
 def load_keras(path: str | Path):
     """The Keras model in ``path``, loaded only after its stored config passed ``keras_config``'s checks,
     by the Keras that wrote it, in safe mode; ``InputError`` naming the file and the fix otherwise."""
-    from targets.tflite import native_stderr_quiet
+    from edgeres.targets.tflite import native_stderr_quiet
 
     p = Path(path)
     missing = []
@@ -547,7 +547,7 @@ def keras_caffe_preprocess(size: int, *, imagenet: bool = True):
     evaluated: ImageNet-stem models shorter side to size·256/224 then a centre crop (the ImageNet evaluation
     convention these weights were scored with; a straight resize to 224² costs them ~10 points top-1 on real
     photos), CIFAR-stem models straight to ``size``² (their images already are)."""
-    from calibration.preprocess import Preprocess
+    from edgeres.calibration.preprocess import Preprocess
 
     geometry = (dict(resize=round(size * 256 / 224), resize_mode="shorter_side_crop") if imagenet
                 else dict(resize=None, resize_mode="direct"))
@@ -569,7 +569,7 @@ def verify_mapping(model, path: str | Path, spec, state_dict, *, rel_tol: float 
     import torch
 
     from edgeres.model.torch_model import build_torch
-    from targets.tflite import native_stderr_quiet
+    from edgeres.targets.tflite import native_stderr_quiet
 
     p = Path(path)
     rng = np.random.default_rng(seed)

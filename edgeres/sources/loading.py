@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeres.errors import InputError
-from targets.base import atomic_path, first_line, sha256_file
+from edgeres.targets.base import atomic_path, first_line, sha256_file
 from edgeres.model.limits import check_archive, check_weight_bytes, size_text
 from edgeres.model.infer import check_state_dict, infer_spec
 from edgeres.model.zoo import ResNetSpec, get_spec

@@ -300,7 +300,7 @@ def task_error(e: Exception) -> str:
     """The reason a task failed, in one line: the step's own error message where there is one."""
     cause = getattr(e, "cause", None)
     if cause is not None and not isinstance(cause, type(e)):
-        from calibration import DataError
+        from edgeres.calibration import DataError
         from edgeres.errors import EdgeResError, TargetError
 
         if isinstance(cause, (EdgeResError, DataError, TargetError)):

@@ -11,7 +11,7 @@ import importlib.util
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import targets
+from edgeres import targets
 from edgeres.convert.config import ConvertConfig, validate
 from edgeres.errors import InputError
 from edgeres.compress.distill import check_finetune_flags

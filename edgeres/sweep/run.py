@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from calibration import open_dataset
+from edgeres.calibration import open_dataset
 from edgeres.bundle import OutputLock, read_result, write_json_atomic
 from edgeres.convert.config import MIN_CALIB_IMAGES, conversion_key
 from edgeres.errors import InputError

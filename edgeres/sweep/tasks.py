@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from calibration import open_dataset
+from edgeres.calibration import open_dataset
 from edgeres.bundle import (EVAL_FILE, MANIFEST, OutputLock, artifact_path, read_manifest, read_result,
                             reference_path)
 from edgeres.compress.prune import prune_into_loaded

@@ -1,7 +1,7 @@
 """Write the runner modules into a standalone file, between its marker lines, or check they are there.
 
-    python -m targets.runners.assemble FILE...           rewrite the runners part of each FILE
-    python -m targets.runners.assemble --check FILE...   exit 1 naming each FILE whose copy differs
+    python -m edgeres.targets.runners.assemble FILE...           rewrite the runners part of each FILE
+    python -m edgeres.targets.runners.assemble --check FILE...   exit 1 naming each FILE whose copy differs
 
 A standalone file (the device bench runner, the exported app's script) marks where the runners go with
 ``BEGIN`` and ``END`` below; everything between them is replaced by each module of ``targets.runners``
@@ -16,10 +16,10 @@ import ast
 import sys
 from pathlib import Path
 
-from targets.runners import MODULES
+from edgeres.targets.runners import MODULES
 
 HERE = Path(__file__).resolve().parent
-BEGIN = "# >>> runners: assembled from targets/runners by `python -m targets.runners.assemble FILE`; edit there, not here"
+BEGIN = "# >>> runners: assembled from targets/runners by `python -m edgeres.targets.runners.assemble FILE`; edit there, not here"
 END = "# <<< runners"
 FUTURE = "from __future__ import annotations\n"
 
