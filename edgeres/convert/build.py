@@ -208,6 +208,7 @@ def _export_reference(loaded, work: Path, steps: StepCache, reference: Path | No
             label_names(loaded.spec), loaded.spec.preprocess.to_dict(), layout="NCHW", dtype="float32",
             version=__version__, source_sha256=loaded.sha256))
     steps.finish("export", {"seconds": round(time.perf_counter() - t0, 3)})
+    release_memory()  # what torch's exporter left goes back before calibration
 
 
 def _calibration_source(cfg: ConvertConfig, spec, calib_ds) -> CalibrationSource | None:

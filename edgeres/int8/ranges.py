@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from edgeres.calibration.errors import DataError
-from edgeres.targets.base import TargetError, TargetUnavailable, first_line
+from edgeres.targets.base import TargetError, TargetUnavailable, first_line, release_memory
 
 # keep one calibration batch of exposed activations (float32) around 256 MB
 MAX_CALIB_VALUES_PER_BATCH = 64_000_000
@@ -65,13 +65,16 @@ def compute_ranges(onnx_fp32_path: str | Path, calib_fn: Callable[..., Iterable[
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise TargetError(f"{onnx_fp32_path}: onnxruntime cannot run it for calibration ({first_line(e)})") from None
+    batch_size = _calib_batch_size(model)
+    del model  # the session holds the weights now: the proto (a ResNet-50's 100 MB) goes before the images come
+    release_memory()
     try:
         estimators = {n: make_estimator(estimator, **options) for n in names}
     except ValueError as e:
         raise DataError(f"calibration estimator: {e}") from None
 
     images = 0
-    for i, x in enumerate(calib_fn(layout="NCHW", batch_size=_calib_batch_size(model))):
+    for i, x in enumerate(calib_fn(layout="NCHW", batch_size=batch_size)):
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[0] == 0:
             raise DataError(f"calibration batch {i}: expected N×C×H×W images, got shape {x.shape}")

@@ -17,6 +17,7 @@ from edgeres.measure.records import artifact_sha, data_fingerprint, keep_eval, n
 from edgeres.progress import log
 from edgeres.sources.loading import load_model
 from edgeres.targets import TargetError, get_target, info_for_file
+from edgeres.targets.base import release_memory
 
 __all__ = ["EVAL_FILE", "evaluate_bundle", "evaluate_path", "record_eval"]
 
@@ -39,6 +40,8 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     shas = artifact_sha(manifest)
     ref_runner = get_target(info_for_file(ref_path.name).name).load_runner(ref_path, threads=threads)
     reference = collect_logits(ref_runner, dataset, pre, limit=limit, description="fp32 reference")
+    del ref_runner  # one runtime's model at a time: each is let go before the next loads
+    release_memory()
     result = {"reference": {**topk_accuracy(reference, labels), "correct_bits": pack_bits(top1_class(reference) == labels)},
               "artifacts": [], "images": int(len(labels))}
     for a, path in zip(artifacts, paths):
@@ -51,6 +54,9 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
         except TargetError as e:
             entry.update(status="failed", error=str(e))
             log(f"[red]{a['target']} {a['precision']} failed:[/] {e}")
+        finally:
+            runner = None
+            release_memory()
         result["artifacts"].append(entry)
     if layers is not None:
         result.update(layers)

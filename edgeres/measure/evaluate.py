@@ -76,11 +76,25 @@ def number_class_folders(dataset: ImageDataset, class_names: Sequence[str] | Non
     dataset.number_classes(indices)
 
 
+# images a batch at 224² (a runtime's buffers for a ResNet-50 grow with it: 100 of them took ~1.5 GB);
+# smaller images get proportionally more, up to EVAL_BATCH
+EVAL_PIXELS_PER_BATCH = 16 * 224 * 224
+EVAL_BATCH = 100
+
+
+def eval_batch_size(preprocess: Preprocess) -> int:
+    """Images per batch when evaluating at ``preprocess``'s input size (100 for CIFAR's 32², 16 at 224²)."""
+    size = int(getattr(preprocess, "size", None) or 224)
+    return int(np.clip(EVAL_PIXELS_PER_BATCH // (size * size), 1, EVAL_BATCH))
+
+
 def collect_logits(run: Callable[[np.ndarray], np.ndarray], dataset: ImageDataset, preprocess: Preprocess,
-                   *, limit: int | None = None, batch_size: int = 100, description: str = "evaluating",
+                   *, limit: int | None = None, batch_size: int | None = None, description: str = "evaluating",
                    source: str | None = None) -> np.ndarray:
     """Logits of ``run`` over the dataset (in ``dataset.spread(limit)`` order); NaN/Inf raise
-    ``NonFiniteLogits`` naming ``source`` (the model or artifact; else the runner's path or ``description``)."""
+    ``NonFiniteLogits`` naming ``source`` (the model or artifact; else the runner's path or ``description``).
+    ``batch_size``: by default ``eval_batch_size`` (smaller for large images, bounding the runtime's memory)."""
+    batch_size = batch_size or eval_batch_size(preprocess)
     name = source or getattr(run, "path", None) or description
     n = len(dataset.spread(limit))
     outs = []
