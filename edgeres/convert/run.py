@@ -18,6 +18,7 @@ from edgeres.convert.grow import grown_config, ok_pairs, prefill
 from edgeres.convert.config import (MIN_CALIB_IMAGES, ConvertConfig, apply_preprocess_override, conversion_key, plan,
                                     validate)
 from edgeres.errors import InputError
+from edgeres.targets import BUILTIN
 from edgeres.measure.bench import BENCH_FILE, BenchConfig, bench_bundle
 from edgeres.measure.bundle_eval import EVAL_FILE, evaluate_bundle
 from edgeres.measure.evaluate import check_labels
@@ -118,18 +119,55 @@ def _evaluate(cfg: ConvertConfig, out: Path, key: str, eval_ds: ImageDataset) ->
     if (stored and not cfg.force and stored.get("conversion_key") == key
             and {k: stored.get(k) for k in wanted} == wanted):
         log("[dim]✓ eval (done in an earlier run, skipped)[/]")
-    else:
-        evaluate_bundle(out, eval_ds, limit=cfg.eval_images, threads=cfg.threads)
-        _check_preprocessing(cfg, out, eval_ds)
+    elif cfg.eval_data is not None and all(a["target"] in BUILTIN for a in read_manifest(out)["artifacts"]):
+        _evaluate_apart(cfg, out)
+    else:  # a plugin's target may exist only in this process
+        evaluate_and_check(out, eval_ds, cfg.eval_images, cfg.threads)
 
 
-def _check_preprocessing(cfg: ConvertConfig, out: Path, eval_ds: ImageDataset) -> None:
+def evaluate_and_check(out: Path, eval_ds: ImageDataset, limit: int | None, threads: int | None) -> None:
+    """Evaluate the bundle and check its preprocessing convention (what ``convert --eval`` does)."""
+    evaluate_bundle(out, eval_ds, limit=limit, threads=threads)
+    _check_preprocessing(limit, threads, out, eval_ds)
+
+
+def _evaluate_apart(cfg: ConvertConfig, out: Path) -> None:
+    """``evaluate_and_check`` in a fresh process (``edgeres.convert.eval_process``): this one holds torch,
+    TensorFlow and the model, which eval's runtimes would sit beside. Its errors are raised here as theirs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from edgeres.bundle import write_json_atomic
+    from edgeres.calibration import DataError
+    from edgeres.convert.workers import PARENT_ENV
+    from edgeres.targets import TargetError
+
+    with tempfile.TemporaryDirectory(prefix="edgeres-eval-") as tmp:
+        task, result = Path(tmp) / "task.json", Path(tmp) / "result.json"
+        write_json_atomic(task, {"out": str(out), "data": str(cfg.eval_data), "limit": cfg.eval_images,
+                                 "threads": cfg.threads, "result_file": str(result)})
+        proc = subprocess.run([sys.executable, "-m", "edgeres.convert.eval_process", str(task)], stdin=subprocess.DEVNULL,
+                              env={**os.environ, PARENT_ENV: str(os.getpid())}, check=False)
+        try:
+            record = json.loads(result.read_text())
+        except (OSError, ValueError):
+            raise RuntimeError(f"the eval process ended without a result (exit code {proc.returncode}); "
+                               "re-run with --debug") from None
+    if not record.get("ok"):
+        kind = {"DataError": DataError, "InputError": InputError}.get(record.get("type"), TargetError)
+        raise kind(record.get("error", "evaluation failed"))
+
+
+def _check_preprocessing(eval_images: int | None, threads: int | None, out: Path, eval_ds: ImageDataset) -> None:
     """One line on stderr when another standard preprocessing convention beats the recorded one by > 1 pp."""
     from edgeres.bundle import store_result, warn
     from edgeres.measure.preprocess_check import CHECK_FILE, CONVERT_CHECK_IMAGES, check_bundle, warning
 
-    limit = min(cfg.eval_images or CONVERT_CHECK_IMAGES, CONVERT_CHECK_IMAGES)
-    result = check_bundle(out, eval_ds, limit=limit, threads=cfg.threads)
+    limit = min(eval_images or CONVERT_CHECK_IMAGES, CONVERT_CHECK_IMAGES)
+    result = check_bundle(out, eval_ds, limit=limit, threads=threads)
     store_result(out, CHECK_FILE, result)
     line = warning(result)
     if line:
