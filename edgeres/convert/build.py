@@ -394,11 +394,13 @@ def _calibrate(cfg: ConvertConfig, work: Path, batches, qdq_path: Path | None, r
         record = {**record, "tuned_ranges": len(tuned_ranges)}
     write_json_atomic(work / RANGES_FILE, {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
     (work / ".work").mkdir(exist_ok=True)
+    release_memory()  # the calibration session's buffers go before the next step's
     if matched:
         reference = reference_activations(onnx_fp32, batches, ranges)
         matching.save(work / ".work" / REFERENCE_ACTIVATIONS_FILE, reference)
         record = {**record, "reference_images": len(reference.images)}
         del reference
+        release_memory()
     if qdq_path is not None:
         record = {**record, "qdq": quantize_qdq(onnx_fp32, ranges, qdq_path, recipe=recipe, options=int8_options(cfg))}
     return {**record, "ranges_file": RANGES_FILE, "seconds": round(time.perf_counter() - t0, 3)}

@@ -129,13 +129,17 @@ def reference_activations(onnx_fp32_path: str | Path, calib_fn: Callable[..., It
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del model
     x = np.concatenate([np.asarray(b, np.float32) for b, _ in zip(calib_fn(layout="NCHW", batch_size=images),
                                                                    range(1))])[:images]
-    outputs = dict(zip(exposed, session.run(exposed, {input_name: x})))
-    if input_name in ranges:
-        outputs[input_name] = x
-    values, sizes = {}, {}
-    for name, value in outputs.items():  # an evenly spread sample of each: a ResNet-50's would be ~160 MB an image
-        flat = np.asarray(value, np.float32).reshape(len(x), -1)
-        values[name], sizes[name] = np.ascontiguousarray(flat[:, sample_indices(flat.shape[1])]), flat.shape[1]
+    names = [*exposed, input_name] if input_name in ranges else exposed
+    parts: dict = {name: [] for name in names}
+    for image in x:  # one image at a time, each tensor sampled at once: a ResNet-50's are ~160 MB an image
+        outputs = session.run(exposed, {input_name: image[None]})
+        for name, value in zip(names, [*outputs, image[None]]):
+            flat = np.asarray(value, np.float32).reshape(1, -1)
+            parts[name].append((flat[:, sample_indices(flat.shape[1])], flat.shape[1]))
+        del outputs
+    values = {name: np.ascontiguousarray(np.concatenate([v for v, _ in p])) for name, p in parts.items()}
+    sizes = {name: p[0][1] for name, p in parts.items()}
     return ReferenceActivations(x, values, dict(ranges), sizes)
