@@ -212,7 +212,8 @@ def load_runner(path, threads=None):
 def fake_cli(tmp_path):
     (tmp_path / "fake_target.py").write_text(textwrap.dedent(FAKE_TARGET))
     boot = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import fake_target; "
-            "from edgeres import targets, cli; targets.register(fake_target); sys.argv[0] = 'edgeres'; cli.app()")
+            "from edgeres import targets; targets.register(fake_target); "
+            "from edgeres import cli; sys.argv[0] = 'edgeres'; cli.app()")  # registered before cli builds its help
 
     def run(*args):
         return subprocess.run([sys.executable, "-c", boot, str(tmp_path), *map(str, args)], cwd=ROOT,
