@@ -14,6 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 sys.path.insert(0, str(ROOT))
+# edgeres' own stages: what a runtime's module (edgeres.targets.*) must run without; it may import edgeres'
+# light face (edgeres, edgeres.errors), edgeres.targets and edgeres.calibration only
+EDGERES_STAGES = tuple(sorted(
+    f"edgeres.{p.stem}" for p in (ROOT / "edgeres").iterdir()
+    if not p.is_symlink() and p.name != "__pycache__" and (p.is_dir() or (p.suffix == ".py" and p.stem not in ("__init__", "errors")))))
 
 
 def tiny_spec():

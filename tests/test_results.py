@@ -326,7 +326,7 @@ def _cli_flags() -> set[str]:
 def test_every_flag_a_message_names_exists():
     # the exported app's classify.py has its own command line
     app_flags = set(re.findall(r'add_argument\("(--[a-z][a-z0-9-]*)"', (ROOT / "edgeres/app/classify_template.py").read_text()))
-    ray_flags = {"--head", "--resources"}  # `ray start` flags the sweep's hints name
+    ray_flags = {"--head", "--resources", "--port"}  # `ray start` flags the sweep's hints name
     flags, unknown = _cli_flags() | app_flags | ray_flags, []
     files = [ROOT / "cli.py", *sorted(ROOT.glob("edgeres/**/*.py")), *sorted(ROOT.glob("calibration/*.py")),
              *sorted(ROOT.glob("targets/*.py"))]

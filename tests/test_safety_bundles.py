@@ -52,7 +52,7 @@ def loads(monkeypatch):
     import edgeres.targets.tflite
 
     seen: list[Path] = []
-    for module in (targets.onnx, targets.openvino, targets.tflite):
+    for module in (edgeres.targets.onnx, edgeres.targets.openvino, edgeres.targets.tflite):
         def spy(path, *args, _real=module.load_runner, **kwargs):
             seen.append(Path(path))
             return _real(path, *args, **kwargs)

@@ -354,7 +354,7 @@ def test_an_artifact_with_nan_outputs_is_a_failed_row_and_no_bare_nan_is_stored(
             return runner
         return lambda x: np.full((len(x), 10), np.nan, np.float32)
 
-    monkeypatch.setattr(targets.onnx, "load_runner", nan_artifacts)
+    monkeypatch.setattr(edgeres.targets.onnx, "load_runner", nan_artifacts)
     code, stdout, stderr = _invoke(["eval", bundle, "--data", env["npz"], "--json"])
     assert code == 0, stderr
     (row,) = json.loads(stdout)["artifacts"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_spec
+from conftest import EDGERES_STAGES, ROOT, tiny_spec
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
@@ -258,7 +258,7 @@ def test_convert_then_eval_reports_tflite_fp32_equal_to_reference(cli, tflite_bu
 
 BLOCKED_RUNNER = """
 import sys
-for name in ("torch", "tensorflow", "tf_keras", "keras", "onnx", "onnxruntime", "openvino", "edgeres"):
+for name in ("torch", "tensorflow", "tf_keras", "keras", "onnx", "onnxruntime", "openvino", *{stages!r}):
     sys.modules[name] = None  # any import of these now raises ImportError
 sys.path.insert(0, {root!r})
 import json
@@ -275,7 +275,7 @@ def test_bundle_tflite_runs_with_only_numpy_and_litert(tflite_bundle, precision)
 
     size = tiny_spec().input_size
     path = str(tflite_bundle / "tflite" / f"model.{precision}.tflite")
-    code = BLOCKED_RUNNER.format(root=str(ROOT), size=size, path=path)
+    code = BLOCKED_RUNNER.format(root=str(ROOT), size=size, path=path, stages=EDGERES_STAGES)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     logits = np.array(json.loads(r.stdout.strip().splitlines()[-1]), np.float32)
