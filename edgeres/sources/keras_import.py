@@ -72,6 +72,20 @@ def load_keras(path: str | Path):
                      "pip install 'edgeres[tflite]'")
 
 
+def release_keras() -> None:
+    """Drop the Keras session state of a loaded model (whichever Keras loaded it) and give the freed heap back."""
+    import sys
+
+    from edgeres.targets.base import release_memory
+
+    for name in ("keras", "tf_keras"):
+        module = sys.modules.get(name)
+        clear = getattr(getattr(module, "backend", None), "clear_session", None)
+        if clear is not None:
+            clear()
+    release_memory()
+
+
 def _load_keras3(p: Path, stored: StoredModel):
     """keras 3"""
     import keras

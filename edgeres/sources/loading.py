@@ -102,12 +102,14 @@ def _load_onnx(p: Path, arch: str | None) -> LoadedModel:
 
 def _load_keras(p: Path, arch: str | None) -> LoadedModel:
     """Map a Keras ResNet v1 to spec + weights, and prove the mapping against Keras on random inputs."""
-    from edgeres.sources.keras_import import load_keras, map_keras, verify_mapping
+    from edgeres.sources.keras_import import load_keras, map_keras, release_keras, verify_mapping
 
     model = load_keras(p)
     spec, state_dict = map_keras(model, p)
     _check_mapped(p, arch, spec, state_dict, "Keras model")
     verify_mapping(model, p, spec, state_dict)
+    del model
+    release_keras()  # the weights are torch's now: what Keras held goes before export and calibration
     digest = sha256_file(p) if p.is_file() else _sha256_dir(p)
     return LoadedModel(spec, state_dict, str(p), digest, "keras")
 
