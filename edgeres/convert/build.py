@@ -248,9 +248,12 @@ def _int8_inputs(cfg: ConvertConfig, loaded, work: Path, steps: StepCache, sourc
         return Int8Inputs(weights, None, record, tuned, recipes)
     qdq_path = work / ".work" / QDQ_FILE
     done = steps.get("calibrate")
-    if done is None or not qdq_path.exists() or (matched and not (work / ".work" / REFERENCE_ACTIVATIONS_FILE).exists()):
+    if done is None or not qdq_path.exists():
         done = _calibrate(cfg, work, source.batches, qdq_path, record, fp32_for_qdq, _qdq_recipe(recipes),
                           tuned.get(QDQ_ONNX), matched=matched)
+        steps.finish("calibrate", done)
+    elif matched and not (work / ".work" / REFERENCE_ACTIVATIONS_FILE).exists():  # a grown bundle: ranges kept
+        done = _reference_from_kept_ranges(work, source.batches, done)
         steps.finish("calibrate", done)
     return Int8Inputs(weights, qdq_path, done, tuned, recipes)
 
@@ -276,9 +279,24 @@ def _share_ranges(cfg: ConvertConfig, work: Path, steps: StepCache, source: Cali
         (work / ".work").mkdir(exist_ok=True)
         matching.save_unavailable(work / ".work" / REFERENCE_ACTIVATIONS_FILE, str(e))
         return record
+    if done is not None and (work / RANGES_FILE).exists():  # a grown bundle: its ranges are kept
+        done = _reference_from_kept_ranges(work, source.batches, done)
+        steps.finish("calibrate", done)
+        return done
     done = _calibrate(cfg, work, source.batches, None, record, work / REFERENCE_FILE, None, matched=True)
     steps.finish("calibrate", done)
     return done
+
+
+def _reference_from_kept_ranges(work: Path, batches, record: dict) -> dict:
+    """The reference's activations on a few calibration images beside the ranges a bundle already holds
+    (a grow adding a consumer that matches ranges by value): no estimator pass again."""
+    ranges = {k: tuple(v) for k, v in json.loads((work / RANGES_FILE).read_text()).items()}
+    log("reference activations for the kept ranges…")
+    reference = reference_activations(work / REFERENCE_FILE, batches, ranges)
+    (work / ".work").mkdir(exist_ok=True)
+    matching.save(work / ".work" / REFERENCE_ACTIVATIONS_FILE, reference)
+    return {**record, "reference_images": len(reference.images)}
 
 
 def _improve_weights(loaded, work: Path, source: CalibrationSource, levels: dict):

@@ -168,5 +168,7 @@ def _prefill_into(tmp: Path, out: Path, manifest: dict, grown: ConvertConfig) ->
             raise InputError(f"{out}: its int8 recipe cannot be rebuilt on this machine ({record} here, "
                              f"{calibration['qdq']} in the bundle); pass --force to rebuild it or choose another --out")
         steps["calibrate"] = calibration
+    elif calibration and calibration.get("ranges_file") and (tmp / RANGES_FILE).exists():
+        steps["calibrate"] = calibration  # the kept ranges serve consumers that match them by value
     (tmp / STEPS_FILE).write_text(json.dumps(steps, indent=1))
     return steps
