@@ -149,8 +149,17 @@ def _evaluate_apart(cfg: ConvertConfig, out: Path) -> None:
         task, result = Path(tmp) / "task.json", Path(tmp) / "result.json"
         write_json_atomic(task, {"out": str(out), "data": str(cfg.eval_data), "limit": cfg.eval_images,
                                  "threads": cfg.threads, "result_file": str(result)})
-        proc = subprocess.run([sys.executable, "-m", "edgeres.convert.eval_process", str(task)], stdin=subprocess.DEVNULL,
-                              env={**os.environ, PARENT_ENV: str(os.getpid())}, check=False)
+        proc = subprocess.Popen([sys.executable, "-m", "edgeres.convert.eval_process", str(task)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", env={**os.environ, PARENT_ENV: str(os.getpid())})
+        try:
+            for line in proc.stdout:  # its progress and warnings, on this process's stderr (where callers read them)
+                print(line, end="", file=sys.stderr, flush=True)
+            proc.wait()
+        except BaseException:  # Ctrl-C or a closed stderr: the eval process goes too
+            proc.kill()
+            proc.wait()
+            raise
         try:
             record = json.loads(result.read_text())
         except (OSError, ValueError):
