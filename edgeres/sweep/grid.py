@@ -69,8 +69,9 @@ class Conversion:
 
     @property
     def uses_shared_ranges(self) -> bool:
-        """Does its build reuse the shared calibration (the QDQ model every QDQ consumer compiles from)?"""
-        return self.precision == "int8" and targets.get_info(self.target).consumes == targets.QDQ_ONNX
+        """Does its build reuse the shared calibration? Every int8 consumer does: the QDQ consumers through the
+        QDQ model, the others (TFLite) by matching the shared ranges to their own tensors."""
+        return self.precision == "int8" and targets.get_info(self.target).int8_recipe is not None
 
 
 @dataclass(frozen=True)
