@@ -47,7 +47,6 @@ def compute_ranges(onnx_fp32_path: str | Path, calib_fn: Callable[..., Iterable[
     batches, estimated by ``estimator`` (see ``calibration.estimators``) with ``options``."""
     require_onnxruntime()
     import onnx
-    import onnxruntime as ort
 
     from edgeres.calibration.estimators import make_estimator
 
@@ -55,14 +54,8 @@ def compute_ranges(onnx_fp32_path: str | Path, calib_fn: Callable[..., Iterable[
     input_name = model.graph.input[0].name
     names = calibration_tensors(model)
     exposed = [n for n in names if n != input_name]
-    existing = {o.name for o in model.graph.output}
-    for name in exposed:
-        if name not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = exposing_session(model, exposed)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise TargetError(f"{onnx_fp32_path}: onnxruntime cannot run it for calibration ({first_line(e)})") from None
     batch_size = _calib_batch_size(model)
@@ -97,6 +90,21 @@ def compute_ranges(onnx_fp32_path: str | Path, calib_fn: Callable[..., Iterable[
     return {name: est.compute() for name, est in estimators.items()}
 
 
+def exposing_session(model, names: list[str]):
+    """An onnxruntime CPU session of ``model`` (an ONNX proto, changed in place) with each tensor in
+    ``names`` added to its outputs, so one run returns every activation asked for."""
+    import onnx
+    import onnxruntime as ort
+
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def _calib_batch_size(model) -> int:
     dims = model.graph.input[0].type.tensor_type.shape.dim
     hw = [d.dim_value for d in dims[2:]]
@@ -115,20 +123,13 @@ def reference_activations(onnx_fp32_path: str | Path, calib_fn: Callable[..., It
     (TFLite) matches its tensors to by value, so the ranges computed once here become its ranges."""
     require_onnxruntime()
     import onnx
-    import onnxruntime as ort
 
     from edgeres.calibration.matching import ReferenceActivations, sample_indices
 
     model = onnx.load(str(onnx_fp32_path))
     input_name = model.graph.input[0].name
-    existing = {o.name for o in model.graph.output}
     exposed = [n for n in ranges if n != input_name]
-    for name in exposed:
-        if name not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = exposing_session(model, exposed)
     del model
     x = np.concatenate([np.asarray(b, np.float32) for b, _ in zip(calib_fn(layout="NCHW", batch_size=images),
                                                                    range(1))])[:images]
