@@ -1,8 +1,26 @@
-"""Shared fixtures: a tiny random ResNet, tiny image sets, the real CIFAR data (realdata) and a CLI runner."""
+"""Shared fixtures: a tiny random ResNet, tiny image sets, the real CIFAR data (realdata) and a CLI runner.
+
+How to keep a test fast (issue 37; the suite runs under pytest-xdist, ``-n 2`` in pyproject.toml):
+
+- ``run_cli(*args)`` / the ``cli`` fixture run ``edgeres ARGS`` IN THIS PROCESS (typer's CliRunner) and return a
+  ``subprocess.CompletedProcess`` (returncode, stdout, stderr). A ``convert`` without ``--jobs`` gets ``--jobs 0``
+  (compiles in this process, no worker re-importing TensorFlow/OpenVINO); pass ``--jobs N`` to test the workers.
+- ``run_cli_process(*args)`` runs a fresh interpreter. Use it only where the process itself is under test:
+  kill/signal/PDEATHSIG, worker death (``EDGERES_TEST_WORKER_ABORT``), a runtime's fd-level log output, the
+  console script's own behaviour, concurrency with another process. Each costs ~4 s of imports.
+- Bundles: never convert what a session bundle already holds. ``app_bundle`` is the tiny model for
+  onnx,openvino,tflite × fp32,int8 (``--calib tiny_npz``, default preset). ``golden_bundle(targets, precisions,
+  quant="fast")`` (a session fixture returning a function) builds any other combination of the tiny checkpoint
+  once per session, shared by the xdist workers under a file lock. Both are READ-ONLY: a test that writes into a
+  bundle copies it first, ``copy_bundle(src, tmp_path / "b")`` (shutil.copytree).
+- Slow module fixtures are shared per module; the xdist schedule (``--dist loadscope``) keeps a module's tests on
+  one worker, and ``SLOW_FIRST`` below sends the slowest modules out first so they do not become the tail.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -43,14 +61,36 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, tiny_model):
-    """An edgeres checkpoint (spec + weights) of the tiny model."""
+def shared_dir(tmp_path_factory):
+    """A folder every xdist worker of this run sees (the base temp itself without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(shared: Path, name: str, build) -> Path:
+    """``shared/name``, made by ``build(path)`` by whichever worker gets there first (under a file lock);
+    the others wait and reuse it. ``build`` writes exactly ``path`` (a file or a folder)."""
+    from filelock import FileLock
+
+    path = shared / "golden" / name
+    done = path.with_name(path.name + ".done")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not done.exists():
+            if path.is_dir():  # a build that failed half-way in an earlier worker
+                shutil.rmtree(path)
+            build(path)
+            done.touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shared_dir, tiny_model):
+    """An edgeres checkpoint (spec + weights) of the tiny model (one file for every worker: bundles record it)."""
     from edgeres.sources.loading import save_checkpoint
 
     spec, model = tiny_model
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, spec, model.state_dict())
-    return path
+    return build_once(shared_dir, "tiny.pt", lambda path: save_checkpoint(path, spec, model.state_dict()))
 
 
 def make_images(n: int, size: int, seed: int = 0, classes: int = 10):
@@ -59,11 +99,12 @@ def make_images(n: int, size: int, seed: int = 0, classes: int = 10):
 
 
 @pytest.fixture(scope="session")
-def tiny_npz(tmp_path_factory):
-    x, y = make_images(64, 16)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x=x, y=y)
-    return path
+def tiny_npz(shared_dir):
+    def build(path):
+        x, y = make_images(64, 16)
+        np.savez(path, x=x, y=y)
+
+    return build_once(shared_dir, "tiny.npz", build)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +115,34 @@ def cifar():
     return SHARED_CIFAR
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int | None = None):
+    """Run ``edgeres ARGS`` in this process (CliRunner); returns a CompletedProcess (text) like ``run_cli_process``.
+
+    ``convert`` without ``--jobs`` compiles in this process (``--jobs 0``). ``timeout`` is accepted for the
+    signature's sake and not enforced in process (pytest's own limits apply)."""
+    from typer.testing import CliRunner
+
+    from edgeres import cli as edgeres_cli
+
+    argv = [str(a) for a in args]
+    if "convert" in argv[:2] and "--jobs" not in argv:
+        argv += ["--jobs", "0"]
+    before = Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        r = CliRunner().invoke(edgeres_cli.app, argv, env=env, prog_name="edgeres")
+    finally:
+        os.chdir(before)
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):  # a bug escaped the CLI's handler
+        import traceback
+
+        stderr += "".join(traceback.format_exception(r.exception))
+    return subprocess.CompletedProcess(["edgeres", *argv], r.exit_code, r.stdout, stderr)
+
+
+def run_cli_process(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
     """Run ``edgeres ARGS`` in a fresh interpreter; returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "edgeres.cli", *map(str, args)], cwd=cwd or ROOT, env=full_env,
@@ -87,10 +155,53 @@ def cli():
 
 
 @pytest.fixture(scope="session")
-def app_bundle(tmp_path_factory, tiny_checkpoint, tiny_npz):
+def golden_bundle(shared_dir, tiny_checkpoint, tiny_npz):
+    """``golden_bundle(targets, precisions, quant="fast")``: the tiny checkpoint converted (``--calib tiny_npz``
+    when int8 is asked for, ``--no-bench``), once per session for every worker. Read-only: copy before writing."""
+    def get(targets: str, precisions: str, quant: str = "fast") -> Path:
+        def build(out):
+            calib = ["--calib", tiny_npz] if "int8" in precisions.split(",") else []
+            r = run_cli("convert", tiny_checkpoint, *calib, "--targets", targets, "--precision", precisions,
+                        "--quant", quant, "--out", out, "--no-bench")
+            assert r.returncode == 0, r.stderr
+
+        return build_once(shared_dir, f"bundle-{targets}-{precisions}-{quant}".replace(",", "+"), build)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def app_bundle(golden_bundle):
     """A bundle of the tiny model for every target in fp32 and int8 (what predict and export-app read)."""
-    out = tmp_path_factory.mktemp("app") / "bundle"
-    r = run_cli("convert", tiny_checkpoint, "--calib", tiny_npz, "--targets", "onnx,openvino,tflite",
-                "--precision", "fp32,int8", "--out", out, "--no-bench")
-    assert r.returncode == 0, r.stderr
-    return out
+    return golden_bundle("onnx,openvino,tflite", "fp32,int8")
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(golden_bundle):
+    """The tiny model as ONNX fp32 only (no calibration): what the safety tests tamper with (on a copy)."""
+    return golden_bundle("onnx", "fp32")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiles_in_process_by_default():
+    """A convert without ``--jobs`` compiles in the test's process (as ``--jobs 0``): a worker would re-import
+    TensorFlow/OpenVINO for every compile. Tests of the workers pass ``--jobs N`` (or run a real process)."""
+    import edgeres.convert.build as build
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(build, "default_jobs", lambda worker_compiles: 0)
+        yield
+
+
+# Modules whose tests take longest (benchmarks/results/test_durations_*.txt), sent to the xdist workers first
+# so that none of them is left as the tail; the rest keep their file order.
+SLOW_FIRST = (
+    "test_imagenet_realdata.py", "test_sweep.py", "test_arm64.py", "test_preprocess.py", "test_prune.py",
+    "test_keras_import.py", "test_convert_workers.py", "test_grow.py", "test_tflite.py", "test_quant_finetune.py",
+    "test_app_mediapipe.py", "test_budget.py", "test_openvino_target.py", "test_export_app.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within each rank

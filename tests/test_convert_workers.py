@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_cli_process
 
 ARGS = ("--targets", "onnx,openvino,tflite", "--precision", "fp32,int8", "--calib-images", "32", "--no-bench")
 
@@ -86,7 +86,7 @@ def test_worker_calibration_batches_equal_the_in_process_ones(tmp_path, tiny_npz
 def test_a_worker_that_dies_is_a_failed_artifact_with_one_line(tmp_path, tiny_checkpoint, tiny_npz):
     out = tmp_path / "b"
     # the worker of every target but onnx is killed at start (the environment reaches only the workers' code)
-    r = run_cli("convert", tiny_checkpoint, "--calib", tiny_npz, "--targets", "onnx,openvino", "--no-bench",
+    r = run_cli_process("convert", tiny_checkpoint, "--calib", tiny_npz, "--targets", "onnx,openvino", "--no-bench",
                 "--calib-images", "16", "--jobs", "1", "--out", out, env={"EDGERES_TEST_WORKER_ABORT": "1"})
     assert r.returncode == 3, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())

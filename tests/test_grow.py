@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from tests.conftest import make_images, run_cli
+from tests.conftest import make_images, run_cli, run_cli_process
 
 
 def _manifest(out):
@@ -172,7 +172,7 @@ def test_a_killed_worker_is_retried_by_the_next_identical_run(tmp_path, tiny_che
     out = tmp_path / "b"
     args = ("convert", tiny_checkpoint, "--calib", tiny_npz, "--targets", "onnx,openvino", "--precision", "fp32",
             "--no-bench", "--jobs", "1", "--out", out)
-    r = run_cli(*args, env={"EDGERES_TEST_WORKER_ABORT": "1"})  # every worker dies at start
+    r = run_cli_process(*args, env={"EDGERES_TEST_WORKER_ABORT": "1"})  # every worker dies at start
     assert r.returncode == 3, r.stderr
     assert _rows(out)[("openvino", "fp32")]["status"] == "failed"
     onnx = out / "onnx" / "model.fp32.onnx"

@@ -19,7 +19,7 @@ from edgeres import cli
 from edgeres.measure.paired import (PairedCounts, drop_interval_pp, pack_bits, paired_counts, unpack_bits)
 from edgeres.measure.report import (draw_accuracy_vs_latency, load_report, pareto_front, results_document,
                                     waterfall_bars, write_report)
-from tests.conftest import ROOT, make_images, run_cli
+from tests.conftest import ROOT, make_images, run_cli, run_cli_process
 from tests.test_report import make_results_bundle
 
 runner = CliRunner()
@@ -363,10 +363,10 @@ def tflite_bundle(tmp_path_factory, tiny_checkpoint):
 
 
 def test_litert_chatter_is_held_back_unless_debug(tflite_bundle, tiny_npz):
-    quiet = run_cli("eval", tflite_bundle, "--data", tiny_npz, "--limit", "8")
+    quiet = run_cli_process("eval", tflite_bundle, "--data", tiny_npz, "--limit", "8")
     assert quiet.returncode == 0, quiet.stderr
     assert "XNNPACK" not in quiet.stderr and "INFO:" not in quiet.stderr, quiet.stderr
-    loud = run_cli("--debug", "eval", tflite_bundle, "--data", tiny_npz, "--limit", "8")
+    loud = run_cli_process("--debug", "eval", tflite_bundle, "--data", tiny_npz, "--limit", "8")
     assert loud.returncode == 0 and "XNNPACK" in loud.stderr, loud.stderr  # the chatter is real, and shown
 
 

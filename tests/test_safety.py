@@ -374,15 +374,6 @@ def test_damaged_bundle_is_refused(env, tmp_path, onnx_bundle, fault, command):
     _assert_one_line(code, stderr, Case(fault, None, expect))
 
 
-@pytest.fixture(scope="module")
-def onnx_bundle(tmp_path_factory, env):
-    out = tmp_path_factory.mktemp("bundles") / "onnx"
-    code, _, stderr = _invoke(["convert", env["checkpoint"], "--targets", "onnx", "--precision", "fp32", "--out", out,
-                               "--no-bench"])
-    assert code == 0, stderr
-    return out
-
-
 # -- disk full and kill -9 ---------------------------------------------------------------------
 
 @pytest.fixture

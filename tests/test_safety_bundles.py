@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from tests.test_safety import Case, _assert_one_line, _invoke, _no_partial, env, onnx_bundle  # noqa: F401 (fixtures)
+from tests.test_safety import Case, _assert_one_line, _invoke, _no_partial, env  # noqa: F401 (fixtures)
 
 DEADLINE_S = 60  # a reader that blocks on a FIFO or reads /dev/zero fails the test instead of hanging it
 

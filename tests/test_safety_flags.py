@@ -16,8 +16,8 @@ import pytest
 from edgeres import cli
 from edgeres.calibration import DataError
 from edgeres.targets.base import TargetError
-from tests.conftest import run_cli
-from tests.test_safety import Case, _assert_one_line, _invoke, _no_partial, env, onnx_bundle, runner  # noqa: F401
+from tests.conftest import run_cli_process
+from tests.test_safety import Case, _assert_one_line, _invoke, _no_partial, env, runner  # noqa: F401
 
 
 @pytest.fixture
@@ -220,7 +220,7 @@ def test_usage_error_is_one_line(env, tmp_path, case):
 
 @pytest.mark.parametrize("case", [USAGE_CASES[0], USAGE_CASES[4]], ids=lambda c: c.id)
 def test_usage_error_is_one_line_from_the_console_script(env, tmp_path, case):
-    r = run_cli(*case.make(tmp_path, env), timeout=120)
+    r = run_cli_process(*case.make(tmp_path, env), timeout=120)
     _assert_usage_line(r.returncode, r.stderr, case)
 
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_cli_process
 
 GRID = ["--prune", "0,0.3", "--precision", "int8,fp32", "--targets", "onnx,tflite"]
 pytest.importorskip("ray", reason="edgeres sweep needs Ray: pip install 'edgeres[sweep]'")
 
 
 def _sweep(model, calib, evald, out, *extra, **kw):
-    return run_cli("sweep", model, "--calib", calib, "--eval", evald, *GRID, "--out", out, *extra, **kw)
+    return run_cli_process("sweep", model, "--calib", calib, "--eval", evald, *GRID, "--out", out, *extra, **kw)
 
 
 SECOND_ADDRESS = "192.0.2.77"  # TEST-NET-1: never routed anywhere
@@ -200,7 +200,7 @@ def test_a_closed_address_fails_in_seconds_before_any_work(tiny_checkpoint, tiny
     """Issue 33: Ray redialled this machine's other address for minutes; nothing is dialled but the one given."""
     out = tmp_path / "sw"
     t0 = time.perf_counter()
-    r = run_cli("sweep", tiny_checkpoint, "--calib", tiny_npz, "--eval", tiny_npz, "--out", out, "--targets", "onnx",
+    r = run_cli_process("sweep", tiny_checkpoint, "--calib", tiny_npz, "--eval", tiny_npz, "--out", out, "--targets", "onnx",
                 "--address", address, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and lines == [f"edgeres: error: --address {address}: nothing listens there; start a "
