@@ -19,8 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import make_images
-from tests.test_safety import (CONVERT, Case, _assert_one_line, _invoke, _no_partial, _RunsCode, env,  # noqa: F401
-                               onnx_bundle)
+from tests.test_safety import CONVERT, Case, _assert_one_line, _invoke, _no_partial, _RunsCode, env  # noqa: F401
 
 # -- builders: npz payloads -------------------------------------------------------------------------
 
