@@ -14,6 +14,8 @@ is the first row.
 
 Run: ``.venv/bin/python benchmarks/imagenet_resnet50.py [--work DIR] [--json FILE]`` (~10 min, ~4 GB on 2 cores;
 reuses ``DIR/bundle`` when it is there).
+With ``--json benchmarks/results/imagenet_resnet50.json``, ``python benchmarks/readme_tables.py --blocks imagenet
+--write`` puts the table into README.md and docs/accuracy.md.
 """
 
 from __future__ import annotations
