@@ -43,7 +43,7 @@ class ConvertConfig:
     calib: str | None = None
     targets: tuple[str, ...] = field(default_factory=target_names)  # every registered target
     precisions: tuple[str, ...] = ("int8",)
-    estimator: str = "mse"  # best top-1 agreement on CIFAR ResNet-20/32 int8 (see README)
+    estimator: str = "mse"  # best top-1 agreement on CIFAR ResNet-20/32 int8 (see docs/accuracy.md)
     calib_images: int = DEFAULT_CALIB_IMAGES
     eval_data: str | None = None
     eval_images: int | None = None

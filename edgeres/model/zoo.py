@@ -81,6 +81,9 @@ class ResNetSpec:
     # per class, the other names it goes by (e.g. its ImageNet wnid), from a --labels table's other columns:
     # class folders named by any of them find their index. Recorded only when set.
     label_keys: tuple[tuple[str, ...], ...] | None = None
+    # groups of every bottleneck's 3×3 conv: 1 for ResNet, e.g. 32 for ResNeXt-50 32×4d (torchvision's
+    # ``groups``; its ``width_per_group`` is in inner_widths). Recorded only when not 1
+    groups: int = 1
 
     def __post_init__(self):
         problems = list(self.head_layers.problems())
@@ -102,6 +105,13 @@ class ResNetSpec:
         widths = [self.stem_width, *self.stage_widths, *(w for st in self.inner_widths for b in st for w in b)]
         if any(int(w) <= 0 for w in widths) or self.num_classes <= 0:
             problems.append("all widths and num_classes must be positive")
+        if int(self.groups) < 1:
+            problems.append(f"groups {self.groups} must be at least 1")
+        elif self.groups != 1:
+            if self.block != "bottleneck":
+                problems.append(f"groups {self.groups}: grouped 3×3 convs need bottleneck blocks (ResNeXt)")
+            elif any(w % self.groups for st in self.inner_widths for b in st for w in b):
+                problems.append(f"groups {self.groups} must divide every bottleneck's inner widths")
         if self.projections is not None:
             if len(self.projections) != len(self.layers):
                 problems.append("projections must have one entry per stage")
@@ -183,6 +193,8 @@ class ResNetSpec:
             del d["projections"]
         else:
             d["projections"] = list(self.projections)
+        if self.groups == 1:
+            del d["groups"]
         if self.label_keys is None:
             del d["label_keys"]
         else:
@@ -204,6 +216,8 @@ class ResNetSpec:
                 d["head_layers"] = Head.from_dict(d["head_layers"])
             if d.get("projections") is not None:
                 d["projections"] = tuple(bool(v) for v in d["projections"])
+            if "groups" in d:
+                d["groups"] = int(d["groups"])
             return cls(**d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"invalid ResNet spec record ({type(e).__name__}: {e})") from None
@@ -230,11 +244,11 @@ class ResNetSpec:
         params, macs = 0, 0
         size = self.input_size
 
-        def conv(cin, cout, k, stride, hw, bias=False):
+        def conv(cin, cout, k, stride, hw, bias=False, groups=1):
             nonlocal params, macs
             out = (hw + stride - 1) // stride
-            params += cin * cout * k * k + (cout if bias else 0)
-            macs += cin * cout * k * k * out * out
+            params += cin // groups * cout * k * k + (cout if bias else 0)
+            macs += cin // groups * cout * k * k * out * out
             return out
 
         def bn(c):
@@ -259,7 +273,7 @@ class ResNetSpec:
                     s1, s3 = (stride, 1) if self.stride_on == "1x1" else (1, stride)
                     hw = conv(cin, inner[0], 1, s1, size)
                     bn(inner[0])
-                    hw = conv(inner[0], inner[1], 3, s3, hw)
+                    hw = conv(inner[0], inner[1], 3, s3, hw, groups=self.groups)
                     bn(inner[1])
                     conv(inner[1], cout, 1, 1, hw)
                 bn(cout)
@@ -275,15 +289,19 @@ class ResNetSpec:
         return {"params": params, "macs": macs}
 
 
-def _standard(name, stem, block, layers, base, shortcut, num_classes, head, preprocess, labels=None):
+def _standard(name, stem, block, layers, base, shortcut, num_classes, head, preprocess, labels=None, *,
+              groups=1, width_per_group=64):
+    """torchvision's widths: stage s has planes base·2^s; a bottleneck's inner width is
+    int(planes · width_per_group / 64) · groups (ResNeXt, Wide ResNet), its output planes · 4."""
     expansion = 4 if block == "bottleneck" else 1
     stage_widths = tuple(base * (2**s) * expansion for s in range(len(layers)))
+    inner_width = [int(base * 2**s * width_per_group / 64) * groups for s in range(len(layers))]
     inner = tuple(
-        tuple(((base * 2**s),) if block == "basic" else (base * 2**s, base * 2**s) for _ in range(n))
+        tuple((inner_width[s],) if block == "basic" else (inner_width[s], inner_width[s]) for _ in range(n))
         for s, n in enumerate(layers)
     )
     return ResNetSpec(name, stem, block, tuple(layers), base, stage_widths, inner, shortcut, "3x3",
-                      num_classes, head, preprocess, labels)
+                      num_classes, head, preprocess, labels, groups=groups)
 
 
 IMAGENET_PREPROCESS = Preprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -298,6 +316,18 @@ ZOO: dict[str, ResNetSpec] = {
             ("resnet50", "bottleneck", (3, 4, 6, 3)),
             ("resnet101", "bottleneck", (3, 4, 23, 3)),
             ("resnet152", "bottleneck", (3, 8, 36, 3)),
+        ]
+    },
+    # torchvision's ResNeXt (grouped 3×3 convs) and Wide ResNets: same file, same keys, other widths
+    **{
+        name: _standard(name, "imagenet", "bottleneck", layers, 64, "projection", 1000, "fc", IMAGENET_PREPROCESS,
+                        groups=groups, width_per_group=wpg)
+        for name, layers, groups, wpg in [
+            ("resnext50_32x4d", (3, 4, 6, 3), 32, 4),
+            ("resnext101_32x8d", (3, 4, 23, 3), 32, 8),
+            ("resnext101_64x4d", (3, 4, 23, 3), 64, 4),
+            ("wide_resnet50_2", (3, 4, 6, 3), 1, 128),
+            ("wide_resnet101_2", (3, 4, 23, 3), 1, 128),
         ]
     },
     **{

@@ -80,6 +80,9 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
             spec = inferred
         else:
             spec = get_spec(arch, num_classes=inferred.num_classes)
+            if inferred.groups != spec.groups:
+                raise InputError(f"{p}: the weights hold {_groups_text(inferred.groups)} but --arch {arch} has {_groups_text(spec.groups)}; "
+                                 f"omit --arch to read it off the weights ({inferred.name})")
             if (inferred.stem, inferred.block, inferred.layers) == (spec.stem, spec.block, spec.layers):
                 # same architecture, possibly narrower (pruned) layers: keep the checkpoint's widths
                 spec = spec.with_widths(inferred.stem_width, inferred.stage_widths, inferred.inner_widths,
@@ -88,6 +91,10 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
         raise InputError(f"{p}: is an edgeres checkpoint of {saved_spec.name}, not {arch}; omit --arch")
     check_state_dict(spec, state_dict, p, arch)
     return LoadedModel(spec, state_dict, str(p), sha256_file(p), fmt, extra)
+
+
+def _groups_text(groups: int) -> str:
+    return "plain 3×3 convs (ResNet)" if groups == 1 else f"3×3 convs in {groups} groups (ResNeXt)"
 
 
 def _load_onnx(p: Path, arch: str | None) -> LoadedModel:
