@@ -2,6 +2,7 @@
 
     python scripts/test_inventory.py save benchmarks/results/test_inventory_before.json
     python scripts/test_inventory.py diff benchmarks/results/test_inventory_before.json
+    python scripts/test_inventory.py files LOG     # seconds per test file from a `pytest --durations=0` log
 
 A check is an ``assert`` statement or a ``pytest.raises``/``pytest.warns`` call, counted in the file's AST
 (helpers included; a check moved into conftest.py shows as a move, not a loss). ``diff`` prints the ids that
@@ -66,8 +67,24 @@ def diff(before: dict, after: dict) -> int:
     return 1 if lost or after["total_checks"] < before["total_checks"] else 0
 
 
+def seconds_per_file(log: str) -> dict[str, float]:
+    """Setup + call + teardown seconds per test file, from the ``--durations`` lines of a pytest log."""
+    import re
+
+    per_file: dict[str, float] = {}
+    for m in re.finditer(r"^([0-9.]+)s (?:setup|call|teardown) +(tests/[^:]+)::", log, re.MULTILINE):
+        per_file[m.group(2)] = per_file.get(m.group(2), 0.0) + float(m.group(1))
+    return dict(sorted(per_file.items(), key=lambda kv: -kv[1]))
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("save", "diff", "show"):
+    if len(argv) == 2 and argv[0] == "files":
+        per_file = seconds_per_file(Path(argv[1]).read_text(errors="replace"))
+        for name, seconds in per_file.items():
+            print(f"{seconds:8.1f} s  {name}")
+        print(f"{sum(per_file.values()):8.1f} s  in all ({len(per_file)} files)")
+        return 0
+    if len(argv) != 2 or argv[0] not in ("save", "diff"):
         print(__doc__, file=sys.stderr)
         return 2
     verb, path = argv[0], Path(argv[1])

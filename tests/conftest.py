@@ -198,7 +198,8 @@ def compiles_in_process_by_default():
 SLOW_FIRST = (
     "test_imagenet_realdata.py", "test_sweep.py", "test_arm64.py", "test_preprocess.py", "test_prune.py",
     "test_keras_import.py", "test_convert_workers.py", "test_grow.py", "test_tflite.py", "test_quant_finetune.py",
-    "test_app_mediapipe.py", "test_budget.py", "test_openvino_target.py", "test_export_app.py",
+    "test_app_mediapipe.py", "test_source_formats.py", "test_budget.py", "test_openvino_target.py",
+    "test_export_app.py",
 )
 
 
