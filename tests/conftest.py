@@ -1,20 +1,19 @@
 """Shared fixtures: a tiny random ResNet, tiny image sets, the real CIFAR data (realdata) and a CLI runner.
 
-How to keep a test fast (issue 37; the suite runs under pytest-xdist, ``-n 2`` in pyproject.toml):
+How to keep a test fast (issue 37):
 
-- ``run_cli(*args)`` / the ``cli`` fixture run ``edgeres ARGS`` IN THIS PROCESS (typer's CliRunner) and return a
-  ``subprocess.CompletedProcess`` (returncode, stdout, stderr). A ``convert`` without ``--jobs`` gets ``--jobs 0``
-  (compiles in this process, no worker re-importing TensorFlow/OpenVINO); pass ``--jobs N`` to test the workers.
-- ``run_cli_process(*args)`` runs a fresh interpreter. Use it only where the process itself is under test:
-  kill/signal/PDEATHSIG, worker death (``EDGERES_TEST_WORKER_ABORT``), a runtime's fd-level log output, the
-  console script's own behaviour, concurrency with another process. Each costs ~4 s of imports.
+- ``run_cli(*args)`` / the ``cli`` fixture run ``edgeres ARGS`` in a fresh interpreter (~4 s of imports each);
+  ``run_cli_process`` is the same function, named for tests where the process itself is under test (signals,
+  kill, worker death, the console script, a runtime's fd-level log output). ``run_cli_here(*args)`` runs the CLI
+  in this process (typer's CliRunner) and returns the same CompletedProcess; a ``convert`` without ``--jobs``
+  then gets ``--jobs 0``. Prefer it where only output and exit code are checked and the command is light.
 - Bundles: never convert what a session bundle already holds. ``app_bundle`` is the tiny model for
-  onnx,openvino,tflite × fp32,int8 (``--calib tiny_npz``, default preset). ``golden_bundle(targets, precisions,
-  quant="fast")`` (a session fixture returning a function) builds any other combination of the tiny checkpoint
-  once per session, shared by the xdist workers under a file lock. Both are READ-ONLY: a test that writes into a
-  bundle copies it first, ``copy_bundle(src, tmp_path / "b")`` (shutil.copytree).
-- Slow module fixtures are shared per module; the xdist schedule (``--dist loadscope``) keeps a module's tests on
-  one worker, and ``SLOW_FIRST`` below sends the slowest modules out first so they do not become the tail.
+  onnx,openvino,tflite × fp32,int8 (``--calib tiny_npz``); ``onnx_bundle`` is ONNX fp32 only;
+  ``golden_bundle(targets, precisions, quant="fast")`` (a session fixture returning a function) builds any other
+  combination of the tiny checkpoint once per session, shared by pytest-xdist workers under a file lock. All are
+  READ-ONLY: a test that writes into a bundle copies it first, ``copy_bundle(src, tmp_path / "b")``.
+- Under pytest-xdist (``-n 2 --dist loadscope --no-loadscope-reorder``) ``SLOW_FIRST`` below sends the slowest
+  modules out first; a module's tests (and module fixtures) stay on one worker.
 """
 
 from __future__ import annotations
@@ -115,8 +114,18 @@ def cifar():
     return SHARED_CIFAR
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int | None = None):
-    """Run ``edgeres ARGS`` in this process (CliRunner); returns a CompletedProcess (text) like ``run_cli_process``.
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run ``edgeres ARGS`` in a fresh interpreter; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edgeres.cli", *map(str, args)], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+run_cli_process = run_cli  # the name says it where a test needs the process itself
+
+
+def run_cli_here(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int | None = None):
+    """Run ``edgeres ARGS`` in this process (CliRunner); returns a CompletedProcess (text) like ``run_cli``.
 
     ``convert`` without ``--jobs`` compiles in this process (``--jobs 0``). ``timeout`` is accepted for the
     signature's sake and not enforced in process (pytest's own limits apply)."""
@@ -142,13 +151,6 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     return subprocess.CompletedProcess(["edgeres", *argv], r.exit_code, r.stdout, stderr)
 
 
-def run_cli_process(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
-    """Run ``edgeres ARGS`` in a fresh interpreter; returns the CompletedProcess (text)."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "edgeres.cli", *map(str, args)], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture
 def cli():
     return run_cli
@@ -161,8 +163,9 @@ def golden_bundle(shared_dir, tiny_checkpoint, tiny_npz):
     def get(targets: str, precisions: str, quant: str = "fast") -> Path:
         def build(out):
             calib = ["--calib", tiny_npz] if "int8" in precisions.split(",") else []
-            r = run_cli("convert", tiny_checkpoint, *calib, "--targets", targets, "--precision", precisions,
-                        "--quant", quant, "--out", out, "--no-bench")
+            preset = [] if quant == "fast" else ["--quant", quant]  # the default stays unsaid, as a user runs it
+            r = run_cli("convert", tiny_checkpoint, *calib, "--targets", targets, "--precision", precisions, *preset,
+                        "--out", out, "--no-bench")
             assert r.returncode == 0, r.stderr
 
         return build_once(shared_dir, f"bundle-{targets}-{precisions}-{quant}".replace(",", "+"), build)
@@ -182,17 +185,6 @@ def onnx_bundle(golden_bundle):
     return golden_bundle("onnx", "fp32")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def compiles_in_process_by_default():
-    """A convert without ``--jobs`` compiles in the test's process (as ``--jobs 0``): a worker would re-import
-    TensorFlow/OpenVINO for every compile. Tests of the workers pass ``--jobs N`` (or run a real process)."""
-    import edgeres.convert.build as build
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(build, "default_jobs", lambda worker_compiles: 0)
-        yield
-
-
 # Modules whose tests take longest (benchmarks/results/test_durations_*.txt), sent to the xdist workers first
 # so that none of them is left as the tail; the rest keep their file order.
 SLOW_FIRST = (
@@ -204,5 +196,7 @@ SLOW_FIRST = (
 
 
 def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # a plain run keeps the file order
+        return
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within each rank

@@ -31,9 +31,7 @@ def three_ways(tmp_path_factory, tiny_checkpoint, tiny_npz):
     results = {}
     for jobs in ("0", "1", "2"):
         out = root / f"jobs{jobs}"
-        # --jobs 0 in a fresh process too: names a runtime numbers process-wide then start alike, as in a worker
-        run = run_cli_process if jobs == "0" else run_cli
-        r = run("convert", tiny_checkpoint, "--calib", tiny_npz, *ARGS, "--jobs", jobs, "--out", out)
+        r = run_cli("convert", tiny_checkpoint, "--calib", tiny_npz, *ARGS, "--jobs", jobs, "--out", out)
         assert r.returncode == 0, r.stderr
         results[jobs] = (out, r)
     return results
