@@ -12,6 +12,15 @@ import pytest
 from tests.conftest import ROOT
 from tests.handmade_bundle import copy_bundle, shared_bundle
 
+
+@pytest.fixture
+def cli():
+    """edgeres in this process: these tests read only its output, exit code and files."""
+    from tests.conftest import run_cli_here
+
+    return run_cli_here
+
+
 RUNNER = ROOT / "edgeres" / "measure" / "bench_runner.py"
 ROW_KEYS = {"target", "precision", "file", "threads", "status", "runtime", "size_mb", "load_ms", "first_ms",
             "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "fps", "peak_rss_mb", "throttled", "warnings", "input"}
@@ -25,7 +34,7 @@ def bundle(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="module")
 def benched(bundle, tmp_path_factory):
     """`bench --json --threads 1,2 --runs 20` on a copy of the ONNX + OpenVINO + TFLite bundle."""
-    from tests.conftest import run_cli
+    from tests.conftest import run_cli_here as run_cli
 
     work = copy_bundle(bundle, tmp_path_factory.mktemp("benched") / "b")
     r = run_cli("bench", work, "--threads", "1,2", "--runs", "20", "--warmup", "2", "--json")

@@ -9,6 +9,15 @@ import pytest
 
 from tests.conftest import ROOT
 
+
+@pytest.fixture
+def cli():
+    """edgeres in this process: these tests read only its output, exit code and files."""
+    from tests.conftest import run_cli_here
+
+    return run_cli_here
+
+
 HEAVY = ("torch", "tensorflow", "openvino", "onnxruntime", "onnx", "keras")
 
 

@@ -10,6 +10,15 @@ import pytest
 
 from edgeres.measure.layer_error import MIN_VALUE_MATCH_DB, layer_report, match_points
 
+
+@pytest.fixture
+def cli():
+    """edgeres in this process: these tests read only its output, exit code and files."""
+    from tests.conftest import run_cli_here
+
+    return run_cli_here
+
+
 RUNTIMES = ("onnx", "openvino", "tflite")
 # the op a LiteRT tensor comes from, and the fp32 ONNX ops the point it matched may carry
 COMPATIBLE_OPS = {"CONV_2D": {"Conv", "Conv+Relu"}, "DEPTHWISE_CONV_2D": {"Conv", "Conv+Relu"},

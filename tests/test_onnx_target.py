@@ -15,6 +15,14 @@ from edgeres.targets.base import TargetError
 from tests.conftest import make_images
 
 
+@pytest.fixture
+def cli():
+    """edgeres in this process: these tests read only its output, exit code and files."""
+    from tests.conftest import run_cli_here
+
+    return run_cli_here
+
+
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory, tiny_model):
     from edgeres.model.export import export_onnx
@@ -156,7 +164,7 @@ def test_empty_calibration_raises_data_error(tiny_onnx):
 
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory, tiny_checkpoint, tiny_npz):
-    from tests.conftest import run_cli
+    from tests.conftest import run_cli_here as run_cli
 
     out = tmp_path_factory.mktemp("bundles") / "int8"
     r = run_cli("convert", tiny_checkpoint, "--calib", tiny_npz, "--targets", "onnx", "--precision", "int8,fp16",

@@ -10,6 +10,14 @@ import pytest
 from tests.conftest import make_images
 
 
+@pytest.fixture
+def cli():
+    """edgeres in this process: these tests read only its output, exit code and files."""
+    from tests.conftest import run_cli_here
+
+    return run_cli_here
+
+
 @pytest.fixture(scope="module")
 def pruned(tiny_model):
     from edgeres.compress.prune import PruneConfig, prune

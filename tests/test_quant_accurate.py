@@ -7,7 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_images, run_cli
+from conftest import make_images
+from conftest import run_cli_here as run_cli  # in process: an ONNX-only convert
+
+
+@pytest.fixture
+def cli():
+    """edgeres in this process: these tests read only its output, exit code and files."""
+    from tests.conftest import run_cli_here
+
+    return run_cli_here
 
 
 @pytest.fixture(scope="module")
