@@ -111,6 +111,8 @@ def qdq_record(path: str | Path) -> dict:
 REFERENCE_ONNX = "reference_onnx"  # the fp32 reference ONNX (BN folded, dynamic batch): a Path
 QDQ_ONNX = "qdq_onnx"  # the QDQ int8 ONNX the int8 stage writes from the shared ranges: a Path
 KERAS = "keras"  # the network rebuilt in Keras from its spec + weights: a callable that builds it
+# the network rebuilt in torch from its spec + weights: a callable giving its ``torch.export`` program (batch 1)
+TORCH_EXPORT = "torch_export"
 ANY_PRECISION = "*"  # TargetInfo.sources key for every precision not named
 
 
