@@ -19,7 +19,7 @@ from types import ModuleType
 from edgeres.targets.base import (ANY_PRECISION, KERAS, QDQ_ONNX, REFERENCE_ONNX, TORCH_EXPORT, Artifact, CompileJob, OptionError, TargetError, TargetInfo, TargetOption,
                           TargetUnavailable)
 
-BUILTIN = ("onnx", "openvino", "tflite")
+BUILTIN = ("onnx", "openvino", "tflite", "executorch")
 _modules: dict[str, ModuleType] = {}
 
 

@@ -252,6 +252,33 @@ class CompileJob:
                             version=self.producer_version, source_sha256=self.source_sha256)
 
 
+WAIT_NOTE_S = 5.0  # a compile waiting this long for the shared ranges says so
+
+
+def shared_reference(job: "CompileJob"):
+    """The int8 stage's reference activations (``calibration.matching.ReferenceActivations``), the reason
+    there are none (str), or None when the job names no file: what a target with a graph of its own matches
+    its tensors to by value. A compile started beside the int8 stage waits for the file (the parent stops
+    it if the stage fails; a worker dies with its parent)."""
+    import sys
+    import time
+
+    from edgeres.calibration import matching
+
+    if not job.reference_activations:
+        return None
+    path, t0, said = Path(job.reference_activations), time.monotonic(), False
+    while not path.exists():
+        if not said and time.monotonic() - t0 > WAIT_NOTE_S:
+            print("waiting for the shared ranges of the int8 stage…", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.2)
+    try:
+        return matching.load(path)
+    except (OSError, ValueError, KeyError) as e:
+        return f"{path.name} is unreadable: {e}"
+
+
 def x86_u8s8_recipe(cpu) -> tuple[str, bool, str]:
     """The int8 recipe of CPU runtimes whose x86 kernels multiply uint8 activations by int8 weights
     (onnxruntime's MLAS, OpenVINO's CPU plugin): without VNNI those kernels multiply-add pairs into
