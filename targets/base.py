@@ -177,6 +177,9 @@ class TargetInfo:
     # estimator), "float_nodes" (the most sensitive layers kept in float)
     budget_tunes: tuple[str, ...] = ()
     compile_here: bool = False  # its compile is a copy of what the int8 stage made: no worker process for it
+    # distributions its runtime imports beside ``dist`` on a device (ExecuTorch's Python runtime: torch);
+    # an exported app's requirements pin them too
+    runtime_needs: tuple[str, ...] = ()
 
     def source_for(self, precision: str) -> str:
         """The model source a ``precision`` compile reads."""

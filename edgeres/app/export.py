@@ -71,11 +71,16 @@ def app_config(manifest: dict, artifact: dict, runner, model_file: str) -> dict:
 
 
 def requirements(artifact: dict) -> str:
-    """requirements.txt: numpy, Pillow and the runtime at the version the bundle was made and tested with."""
-    dist = get_info(artifact["target"]).dist
-    version = (artifact.get("tool_versions") or {}).get(dist)
-    runtime = f"{dist}=={version}" if version else f"{dist}  # version not recorded in the bundle"
-    return f"numpy>=1.26\npillow>=10\n{runtime}\n"
+    """requirements.txt: numpy, Pillow and the runtime (with what it imports beside it, ``TargetInfo
+    .runtime_needs``) at the versions the bundle was made and tested with. A local build tag (``+cpu``) is
+    dropped: package indexes publish none."""
+    info = get_info(artifact["target"])
+    versions = artifact.get("tool_versions") or {}
+    lines = []
+    for dist in (info.dist, *info.runtime_needs):
+        version = str(versions.get(dist) or "").split("+")[0]
+        lines.append(f"{dist}=={version}" if version else f"{dist}  # version not recorded in the bundle")
+    return "numpy>=1.26\npillow>=10\n" + "".join(f"{line}\n" for line in lines)
 
 
 def export_app(bundle: str | Path, kind: str, out: str | Path, *, target: str | None = None,
