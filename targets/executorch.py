@@ -45,7 +45,7 @@ XNNPACK_INT8 = ("int8", False, "XNNPACK int8: int8 activations, symmetric ±127 
 INFO = TargetInfo(
     name="executorch", title="ExecuTorch (XNNPACK)", suffixes=(".pte",), companions=(EXECUTORCH_SIDECAR,),
     dist="executorch", runtime="executorch", precisions=PRECISIONS, sources={ANY_PRECISION: TORCH_EXPORT},
-    tools=("torchao",), int8_recipe=lambda cpu: XNNPACK_INT8, budget_tunes=("estimator",),
+    tools=("torchao",), runtime_needs=("torch",), int8_recipe=lambda cpu: XNNPACK_INT8, budget_tunes=("estimator",),
     options=(TargetOption("ranges", str, DEFAULT_RANGES, "int8 activation ranges: the int8 stage's shared ones "
                           "or PT2E's own observers on the same images", RANGE_SOURCES),),
 )
@@ -54,12 +54,13 @@ EPS = 2 ** -12  # XNNPACKQuantizer's smallest scale
 
 
 def available() -> str:
+    from importlib import metadata
+
     try:
-        with _quiet():
-            from executorch.version import __version__
-    except ImportError:
+        import executorch.version  # noqa: F401 - light: the version file only
+        return metadata.version("executorch")  # the package's; executorch.version adds the build tag (+cpu)
+    except (ImportError, metadata.PackageNotFoundError):
         raise TargetUnavailable("executorch is not installed; pip install 'edgeres[executorch]'") from None
-    return __version__
 
 
 @contextlib.contextmanager
@@ -125,7 +126,8 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
     return Artifact("executorch", job.precision, (str(rel), str(side_rel)),
                     engine="torch.export → PT2E XNNPACKQuantizer → XNNPACK" if job.precision == "int8"
                     else "torch.export → XNNPACK", options=recorded, notes=notes,
-                    tool_versions={"executorch": version, "torch": torch.__version__, "torchao": torchao.__version__})
+                    tool_versions={"executorch": version, "torch": torch.__version__.split("+")[0],
+                                   "torchao": torchao.__version__})
 
 
 def _sidecar(job: CompileJob, audit: dict) -> dict:
@@ -157,8 +159,8 @@ def xnnpack_friendly(gm) -> bool:
         return (2 if dim in (2, -2) else 3), int(step)
 
     changed = False
-    for node in list(graph.nodes):
-        found = spatial_step(node)
+    for node in reversed(list(graph.nodes)):  # the outer slice first, so it takes the inner one with it
+        found = spatial_step(node) if node.users else None
         if found is None:
             continue
         strides, source = [1, 1], node.args[0]
@@ -386,6 +388,11 @@ class ExecuTorchTargetRunner(ExecuTorchRunner, Runner):
         except Exception as e:  # noqa: BLE001 - the runtime raises its own kinds
             raise TargetError(f"{path}: ExecuTorch cannot load it ({first_line(e)})") from None
         self.path = Path(path)
+
+    def intermediate_tensors(self):
+        """None to give: per-layer error (``eval --layers``) needs the tensors inside the network."""
+        raise TargetError("the XNNPACK delegate runs the whole network as one call, so ExecuTorch exposes no "
+                          "tensor inside it (the per-layer error of the same ranges: see the onnx int8 rows)")
 
 
 def load_runner(path: str | Path, threads: int | None = None) -> ExecuTorchTargetRunner:

@@ -901,11 +901,11 @@ class ExecuTorchRunner:
             warnings.simplefilter("ignore")
             import torch
             from executorch.extension.pybindings import portable_lib
-            from executorch.version import __version__
+        from importlib import metadata
 
         self._torch = torch
         self.path = path
-        self.version = __version__
+        self.version = metadata.version("executorch")
         if threads:
             portable_lib._unsafe_reset_threadpool(int(threads))
         self.threads = int(portable_lib._threadpool_get_thread_count())
