@@ -13,6 +13,10 @@ accuracy   the pretrained CIFAR-10 ResNet-20 on the 5000-image dev half (300 cal
            then the ExecuTorch int8 again with ``--option executorch.ranges=pt2e`` (PT2E's own observers on
            the same images) to compare with the shared ranges.
 
+cpu time   (``--cpu-time``, on the speed bundles in ``--work``) the median CPU time of one int8 inference at one
+           thread, onnxruntime and ExecuTorch interleaved, best of 3 rounds: on a machine other jobs load, wall
+           times measure the scheduler; one thread's CPU time is what the inference costs on an idle core.
+
 Run: ``python benchmarks/executorch.py [--archs resnet18,resnet50] [--runs 30] [--accuracy] [--work DIR]``;
 results go to ``benchmarks/results/executorch.json``.
 """
@@ -87,6 +91,44 @@ def speed(arch: str, work: Path, runs: int, threads: str) -> dict:
     return {"arch": arch, "executorch_int8_conversion": cost, "p50_ms": latency}
 
 
+CPU_TIMER = """
+import sys, time, numpy as np
+sys.path.insert(0, sys.argv[1])
+from edgeres.targets.runners.{module} import {cls}
+runner = {cls}(sys.argv[2], 1)
+spec = runner.input_spec()
+x = np.random.default_rng(0).standard_normal([d or 1 for d in spec["dims"]]).astype(np.float32)
+run = runner.fixed_input_call(x)
+for _ in range(3):
+    run()
+cpu, wall = [], []
+for _ in range(int(sys.argv[3])):
+    c0, w0 = time.process_time(), time.perf_counter()
+    run()
+    cpu.append(time.process_time() - c0)
+    wall.append(time.perf_counter() - w0)
+print(1000 * float(np.median(cpu)), 1000 * float(np.median(wall)))
+"""
+RUNNER_CLASSES = {"onnx": ("onnxruntime_runner", "OnnxRuntimeRunner"),
+                  "executorch": ("executorch_runner", "ExecuTorchRunner")}
+
+
+def cpu_ms(bundle: Path, runs: int) -> dict:
+    """Median CPU time of one inference at one thread (what the wall time would be on an idle core: the
+    shared machine's load does not count), int8 artifacts interleaved per round, 3 rounds."""
+    out: dict = {}
+    for round_ in range(3):
+        for target, (module, cls) in RUNNER_CLASSES.items():
+            code = CPU_TIMER.format(module=module, cls=cls)
+            path = bundle / _artifacts(bundle)[target, "int8"]["file"]
+            r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(path), str(runs)], capture_output=True,
+                               text=True, check=True)
+            cpu, wall = map(float, r.stdout.split()[-2:])
+            out.setdefault(target, []).append((cpu, wall))
+    return {t: {"cpu_ms_1t": round(min(c for c, _ in v), 2), "wall_p50_ms_1t": round(min(w for _, w in v), 2)}
+            for t, v in out.items()}
+
+
 def accuracy(work: Path) -> dict:
     results = {}
     cases = [("resnet20", ["convert", CIFAR / "resnet20.th", "--calib", CIFAR / "cifar10_calib.npz",
@@ -121,6 +163,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="only the CPU time per inference of the int8 artifacts of WORK/<arch> (made before)")
     parser.add_argument("--work", type=Path)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="edgeres-et-"))
@@ -128,7 +172,9 @@ def main() -> None:
     doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     doc["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    if not args.skip_speed:
+    if args.cpu_time:
+        doc["cpu_time"] = {a: cpu_ms(work / a, args.runs) for a in args.archs.split(",")}
+    elif not args.skip_speed:
         doc["speed"] = [speed(a, work, args.runs, args.threads) for a in args.archs.split(",")]
     if args.accuracy:
         doc["accuracy"] = accuracy(work)

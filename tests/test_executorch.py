@@ -77,15 +77,18 @@ def test_the_runner_honours_the_thread_count(et_bundle, threads):
     assert load_runner(et_bundle / "executorch" / "model.int8.pte", threads=threads).threads == threads
 
 
-def test_bench_times_both_artifacts_at_each_thread_count(et_bundle, tmp_path):
-    work = tmp_path / "b"
-    shutil.copytree(et_bundle, work)
-    r = run_cli("bench", work, "--threads", "1,2", "--runs", "3", "--warmup", "1", "--json")
-    assert r.returncode == 0, r.stderr
-    rows = [row for row in json.loads(r.stdout)["results"] if row["target"] == "executorch"]
-    assert sorted((row["precision"], row["threads"]) for row in rows) == [("fp32", 1), ("fp32", 2), ("int8", 1),
-                                                                          ("int8", 2)]
-    assert all(row["status"] == "ok" and row["p50_ms"] > 0 for row in rows)
+def test_the_device_runner_times_both_artifacts_at_each_thread_count(et_bundle):
+    """What ``edgeres bench`` runs per artifact (the standalone runner in a fresh process), for the
+    executorch artifacts only: the other targets' rows are test_bench's."""
+    from edgeres.bundle import read_manifest
+    from edgeres.measure.bench import BenchConfig, LocalExecutor, plan_items
+
+    cfg = BenchConfig(threads=(1, 2), warmup=1, runs=3)
+    items = [i for i in plan_items(read_manifest(et_bundle)) if i.target == "executorch"]
+    with LocalExecutor(et_bundle, cfg) as executor:
+        docs = [(i.precision, t, executor.run(i, t)) for i in items for t in cfg.threads]
+    assert sorted((p, t) for p, t, _ in docs) == [("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)]
+    assert all(doc["status"] == "ok" and doc["p50_ms"] > 0 for _, _, doc in docs), docs
 
 
 def test_the_python_app_classifies_as_predict_does(et_bundle, tmp_path):
@@ -144,3 +147,20 @@ def test_the_op_audit_refuses_a_strided_slice_that_the_rewrite_turns_into_a_conv
     module = program.module()
     assert xnnpack_friendly(module)
     torch.testing.assert_close(module(x), _Subsample()(x), rtol=0, atol=0)  # delegated: the bundle's audit
+
+
+def test_the_android_code_uses_executorchs_module_api_with_the_manifests_constants(et_bundle, tmp_path):
+    from tests.test_export_app import _constants
+
+    out = tmp_path / "android"
+    r = _cli("export-app", et_bundle, "--kind", "android", "--target", "executorch", "--precision", "int8", "--out", out)
+    assert r.exit_code == 0, r.output
+    arts, manifest = _artifacts(et_bundle)
+    code = (out / "ImageClassifier.kt").read_text()
+    assert "Module.load(" in code and "EValue.from(" in code
+    c = _constants(code, swift=False)
+    assert c["MODEL_FILE"] == "model.int8.pte" and (out / "model.int8.pte").is_file()
+    assert c["INPUT_SIZE"] == manifest["preprocess"]["size"] and c["MEAN"] == pytest.approx(manifest["preprocess"]["mean"])
+    version = arts["executorch", "int8"]["tool_versions"]["executorch"]
+    assert f'"org.pytorch:executorch-android:{version}"' in (out / "build.gradle.kts.snippet").read_text()
+    assert "Not compiled here" in (out / "README.md").read_text()
