@@ -13,14 +13,15 @@ Runs the README's own commands (the real CLI, in fresh processes) on the pretrai
 and checks what must agree does: the int8 rows of ``r20`` and ``r20-all``, and the mse row of the estimator
 table.
 
-ImageNet: the ``imagenet`` block is rendered from ``benchmarks/results/imagenet_resnet50.json``, which
-``python benchmarks/imagenet_resnet50.py --json benchmarks/results/imagenet_resnet50.json`` writes (≈10 min, 4 GB).
+From kept results (no run here): the ``imagenet`` block from ``benchmarks/results/imagenet_resnet50.json``, which
+``python benchmarks/imagenet_resnet50.py --json benchmarks/results/imagenet_resnet50.json`` writes (≈10 min, 4 GB), and
+``convert_cost`` from ``benchmarks/results/convert_cost.json`` (``benchmarks/convert_cost.py --json``).
 
 ``--write`` replaces the marked blocks (``<!-- readme_tables:NAME -->`` … ``<!-- /readme_tables:NAME -->``) in
 README.md and every page of docs/ that holds them (each block must be somewhere); without it the blocks are printed.
-``--blocks imagenet`` renders only that block (no CIFAR run).
+``--blocks imagenet,convert_cost`` renders only those (no CIFAR run).
 
-Run: ``python benchmarks/readme_tables.py [--work DIR] [--write] [--blocks intro,fp32,worked,estimators,imagenet]``
+Run: ``python benchmarks/readme_tables.py [--work DIR] [--write] [--blocks intro,fp32,worked,estimators,imagenet,convert_cost]``
 (the CIFAR blocks need ../shared/data/cifar10; ≈8 min on 2 cores).
 """
 
@@ -40,8 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
 ESTIMATORS = ("minmax", "percentile", "entropy", "mse")
 CIFAR_BLOCKS = ("intro", "fp32", "worked", "estimators")
-BLOCKS = (*CIFAR_BLOCKS, "imagenet")
-IMAGENET_JSON = ROOT / "benchmarks" / "results" / "imagenet_resnet50.json"
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGENET_JSON = RESULTS / "imagenet_resnet50.json"
+CONVERT_COST_JSON = RESULTS / "convert_cost.json"
+# blocks rendered from a benchmark's kept JSON: name → (file, the script that writes it)
+JSON_BLOCKS = {"imagenet": (IMAGENET_JSON, "benchmarks/imagenet_resnet50.py --json"),
+               "convert_cost": (CONVERT_COST_JSON, "benchmarks/convert_cost.py --json")}
+BLOCKS = (*CIFAR_BLOCKS, *JSON_BLOCKS)
 # Where the blocks live: the README (the headline tables) and the docs pages.
 DOC_FILES = ("README.md", "docs/*.md")
 
@@ -185,6 +191,36 @@ def imagenet_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+CONVERT_COST_RUNS = {  # convert_cost.py's row names → as the table shows them
+    "edgeres --jobs 0": "`edgeres convert --jobs 0` (everything in one process)",
+    "edgeres --jobs 1": "`edgeres convert --jobs 1` (three int8 artifacts)",
+    "edgeres --jobs 2": "`edgeres convert --jobs 2` (TFLite beside export + calibration)",
+    "onnxruntime quantize_static": "onnxruntime `quantize_static` (one artifact)",
+    "OpenVINO + NNCF quantize": "OpenVINO `convert_model` + `nncf.quantize` (one artifact)",
+}
+
+
+def convert_cost_table(result: dict) -> str:
+    """``convert_cost.py --json``'s runs; ``--jobs 2``'s wall time also as a ratio of ``--jobs 1``'s."""
+    rows = result["rows"]
+    unknown = [name for name in rows if name not in CONVERT_COST_RUNS]
+    if unknown:
+        raise SystemExit(f"{CONVERT_COST_JSON.name}: unknown run {unknown[0]!r}")
+    lines = ["| run | wall s | CPU s | peak RSS, process tree | peak RSS, largest process |", "|---|---:|---:|---:|---:|"]
+    for name, shown in CONVERT_COST_RUNS.items():
+        if name not in rows:
+            continue
+        r = rows[name]
+        wall = f"{r['wall_s']}"
+        if name == "edgeres --jobs 2" and "edgeres --jobs 1" in rows:
+            wall += f" ({r['wall_s'] / rows['edgeres --jobs 1']['wall_s']:.2f}×)"
+        lines.append(f"| {shown} | {wall} | {r['cpu_s']} | {r['peak_tree_gb']:.2f} GB | {r['peak_main_gb']:.2f} GB |")
+    return "\n".join(lines)
+
+
+RENDER = {"imagenet": imagenet_table, "convert_cost": convert_cost_table}
+
+
 def marked_block(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- readme_tables:{name} -->\n)(.*?\n)?(<!-- /readme_tables:{name} -->)", re.S)
 
@@ -244,10 +280,11 @@ def main() -> None:
         check_estimators_agree(tables["intro"], rows)
         found.update({k: v for k, v in blocks(tables, rows).items() if k in wanted})
         print(f"bundles in {work}", file=sys.stderr)
-    if "imagenet" in wanted:
-        if not IMAGENET_JSON.is_file():
-            raise SystemExit(f"{IMAGENET_JSON} is missing: run benchmarks/imagenet_resnet50.py --json {IMAGENET_JSON}")
-        found["imagenet"] = imagenet_table(json.loads(IMAGENET_JSON.read_text()))
+    for name in (b for b in wanted if b in JSON_BLOCKS):
+        path, script = JSON_BLOCKS[name]
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: run python {script} {path.relative_to(ROOT)}")
+        found[name] = RENDER[name](json.loads(path.read_text()))
     if args.write:
         written = write_docs(found)
         where = ", ".join(str(p.relative_to(ROOT)) for p in written)
