@@ -141,6 +141,8 @@ class Made:
     convert_args: tuple[str, ...] = ()
     expect: dict = field(default_factory=dict)  # what inspect must read off the file
     expect_preprocess: dict = field(default_factory=dict)  # what the manifest's preprocessing must hold
+    # the framework's whole pipeline, its own preprocessing included: uint8 N×H×W×3 RGB → logits
+    pipeline: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def make_resnext(tmp: Path) -> Made:
@@ -165,6 +167,42 @@ def make_greyscale_at_64(tmp: Path) -> Made:
                 expect_preprocess={"size": 64, "resize": 73, "channel_order": "L", "mean": [0.449], "std": [0.226]})
 
 
+def hf_resnet(folder: Path, *, layer_type="bottleneck", num_labels=3, edge=32):
+    """A ResNetForImageClassification saved by the real transformers (random weights, small config)
+    with the ConvNeXt image processor ResNet checkpoints ship (shortest edge, crop_pct, bicubic)."""
+    import torch
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    names = ["tabby", "tench", "eel", "ibis"][:num_labels]
+    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], layer_type=layer_type,
+                       num_labels=num_labels, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    torch.manual_seed(0)
+    model = _random_bn(ResNetForImageClassification(cfg)).eval()
+    model.save_pretrained(folder)
+    processor = ConvNextImageProcessor(size={"shortest_edge": edge}, crop_pct=0.875, image_mean=[0.485, 0.456, 0.406],
+                                       image_std=[0.229, 0.224, 0.225])  # as microsoft/resnet-50 ships it
+    processor.save_pretrained(folder)
+
+    def reference(x):
+        with torch.no_grad():
+            return model(pixel_values=torch.from_numpy(x)).logits.numpy()
+
+    def pipeline(images):
+        x = processor(images=list(images), return_tensors="np")["pixel_values"].astype(np.float32)
+        return reference(x)
+
+    return model, reference, pipeline, names
+
+
+def make_hf(tmp: Path) -> Made:
+    folder = tmp / "hf-resnet"
+    _, reference, pipeline, names = hf_resnet(folder)
+    return Made(folder, reference, expect={"num_classes": 3, "labels": names},
+                expect_preprocess={"size": 32, "resize": 36, "filter": "bicubic", "antialias": True,
+                                   "mean": [0.485, 0.456, 0.406]},
+                pipeline=pipeline)
+
+
 @dataclass(frozen=True)
 class Row:
     source: str  # the row's name in the docs' table
@@ -178,6 +216,10 @@ ROWS = {
     "torchvision-greyscale": Row("torchvision-layout greyscale ResNet-18 (1 input channel) `.pth`, `--preprocess crop=64`",
                                  "input channels from conv1; input size given (resize floored at 224/256)",
                                  make_greyscale_at_64),
+    "huggingface": Row("Hugging Face `ResNetForImageClassification` folder (`save_pretrained`: config.json + "
+                       "model.safetensors or pytorch_model.bin)",
+                       "widths and depths from the weights; class names from `id2label`; preprocessing from "
+                       "`preprocessor_config.json` (shortest edge / crop_pct floored, bicubic, mean/std)", make_hf),
 }
 
 
@@ -270,6 +312,13 @@ def test_fp32_artifacts_reproduce_the_source_framework_on_the_same_pixels(conver
         result["targets"][f"{target}-{precision}"] = {"agreement_pct": agree, "rel_err": err}
         if precision == "fp32":
             assert agree == 100.0 and err <= 2e-3, (target, err)
+    if converted.made.pipeline is not None:  # the framework's own preprocessing on the same photos, too
+        framework = converted.made.pipeline(converted.pixels)
+        for (target, precision), got in outputs.items():
+            if precision == "fp32":
+                assert (got.argmax(1) == framework.argmax(1)).all(), target
+                assert np.abs(got - framework).max() / max(1.0, np.abs(framework).max()) <= 2e-3, target
+        result["framework_preprocessing"] = True
     table = os.environ.get("EDGERES_SOURCE_TABLE")
     if table:
         with open(table, "a") as f:
@@ -334,3 +383,32 @@ def test_a_model_with_four_input_channels_is_refused_naming_them(tmp_path):
     torch.save(torchvision_resnet((1, 1), block="basic", in_channels=4).state_dict(), path)
     with pytest.raises(InputError, match=r"takes 4 input channels; edgeres converts colour \(3\) and greyscale \(1\)"):
         load_model(path)
+
+
+def test_hf_folder_with_pytorch_model_bin_reads_like_the_safetensors_one(tmp_path):
+    import torch
+
+    from edgeres.sources.loading import load_model
+
+    folder = tmp_path / "hf"
+    hf_resnet(folder, layer_type="basic", num_labels=2)
+    a = load_model(folder)
+    sd = {k: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(folder / "model.safetensors").items()}
+    (folder / "model.safetensors").unlink()
+    torch.save(sd, folder / "pytorch_model.bin")
+    b = load_model(folder)
+    assert a.spec == b.spec and a.spec.block == "basic" and b.format == "huggingface"
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert load_model(folder / "pytorch_model.bin").spec == a.spec  # the weights file of the folder: the folder
+
+
+def test_hf_weights_without_their_folder_are_refused_naming_the_folder(tmp_path):
+    import shutil
+
+    from edgeres.errors import InputError
+    from edgeres.sources.loading import load_model
+
+    hf_resnet(tmp_path / "hf", num_labels=2)
+    shutil.copy(tmp_path / "hf" / "model.safetensors", tmp_path / "alone.safetensors")
+    with pytest.raises(InputError, match="Hugging Face ResNetForImageClassification's weights.*give the save_pretrained folder"):
+        load_model(tmp_path / "alone.safetensors")
