@@ -28,14 +28,34 @@ IMAGES = 16  # pixels the fp32 agreement is checked on (also the calibration set
 
 # --- the sources' own modules, written from their source ------------------------------------------
 
-def torchvision_resnet(layers, planes=8, *, groups=1, width_per_group=64, num_classes=4, in_channels=3):
-    """torchvision ``models/resnet.py``'s ResNet with Bottleneck blocks, as it builds ResNeXt
-    (``width = int(planes * width_per_group / 64) * groups``; the 3×3 conv grouped), random weights
-    and BatchNorm statistics. ``planes``: the stem's width (torchvision: 64)."""
+def torchvision_resnet(layers, planes=8, *, block="bottleneck", groups=1, width_per_group=64, num_classes=4,
+                       in_channels=3):
+    """torchvision ``models/resnet.py``'s ResNet, as it builds ResNeXt (``width = int(planes *
+    width_per_group / 64) * groups``; the 3×3 conv grouped), random weights and BatchNorm statistics.
+    ``planes``: the stem's width (torchvision: 64); ``in_channels``: 1 for a greyscale model (its
+    conv1 replaced, as users fine-tune one)."""
     import torch
     from torch import nn
 
+    class BasicBlock(nn.Module):
+        expansion = 1
+
+        def __init__(self, inplanes, planes_, stride, downsample):
+            super().__init__()
+            self.conv1 = nn.Conv2d(inplanes, planes_, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes_)
+            self.conv2 = nn.Conv2d(planes_, planes_, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes_)
+            self.relu = nn.ReLU()
+            self.downsample = downsample
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
     class Bottleneck(nn.Module):
+        expansion = 4
+
         def __init__(self, inplanes, planes_, stride, downsample):
             super().__init__()
             width = int(planes_ * (width_per_group / 64.0)) * groups
@@ -61,15 +81,16 @@ def torchvision_resnet(layers, planes=8, *, groups=1, width_per_group=64, num_cl
             self.bn1 = nn.BatchNorm2d(planes)
             self.relu = nn.ReLU()
             self.maxpool = nn.MaxPool2d(3, 2, 1)
-            inplanes = planes
+            inplanes, kind = planes, BasicBlock if block == "basic" else Bottleneck
             for s, n in enumerate(layers):
                 p, stride, blocks = planes * 2**s, 1 if s == 0 else 2, []
+                out = p * kind.expansion
                 for b in range(n):
                     down = None
-                    if b == 0 and (stride != 1 or inplanes != p * 4):
-                        down = nn.Sequential(nn.Conv2d(inplanes, p * 4, 1, stride, bias=False), nn.BatchNorm2d(p * 4))
-                    blocks.append(Bottleneck(inplanes, p, stride if b == 0 else 1, down))
-                    inplanes = p * 4
+                    if b == 0 and (stride != 1 or inplanes != out):
+                        down = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+                    blocks.append(kind(inplanes, p, stride if b == 0 else 1, down))
+                    inplanes = out
                 setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.fc = nn.Linear(inplanes, num_classes)
@@ -119,6 +140,7 @@ class Made:
     reference: Callable[[np.ndarray], np.ndarray]  # preprocessed N×C×H×W float32 → logits
     convert_args: tuple[str, ...] = ()
     expect: dict = field(default_factory=dict)  # what inspect must read off the file
+    expect_preprocess: dict = field(default_factory=dict)  # what the manifest's preprocessing must hold
 
 
 def make_resnext(tmp: Path) -> Made:
@@ -128,6 +150,19 @@ def make_resnext(tmp: Path) -> Made:
     path = tmp / "resnext.pth"
     torch.save(model.state_dict(), path)
     return Made(path, torch_reference(model), expect={"groups": 4, "num_classes": 4})
+
+
+def make_greyscale_at_64(tmp: Path) -> Made:
+    """A greyscale (1-channel) 2-class ResNet-18 layout trained at 64²: a state_dict has no input size,
+    so the user gives it; the resize keeps 224/256, floored as timm does (64 · 256 / 224 = 73.1 → 73)."""
+    import torch
+
+    model = torchvision_resnet((2, 2, 2, 2), block="basic", num_classes=2, in_channels=1)
+    path = tmp / "xray_resnet18.pth"
+    torch.save(model.state_dict(), path)
+    return Made(path, torch_reference(model), ("--preprocess", "crop=64"),
+                expect={"in_channels": 1, "num_classes": 2},
+                expect_preprocess={"size": 64, "resize": 73, "channel_order": "L", "mean": [0.449], "std": [0.226]})
 
 
 @dataclass(frozen=True)
@@ -140,6 +175,9 @@ class Row:
 ROWS = {
     "torchvision-resnext": Row("torchvision ResNeXt (`resnext50_32x4d` layout) `.pth`",
                                "groups and widths from the weight shapes", make_resnext),
+    "torchvision-greyscale": Row("torchvision-layout greyscale ResNet-18 (1 input channel) `.pth`, `--preprocess crop=64`",
+                                 "input channels from conv1; input size given (resize floored at 224/256)",
+                                 make_greyscale_at_64),
 }
 
 
@@ -198,6 +236,22 @@ def test_inspect_reads_the_architecture_off_the_file(converted):
         assert converted.inspect[key] == value, key
 
 
+def test_the_manifest_records_the_preprocessing_read_or_given(converted):
+    for key, value in converted.made.expect_preprocess.items():
+        assert converted.manifest["preprocess"][key] == value, key
+
+
+def test_the_python_app_prepares_an_image_as_the_bundle_does(converted):
+    """What the exported app computes from a photo is what calibration and eval computed (greyscale too)."""
+    from edgeres.app import classify_template as app
+    from edgeres.calibration.preprocess import Preprocess
+
+    pre = Preprocess.from_dict(converted.manifest["preprocess"])
+    app.CONFIG.update(preprocess=converted.manifest["preprocess"], input={"pixels": False, "layout": "NCHW", "dtype": "float32"})
+    photo = make_images(1, 97, seed=5)[0][0][:, :80]  # not square, larger than the input
+    np.testing.assert_array_equal(app.model_input(app.geometry(photo)), pre.with_layout("NCHW")(photo[None]))
+
+
 def test_every_target_converts_int8_and_fp32(converted):
     built = {(a["target"], a["precision"]): a["status"] for a in converted.manifest["artifacts"]}
     assert built == {(t, p): "ok" for t in TARGETS for p in ("fp32", "int8")}
@@ -244,3 +298,39 @@ def test_pruning_a_resnext_is_refused_in_one_line_naming_the_grouped_convs(tmp_p
     assert code == 2 and len(lines) == 1, err
     assert "grouped 3×3 convs (groups 4, ResNeXt)" in lines[0] and "convert it unpruned" in lines[0]
     assert not (tmp_path / "p.pt").exists()
+
+
+def test_greyscale_preprocessing_is_pillows_convert_L_before_the_resize():
+    from PIL import Image
+
+    from edgeres.calibration.preprocess import Preprocess
+
+    photo = make_images(1, 90, seed=7)[0][0]
+    pre = Preprocess(size=64, resize=73, channel_order="L", mean=(0.449,), std=(0.226,))
+    grey = Image.fromarray(photo).convert("L")
+    resized = np.asarray(grey.resize((73, 73), Image.BILINEAR))  # square photo: both sides 73
+    crop = resized[4:68, 4:68].astype(np.float32) / 255
+    np.testing.assert_allclose(pre(photo[None])[0, 0], (crop - 0.449) / 0.226, atol=1e-6)
+
+
+def test_an_input_size_is_refused_where_the_file_fixes_it(tiny_checkpoint, tmp_path):
+    from edgeres.convert.config import apply_preprocess_override
+    from edgeres.errors import InputError
+    from edgeres.model.zoo import IMAGENET_PREPROCESS
+
+    assert apply_preprocess_override(IMAGENET_PREPROCESS, {"crop": 160}).resize == 182  # timm: floor(160 / 0.875)
+    assert apply_preprocess_override(IMAGENET_PREPROCESS, {"crop": 160, "resize": 160}).resize == 160
+    with pytest.raises(InputError, match=r"crop=160: the model takes 224×224 inputs \(the onnx model's input shape\)"):
+        apply_preprocess_override(IMAGENET_PREPROCESS, {"crop": 160}, size_fixed_by="the onnx model's input shape")
+
+
+def test_a_model_with_four_input_channels_is_refused_naming_them(tmp_path):
+    import torch
+
+    from edgeres.errors import InputError
+    from edgeres.sources.loading import load_model
+
+    path = tmp_path / "rgba.pth"
+    torch.save(torchvision_resnet((1, 1), block="basic", in_channels=4).state_dict(), path)
+    with pytest.raises(InputError, match=r"takes 4 input channels; edgeres converts colour \(3\) and greyscale \(1\)"):
+        load_model(path)

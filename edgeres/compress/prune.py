@@ -200,7 +200,7 @@ def prune_step(model, spec: ResNetSpec, cfg: PruneConfig, target_ratio: float, o
     import torch
     import torch_pruning as tp
 
-    example = torch.zeros(1, 3, spec.input_size, spec.input_size)
+    example = torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size)
     model.eval()
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     groups = _score_groups(DG, model, spec, cfg, original_widths, gradient_fn)
@@ -359,7 +359,7 @@ def check_rebuild(model, spec: ResNetSpec, state_dict: dict) -> float:
     rebuilt = build_torch(spec)
     rebuilt.load_state_dict(state_dict, strict=True)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, spec.input_size, spec.input_size, generator=g)
+    x = torch.randn(4, spec.in_channels, spec.input_size, spec.input_size, generator=g)
     with torch.no_grad():
         err = float((rebuilt.eval()(x) - model.eval()(x)).abs().max())
     if err > 1e-5:

@@ -10,7 +10,7 @@ from pathlib import Path
 from edgeres.errors import InputError
 from edgeres.model.limits import check_input_side, check_weight_bytes
 from edgeres.model.torch_model import build_torch
-from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, ZOO, ResNetSpec
+from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, ZOO, ResNetSpec, greyscale
 
 
 def _head_weight(sd: dict):
@@ -30,6 +30,11 @@ def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
     if stem_w is None or stem_w.ndim != 4 or head is None:
         raise InputError(f"{p}: does not look like a ResNet state_dict (no conv1.weight or classifier); pass --arch or check the file")
     stem = "imagenet" if stem_w.shape[-1] == 7 else "cifar"
+    in_channels = int(stem_w.shape[1])
+    if in_channels not in (1, 3):
+        raise InputError(f"{p}: conv1.weight {tuple(stem_w.shape)} takes {in_channels} input channels; edgeres converts "
+                         "colour (3) and greyscale (1) models — images with other channels (e.g. RGBA, "
+                         "multispectral) are not supported")
     blocks: dict[int, set[int]] = {}
     for k in sd:
         m = _BLOCK_KEY.match(k)
@@ -53,8 +58,11 @@ def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
     head_name, head_w = head
     num_classes = int(head_w.shape[0])
     preprocess = IMAGENET_PREPROCESS if stem == "imagenet" else CIFAR_PREPROCESS
+    if in_channels == 1:
+        preprocess = greyscale(preprocess)
     spec = ResNetSpec("inferred", stem, kind, layers, int(stem_w.shape[0]), tuple(stage), tuple(inner),
-                      shortcut, "3x3", num_classes, head_name, preprocess, None, groups=groups)
+                      shortcut, "3x3", num_classes, head_name, preprocess, None, groups=groups,
+                      in_channels=in_channels)
     if shortcut == "projection":  # a pruned projection can join equal widths: the keys say where it is
         spec = spec.with_widths(spec.stem_width, spec.stage_widths, spec.inner_widths, name=spec.name,
                                 projections=tuple(f"layer{s + 1}.0.downsample.0.weight" in sd for s in range(len(layers))))

@@ -44,7 +44,7 @@ def _np(t) -> np.ndarray:
 def build_keras(spec: ResNetSpec, state_dict: dict):
     """A ``tf_keras.Model`` computing the same logits as ``build_torch(spec)`` with ``state_dict``.
 
-    Input: float32 N×size×size×3 (NHWC, preprocessed); output: float32 N×num_classes logits
+    Input: float32 N×size×size×in_channels (NHWC, preprocessed); output: float32 N×num_classes logits
     (probabilities when the spec's head ends in a softmax).
     """
     import tensorflow as tf
@@ -52,7 +52,7 @@ def build_keras(spec: ResNetSpec, state_dict: dict):
 
     build = _KerasBuild(spec, state_dict, keras.layers, tf)
     size = spec.input_size
-    inputs = keras.Input((size, size, 3), dtype="float32", name="input")
+    inputs = keras.Input((size, size, spec.in_channels), dtype="float32", name="input")
     x = build.stem(inputs)
     for s, n in enumerate(spec.layers):
         for b in range(n):

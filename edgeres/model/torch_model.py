@@ -134,9 +134,9 @@ class ResNet(nn.Module):
 
     def _build_stem(self, spec: ResNetSpec) -> None:
         if spec.stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, spec.stem_width, 7, 2, 3, bias=False)
+            self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 7, 2, 3, bias=False)
         else:
-            self.conv1 = nn.Conv2d(3, spec.stem_width, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(spec.stem_width)
         self.relu = nn.ReLU(inplace=False)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if spec.stem == "imagenet" else nn.Identity()

@@ -84,6 +84,9 @@ class ResNetSpec:
     # groups of every bottleneck's 3×3 conv: 1 for ResNet, e.g. 32 for ResNeXt-50 32×4d (torchvision's
     # ``groups``; its ``width_per_group`` is in inner_widths). Recorded only when not 1
     groups: int = 1
+    # channels of the input image: 3 (colour), or 1 (greyscale, e.g. X-rays; preprocess channel_order
+    # "L"). Recorded only when not 3
+    in_channels: int = 3
 
     def __post_init__(self):
         problems = list(self.head_layers.problems())
@@ -105,6 +108,11 @@ class ResNetSpec:
         widths = [self.stem_width, *self.stage_widths, *(w for st in self.inner_widths for b in st for w in b)]
         if any(int(w) <= 0 for w in widths) or self.num_classes <= 0:
             problems.append("all widths and num_classes must be positive")
+        if self.in_channels not in (1, 3):
+            problems.append(f"in_channels {self.in_channels}: edgeres reads colour (3) or greyscale (1) images")
+        elif self.in_channels != self.preprocess.channels:
+            problems.append(f"in_channels {self.in_channels} but the preprocessing makes {self.preprocess.channels} "
+                            f"channel(s) (channel order {self.preprocess.channel_order})")
         if int(self.groups) < 1:
             problems.append(f"groups {self.groups} must be at least 1")
         elif self.groups != 1:
@@ -195,6 +203,8 @@ class ResNetSpec:
             d["projections"] = list(self.projections)
         if self.groups == 1:
             del d["groups"]
+        if self.in_channels == 3:
+            del d["in_channels"]
         if self.label_keys is None:
             del d["label_keys"]
         else:
@@ -216,8 +226,9 @@ class ResNetSpec:
                 d["head_layers"] = Head.from_dict(d["head_layers"])
             if d.get("projections") is not None:
                 d["projections"] = tuple(bool(v) for v in d["projections"])
-            if "groups" in d:
-                d["groups"] = int(d["groups"])
+            for key in ("groups", "in_channels"):
+                if key in d:
+                    d[key] = int(d[key])
             return cls(**d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"invalid ResNet spec record ({type(e).__name__}: {e})") from None
@@ -256,10 +267,10 @@ class ResNetSpec:
             params += 2 * c
 
         if self.stem == "imagenet":
-            size = conv(3, self.stem_width, 7, 2, size)
+            size = conv(self.in_channels, self.stem_width, 7, 2, size)
             size = (size + 1) // 2  # max-pool 3×3/2 pad 1
         else:
-            size = conv(3, self.stem_width, 3, 1, size)
+            size = conv(self.in_channels, self.stem_width, 3, 1, size)
         bn(self.stem_width)
         for s, n in enumerate(self.layers):
             for b in range(n):
@@ -307,6 +318,14 @@ def _standard(name, stem, block, layers, base, shortcut, num_classes, head, prep
 IMAGENET_PREPROCESS = Preprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 CIFAR_PREPROCESS = Preprocess(size=32, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
+
+def greyscale(pre: Preprocess) -> Preprocess:
+    """``pre`` for a one-channel model: images turned grey (Pillow's ``convert("L")``) before the resize,
+    mean/std the average of the colour ones (ImageNet's: 0.449 / 0.226) — there is no common standard,
+    so a model trained otherwise gives its own with ``--preprocess mean=M,std=S``."""
+    mean, std = sum(pre.mean) / len(pre.mean), sum(pre.std) / len(pre.std)
+    return replace(pre, channel_order="L", mean=(round(mean, 6),), std=(round(std, 6),))
+
 ZOO: dict[str, ResNetSpec] = {
     **{
         name: _standard(name, "imagenet", block, layers, 64, "projection", 1000, "fc", IMAGENET_PREPROCESS)
@@ -346,7 +365,13 @@ def get_spec(arch: str, *, num_classes: int | None = None, input_size: int | Non
     if num_classes is not None and num_classes != spec.num_classes:
         spec = replace(spec, num_classes=num_classes, labels=None)
     if input_size is not None and input_size != spec.input_size:
-        pre = spec.preprocess
-        resize = None if pre.resize is None else round(input_size * pre.resize / pre.size)
-        spec = replace(spec, preprocess=replace(pre, size=input_size, resize=resize))
+        spec = replace(spec, preprocess=resized_preprocess(spec.preprocess, input_size))
     return spec
+
+
+def resized_preprocess(pre: Preprocess, size: int, resize: int | None = None) -> Preprocess:
+    """``pre`` at input ``size``; the shorter side (unless given) keeps the crop fraction and is floored,
+    as timm does (``floor(size / crop_pct)``: 160 at 224/256 → 182) and torchvision's 224 → 256 agrees."""
+    if pre.resize_mode == "direct" or (pre.resize is None and resize is None):
+        return replace(pre, size=size, resize=None)
+    return replace(pre, size=size, resize=resize if resize is not None else size * pre.resize // pre.size)

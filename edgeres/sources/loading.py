@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeres.errors import InputError
 from edgeres.targets.base import atomic_path, first_line, sha256_file
 from edgeres.model.limits import check_archive, check_weight_bytes, size_text
 from edgeres.model.infer import check_state_dict, infer_spec
-from edgeres.model.zoo import ResNetSpec, get_spec
+from edgeres.model.zoo import ResNetSpec, get_spec, greyscale
 from edgeres.sources.safetensors_reader import SAFETENSORS_SUFFIX, read_safetensors
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
@@ -32,6 +32,18 @@ class LoadedModel:
     sha256: str
     format: str
     extra: dict | None = None  # e.g. pruning record stored in an edgeres checkpoint
+    spec_recorded: bool = False  # the file records its spec (an edgeres checkpoint): input size included
+
+    def input_size_fixed_by(self) -> str | None:
+        """What fixes the input size, or None where weights alone leave it free (a state_dict's convs
+        and global pooling take any size: the size it was trained at is the user's to give)."""
+        if self.spec.head_layers.pool == "flatten":
+            return "its Flatten head's weights are sized for it"
+        if self.format not in ("pytorch", "safetensors"):
+            return f"the {self.format} model's input shape"
+        if self.spec_recorded:
+            return "its edgeres checkpoint records that size"
+        return None
 
     def to_torch(self):
         from edgeres.model.torch_model import build_torch
@@ -80,6 +92,8 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
             spec = inferred
         else:
             spec = get_spec(arch, num_classes=inferred.num_classes)
+            if inferred.in_channels != spec.in_channels:
+                spec = replace(spec, in_channels=1, preprocess=greyscale(spec.preprocess))  # a greyscale ResNet-18, say
             if inferred.groups != spec.groups:
                 raise InputError(f"{p}: the weights hold {_groups_text(inferred.groups)} but --arch {arch} has {_groups_text(spec.groups)}; "
                                  f"omit --arch to read it off the weights ({inferred.name})")
@@ -90,7 +104,7 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
     if arch is not None and saved_spec is not None and arch != saved_spec.name.split("-")[0]:
         raise InputError(f"{p}: is an edgeres checkpoint of {saved_spec.name}, not {arch}; omit --arch")
     check_state_dict(spec, state_dict, p, arch)
-    return LoadedModel(spec, state_dict, str(p), sha256_file(p), fmt, extra)
+    return LoadedModel(spec, state_dict, str(p), sha256_file(p), fmt, extra, spec_recorded=saved_spec is not None)
 
 
 def _groups_text(groups: int) -> str:
