@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.openvino_int8 import build_inputs  # noqa: E402 - random-weight checkpoint + calibration npz
+from benchmarks.readme_tables import convert_cost_table  # noqa: E402
 
 TARGETS = ("onnx", "openvino", "tflite")
 
@@ -130,22 +131,16 @@ def main() -> None:
         [sys.executable, "-c", NATIVE_NNCF.format(**fmt, dst=str(work / "nncf.xml"))], cwd=ROOT)
     after = load()
 
-    print("\n| run | wall s | CPU s | peak RSS, process tree GB | peak RSS, largest process GB |")
-    print("|---|---:|---:|---:|---:|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['peak_tree_gb']} | {r['peak_main_gb']} |")
+    result = {"arch": args.arch, "calib_images": args.calib_images, "load_before": before, "load_after": after,
+              "rows": {k: {x: y for x, y in v.items() if x != "stderr"} for k, v in rows.items()},
+              "timings": {j: m["timings"] for j, m in manifests.items()}}
+    print("\n" + convert_cost_table(result))  # the table docs/convert.md shows (readme_tables.py --blocks convert_cost)
     print(f"\nbefore: {before}; after: {after}; {os.cpu_count()} cores")
-    if "1" in manifests and "2" in manifests:
-        print(f"--jobs 2 / --jobs 1 wall: {rows['edgeres --jobs 2']['wall_s'] / rows['edgeres --jobs 1']['wall_s']:.2f}")
     print("\nsteps (seconds, from the manifest's timings):")
     for jobs, m in manifests.items():
         print(f"  --jobs {jobs}: " + ", ".join(f"{k} {v}" for k, v in m["timings"].items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"arch": args.arch, "calib_images": args.calib_images,
-                                               "load_before": before, "load_after": after,
-                                               "rows": {k: {x: y for x, y in v.items() if x != "stderr"}
-                                                        for k, v in rows.items()},
-                                               "timings": {j: m["timings"] for j, m in manifests.items()}}, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

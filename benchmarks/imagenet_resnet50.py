@@ -14,6 +14,8 @@ is the first row.
 
 Run: ``.venv/bin/python benchmarks/imagenet_resnet50.py [--work DIR] [--json FILE]`` (~10 min, ~4 GB on 2 cores;
 reuses ``DIR/bundle`` when it is there).
+With ``--json benchmarks/results/imagenet_resnet50.json``, ``python benchmarks/readme_tables.py --blocks imagenet
+--write`` puts the table into README.md and docs/accuracy.md.
 """
 
 from __future__ import annotations
@@ -153,10 +155,9 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"ImageNet Keras ResNet-50, {len(y)} dev photos ({pre.describe()}); calibration: "
           f"{result['calib_images']} other photos, the same for every recipe.\n")
-    print("| runtime | recipe | precision | top-1 % | agrees with fp32 % |")
-    print("|---|---|---|---:|---:|")
-    for r in rows:
-        print(f"| {r['runtime']} | {r['recipe']} | {r['precision']} | {r['top1']:.2f} | {r['agreement_pct']:.2f} |")
+    from benchmarks.readme_tables import imagenet_table
+
+    print(imagenet_table(result))  # the table of README.md and docs/accuracy.md (readme_tables.py --blocks imagenet)
     return 0
 
 

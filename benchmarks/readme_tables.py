@@ -1,4 +1,6 @@
-"""The README's CIFAR-10 numbers, all from one run of today's code, so its tables agree with each other.
+"""The tables of the README and the docs pages, made by the benchmarks, never typed.
+
+CIFAR-10: all from one run of today's code, so the tables agree with each other.
 
 Runs the README's own commands (the real CLI, in fresh processes) on the pretrained ResNet-20/32 and the
 5000-image dev half (the same images, calibration spread evenly over the same 1000 — nothing is random):
@@ -9,10 +11,18 @@ Runs the README's own commands (the real CLI, in fresh processes) on the pretrai
   estimators ``convert X.th --targets onnx,openvino --precision int8 --estimator E`` for the four estimators
 
 and checks what must agree does: the int8 rows of ``r20`` and ``r20-all``, and the mse row of the estimator
-table. ``--write`` replaces the marked blocks of README.md (``<!-- readme_tables:NAME -->`` …
-``<!-- /readme_tables:NAME -->``); without it the blocks are printed.
+table.
 
-Run: ``python benchmarks/readme_tables.py [--work DIR] [--write]`` (needs ../shared/data/cifar10; ≈8 min on 2 cores).
+From kept results (no run here): the ``imagenet`` block from ``benchmarks/results/imagenet_resnet50.json``, which
+``python benchmarks/imagenet_resnet50.py --json benchmarks/results/imagenet_resnet50.json`` writes (≈10 min, 4 GB), and
+``convert_cost`` from ``benchmarks/results/convert_cost.json`` (``benchmarks/convert_cost.py --json``).
+
+``--write`` replaces the marked blocks (``<!-- readme_tables:NAME -->`` … ``<!-- /readme_tables:NAME -->``) in
+README.md and every page of docs/ that holds them (each block must be somewhere); without it the blocks are printed.
+``--blocks imagenet,convert_cost`` renders only those (no CIFAR run).
+
+Run: ``python benchmarks/readme_tables.py [--work DIR] [--write] [--blocks intro,fp32,worked,estimators,imagenet,convert_cost]``
+(the CIFAR blocks need ../shared/data/cifar10; ≈8 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -30,6 +40,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
 ESTIMATORS = ("minmax", "percentile", "entropy", "mse")
+CIFAR_BLOCKS = ("intro", "fp32", "worked", "estimators")
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGENET_JSON = RESULTS / "imagenet_resnet50.json"
+CONVERT_COST_JSON = RESULTS / "convert_cost.json"
+# blocks rendered from a benchmark's kept JSON: name → (file, the script that writes it)
+JSON_BLOCKS = {"imagenet": (IMAGENET_JSON, "benchmarks/imagenet_resnet50.py --json"),
+               "convert_cost": (CONVERT_COST_JSON, "benchmarks/convert_cost.py --json")}
+BLOCKS = (*CIFAR_BLOCKS, *JSON_BLOCKS)
+# Where the blocks live: the README (the headline tables) and the docs pages.
+DOC_FILES = ("README.md", "docs/*.md")
 
 
 def edgeres(*args: str, cwd: Path) -> str:
@@ -137,34 +157,138 @@ def blocks(tables: dict[str, str], rows: dict[str, dict]) -> dict[str, str]:
     }
 
 
-def write_readme(found: dict[str, str]) -> None:
-    path = ROOT / "README.md"
-    text = path.read_text()
-    for name, body in found.items():
-        pattern = re.compile(rf"(<!-- readme_tables:{name} -->\n)(?:.*?\n)?(<!-- /readme_tables:{name} -->)", re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- readme_tables:{name} --> block")
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
-    path.write_text(text)
+# (runtime, recipe as the benchmark records it, precision) → recipe as the table shows it, in table order:
+# the fp32 rows, then per runtime edgeres' int8 beside the runtime's own recipe.
+IMAGENET_ROWS = (
+    (("Keras", "the model itself, fed the same pixels", "fp32"), "the model itself, fed the same pixels"),
+    (("onnxruntime", "edgeres", "fp32"), "edgeres"),
+    (("OpenVINO", "edgeres", "fp32"), "edgeres"),
+    (("LiteRT", "edgeres", "fp32"), "edgeres"),
+    (("onnxruntime", "edgeres", "int8"), "**edgeres**"),
+    (("onnxruntime", "quantize_static MinMax per-channel QDQ", "int8"),
+     "`quantize_static`, MinMax, per-channel QDQ, reduce_range"),
+    (("OpenVINO", "edgeres", "int8"), "**edgeres** (the same QDQ ranges)"),
+    (("OpenVINO", "nncf.quantize defaults", "int8"), "`nncf.quantize` defaults"),
+    (("LiteRT", "edgeres", "int8"), "**edgeres**"),
+    (("LiteRT", "TFLiteConverter full-int8, representative dataset", "int8"),
+     "`TFLiteConverter` full-int8, representative dataset"),
+)
+
+
+def imagenet_table(result: dict) -> str:
+    """The ImageNet ResNet-50 table from ``imagenet_resnet50.py --json``'s document (edgeres' int8 agreement bold)."""
+    rows = {(r["runtime"], r["recipe"], r["precision"]): r for r in result["rows"]}
+    missing = [key for key, _ in IMAGENET_ROWS if key not in rows]
+    if missing:
+        raise SystemExit(f"{IMAGENET_JSON.name} has no row {missing[0]}: re-run benchmarks/imagenet_resnet50.py --json")
+    lines = ["| runtime | recipe | precision | top-1 % | agrees with fp32 % |", "|---|---|---|---:|---:|"]
+    for key, shown in IMAGENET_ROWS:
+        r = rows[key]
+        agree = f"{r['agreement_pct']:.2f}"
+        if shown.startswith("**edgeres**"):
+            agree = f"**{agree}**"
+        lines.append(f"| {key[0]} | {shown} | {key[2]} | {r['top1']:.2f} | {agree} |")
+    return "\n".join(lines)
+
+
+CONVERT_COST_RUNS = {  # convert_cost.py's row names → as the table shows them
+    "edgeres --jobs 0": "`edgeres convert --jobs 0` (everything in one process)",
+    "edgeres --jobs 1": "`edgeres convert --jobs 1` (three int8 artifacts)",
+    "edgeres --jobs 2": "`edgeres convert --jobs 2` (TFLite beside export + calibration)",
+    "onnxruntime quantize_static": "onnxruntime `quantize_static` (one artifact)",
+    "OpenVINO + NNCF quantize": "OpenVINO `convert_model` + `nncf.quantize` (one artifact)",
+}
+
+
+def convert_cost_table(result: dict) -> str:
+    """``convert_cost.py --json``'s runs; ``--jobs 2``'s wall time also as a ratio of ``--jobs 1``'s."""
+    rows = result["rows"]
+    unknown = [name for name in rows if name not in CONVERT_COST_RUNS]
+    if unknown:
+        raise SystemExit(f"{CONVERT_COST_JSON.name}: unknown run {unknown[0]!r}")
+    lines = ["| run | wall s | CPU s | peak RSS, process tree | peak RSS, largest process |", "|---|---:|---:|---:|---:|"]
+    for name, shown in CONVERT_COST_RUNS.items():
+        if name not in rows:
+            continue
+        r = rows[name]
+        wall = f"{r['wall_s']}"
+        if name == "edgeres --jobs 2" and "edgeres --jobs 1" in rows:
+            wall += f" ({r['wall_s'] / rows['edgeres --jobs 1']['wall_s']:.2f}×)"
+        lines.append(f"| {shown} | {wall} | {r['cpu_s']} | {r['peak_tree_gb']:.2f} GB | {r['peak_main_gb']:.2f} GB |")
+    return "\n".join(lines)
+
+
+RENDER = {"imagenet": imagenet_table, "convert_cost": convert_cost_table}
+
+
+def marked_block(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- readme_tables:{name} -->\n)(.*?\n)?(<!-- /readme_tables:{name} -->)", re.S)
+
+
+def doc_files() -> list[Path]:
+    return [p for pattern in DOC_FILES for p in sorted(ROOT.glob(pattern))]
+
+
+def blocks_in_docs() -> dict[str, dict[Path, str]]:
+    """Per block name, the text between its markers in each file that holds it."""
+    found: dict[str, dict[Path, str]] = {}
+    for path in doc_files():
+        text = path.read_text()
+        for name in BLOCKS:
+            for m in marked_block(name).finditer(text):
+                found.setdefault(name, {})[path] = (m.group(2) or "").rstrip("\n")
+    return found
+
+
+def write_docs(found: dict[str, str]) -> list[Path]:
+    """Replace each block in every file holding it; every block must be held somewhere."""
+    holders = blocks_in_docs()
+    absent = [name for name in found if name not in holders]
+    if absent:
+        raise SystemExit(f"no <!-- readme_tables:{absent[0]} --> block in {' or '.join(DOC_FILES)}")
+    written = []
+    for path in doc_files():
+        text = path.read_text()
+        new = text
+        for name, body in found.items():
+            new = marked_block(name).sub(lambda m: m.group(1) + body + "\n" + m.group(3), new)
+        if new != text:
+            path.write_text(new)
+            written.append(path)
+    return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="Folder for the bundles (default: a temporary one).")
-    parser.add_argument("--write", action="store_true", help="Replace the marked blocks of README.md.")
+    parser.add_argument("--write", action="store_true", help="Replace the marked blocks of README.md and docs/*.md.")
+    parser.add_argument("--blocks", default=",".join(BLOCKS), help=f"Which blocks (default: all of {','.join(BLOCKS)}).")
     args = parser.parse_args()
-    if not (DATA / "cifar10_dev.npz").exists():
-        raise SystemExit(f"needs the CIFAR-10 data at {DATA}")
-    work = args.work or Path(tempfile.mkdtemp(prefix="readme-tables-"))
-    work.mkdir(parents=True, exist_ok=True)
-    calib, dev = str(DATA / "cifar10_calib.npz"), str(DATA / "cifar10_dev.npz")
-    tables = intro_and_worked(work, calib, dev)
-    rows = estimator_rows(work, calib, dev)
-    check_estimators_agree(tables["intro"], rows)
-    found = blocks(tables, rows)
+    wanted = [b.strip() for b in args.blocks.split(",") if b.strip()]
+    unknown = [b for b in wanted if b not in BLOCKS]
+    if unknown or not wanted:
+        raise SystemExit(f"--blocks {args.blocks!r}: choose from {','.join(BLOCKS)}")
+    found: dict[str, str] = {}
+    if any(b in CIFAR_BLOCKS for b in wanted):
+        if not (DATA / "cifar10_dev.npz").exists():
+            raise SystemExit(f"needs the CIFAR-10 data at {DATA}")
+        work = args.work or Path(tempfile.mkdtemp(prefix="readme-tables-"))
+        work.mkdir(parents=True, exist_ok=True)
+        calib, dev = str(DATA / "cifar10_calib.npz"), str(DATA / "cifar10_dev.npz")
+        tables = intro_and_worked(work, calib, dev)
+        rows = estimator_rows(work, calib, dev)
+        check_estimators_agree(tables["intro"], rows)
+        found.update({k: v for k, v in blocks(tables, rows).items() if k in wanted})
+        print(f"bundles in {work}", file=sys.stderr)
+    for name in (b for b in wanted if b in JSON_BLOCKS):
+        path, script = JSON_BLOCKS[name]
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: run python {script} {path.relative_to(ROOT)}")
+        found[name] = RENDER[name](json.loads(path.read_text()))
     if args.write:
-        write_readme(found)
-        print(f"README.md updated ({', '.join(found)}); bundles in {work}", file=sys.stderr)
+        written = write_docs(found)
+        where = ", ".join(str(p.relative_to(ROOT)) for p in written)
+        print(f"{', '.join(found)}: " + (f"updated {where}" if written else "already up to date"), file=sys.stderr)
     else:
         for name, body in found.items():
             print(f"<!-- readme_tables:{name} -->\n{body}\n<!-- /readme_tables:{name} -->\n")

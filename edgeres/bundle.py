@@ -540,8 +540,8 @@ def _preprocess_problem(pre, where: str) -> str | None:
         return f"{where} resize {resize!r} is not a side of {size} to {MAX_IMAGE_SIDE} pixels"
     for key in ("mean", "std"):
         v = pre.get(key, [1.0, 1.0, 1.0])
-        if not isinstance(v, list) or len(v) != 3 or not all(_is_finite(x) for x in v):
-            return f"{where} {key} {v!r} is not three finite numbers"
+        if not isinstance(v, list) or len(v) not in (1, 3) or not all(_is_finite(x) for x in v):
+            return f"{where} {key} {v!r} is not three finite numbers (one for a greyscale model)"
     if any(x <= 0 for x in pre.get("std", [1.0])):
         return f"{where} std {pre['std']!r} must be positive"
     scale = pre.get("scale", 1.0)

@@ -357,8 +357,8 @@ def _calibration_batches(job: CompileJob, batch_size: int = CALIB_BATCH):
     norm = pixel_normalization(job)
     for batch in job.calibration(layout="NHWC", batch_size=batch_size):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or batch.shape[-1] != 3:
-            raise TargetError(f"tflite: calibration batches must be N×H×W×3 (NHWC), got {batch.shape}")
+        if batch.ndim != 4 or batch.shape[-1] not in (1, 3):
+            raise TargetError(f"tflite: calibration batches must be N×H×W×3 (or ×1 greyscale, NHWC), got {batch.shape}")
         yield batch if norm is None else to_pixels(batch, norm)
 
 

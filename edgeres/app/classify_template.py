@@ -38,6 +38,8 @@ def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
     """Pillow's resize with the bundle's filter; not antialiased: the filter sampled at output pixel centres."""
     if img.shape[:2] == (h, w):
         return img
+    if img.ndim == 3 and img.shape[2] == 1:  # greyscale: Pillow resizes an L image
+        return _resize(img[:, :, 0], h, w)[:, :, None]
     pre = CONFIG["preprocess"]
     name = pre.get("filter", "bilinear")
     if pre.get("antialias", True) or name == "nearest":
@@ -48,8 +50,10 @@ def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def geometry(img: np.ndarray) -> np.ndarray:
-    """H×W×3 uint8 → size×size×3 uint8 as the model was trained (or ValueError naming the size)."""
+    """H×W×3 uint8 → size×size×channels uint8 as the model was trained (or ValueError naming the size)."""
     pre = CONFIG["preprocess"]
+    if pre["channel_order"] == "L":  # a greyscale model: grey first, as Image.convert("L") at load time
+        img = np.asarray(Image.fromarray(img).convert("L"))[:, :, None]
     size, resize, h, w = pre["size"], pre.get("resize"), img.shape[0], img.shape[1]
     if pre.get("resize_mode", "shorter_side_crop") == "direct":
         return _resize(img, size, size)
@@ -64,7 +68,7 @@ def geometry(img: np.ndarray) -> np.ndarray:
 
 
 def model_input(pixels: np.ndarray) -> np.ndarray:
-    """size×size×3 uint8 pixels → the model's 1×… input."""
+    """size×size×channels uint8 pixels → the model's 1×… input."""
     pre, spec = CONFIG["preprocess"], CONFIG["input"]
     if spec["pixels"]:  # the model normalises inside: it takes the pixel values
         x = pixels.astype(np.uint8 if spec["dtype"] == "uint8" else np.float32)[None]

@@ -88,6 +88,9 @@ def export_app(bundle: str | Path, kind: str, out: str | Path, *, target: str | 
     """Write the app folder ``out``; returns ``app.json`` (kind, artifact, files)."""
     bundle, out = Path(bundle), check_request(kind, out, force)
     manifest = read_manifest(bundle, verify=False)
+    if kind != "python" and manifest["preprocess"].get("channel_order") == "L":
+        raise InputError(f"{bundle}: is a greyscale (one-channel) model; the {kind} app code feeds RGB camera frames, "
+                         "so export the python app (export-app --kind python) or convert the frames to grey yourself")
     artifact = _choose(manifest, bundle, kind, target, precision)
     for record in artifact.get("file_records", []):
         verify_file(bundle, record)

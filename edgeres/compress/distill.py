@@ -27,7 +27,7 @@ KD_LOSSES = ("kl", "mse")
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """KD fine-tuning recipe; defaults are the recipe measured on ResNet-32 at ratio 0.3 (see README)."""
+    """KD fine-tuning recipe; defaults are the recipe measured on ResNet-32 at ratio 0.3 (see docs/pruning.md)."""
 
     epochs: int
     lr: float = 0.005  # 0.01: 8–10 pp lower top-1 after epochs 1–2 on ResNet-32 / train10k
@@ -35,7 +35,7 @@ class FinetuneConfig:
     seed: int = 0
     # "mse": squared error on the raw logits; "kl": softened outputs at ``temperature``. After least-squares
     # reconstruction (edgeres.compress.reconstruct) mse recovers more: ResNet-32 r0.3, 10 epochs, seeds 0–2: mean drop
-    # −1.74 pp vs −2.14 with kl (README)
+    # −1.74 pp vs −2.14 with kl (docs/pruning.md)
     loss: str = "mse"
     temperature: float = 4.0
     label_weight: float = 0.1  # share of cross-entropy on labels when the data has them

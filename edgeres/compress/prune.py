@@ -200,7 +200,7 @@ def prune_step(model, spec: ResNetSpec, cfg: PruneConfig, target_ratio: float, o
     import torch
     import torch_pruning as tp
 
-    example = torch.zeros(1, 3, spec.input_size, spec.input_size)
+    example = torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size)
     model.eval()
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     groups = _score_groups(DG, model, spec, cfg, original_widths, gradient_fn)
@@ -359,7 +359,7 @@ def check_rebuild(model, spec: ResNetSpec, state_dict: dict) -> float:
     rebuilt = build_torch(spec)
     rebuilt.load_state_dict(state_dict, strict=True)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, spec.input_size, spec.input_size, generator=g)
+    x = torch.randn(4, spec.in_channels, spec.input_size, spec.input_size, generator=g)
     with torch.no_grad():
         err = float((rebuilt.eval()(x) - model.eval()(x)).abs().max())
     if err > 1e-5:
@@ -445,6 +445,7 @@ def prune(model, spec: ResNetSpec, cfg: PruneConfig, *, gradient_fn=None, betwee
     import copy
 
     cfg.validate()
+    check_prunable(spec)
     model = copy.deepcopy(model).eval()
     before = spec.cost()
     model, work_spec = option_a_to_projection(model, spec)
@@ -524,9 +525,18 @@ def prune_loaded(loaded, cfg: PruneConfig, *, train_data=None, finetune=None, ev
     return outcome
 
 
+def check_prunable(spec: ResNetSpec) -> None:
+    """Refuse a network the channel pruner cannot keep whole: a grouped conv couples its channels in
+    blocks of in/groups, and widths cut across them would no longer split into the same groups."""
+    if spec.groups != 1:
+        raise InputError(f"pruning refused: {spec.name} has grouped 3×3 convs (groups {spec.groups}, ResNeXt), whose "
+                         "channels the pruner cannot cut group by group; convert it unpruned (int8 keeps every channel)")
+
+
 def _check_prune_job(spec: ResNetSpec, cfg: PruneConfig, train_data, finetune, eval_data) -> None:
     """Refuse, before any work, a job whose options or data do not fit together."""
     cfg.validate()
+    check_prunable(spec)
     if finetune is not None:
         finetune.validate()
         check_finetune_flags(finetune.epochs, train_data)

@@ -10,7 +10,7 @@ from pathlib import Path
 from edgeres.errors import InputError
 from edgeres.model.limits import check_input_side, check_weight_bytes
 from edgeres.model.torch_model import build_torch
-from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, ZOO, ResNetSpec
+from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, ZOO, ResNetSpec, greyscale
 
 
 def _head_weight(sd: dict):
@@ -30,6 +30,11 @@ def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
     if stem_w is None or stem_w.ndim != 4 or head is None:
         raise InputError(f"{p}: does not look like a ResNet state_dict (no conv1.weight or classifier); pass --arch or check the file")
     stem = "imagenet" if stem_w.shape[-1] == 7 else "cifar"
+    in_channels = int(stem_w.shape[1])
+    if in_channels not in (1, 3):
+        raise InputError(f"{p}: conv1.weight {tuple(stem_w.shape)} takes {in_channels} input channels; edgeres converts "
+                         "colour (3) and greyscale (1) models — images with other channels (e.g. RGBA, "
+                         "multispectral) are not supported")
     blocks: dict[int, set[int]] = {}
     for k in sd:
         m = _BLOCK_KEY.match(k)
@@ -48,12 +53,16 @@ def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
             stage.append(int(sd[f"layer{s + 1}.0.{last}.weight"].shape[0]))
     except KeyError as e:
         raise InputError(f"{p}: missing key {e.args[0]} needed to read the ResNet's widths; the checkpoint is incomplete") from None
+    groups = _groups(sd, layers, kind, p)
     shortcut = "projection" if any(".downsample.0.weight" in k for k in sd) else "option_a"
     head_name, head_w = head
     num_classes = int(head_w.shape[0])
     preprocess = IMAGENET_PREPROCESS if stem == "imagenet" else CIFAR_PREPROCESS
+    if in_channels == 1:
+        preprocess = greyscale(preprocess)
     spec = ResNetSpec("inferred", stem, kind, layers, int(stem_w.shape[0]), tuple(stage), tuple(inner),
-                      shortcut, "3x3", num_classes, head_name, preprocess, None)
+                      shortcut, "3x3", num_classes, head_name, preprocess, None, groups=groups,
+                      in_channels=in_channels)
     if shortcut == "projection":  # a pruned projection can join equal widths: the keys say where it is
         spec = spec.with_widths(spec.stem_width, spec.stage_widths, spec.inner_widths, name=spec.name,
                                 projections=tuple(f"layer{s + 1}.0.downsample.0.weight" in sd for s in range(len(layers))))
@@ -64,6 +73,31 @@ def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
     depth = spec.depth
     base = next((n for n, z in ZOO.items() if z.stem == stem and z.block == kind and z.layers == layers), f"resnet{depth}")
     return replace(spec, name=f"{base}-custom")
+
+
+def _groups(sd: dict, layers: tuple[int, ...], kind: str, p) -> int:
+    """The group count of the 3×3 convs, read as torch stores a grouped weight: (out, in / groups, k, k).
+    ResNeXt groups its bottlenecks' 3×3 convs, all with one count."""
+    found = set()
+    for s, n in enumerate(layers):
+        for b in range(n):
+            w, prev = sd[f"layer{s + 1}.{b}.conv2.weight"], sd[f"layer{s + 1}.{b}.conv1.weight"]
+            if w.ndim != 4 or prev.ndim != 4 or w.shape[1] <= 0:
+                raise InputError(f"{p}: layer{s + 1}.{b}.conv2.weight has shape {tuple(w.shape)}, not a 2-D conv's "
+                                 "(out, in, k, k); the checkpoint is not a ResNet")
+            cin = int(prev.shape[0])
+            if cin % int(w.shape[1]):
+                raise InputError(f"{p}: layer{s + 1}.{b}.conv2.weight {tuple(w.shape)} takes {int(w.shape[1])} channels "
+                                 f"per group from conv1's {cin}, which no group count divides; the checkpoint is broken")
+            found.add(cin // int(w.shape[1]))
+    if len(found) > 1:
+        raise InputError(f"{p}: the 3×3 convs are grouped with different counts ({', '.join(map(str, sorted(found)))}); "
+                         "edgeres reads ResNeXt with one group count for every block")
+    groups = found.pop() if found else 1
+    if groups != 1 and kind != "bottleneck":
+        raise InputError(f"{p}: grouped 3×3 convs (groups {groups}) in basic blocks; edgeres reads grouped convs in "
+                         "bottleneck blocks only (ResNeXt), as torchvision builds them")
+    return groups
 
 
 def check_state_dict(spec: ResNetSpec, sd: dict, p: Path | str, arch: str | None = None) -> None:

@@ -44,7 +44,7 @@ def _np(t) -> np.ndarray:
 def build_keras(spec: ResNetSpec, state_dict: dict):
     """A ``tf_keras.Model`` computing the same logits as ``build_torch(spec)`` with ``state_dict``.
 
-    Input: float32 N×size×size×3 (NHWC, preprocessed); output: float32 N×num_classes logits
+    Input: float32 N×size×size×in_channels (NHWC, preprocessed); output: float32 N×num_classes logits
     (probabilities when the spec's head ends in a softmax).
     """
     import tensorflow as tf
@@ -52,7 +52,7 @@ def build_keras(spec: ResNetSpec, state_dict: dict):
 
     build = _KerasBuild(spec, state_dict, keras.layers, tf)
     size = spec.input_size
-    inputs = keras.Input((size, size, 3), dtype="float32", name="input")
+    inputs = keras.Input((size, size, spec.in_channels), dtype="float32", name="input")
     x = build.stem(inputs)
     for s, n in enumerate(spec.layers):
         for b in range(n):
@@ -72,8 +72,9 @@ class _KerasBuild:
         self.spec, self.state_dict, self.layers, self.tf = spec, state_dict, layers, tf
         self.weights: list[tuple[object, list[np.ndarray]]] = []
 
-    def conv(self, x, torch_conv: str, torch_bn: str, k: int, stride: int, relu: bool, name: str):
-        """k×k conv with torch's symmetric padding (k//2), BN folded, optional fused ReLU."""
+    def conv(self, x, torch_conv: str, torch_bn: str, k: int, stride: int, relu: bool, name: str, groups: int = 1):
+        """k×k conv with torch's symmetric padding (k//2), BN folded, optional fused ReLU; a grouped conv's
+        OIHW weight (O, I/groups, k, k) transposes to Keras' grouped HWIO kernel (k, k, I/groups, O)."""
         kernel, bias = folded_conv(self.state_dict, torch_conv, torch_bn)
         pad = k // 2
         if pad and stride == 1:
@@ -83,7 +84,7 @@ class _KerasBuild:
             if pad:
                 x = self.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
         layer = self.layers.Conv2D(kernel.shape[-1], k, strides=stride, padding=padding, use_bias=True,
-                                   activation="relu" if relu else None, name=name)
+                                   activation="relu" if relu else None, groups=groups, name=name)
         y = layer(x)
         self.weights.append((layer, [kernel, bias]))
         return y
@@ -124,7 +125,7 @@ class _KerasBuild:
         else:
             s1, s3 = (stride, 1) if spec.stride_on == "1x1" else (1, stride)
             y = conv(x, f"{p}.conv1", f"{p}.bn1", 1, s1, True, f"{name}_conv1")
-            y = conv(y, f"{p}.conv2", f"{p}.bn2", 3, s3, True, f"{name}_conv2")
+            y = conv(y, f"{p}.conv2", f"{p}.bn2", 3, s3, True, f"{name}_conv2", spec.groups)
             y = conv(y, f"{p}.conv3", f"{p}.bn3", 1, 1, False, f"{name}_conv3")
         if not spec.has_downsample(s, b):
             identity = x

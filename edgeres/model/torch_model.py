@@ -72,15 +72,16 @@ class BasicBlock(_ResidualBlock):
 
 
 class Bottleneck(_ResidualBlock):
-    """1×1 reduce, 3×3, 1×1 expand; the stride sits on the 3×3 (torchvision v1.5) or the first 1×1."""
+    """1×1 reduce, 3×3 (grouped in ResNeXt), 1×1 expand; the stride sits on the 3×3 (torchvision v1.5) or
+    the first 1×1."""
 
     def __init__(self, cin: int, inner: tuple[int, ...], cout: int, stride: int, shortcut: nn.Module | None,
-                 stride_on: str):
+                 stride_on: str, groups: int = 1):
         super().__init__()
         s1, s3 = (stride, 1) if stride_on == "1x1" else (1, stride)
         self.conv1 = nn.Conv2d(cin, inner[0], 1, s1, 0, bias=False)
         self.bn1 = nn.BatchNorm2d(inner[0])
-        self.conv2 = nn.Conv2d(inner[0], inner[1], 3, s3, 1, bias=False)
+        self.conv2 = nn.Conv2d(inner[0], inner[1], 3, s3, 1, groups=groups, bias=False)  # ResNeXt: groups > 1
         self.bn2 = nn.BatchNorm2d(inner[1])
         self.conv3 = nn.Conv2d(inner[1], cout, 1, 1, 0, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
@@ -112,7 +113,7 @@ def _block(spec: ResNetSpec, stage: int, block: int) -> _ResidualBlock:
     inner = spec.inner_widths[stage][block]
     if spec.block == "basic":
         return BasicBlock(cin, inner, cout, stride, shortcut)
-    return Bottleneck(cin, inner, cout, stride, shortcut, spec.stride_on)
+    return Bottleneck(cin, inner, cout, stride, shortcut, spec.stride_on, spec.groups)
 
 
 class ResNet(nn.Module):
@@ -133,9 +134,9 @@ class ResNet(nn.Module):
 
     def _build_stem(self, spec: ResNetSpec) -> None:
         if spec.stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, spec.stem_width, 7, 2, 3, bias=False)
+            self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 7, 2, 3, bias=False)
         else:
-            self.conv1 = nn.Conv2d(3, spec.stem_width, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(spec.stem_width)
         self.relu = nn.ReLU(inplace=False)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if spec.stem == "imagenet" else nn.Identity()

@@ -81,6 +81,12 @@ class ResNetSpec:
     # per class, the other names it goes by (e.g. its ImageNet wnid), from a --labels table's other columns:
     # class folders named by any of them find their index. Recorded only when set.
     label_keys: tuple[tuple[str, ...], ...] | None = None
+    # groups of every bottleneck's 3×3 conv: 1 for ResNet, e.g. 32 for ResNeXt-50 32×4d (torchvision's
+    # ``groups``; its ``width_per_group`` is in inner_widths). Recorded only when not 1
+    groups: int = 1
+    # channels of the input image: 3 (colour), or 1 (greyscale, e.g. X-rays; preprocess channel_order
+    # "L"). Recorded only when not 3
+    in_channels: int = 3
 
     def __post_init__(self):
         problems = list(self.head_layers.problems())
@@ -102,6 +108,18 @@ class ResNetSpec:
         widths = [self.stem_width, *self.stage_widths, *(w for st in self.inner_widths for b in st for w in b)]
         if any(int(w) <= 0 for w in widths) or self.num_classes <= 0:
             problems.append("all widths and num_classes must be positive")
+        if self.in_channels not in (1, 3):
+            problems.append(f"in_channels {self.in_channels}: edgeres reads colour (3) or greyscale (1) images")
+        elif self.in_channels != self.preprocess.channels:
+            problems.append(f"in_channels {self.in_channels} but the preprocessing makes {self.preprocess.channels} "
+                            f"channel(s) (channel order {self.preprocess.channel_order})")
+        if int(self.groups) < 1:
+            problems.append(f"groups {self.groups} must be at least 1")
+        elif self.groups != 1:
+            if self.block != "bottleneck":
+                problems.append(f"groups {self.groups}: grouped 3×3 convs need bottleneck blocks (ResNeXt)")
+            elif any(w % self.groups for st in self.inner_widths for b in st for w in b):
+                problems.append(f"groups {self.groups} must divide every bottleneck's inner widths")
         if self.projections is not None:
             if len(self.projections) != len(self.layers):
                 problems.append("projections must have one entry per stage")
@@ -183,6 +201,10 @@ class ResNetSpec:
             del d["projections"]
         else:
             d["projections"] = list(self.projections)
+        if self.groups == 1:
+            del d["groups"]
+        if self.in_channels == 3:
+            del d["in_channels"]
         if self.label_keys is None:
             del d["label_keys"]
         else:
@@ -204,6 +226,9 @@ class ResNetSpec:
                 d["head_layers"] = Head.from_dict(d["head_layers"])
             if d.get("projections") is not None:
                 d["projections"] = tuple(bool(v) for v in d["projections"])
+            for key in ("groups", "in_channels"):
+                if key in d:
+                    d[key] = int(d[key])
             return cls(**d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"invalid ResNet spec record ({type(e).__name__}: {e})") from None
@@ -230,11 +255,11 @@ class ResNetSpec:
         params, macs = 0, 0
         size = self.input_size
 
-        def conv(cin, cout, k, stride, hw, bias=False):
+        def conv(cin, cout, k, stride, hw, bias=False, groups=1):
             nonlocal params, macs
             out = (hw + stride - 1) // stride
-            params += cin * cout * k * k + (cout if bias else 0)
-            macs += cin * cout * k * k * out * out
+            params += cin // groups * cout * k * k + (cout if bias else 0)
+            macs += cin // groups * cout * k * k * out * out
             return out
 
         def bn(c):
@@ -242,10 +267,10 @@ class ResNetSpec:
             params += 2 * c
 
         if self.stem == "imagenet":
-            size = conv(3, self.stem_width, 7, 2, size)
+            size = conv(self.in_channels, self.stem_width, 7, 2, size)
             size = (size + 1) // 2  # max-pool 3×3/2 pad 1
         else:
-            size = conv(3, self.stem_width, 3, 1, size)
+            size = conv(self.in_channels, self.stem_width, 3, 1, size)
         bn(self.stem_width)
         for s, n in enumerate(self.layers):
             for b in range(n):
@@ -259,7 +284,7 @@ class ResNetSpec:
                     s1, s3 = (stride, 1) if self.stride_on == "1x1" else (1, stride)
                     hw = conv(cin, inner[0], 1, s1, size)
                     bn(inner[0])
-                    hw = conv(inner[0], inner[1], 3, s3, hw)
+                    hw = conv(inner[0], inner[1], 3, s3, hw, groups=self.groups)
                     bn(inner[1])
                     conv(inner[1], cout, 1, 1, hw)
                 bn(cout)
@@ -275,19 +300,31 @@ class ResNetSpec:
         return {"params": params, "macs": macs}
 
 
-def _standard(name, stem, block, layers, base, shortcut, num_classes, head, preprocess, labels=None):
+def _standard(name, stem, block, layers, base, shortcut, num_classes, head, preprocess, labels=None, *,
+              groups=1, width_per_group=64):
+    """torchvision's widths: stage s has planes base·2^s; a bottleneck's inner width is
+    int(planes · width_per_group / 64) · groups (ResNeXt, Wide ResNet), its output planes · 4."""
     expansion = 4 if block == "bottleneck" else 1
     stage_widths = tuple(base * (2**s) * expansion for s in range(len(layers)))
+    inner_width = [int(base * 2**s * width_per_group / 64) * groups for s in range(len(layers))]
     inner = tuple(
-        tuple(((base * 2**s),) if block == "basic" else (base * 2**s, base * 2**s) for _ in range(n))
+        tuple((inner_width[s],) if block == "basic" else (inner_width[s], inner_width[s]) for _ in range(n))
         for s, n in enumerate(layers)
     )
     return ResNetSpec(name, stem, block, tuple(layers), base, stage_widths, inner, shortcut, "3x3",
-                      num_classes, head, preprocess, labels)
+                      num_classes, head, preprocess, labels, groups=groups)
 
 
 IMAGENET_PREPROCESS = Preprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 CIFAR_PREPROCESS = Preprocess(size=32, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def greyscale(pre: Preprocess) -> Preprocess:
+    """``pre`` for a one-channel model: images turned grey (Pillow's ``convert("L")``) before the resize,
+    mean/std the average of the colour ones (ImageNet's: 0.449 / 0.226) — there is no common standard,
+    so a model trained otherwise gives its own with ``--preprocess mean=M,std=S``."""
+    mean, std = sum(pre.mean) / len(pre.mean), sum(pre.std) / len(pre.std)
+    return replace(pre, channel_order="L", mean=(round(mean, 6),), std=(round(std, 6),))
 
 ZOO: dict[str, ResNetSpec] = {
     **{
@@ -298,6 +335,18 @@ ZOO: dict[str, ResNetSpec] = {
             ("resnet50", "bottleneck", (3, 4, 6, 3)),
             ("resnet101", "bottleneck", (3, 4, 23, 3)),
             ("resnet152", "bottleneck", (3, 8, 36, 3)),
+        ]
+    },
+    # torchvision's ResNeXt (grouped 3×3 convs) and Wide ResNets: same file, same keys, other widths
+    **{
+        name: _standard(name, "imagenet", "bottleneck", layers, 64, "projection", 1000, "fc", IMAGENET_PREPROCESS,
+                        groups=groups, width_per_group=wpg)
+        for name, layers, groups, wpg in [
+            ("resnext50_32x4d", (3, 4, 6, 3), 32, 4),
+            ("resnext101_32x8d", (3, 4, 23, 3), 32, 8),
+            ("resnext101_64x4d", (3, 4, 23, 3), 64, 4),
+            ("wide_resnet50_2", (3, 4, 6, 3), 1, 128),
+            ("wide_resnet101_2", (3, 4, 23, 3), 1, 128),
         ]
     },
     **{
@@ -316,7 +365,13 @@ def get_spec(arch: str, *, num_classes: int | None = None, input_size: int | Non
     if num_classes is not None and num_classes != spec.num_classes:
         spec = replace(spec, num_classes=num_classes, labels=None)
     if input_size is not None and input_size != spec.input_size:
-        pre = spec.preprocess
-        resize = None if pre.resize is None else round(input_size * pre.resize / pre.size)
-        spec = replace(spec, preprocess=replace(pre, size=input_size, resize=resize))
+        spec = replace(spec, preprocess=resized_preprocess(spec.preprocess, input_size))
     return spec
+
+
+def resized_preprocess(pre: Preprocess, size: int, resize: int | None = None) -> Preprocess:
+    """``pre`` at input ``size``; the shorter side (unless given) keeps the crop fraction and is floored,
+    as timm does (``floor(size / crop_pct)``: 160 at 224/256 → 182) and torchvision's 224 → 256 agrees."""
+    if pre.resize_mode == "direct" or (pre.resize is None and resize is None):
+        return replace(pre, size=size, resize=None)
+    return replace(pre, size=size, resize=resize if resize is not None else size * pre.resize // pre.size)
