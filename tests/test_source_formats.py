@@ -141,6 +141,8 @@ class Made:
     convert_args: tuple[str, ...] = ()
     expect: dict = field(default_factory=dict)  # what inspect must read off the file
     expect_preprocess: dict = field(default_factory=dict)  # what the manifest's preprocessing must hold
+    # the framework's whole pipeline, its own preprocessing included: uint8 N×H×W×3 RGB → logits
+    pipeline: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def make_resnext(tmp: Path) -> Made:
@@ -165,19 +167,67 @@ def make_greyscale_at_64(tmp: Path) -> Made:
                 expect_preprocess={"size": 64, "resize": 73, "channel_order": "L", "mean": [0.449], "std": [0.226]})
 
 
+def hf_resnet(folder: Path, *, layer_type="bottleneck", num_labels=3, edge=32):
+    """A ResNetForImageClassification saved by the real transformers (random weights, small config)
+    with the ConvNeXt image processor ResNet checkpoints ship (shortest edge, crop_pct, bicubic)."""
+    import torch
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    names = ["tabby", "tench", "eel", "ibis"][:num_labels]
+    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], layer_type=layer_type,
+                       num_labels=num_labels, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    torch.manual_seed(0)
+    model = _random_bn(ResNetForImageClassification(cfg)).eval()
+    model.save_pretrained(folder)
+    processor = ConvNextImageProcessor(size={"shortest_edge": edge}, crop_pct=0.875, image_mean=[0.485, 0.456, 0.406],
+                                       image_std=[0.229, 0.224, 0.225])  # as microsoft/resnet-50 ships it
+    processor.save_pretrained(folder)
+
+    def reference(x):
+        with torch.no_grad():
+            return model(pixel_values=torch.from_numpy(x)).logits.numpy()
+
+    def pipeline(images):
+        x = processor(images=list(images), return_tensors="np")["pixel_values"].astype(np.float32)
+        return reference(x)
+
+    return model, reference, pipeline, names
+
+
+def make_hf(tmp: Path) -> Made:
+    folder = tmp / "hf-resnet"
+    _, reference, pipeline, names = hf_resnet(folder)
+    return Made(folder, reference, expect={"num_classes": 3, "labels": names},
+                expect_preprocess={"size": 32, "resize": 36, "filter": "bicubic", "antialias": True,
+                                   "mean": [0.485, 0.456, 0.406]},
+                pipeline=pipeline)
+
+
 @dataclass(frozen=True)
 class Row:
     source: str  # the row's name in the docs' table
     read: str  # what edgeres reads from the file
+    preprocess: str  # the preprocessing it records (read, or assumed where the file has none)
     make: Callable[[Path], Made]
+
+
+TORCHVISION_PREPROCESS = ("assumed: torchvision's ImageNet convention (shorter side 256, centre crop 224, bilinear "
+                          "antialiased, ImageNet mean/std); `--preprocess` sets it")
 
 
 ROWS = {
     "torchvision-resnext": Row("torchvision ResNeXt (`resnext50_32x4d` layout) `.pth`",
-                               "groups and widths from the weight shapes", make_resnext),
+                               "groups and widths from the weight shapes", TORCHVISION_PREPROCESS, make_resnext),
     "torchvision-greyscale": Row("torchvision-layout greyscale ResNet-18 (1 input channel) `.pth`, `--preprocess crop=64`",
-                                 "input channels from conv1; input size given (resize floored at 224/256)",
-                                 make_greyscale_at_64),
+                                 "input channels from conv1; the input size as given",
+                                 "assumed: Pillow `convert(\"L\")` before the resize, mean 0.449 / std 0.226; the resize "
+                                 "keeps 224/256 floored (64 → 73)", make_greyscale_at_64),
+    "huggingface": Row("Hugging Face `ResNetForImageClassification` folder (`save_pretrained`: config.json + "
+                       "model.safetensors or pytorch_model.bin)",
+                       "widths and depths from the weights; class names from `id2label`; preprocessing from "
+                       "`preprocessor_config.json`",
+                       "read: shorter side `int(shortest_edge / crop_pct)`, centre crop, Pillow bicubic, rescale, "
+                       "mean/std (HF's processor output matched on the test's pixels)", make_hf),
 }
 
 
@@ -261,8 +311,8 @@ def test_fp32_artifacts_reproduce_the_source_framework_on_the_same_pixels(conver
     outputs = _artifact_outputs(converted)
     ref = outputs.pop("reference")
     assert ref.std(0).max() > 0  # the random model tells the images apart
-    result = {"source": converted.row.source, "read": converted.row.read,
-              "preprocess": converted.inspect.get("preprocess"), "targets": {}}
+    result = {"row": converted.row.source, "read": converted.row.read, "preprocess": converted.row.preprocess,
+              "targets": {}}
     for (target, precision), got in outputs.items():
         assert got.shape == ref.shape and np.isfinite(got).all(), target
         agree = float((got.argmax(1) == ref.argmax(1)).mean() * 100)
@@ -270,6 +320,13 @@ def test_fp32_artifacts_reproduce_the_source_framework_on_the_same_pixels(conver
         result["targets"][f"{target}-{precision}"] = {"agreement_pct": agree, "rel_err": err}
         if precision == "fp32":
             assert agree == 100.0 and err <= 2e-3, (target, err)
+    if converted.made.pipeline is not None:  # the framework's own preprocessing on the same photos, too
+        framework = converted.made.pipeline(converted.pixels)
+        for (target, precision), got in outputs.items():
+            if precision == "fp32":
+                assert (got.argmax(1) == framework.argmax(1)).all(), target
+                assert np.abs(got - framework).max() / max(1.0, np.abs(framework).max()) <= 2e-3, target
+        result["framework_preprocessing"] = True
     table = os.environ.get("EDGERES_SOURCE_TABLE")
     if table:
         with open(table, "a") as f:
@@ -334,3 +391,56 @@ def test_a_model_with_four_input_channels_is_refused_naming_them(tmp_path):
     torch.save(torchvision_resnet((1, 1), block="basic", in_channels=4).state_dict(), path)
     with pytest.raises(InputError, match=r"takes 4 input channels; edgeres converts colour \(3\) and greyscale \(1\)"):
         load_model(path)
+
+
+def test_hf_folder_with_pytorch_model_bin_reads_like_the_safetensors_one(tmp_path):
+    import torch
+
+    from edgeres.sources.loading import load_model
+
+    folder = tmp_path / "hf"
+    hf_resnet(folder, layer_type="basic", num_labels=2)
+    a = load_model(folder)
+    sd = {k: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(folder / "model.safetensors").items()}
+    (folder / "model.safetensors").unlink()
+    torch.save(sd, folder / "pytorch_model.bin")
+    b = load_model(folder)
+    assert a.spec == b.spec and a.spec.block == "basic" and b.format == "huggingface"
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert load_model(folder / "pytorch_model.bin").spec == a.spec  # the weights file of the folder: the folder
+
+
+def test_hf_weights_without_their_folder_are_refused_naming_the_folder(tmp_path):
+    import shutil
+
+    from edgeres.errors import InputError
+    from edgeres.sources.loading import load_model
+
+    hf_resnet(tmp_path / "hf", num_labels=2)
+    shutil.copy(tmp_path / "hf" / "model.safetensors", tmp_path / "alone.safetensors")
+    with pytest.raises(InputError, match="Hugging Face ResNetForImageClassification's weights.*give the save_pretrained folder"):
+        load_model(tmp_path / "alone.safetensors")
+
+
+# --- item 8: what each framework's loader does, repeated by a --preprocess setting ------------------
+
+def test_direct_nearest_is_keras_load_img_and_direct_bilinear_unantialiased_is_tf_image_resize(tmp_path):
+    """The docs' resize table: ``mode=direct,filter=nearest`` is ``keras.utils.load_img(target_size=…)``
+    exactly; ``mode=direct,filter=bilinear,antialias=false`` is ``tf.image.resize`` (what
+    ``image_dataset_from_directory`` uses) to within the uint8 rounding edgeres resizes into."""
+    import keras
+    import tensorflow as tf
+    from PIL import Image
+
+    from edgeres.calibration.preprocess import Preprocess
+
+    photo = make_images(1, 131, seed=9)[0][0][:97]
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    loaded = np.asarray(keras.utils.load_img(tmp_path / "photo.png", target_size=(32, 32)))
+    nearest = Preprocess(size=32, resize_mode="direct", filter="nearest").geometry(photo[None])[0]
+    np.testing.assert_array_equal(nearest, loaded)
+    antialiased = Preprocess(size=32, resize_mode="direct", filter="bilinear").geometry(photo[None])[0]
+    assert (antialiased != loaded).mean() > 0.5  # the default bilinear is not load_img's way
+    tf_resized = tf.image.resize(photo[None].astype(np.float32), (32, 32), method="bilinear", antialias=False).numpy()[0]
+    plain = Preprocess(size=32, resize_mode="direct", filter="bilinear", antialias=False).geometry(photo[None])[0]
+    assert np.abs(plain - tf_resized).max() <= 1.0

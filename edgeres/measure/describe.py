@@ -55,7 +55,7 @@ def describe_spec(spec: ResNetSpec) -> dict:
 
 def inspect_path(path: str | Path, arch: str | None = None) -> dict:
     p = Path(path)
-    if p.is_dir() and not (p / "saved_model.pb").exists():
+    if p.is_dir() and not (p / "saved_model.pb").exists() and not (p / "config.json").exists():  # a bundle
         from edgeres.bundle import read_manifest
 
         manifest = read_manifest(p)
