@@ -12,7 +12,8 @@ from edgeres.calibration.errors import DataError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # shorter_side_crop: torchvision's ImageNet pipeline, Resize(shorter side) then CenterCrop;
-# direct: Keras' load_img(target_size=...), straight to size×size with no crop
+# direct: straight to size×size with no crop (the geometry of Keras' load_img(target_size=...), whose
+# filter is nearest by default: filter=nearest repeats it)
 RESIZE_MODES = ("shorter_side_crop", "direct")
 # what the network's input channels hold: colour in either order, or one grey (luma) channel
 CHANNEL_ORDERS = ("RGB", "BGR", "L")

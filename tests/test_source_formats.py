@@ -207,19 +207,27 @@ def make_hf(tmp: Path) -> Made:
 class Row:
     source: str  # the row's name in the docs' table
     read: str  # what edgeres reads from the file
+    preprocess: str  # the preprocessing it records (read, or assumed where the file has none)
     make: Callable[[Path], Made]
+
+
+TORCHVISION_PREPROCESS = ("assumed: torchvision's ImageNet convention (shorter side 256, centre crop 224, bilinear "
+                          "antialiased, ImageNet mean/std); `--preprocess` sets it")
 
 
 ROWS = {
     "torchvision-resnext": Row("torchvision ResNeXt (`resnext50_32x4d` layout) `.pth`",
-                               "groups and widths from the weight shapes", make_resnext),
+                               "groups and widths from the weight shapes", TORCHVISION_PREPROCESS, make_resnext),
     "torchvision-greyscale": Row("torchvision-layout greyscale ResNet-18 (1 input channel) `.pth`, `--preprocess crop=64`",
-                                 "input channels from conv1; input size given (resize floored at 224/256)",
-                                 make_greyscale_at_64),
+                                 "input channels from conv1; the input size as given",
+                                 "assumed: Pillow `convert(\"L\")` before the resize, mean 0.449 / std 0.226; the resize "
+                                 "keeps 224/256 floored (64 → 73)", make_greyscale_at_64),
     "huggingface": Row("Hugging Face `ResNetForImageClassification` folder (`save_pretrained`: config.json + "
                        "model.safetensors or pytorch_model.bin)",
                        "widths and depths from the weights; class names from `id2label`; preprocessing from "
-                       "`preprocessor_config.json` (shortest edge / crop_pct floored, bicubic, mean/std)", make_hf),
+                       "`preprocessor_config.json`",
+                       "read: shorter side `int(shortest_edge / crop_pct)`, centre crop, Pillow bicubic, rescale, "
+                       "mean/std (HF's processor output matched on the test's pixels)", make_hf),
 }
 
 
@@ -303,8 +311,8 @@ def test_fp32_artifacts_reproduce_the_source_framework_on_the_same_pixels(conver
     outputs = _artifact_outputs(converted)
     ref = outputs.pop("reference")
     assert ref.std(0).max() > 0  # the random model tells the images apart
-    result = {"source": converted.row.source, "read": converted.row.read,
-              "preprocess": converted.inspect.get("preprocess"), "targets": {}}
+    result = {"row": converted.row.source, "read": converted.row.read, "preprocess": converted.row.preprocess,
+              "targets": {}}
     for (target, precision), got in outputs.items():
         assert got.shape == ref.shape and np.isfinite(got).all(), target
         agree = float((got.argmax(1) == ref.argmax(1)).mean() * 100)
@@ -412,3 +420,27 @@ def test_hf_weights_without_their_folder_are_refused_naming_the_folder(tmp_path)
     shutil.copy(tmp_path / "hf" / "model.safetensors", tmp_path / "alone.safetensors")
     with pytest.raises(InputError, match="Hugging Face ResNetForImageClassification's weights.*give the save_pretrained folder"):
         load_model(tmp_path / "alone.safetensors")
+
+
+# --- item 8: what each framework's loader does, repeated by a --preprocess setting ------------------
+
+def test_direct_nearest_is_keras_load_img_and_direct_bilinear_unantialiased_is_tf_image_resize(tmp_path):
+    """The docs' resize table: ``mode=direct,filter=nearest`` is ``keras.utils.load_img(target_size=…)``
+    exactly; ``mode=direct,filter=bilinear,antialias=false`` is ``tf.image.resize`` (what
+    ``image_dataset_from_directory`` uses) to within the uint8 rounding edgeres resizes into."""
+    import keras
+    import tensorflow as tf
+    from PIL import Image
+
+    from edgeres.calibration.preprocess import Preprocess
+
+    photo = make_images(1, 131, seed=9)[0][0][:97]
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    loaded = np.asarray(keras.utils.load_img(tmp_path / "photo.png", target_size=(32, 32)))
+    nearest = Preprocess(size=32, resize_mode="direct", filter="nearest").geometry(photo[None])[0]
+    np.testing.assert_array_equal(nearest, loaded)
+    antialiased = Preprocess(size=32, resize_mode="direct", filter="bilinear").geometry(photo[None])[0]
+    assert (antialiased != loaded).mean() > 0.5  # the default bilinear is not load_img's way
+    tf_resized = tf.image.resize(photo[None].astype(np.float32), (32, 32), method="bilinear", antialias=False).numpy()[0]
+    plain = Preprocess(size=32, resize_mode="direct", filter="bilinear", antialias=False).geometry(photo[None])[0]
+    assert np.abs(plain - tf_resized).max() <= 1.0

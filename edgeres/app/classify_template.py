@@ -706,8 +706,11 @@ def load_runner(path: Path, threads):
 # -- classify -------------------------------------------------------------------------------------
 
 def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[dict]:
-    z = logits.astype(np.float64) - logits.max()
-    probs = np.exp(z) / np.exp(z).sum()
+    if CONFIG["output"].get("probabilities"):  # the head ends in a softmax: the outputs are the scores
+        probs = logits.astype(np.float64)
+    else:
+        z = logits.astype(np.float64) - logits.max()
+        probs = np.exp(z) / np.exp(z).sum()
     return [{"index": int(i), "label": labels[i], "score": round(float(probs[i]), 6)}
             for i in np.argsort(-probs, kind="stable")[:k]]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgeres import __version__
 from edgeres.app import mobile
-from edgeres.bundle import OutputLock, artifact_path, check_output_dir, label_names, read_manifest, verify_file
+from edgeres.bundle import OutputLock, artifact_path, check_output_dir, label_names, outputs_probabilities, read_manifest, verify_file
 from edgeres.errors import InputError
 from edgeres.measure.predict import pick_artifact
 from edgeres.progress import log
@@ -67,7 +67,7 @@ def app_config(manifest: dict, artifact: dict, runner, model_file: str) -> dict:
             "num_classes": manifest["arch"]["num_classes"], "preprocess": manifest["preprocess"],
             "input": {"layout": artifact.get("input_layout", "NCHW"), "dtype": dtype, "pixels": bool(runner.takes_pixels),
                       "name": input_name},
-            "output": {"name": output_name}}
+            "output": {"name": output_name, "probabilities": outputs_probabilities(manifest)}}
 
 
 def requirements(artifact: dict) -> str:

@@ -33,7 +33,8 @@ def constants(config: dict) -> dict:
             "ANTIALIAS": bool(pre.get("antialias", True)), "SCALE": float(pre["scale"]),
             "MEAN": [float(v) for v in pre["mean"]], "STD": [float(v) for v in pre["std"]],
             "BGR": pre["channel_order"] == "BGR", "INPUT_LAYOUT": inp["layout"], "INPUT_DTYPE": inp["dtype"],
-            "TAKES_PIXELS": inp["pixels"], "INPUT_NAME": inp["name"], "OUTPUT_NAME": config["output"]["name"]}
+            "TAKES_PIXELS": inp["pixels"], "INPUT_NAME": inp["name"], "OUTPUT_NAME": config["output"]["name"],
+            "OUTPUT_PROBABILITIES": bool(config["output"].get("probabilities", False))}
 
 
 # how each language declares a constant of each kind: (bool, float list, float, int, string) and the wrapper
@@ -250,9 +251,10 @@ object Geometry {
 
 object Scores {
     fun top(logits: FloatArray, labels: List<String>, k: Int): List<Pair<String, Float>> {
+        // a model whose head ends in a softmax outputs probabilities already: its scores are the outputs
         val max = logits.maxOrNull() ?: 0f
-        val e = logits.map { exp((it - max).toDouble()) }
-        val sum = e.sum()
+        val e = logits.map { if (ModelConfig.OUTPUT_PROBABILITIES) it.toDouble() else exp((it - max).toDouble()) }
+        val sum = if (ModelConfig.OUTPUT_PROBABILITIES) 1.0 else e.sum()
         return e.indices.sortedByDescending { e[it] }.take(k).map { labels[it] to (e[it] / sum).toFloat() }
     }
 }
@@ -435,9 +437,10 @@ enum Geometry {
 
 enum Scores {
     static func top(_ logits: [Float], _ labels: [String], _ k: Int) -> [(String, Float)] {
+        // a model whose head ends in a softmax outputs probabilities already: its scores are the outputs
         let m = logits.max() ?? 0
-        let e = logits.map { exp($0 - m) }
-        let sum = e.reduce(0, +)
+        let e = logits.map { ModelConfig.OUTPUT_PROBABILITIES ? $0 : exp($0 - m) }
+        let sum: Float = ModelConfig.OUTPUT_PROBABILITIES ? 1 : e.reduce(0, +)
         return e.indices.sorted { e[$0] > e[$1] }.prefix(k).map { (labels[$0], e[$0] / sum) }
     }
 }
