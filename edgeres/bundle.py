@@ -272,6 +272,17 @@ def label_names(spec_or_manifest) -> list[str]:
     return [str(v) for v in labels] if labels else [str(i) for i in range(count)]
 
 
+def outputs_probabilities(spec_or_manifest) -> bool:
+    """Does the model already output probabilities (its head ends in a softmax, as Keras classifiers do)?
+    Scores are then its outputs as they are; a second softmax would flatten them towards 1/classes."""
+    if isinstance(spec_or_manifest, dict):
+        return bool((spec_or_manifest["arch"].get("head_layers") or {}).get("softmax"))
+    return bool(spec_or_manifest.head_layers.softmax)
+
+
+SCORES = {True: "the model's own probabilities (its head ends in a softmax)", False: "softmax of the model's logits"}
+
+
 def json_text(data, indent: int | None = 2) -> str:
     """Strict JSON: a NaN or infinite number (never valid JSON, refused by most parsers) becomes null."""
     return json.dumps(_finite_or_none(data), indent=indent, allow_nan=False)
