@@ -489,3 +489,14 @@ def test_timm_resnet50d_state_dict_is_the_zoo_entry_and_refuses_pruning(tmp_path
     assert loaded.spec == ZOO["resnet50d"] and ZOO["resnet50d"].cost()["params"] == 25_576_264  # timm's count
     with pytest.raises(InputError, match="pruning refused: resnet50d is a ResNet-D"):
         check_prunable(loaded.spec)
+
+
+def test_a_hf_folder_given_where_a_bundle_is_expected_is_named_as_such(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "resnet"}')
+    x, y = make_images(4, 16)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    code, _, err = invoke("eval", tmp_path / "hf", "--data", tmp_path / "data.npz")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "is a Hugging Face model folder, not an edgeres bundle; convert it first" in lines[0]
