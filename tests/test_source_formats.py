@@ -192,6 +192,21 @@ def make_timm_resnet26d(tmp: Path) -> Made:
                 expect_preprocess={"size": 40, "resize": 45, "filter": "bicubic"})
 
 
+def make_resnext_onnx(tmp: Path) -> Made:
+    """A ResNeXt exported by torch.onnx.export at 32² (its grouped convs are ONNX Conv group=4)."""
+    import warnings
+
+    import torch
+
+    model = torchvision_resnet((1, 1, 1, 1), groups=4, width_per_group=32)
+    path = tmp / "resnext.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}}, opset_version=17, dynamo=False)
+    return Made(path, torch_reference(model), expect={"groups": 4}, expect_preprocess={"size": 32, "resize": 36})
+
+
 def hf_resnet(folder: Path, *, layer_type="bottleneck", num_labels=3, edge=32):
     """A ResNetForImageClassification saved by the real transformers (random weights, small config)
     with the ConvNeXt image processor ResNet checkpoints ship (shortest edge, crop_pct, bicubic)."""
@@ -247,6 +262,10 @@ ROWS = {
                                  "input channels from conv1; the input size as given",
                                  "assumed: Pillow `convert(\"L\")` before the resize, mean 0.449 / std 0.226; the resize "
                                  "keeps 224/256 floored (64 → 73)", make_greyscale_at_64),
+    "onnx-resnext": Row("ONNX export of a ResNeXt (`torch.onnx.export`, opset 17)",
+                        "the graph mapped back to spec + weights (grouped Conv nodes included), then run beside it",
+                        "assumed: torchvision's ImageNet convention scaled to the graph's input size (32 → 36, floored)",
+                        make_resnext_onnx),
     "timm-resnet-d": Row("timm ResNet-D (`resnet26d`/`resnet50d` layout: deep stem, average-pool shortcut) `.pth`",
                          "deep stem and shortcut kind from the keys; widths from the shapes",
                          "assumed: timm's for those weights (shorter side floor(size / 0.875), centre crop, Pillow "
@@ -500,3 +519,19 @@ def test_a_hf_folder_given_where_a_bundle_is_expected_is_named_as_such(tmp_path)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert "is a Hugging Face model folder, not an edgeres bundle; convert it first" in lines[0]
+
+
+def test_a_greyscale_onnx_export_maps_with_one_input_channel(tmp_path):
+    import warnings
+
+    import torch
+
+    from edgeres.sources.loading import load_model
+
+    model = torchvision_resnet((1, 1), block="basic", in_channels=1, num_classes=2)
+    path = tmp_path / "grey.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 1, 32, 32),), str(path), opset_version=17, dynamo=False)
+    loaded = load_model(path)  # the mapping is run beside the graph on random inputs
+    assert loaded.spec.in_channels == 1 and loaded.spec.preprocess.channel_order == "L"
