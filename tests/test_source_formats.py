@@ -535,3 +535,26 @@ def test_a_greyscale_onnx_export_maps_with_one_input_channel(tmp_path):
         torch.onnx.export(model, (torch.zeros(1, 1, 32, 32),), str(path), opset_version=17, dynamo=False)
     loaded = load_model(path)  # the mapping is run beside the graph on random inputs
     assert loaded.spec.in_channels == 1 and loaded.spec.preprocess.channel_order == "L"
+
+
+def test_executorch_compiles_a_greyscale_model_from_the_same_torch_builder(tmp_path):
+    """The torch.export source takes the spec's input channels (it exported a 3-channel example before)."""
+    pytest.importorskip("executorch")
+    import torch
+
+    from edgeres.calibration.preprocess import Preprocess
+    from edgeres.targets import get_target
+
+    model = torchvision_resnet((1, 1), block="basic", in_channels=1, num_classes=2)
+    torch.save(model.state_dict(), tmp_path / "grey.pth")
+    x, y = make_images(IMAGES, 40, seed=3, classes=2)
+    np.savez(tmp_path / "px.npz", x=x, y=y)
+    code, _, err = invoke("convert", tmp_path / "grey.pth", "--calib", tmp_path / "px.npz", "--targets", "executorch",
+                          "--precision", "fp32", "--preprocess", "crop=40", "--no-bench", "--out", tmp_path / "b")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    (artifact,) = manifest["artifacts"]
+    assert artifact["status"] == "ok", artifact
+    inputs = Preprocess.from_dict(manifest["preprocess"]).with_layout("NCHW")(x)
+    got = get_target("executorch").load_runner(tmp_path / "b" / artifact["files"][0])(inputs)
+    np.testing.assert_allclose(got, torch_reference(model)(inputs), rtol=1e-4, atol=1e-4)
