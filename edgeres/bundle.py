@@ -348,6 +348,10 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
     if not bundle.is_dir():
         raise InputError(f"{bundle}: not a folder; give a bundle directory made by `edgeres convert`")
     if not path.exists():
+        if (bundle / "config.json").is_file() or (bundle / "saved_model.pb").is_file():
+            kind = "Hugging Face" if (bundle / "config.json").is_file() else "Keras SavedModel"
+            raise InputError(f"{bundle}: is a {kind} model folder, not an edgeres bundle; convert it first "
+                             f"(edgeres convert {bundle} --out DIR) and give DIR")
         raise InputError(f"{bundle}: has no {MANIFEST}; it is not a complete edgeres bundle (re-run `edgeres convert`)")
     try:
         manifest = json.loads(_read_regular(path).decode())

@@ -29,11 +29,14 @@ IMAGES = 16  # pixels the fp32 agreement is checked on (also the calibration set
 # --- the sources' own modules, written from their source ------------------------------------------
 
 def torchvision_resnet(layers, planes=8, *, block="bottleneck", groups=1, width_per_group=64, num_classes=4,
-                       in_channels=3):
+                       in_channels=3, resnet_d=False):
     """torchvision ``models/resnet.py``'s ResNet, as it builds ResNeXt (``width = int(planes *
     width_per_group / 64) * groups``; the 3×3 conv grouped), random weights and BatchNorm statistics.
     ``planes``: the stem's width (torchvision: 64); ``in_channels``: 1 for a greyscale model (its
-    conv1 replaced, as users fine-tune one)."""
+    conv1 replaced, as users fine-tune one). ``resnet_d``: timm's ResNet-D as its ``resnet.py`` builds
+    it (``stem_type="deep"``, ``avg_down=True``; timm does not install beside our torch): a stem of three
+    3×3 convs (planes/2, planes/2, planes; the first /2) in ``conv1.0/.3/.6`` with BNs ``conv1.1/.4``, and
+    shortcuts ``AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)`` → 1×1 conv → BN."""
     import torch
     from torch import nn
 
@@ -77,7 +80,14 @@ def torchvision_resnet(layers, planes=8, *, block="bottleneck", groups=1, width_
     class ResNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv1 = nn.Conv2d(in_channels, planes, 7, 2, 3, bias=False)
+            if resnet_d:
+                half = planes // 2
+                self.conv1 = nn.Sequential(
+                    nn.Conv2d(in_channels, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+                    nn.Conv2d(half, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+                    nn.Conv2d(half, planes, 3, 1, 1, bias=False))
+            else:
+                self.conv1 = nn.Conv2d(in_channels, planes, 7, 2, 3, bias=False)
             self.bn1 = nn.BatchNorm2d(planes)
             self.relu = nn.ReLU()
             self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -87,7 +97,10 @@ def torchvision_resnet(layers, planes=8, *, block="bottleneck", groups=1, width_
                 out = p * kind.expansion
                 for b in range(n):
                     down = None
-                    if b == 0 and (stride != 1 or inplanes != out):
+                    if b == 0 and (stride != 1 or inplanes != out) and resnet_d:
+                        pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride != 1 else nn.Identity()
+                        down = nn.Sequential(pool, nn.Conv2d(inplanes, out, 1, bias=False), nn.BatchNorm2d(out))
+                    elif b == 0 and (stride != 1 or inplanes != out):
                         down = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
                     blocks.append(kind(inplanes, p, stride if b == 0 else 1, down))
                     inplanes = out
@@ -167,6 +180,33 @@ def make_greyscale_at_64(tmp: Path) -> Made:
                 expect_preprocess={"size": 64, "resize": 73, "channel_order": "L", "mean": [0.449], "std": [0.226]})
 
 
+def make_timm_resnet26d(tmp: Path) -> Made:
+    """timm's ``resnet26d`` layout (deep stem, average-pool shortcuts), at 40² so the pools meet odd sides
+    (5 → 3 → 2: ceil mode, padding not counted)."""
+    import torch
+
+    model = torchvision_resnet((2, 2, 2, 2), resnet_d=True)
+    path = tmp / "resnet26d.pth"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return Made(path, torch_reference(model), ("--preprocess", "crop=40"), expect={"arch": "resnet26d-custom"},
+                expect_preprocess={"size": 40, "resize": 45, "filter": "bicubic"})
+
+
+def make_resnext_onnx(tmp: Path) -> Made:
+    """A ResNeXt exported by torch.onnx.export at 32² (its grouped convs are ONNX Conv group=4)."""
+    import warnings
+
+    import torch
+
+    model = torchvision_resnet((1, 1, 1, 1), groups=4, width_per_group=32)
+    path = tmp / "resnext.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}}, opset_version=17, dynamo=False)
+    return Made(path, torch_reference(model), expect={"groups": 4}, expect_preprocess={"size": 32, "resize": 36})
+
+
 def hf_resnet(folder: Path, *, layer_type="bottleneck", num_labels=3, edge=32):
     """A ResNetForImageClassification saved by the real transformers (random weights, small config)
     with the ConvNeXt image processor ResNet checkpoints ship (shortest edge, crop_pct, bicubic)."""
@@ -222,6 +262,14 @@ ROWS = {
                                  "input channels from conv1; the input size as given",
                                  "assumed: Pillow `convert(\"L\")` before the resize, mean 0.449 / std 0.226; the resize "
                                  "keeps 224/256 floored (64 → 73)", make_greyscale_at_64),
+    "onnx-resnext": Row("ONNX export of a ResNeXt (`torch.onnx.export`, opset 17)",
+                        "the graph mapped back to spec + weights (grouped Conv nodes included), then run beside it",
+                        "assumed: torchvision's ImageNet convention scaled to the graph's input size (32 → 36, floored)",
+                        make_resnext_onnx),
+    "timm-resnet-d": Row("timm ResNet-D (`resnet26d`/`resnet50d` layout: deep stem, average-pool shortcut) `.pth`",
+                         "deep stem and shortcut kind from the keys; widths from the shapes",
+                         "assumed: timm's for those weights (shorter side floor(size / 0.875), centre crop, Pillow "
+                         "bicubic, ImageNet mean/std)", make_timm_resnet26d),
     "huggingface": Row("Hugging Face `ResNetForImageClassification` folder (`save_pretrained`: config.json + "
                        "model.safetensors or pytorch_model.bin)",
                        "widths and depths from the weights; class names from `id2label`; preprocessing from "
@@ -444,3 +492,69 @@ def test_direct_nearest_is_keras_load_img_and_direct_bilinear_unantialiased_is_t
     tf_resized = tf.image.resize(photo[None].astype(np.float32), (32, 32), method="bilinear", antialias=False).numpy()[0]
     plain = Preprocess(size=32, resize_mode="direct", filter="bilinear", antialias=False).geometry(photo[None])[0]
     assert np.abs(plain - tf_resized).max() <= 1.0
+
+
+def test_timm_resnet50d_state_dict_is_the_zoo_entry_and_refuses_pruning(tmp_path):
+    import torch
+
+    from edgeres.compress.prune import check_prunable
+    from edgeres.errors import InputError
+    from edgeres.model.zoo import ZOO
+    from edgeres.sources.loading import load_model
+
+    path = tmp_path / "resnet50d.pth"
+    torch.save(torchvision_resnet((3, 4, 6, 3), planes=64, resnet_d=True, num_classes=1000).state_dict(), path)
+    loaded = load_model(path)
+    assert loaded.spec == ZOO["resnet50d"] and ZOO["resnet50d"].cost()["params"] == 25_576_264  # timm's count
+    with pytest.raises(InputError, match="pruning refused: resnet50d is a ResNet-D"):
+        check_prunable(loaded.spec)
+
+
+def test_a_hf_folder_given_where_a_bundle_is_expected_is_named_as_such(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "resnet"}')
+    x, y = make_images(4, 16)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    code, _, err = invoke("eval", tmp_path / "hf", "--data", tmp_path / "data.npz")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "is a Hugging Face model folder, not an edgeres bundle; convert it first" in lines[0]
+
+
+def test_a_greyscale_onnx_export_maps_with_one_input_channel(tmp_path):
+    import warnings
+
+    import torch
+
+    from edgeres.sources.loading import load_model
+
+    model = torchvision_resnet((1, 1), block="basic", in_channels=1, num_classes=2)
+    path = tmp_path / "grey.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 1, 32, 32),), str(path), opset_version=17, dynamo=False)
+    loaded = load_model(path)  # the mapping is run beside the graph on random inputs
+    assert loaded.spec.in_channels == 1 and loaded.spec.preprocess.channel_order == "L"
+
+
+def test_executorch_compiles_a_greyscale_model_from_the_same_torch_builder(tmp_path):
+    """The torch.export source takes the spec's input channels (it exported a 3-channel example before)."""
+    pytest.importorskip("executorch")
+    import torch
+
+    from edgeres.calibration.preprocess import Preprocess
+    from edgeres.targets import get_target
+
+    model = torchvision_resnet((1, 1), block="basic", in_channels=1, num_classes=2)
+    torch.save(model.state_dict(), tmp_path / "grey.pth")
+    x, y = make_images(IMAGES, 40, seed=3, classes=2)
+    np.savez(tmp_path / "px.npz", x=x, y=y)
+    code, _, err = invoke("convert", tmp_path / "grey.pth", "--calib", tmp_path / "px.npz", "--targets", "executorch",
+                          "--precision", "fp32", "--preprocess", "crop=40", "--no-bench", "--out", tmp_path / "b")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    (artifact,) = manifest["artifacts"]
+    assert artifact["status"] == "ok", artifact
+    inputs = Preprocess.from_dict(manifest["preprocess"]).with_layout("NCHW")(x)
+    got = get_target("executorch").load_runner(tmp_path / "b" / artifact["files"][0])(inputs)
+    np.testing.assert_allclose(got, torch_reference(model)(inputs), rtol=1e-4, atol=1e-4)

@@ -132,7 +132,7 @@ def _open_torch_export(files: dict[str, str]):
         with np.load(files["weights"], allow_pickle=False) as z:
             model.load_state_dict({k: torch.from_numpy(np.array(z[k])) for k in z.files})
         size = spec.preprocess.size
-        return torch.export.export(model.eval(), (torch.zeros(1, 3, size, size),))
+        return torch.export.export(model.eval(), (torch.zeros(1, spec.in_channels, size, size),))
 
     return export
 

@@ -11,9 +11,13 @@ from edgeres.model.labels import label_problem
 
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-STEMS = ("imagenet", "cifar")  # imagenet: 7×7/2 conv + 3×3/2 max-pool; cifar: 3×3/1 conv
+# imagenet: 7×7/2 conv + 3×3/2 max-pool; cifar: 3×3/1 conv; deep: three 3×3 convs (the first /2) + 3×3/2
+# max-pool (timm's ResNet-C/D, "Bag of Tricks"), the first two convs' widths in ``stem_inner``
+STEMS = ("imagenet", "cifar", "deep")
 BLOCKS = ("basic", "bottleneck")
-SHORTCUTS = ("projection", "option_a")  # 1×1 conv + BN, or CIFAR parameter-free subsample + zero pad
+# 1×1 conv + BN; CIFAR parameter-free subsample + zero pad; or ResNet-D's 2×2 average pool (ceil mode, padding
+# not counted) before a stride-1 1×1 conv + BN (timm ``avg_down``: state_dict downsample.1 / downsample.2)
+SHORTCUTS = ("projection", "option_a", "avg_projection")
 STRIDE_ON = ("3x3", "1x1")  # torchvision v1.5 strides in the 3×3 conv; Keras/Caffe v1 in the first 1×1
 HEAD_POOLS = ("avg", "max", "flatten")  # global average / max pool, or flatten the whole last feature map
 HIDDEN_ACTIVATIONS = ("relu", "linear")
@@ -87,6 +91,8 @@ class ResNetSpec:
     # channels of the input image: 3 (colour), or 1 (greyscale, e.g. X-rays; preprocess channel_order
     # "L"). Recorded only when not 3
     in_channels: int = 3
+    # the deep stem's first two 3×3 convs' widths (stem "deep"; its third conv is stem_width wide)
+    stem_inner: tuple[int, ...] = ()
 
     def __post_init__(self):
         problems = list(self.head_layers.problems())
@@ -108,6 +114,8 @@ class ResNetSpec:
         widths = [self.stem_width, *self.stage_widths, *(w for st in self.inner_widths for b in st for w in b)]
         if any(int(w) <= 0 for w in widths) or self.num_classes <= 0:
             problems.append("all widths and num_classes must be positive")
+        if (self.stem == "deep") != (len(self.stem_inner) == 2) or any(int(w) <= 0 for w in self.stem_inner):
+            problems.append("stem_inner must hold the two positive widths of a deep stem's first convs (stem 'deep' only)")
         if self.in_channels not in (1, 3):
             problems.append(f"in_channels {self.in_channels}: edgeres reads colour (3) or greyscale (1) images")
         elif self.in_channels != self.preprocess.channels:
@@ -171,7 +179,7 @@ class ResNetSpec:
     def feature_size(self) -> int:
         """Height (= width) of the last stage's feature map."""
         size = self.input_size
-        for stride in ((2, 2) if self.stem == "imagenet" else ()) + self.stage_strides:
+        for stride in ((2, 2) if self.stem in ("imagenet", "deep") else ()) + self.stage_strides:
             size = (size + stride - 1) // stride
         return size
 
@@ -205,6 +213,10 @@ class ResNetSpec:
             del d["groups"]
         if self.in_channels == 3:
             del d["in_channels"]
+        if not self.stem_inner:
+            del d["stem_inner"]
+        else:
+            d["stem_inner"] = list(self.stem_inner)
         if self.label_keys is None:
             del d["label_keys"]
         else:
@@ -229,6 +241,8 @@ class ResNetSpec:
             for key in ("groups", "in_channels"):
                 if key in d:
                     d[key] = int(d[key])
+            if "stem_inner" in d:
+                d["stem_inner"] = tuple(int(w) for w in d["stem_inner"])
             return cls(**d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"invalid ResNet spec record ({type(e).__name__}: {e})") from None
@@ -266,7 +280,14 @@ class ResNetSpec:
             nonlocal params
             params += 2 * c
 
-        if self.stem == "imagenet":
+        if self.stem == "deep":
+            size = conv(self.in_channels, self.stem_inner[0], 3, 2, size)
+            bn(self.stem_inner[0])
+            conv(self.stem_inner[0], self.stem_inner[1], 3, 1, size)
+            bn(self.stem_inner[1])
+            conv(self.stem_inner[1], self.stem_width, 3, 1, size)
+            size = (size + 1) // 2  # max-pool 3×3/2 pad 1
+        elif self.stem == "imagenet":
             size = conv(self.in_channels, self.stem_width, 7, 2, size)
             size = (size + 1) // 2  # max-pool 3×3/2 pad 1
         else:
@@ -288,7 +309,7 @@ class ResNetSpec:
                     bn(inner[1])
                     conv(inner[1], cout, 1, 1, hw)
                 bn(cout)
-                if self.has_downsample(s, b) and self.shortcut == "projection":
+                if self.has_downsample(s, b) and self.shortcut in ("projection", "avg_projection"):
                     conv(cin, cout, 1, stride, size)
                     bn(cout)
                 size = (size + stride - 1) // stride
@@ -301,7 +322,7 @@ class ResNetSpec:
 
 
 def _standard(name, stem, block, layers, base, shortcut, num_classes, head, preprocess, labels=None, *,
-              groups=1, width_per_group=64):
+              groups=1, width_per_group=64, stem_inner=()):
     """torchvision's widths: stage s has planes base·2^s; a bottleneck's inner width is
     int(planes · width_per_group / 64) · groups (ResNeXt, Wide ResNet), its output planes · 4."""
     expansion = 4 if block == "bottleneck" else 1
@@ -312,11 +333,12 @@ def _standard(name, stem, block, layers, base, shortcut, num_classes, head, prep
         for s, n in enumerate(layers)
     )
     return ResNetSpec(name, stem, block, tuple(layers), base, stage_widths, inner, shortcut, "3x3",
-                      num_classes, head, preprocess, labels, groups=groups)
+                      num_classes, head, preprocess, labels, groups=groups, stem_inner=tuple(stem_inner))
 
 
 IMAGENET_PREPROCESS = Preprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 CIFAR_PREPROCESS = Preprocess(size=32, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+TIMM_D_PREPROCESS = replace(IMAGENET_PREPROCESS, filter="bicubic")
 
 
 def greyscale(pre: Preprocess) -> Preprocess:
@@ -347,6 +369,19 @@ ZOO: dict[str, ResNetSpec] = {
             ("resnext101_64x4d", (3, 4, 23, 3), 64, 4),
             ("wide_resnet50_2", (3, 4, 6, 3), 1, 128),
             ("wide_resnet101_2", (3, 4, 23, 3), 1, 128),
+        ]
+    },
+    # timm's ResNet-D: deep stem 32-32-64, average-pool shortcuts; bicubic at crop_pct 0.875 (its weights' config)
+    **{
+        name: _standard(name, "deep", block, layers, 64, "avg_projection", 1000, "fc", TIMM_D_PREPROCESS,
+                        stem_inner=(32, 32))
+        for name, block, layers in [
+            ("resnet18d", "basic", (2, 2, 2, 2)),
+            ("resnet26d", "bottleneck", (2, 2, 2, 2)),
+            ("resnet34d", "basic", (3, 4, 6, 3)),
+            ("resnet50d", "bottleneck", (3, 4, 6, 3)),
+            ("resnet101d", "bottleneck", (3, 4, 23, 3)),
+            ("resnet152d", "bottleneck", (3, 8, 36, 3)),
         ]
     },
     **{
