@@ -558,3 +558,27 @@ def test_executorch_compiles_a_greyscale_model_from_the_same_torch_builder(tmp_p
     inputs = Preprocess.from_dict(manifest["preprocess"]).with_layout("NCHW")(x)
     got = get_target("executorch").load_runner(tmp_path / "b" / artifact["files"][0])(inputs)
     np.testing.assert_allclose(got, torch_reference(model)(inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_executorch_delegates_a_resnet_d_whose_pools_meet_even_sides(tmp_path):
+    """At 64² every ResNet-D shortcut pool sees an even side, where ceil mode changes nothing: built without it,
+    XNNPACK takes the average pools (it refuses ceil mode) and the artifact reproduces timm's layout."""
+    pytest.importorskip("executorch")
+    import torch
+
+    from edgeres.calibration.preprocess import Preprocess
+    from edgeres.targets import get_target
+
+    model = torchvision_resnet((1, 1, 1, 1), resnet_d=True)
+    torch.save(model.state_dict(), tmp_path / "r26d.pth")
+    x, y = make_images(IMAGES, 70, seed=3, classes=2)
+    np.savez(tmp_path / "px.npz", x=x, y=y)
+    code, _, err = invoke("convert", tmp_path / "r26d.pth", "--calib", tmp_path / "px.npz", "--targets", "executorch",
+                          "--precision", "fp32", "--preprocess", "crop=64", "--no-bench", "--out", tmp_path / "b")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    (artifact,) = manifest["artifacts"]
+    assert artifact["status"] == "ok", artifact
+    inputs = Preprocess.from_dict(manifest["preprocess"]).with_layout("NCHW")(x)
+    got = get_target("executorch").load_runner(tmp_path / "b" / artifact["files"][0])(inputs)
+    np.testing.assert_allclose(got, torch_reference(model)(inputs), rtol=1e-4, atol=1e-4)

@@ -102,7 +102,10 @@ def _shortcut(spec: ResNetSpec, stage: int, block: int) -> nn.Module | None:
     if spec.shortcut == "projection":
         return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
     if spec.shortcut == "avg_projection":  # ResNet-D: average the 2×2 windows, then a stride-1 projection
-        pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride != 1 else nn.Identity()
+        # timm pools in ceil mode; on an even side that changes nothing, and without it XNNPACK (ExecuTorch)
+        # takes the op, so ceil mode is kept only where the side at the spec's input size is odd
+        odd = spec.stage_input_side(stage) % 2 == 1
+        pool = nn.AvgPool2d(2, stride, ceil_mode=odd, count_include_pad=False) if stride != 1 else nn.Identity()
         return nn.Sequential(pool, nn.Conv2d(cin, cout, 1, 1, bias=False), nn.BatchNorm2d(cout))
     return OptionAShortcut(cin, cout, stride)
 

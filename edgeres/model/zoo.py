@@ -175,6 +175,13 @@ class ResNetSpec:
         stride = self.stage_strides[stage] if block == 0 else 1
         return stride != 1 or self.block_in_width(stage, block) != self.stage_widths[stage]
 
+    def stage_input_side(self, stage: int) -> int:
+        """Height (= width) of the feature map entering stage ``stage`` at the spec's input size."""
+        size = self.input_size
+        for stride in ((2, 2) if self.stem in ("imagenet", "deep") else ()) + self.stage_strides[:stage]:
+            size = (size + stride - 1) // stride
+        return size
+
     @property
     def feature_size(self) -> int:
         """Height (= width) of the last stage's feature map."""
