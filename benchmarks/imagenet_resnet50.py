@@ -3,6 +3,7 @@
 
   edgeres            ``edgeres convert MODEL --calib calib/ --eval dev/ --labels classes.tsv`` (defaults:
                      shorter side 256 + centre crop 224, mse ranges), onnx, openvino, tflite in int8 and fp32
+  edgeres accurate   the same with ``--quant accurate`` (weight clipping + bias correction first), int8
   onnxruntime        ``quantize_static`` of the bundle's fp32 ONNX: QDQ, per-channel int8 weights, MinMax, U8S8,
                      reduce_range (onnxruntime's Percentile/Entropy calibrators keep every activation: > 22 GB)
   openvino (NNCF)    ``nncf.quantize`` of the fp32 model converted by OpenVINO, every setting left default
@@ -13,7 +14,7 @@ on the same 400 dev photos: top-1 and top-1 agreement with the fp32 reference. K
 is the first row.
 
 Run: ``.venv/bin/python benchmarks/imagenet_resnet50.py [--work DIR] [--json FILE]`` (~10 min, ~4 GB on 2 cores;
-reuses ``DIR/bundle`` when it is there).
+reuses ``DIR/bundle`` and ``DIR/bundle-accurate`` when they are there: the artifacts are then re-evaluated, not re-made).
 With ``--json benchmarks/results/imagenet_resnet50.json``, ``python benchmarks/readme_tables.py --blocks imagenet
 --write`` puts the table into README.md and docs/accuracy.md.
 """
@@ -43,10 +44,10 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def convert(model: Path, data: Path, out: Path) -> float:
+def convert(model: Path, data: Path, out: Path, *extra: str, precision: str = "int8,fp32") -> float:
     cmd = [sys.executable, "-m", "edgeres.cli", "convert", str(model), "--calib", str(data / "calib"), "--eval", str(data / "dev"),
-           "--labels", str(data / "classes.tsv"), "--targets", "onnx,openvino,tflite", "--precision", "int8,fp32",
-           "--no-bench", "--jobs", "0", "--out", str(out)]
+           "--labels", str(data / "classes.tsv"), "--targets", "onnx,openvino,tflite", "--precision", precision,
+           "--no-bench", "--jobs", "0", "--out", str(out), *extra]
     log("$ edgeres " + " ".join(cmd[3:]))
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -82,6 +83,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     bundle = work / "bundle"
     seconds = None if (bundle / "eval.json").is_file() else convert(model, data, bundle)
+    accurate = work / "bundle-accurate"
+    seconds_accurate = (None if (accurate / "eval.json").is_file()
+                        else convert(model, data, accurate, "--quant", "accurate", precision="int8"))
 
     from edgeres.calibration import Preprocess, open_dataset
     from edgeres.measure.evaluate import number_class_folders
@@ -113,6 +117,10 @@ def main() -> int:
     for a in manifest["artifacts"]:
         if a["status"] == "ok":
             add(RUNTIME[a["target"]], "edgeres", a["precision"], predictions(get_target(a["target"]).load_runner(bundle / a["file"]), xs))
+    for a in json.loads((accurate / "manifest.json").read_text())["artifacts"]:
+        if a["status"] == "ok":
+            add(RUNTIME[a["target"]], "edgeres --quant accurate", a["precision"],
+                predictions(get_target(a["target"]).load_runner(accurate / a["file"]), xs))
 
     log("onnxruntime quantize_static (QDQ, per-channel, MinMax, reduce_range)…")
     import onnxruntime as ort
@@ -150,7 +158,7 @@ def main() -> int:
 
     result = {"model": str(model), "data": str(data), "dev_images": int(len(y)),
               "calib_images": int(sum(len(x) for x in calib)), "preprocess": pre.describe(),
-              "convert_seconds": seconds, "host": platform.node(), "machine": platform.machine(), "rows": rows}
+              "convert_seconds": seconds, "convert_seconds_accurate": seconds_accurate, "host": platform.node(), "machine": platform.machine(), "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"ImageNet Keras ResNet-50, {len(y)} dev photos ({pre.describe()}); calibration: "

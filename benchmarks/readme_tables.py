@@ -15,7 +15,8 @@ table.
 
 From kept results (no run here): the ``imagenet`` block from ``benchmarks/results/imagenet_resnet50.json``, which
 ``python benchmarks/imagenet_resnet50.py --json benchmarks/results/imagenet_resnet50.json`` writes (≈10 min, 4 GB), and
-``convert_cost`` from ``benchmarks/results/convert_cost.json`` (``benchmarks/convert_cost.py --json``).
+``convert_cost`` from ``benchmarks/results/convert_cost.json`` (``benchmarks/convert_cost.py --json``), ``sources``
+from ``benchmarks/results/source_formats.json`` (``benchmarks/source_formats.py --json``: tests/test_source_formats.py's results).
 
 ``--write`` replaces the marked blocks (``<!-- readme_tables:NAME -->`` … ``<!-- /readme_tables:NAME -->``) in
 README.md and every page of docs/ that holds them (each block must be somewhere); without it the blocks are printed.
@@ -44,9 +45,11 @@ CIFAR_BLOCKS = ("intro", "fp32", "worked", "estimators")
 RESULTS = ROOT / "benchmarks" / "results"
 IMAGENET_JSON = RESULTS / "imagenet_resnet50.json"
 CONVERT_COST_JSON = RESULTS / "convert_cost.json"
+SOURCES_JSON = RESULTS / "source_formats.json"
 # blocks rendered from a benchmark's kept JSON: name → (file, the script that writes it)
 JSON_BLOCKS = {"imagenet": (IMAGENET_JSON, "benchmarks/imagenet_resnet50.py --json"),
-               "convert_cost": (CONVERT_COST_JSON, "benchmarks/convert_cost.py --json")}
+               "convert_cost": (CONVERT_COST_JSON, "benchmarks/convert_cost.py --json"),
+               "sources": (SOURCES_JSON, "benchmarks/source_formats.py --json")}
 BLOCKS = (*CIFAR_BLOCKS, *JSON_BLOCKS)
 # Where the blocks live: the README (the headline tables) and the docs pages.
 DOC_FILES = ("README.md", "docs/*.md")
@@ -165,11 +168,14 @@ IMAGENET_ROWS = (
     (("OpenVINO", "edgeres", "fp32"), "edgeres"),
     (("LiteRT", "edgeres", "fp32"), "edgeres"),
     (("onnxruntime", "edgeres", "int8"), "**edgeres**"),
+    (("onnxruntime", "edgeres --quant accurate", "int8"), "**edgeres** `--quant accurate`"),
     (("onnxruntime", "quantize_static MinMax per-channel QDQ", "int8"),
      "`quantize_static`, MinMax, per-channel QDQ, reduce_range"),
     (("OpenVINO", "edgeres", "int8"), "**edgeres** (the same QDQ ranges)"),
+    (("OpenVINO", "edgeres --quant accurate", "int8"), "**edgeres** `--quant accurate`"),
     (("OpenVINO", "nncf.quantize defaults", "int8"), "`nncf.quantize` defaults"),
     (("LiteRT", "edgeres", "int8"), "**edgeres**"),
+    (("LiteRT", "edgeres --quant accurate", "int8"), "**edgeres** `--quant accurate`"),
     (("LiteRT", "TFLiteConverter full-int8, representative dataset", "int8"),
      "`TFLiteConverter` full-int8, representative dataset"),
 )
@@ -218,7 +224,21 @@ def convert_cost_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"imagenet": imagenet_table, "convert_cost": convert_cost_table}
+def sources_table(result: dict) -> str:
+    """``source_formats.py --json``'s rows (the test's results): per source format what is read, the
+    preprocessing recorded, and the fp32 artifacts against the framework's own output."""
+    lines = ["| model file | what edgeres reads | preprocessing | fp32 vs the framework: agreement, max rel. error "
+             "(ONNX / OpenVINO / TFLite) | int8 built |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        fp32 = [r["targets"][f"{t}-fp32"] for t in ("onnx", "openvino", "tflite")]
+        agree = " / ".join(f"{v['agreement_pct']:.0f} %" for v in fp32)
+        err = " / ".join(f"{v['rel_err']:.0e}" for v in fp32)
+        int8 = " ".join(t for t in ("onnx", "openvino", "tflite") if f"{t}-int8" in r["targets"])
+        lines.append(f"| {r['row']} | {r['read']} | {r['preprocess']} | {agree}; {err} | {int8} |")
+    return "\n".join(lines)
+
+
+RENDER = {"imagenet": imagenet_table, "convert_cost": convert_cost_table, "sources": sources_table}
 
 
 def marked_block(name: str) -> re.Pattern:

@@ -12,8 +12,11 @@ from edgeres.calibration.errors import DataError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # shorter_side_crop: torchvision's ImageNet pipeline, Resize(shorter side) then CenterCrop;
-# direct: Keras' load_img(target_size=...), straight to size×size with no crop
+# direct: straight to size×size with no crop (the geometry of Keras' load_img(target_size=...), whose
+# filter is nearest by default: filter=nearest repeats it)
 RESIZE_MODES = ("shorter_side_crop", "direct")
+# what the network's input channels hold: colour in either order, or one grey (luma) channel
+CHANNEL_ORDERS = ("RGB", "BGR", "L")
 # Pillow's resampling filters by the name the manifest records
 FILTERS = ("bilinear", "bicubic", "nearest")
 
@@ -29,7 +32,10 @@ class Preprocess:
     nearest); ``antialias`` widens the filter when downscaling, as Pillow's ``resize`` and torchvision do
     (False samples the filter at the output pixel centres only, as OpenCV's and TF's plain resize do).
     ``scale`` multiplies the uint8 values before mean/std (1/255 for torchvision, 1 for Keras
-    caffe-style preprocessing); ``channel_order`` is the order the network expects.
+    caffe-style preprocessing); ``channel_order`` is the order the network expects. "L": a one-channel
+    (greyscale) network; images are turned grey by Pillow's ``convert("L")`` (ITU-R 601-2 luma) before
+    they are resized, as a training pipeline that opens its files with ``.convert("L")`` (or puts
+    torchvision's ``Grayscale()`` first) sees them; ``mean``/``std`` then hold one value each.
     """
 
     size: int
@@ -50,8 +56,11 @@ class Preprocess:
             raise DataError(f"preprocess antialias {self.antialias!r} is not true or false")
         if self.layout not in ("NCHW", "NHWC"):
             raise DataError(f"preprocess layout {self.layout!r} is not NCHW or NHWC")
-        if self.channel_order not in ("RGB", "BGR"):
-            raise DataError(f"preprocess channel order {self.channel_order!r} is not RGB or BGR")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise DataError(f"preprocess channel order {self.channel_order!r} is not one of {', '.join(CHANNEL_ORDERS)}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise DataError(f"preprocess mean/std need {self.channels} value(s) each for channel order "
+                            f"{self.channel_order}, got {len(self.mean)}/{len(self.std)}")
         if self.size <= 0 or (self.resize is not None and self.resize < self.size):
             raise DataError(f"preprocess size {self.size} / resize {self.resize} is not valid")
         if self.resize_mode not in RESIZE_MODES:
@@ -71,6 +80,11 @@ class Preprocess:
                 d[key] = tuple(float(v) for v in d[key])
         return cls(**d)
 
+    @property
+    def channels(self) -> int:
+        """Channels of the network input: 1 for greyscale ("L"), else 3."""
+        return 1 if self.channel_order == "L" else 3
+
     def with_layout(self, layout: str) -> "Preprocess":
         return Preprocess(**{**self.__dict__, "layout": layout})
 
@@ -89,8 +103,13 @@ class Preprocess:
                 f"std {numbers(self.std)}")
 
     def geometry(self, images: np.ndarray, source: str = "images") -> np.ndarray:
-        """Resize/crop a uint8 N×H×W×3 batch to N×size×size×3 (uint8), or fail naming ``source``."""
-        check_uint8_rgb(images, source)
+        """Resize/crop a uint8 N×H×W×3 RGB batch to N×size×size×channels (uint8), or fail naming ``source``."""
+        if self.channel_order == "L" and getattr(images, "shape", (0,))[-1] == 1:
+            check_uint8_rgb(images, source, channels=1)  # already grey (geometry's own output, read again)
+        else:
+            check_uint8_rgb(images, source)
+            if self.channel_order == "L":
+                images = to_grey(images)
         h, w = images.shape[1:3]
         if self.resize_mode == "direct":
             if (h, w) == (self.size, self.size):
@@ -104,7 +123,7 @@ class Preprocess:
                     "images (resize them beforehand, e.g. with Pillow)"
                 )
             return images
-        out = np.empty((images.shape[0], self.size, self.size, 3), np.uint8)
+        out = np.empty((images.shape[0], self.size, self.size, images.shape[3]), np.uint8)
         for i, img in enumerate(images):
             out[i] = resize_center_crop(img, self.resize, self.size, self.filter, self.antialias)
         return out
@@ -120,14 +139,19 @@ class Preprocess:
         return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def check_uint8_rgb(images: np.ndarray, source: str) -> None:
-    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3:
+def check_uint8_rgb(images: np.ndarray, source: str, channels: int = 3) -> None:
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != channels:
         shape = getattr(images, "shape", None)
-        raise DataError(f"{source}: expected N×H×W×3 RGB images, got shape {shape}")
+        raise DataError(f"{source}: expected N×H×W×{channels} {'RGB' if channels == 3 else 'grey'} images, got shape {shape}")
     if images.dtype != np.uint8:
         raise DataError(f"{source}: expected uint8 images (0..255), got {images.dtype}")
     if images.shape[0] == 0:
         raise DataError(f"{source}: contains no images")
+
+
+def to_grey(images: np.ndarray) -> np.ndarray:
+    """N×H×W×3 RGB → N×H×W×1 luma, by Pillow's ``Image.convert("L")`` (L = R·299/1000 + G·587/1000 + B·114/1000)."""
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(img)).convert("L")) for img in images])[..., None]
 
 
 def resize_center_crop(img: np.ndarray, shorter: int, crop: int, filter: str = "bilinear",

@@ -272,6 +272,17 @@ def label_names(spec_or_manifest) -> list[str]:
     return [str(v) for v in labels] if labels else [str(i) for i in range(count)]
 
 
+def outputs_probabilities(spec_or_manifest) -> bool:
+    """Does the model already output probabilities (its head ends in a softmax, as Keras classifiers do)?
+    Scores are then its outputs as they are; a second softmax would flatten them towards 1/classes."""
+    if isinstance(spec_or_manifest, dict):
+        return bool((spec_or_manifest["arch"].get("head_layers") or {}).get("softmax"))
+    return bool(spec_or_manifest.head_layers.softmax)
+
+
+SCORES = {True: "the model's own probabilities (its head ends in a softmax)", False: "softmax of the model's logits"}
+
+
 def json_text(data, indent: int | None = 2) -> str:
     """Strict JSON: a NaN or infinite number (never valid JSON, refused by most parsers) becomes null."""
     return json.dumps(_finite_or_none(data), indent=indent, allow_nan=False)
@@ -337,6 +348,10 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
     if not bundle.is_dir():
         raise InputError(f"{bundle}: not a folder; give a bundle directory made by `edgeres convert`")
     if not path.exists():
+        if (bundle / "config.json").is_file() or (bundle / "saved_model.pb").is_file():
+            kind = "Hugging Face" if (bundle / "config.json").is_file() else "Keras SavedModel"
+            raise InputError(f"{bundle}: is a {kind} model folder, not an edgeres bundle; convert it first "
+                             f"(edgeres convert {bundle} --out DIR) and give DIR")
         raise InputError(f"{bundle}: has no {MANIFEST}; it is not a complete edgeres bundle (re-run `edgeres convert`)")
     try:
         manifest = json.loads(_read_regular(path).decode())
@@ -540,8 +555,8 @@ def _preprocess_problem(pre, where: str) -> str | None:
         return f"{where} resize {resize!r} is not a side of {size} to {MAX_IMAGE_SIDE} pixels"
     for key in ("mean", "std"):
         v = pre.get(key, [1.0, 1.0, 1.0])
-        if not isinstance(v, list) or len(v) != 3 or not all(_is_finite(x) for x in v):
-            return f"{where} {key} {v!r} is not three finite numbers"
+        if not isinstance(v, list) or len(v) not in (1, 3) or not all(_is_finite(x) for x in v):
+            return f"{where} {key} {v!r} is not three finite numbers (one for a greyscale model)"
     if any(x <= 0 for x in pre.get("std", [1.0])):
         return f"{where} std {pre['std']!r} must be positive"
     scale = pre.get("scale", 1.0)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from edgeres.targets.base import (ANY_PRECISION, KERAS, QDQ_ONNX, REFERENCE_ONNX, Artifact, CompileJob, OptionError, TargetError, TargetInfo, TargetOption,
+from edgeres.targets.base import (ANY_PRECISION, KERAS, QDQ_ONNX, REFERENCE_ONNX, TORCH_EXPORT, Artifact, CompileJob, OptionError, TargetError, TargetInfo, TargetOption,
                           TargetUnavailable)
 
-BUILTIN = ("onnx", "openvino", "tflite")
+BUILTIN = ("onnx", "openvino", "tflite", "executorch")
 _modules: dict[str, ModuleType] = {}
 
 
@@ -81,5 +81,5 @@ def companion_files(path: str) -> list[str]:
     return [str(path)[: -len(suffix)] + c for c in info.companions]
 
 
-__all__ = ["ANY_PRECISION", "Artifact", "CompileJob", "OptionError", "KERAS", "QDQ_ONNX", "REFERENCE_ONNX", "TargetError", "TargetInfo", "TargetOption",
+__all__ = ["ANY_PRECISION", "Artifact", "CompileJob", "OptionError", "KERAS", "QDQ_ONNX", "REFERENCE_ONNX", "TORCH_EXPORT", "TargetError", "TargetInfo", "TargetOption",
            "TargetUnavailable", "companion_files", "get_info", "get_target", "info_for_file", "infos", "names", "register", "shipping_target"]

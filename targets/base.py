@@ -111,6 +111,8 @@ def qdq_record(path: str | Path) -> dict:
 REFERENCE_ONNX = "reference_onnx"  # the fp32 reference ONNX (BN folded, dynamic batch): a Path
 QDQ_ONNX = "qdq_onnx"  # the QDQ int8 ONNX the int8 stage writes from the shared ranges: a Path
 KERAS = "keras"  # the network rebuilt in Keras from its spec + weights: a callable that builds it
+# the network rebuilt in torch from its spec + weights: a callable giving its ``torch.export`` program (batch 1)
+TORCH_EXPORT = "torch_export"
 ANY_PRECISION = "*"  # TargetInfo.sources key for every precision not named
 
 
@@ -175,6 +177,9 @@ class TargetInfo:
     # estimator), "float_nodes" (the most sensitive layers kept in float)
     budget_tunes: tuple[str, ...] = ()
     compile_here: bool = False  # its compile is a copy of what the int8 stage made: no worker process for it
+    # distributions its runtime imports beside ``dist`` on a device (ExecuTorch's Python runtime: torch);
+    # an exported app's requirements pin them too
+    runtime_needs: tuple[str, ...] = ()
 
     def source_for(self, precision: str) -> str:
         """The model source a ``precision`` compile reads."""
@@ -248,6 +253,33 @@ class CompileJob:
         """``app_metadata`` of this job's model for an artifact whose input is ``layout`` / ``dtype``."""
         return app_metadata(self.label_names(), self.preprocess, layout=layout, dtype=dtype,
                             version=self.producer_version, source_sha256=self.source_sha256)
+
+
+WAIT_NOTE_S = 5.0  # a compile waiting this long for the shared ranges says so
+
+
+def shared_reference(job: "CompileJob"):
+    """The int8 stage's reference activations (``calibration.matching.ReferenceActivations``), the reason
+    there are none (str), or None when the job names no file: what a target with a graph of its own matches
+    its tensors to by value. A compile started beside the int8 stage waits for the file (the parent stops
+    it if the stage fails; a worker dies with its parent)."""
+    import sys
+    import time
+
+    from edgeres.calibration import matching
+
+    if not job.reference_activations:
+        return None
+    path, t0, said = Path(job.reference_activations), time.monotonic(), False
+    while not path.exists():
+        if not said and time.monotonic() - t0 > WAIT_NOTE_S:
+            print("waiting for the shared ranges of the int8 stage…", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.2)
+    try:
+        return matching.load(path)
+    except (OSError, ValueError, KeyError) as e:
+        return f"{path.name} is unreadable: {e}"
 
 
 def x86_u8s8_recipe(cpu) -> tuple[str, bool, str]:

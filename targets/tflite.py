@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from edgeres.calibration import matching
 from edgeres.calibration.errors import DataError
-from edgeres.targets.base import (ANY_PRECISION, KERAS, Artifact, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path,
+from edgeres.targets.base import (ANY_PRECISION, KERAS, Artifact, shared_reference, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path,
                           cpu_threads, release_memory)
 from edgeres.targets.runners.litert_runner import (LiteRtRunner, litert_dequantize, litert_embedded_normalization,
                                            litert_quantize, litert_to_pixels, LITERT_PIXELS_ENTRY)
@@ -358,8 +357,8 @@ def _calibration_batches(job: CompileJob, batch_size: int = CALIB_BATCH):
     norm = pixel_normalization(job)
     for batch in job.calibration(layout="NHWC", batch_size=batch_size):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or batch.shape[-1] != 3:
-            raise TargetError(f"tflite: calibration batches must be N×H×W×3 (NHWC), got {batch.shape}")
+        if batch.ndim != 4 or batch.shape[-1] not in (1, 3):
+            raise TargetError(f"tflite: calibration batches must be N×H×W×3 (or ×1 greyscale, NHWC), got {batch.shape}")
         yield batch if norm is None else to_pixels(batch, norm)
 
 
@@ -438,25 +437,7 @@ def _int8_ranges(float_model: bytes, job: CompileJob, tf) -> tuple[dict, int | N
     return {i: found[i] for i in stats}, images, origin, (note,)
 
 
-WAIT_NOTE_S = 5.0
-
-
-def _shared_reference(job: CompileJob):
-    """The int8 stage's reference activations (``calibration.matching.ReferenceActivations``), the reason
-    there are none (str), or None when the job names no file. A compile started beside the int8 stage
-    waits for the file (the parent stops it if the stage fails; a worker dies with its parent)."""
-    if not job.reference_activations:
-        return None
-    path, t0, said = Path(job.reference_activations), time.monotonic(), False
-    while not path.exists():
-        if not said and time.monotonic() - t0 > WAIT_NOTE_S:
-            print("waiting for the shared ranges of the int8 stage…", file=sys.stderr, flush=True)
-            said = True
-        time.sleep(0.2)
-    try:
-        return matching.load(path)
-    except (OSError, ValueError, KeyError) as e:
-        return f"{path.name} is unreadable: {e}"
+_shared_reference = shared_reference  # the int8 stage's reference activations (targets.base)
 
 
 def _keep_all_interpreter(float_model: bytes, tf):

@@ -128,6 +128,7 @@ def test_mobile_code_constants_equal_the_manifest(app_bundle, tmp_path, kind, ta
     assert c["SCALE"] == pytest.approx(pre["scale"]) and c["NUM_CLASSES"] == manifest["arch"]["num_classes"]
     loaded = get_target(target).load_runner(app_bundle / artifact["file"])
     assert (c["INPUT_NAME"], c["OUTPUT_NAME"]) == loaded.io_names()
+    assert c["OUTPUT_PROBABILITIES"] is bool((manifest["arch"].get("head_layers") or {}).get("softmax"))
     assert c["TAKES_PIXELS"] == loaded.takes_pixels and c["INPUT_LAYOUT"] == artifact["input_layout"]
     assert (out / c["MODEL_FILE"]).is_file() and (out / c["LABELS_FILE"]).read_text().splitlines() == manifest["labels"]
     assert "Not compiled here" in (out / "README.md").read_text()

@@ -233,7 +233,7 @@ PREPROCESS_CASES = [
     Case("bad-filter", _pre("filter=lanczos"), "--preprocess filter='lanczos' is not a resize filter; filter is one of "
                                                "bilinear, bicubic, nearest"),
     Case("bad-antialias", _pre("antialias=maybe"), "--preprocess antialias='maybe': not a number; antialias is true or false"),
-    Case("bad-order", _pre("order=GBR"), "--preprocess order='GBR' is not a channel order; order is RGB or BGR"),
+    Case("bad-order", _pre("order=GBR"), "--preprocess order='GBR' is not a channel order; order is RGB, BGR or L"),
     Case("word-size", _pre("resize=big"), "--preprocess resize='big': not a number"),
     Case("missing-json", _pre("nowhere.json"), "--preprocess nowhere.json: cannot read it as JSON"),
 ]
@@ -249,7 +249,7 @@ def test_bad_preprocess_flag_is_refused_in_one_line_before_any_work(env, tmp_pat
 
 def test_crop_other_than_the_models_input_size_is_refused_naming_the_size(env, tmp_path):
     code, _, stderr = _invoke(_convert(tmp_path, env, "--preprocess", "crop=224"))
-    _assert_one_line(code, stderr, Case("crop", None, "crop=224: the model takes 16×16 inputs; give crop=16"))
+    _assert_one_line(code, stderr, Case("crop", None, "crop=224: the model takes 16×16 inputs \\(its edgeres checkpoint records that size\\); give crop=16"))
     assert not (tmp_path / "bundle").exists()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgeres import __version__
 from edgeres.app import mobile
-from edgeres.bundle import OutputLock, artifact_path, check_output_dir, label_names, read_manifest, verify_file
+from edgeres.bundle import OutputLock, artifact_path, check_output_dir, label_names, outputs_probabilities, read_manifest, verify_file
 from edgeres.errors import InputError
 from edgeres.measure.predict import pick_artifact
 from edgeres.progress import log
@@ -50,12 +50,12 @@ def _choose(manifest: dict, bundle: Path, kind: str, target: str | None, precisi
     """The artifact to export; Android and iOS take the runtimes they have templates for."""
     if kind == "python":
         return pick_artifact(manifest, bundle, target, precision)
-    usable = [a for a in manifest["artifacts"] if get_info(a["target"]).runtime in mobile.RUNTIMES]
+    usable = [a for a in manifest["artifacts"] if get_info(a["target"]).runtime in mobile.KIND_RUNTIMES[kind]]
     if target is not None and target not in {a["target"] for a in usable}:
         names = sorted({n for n in (a["target"] for a in manifest["artifacts"])
-                        if get_info(n).runtime in mobile.RUNTIMES})
+                        if get_info(n).runtime in mobile.KIND_RUNTIMES[kind]})
         raise InputError(f"--target {target}: --kind {kind} runs {', '.join(names) or 'no target of this bundle'} "
-                         f"artifacts (LiteRT or onnxruntime on the device); choose one of those")
+                         f"artifacts ({', '.join(mobile.KIND_RUNTIMES[kind])} on the device); choose one of those")
     return pick_artifact({**manifest, "artifacts": usable}, bundle, target, precision)
 
 
@@ -67,15 +67,20 @@ def app_config(manifest: dict, artifact: dict, runner, model_file: str) -> dict:
             "num_classes": manifest["arch"]["num_classes"], "preprocess": manifest["preprocess"],
             "input": {"layout": artifact.get("input_layout", "NCHW"), "dtype": dtype, "pixels": bool(runner.takes_pixels),
                       "name": input_name},
-            "output": {"name": output_name}}
+            "output": {"name": output_name, "probabilities": outputs_probabilities(manifest)}}
 
 
 def requirements(artifact: dict) -> str:
-    """requirements.txt: numpy, Pillow and the runtime at the version the bundle was made and tested with."""
-    dist = get_info(artifact["target"]).dist
-    version = (artifact.get("tool_versions") or {}).get(dist)
-    runtime = f"{dist}=={version}" if version else f"{dist}  # version not recorded in the bundle"
-    return f"numpy>=1.26\npillow>=10\n{runtime}\n"
+    """requirements.txt: numpy, Pillow and the runtime (with what it imports beside it, ``TargetInfo
+    .runtime_needs``) at the versions the bundle was made and tested with. A local build tag (``+cpu``) is
+    dropped: package indexes publish none."""
+    info = get_info(artifact["target"])
+    versions = artifact.get("tool_versions") or {}
+    lines = []
+    for dist in (info.dist, *info.runtime_needs):
+        version = str(versions.get(dist) or "").split("+")[0]
+        lines.append(f"{dist}=={version}" if version else f"{dist}  # version not recorded in the bundle")
+    return "numpy>=1.26\npillow>=10\n" + "".join(f"{line}\n" for line in lines)
 
 
 def export_app(bundle: str | Path, kind: str, out: str | Path, *, target: str | None = None,
@@ -83,6 +88,9 @@ def export_app(bundle: str | Path, kind: str, out: str | Path, *, target: str | 
     """Write the app folder ``out``; returns ``app.json`` (kind, artifact, files)."""
     bundle, out = Path(bundle), check_request(kind, out, force)
     manifest = read_manifest(bundle, verify=False)
+    if kind != "python" and manifest["preprocess"].get("channel_order") == "L":
+        raise InputError(f"{bundle}: is a greyscale (one-channel) model; the {kind} app code feeds RGB camera frames, "
+                         "so export the python app (export-app --kind python) or convert the frames to grey yourself")
     artifact = _choose(manifest, bundle, kind, target, precision)
     for record in artifact.get("file_records", []):
         verify_file(bundle, record)

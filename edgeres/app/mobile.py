@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 
-# runtimes with a mobile template: LiteRT's Interpreter and onnxruntime-mobile (keys: TargetInfo.runtime)
+# runtimes with a mobile template, per kind: LiteRT's Interpreter and onnxruntime-mobile on both, ExecuTorch's
+# Android Module API on Android (keys: TargetInfo.runtime)
 RUNTIMES = ("litert", "onnxruntime")
+KIND_RUNTIMES = {"android": (*RUNTIMES, "executorch"), "ios": RUNTIMES}
 ANDROID_DEPENDENCY = {"litert": "com.google.ai.edge.litert:litert:1.4.0",
-                      "onnxruntime": "com.microsoft.onnxruntime:onnxruntime-android:1.22.0"}
+                      "onnxruntime": "com.microsoft.onnxruntime:onnxruntime-android:1.22.0",
+                      # the .pte needs a runtime at least as new as the executorch that wrote it
+                      "executorch": "org.pytorch:executorch-android:{executorch}"}
 IOS_POD = {"litert": "pod 'TensorFlowLiteSwift', '~> 2.17.0'", "onnxruntime": "pod 'onnxruntime-objc', '~> 1.22.0'"}
 
 
@@ -29,7 +33,8 @@ def constants(config: dict) -> dict:
             "ANTIALIAS": bool(pre.get("antialias", True)), "SCALE": float(pre["scale"]),
             "MEAN": [float(v) for v in pre["mean"]], "STD": [float(v) for v in pre["std"]],
             "BGR": pre["channel_order"] == "BGR", "INPUT_LAYOUT": inp["layout"], "INPUT_DTYPE": inp["dtype"],
-            "TAKES_PIXELS": inp["pixels"], "INPUT_NAME": inp["name"], "OUTPUT_NAME": config["output"]["name"]}
+            "TAKES_PIXELS": inp["pixels"], "INPUT_NAME": inp["name"], "OUTPUT_NAME": config["output"]["name"],
+            "OUTPUT_PROBABILITIES": bool(config["output"].get("probabilities", False))}
 
 
 # how each language declares a constant of each kind: (bool, float list, float, int, string) and the wrapper
@@ -70,13 +75,23 @@ def generate(kind: str, config: dict, artifact: dict) -> dict[str, str]:
     if kind == "android":
         body = KOTLIN[runtime].replace("// @CONSTANTS@\n", kotlin_constants(config))
         gradle = (f"// app/build.gradle.kts: the runtime, and the model kept uncompressed in the APK's assets\n"
-                  f"dependencies {{\n    implementation(\"{ANDROID_DEPENDENCY[runtime]}\")\n}}\n"
+                  f"dependencies {{\n    implementation(\"{_dependency(runtime, artifact)}\")\n}}\n"
                   f"android {{\n    androidResources {{ noCompress += listOf(\"{config['model'].rsplit('.', 1)[-1]}\") }}\n}}\n")
         return {"ImageClassifier.kt": header + body, "build.gradle.kts.snippet": gradle,
                 "README.md": mobile_readme(kind, config, artifact)}
     body = SWIFT[runtime].replace("// @CONSTANTS@\n", swift_constants(config))
     return {"ImageClassifier.swift": header + body, "Podfile.snippet": f"# Podfile\n{IOS_POD[runtime]}\n",
             "README.md": mobile_readme(kind, config, artifact)}
+
+
+def _dependency(runtime: str, artifact: dict) -> str:
+    versions = {k: str(v).split("+")[0] for k, v in (artifact.get("tool_versions") or {}).items()}
+    return ANDROID_DEPENDENCY[runtime].format(**versions) if "{" in ANDROID_DEPENDENCY[runtime] else \
+        ANDROID_DEPENDENCY[runtime]
+
+
+RUNTIME_TITLE = {"litert": "the LiteRT Interpreter", "onnxruntime": "onnxruntime",
+                 "executorch": "ExecuTorch's Android Module (XNNPACK)"}
 
 
 def _preprocess_text(config: dict) -> str:
@@ -134,7 +149,7 @@ def mobile_readme(kind: str, config: dict, artifact: dict) -> str:
     return f"""# {kind} image classifier ({artifact['target']} {artifact['precision']})
 
 Made by `edgeres export-app --kind {kind}`: `{code}` runs `{config['model']}` with
-{'the LiteRT Interpreter' if config['runtime'] == 'litert' else 'onnxruntime'} and the bundle's
+{RUNTIME_TITLE[config['runtime']]} and the bundle's
 preprocessing; `{build}` adds the runtime to your build. Put `{config['model']}` and `labels.txt` in
 {where}.
 
@@ -236,9 +251,10 @@ object Geometry {
 
 object Scores {
     fun top(logits: FloatArray, labels: List<String>, k: Int): List<Pair<String, Float>> {
+        // a model whose head ends in a softmax outputs probabilities already: its scores are the outputs
         val max = logits.maxOrNull() ?: 0f
-        val e = logits.map { exp((it - max).toDouble()) }
-        val sum = e.sum()
+        val e = logits.map { if (ModelConfig.OUTPUT_PROBABILITIES) it.toDouble() else exp((it - max).toDouble()) }
+        val sum = if (ModelConfig.OUTPUT_PROBABILITIES) 1.0 else e.sum()
         return e.indices.sortedByDescending { e[it] }.take(k).map { labels[it] to (e[it] / sum).toFloat() }
     }
 }
@@ -293,6 +309,58 @@ class ImageClassifier(context: Context, threads: Int = 2) : AutoCloseable {
 }
 '''}
 KOTLIN["onnxruntime"] += KOTLIN["litert"][KOTLIN["litert"].index("/** Resize and crop"):]
+KOTLIN["executorch"] = '''package com.example.edgeres
+
+import android.content.Context
+import android.graphics.Bitmap
+import org.pytorch.executorch.EValue
+import org.pytorch.executorch.Module
+import org.pytorch.executorch.Tensor
+import java.io.File
+import kotlin.math.exp
+
+// @CONSTANTS@
+
+/** Classifies bitmaps with ExecuTorch's Android Module (every op in the XNNPACK delegate), preprocessing as
+ *  the bundle did (NCHW float32, batch 1). Module.load takes a file path, so the .pte is copied out of the
+ *  APK's assets once. XNNPACK picks its own thread count on Android. */
+class ImageClassifier(context: Context) : AutoCloseable {
+    val labels: List<String> = context.assets.open(ModelConfig.LABELS_FILE).bufferedReader().readLines()
+    private val module: Module
+
+    init {
+        val file = File(context.filesDir, ModelConfig.MODEL_FILE)
+        if (!file.exists()) {
+            context.assets.open(ModelConfig.MODEL_FILE).use { input -> file.outputStream().use { input.copyTo(it) } }
+        }
+        module = Module.load(file.absolutePath)
+    }
+
+    // UPRIGHT IMAGES ONLY: the bitmap is classified as its pixels lie. BitmapFactory ignores the EXIF
+    // orientation a phone camera writes (a portrait photo is stored as landscape pixels plus a tag), and
+    // edgeres applies it, so rotate first: ExifInterface(path).rotationDegrees (androidx.exifinterface) and
+    // Bitmap.createBitmap(bitmap, 0, 0, w, h, Matrix().apply { postRotate(degrees) }, true); from CameraX
+    // use imageProxy.imageInfo.rotationDegrees. Alpha is ignored, as edgeres drops it.
+    fun classify(bitmap: Bitmap, top: Int = 5): List<Pair<String, Float>> {
+        val n = ModelConfig.INPUT_SIZE
+        val img = Geometry.apply(bitmap)
+        val pixels = IntArray(n * n).also { img.getPixels(it, 0, n, 0, 0, n, n) }
+        val chw = FloatArray(3 * n * n)
+        val order = if (ModelConfig.BGR) intArrayOf(2, 1, 0) else intArrayOf(0, 1, 2)
+        for ((i, p) in pixels.withIndex()) {
+            val rgb = intArrayOf((p shr 16) and 0xff, (p shr 8) and 0xff, p and 0xff)
+            for ((plane, c) in order.withIndex()) {
+                chw[plane * n * n + i] = (rgb[c] * ModelConfig.SCALE - ModelConfig.MEAN[plane]) / ModelConfig.STD[plane]
+            }
+        }
+        val input = Tensor.fromBlob(chw, longArrayOf(1, 3, n.toLong(), n.toLong()))
+        val logits = module.forward(EValue.from(input))[0].toTensor().dataAsFloatArray
+        return Scores.top(logits, labels, top)
+    }
+
+    override fun close() = module.destroy()
+}
+''' + KOTLIN["litert"][KOTLIN["litert"].index("/** Resize and crop"):]
 
 SWIFT = {"litert": '''import CoreGraphics
 import Foundation
@@ -369,9 +437,10 @@ enum Geometry {
 
 enum Scores {
     static func top(_ logits: [Float], _ labels: [String], _ k: Int) -> [(String, Float)] {
+        // a model whose head ends in a softmax outputs probabilities already: its scores are the outputs
         let m = logits.max() ?? 0
-        let e = logits.map { exp($0 - m) }
-        let sum = e.reduce(0, +)
+        let e = logits.map { ModelConfig.OUTPUT_PROBABILITIES ? $0 : exp($0 - m) }
+        let sum: Float = ModelConfig.OUTPUT_PROBABILITIES ? 1 : e.reduce(0, +)
         return e.indices.sorted { e[$0] > e[$1] }.prefix(k).map { (labels[$0], e[$0] / sum) }
     }
 }

@@ -200,7 +200,7 @@ def prune_step(model, spec: ResNetSpec, cfg: PruneConfig, target_ratio: float, o
     import torch
     import torch_pruning as tp
 
-    example = torch.zeros(1, 3, spec.input_size, spec.input_size)
+    example = torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size)
     model.eval()
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     groups = _score_groups(DG, model, spec, cfg, original_widths, gradient_fn)
@@ -359,7 +359,7 @@ def check_rebuild(model, spec: ResNetSpec, state_dict: dict) -> float:
     rebuilt = build_torch(spec)
     rebuilt.load_state_dict(state_dict, strict=True)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, spec.input_size, spec.input_size, generator=g)
+    x = torch.randn(4, spec.in_channels, spec.input_size, spec.input_size, generator=g)
     with torch.no_grad():
         err = float((rebuilt.eval()(x) - model.eval()(x)).abs().max())
     if err > 1e-5:
@@ -531,6 +531,9 @@ def check_prunable(spec: ResNetSpec) -> None:
     if spec.groups != 1:
         raise InputError(f"pruning refused: {spec.name} has grouped 3×3 convs (groups {spec.groups}, ResNeXt), whose "
                          "channels the pruner cannot cut group by group; convert it unpruned (int8 keeps every channel)")
+    if spec.stem == "deep" or spec.shortcut == "avg_projection":
+        raise InputError(f"pruning refused: {spec.name} is a ResNet-D (deep stem, average-pool shortcuts), whose widths "
+                         "edgeres does not read back after pruning yet; convert it unpruned (int8 keeps every channel)")
 
 
 def _check_prune_job(spec: ResNetSpec, cfg: PruneConfig, train_data, finetune, eval_data) -> None:

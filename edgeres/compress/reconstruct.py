@@ -33,7 +33,7 @@ MIN_ROWS_PER_UNKNOWN = 2
 
 def plan(spec) -> tuple[int, int]:
     """(images, batch size) for ``spec``: as many images as the cached block inputs allow, up to ``IMAGES``."""
-    side = spec.input_size // (4 if spec.stem == "imagenet" else 1)
+    side = spec.input_size // (4 if spec.stem in ("imagenet", "deep") else 1)
     per_image = spec.stem_width * side * side * 4
     for width, stride in zip(spec.stage_widths, spec.stage_strides):
         side = -(-side // stride)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgeres.calibration import DataError, Preprocess
 from edgeres.calibration.estimators import ESTIMATORS
-from edgeres.calibration.preprocess import FILTERS, RESIZE_MODES
+from edgeres.calibration.preprocess import CHANNEL_ORDERS, FILTERS, RESIZE_MODES
 from edgeres.bundle import MAX_IMAGE_SIDE, warn
 from edgeres import __version__
 from edgeres.compress.distill import check_finetune_flags
@@ -302,13 +302,13 @@ def _preprocess_value(key: str, value):
 def _what(key: str) -> str:
     return {"resize": "resize is the shorter side in pixels before the crop (e.g. resize=256)",
             "crop": "crop is the model's input side in pixels (e.g. crop=224)",
-            "mean": "mean is three numbers, one per channel (e.g. mean=0.485,0.456,0.406)",
-            "std": "std is three positive numbers, one per channel (e.g. std=0.229,0.224,0.225)",
+            "mean": "mean is one number per channel: three (e.g. mean=0.485,0.456,0.406), one for a greyscale model",
+            "std": "std is one positive number per channel: three (e.g. std=0.229,0.224,0.225), one for greyscale",
             "scale": "scale multiplies the 0..255 pixel values before mean/std (e.g. scale=0.00392156862745098)",
             "mode": f"mode is one of {', '.join(RESIZE_MODES)}",
             "filter": f"filter is one of {', '.join(FILTERS)}",
             "antialias": "antialias is true or false (widen the filter when downscaling, as Pillow and torchvision do)",
-            "order": "order is RGB or BGR (the channel order the model takes)"}[key]
+            "order": "order is RGB, BGR or L (the channels the model takes; L: one grey channel)"}[key]
 
 
 def check_preprocess_override(override: dict) -> None:
@@ -335,12 +335,12 @@ def _bad_value(key: str, value) -> str | None:
     if key == "filter":
         return None if value in FILTERS else f"{value!r} is not a resize filter"
     if key == "order":
-        return None if value in ("RGB", "BGR") else f"{value!r} is not a channel order"
+        return None if value in CHANNEL_ORDERS else f"{value!r} is not a channel order"
     if key == "antialias":
         return None if isinstance(value, bool) else f"{value!r} is not true or false"
     if key in ("mean", "std"):
-        if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
-            return f"{value!r} is not three numbers"
+        if not isinstance(value, list) or len(value) not in (1, 3) or not all(isinstance(v, (int, float)) for v in value):
+            return f"{value!r} is not three numbers (or one)"
         if not all(math.isfinite(v) for v in value):
             return f"{','.join(map(str, value))} is not finite"
         if key == "std" and any(v <= 0 for v in value):
@@ -357,14 +357,20 @@ def _bad_value(key: str, value) -> str | None:
     return None
 
 
-def apply_preprocess_override(pre: Preprocess, override: dict | None) -> Preprocess:
-    """The model's preprocessing with the --preprocess keys given replacing its own (same input size)."""
+def apply_preprocess_override(pre: Preprocess, override: dict | None, *, size_fixed_by: str | None = None) -> Preprocess:
+    """The model's preprocessing with the --preprocess keys given replacing its own. ``crop`` sets the
+    input size unless ``size_fixed_by`` says what fixes it (a graph's input shape, a Flatten head); a new
+    size without ``resize`` keeps the crop fraction, floored as timm does (160 at 224/256 → 182)."""
     if not override:
         return pre
     crop = override.get("crop", pre.size)
     if crop != pre.size:
-        raise InputError(f"--preprocess crop={crop}: the model takes {pre.size}×{pre.size} inputs; give "
-                         f"crop={pre.size} or leave crop out")
+        if size_fixed_by:
+            raise InputError(f"--preprocess crop={crop}: the model takes {pre.size}×{pre.size} inputs ({size_fixed_by}); "
+                             f"give crop={pre.size} or leave crop out")
+        from edgeres.model.zoo import resized_preprocess
+
+        pre = resized_preprocess(pre, crop, override.get("resize"))
     mode = override.get("mode", pre.resize_mode)
     resize = None if mode == "direct" else override.get("resize", pre.resize if pre.resize_mode == mode else None)
     changes = {"resize_mode": mode, "resize": resize}

@@ -6,8 +6,9 @@ the source it reads per precision (``TargetInfo.sources``), so what crosses into
 only files and plain data, and any target — a plugin's too — can compile there.
 
 Built-ins: ``reference_onnx`` (the export step's fp32 ONNX), ``qdq_onnx`` (the int8 stage's QDQ model),
-``keras`` (the network's spec as JSON + its weights as ``.npz``, rebuilt in Keras when opened). A plugin
-adds its own with ``register_source`` (a ``torch.export`` program, say)."""
+``keras`` (the network's spec as JSON + its weights as ``.npz``, rebuilt in Keras when opened),
+``torch_export`` (the same two files, rebuilt in torch and exported with ``torch.export`` when opened: no
+pickled program crosses into a worker). A plugin adds its own with ``register_source``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgeres.targets import KERAS, QDQ_ONNX, REFERENCE_ONNX
+from edgeres.targets import KERAS, QDQ_ONNX, REFERENCE_ONNX, TORCH_EXPORT
 
 
 @dataclass(frozen=True)
@@ -116,4 +117,26 @@ def _open_keras(files: dict[str, str]):
 register_source(ModelSource(REFERENCE_ONNX, lambda req: {"file": str(req.reference)}, _path, after="export"))
 register_source(ModelSource(QDQ_ONNX, lambda req: {"file": str(req.qdq)} if req.qdq is not None else {}, _path,
                             after="int8"))
+def _open_torch_export(files: dict[str, str]):
+    """A builder of the network's ``torch.export`` program at batch 1 (the spec's input size), in eval mode."""
+
+    def export():
+        import numpy as np
+        import torch
+
+        from edgeres.model.torch_model import build_torch
+        from edgeres.model.zoo import ResNetSpec
+
+        spec = ResNetSpec.from_dict(json.loads(Path(files["spec"]).read_text()))
+        model = build_torch(spec)
+        with np.load(files["weights"], allow_pickle=False) as z:
+            model.load_state_dict({k: torch.from_numpy(np.array(z[k])) for k in z.files})
+        size = spec.preprocess.size
+        return torch.export.export(model.eval(), (torch.zeros(1, spec.in_channels, size, size),))
+
+    return export
+
+
 register_source(ModelSource(KERAS, _make_keras, _open_keras, after=""))
+# the same files as the Keras network's (made once when both are asked for)
+register_source(ModelSource(TORCH_EXPORT, _make_keras, _open_torch_export, after=""))

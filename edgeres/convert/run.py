@@ -56,8 +56,11 @@ def convert(cfg: ConvertConfig) -> dict:
     loaded = load_model(cfg.model, cfg.arch)
     if cfg.preprocess is not None:  # the override serves calibration, eval, the manifest and the app alike
         spec = loaded.spec
-        loaded = replace(loaded, spec=replace(spec, preprocess=apply_preprocess_override(spec.preprocess,
-                                                                                          cfg.preprocess)))
+        pre = apply_preprocess_override(spec.preprocess, cfg.preprocess, size_fixed_by=loaded.input_size_fixed_by())
+        try:
+            loaded = replace(loaded, spec=replace(spec, preprocess=pre))
+        except InputError as e:  # e.g. order=L for a colour model: the spec names what does not fit
+            raise InputError(f"--preprocess: {e}") from None
     if cfg.labels is not None:  # the names travel with the spec: labels.txt, every artifact's metadata, the apps
         names = read_labels(cfg.labels)
         check_label_count(names, loaded.spec.num_classes, f"--labels {cfg.labels}")

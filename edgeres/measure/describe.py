@@ -44,6 +44,8 @@ def describe_spec(spec: ResNetSpec) -> dict:
         "preprocess": spec.preprocess.to_dict(),
         "labels": list(spec.labels) if spec.labels else None,
     }
+    if spec.in_channels != 3:  # a greyscale model
+        info["in_channels"] = spec.in_channels
     if spec.groups != 1:  # ResNeXt: grouped 3×3 convs
         info["groups"] = spec.groups
     if spec.head_layers != Head():  # e.g. a Keras Flatten → Dense → softmax head
@@ -53,7 +55,7 @@ def describe_spec(spec: ResNetSpec) -> dict:
 
 def inspect_path(path: str | Path, arch: str | None = None) -> dict:
     p = Path(path)
-    if p.is_dir() and not (p / "saved_model.pb").exists():
+    if p.is_dir() and not (p / "saved_model.pb").exists() and not (p / "config.json").exists():  # a bundle
         from edgeres.bundle import read_manifest
 
         manifest = read_manifest(p)

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeres.calibration import DataError, Preprocess
 from edgeres.calibration.readers import IMAGE_SUFFIXES, read_image
-from edgeres.bundle import artifact_path, label_names, ok_artifacts, read_manifest, verify_file, warn
+from edgeres.bundle import SCORES, artifact_path, label_names, ok_artifacts, outputs_probabilities, read_manifest, verify_file, warn
 from edgeres.errors import InputError
 from edgeres.progress import progress
 from edgeres.targets import get_target
@@ -73,10 +73,14 @@ def image_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[dict]:
-    """The ``k`` best classes of one logit row, with softmax scores."""
-    z = logits.astype(np.float64) - logits.max()
-    probs = np.exp(z) / np.exp(z).sum()
+def top_k(logits: np.ndarray, labels: list[str], k: int, probabilities: bool = False) -> list[dict]:
+    """The ``k`` best classes of one output row with their scores: the softmax of logits, or the row itself
+    when the model outputs ``probabilities`` already (a second softmax would flatten them)."""
+    if probabilities:
+        probs = logits.astype(np.float64)
+    else:
+        z = logits.astype(np.float64) - logits.max()
+        probs = np.exp(z) / np.exp(z).sum()
     order = np.argsort(-probs, kind="stable")[:k]
     return [{"index": int(i), "label": labels[i] if i < len(labels) else str(i), "score": round(float(probs[i]), 6)}
             for i in order]
@@ -107,6 +111,7 @@ def predict(bundle: str | Path, inputs: list[str], *, target: str | None = None,
     pre = Preprocess.from_dict(manifest["preprocess"]).with_layout("NCHW")  # every runner takes NCHW float32
     labels = label_names(manifest)
     top = min(top, manifest["arch"]["num_classes"])
+    probabilities = outputs_probabilities(manifest)
     predictions, skipped = [], []
     with progress(f"predict {artifact['target']} {artifact['precision']}", len(files)) as advance:
         batch: list[tuple[str, np.ndarray]] = []
@@ -115,7 +120,7 @@ def predict(bundle: str | Path, inputs: list[str], *, target: str | None = None,
                 batch.append(item)
             if batch and (item is None or len(batch) == BATCH):
                 logits = np.asarray(runner(np.stack([x for _, x in batch])), np.float32)
-                predictions += [{"file": f, "top": top_k(row, labels, top)} for (f, _), row in zip(batch, logits)]
+                predictions += [{"file": f, "top": top_k(row, labels, top, probabilities)} for (f, _), row in zip(batch, logits)]
                 advance(len(batch))
                 batch = []
     if skipped and predictions:
@@ -124,4 +129,4 @@ def predict(bundle: str | Path, inputs: list[str], *, target: str | None = None,
         raise InputError(f"none of the {len(files)} input file(s) could be read as an image "
                          f"(first: {skipped[0].reason})")
     return {"artifact": {"target": artifact["target"], "precision": artifact["precision"], "file": artifact["file"]},
-            "predictions": predictions, "skipped": [{"file": s.file, "reason": s.reason} for s in skipped]}
+            "scores": SCORES[probabilities], "predictions": predictions, "skipped": [{"file": s.file, "reason": s.reason} for s in skipped]}

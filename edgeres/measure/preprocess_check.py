@@ -71,6 +71,8 @@ def conventions(recorded: Preprocess) -> list[Convention]:
             if _geometry_key(pre) not in seen_geometry:
                 seen_geometry.add(_geometry_key(pre))
                 out.append(Convention(_geometry_name(pre), "geometry", pre))
+    if recorded.channel_order == "L":  # greyscale: no channel order, and the standards are colour statistics
+        return out
     other = "RGB" if recorded.channel_order == "BGR" else "BGR"
     flipped = replace(recorded, channel_order=other, mean=tuple(recorded.mean)[::-1], std=tuple(recorded.std)[::-1])
     out.append(Convention(f"{other} channel order", "channel order", flipped))

@@ -18,7 +18,7 @@ def export_onnx(model, spec, path: str | Path, *, metadata: dict[str, str] | Non
     import torch
 
     path = Path(path)
-    x = torch.zeros(1, 3, spec.input_size, spec.input_size)
+    x = torch.zeros(1, spec.in_channels, spec.input_size, spec.input_size)
     model = model.eval()
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's constant-folding notes are not the user's concern

@@ -10,7 +10,7 @@ from pathlib import Path
 from edgeres.errors import InputError
 from edgeres.model.limits import check_input_side, check_weight_bytes
 from edgeres.model.torch_model import build_torch
-from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, ZOO, ResNetSpec
+from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, TIMM_D_PREPROCESS, ZOO, ResNetSpec, greyscale
 
 
 def _head_weight(sd: dict):
@@ -25,11 +25,20 @@ _BLOCK_KEY = re.compile(r"^layer(\d+)\.(\d+)\.")
 
 def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
     """Read stem, block kind, depth and every width off the tensor shapes of a state_dict."""
-    stem_w = sd.get("conv1.weight")
+    stem_w, stem_inner = sd.get("conv1.weight"), ()
+    deep = [sd.get(f"conv1.{i}.weight") for i in (0, 3, 6)]
+    if stem_w is None and all(w is not None and w.ndim == 4 and w.shape[-1] == 3 for w in deep):
+        # timm's deep stem (ResNet-C/D): three 3×3 convs in conv1.0 / conv1.3 / conv1.6
+        stem_inner, stem_w = (int(deep[0].shape[0]), int(deep[1].shape[0])), deep[0]
     head = _head_weight(sd)
     if stem_w is None or stem_w.ndim != 4 or head is None:
         raise InputError(f"{p}: does not look like a ResNet state_dict (no conv1.weight or classifier); pass --arch or check the file")
-    stem = "imagenet" if stem_w.shape[-1] == 7 else "cifar"
+    stem = "deep" if stem_inner else "imagenet" if stem_w.shape[-1] == 7 else "cifar"
+    in_channels = int(stem_w.shape[1])
+    if in_channels not in (1, 3):
+        raise InputError(f"{p}: conv1.weight {tuple(stem_w.shape)} takes {in_channels} input channels; edgeres converts "
+                         "colour (3) and greyscale (1) models — images with other channels (e.g. RGBA, "
+                         "multispectral) are not supported")
     blocks: dict[int, set[int]] = {}
     for k in sd:
         m = _BLOCK_KEY.match(k)
@@ -49,15 +58,24 @@ def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
     except KeyError as e:
         raise InputError(f"{p}: missing key {e.args[0]} needed to read the ResNet's widths; the checkpoint is incomplete") from None
     groups = _groups(sd, layers, kind, p)
-    shortcut = "projection" if any(".downsample.0.weight" in k for k in sd) else "option_a"
+    if any(k.endswith(".downsample.0.weight") for k in sd):
+        shortcut, down_key = "projection", "downsample.0.weight"
+    elif any(k.endswith(".downsample.1.weight") and sd[k].ndim == 4 for k in sd):  # ResNet-D: pool, conv, BN
+        shortcut, down_key = "avg_projection", "downsample.1.weight"
+    else:
+        shortcut, down_key = "option_a", None
     head_name, head_w = head
     num_classes = int(head_w.shape[0])
-    preprocess = IMAGENET_PREPROCESS if stem == "imagenet" else CIFAR_PREPROCESS
-    spec = ResNetSpec("inferred", stem, kind, layers, int(stem_w.shape[0]), tuple(stage), tuple(inner),
-                      shortcut, "3x3", num_classes, head_name, preprocess, None, groups=groups)
-    if shortcut == "projection":  # a pruned projection can join equal widths: the keys say where it is
+    preprocess = {"imagenet": IMAGENET_PREPROCESS, "deep": TIMM_D_PREPROCESS}.get(stem, CIFAR_PREPROCESS)
+    if in_channels == 1:
+        preprocess = greyscale(preprocess)
+    stem_width = int(deep[2].shape[0]) if stem_inner else int(stem_w.shape[0])
+    spec = ResNetSpec("inferred", stem, kind, layers, stem_width, tuple(stage), tuple(inner),
+                      shortcut, "3x3", num_classes, head_name, preprocess, None, groups=groups,
+                      in_channels=in_channels, stem_inner=stem_inner)
+    if down_key:  # a pruned projection can join equal widths: the keys say where it is
         spec = spec.with_widths(spec.stem_width, spec.stage_widths, spec.inner_widths, name=spec.name,
-                                projections=tuple(f"layer{s + 1}.0.downsample.0.weight" in sd for s in range(len(layers))))
+                                projections=tuple(f"layer{s + 1}.0.{down_key}" in sd for s in range(len(layers))))
     for name, z in ZOO.items():
         candidate = replace(z, num_classes=num_classes, labels=z.labels if num_classes == z.num_classes else None)
         if replace(spec, name=name, labels=candidate.labels) == candidate:

@@ -44,7 +44,7 @@ def _np(t) -> np.ndarray:
 def build_keras(spec: ResNetSpec, state_dict: dict):
     """A ``tf_keras.Model`` computing the same logits as ``build_torch(spec)`` with ``state_dict``.
 
-    Input: float32 N×size×size×3 (NHWC, preprocessed); output: float32 N×num_classes logits
+    Input: float32 N×size×size×in_channels (NHWC, preprocessed); output: float32 N×num_classes logits
     (probabilities when the spec's head ends in a softmax).
     """
     import tensorflow as tf
@@ -52,7 +52,7 @@ def build_keras(spec: ResNetSpec, state_dict: dict):
 
     build = _KerasBuild(spec, state_dict, keras.layers, tf)
     size = spec.input_size
-    inputs = keras.Input((size, size, 3), dtype="float32", name="input")
+    inputs = keras.Input((size, size, spec.in_channels), dtype="float32", name="input")
     x = build.stem(inputs)
     for s, n in enumerate(spec.layers):
         for b in range(n):
@@ -105,9 +105,14 @@ class _KerasBuild:
         return self.layers.Lambda(shortcut, name=name)(x)
 
     def stem(self, inputs):
-        if self.spec.stem != "imagenet":
+        if self.spec.stem == "cifar":
             return self.conv(inputs, "conv1", "bn1", 3, 1, True, "conv1")
-        x = self.conv(inputs, "conv1", "bn1", 7, 2, True, "conv1")
+        if self.spec.stem == "deep":
+            x = self.conv(inputs, "conv1.0", "conv1.1", 3, 2, True, "conv1_0")
+            x = self.conv(x, "conv1.3", "conv1.4", 3, 1, True, "conv1_3")
+            x = self.conv(x, "conv1.6", "bn1", 3, 1, True, "conv1_6")
+        else:
+            x = self.conv(inputs, "conv1", "bn1", 7, 2, True, "conv1")
         # torch max-pools with -inf padding; after ReLU every value is ≥ 0, so a zero pad gives the same max
         x = self.layers.ZeroPadding2D(1, name="maxpool_pad")(x)
         return self.layers.MaxPooling2D(3, 2, padding="valid", name="maxpool")(x)
@@ -131,6 +136,11 @@ class _KerasBuild:
             identity = x
         elif spec.shortcut == "projection":
             identity = conv(x, f"{p}.downsample.0", f"{p}.downsample.1", 1, stride, False, f"{name}_downsample")
+        elif spec.shortcut == "avg_projection":
+            # TF's "same" average pool pads bottom/right and leaves the padding out of the count: torch's
+            # ceil_mode=True, count_include_pad=False on odd sides, plain 2×2 windows on even ones
+            pooled = x if stride == 1 else self.layers.AveragePooling2D(2, stride, padding="same", name=f"{name}_avgpool")(x)
+            identity = conv(pooled, f"{p}.downsample.1", f"{p}.downsample.2", 1, 1, False, f"{name}_downsample")
         else:
             identity = self.option_a(x, cin, cout, stride, f"{name}_shortcut")
         x = self.layers.Add(name=f"{name}_add")([y, identity])

@@ -101,6 +101,12 @@ def _shortcut(spec: ResNetSpec, stage: int, block: int) -> nn.Module | None:
     cin, cout = spec.block_in_width(stage, block), spec.stage_widths[stage]
     if spec.shortcut == "projection":
         return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+    if spec.shortcut == "avg_projection":  # ResNet-D: average the 2×2 windows, then a stride-1 projection
+        # timm pools in ceil mode; on an even side that changes nothing, and without it XNNPACK (ExecuTorch)
+        # takes the op, so ceil mode is kept only where the side at the spec's input size is odd
+        odd = spec.stage_input_side(stage) % 2 == 1
+        pool = nn.AvgPool2d(2, stride, ceil_mode=odd, count_include_pad=False) if stride != 1 else nn.Identity()
+        return nn.Sequential(pool, nn.Conv2d(cin, cout, 1, 1, bias=False), nn.BatchNorm2d(cout))
     return OptionAShortcut(cin, cout, stride)
 
 
@@ -133,13 +139,19 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def _build_stem(self, spec: ResNetSpec) -> None:
-        if spec.stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, spec.stem_width, 7, 2, 3, bias=False)
+        if spec.stem == "deep":  # timm's keys: conv1.0, conv1.1 (BN), conv1.3, conv1.4 (BN), conv1.6
+            (c0, c1), bn = spec.stem_inner, nn.BatchNorm2d
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(spec.in_channels, c0, 3, 2, 1, bias=False), bn(c0), nn.ReLU(),
+                nn.Conv2d(c0, c1, 3, 1, 1, bias=False), bn(c1), nn.ReLU(),
+                nn.Conv2d(c1, spec.stem_width, 3, 1, 1, bias=False))
+        elif spec.stem == "imagenet":
+            self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 7, 2, 3, bias=False)
         else:
-            self.conv1 = nn.Conv2d(3, spec.stem_width, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(spec.stem_width)
         self.relu = nn.ReLU(inplace=False)
-        self.maxpool = nn.MaxPool2d(3, 2, 1) if spec.stem == "imagenet" else nn.Identity()
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if spec.stem in ("imagenet", "deep") else nn.Identity()
 
     def _build_head(self, spec: ResNetSpec) -> None:
         head = spec.head_layers

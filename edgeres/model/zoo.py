@@ -11,9 +11,13 @@ from edgeres.model.labels import label_problem
 
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-STEMS = ("imagenet", "cifar")  # imagenet: 7×7/2 conv + 3×3/2 max-pool; cifar: 3×3/1 conv
+# imagenet: 7×7/2 conv + 3×3/2 max-pool; cifar: 3×3/1 conv; deep: three 3×3 convs (the first /2) + 3×3/2
+# max-pool (timm's ResNet-C/D, "Bag of Tricks"), the first two convs' widths in ``stem_inner``
+STEMS = ("imagenet", "cifar", "deep")
 BLOCKS = ("basic", "bottleneck")
-SHORTCUTS = ("projection", "option_a")  # 1×1 conv + BN, or CIFAR parameter-free subsample + zero pad
+# 1×1 conv + BN; CIFAR parameter-free subsample + zero pad; or ResNet-D's 2×2 average pool (ceil mode, padding
+# not counted) before a stride-1 1×1 conv + BN (timm ``avg_down``: state_dict downsample.1 / downsample.2)
+SHORTCUTS = ("projection", "option_a", "avg_projection")
 STRIDE_ON = ("3x3", "1x1")  # torchvision v1.5 strides in the 3×3 conv; Keras/Caffe v1 in the first 1×1
 HEAD_POOLS = ("avg", "max", "flatten")  # global average / max pool, or flatten the whole last feature map
 HIDDEN_ACTIVATIONS = ("relu", "linear")
@@ -84,6 +88,11 @@ class ResNetSpec:
     # groups of every bottleneck's 3×3 conv: 1 for ResNet, e.g. 32 for ResNeXt-50 32×4d (torchvision's
     # ``groups``; its ``width_per_group`` is in inner_widths). Recorded only when not 1
     groups: int = 1
+    # channels of the input image: 3 (colour), or 1 (greyscale, e.g. X-rays; preprocess channel_order
+    # "L"). Recorded only when not 3
+    in_channels: int = 3
+    # the deep stem's first two 3×3 convs' widths (stem "deep"; its third conv is stem_width wide)
+    stem_inner: tuple[int, ...] = ()
 
     def __post_init__(self):
         problems = list(self.head_layers.problems())
@@ -105,6 +114,13 @@ class ResNetSpec:
         widths = [self.stem_width, *self.stage_widths, *(w for st in self.inner_widths for b in st for w in b)]
         if any(int(w) <= 0 for w in widths) or self.num_classes <= 0:
             problems.append("all widths and num_classes must be positive")
+        if (self.stem == "deep") != (len(self.stem_inner) == 2) or any(int(w) <= 0 for w in self.stem_inner):
+            problems.append("stem_inner must hold the two positive widths of a deep stem's first convs (stem 'deep' only)")
+        if self.in_channels not in (1, 3):
+            problems.append(f"in_channels {self.in_channels}: edgeres reads colour (3) or greyscale (1) images")
+        elif self.in_channels != self.preprocess.channels:
+            problems.append(f"in_channels {self.in_channels} but the preprocessing makes {self.preprocess.channels} "
+                            f"channel(s) (channel order {self.preprocess.channel_order})")
         if int(self.groups) < 1:
             problems.append(f"groups {self.groups} must be at least 1")
         elif self.groups != 1:
@@ -159,11 +175,18 @@ class ResNetSpec:
         stride = self.stage_strides[stage] if block == 0 else 1
         return stride != 1 or self.block_in_width(stage, block) != self.stage_widths[stage]
 
+    def stage_input_side(self, stage: int) -> int:
+        """Height (= width) of the feature map entering stage ``stage`` at the spec's input size."""
+        size = self.input_size
+        for stride in ((2, 2) if self.stem in ("imagenet", "deep") else ()) + self.stage_strides[:stage]:
+            size = (size + stride - 1) // stride
+        return size
+
     @property
     def feature_size(self) -> int:
         """Height (= width) of the last stage's feature map."""
         size = self.input_size
-        for stride in ((2, 2) if self.stem == "imagenet" else ()) + self.stage_strides:
+        for stride in ((2, 2) if self.stem in ("imagenet", "deep") else ()) + self.stage_strides:
             size = (size + stride - 1) // stride
         return size
 
@@ -195,6 +218,12 @@ class ResNetSpec:
             d["projections"] = list(self.projections)
         if self.groups == 1:
             del d["groups"]
+        if self.in_channels == 3:
+            del d["in_channels"]
+        if not self.stem_inner:
+            del d["stem_inner"]
+        else:
+            d["stem_inner"] = list(self.stem_inner)
         if self.label_keys is None:
             del d["label_keys"]
         else:
@@ -216,8 +245,11 @@ class ResNetSpec:
                 d["head_layers"] = Head.from_dict(d["head_layers"])
             if d.get("projections") is not None:
                 d["projections"] = tuple(bool(v) for v in d["projections"])
-            if "groups" in d:
-                d["groups"] = int(d["groups"])
+            for key in ("groups", "in_channels"):
+                if key in d:
+                    d[key] = int(d[key])
+            if "stem_inner" in d:
+                d["stem_inner"] = tuple(int(w) for w in d["stem_inner"])
             return cls(**d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"invalid ResNet spec record ({type(e).__name__}: {e})") from None
@@ -255,11 +287,18 @@ class ResNetSpec:
             nonlocal params
             params += 2 * c
 
-        if self.stem == "imagenet":
-            size = conv(3, self.stem_width, 7, 2, size)
+        if self.stem == "deep":
+            size = conv(self.in_channels, self.stem_inner[0], 3, 2, size)
+            bn(self.stem_inner[0])
+            conv(self.stem_inner[0], self.stem_inner[1], 3, 1, size)
+            bn(self.stem_inner[1])
+            conv(self.stem_inner[1], self.stem_width, 3, 1, size)
+            size = (size + 1) // 2  # max-pool 3×3/2 pad 1
+        elif self.stem == "imagenet":
+            size = conv(self.in_channels, self.stem_width, 7, 2, size)
             size = (size + 1) // 2  # max-pool 3×3/2 pad 1
         else:
-            size = conv(3, self.stem_width, 3, 1, size)
+            size = conv(self.in_channels, self.stem_width, 3, 1, size)
         bn(self.stem_width)
         for s, n in enumerate(self.layers):
             for b in range(n):
@@ -277,7 +316,7 @@ class ResNetSpec:
                     bn(inner[1])
                     conv(inner[1], cout, 1, 1, hw)
                 bn(cout)
-                if self.has_downsample(s, b) and self.shortcut == "projection":
+                if self.has_downsample(s, b) and self.shortcut in ("projection", "avg_projection"):
                     conv(cin, cout, 1, stride, size)
                     bn(cout)
                 size = (size + stride - 1) // stride
@@ -290,7 +329,7 @@ class ResNetSpec:
 
 
 def _standard(name, stem, block, layers, base, shortcut, num_classes, head, preprocess, labels=None, *,
-              groups=1, width_per_group=64):
+              groups=1, width_per_group=64, stem_inner=()):
     """torchvision's widths: stage s has planes base·2^s; a bottleneck's inner width is
     int(planes · width_per_group / 64) · groups (ResNeXt, Wide ResNet), its output planes · 4."""
     expansion = 4 if block == "bottleneck" else 1
@@ -301,11 +340,20 @@ def _standard(name, stem, block, layers, base, shortcut, num_classes, head, prep
         for s, n in enumerate(layers)
     )
     return ResNetSpec(name, stem, block, tuple(layers), base, stage_widths, inner, shortcut, "3x3",
-                      num_classes, head, preprocess, labels, groups=groups)
+                      num_classes, head, preprocess, labels, groups=groups, stem_inner=tuple(stem_inner))
 
 
 IMAGENET_PREPROCESS = Preprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 CIFAR_PREPROCESS = Preprocess(size=32, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+TIMM_D_PREPROCESS = replace(IMAGENET_PREPROCESS, filter="bicubic")
+
+
+def greyscale(pre: Preprocess) -> Preprocess:
+    """``pre`` for a one-channel model: images turned grey (Pillow's ``convert("L")``) before the resize,
+    mean/std the average of the colour ones (ImageNet's: 0.449 / 0.226) — there is no common standard,
+    so a model trained otherwise gives its own with ``--preprocess mean=M,std=S``."""
+    mean, std = sum(pre.mean) / len(pre.mean), sum(pre.std) / len(pre.std)
+    return replace(pre, channel_order="L", mean=(round(mean, 6),), std=(round(std, 6),))
 
 ZOO: dict[str, ResNetSpec] = {
     **{
@@ -330,6 +378,19 @@ ZOO: dict[str, ResNetSpec] = {
             ("wide_resnet101_2", (3, 4, 23, 3), 1, 128),
         ]
     },
+    # timm's ResNet-D: deep stem 32-32-64, average-pool shortcuts; bicubic at crop_pct 0.875 (its weights' config)
+    **{
+        name: _standard(name, "deep", block, layers, 64, "avg_projection", 1000, "fc", TIMM_D_PREPROCESS,
+                        stem_inner=(32, 32))
+        for name, block, layers in [
+            ("resnet18d", "basic", (2, 2, 2, 2)),
+            ("resnet26d", "bottleneck", (2, 2, 2, 2)),
+            ("resnet34d", "basic", (3, 4, 6, 3)),
+            ("resnet50d", "bottleneck", (3, 4, 6, 3)),
+            ("resnet101d", "bottleneck", (3, 4, 23, 3)),
+            ("resnet152d", "bottleneck", (3, 8, 36, 3)),
+        ]
+    },
     **{
         f"resnet{6 * n + 2}": _standard(f"resnet{6 * n + 2}", "cifar", "basic", (n, n, n), 16, "option_a", 10,
                                         "linear", CIFAR_PREPROCESS, CIFAR10_LABELS)
@@ -346,7 +407,13 @@ def get_spec(arch: str, *, num_classes: int | None = None, input_size: int | Non
     if num_classes is not None and num_classes != spec.num_classes:
         spec = replace(spec, num_classes=num_classes, labels=None)
     if input_size is not None and input_size != spec.input_size:
-        pre = spec.preprocess
-        resize = None if pre.resize is None else round(input_size * pre.resize / pre.size)
-        spec = replace(spec, preprocess=replace(pre, size=input_size, resize=resize))
+        spec = replace(spec, preprocess=resized_preprocess(spec.preprocess, input_size))
     return spec
+
+
+def resized_preprocess(pre: Preprocess, size: int, resize: int | None = None) -> Preprocess:
+    """``pre`` at input ``size``; the shorter side (unless given) keeps the crop fraction and is floored,
+    as timm does (``floor(size / crop_pct)``: 160 at 224/256 → 182) and torchvision's 224 → 256 agrees."""
+    if pre.resize_mode == "direct" or (pre.resize is None and resize is None):
+        return replace(pre, size=size, resize=None)
+    return replace(pre, size=size, resize=resize if resize is not None else size * pre.resize // pre.size)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeres.errors import InputError
 from edgeres.targets.base import atomic_path, first_line, sha256_file
 from edgeres.model.limits import check_archive, check_weight_bytes, size_text
 from edgeres.model.infer import check_state_dict, infer_spec
-from edgeres.model.zoo import ResNetSpec, get_spec
+from edgeres.model.zoo import ResNetSpec, get_spec, greyscale
 from edgeres.sources.safetensors_reader import SAFETENSORS_SUFFIX, read_safetensors
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
@@ -32,6 +32,18 @@ class LoadedModel:
     sha256: str
     format: str
     extra: dict | None = None  # e.g. pruning record stored in an edgeres checkpoint
+    spec_recorded: bool = False  # the file records its spec (an edgeres checkpoint): input size included
+
+    def input_size_fixed_by(self) -> str | None:
+        """What fixes the input size, or None where weights alone leave it free (a state_dict's convs
+        and global pooling take any size: the size it was trained at is the user's to give)."""
+        if self.spec.head_layers.pool == "flatten":
+            return "its Flatten head's weights are sized for it"
+        if self.format not in ("pytorch", "safetensors", "huggingface"):
+            return f"the {self.format} model's input shape"
+        if self.spec_recorded:
+            return "its edgeres checkpoint records that size"
+        return None
 
     def to_torch(self):
         from edgeres.model.torch_model import build_torch
@@ -51,11 +63,15 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
                          "or a Keras .keras/.h5")
     from edgeres.sources.keras_import import KERAS_SUFFIXES, is_saved_model_dir
 
+    from edgeres.sources import hf_resnet
+
     if is_saved_model_dir(p):
         return _load_keras(p, arch)
+    if hf_resnet.is_hf_folder(p):
+        return _load_hf(p, arch)
     if p.is_dir():
-        raise InputError(f"{p}: is a folder without saved_model.pb; give a model file (.pt/.pth/.th/.onnx/.keras/.h5) "
-                         "or a Keras SavedModel folder")
+        raise InputError(f"{p}: is a folder without saved_model.pb or config.json; give a model file "
+                         "(.pt/.pth/.th/.onnx/.keras/.h5), a Keras SavedModel folder or a Hugging Face save_pretrained folder")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: file is empty; re-save or re-download the checkpoint")
     suffix = p.suffix.lower()
@@ -71,6 +87,12 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
         raise InputError(f"{p}: unknown model format {suffix!r}; give a PyTorch checkpoint ({' '.join(TORCH_SUFFIXES)}), "
                          "a .safetensors state_dict, a ResNet .onnx or a Keras .keras/.h5")
     state_dict, saved_spec, extra = _unwrap(raw, p)
+    if hf_resnet.looks_like_hf_keys(state_dict):
+        if hf_resnet.is_hf_folder(p.parent):  # the weights file of a save_pretrained folder: read the folder
+            return _load_hf(p.parent, arch)
+        raise InputError(f"{p}: holds a Hugging Face ResNetForImageClassification's weights, whose architecture and "
+                         "preprocessing are in the folder's config.json and preprocessor_config.json; give the "
+                         "save_pretrained folder instead of the file")
     _check_finite(state_dict, p)
     if saved_spec is not None:
         spec = saved_spec
@@ -80,6 +102,8 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
             spec = inferred
         else:
             spec = get_spec(arch, num_classes=inferred.num_classes)
+            if inferred.in_channels != spec.in_channels:
+                spec = replace(spec, in_channels=1, preprocess=greyscale(spec.preprocess))  # a greyscale ResNet-18, say
             if inferred.groups != spec.groups:
                 raise InputError(f"{p}: the weights hold {_groups_text(inferred.groups)} but --arch {arch} has {_groups_text(spec.groups)}; "
                                  f"omit --arch to read it off the weights ({inferred.name})")
@@ -90,7 +114,33 @@ def load_model(path: str | Path, arch: str | None = None) -> LoadedModel:
     if arch is not None and saved_spec is not None and arch != saved_spec.name.split("-")[0]:
         raise InputError(f"{p}: is an edgeres checkpoint of {saved_spec.name}, not {arch}; omit --arch")
     check_state_dict(spec, state_dict, p, arch)
-    return LoadedModel(spec, state_dict, str(p), sha256_file(p), fmt, extra)
+    return LoadedModel(spec, state_dict, str(p), sha256_file(p), fmt, extra, spec_recorded=saved_spec is not None)
+
+
+def _load_hf(folder: Path, arch: str | None) -> LoadedModel:
+    """A ResNetForImageClassification folder: torchvision-named weights, its class names and preprocessing."""
+    from edgeres.model.infer import infer_spec
+    from edgeres.sources import hf_resnet
+
+    cfg = hf_resnet.read_config(folder)
+    state_dict, weights = hf_resnet.read_weights(folder, lambda path: _unwrap(_torch_load(path)[0], path)[0])
+    _check_finite(state_dict, weights)
+    spec = infer_spec(state_dict, weights)
+    if cfg.get("downsample_in_bottleneck", False):  # the stride on the first 1×1, as ResNet v1
+        spec = replace(spec, name=spec.name if spec.name.endswith("-custom") else f"{spec.name}-custom", stride_on="1x1")
+    want = (tuple(cfg.get("depths", ())), tuple(cfg.get("hidden_sizes", ())))
+    if want != (spec.layers, spec.stage_widths):
+        raise InputError(f"{folder}: config.json says depths {list(want[0])} and hidden_sizes {list(want[1])} but the "
+                         f"weights hold {list(spec.layers)} and {list(spec.stage_widths)}; the folder is inconsistent — re-save it")
+    pre, _ = hf_resnet.preprocess(folder, spec.preprocess)
+    spec = replace(spec, preprocess=pre, labels=hf_resnet.labels(cfg, spec.num_classes))
+    _check_mapped(folder, arch, spec, state_dict, "Hugging Face ResNet")
+    files = [folder / hf_resnet.CONFIG_FILE, weights, folder / hf_resnet.PROCESSOR_FILE]
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
+    return LoadedModel(spec, state_dict, str(folder), h.hexdigest(), "huggingface")
 
 
 def _groups_text(groups: int) -> str:

@@ -109,7 +109,8 @@ class _Graph:
         k = int(w.shape[-1])
         stride = list(a.get("strides", [1, 1]))
         pads = list(a.get("pads", [0, 0, 0, 0]))
-        ok = (w.shape[-2] == k and a.get("group", 1) == 1 and list(a.get("dilations", [1, 1])) == [1, 1]
+        # grouped 3×3 convs (ResNeXt) map as they are: torch stores them (out, in / groups, k, k), as ONNX does
+        ok = (w.shape[-2] == k and (a.get("group", 1) == 1 or k == 3) and list(a.get("dilations", [1, 1])) == [1, 1]
               and stride[0] == stride[1] and pads == [k // 2] * 4 and a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
               and (kernel is None or k == kernel))
         if not ok:
@@ -140,18 +141,19 @@ def _static_size(g: _Graph) -> int | None:
     if len(dims) != 4:
         raise _refuse(g.p, f"input {g.input.name} has rank {len(dims)}, expected NCHW images")
     c, h, w = (d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
-    if c not in (None, 3):
-        raise _refuse(g.p, f"input {g.input.name} has {c} channels, expected 3 (NCHW RGB)")
+    if c not in (None, 1, 3):
+        raise _refuse(g.p, f"input {g.input.name} has {c} channels; edgeres converts colour (3) and greyscale (1) "
+                      "models (NCHW)")
     if h and w and h != w:
         raise _refuse(g.p, f"input {g.input.name} is {h}×{w}, edgeres ResNets take square images")
     check_input_side(g.p, f"input {g.input.name}", h or None)
     return h or None
 
 
-def verify_batch(p: Path, name: str, dims: list, size: int) -> int:
+def verify_batch(p: Path, name: str, dims: list, size: int, channels: int = 3) -> int:
     """The batch ``verify_mapping`` runs: the graph's own when it is fixed, after checking its size."""
     batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else VERIFY_BATCH
-    check_batch(p, f"input {name} at batch {batch}", (batch, 3, size, size))
+    check_batch(p, f"input {name} at batch {batch}", (batch, channels, size, size))
     return batch
 
 
@@ -418,17 +420,19 @@ def _onnx_spec(g: _Graph, state_dict: dict, trunk: Trunk, size: int | None):
     """The spec read off ``state_dict``, with what the keys cannot tell: shortcut kind, stride placement
     and the preprocessing at the graph's input ``size`` (the stem's default when the graph leaves it open)."""
     from edgeres.model.infer import infer_spec
-    from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS
+    from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, greyscale, resized_preprocess
 
     p, layout = g.p, trunk.layout
     spec = infer_spec(state_dict, p)
     if spec.shortcut != layout.shortcut_kind:  # infer_spec reads "projection" only from downsample keys
         spec = replace(spec, shortcut=layout.shortcut_kind)
     base_pre = IMAGENET_PREPROCESS if trunk.stem.kind == "imagenet" else CIFAR_PREPROCESS
+    if spec.in_channels == 1:
+        base_pre = greyscale(base_pre)
     size = size or base_pre.size
-    verify_batch(p, g.input.name, [d.dim_value or None for d in g.input.type.tensor_type.shape.dim], size)
-    resize = None if base_pre.resize is None else round(size * base_pre.resize / base_pre.size)
-    spec = replace(spec, stride_on=layout.stride_on, preprocess=replace(base_pre, size=size, resize=resize))
+    verify_batch(p, g.input.name, [d.dim_value or None for d in g.input.type.tensor_type.shape.dim], size,
+                 spec.in_channels)
+    spec = replace(spec, stride_on=layout.stride_on, preprocess=resized_preprocess(base_pre, size))
     if layout.stride_on != "3x3" and not spec.name.endswith("-custom"):
         spec = replace(spec, name=f"{spec.name}-custom")
     return spec
@@ -486,9 +490,9 @@ def verify_mapping(path: str | Path, spec, state_dict, *, rel_tol: float = 1e-4,
     except Exception as e:  # noqa: BLE001
         raise InputError(f"{p}: onnxruntime cannot load it ({type(e).__name__}); re-export the model") from None
     inp = sess.get_inputs()[0]
-    batch = verify_batch(p, inp.name, list(inp.shape), spec.input_size)
+    batch = verify_batch(p, inp.name, list(inp.shape), spec.input_size, spec.in_channels)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, 3, spec.input_size, spec.input_size)).astype(np.float32)
+    x = rng.standard_normal((batch, spec.in_channels, spec.input_size, spec.input_size)).astype(np.float32)
     run = ort.RunOptions()
     run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")  # hand the memory back after
     try:

@@ -7,4 +7,4 @@ standalone files (``edgeres/measure/bench_runner.py``, the exported app's ``clas
 verbatim: ``python -m edgeres.targets.runners.assemble FILE...`` writes them in, and a test proves the copies equal.
 """
 
-MODULES = ("onnxruntime_runner", "openvino_runner", "litert_runner")  # in the order they are assembled
+MODULES = ("onnxruntime_runner", "openvino_runner", "litert_runner", "executorch_runner")  # in the order they are assembled
