@@ -10,6 +10,14 @@ from edgeres.bundle import read_manifest
 from tests.conftest import make_images
 
 
+@pytest.fixture
+def cli():
+    """edgeres in this process: these tests read only its output, exit code and files."""
+    from tests.conftest import run_cli_here
+
+    return run_cli_here
+
+
 @pytest.fixture(scope="module")
 def labelled_by_fp32(tmp_path_factory, tiny_model):
     """Images labelled with the fp32 model's own answers, so any int8 disagreement is a top-1 drop."""

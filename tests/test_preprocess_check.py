@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from edgeres.calibration import Preprocess, open_dataset
-from tests.conftest import make_images, run_cli
+from tests.conftest import make_images
+from tests.conftest import run_cli_here as run_cli  # in process: output and exit code
 from tests.test_safety import env  # noqa: F401
 
 KERAS = Preprocess(size=32, resize=37, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), scale=1.0,

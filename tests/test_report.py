@@ -11,6 +11,14 @@ import pytest
 from edgeres.bundle import write_json_atomic
 from edgeres.measure.report import load_report, pareto_front, report_table, waterfall_bars, write_report
 
+
+@pytest.fixture
+def cli():
+    """edgeres in this process: these tests read only its output, exit code and files."""
+    from tests.conftest import run_cli_here
+
+    return run_cli_here
+
 LAYERS = [{"name": f"layer{i}.conv", "op": "Conv", "sqnr_db": 30.0 - i} for i in range(6)]
 
 
