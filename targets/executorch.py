@@ -53,6 +53,67 @@ CALIB_BATCH = 16
 EPS = 2 ** -12  # XNNPACKQuantizer's smallest scale
 
 
+# The Android app code of ``export-app --kind android`` (edgeres.app.mobile fills in the constants and appends
+# its shared resize/crop and scores code); not compiled here. No iOS template: ExecuTorch's iOS API is not
+# written here yet, so ``--kind ios`` offers the other runtimes.
+MOBILE = {"android": {
+    "title": "ExecuTorch's Android Module (XNNPACK)",
+    # the .pte needs a runtime at least as new as the executorch that wrote it
+    "dependency": "org.pytorch:executorch-android:{executorch}",
+    "code": '''package com.example.edgeres
+
+import android.content.Context
+import android.graphics.Bitmap
+import org.pytorch.executorch.EValue
+import org.pytorch.executorch.Module
+import org.pytorch.executorch.Tensor
+import java.io.File
+import kotlin.math.exp
+
+// @CONSTANTS@
+
+/** Classifies bitmaps with ExecuTorch's Android Module (every op in the XNNPACK delegate), preprocessing as
+ *  the bundle did (NCHW float32, batch 1). Module.load takes a file path, so the .pte is copied out of the
+ *  APK's assets once. XNNPACK picks its own thread count on Android. */
+class ImageClassifier(context: Context) : AutoCloseable {
+    val labels: List<String> = context.assets.open(ModelConfig.LABELS_FILE).bufferedReader().readLines()
+    private val module: Module
+
+    init {
+        val file = File(context.filesDir, ModelConfig.MODEL_FILE)
+        if (!file.exists()) {
+            context.assets.open(ModelConfig.MODEL_FILE).use { input -> file.outputStream().use { input.copyTo(it) } }
+        }
+        module = Module.load(file.absolutePath)
+    }
+
+    // UPRIGHT IMAGES ONLY: the bitmap is classified as its pixels lie. BitmapFactory ignores the EXIF
+    // orientation a phone camera writes (a portrait photo is stored as landscape pixels plus a tag), and
+    // edgeres applies it, so rotate first: ExifInterface(path).rotationDegrees (androidx.exifinterface) and
+    // Bitmap.createBitmap(bitmap, 0, 0, w, h, Matrix().apply { postRotate(degrees) }, true); from CameraX
+    // use imageProxy.imageInfo.rotationDegrees. Alpha is ignored, as edgeres drops it.
+    fun classify(bitmap: Bitmap, top: Int = 5): List<Pair<String, Float>> {
+        val n = ModelConfig.INPUT_SIZE
+        val img = Geometry.apply(bitmap)
+        val pixels = IntArray(n * n).also { img.getPixels(it, 0, n, 0, 0, n, n) }
+        val chw = FloatArray(3 * n * n)
+        val order = if (ModelConfig.BGR) intArrayOf(2, 1, 0) else intArrayOf(0, 1, 2)
+        for ((i, p) in pixels.withIndex()) {
+            val rgb = intArrayOf((p shr 16) and 0xff, (p shr 8) and 0xff, p and 0xff)
+            for ((plane, c) in order.withIndex()) {
+                chw[plane * n * n + i] = (rgb[c] * ModelConfig.SCALE - ModelConfig.MEAN[plane]) / ModelConfig.STD[plane]
+            }
+        }
+        val input = Tensor.fromBlob(chw, longArrayOf(1, 3, n.toLong(), n.toLong()))
+        val logits = module.forward(EValue.from(input))[0].toTensor().dataAsFloatArray
+        return Scores.top(logits, labels, top)
+    }
+
+    override fun close() = module.destroy()
+}
+''',
+}}
+
 def available() -> str:
     from importlib import metadata
 

@@ -50,12 +50,12 @@ def _choose(manifest: dict, bundle: Path, kind: str, target: str | None, precisi
     """The artifact to export; Android and iOS take the runtimes they have templates for."""
     if kind == "python":
         return pick_artifact(manifest, bundle, target, precision)
-    usable = [a for a in manifest["artifacts"] if get_info(a["target"]).runtime in mobile.KIND_RUNTIMES[kind]]
+    usable = [a for a in manifest["artifacts"] if get_info(a["target"]).runtime in mobile.kind_runtimes(kind)]
     if target is not None and target not in {a["target"] for a in usable}:
         names = sorted({n for n in (a["target"] for a in manifest["artifacts"])
-                        if get_info(n).runtime in mobile.KIND_RUNTIMES[kind]})
+                        if get_info(n).runtime in mobile.kind_runtimes(kind)})
         raise InputError(f"--target {target}: --kind {kind} runs {', '.join(names) or 'no target of this bundle'} "
-                         f"artifacts ({', '.join(mobile.KIND_RUNTIMES[kind])} on the device); choose one of those")
+                         f"artifacts ({', '.join(mobile.kind_runtimes(kind))} on the device); choose one of those")
     return pick_artifact({**manifest, "artifacts": usable}, bundle, target, precision)
 
 
