@@ -299,7 +299,7 @@ def test_shell_completion_is_offered():
 def test_help_keeps_bracketed_defaults_and_debug_is_a_plain_flag():
     code, stdout, _ = invoke("convert", "--help")
     text = " ".join(stdout.split())
-    assert code == 0 and "[all, or the device's]" in text and "fp32,fp16,dynamic,int8) [int8]" in text
+    assert code == 0 and "[all, or the device's]" in text and "tflite: fp32,fp16,dynamic,int8;" in text and "fp32,int8) [int8]" in text
     assert "[default: 300]" in text
     code, stdout, _ = invoke("--help")
     assert re.search(r"--debug\s+Show", stdout), stdout
