@@ -92,6 +92,15 @@ def test_bench_and_report_show_the_manifests_size_sidecars_included(bundle, tmp_
     assert shown in format_table(*bench_table(json.loads(r.stdout))) and shown in cli("report", work).stdout
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS the kernel keeps in /proc")
+def test_peak_rss_is_in_megabytes_of_a_million_bytes_as_sizes_are():
+    """The "RSS MB" column was KiB / 1024 (MiB): 4.9 % below the MB that sizes use."""
+    from edgeres.measure.bench_runner import peak_rss_mb
+
+    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    assert peak_rss_mb() == pytest.approx(hwm_kib * 1024 / 1e6, rel=0.01)  # MiB would be 4.9 % below
+
+
 def test_inputs_follow_each_artifacts_layout_and_dtype(benched):
     _, r = benched
     inputs = {row["target"]: row["input"] for row in json.loads(r.stdout)["results"]}
