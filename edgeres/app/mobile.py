@@ -67,6 +67,16 @@ def swift_constants(config: dict) -> str:
     return _constants_block("swift", config)
 
 
+def unfed_input(config: dict) -> str | None:
+    """What of the artifact's input the mobile code cannot feed, or None: it writes float32 values, or uint8
+    pixel values 0..255 into a model that normalises inside (LiteRT's tflite.io=uint8), and reads float or
+    uint8 outputs; an int8 input (and output), or uint8 holding normalised values, would be fed wrong bytes."""
+    inp = config["input"]
+    if inp["dtype"] == "float32" or (inp["dtype"] == "uint8" and inp["pixels"]):
+        return None
+    return f"takes {inp['dtype']} {'pixels' if inp['pixels'] else 'normalised values'}"
+
+
 def target_templates(kind: str) -> dict[str, dict]:
     """{runtime: template} that target modules bring for ``kind`` (their ``MOBILE`` data)."""
     from edgeres.targets import get_target, infos
