@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 demo: install
 	$(VENV)/bin/edgeres demo
 
+# The suite in parallel: one pytest-xdist worker per core (at most 4), a test module's tests on one worker,
+# the slowest modules sent first (tests/conftest.py); TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= logical
 test: install
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadscope --no-loadscope-reorder; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out

@@ -25,8 +25,27 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import pytest
+
+def _cores_of_this_worker() -> None:
+    """Under pytest-xdist, each worker (and every process it starts) runs on its own share of the cores.
+
+    Runtimes size their thread pools by the cores a process may use (``targets.base.cpu_threads``, torch, OpenMP);
+    two workers each running two threads on two cores slowed torch 4.7x (ResNet-32, 100 images: 1.50 s with two
+    threads beside another worker, 0.32 s with one). Done before numpy (OpenBLAS) and any runtime is imported."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    i = int(worker[2:]) % count
+    share = [c for j, c in enumerate(cores) if j % count == i]
+    if share and len(share) < len(cores):
+        os.sched_setaffinity(0, share)
+
+
+_cores_of_this_worker()
+
+import numpy as np  # noqa: E402 - after the cores are chosen
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
@@ -114,14 +133,13 @@ def cifar():
     return SHARED_CIFAR
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+def run_cli_process(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
     """Run ``edgeres ARGS`` in a fresh interpreter; returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "edgeres.cli", *map(str, args)], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
-run_cli_process = run_cli  # the name says it where a test needs the process itself
 
 
 def sigint_at_default() -> None:
@@ -161,6 +179,9 @@ def run_cli_here(*args: str, cwd: Path | None = None, env: dict | None = None, t
     return subprocess.CompletedProcess(["edgeres", *argv], r.exit_code, r.stdout, stderr)
 
 
+run_cli = run_cli_here  # EXPERIMENT
+
+
 @pytest.fixture
 def cli():
     return run_cli
@@ -198,9 +219,10 @@ def onnx_bundle(golden_bundle):
 # Modules whose tests take longest (benchmarks/results/test_durations_*.txt), sent to the xdist workers first
 # so that none of them is left as the tail; the rest keep their file order.
 SLOW_FIRST = (
-    "test_imagenet_realdata.py", "test_sweep.py", "test_arm64.py", "test_preprocess.py", "test_prune.py",
-    "test_keras_import.py", "test_convert_workers.py", "test_grow.py", "test_tflite.py", "test_quant_finetune.py",
-    "test_app_mediapipe.py", "test_source_formats.py", "test_budget.py", "test_openvino_target.py",
+    "test_imagenet_realdata.py", "test_sweep.py", "test_prune.py", "test_source_formats.py", "test_cli_foundation.py",
+    "test_arm64.py", "test_preprocess.py", "test_executorch.py", "test_convert_workers.py", "test_safety_models.py",
+    "test_tflite.py", "test_results.py", "test_quant_finetune.py", "test_keras_import.py", "test_safety_bundles.py",
+    "test_grow.py", "test_onnx_import.py", "test_openvino_target.py", "test_app_mediapipe.py", "test_budget.py",
     "test_export_app.py",
 )
 
