@@ -350,23 +350,36 @@ def map_keras(model, path: str | Path):
     g = _Graph(model, p)
     side = _image_side(g)
     sd = {}
+    if _pre_activation(g):
+        from edgeres.sources.keras_resnet_v2 import walk_v2
+
+        trunk_v2 = walk_v2(g, sd)
+        head = _head(g, trunk_v2.out, trunk_v2.channels)
+        _put_head(sd, head)
+        state_dict = to_state_dict(sd)
+        return trunk_v2.spec(p, head, side), state_dict
     trunk = walk_trunk(_Walk(g), sd)
-    head = _head(g, trunk)
-    *hidden, last = head.dense
-    for i, d in enumerate(hidden):
-        sd[f"hidden.{i}.weight"], sd[f"hidden.{i}.bias"] = d.kernel.T, d.bias
-    sd["fc.weight"], sd["fc.bias"] = last.kernel.T, last.bias
+    head = _head(g, trunk.out, int(trunk.blocks[-1].cout))
+    _put_head(sd, head)
     state_dict = to_state_dict(sd)
     return _keras_spec(p, state_dict, trunk, head, side), state_dict
 
 
+def _put_head(sd: dict, head: _KerasHead) -> None:
+    *hidden, last = head.dense
+    for i, d in enumerate(hidden):
+        sd[f"hidden.{i}.weight"], sd[f"hidden.{i}.bias"] = d.kernel.T, d.bias
+    sd["fc.weight"], sd["fc.bias"] = last.kernel.T, last.bias
+
+
+def _pre_activation(g: _Graph) -> bool:
+    """True for a pre-activation ResNet (v2): some BatchNormalization normalises what no conv made."""
+    return any(n.cls == "BatchNormalization" and n.inputs and g.nodes[n.inputs[0]].cls not in ("Conv2D", "Dense")
+               for n in g.nodes.values())
+
+
 def _image_side(g: _Graph) -> int | None:
-    """The input's side (None when the model leaves it open), after refusing ResNet v2 and non-images."""
-    for n in g.nodes.values():
-        src = g.nodes[n.inputs[0]] if n.inputs else None
-        if n.cls == "BatchNormalization" and src is not None and src.cls not in ("Conv2D", "Dense"):
-            raise _refuse(g.p, f"BatchNormalization {n.id} normalises the output of {src.cls} {src.id}, not of a conv: "
-                          "a pre-activation ResNet (v2, e.g. ResNet50V2), and only v1 maps")
+    """The input's side (None when the model leaves it open), after refusing non-images."""
     shape = list(g.input_shape or [])
     if len(shape) != 4 or shape[-1] != 3:
         raise _refuse(g.p, f"input shape {shape}, expected (batch, height, width, 3) channels-last images")
@@ -424,8 +437,6 @@ class _Walk:
         if others or not starts:
             bad = others[0] if others else users[0] if users else None
             hint = ""
-            if bad is not None and bad.cls == "BatchNormalization":
-                hint = " (a pre-activation ResNet v2 block: BN → ReLU → conv; only v1 maps)"
             what = f"found {bad.cls} {bad.id}{hint}" if bad else f"{x} is the model output, with no classifier"
             raise self.refuse(f"{what}, expected a residual block or the head (pooling / Flatten)")
         convs = [g.conv(u.id) for u in starts]
@@ -472,13 +483,13 @@ class _Walk:
 
 # -- the head: pooling / Flatten, then Dense (+ReLU) … Dense (+softmax), Dropout anywhere -------------
 
-def _head(g: _Graph, trunk: Trunk) -> _KerasHead:
-    """The head after the trunk, its first Dense's rows in torch's (C, H, W) order after a Flatten."""
+def _head(g: _Graph, out: str, channels: int) -> _KerasHead:
+    """The head after the trunk's last layer ``out`` (``channels`` wide), its first Dense's rows in torch's
+    (C, H, W) order after a Flatten."""
     from edgeres.model.keras_model import flatten_rows_to_chw
 
-    pooling = _head_pool(g, trunk.out)
+    pooling = _head_pool(g, out)
     dense = _dense_layers(g, pooling.out)
-    channels = int(trunk.blocks[-1].cout)
     first_in = int(dense[0].kernel.shape[0])
     feature = None
     if pooling.kind == "flatten":
@@ -563,9 +574,22 @@ def keras_caffe_preprocess(size: int, *, imagenet: bool = True):
     photos), CIFAR-stem models straight to ``size``² (their images already are)."""
     from edgeres.calibration.preprocess import Preprocess
 
-    geometry = (dict(resize=round(size * 256 / 224), resize_mode="shorter_side_crop") if imagenet
-                else dict(resize=None, resize_mode="direct"))
-    return Preprocess(size=size, **geometry, mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0), scale=1.0, channel_order="BGR")
+    return Preprocess(size=size, **_keras_geometry(size, imagenet), mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0),
+                      scale=1.0, channel_order="BGR")
+
+
+def keras_tf_preprocess(size: int):
+    """``keras.applications.resnet_v2.preprocess_input`` (tf mode: RGB, x / 127.5 − 1) at ``size``, with the
+    ImageNet geometry of ``keras_caffe_preprocess`` (the v2 family has the ImageNet stem only)."""
+    from edgeres.calibration.preprocess import Preprocess
+
+    return Preprocess(size=size, **_keras_geometry(size, True), mean=(1.0, 1.0, 1.0), std=(1.0, 1.0, 1.0),
+                      scale=1 / 127.5, channel_order="RGB")
+
+
+def _keras_geometry(size: int, imagenet: bool) -> dict:
+    return (dict(resize=round(size * 256 / 224), resize_mode="shorter_side_crop") if imagenet
+            else dict(resize=None, resize_mode="direct"))
 
 
 def _skip_dropout(g: _Graph, node: _Node) -> _Node:
