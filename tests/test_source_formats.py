@@ -40,6 +40,8 @@ def torchvision_resnet(layers, planes=8, *, block="bottleneck", groups=1, width_
     import torch
     from torch import nn
 
+    from edgeres.model.torch_model import randomize_bn
+
     class BasicBlock(nn.Module):
         expansion = 1
 
@@ -115,22 +117,7 @@ def torchvision_resnet(layers, planes=8, *, block="bottleneck", groups=1, width_
             return self.fc(torch.flatten(self.avgpool(x), 1))
 
     torch.manual_seed(0)
-    return _random_bn(ResNet()).eval()
-
-
-def _random_bn(model):
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-    return model
+    return randomize_bn(ResNet(), seed=1).eval()
 
 
 def torch_reference(model) -> Callable[[np.ndarray], np.ndarray]:
@@ -213,11 +200,13 @@ def hf_resnet(folder: Path, *, layer_type="bottleneck", num_labels=3, edge=32):
     import torch
     from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
 
+    from edgeres.model.torch_model import randomize_bn
+
     names = ["tabby", "tench", "eel", "ibis"][:num_labels]
     cfg = ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], layer_type=layer_type,
                        num_labels=num_labels, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     torch.manual_seed(0)
-    model = _random_bn(ResNetForImageClassification(cfg)).eval()
+    model = randomize_bn(ResNetForImageClassification(cfg), seed=1).eval()
     model.save_pretrained(folder)
     processor = ConvNextImageProcessor(size={"shortest_edge": edge}, crop_pct=0.875, image_mean=[0.485, 0.456, 0.406],
                                        image_std=[0.229, 0.224, 0.225])  # as microsoft/resnet-50 ships it
