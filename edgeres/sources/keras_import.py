@@ -1,5 +1,5 @@
-"""Map a Keras ResNet v1 (``.keras``, ``.h5`` or a SavedModel folder) to a ``ResNetSpec`` + torch-style
-state_dict, so a Keras model goes through the same pipeline (pruning included) as a PyTorch checkpoint.
+"""Map a Keras ResNet (``.keras``, ``.h5`` or a SavedModel folder) to a ``ResNetSpec`` + torch-style
+state_dict, so a Keras model goes through the same pipeline (pruning included, v1 only) as a PyTorch checkpoint.
 
 The layer graph (nested models flattened) is walked from the input along the data path, the way
 ``keras.applications`` ResNet50/101/152 builds it: ZeroPadding2D(3) + 7×7/2 conv, BN, ReLU,
@@ -7,7 +7,8 @@ ZeroPadding2D(1) + 3×3/2 max-pool, bottleneck blocks with the stride on the fir
 1×1 projection on each stage's first block; then a head of global pooling or Flatten, Dropout and
 Dense layers. Layer names are never relied on. Conv biases fold into the BN mean, and Keras' BN
 epsilon (1.001e-5) into the variance, both exactly. ``verify_mapping`` runs the Keras model and the
-rebuilt torch model side by side, so a wrong mapping never converts silently.
+rebuilt torch model side by side, so a wrong mapping never converts silently. A pre-activation ResNet
+(v2: some BN normalises what no conv made) is walked by ``keras_resnet_v2``; the head is read here for both.
 
 Keras models from ``keras`` 3 and from ``tf_keras`` (Keras 2) load, each by the Keras that wrote it and
 in safe mode, once ``keras_config`` has checked the stored config against an allow-list of layer
@@ -25,7 +26,7 @@ from edgeres.sources.graph_blocks import (BN_EPS, Branch, ConvUnit, Shortcut, St
 from edgeres.sources.keras_config import VERIFY_BATCH, StoredModel, histories, read_checked_config
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
-HINT = ("edgeres maps Keras ResNet v1 models (the keras.applications ResNet50/101/152 layout) with "
+HINT = ("edgeres maps Keras ResNets (the keras.applications ResNet50/101/152 and ResNet50V2/101V2/152V2 layouts) with "
         "Flatten / global-pooling / Dense / Dropout heads; convert other models with TensorFlow's "
         "TFLite converter directly (pruning unavailable)")
 # keras.applications.resnet (v1) preprocess_input, mode "caffe": RGB→BGR, minus the ImageNet BGR mean, no scaling
@@ -353,11 +354,11 @@ def map_keras(model, path: str | Path):
     if _pre_activation(g):
         from edgeres.sources.keras_resnet_v2 import walk_v2
 
-        trunk_v2 = walk_v2(g, sd)
+        trunk_v2 = walk_v2(g, _Walk(g), sd)
         head = _head(g, trunk_v2.out, trunk_v2.channels)
         _put_head(sd, head)
         state_dict = to_state_dict(sd)
-        return trunk_v2.spec(p, head, side), state_dict
+        return trunk_v2.spec(head, side, lambda what: _refuse(p, what)), state_dict
     trunk = walk_trunk(_Walk(g), sd)
     head = _head(g, trunk.out, int(trunk.blocks[-1].cout))
     _put_head(sd, head)
@@ -407,9 +408,10 @@ class _Walk:
         conv = g.conv(first.id)
         kind = stem_kind(conv.unit, "stem conv", self.refuse)
         x = conv.unit.out if conv.fused_relu else g.relu_after(conv.unit.out, "after the stem conv")
-        return Stem(conv.unit, kind, self._stem_pool(x) if kind == "imagenet" else x)
+        return Stem(conv.unit, kind, self.stem_pool(x) if kind == "imagenet" else x)
 
-    def _stem_pool(self, x: str) -> str:
+    def stem_pool(self, x: str) -> str:
+        """The ZeroPadding2D(1) + MaxPooling2D(3, 2) after ``x``: the layer it ends at."""
         g = self.g
         node = g.one_user(x, "ZeroPadding2D(1) + MaxPooling2D(3, 2)")
         pad = 0
@@ -574,22 +576,10 @@ def keras_caffe_preprocess(size: int, *, imagenet: bool = True):
     photos), CIFAR-stem models straight to ``size``² (their images already are)."""
     from edgeres.calibration.preprocess import Preprocess
 
-    return Preprocess(size=size, **_keras_geometry(size, imagenet), mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0),
-                      scale=1.0, channel_order="BGR")
+    geometry = (dict(resize=round(size * 256 / 224), resize_mode="shorter_side_crop") if imagenet
+                else dict(resize=None, resize_mode="direct"))
+    return Preprocess(size=size, **geometry, mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0), scale=1.0, channel_order="BGR")
 
-
-def keras_tf_preprocess(size: int):
-    """``keras.applications.resnet_v2.preprocess_input`` (tf mode: RGB, x / 127.5 − 1) at ``size``, with the
-    ImageNet geometry of ``keras_caffe_preprocess`` (the v2 family has the ImageNet stem only)."""
-    from edgeres.calibration.preprocess import Preprocess
-
-    return Preprocess(size=size, **_keras_geometry(size, True), mean=(1.0, 1.0, 1.0), std=(1.0, 1.0, 1.0),
-                      scale=1 / 127.5, channel_order="RGB")
-
-
-def _keras_geometry(size: int, imagenet: bool) -> dict:
-    return (dict(resize=round(size * 256 / 224), resize_mode="shorter_side_crop") if imagenet
-            else dict(resize=None, resize_mode="direct"))
 
 
 def _skip_dropout(g: _Graph, node: _Node) -> _Node:

@@ -12,12 +12,11 @@ the head ``keras_import`` reads. A stage opens at each projection. Layer names a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from edgeres.sources.graph_blocks import BN_EPS, ConvUnit, put_unit
+from edgeres.sources.graph_blocks import BN_EPS, ConvUnit, Refuse, put_unit
 
 
 @dataclass(frozen=True)
@@ -44,10 +43,9 @@ class TrunkV2:
     def channels(self) -> int:
         return self.stage_widths[-1]
 
-    def spec(self, p: Path, head, side: int | None):
+    def spec(self, head, side: int | None, refuse: Refuse):
         """The spec of this trunk with the Keras ``head``, tf-mode preprocessing at the model's input side."""
         from edgeres.model.zoo import ZOO, ResNetSpec
-        from edgeres.sources.keras_import import keras_tf_preprocess
 
         size = side or (head.feature * 32 if head.pool == "flatten" else 224)
         base = next((n for n, z in ZOO.items() if z.preact and z.layers == self.layers), f"resnet{3 * sum(self.layers) + 2}v2")
@@ -55,18 +53,22 @@ class TrunkV2:
                           self.inner_widths, "projection", "3x3", int(head.dense[-1].kernel.shape[1]), "fc",
                           keras_tf_preprocess(int(size)), head_layers=head.layers(), preact=True)
         if head.pool == "flatten" and spec.feature_size != head.feature:
-            from edgeres.sources.keras_import import _refuse
-
-            raise _refuse(p, f"Flatten sees a {head.feature}×{head.feature} map but a {size}² input gives "
+            raise refuse(f"Flatten sees a {head.feature}×{head.feature} map but a {size}² input gives "
                           f"{spec.feature_size}×{spec.feature_size}")
         return spec
 
 
-def walk_v2(g, sd: dict) -> TrunkV2:
-    """Walk ``g`` (a ``keras_import._Graph``) from the input to the post-activation, putting the weights into ``sd``."""
-    from edgeres.sources.keras_import import HEAD_POOL, _Walk
+def keras_tf_preprocess(size: int):
+    """``keras.applications.resnet_v2.preprocess_input`` (tf mode: RGB, x / 127.5 − 1) at ``size``, with the
+    geometry of Keras' v1 ResNets (``keras_import.keras_caffe_preprocess``): shorter side size·256/224, centre crop."""
+    from edgeres.model.zoo import KERAS_TF_PREPROCESS
 
-    walk = _Walk(g)
+    return replace(KERAS_TF_PREPROCESS, size=size, resize=round(size * 256 / 224))
+
+
+def walk_v2(g, walk, sd: dict) -> TrunkV2:
+    """Walk ``g`` (a ``keras_import._Graph``; ``walk`` its v1 walker, for the stem pool, the head test and
+    refusals) from the input to the post-activation, putting the weights into ``sd``."""
     first = g.one_user(g.input, "stem convolution")
     if first.cls not in ("Conv2D", "ZeroPadding2D"):
         raise walk.refuse(f"found {first.cls} {first.id} after the input, expected the stem convolution; "
@@ -79,11 +81,11 @@ def walk_v2(g, sd: dict) -> TrunkV2:
                           f"{' with a ReLU' if stem.fused_relu else ''}; Keras' ResNet v2 stem is a plain 7×7/2 conv")
     weight, bias = _with_bias(stem.unit)
     sd["conv1.weight"], sd["conv1.bias"] = weight, bias
-    x = walk._stem_pool(stem.unit.out)
+    x = walk.stem_pool(stem.unit.out)
     blocks: list[_Block] = []
     while True:
         bn_node, pre = _pre_activation(g, walk, x)
-        if [u.cls for u in g.users(pre)] and all(u.cls in (*HEAD_POOL, "Dropout") for u in g.users(pre)):
+        if walk.at_head(pre):
             if not blocks:
                 raise walk.refuse("no residual blocks between the stem and the head")
             _put_bn(sd, "post_bn", g.batch_norm(bn_node, blocks[-1].cout))
@@ -143,10 +145,7 @@ def _block(g, walk, x: str, bn_node, pre: str, sd: dict, index: int):
     elif stride != 1:
         pool = g.nodes[other]
         c = pool.cfg if pool.cls == "MaxPooling2D" else {}
-        from edgeres.sources.keras_import import _flat
-
-        if not (pool.inputs == [x] and [int(v) for v in _flat(c.get("pool_size"))] == [1, 1]
-                and [int(v) for v in _flat(c.get("strides"))] == [stride, stride]):
+        if not (pool.inputs == [x] and _ints(c.get("pool_size")) == [1, 1] and _ints(c.get("strides")) == [stride, stride]):
             raise walk.refuse(f"Add {add.id} shortcut comes from {pool.cls} {other}, expected the block input through "
                               f"MaxPooling2D(1, strides={stride}), as Keras strides an identity shortcut")
     cin = int(units[0].weight.shape[1])
@@ -197,6 +196,10 @@ def _with_bias(unit: ConvUnit) -> tuple[np.ndarray, np.ndarray]:
     scale = np.asarray(bn["weight"], np.float64) / np.sqrt(np.asarray(bn["running_var"], np.float64) + BN_EPS)
     weight = np.asarray(unit.weight, np.float64) * scale[:, None, None, None]
     return weight, np.asarray(bn["bias"], np.float64) - np.asarray(bn["running_mean"], np.float64) * scale
+
+
+def _ints(v) -> list[int]:
+    return [int(i) for i in np.ravel(v)] if v is not None else []
 
 
 def _put_bn(sd: dict, name: str, bn: dict) -> None:
