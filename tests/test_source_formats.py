@@ -551,6 +551,31 @@ def test_pruning_a_pre_activation_resnet_is_refused_naming_it():
         check_prunable(ZOO["resnet50v2"])
 
 
+def test_a_pre_activation_state_dict_reads_back_and_the_weight_improvements_refuse_it(tmp_path):
+    """An edgeres pre-activation model's state_dict (``post_bn``) infers as one; ``--quant accurate`` pairs convs
+    with the BN after them, which a pre-activation block does not have: refused before any work."""
+    import torch
+
+    from edgeres.model.torch_model import build_torch, randomize_bn
+    from edgeres.model.zoo import ZOO
+    from edgeres.sources.loading import load_model
+
+    spec = replace(ZOO["resnet50v2"], layers=(1, 2), stem_width=8, stage_widths=(16, 32),
+                   inner_widths=(((4, 4),), ((8, 8), (8, 8))), num_classes=2)
+    torch.save(randomize_bn(build_torch(spec)).state_dict(), tmp_path / "v2.pth")
+    loaded = load_model(tmp_path / "v2.pth")
+    assert loaded.spec.preact and loaded.spec.name == "resnet11v2-custom" and loaded.spec.preprocess.scale == 1 / 127.5
+    x, y = make_images(IMAGES, 40, seed=3, classes=2)
+    np.savez(tmp_path / "px.npz", x=x, y=y)
+    code, _, err = invoke("convert", tmp_path / "v2.pth", "--calib", tmp_path / "px.npz", "--targets", "onnx",
+                          "--precision", "int8", "--quant", "accurate", "--preprocess", "crop=32", "--no-bench",
+                          "--out", tmp_path / "b")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "--quant accurate: resnet11v2-custom is a pre-activation ResNet (v2)" in lines[0] and "--quant fast" in lines[0]
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_hf_folder_given_where_a_bundle_is_expected_is_named_as_such(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "resnet"}')
