@@ -56,8 +56,8 @@ EPS = 2 ** -12  # XNNPACKQuantizer's smallest scale
 
 
 # The Android app code of ``export-app --kind android`` (edgeres.app.mobile fills in the constants and appends
-# its shared resize/crop and scores code); not compiled here. No iOS template: ExecuTorch's iOS API is not
-# written here yet, so ``--kind ios`` offers the other runtimes.
+# its shared code: Geometry (resize/crop), Pixels (the input values), Scores); not compiled here. No iOS
+# template: ExecuTorch's iOS API is not written here yet, so ``--kind ios`` offers the other runtimes.
 MOBILE = {"android": {
     "title": "ExecuTorch's Android Module (XNNPACK)",
     # the .pte needs a runtime at least as new as the executorch that wrote it
@@ -96,16 +96,7 @@ class ImageClassifier(context: Context) : AutoCloseable {
     // use imageProxy.imageInfo.rotationDegrees. Alpha is ignored, as edgeres drops it.
     fun classify(bitmap: Bitmap, top: Int = 5): List<Pair<String, Float>> {
         val n = ModelConfig.INPUT_SIZE
-        val img = Geometry.apply(bitmap)
-        val pixels = IntArray(n * n).also { img.getPixels(it, 0, n, 0, 0, n, n) }
-        val chw = FloatArray(3 * n * n)
-        val order = if (ModelConfig.BGR) intArrayOf(2, 1, 0) else intArrayOf(0, 1, 2)
-        for ((i, p) in pixels.withIndex()) {
-            val rgb = intArrayOf((p shr 16) and 0xff, (p shr 8) and 0xff, p and 0xff)
-            for ((plane, c) in order.withIndex()) {
-                chw[plane * n * n + i] = (rgb[c] * ModelConfig.SCALE - ModelConfig.MEAN[plane]) / ModelConfig.STD[plane]
-            }
-        }
+        val chw = Pixels.input(Geometry.apply(bitmap))
         val input = Tensor.fromBlob(chw, longArrayOf(1, 3, n.toLong(), n.toLong()))
         val logits = module.forward(EValue.from(input))[0].toTensor().dataAsFloatArray
         return Scores.top(logits, labels, top)
