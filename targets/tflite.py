@@ -264,6 +264,9 @@ def _convert(plan: _Plan, tf) -> tuple[_Converted, dict]:
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
             flatbuffer = converter.convert()
             del converter
+            # the Keras network, its SavedModel copy and the converter's state go before anything else is
+            # built beside the flatbuffer (a ResNet-152's ~1.2 GB: the worker's peak was the metadata step)
+            _release_keras()
             images = feed.images if feed is not None else None
             origin, notes = None, ()
             if plan.estimator_ranges:
@@ -272,7 +275,6 @@ def _convert(plan: _Plan, tf) -> tuple[_Converted, dict]:
                 # instead of the converter's calibrator, which would hold a second copy of the model
                 from tensorflow.lite.python import convert as tfl_convert
 
-                _release_keras()
                 ranges, images, origin, notes = _int8_ranges(flatbuffer, job, tf)
                 calibrated = _with_ranges(flatbuffer, ranges)
                 del flatbuffer
@@ -304,6 +306,8 @@ def _write_artifact(job: CompileJob, flatbuffer: bytes, io: str, options: dict, 
     notes = (*notes, metadata_note) if metadata_note else notes
     options = {**options, "tflite_metadata": metadata_note is None}
     _write_atomic(path, flatbuffer)
+    del flatbuffer  # the file holds it now; the op report reads it from there
+    release_memory()
 
     report = op_report(path)
     if job.precision == "int8":
@@ -311,7 +315,7 @@ def _write_artifact(job: CompileJob, flatbuffer: bytes, io: str, options: dict, 
     ops_rel = rel.with_name(f"model.{job.precision}.ops.json")
     _write_atomic(job.out_dir / ops_rel, json.dumps(report, indent=1).encode())
     sidecar_rel = rel.with_suffix(".json")
-    _write_atomic(job.out_dir / sidecar_rel, json.dumps(sidecar(path, job), indent=2).encode())
+    _write_atomic(job.out_dir / sidecar_rel, json.dumps(sidecar(path, job, report), indent=2).encode())
     return Artifact("tflite", job.precision, (str(rel), str(ops_rel), str(sidecar_rel)), engine=ENGINE,
                     input_layout="NHWC", input_dtype=report["input"]["dtype"], options=options,
                     tool_versions=_versions(), notes=notes)
@@ -637,9 +641,10 @@ def check_full_int8(report: dict, *, io: str = "float", source: str = "model") -
             raise TargetError(f"{source}: full-int8 model {side} is {got}, expected {want} (tflite.io={io})")
 
 
-def sidecar(path: Path, job: CompileJob) -> dict:
-    """What a device needs beside the ``.tflite``: labels, preprocessing (NHWC) and I/O quantisation."""
-    report = op_report(path)
+def sidecar(path: Path, job: CompileJob, report: dict | None = None) -> dict:
+    """What a device needs beside the ``.tflite``: labels, preprocessing (NHWC) and I/O quantisation
+    (from ``report``, its op report, when the caller has it)."""
+    report = report if report is not None else op_report(path)
     preprocess = dict(job.preprocess or {})
     if preprocess:
         preprocess["layout"] = "NHWC"
