@@ -55,7 +55,7 @@ def edgeres(*args, cwd: Path) -> tuple[str, dict]:
         sys.exit(f"edgeres {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     wall, user, system, rss_kb = stats.read_text().split()[-4:]
     return r.stdout, {"wall_s": round(float(wall), 1), "cpu_s": round(float(user) + float(system), 1),
-                      "peak_rss_mb": round(int(rss_kb) / 1024)}
+                      "peak_rss_mb": round(int(rss_kb) * 1024 / 1e6)}  # GNU time's %M is KiB
 
 
 def _artifacts(bundle: Path) -> dict:

@@ -124,6 +124,16 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 run_cli_process = run_cli  # the name says it where a test needs the process itself
 
 
+def sigint_at_default() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: a shell that starts pytest in the
+    background (``make test &``, a CI script's job) ignores SIGINT for it, every child inherits the ignore
+    and Python then never raises KeyboardInterrupt; a terminal's foreground job, where Ctrl-C comes from,
+    has SIGINT at its default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli_here(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int | None = None):
     """Run ``edgeres ARGS`` in this process (CliRunner); returns a CompletedProcess (text) like ``run_cli``.
 

@@ -1,5 +1,6 @@
 """The CLI contract for the foundation commands: results on stdout, one-line errors, exit codes."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -18,13 +19,35 @@ def cli():
     return run_cli_here
 
 
-HEAVY = ("torch", "tensorflow", "openvino", "onnxruntime", "onnx", "keras")
+FRAMEWORKS = ("torch", "tensorflow", "keras", "tf_keras", "onnx", "onnxruntime", "openvino", "ai_edge_litert",
+              "executorch", "ray", "transformers")
+
+
+@functools.cache
+def heavy() -> tuple[str, ...]:
+    """The frameworks, plus every top-level module of each registered target's runtime, compile tools and what
+    its runtime needs beside it (read off the installed distributions' files), so a new target is covered."""
+    import re
+    from importlib import metadata
+
+    from edgeres.targets import infos
+
+    canon = lambda dist: re.sub(r"[-_.]+", "-", dist).lower()  # noqa: E731
+    dists = {canon(d) for info in infos().values() for d in (info.dist, *info.tools, *info.runtime_needs)}
+    owned = {module for module, owners in metadata.packages_distributions().items()
+             if dists & {canon(o) for o in owners} and not module.startswith("_")
+             and module not in sys.stdlib_module_names}
+    return tuple(sorted(set(FRAMEWORKS) | owned))
+
+
+def test_the_heavy_list_covers_every_targets_runtime():
+    assert {"executorch", "torch", "tensorflow", "openvino", "onnxruntime", "ai_edge_litert", "nncf"} <= set(heavy())
 
 
 @pytest.mark.parametrize("code", ["import edgeres", "import edgeres.calibration", "import edgeres.targets",
                                   "from edgeres import cli; import sys; sys.argv=['edgeres','--help']\ntry: cli.app()\nexcept SystemExit: pass"])
 def test_light_imports_pull_in_no_runtime(code):
-    probe = code + "\nimport sys, json; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))" % (HEAVY,)
+    probe = code + "\nimport sys, json; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))" % (heavy(),)
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 

@@ -320,3 +320,42 @@ def test_python_readme_says_how_images_are_decoded(kinds_app):
     out, _ = kinds_app
     readme = (out / "README.md").read_text()
     assert "EXIF\norientation a phone camera writes is applied" in readme and "a FIFO or device is refused" in readme
+
+
+def test_every_android_runtime_fills_its_input_with_the_one_shared_function():
+    """LiteRT, onnxruntime and ExecuTorch (a target's own MOBILE code) call ``Pixels.input``, which the shared
+    Kotlin holds once: the pixel loop is written in one place (the code is not compiled here: no Android SDK)."""
+    from edgeres.app import mobile
+
+    pre = {"size": 16, "resize": 18, "resize_mode": "shorter_side_crop", "filter": "bilinear", "antialias": True,
+           "scale": 1 / 255, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "channel_order": "RGB"}
+    runtimes = mobile.kind_runtimes("android")
+    assert {"litert", "onnxruntime", "executorch"} <= set(runtimes)
+    for runtime in runtimes:
+        config = {"runtime": runtime, "model": "model.bin", "labels": "labels.txt", "num_classes": 10,
+                  "preprocess": pre, "input": {"layout": "NCHW", "dtype": "float32", "pixels": False, "name": "x"},
+                  "output": {"name": "y", "probabilities": False}}
+        artifact = {"target": runtime, "precision": "fp32", "tool_versions": {"executorch": "1.5.1"}}
+        code = mobile.generate("android", config, artifact)["ImageClassifier.kt"]
+        classifier = code[code.index("class ImageClassifier"):code.index("\n}\n", code.index("class ImageClassifier"))]
+        assert "Pixels.input(" in classifier and "getPixels" not in classifier and "shr 16" not in classifier, runtime
+        assert code.count("object Pixels") == 1 and code.count("getPixels") == 1 and code.count("shr 16") == 1, runtime
+        for name in ("INPUT_LAYOUT", "TAKES_PIXELS", "INPUT_DTYPE", "BGR", "SCALE", "MEAN", "STD"):
+            assert f"ModelConfig.{name}" in code[code.index("object Pixels"):], (runtime, name)
+
+
+
+@pytest.mark.parametrize("kind", ["android", "ios"])
+def test_mobile_code_is_not_made_for_an_input_it_cannot_feed(tmp_path_factory, tmp_path, tiny_model, kind):
+    """The handmade bundle's LiteRT model takes int8 (tflite.io=int8): the mobile code writes float32 or uint8
+    pixels, so it would hand the interpreter the wrong bytes. One line naming the file and the fix, exit 2,
+    nothing written (was: the code was generated); the python app runs it through the runner."""
+    from tests.handmade_bundle import shared_bundle
+
+    bundle = shared_bundle(tmp_path_factory, tiny_model)
+    r = _export(bundle, "--kind", kind, "--target", "tflite", "--out", tmp_path / "app")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    (line,) = [line for line in r.stderr.splitlines() if line.strip()]
+    assert "model.int8.tflite: takes int8 normalised values" in line and "--option tflite.io=float" in line
+    assert not (tmp_path / "app").exists()
+    assert _export(bundle, "--kind", "python", "--target", "tflite", "--out", tmp_path / "py").exit_code == 0

@@ -1,5 +1,6 @@
 """The preprocessing check: fp32 top-1 under each standard convention beside the recorded one, and
-``convert --eval`` warning in one line when the recorded one is more than 1 pp below the best."""
+``convert --eval`` warning in one line when the recorded one is more than 1 pp below the best, beyond the paired
+noise."""
 
 from __future__ import annotations
 
@@ -97,6 +98,29 @@ def test_no_warning_when_the_recorded_convention_is_the_best(tmp_path):
     assert result["recorded_top1"] == 100.0 and result["gap_pp"] == 0 and warning(result) is None
 
 
+@pytest.mark.parametrize("extra, advised", [(3, False), (10, True)], ids=["3-photos-noise", "10-photos"])
+def test_advice_needs_a_gain_beyond_the_paired_noise(extra, advised, capsys):
+    """100 photos: an alternative right on the recorded one's 80 plus ``extra`` more. +3 pp is inside the paired
+    95 % interval (it includes 0): no advice, and the check says so; +10 pp is not: the advice, with its interval."""
+    from edgeres.measure.preprocess_check import WARN_GAP_PP, compare, conventions, print_check, warning
+
+    found = conventions(KERAS)
+    correct = np.zeros((len(found), 100), bool)
+    correct[:, :80] = True
+    correct[2, 80:80 + extra] = True
+    result = {"data": "photos", "images": 100, **compare(found, correct)}
+    assert result["best"] == found[2].name and result["gap_pp"] == extra > WARN_GAP_PP
+    lo, hi = result["gap_ci95_pp"]
+    assert lo < extra < hi and (lo > 0) == advised == result["significant"]
+    assert (warning(result) is not None) == advised
+    print_check(result)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    if advised:
+        assert last.startswith("preprocessing: the recorded convention") and f"[{lo:+.2f}, {hi:+.2f}]" in last
+    else:
+        assert last.startswith("no significant difference at 100 photos:") and "--preprocess" not in last
+
+
 def test_check_preprocess_command_prints_each_convention_beside_the_recorded_one(app_bundle, tmp_path):
     x, y = make_images(20, 16, seed=1)
     np.savez(tmp_path / "eval.npz", x=x, y=y)
@@ -120,4 +144,4 @@ def test_convert_eval_keeps_the_check_and_warns_in_one_line_when_another_convent
     check = json.loads((out / CHECK_FILE).read_text())
     assert check["images"] == 64 and check["conventions"][0]["axis"] == "recorded"
     warned = [line for line in stderr.splitlines() if "preprocessing: the recorded convention" in line]
-    assert len(warned) == (1 if check["gap_pp"] > WARN_GAP_PP else 0), stderr
+    assert len(warned) == (1 if check["gap_pp"] > WARN_GAP_PP and check["significant"] else 0), stderr

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, sigint_at_default
 from tests.test_safety import Case, _assert_one_line, _invoke, _no_partial, env  # noqa: F401 (fixtures)
 
 DEADLINE_S = 60  # a reader that blocks on a FIFO or reads /dev/zero fails the test instead of hanging it
@@ -551,7 +551,8 @@ def test_a_killed_bench_takes_its_runner_with_it(tmp_path, onnx_bundle, signum):
     shutil.copytree(onnx_bundle, bundle)
     cli_proc = subprocess.Popen([sys.executable, "-m", "edgeres.cli", "bench", str(bundle), "--seconds", "120",
                                  "--warmup", "0"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=sigint_at_default)  # as at a terminal, also when pytest runs in background
     parent = psutil.Process(cli_proc.pid)
     runners = []
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_cli, run_cli_process
+from tests.conftest import ROOT, run_cli, run_cli_process, sigint_at_default
 
 GRID = ["--prune", "0,0.3", "--precision", "int8,fp32", "--targets", "onnx,tflite"]
 pytest.importorskip("ray", reason="edgeres sweep needs Ray: pip install 'edgeres[sweep]'")
@@ -262,7 +262,7 @@ def test_a_signal_cancels_the_running_tasks_and_leaves_nothing_behind(tiny_check
            str(tiny_npz), "--precision", "fp32", "--targets", "onnx", "--bench-runs", "10000000", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=sigint_at_default)
     try:
         deadline = time.time() + 300
         while not (out / "logs" / "prune0-onnx-fp32.log").exists() or \

@@ -97,6 +97,11 @@ def export_app(bundle: str | Path, kind: str, out: str | Path, *, target: str | 
     model = artifact_path(bundle, artifact)
     runner = get_target(artifact["target"]).load_runner(model)  # the artifact runs here, and tells its tensor names
     config = app_config(manifest, artifact, runner, model.name)
+    unfed = mobile.unfed_input(config) if kind != "python" else None
+    if unfed:
+        raise InputError(f"{model}: {unfed}, which the {kind} code does not feed (float32 input, or uint8 pixels "
+                         f"into a model that normalises inside); convert it with float I/O (--option tflite.io=float, "
+                         f"the default) or export --kind python")
     with OutputLock(out):
         staging = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,8 @@ import json
 # runtimes with a mobile template here: LiteRT's Interpreter and onnxruntime-mobile, on both kinds (keys:
 # TargetInfo.runtime). Any other target brings its own as data: a module-level ``MOBILE = {kind: {"title",
 # "dependency" (android; may name "{tool}" versions from the artifact) or "pod" (ios), "code"}}``, whose Kotlin
-# gets the shared resize/crop and scores code appended (see targets/executorch.py).
+# gets the shared code appended: resize/crop (Geometry), the input values (Pixels) and scores (Scores); see
+# targets/executorch.py.
 RUNTIMES = ("litert", "onnxruntime")
 ANDROID_DEPENDENCY = {"litert": "com.google.ai.edge.litert:litert:1.4.0",
                       "onnxruntime": "com.microsoft.onnxruntime:onnxruntime-android:1.22.0"}
@@ -64,6 +65,16 @@ def kotlin_constants(config: dict) -> str:
 
 def swift_constants(config: dict) -> str:
     return _constants_block("swift", config)
+
+
+def unfed_input(config: dict) -> str | None:
+    """What of the artifact's input the mobile code cannot feed, or None: it writes float32 values, or uint8
+    pixel values 0..255 into a model that normalises inside (LiteRT's tflite.io=uint8), and reads float or
+    uint8 outputs; an int8 input (and output), or uint8 holding normalised values, would be fed wrong bytes."""
+    inp = config["input"]
+    if inp["dtype"] == "float32" or (inp["dtype"] == "uint8" and inp["pixels"]):
+        return None
+    return f"takes {inp['dtype']} {'pixels' if inp['pixels'] else 'normalised values'}"
 
 
 def target_templates(kind: str) -> dict[str, dict]:
@@ -228,21 +239,11 @@ class ImageClassifier(context: Context, threads: Int = 2) : AutoCloseable {
     }
 
     private fun toInput(img: Bitmap): ByteBuffer {
-        val n = ModelConfig.INPUT_SIZE
-        val pixels = IntArray(n * n).also { img.getPixels(it, 0, n, 0, 0, n, n) }
+        val values = Pixels.input(img)
         val uint8 = ModelConfig.INPUT_DTYPE == "uint8"
-        val buf = ByteBuffer.allocateDirect(n * n * 3 * (if (uint8) 1 else 4)).order(ByteOrder.nativeOrder())
-        for (p in pixels) {
-            val rgb = intArrayOf((p shr 16) and 0xff, (p shr 8) and 0xff, p and 0xff)
-            val order = if (ModelConfig.BGR) intArrayOf(2, 1, 0) else intArrayOf(0, 1, 2)
-            for ((slot, c) in order.withIndex()) {
-                val v = rgb[c]
-                when {
-                    uint8 -> buf.put(v.toByte())
-                    ModelConfig.TAKES_PIXELS -> buf.putFloat(v.toFloat())
-                    else -> buf.putFloat((v * ModelConfig.SCALE - ModelConfig.MEAN[slot]) / ModelConfig.STD[slot])
-                }
-            }
+        val buf = ByteBuffer.allocateDirect(values.size * (if (uint8) 1 else 4)).order(ByteOrder.nativeOrder())
+        for (v in values) {
+            if (uint8) buf.put(v.toInt().toByte()) else buf.putFloat(v)
         }
         return buf.also { it.rewind() }
     }
@@ -264,6 +265,30 @@ object Geometry {
         val h = maxOf(n, (bitmap.height * s).toInt())
         val scaled = Bitmap.createScaledBitmap(bitmap, w, h, filter)
         return Bitmap.createBitmap(scaled, Math.round((w - n) / 2f), Math.round((h - n) / 2f), n, n)
+    }
+}
+
+/** The model's input values from an INPUT_SIZE² bitmap, in INPUT_LAYOUT order (NCHW: one plane per channel;
+ *  NHWC: each pixel's channels together), channels in the bundle's order (BGR or RGB): the pixel values 0..255
+ *  where the model takes them (it normalises inside, or its input is uint8), else (pixel × SCALE − MEAN) / STD.
+ *  Alpha is ignored, as edgeres drops it. */
+object Pixels {
+    fun input(img: Bitmap): FloatArray {
+        val n = ModelConfig.INPUT_SIZE
+        val pixels = IntArray(n * n).also { img.getPixels(it, 0, n, 0, 0, n, n) }
+        val raw = ModelConfig.TAKES_PIXELS || ModelConfig.INPUT_DTYPE == "uint8"
+        val planar = ModelConfig.INPUT_LAYOUT == "NCHW"
+        val order = if (ModelConfig.BGR) intArrayOf(2, 1, 0) else intArrayOf(0, 1, 2)
+        val values = FloatArray(3 * n * n)
+        for ((i, p) in pixels.withIndex()) {
+            val rgb = intArrayOf((p shr 16) and 0xff, (p shr 8) and 0xff, p and 0xff)
+            for ((slot, c) in order.withIndex()) {
+                val v = rgb[c].toFloat()
+                values[if (planar) slot * n * n + i else i * 3 + slot] =
+                    if (raw) v else (v * ModelConfig.SCALE - ModelConfig.MEAN[slot]) / ModelConfig.STD[slot]
+            }
+        }
+        return values
     }
 }
 
@@ -303,16 +328,7 @@ class ImageClassifier(context: Context, threads: Int = 2) : AutoCloseable {
     // use imageProxy.imageInfo.rotationDegrees. Alpha is ignored, as edgeres drops it.
     fun classify(bitmap: Bitmap, top: Int = 5): List<Pair<String, Float>> {
         val n = ModelConfig.INPUT_SIZE
-        val img = Geometry.apply(bitmap)
-        val pixels = IntArray(n * n).also { img.getPixels(it, 0, n, 0, 0, n, n) }
-        val chw = FloatArray(3 * n * n)
-        val order = if (ModelConfig.BGR) intArrayOf(2, 1, 0) else intArrayOf(0, 1, 2)
-        for ((i, p) in pixels.withIndex()) {
-            val rgb = intArrayOf((p shr 16) and 0xff, (p shr 8) and 0xff, p and 0xff)
-            for ((plane, c) in order.withIndex()) {
-                chw[plane * n * n + i] = (rgb[c] * ModelConfig.SCALE - ModelConfig.MEAN[plane]) / ModelConfig.STD[plane]
-            }
-        }
+        val chw = Pixels.input(Geometry.apply(bitmap))
         val shape = longArrayOf(1, 3, n.toLong(), n.toLong())
         OnnxTensor.createTensor(env, FloatBuffer.wrap(chw), shape).use { input ->
             session.run(mapOf(ModelConfig.INPUT_NAME to input)).use { result ->
@@ -327,7 +343,7 @@ class ImageClassifier(context: Context, threads: Int = 2) : AutoCloseable {
 }
 '''}
 KOTLIN["onnxruntime"] += KOTLIN["litert"][KOTLIN["litert"].index("/** Resize and crop"):]
-SHARED_KOTLIN = KOTLIN["litert"][KOTLIN["litert"].index("/** Resize and crop"):]  # geometry + scores
+SHARED_KOTLIN = KOTLIN["litert"][KOTLIN["litert"].index("/** Resize and crop"):]  # geometry, input, scores
 
 SWIFT = {"litert": '''import CoreGraphics
 import Foundation

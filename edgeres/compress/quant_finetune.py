@@ -31,6 +31,7 @@ from edgeres.calibration.matching import ReferenceActivations
 from edgeres.compress.distill import augment
 from edgeres.compress.quant_accurate import _conv_bn_pairs
 from edgeres.errors import InputError
+from edgeres.int8.ranges import exposing_session
 from edgeres.model.zoo import BN_EPS
 from edgeres.progress import log, progress
 
@@ -477,18 +478,11 @@ def tuned_onnx_ranges(onnx_fp32, reference: ReferenceActivations) -> dict:
     hold a point's activation, and for the outputs of data-movement ops on them (Slice, Pad, …), which
     then requantise nothing: their values already lie on their input's grid."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(onnx_fp32))
     input_name = model.graph.input[0].name
     outputs = [o for n in model.graph.node for o in n.output if o]
-    existing = {o.name for o in model.graph.output}
-    for name in outputs:
-        if name not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = exposing_session(model, outputs)
     values = dict(zip(outputs, session.run(outputs, {input_name: reference.images})))
     tuned = reference.match({input_name: reference.images, **values})
     for node in model.graph.node:

@@ -123,6 +123,12 @@ class BenchItem:
     def sha256(self) -> str | None:
         return next((r.get("sha256") for r in self.records if r.get("file") == self.file), None)
 
+    @property
+    def size_mb(self) -> float:
+        """MB (10^6 bytes) of every file the manifest records for it (model, weights, sidecars: what a device
+        gets), the size that ``convert``, ``report`` and ``sweep`` show; the runner counts only what it loads."""
+        return round(sum(r["size_bytes"] for r in self.records) / 1e6, 4)
+
     def copy_paths(self, bundle: Path) -> dict[str, Path]:
         return {f: bundle_path(bundle, f, list(self.records), f"{self.target} {self.precision} file")
                 for f in self.files}
@@ -335,7 +341,8 @@ def bench_bundle(bundle: str | Path, cfg: BenchConfig, remote: RemoteHost | None
                 log(f"bench {item.target} {item.precision} ({item.file}), {threads} thread(s) on {executor.host}…")
                 doc = executor.run(item, threads)
                 row = {"target": item.target, "precision": item.precision, "file": item.file, "threads": threads,
-                       "sha256": item.sha256, **{k: v for k, v in doc.items() if k not in ROW_DROP}}
+                       "sha256": item.sha256, **{k: v for k, v in doc.items() if k not in ROW_DROP},
+                       "size_mb": item.size_mb}
                 if doc.get("status") == "ok":
                     system = system or doc.get("system")
                     temps = (doc.get("system") or {}).get("temperatures_c") or {}

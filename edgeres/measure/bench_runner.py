@@ -227,9 +227,10 @@ def warnings_for(before: dict, after: dict) -> list[str]:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS in MB of 10^6 bytes, the unit of every size edgeres shows."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes
-    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+    return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e6, 1)
 
 
 # --- runtimes ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgeres.calibration import ImageDataset, Preprocess
 from edgeres.calibration.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from edgeres.measure.paired import CI_METHOD, drop_interval_pp, paired_counts
 from edgeres.progress import progress
 
 # how far below the best convention the recorded one may be before convert --eval says so
@@ -107,23 +108,49 @@ def check_preprocessing(run: Callable[[np.ndarray], np.ndarray], dataset: ImageD
                     logits = np.asarray(run(x), np.float32).reshape(len(x), -1)
                     correct[i, start:start + len(idx)] = logits.argmax(1) == labels[start:start + len(idx)]
                     advance(len(idx))
-    rows = [{"convention": c.name, "axis": c.axis, "preprocess": c.preprocess.to_dict(),
-             "top1": round(float(correct[i].mean() * 100), 4)} for i, c in enumerate(found)]
+    return {"data": str(dataset.source), "images": int(len(indices)), **compare(found, correct)}
+
+
+def compare(found: list[Convention], correct: np.ndarray) -> dict:
+    """top-1 per convention (``correct``: conventions × images, the recorded one first), the best one, and how
+    sure its gain over the recorded one is: the paired 95 % interval of the difference on the same images (as
+    eval's drop interval), so a few photos at a small ``--limit`` are not read as a better convention."""
+    rows = []
+    for i, c in enumerate(found):
+        vs = None if i == 0 else list(drop_interval_pp(paired_counts(correct[i], correct[0])))
+        rows.append({"convention": c.name, "axis": c.axis, "preprocess": c.preprocess.to_dict(),
+                     "top1": round(float(correct[i].mean() * 100), 4), "vs_recorded_ci95_pp": vs})
     best = max(rows, key=lambda r: r["top1"])
-    return {"data": str(dataset.source), "images": int(len(indices)), "recorded_top1": rows[0]["top1"],
-            "best": best["convention"], "best_top1": best["top1"],
-            "gap_pp": round(best["top1"] - rows[0]["top1"], 4), "conventions": rows}
+    ci = best["vs_recorded_ci95_pp"] or [0.0, 0.0]
+    return {"recorded_top1": rows[0]["top1"], "best": best["convention"], "best_top1": best["top1"],
+            "gap_pp": round(best["top1"] - rows[0]["top1"], 4), "gap_ci95_pp": ci, "ci_method": CI_METHOD,
+            "significant": ci[0] > 0, "conventions": rows}
 
 
 def warning(result: dict) -> str | None:
-    """One line when the recorded convention is more than ``WARN_GAP_PP`` below the best, else None."""
-    if result["gap_pp"] <= WARN_GAP_PP:
+    """One line when the recorded convention is more than ``WARN_GAP_PP`` below the best and the paired
+    interval of that gap excludes 0, else None."""
+    if result["gap_pp"] <= WARN_GAP_PP or not result["significant"]:
         return None
     best = next(r for r in result["conventions"] if r["convention"] == result["best"])
+    lo, hi = result["gap_ci95_pp"]
     return (f"preprocessing: the recorded convention scores {result['recorded_top1']:.2f} % top-1 (fp32, "
             f"{result['images']} images) but {best['convention']} scores {best['top1']:.2f} % "
-            f"(+{result['gap_pp']:.2f} pp); check how the model was trained and convert again with "
-            f"--preprocess {override_text(best['preprocess'])}")
+            f"(+{result['gap_pp']:.2f} pp, 95 % interval [{lo:+.2f}, {hi:+.2f}]); check how the model was trained "
+            f"and convert again with --preprocess {override_text(best['preprocess'])}")
+
+
+def verdict(result: dict) -> str:
+    """The last line of the check: the advice, or why there is none."""
+    line = warning(result)
+    if line:
+        return line
+    if result["gap_pp"] > WARN_GAP_PP:
+        lo, hi = result["gap_ci95_pp"]
+        return (f"no significant difference at {result['images']} photos: {result['best']} scores "
+                f"+{result['gap_pp']:.2f} pp, but its paired 95 % interval [{lo:+.2f}, {hi:+.2f}] pp includes 0; "
+                f"keep the recorded convention, or check on more photos")
+    return f"the recorded convention is within {WARN_GAP_PP:g} pp of the best ({result['best']})"
 
 
 def override_text(pre: dict) -> str:
@@ -160,5 +187,4 @@ def print_check(result: dict) -> None:
     for r in result["conventions"]:
         mark = "recorded" if r["axis"] == "recorded" else f"{r['top1'] - result['recorded_top1']:+.2f} pp"
         print(f"  {r['convention']:<{width}}  {r['top1']:6.2f} %  {mark}")
-    line = warning(result)
-    print(line if line else f"the recorded convention is within {WARN_GAP_PP:g} pp of the best ({result['best']})")
+    print(verdict(result))
