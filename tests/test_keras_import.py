@@ -175,6 +175,26 @@ def test_arch_flag_must_agree_with_the_keras_model(saved):
         load_model(saved["gap", ".keras"], "resnet50")
 
 
+
+def test_a_big_keras_model_maps_in_a_child_process_to_the_same_spec_and_weights(saved, monkeypatch):
+    """Above ``KERAS_CHILD_BYTES`` (set to 0 here) the mapping runs in another process (TensorFlow stays out
+    of the converting one): the same spec and tensors as mapping here, and its refusals as the same one line."""
+    import torch
+
+    from edgeres.errors import InputError
+    from edgeres.sources import loading
+
+    here = loading.load_model(saved["gap", ".keras"])
+    monkeypatch.setattr(loading, "KERAS_CHILD_BYTES", 0)
+    monkeypatch.setattr(loading, "map_keras_here", None)  # a mapping in this process would fail
+    child = loading.load_model(saved["gap", ".keras"])
+    assert child.spec == here.spec and child.sha256 == here.sha256
+    assert list(child.state_dict) == list(here.state_dict)
+    assert all(torch.equal(child.state_dict[k], v) and child.state_dict[k].dtype == v.dtype
+               for k, v in here.state_dict.items())
+    with pytest.raises(InputError, match="not resnet50; omit --arch"):
+        loading.load_model(saved["gap", ".keras"], "resnet50")
+
 # -- conversion ---------------------------------------------------------------------------------------
 
 def test_flatten_head_converts_to_every_target_matching_keras(saved, npz32, tmp_path, cli):
