@@ -226,14 +226,16 @@ def convert_cost_table(result: dict) -> str:
 
 def sources_table(result: dict) -> str:
     """``source_formats.py --json``'s rows (the test's results): per source format what is read, the
-    preprocessing recorded, and the fp32 artifacts against the framework's own output."""
+    preprocessing recorded, and the fp32 artifacts against the framework's own output (– where a row does not
+    convert for that target)."""
+    targets = ("onnx", "openvino", "tflite", "executorch")
     lines = ["| model file | what edgeres reads | preprocessing | fp32 vs the framework: agreement, max rel. error "
-             "(ONNX / OpenVINO / TFLite) | int8 built |", "|---|---|---|---|---|"]
+             "(ONNX / OpenVINO / TFLite / ExecuTorch) | int8 built |", "|---|---|---|---|---|"]
     for r in result["rows"]:
-        fp32 = [r["targets"][f"{t}-fp32"] for t in ("onnx", "openvino", "tflite")]
-        agree = " / ".join(f"{v['agreement_pct']:.0f} %" for v in fp32)
-        err = " / ".join(f"{v['rel_err']:.0e}" for v in fp32)
-        int8 = " ".join(t for t in ("onnx", "openvino", "tflite") if f"{t}-int8" in r["targets"])
+        fp32 = [r["targets"].get(f"{t}-fp32") for t in targets]
+        agree = " / ".join(f"{v['agreement_pct']:.0f} %" if v else "–" for v in fp32)
+        err = " / ".join(f"{v['rel_err']:.0e}" if v else "–" for v in fp32)
+        int8 = " ".join(t for t in targets if f"{t}-int8" in r["targets"])
         lines.append(f"| {r['row']} | {r['read']} | {r['preprocess']} | {agree}; {err} | {int8} |")
     return "\n".join(lines)
 

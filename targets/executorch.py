@@ -14,7 +14,9 @@ per-channel int8 weights, int8 activations per tensor), with activation ranges f
 
 XNNPACK has no strided slice, so the CIFAR "option A" shortcut's 2× subsampling is rewritten as the 1×1
 depthwise convolution of stride 2 with unit weights that computes the same values (exact in int8 too: a
-weight of 1 is 127 steps of 1/127). The op audit after lowering refuses a program with any op left on
+weight of 1 is 127 steps of 1/127); a BatchNorm no conv feeds (pre-activation ResNets) becomes the 1×1
+depthwise convolution with its scale and shift, and a zero pad the 1×1 depthwise convolution with unit weights
+and that padding, both of which XNNPACK quantises (it runs a lone BN and a pad in fp32 only). The op audit after lowering refuses a program with any op left on
 ExecuTorch's portable kernels and records what XNNPACK runs. Labels, preprocessing and the audit travel
 in ``model.<precision>.json`` beside the ``.pte`` (a ``.pte`` has no metadata of its own).
 
@@ -193,7 +195,8 @@ def _sidecar(job: CompileJob, audit: dict) -> dict:
 def xnnpack_friendly(gm) -> bool:
     """Rewrite ``gm`` (a ``torch.fx.GraphModule``) in place, each strided spatial slice — XNNPACK has none — made the 1×1
     depthwise convolution with unit weights and that stride, which computes the same values; two in a row
-    (rows, then columns) become one. Whether anything changed."""
+    (rows, then columns) become one; a BatchNorm no conv feeds, the depthwise convolution with its scale and
+    shift; a symmetric zero pad, the unit-weight depthwise convolution with that padding. Whether anything changed."""
     import torch
 
     aten = torch.ops.aten
@@ -210,7 +213,8 @@ def xnnpack_friendly(gm) -> bool:
             return None
         return (2 if dim in (2, -2) else 3), int(step)
 
-    changed = False
+    changed = _lone_batch_norms_as_convs(gm)
+    changed = _zero_pads_as_convs(gm) or changed
     for node in reversed(list(graph.nodes)):  # the outer slice first, so it takes the inner one with it
         found = spatial_step(node) if node.users else None
         if found is None:
@@ -234,6 +238,88 @@ def xnnpack_friendly(gm) -> bool:
     if changed:
         graph.eliminate_dead_code()
         gm.recompile()
+    return changed
+
+
+def _lone_batch_norms_as_convs(gm) -> bool:
+    """Rewrite each BatchNorm that no conv feeds (a pre-activation ResNet's preact and post BNs) as the 1×1
+    depthwise convolution computing the same per-channel scale and shift: XNNPACK folds a BN into the conv before
+    it or decomposes it in fp32 only, and a quantised program keeping one fails in XNNPACK's compiler. Whether
+    anything changed."""
+    import torch
+
+    aten = torch.ops.aten
+    graph = gm.graph
+
+    def value(arg):
+        obj = gm
+        for part in arg.target.split("."):
+            obj = getattr(obj, part)
+        return obj.detach().double()
+
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.batch_norm.default:
+            continue
+        source = node.args[0]
+        if getattr(source, "target", None) in (aten.conv2d.default, aten.convolution.default):
+            continue
+        if any(getattr(a, "op", None) != "get_attr" for a in node.args[1:5]):
+            continue
+        weight, bias, mean, var = (value(a) for a in node.args[1:5])
+        eps = float(node.args[7]) if len(node.args) > 7 else 1e-5
+        scale = weight / torch.sqrt(var + eps)
+        name = f"_xnnpack_bn_{node.name}"
+        gm.register_buffer(f"{name}_w", scale.float().reshape(-1, 1, 1, 1))
+        gm.register_buffer(f"{name}_b", (bias - mean * scale).float())
+        with graph.inserting_before(node):
+            w, b = graph.get_attr(f"{name}_w"), graph.get_attr(f"{name}_b")
+            conv = graph.call_function(aten.conv2d.default, (source, w, b, [1, 1], [0, 0], [1, 1], int(scale.numel())))
+        conv.meta = dict(node.meta)
+        node.replace_all_uses_with(conv)
+        graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def _zero_pads_as_convs(gm) -> bool:
+    """Rewrite each symmetric spatial zero pad of a 4-D tensor (a pre-activation stem's ZeroPadding2D before its
+    max-pool) as the 1×1 depthwise convolution with unit weights and that padding, which computes the same values:
+    XNNPACK pads in fp32 only, and a quantised program keeping the pad fails in XNNPACK's compiler. Whether anything
+    changed."""
+    import torch
+
+    aten = torch.ops.aten
+    graph = gm.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == aten.pad.default:
+            args = list(node.args) + [None] * (4 - len(node.args))
+            source, pads, mode, fill = args[:4]
+            if (mode or "constant") != "constant":
+                continue
+        elif node.target == aten.constant_pad_nd.default:
+            source, pads, fill = (list(node.args) + [0.0])[:3]
+        else:
+            continue
+        shape = source.meta["val"].shape if "val" in getattr(source, "meta", {}) else None
+        pads = list(pads)
+        if (shape is None or len(shape) != 4 or float(fill or 0.0) != 0.0 or len(pads) != 4 or min(pads) < 0
+                or pads[0] != pads[1] or pads[2] != pads[3]):
+            continue
+        channels = int(shape[1])
+        name = f"_xnnpack_pad_{node.name}"
+        gm.register_buffer(name, torch.ones(channels, 1, 1, 1))
+        with graph.inserting_before(node):
+            weight = graph.get_attr(name)
+            conv = graph.call_function(aten.conv2d.default,
+                                       (source, weight, None, [1, 1], [pads[2], pads[0]], [1, 1], channels))
+        conv.meta = dict(node.meta)
+        node.replace_all_uses_with(conv)
+        graph.erase_node(node)
+        changed = True
     return changed
 
 

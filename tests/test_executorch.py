@@ -149,6 +149,26 @@ def test_the_op_audit_refuses_a_strided_slice_that_the_rewrite_turns_into_a_conv
     torch.testing.assert_close(module(x), _Subsample()(x), rtol=0, atol=0)  # delegated: the bundle's audit
 
 
+def test_a_lone_batch_norm_and_a_zero_pad_become_depthwise_convolutions_computing_the_same():
+    """A pre-activation ResNet's stem pad and its BNs that follow no conv: XNNPACK runs them in fp32 only (an int8
+    program keeping them fails in its compiler), so the rewrite makes them convolutions it quantises."""
+    import torch
+    from torch import nn
+
+    from edgeres.model.torch_model import randomize_bn
+    from edgeres.targets.executorch import xnnpack_friendly
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ZeroPad2d(1), nn.MaxPool2d(3, 2), nn.BatchNorm2d(4),
+                                       nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 12, 12)
+    module = torch.export.export(model, (x,)).module()
+    assert xnnpack_friendly(module)
+    ops = [n.target.__name__ for n in module.graph.nodes if n.op == "call_function"]
+    assert ops.count("batch_norm.default") == 1 and "pad.default" not in ops  # the BN after a conv stays, to fold
+    assert ops.count("conv2d.default") == 4
+    torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_the_android_code_uses_executorchs_module_api_with_the_manifests_constants(et_bundle, tmp_path):
     from tests.test_export_app import _constants
 

@@ -175,6 +175,26 @@ def test_arch_flag_must_agree_with_the_keras_model(saved):
         load_model(saved["gap", ".keras"], "resnet50")
 
 
+
+def test_a_big_keras_model_maps_in_a_child_process_to_the_same_spec_and_weights(saved, monkeypatch):
+    """Above ``KERAS_CHILD_BYTES`` (set to 0 here) the mapping runs in another process (TensorFlow stays out
+    of the converting one): the same spec and tensors as mapping here, and its refusals as the same one line."""
+    import torch
+
+    from edgeres.errors import InputError
+    from edgeres.sources import loading
+
+    here = loading.load_model(saved["gap", ".keras"])
+    monkeypatch.setattr(loading, "KERAS_CHILD_BYTES", 0)
+    monkeypatch.setattr(loading, "map_keras_here", None)  # a mapping in this process would fail
+    child = loading.load_model(saved["gap", ".keras"])
+    assert child.spec == here.spec and child.sha256 == here.sha256
+    assert list(child.state_dict) == list(here.state_dict)
+    assert all(torch.equal(child.state_dict[k], v) and child.state_dict[k].dtype == v.dtype
+               for k, v in here.state_dict.items())
+    with pytest.raises(InputError, match="not resnet50; omit --arch"):
+        loading.load_model(saved["gap", ".keras"], "resnet50")
+
 # -- conversion ---------------------------------------------------------------------------------------
 
 def test_flatten_head_converts_to_every_target_matching_keras(saved, npz32, tmp_path, cli):
@@ -228,13 +248,24 @@ def test_flatten_head_prunes_with_the_dense_inputs_shrinking(saved):
 
 # -- refusals -----------------------------------------------------------------------------------------
 
-def test_pre_activation_resnet_v2_is_refused_naming_the_layer(keras3):
-    from edgeres.errors import InputError
-    from edgeres.sources.keras_import import map_keras
+@pytest.mark.slow
+def test_keras_resnet50v2_maps_to_a_pre_activation_spec_exactly(keras3):
+    """Issue 38 item 7 (refused before): the real ResNet50V2 at 32² maps to the zoo's pre-activation layout
+    with Keras' own parameter count, tf-mode preprocessing, and the rebuilt torch model reproduces Keras."""
+    from edgeres.model.zoo import ZOO, Head
+    from edgeres.sources.keras_import import map_keras, verify_mapping
 
-    model = keras3.applications.ResNet50V2(weights=None, input_shape=(SIZE, SIZE, 3), classes=10)
-    with pytest.raises(InputError, match=r"BatchNormalization conv2_block1_preact_bn .*pre-activation ResNet \(v2"):
-        map_keras(model, "ResNet50V2")
+    model = keras3.applications.ResNet50V2(weights=None, input_shape=(SIZE, SIZE, 3), classes=3)
+    randomize(model, np.random.default_rng(0))
+    spec, sd = map_keras(model, "ResNet50V2")
+    zoo = ZOO["resnet50v2"]
+    assert spec.preact and spec.name == "resnet50v2-keras"
+    assert (spec.layers, spec.stage_widths, spec.inner_widths) == (zoo.layers, zoo.stage_widths, zoo.inner_widths)
+    assert spec.head_layers == Head("avg", (), True)
+    assert spec.cost()["params"] == sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    pre = spec.preprocess
+    assert (pre.size, pre.scale, pre.mean, pre.std, pre.channel_order) == (SIZE, 1 / 127.5, (1.0,) * 3, (1.0,) * 3, "RGB")
+    assert verify_mapping(model, "ResNet50V2", spec, sd) <= 1e-4
 
 
 def test_stride_2_same_padding_is_refused_in_one_line(keras3, tmp_path, cli):

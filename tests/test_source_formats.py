@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +39,8 @@ def torchvision_resnet(layers, planes=8, *, block="bottleneck", groups=1, width_
     shortcuts ``AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)`` → 1×1 conv → BN."""
     import torch
     from torch import nn
+
+    from edgeres.model.torch_model import randomize_bn
 
     class BasicBlock(nn.Module):
         expansion = 1
@@ -115,22 +117,7 @@ def torchvision_resnet(layers, planes=8, *, block="bottleneck", groups=1, width_
             return self.fc(torch.flatten(self.avgpool(x), 1))
 
     torch.manual_seed(0)
-    return _random_bn(ResNet()).eval()
-
-
-def _random_bn(model):
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-    return model
+    return randomize_bn(ResNet(), seed=1).eval()
 
 
 def torch_reference(model) -> Callable[[np.ndarray], np.ndarray]:
@@ -213,11 +200,13 @@ def hf_resnet(folder: Path, *, layer_type="bottleneck", num_labels=3, edge=32):
     import torch
     from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
 
+    from edgeres.model.torch_model import randomize_bn
+
     names = ["tabby", "tench", "eel", "ibis"][:num_labels]
     cfg = ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1], layer_type=layer_type,
                        num_labels=num_labels, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     torch.manual_seed(0)
-    model = _random_bn(ResNetForImageClassification(cfg)).eval()
+    model = randomize_bn(ResNetForImageClassification(cfg), seed=1).eval()
     model.save_pretrained(folder)
     processor = ConvNextImageProcessor(size={"shortest_edge": edge}, crop_pct=0.875, image_mean=[0.485, 0.456, 0.406],
                                        image_std=[0.229, 0.224, 0.225])  # as microsoft/resnet-50 ships it
@@ -243,12 +232,49 @@ def make_hf(tmp: Path) -> Made:
                 pipeline=pipeline)
 
 
+def make_keras_resnet_v2(tmp: Path) -> Made:
+    """A pre-activation ResNet saved by Keras 3, built by the code that builds ResNet50V2/101V2/152V2
+    (``resnet.ResNet(stack_fn, preact=True, use_bias=True)`` over ``stack_residual_blocks_v2``, whose last
+    stack does not stride) at tiny widths and 32², random weights and BN statistics; its own pipeline is
+    ``resnet_v2.preprocess_input`` (tf mode) on the same crops."""
+    import keras
+    from keras.applications.resnet_v2 import preprocess_input
+    from keras.src.applications import resnet  # ResNet50V2's builder: the public functions fix the widths
+
+    from tests.test_keras_import import randomize
+
+    def stack_fn(x):
+        x = resnet.stack_residual_blocks_v2(x, 4, 2, name="conv2")
+        x = resnet.stack_residual_blocks_v2(x, 8, 2, name="conv3")
+        return resnet.stack_residual_blocks_v2(x, 16, 2, stride1=1, name="conv4")
+
+    model = resnet.ResNet(stack_fn, True, True, name="resnet_v2_tiny", weights=None, input_shape=(32, 32, 3), classes=3)
+    randomize(model, np.random.default_rng(0))
+    path = tmp / "resnet_v2.keras"
+    model.save(path)
+
+    def reference(x_nchw):
+        return np.asarray(model(x_nchw.transpose(0, 2, 3, 1), training=False))
+
+    def pipeline(images):
+        from edgeres.model.zoo import KERAS_TF_PREPROCESS
+
+        crops = replace(KERAS_TF_PREPROCESS, size=32, resize=37).geometry(images).astype(np.float32)
+        return np.asarray(model(preprocess_input(crops), training=False))
+
+    return Made(path, reference, expect={"arch": "resnet20v2-keras", "preact": True, "num_classes": 3},
+                expect_preprocess={"size": 32, "resize": 37, "scale": 1 / 127.5, "mean": [1.0] * 3, "std": [1.0] * 3,
+                                   "channel_order": "RGB"},
+                pipeline=pipeline)
+
+
 @dataclass(frozen=True)
 class Row:
     source: str  # the row's name in the docs' table
     read: str  # what edgeres reads from the file
     preprocess: str  # the preprocessing it records (read, or assumed where the file has none)
     make: Callable[[Path], Made]
+    targets: tuple[str, ...] = TARGETS  # converted int8 + fp32, each fp32 artifact checked against the source
 
 
 TORCHVISION_PREPROCESS = ("assumed: torchvision's ImageNet convention (shorter side 256, centre crop 224, bilinear "
@@ -276,6 +302,12 @@ ROWS = {
                        "`preprocessor_config.json`",
                        "read: shorter side `int(shortest_edge / crop_pct)`, centre crop, Pillow bicubic, rescale, "
                        "mean/std (HF's processor output matched on the test's pixels)", make_hf),
+    "keras-resnet-v2": Row("Keras pre-activation ResNet (`ResNet50V2`/`101V2`/`152V2` layout) `.keras`/`.h5`",
+                           "the layer graph mapped to a pre-activation spec + weights (BN before each block, conv "
+                           "biases, post BN), then run beside it",
+                           "assumed: `keras.applications.resnet_v2.preprocess_input` (RGB, x / 127.5 − 1), shorter "
+                           "side size·256/224 + centre crop (the ImageNet evaluation convention)",
+                           make_keras_resnet_v2, (*TARGETS, "executorch")),
 }
 
 
@@ -310,7 +342,7 @@ def converted(request, tmp_path_factory) -> Converted:
     x, y = make_images(IMAGES, 40, seed=3, classes=2)
     np.savez(tmp / "pixels.npz", x=x, y=y)
     bundle = tmp / "bundle"
-    code, _, err = invoke("convert", made.path, "--calib", tmp / "pixels.npz", "--targets", ",".join(TARGETS),
+    code, _, err = invoke("convert", made.path, "--calib", tmp / "pixels.npz", "--targets", ",".join(row.targets),
                           "--precision", "fp32,int8", "--no-bench", "--out", bundle, *made.convert_args)
     assert code == 0, err
     return Converted(row, made, info, bundle, json.loads((bundle / "manifest.json").read_text()), x)
@@ -352,7 +384,7 @@ def test_the_python_app_prepares_an_image_as_the_bundle_does(converted):
 
 def test_every_target_converts_int8_and_fp32(converted):
     built = {(a["target"], a["precision"]): a["status"] for a in converted.manifest["artifacts"]}
-    assert built == {(t, p): "ok" for t in TARGETS for p in ("fp32", "int8")}
+    assert built == {(t, p): "ok" for t in converted.row.targets for p in ("fp32", "int8")}
 
 
 def test_fp32_artifacts_reproduce_the_source_framework_on_the_same_pixels(converted):
@@ -508,6 +540,40 @@ def test_timm_resnet50d_state_dict_is_the_zoo_entry_and_refuses_pruning(tmp_path
     assert loaded.spec == ZOO["resnet50d"] and ZOO["resnet50d"].cost()["params"] == 25_576_264  # timm's count
     with pytest.raises(InputError, match="pruning refused: resnet50d is a ResNet-D"):
         check_prunable(loaded.spec)
+
+
+def test_pruning_a_pre_activation_resnet_is_refused_naming_it():
+    from edgeres.compress.prune import check_prunable
+    from edgeres.errors import InputError
+    from edgeres.model.zoo import ZOO
+
+    with pytest.raises(InputError, match=r"pruning refused: resnet50v2 is a pre-activation ResNet \(v2\).*convert it unpruned"):
+        check_prunable(ZOO["resnet50v2"])
+
+
+def test_a_pre_activation_state_dict_reads_back_and_the_weight_improvements_refuse_it(tmp_path):
+    """An edgeres pre-activation model's state_dict (``post_bn``) infers as one; ``--quant accurate`` pairs convs
+    with the BN after them, which a pre-activation block does not have: refused before any work."""
+    import torch
+
+    from edgeres.model.torch_model import build_torch, randomize_bn
+    from edgeres.model.zoo import ZOO
+    from edgeres.sources.loading import load_model
+
+    spec = replace(ZOO["resnet50v2"], layers=(1, 2), stem_width=8, stage_widths=(16, 32),
+                   inner_widths=(((4, 4),), ((8, 8), (8, 8))), num_classes=2)
+    torch.save(randomize_bn(build_torch(spec)).state_dict(), tmp_path / "v2.pth")
+    loaded = load_model(tmp_path / "v2.pth")
+    assert loaded.spec.preact and loaded.spec.name == "resnet11v2-custom" and loaded.spec.preprocess.scale == 1 / 127.5
+    x, y = make_images(IMAGES, 40, seed=3, classes=2)
+    np.savez(tmp_path / "px.npz", x=x, y=y)
+    code, _, err = invoke("convert", tmp_path / "v2.pth", "--calib", tmp_path / "px.npz", "--targets", "onnx",
+                          "--precision", "int8", "--quant", "accurate", "--preprocess", "crop=32", "--no-bench",
+                          "--out", tmp_path / "b")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "--quant accurate: resnet11v2-custom is a pre-activation ResNet (v2)" in lines[0] and "--quant fast" in lines[0]
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_hf_folder_given_where_a_bundle_is_expected_is_named_as_such(tmp_path):

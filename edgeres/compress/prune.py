@@ -531,6 +531,10 @@ def check_prunable(spec: ResNetSpec) -> None:
     if spec.groups != 1:
         raise InputError(f"pruning refused: {spec.name} has grouped 3×3 convs (groups {spec.groups}, ResNeXt), whose "
                          "channels the pruner cannot cut group by group; convert it unpruned (int8 keeps every channel)")
+    if spec.preact:
+        raise InputError(f"pruning refused: {spec.name} is a pre-activation ResNet (v2), whose BatchNorms before each "
+                         "block the pruner does not cut with the channels they normalise yet; convert it unpruned (int8 "
+                         "keeps every channel)")
     if spec.stem == "deep" or spec.shortcut == "avg_projection":
         raise InputError(f"pruning refused: {spec.name} is a ResNet-D (deep stem, average-pool shortcuts), whose widths "
                          "edgeres does not read back after pruning yet; convert it unpruned (int8 keeps every channel)")

@@ -101,6 +101,10 @@ def convert(cfg: ConvertConfig) -> dict:
 
 def _open_data(cfg: ConvertConfig, spec) -> ConvertData:
     needs_calib = any(p == "int8" for _, p in plan(cfg))
+    if cfg.quant != "fast" and needs_calib and spec.preact:
+        # their improvements pair each conv with the BatchNorm after it; a pre-activation block's BNs come first
+        raise InputError(f"--quant {cfg.quant}: {spec.name} is a pre-activation ResNet (v2), whose convs the weight "
+                         "improvements do not cover yet; use --quant fast (the default)")
     calib_ds = eval_ds = None
     if cfg.calib is not None:
         calib_ds = open_dataset(cfg.calib, min_images=MIN_CALIB_IMAGES if needs_calib else 1)

@@ -46,6 +46,8 @@ def describe_spec(spec: ResNetSpec) -> dict:
     }
     if spec.in_channels != 3:  # a greyscale model
         info["in_channels"] = spec.in_channels
+    if spec.preact:  # a pre-activation ResNet (Keras v2)
+        info["preact"] = True
     if spec.groups != 1:  # ResNeXt: grouped 3×3 convs
         info["groups"] = spec.groups
     if spec.head_layers != Head():  # e.g. a Keras Flatten → Dense → softmax head

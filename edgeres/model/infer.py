@@ -10,7 +10,8 @@ from pathlib import Path
 from edgeres.errors import InputError
 from edgeres.model.limits import check_input_side, check_weight_bytes
 from edgeres.model.torch_model import build_torch
-from edgeres.model.zoo import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, TIMM_D_PREPROCESS, ZOO, ResNetSpec, greyscale
+from edgeres.model.zoo import (CIFAR_PREPROCESS, IMAGENET_PREPROCESS, KERAS_TF_PREPROCESS, TIMM_D_PREPROCESS, ZOO, ResNetSpec,
+                               greyscale)
 
 
 def _head_weight(sd: dict):
@@ -70,9 +71,12 @@ def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
     if in_channels == 1:
         preprocess = greyscale(preprocess)
     stem_width = int(deep[2].shape[0]) if stem_inner else int(stem_w.shape[0])
+    preact = "post_bn.weight" in sd  # a pre-activation ResNet (Keras v2 layout): BN + ReLU after the last stage
+    if preact:
+        preprocess = KERAS_TF_PREPROCESS if in_channels == 3 else greyscale(KERAS_TF_PREPROCESS)
     spec = ResNetSpec("inferred", stem, kind, layers, stem_width, tuple(stage), tuple(inner),
                       shortcut, "3x3", num_classes, head_name, preprocess, None, groups=groups,
-                      in_channels=in_channels, stem_inner=stem_inner)
+                      in_channels=in_channels, stem_inner=stem_inner, preact=preact)
     if down_key:  # a pruned projection can join equal widths: the keys say where it is
         spec = spec.with_widths(spec.stem_width, spec.stage_widths, spec.inner_widths, name=spec.name,
                                 projections=tuple(f"layer{s + 1}.0.{down_key}" in sd for s in range(len(layers))))
@@ -81,7 +85,8 @@ def infer_spec(sd: dict, p: Path | str = "checkpoint") -> ResNetSpec:
         if replace(spec, name=name, labels=candidate.labels) == candidate:
             return candidate
     depth = spec.depth
-    base = next((n for n, z in ZOO.items() if z.stem == stem and z.block == kind and z.layers == layers), f"resnet{depth}")
+    base = next((n for n, z in ZOO.items() if z.stem == stem and z.block == kind and z.layers == layers
+                 and z.preact == preact), f"resnet{depth}{'v2' if preact else ''}")
     return replace(spec, name=f"{base}-custom")
 
 

@@ -89,6 +89,42 @@ class _KerasBuild:
         self.weights.append((layer, [kernel, bias]))
         return y
 
+    def biased_conv(self, x, torch_conv: str, k: int, stride: int, name: str):
+        """k×k conv with its own bias and no BN (a pre-activation ResNet's stem, conv3 and projection)."""
+        kernel = _np(self.state_dict[f"{torch_conv}.weight"]).transpose(2, 3, 1, 0).astype(np.float32)
+        bias = _np(self.state_dict[f"{torch_conv}.bias"]).astype(np.float32)
+        if k // 2:
+            x = self.layers.ZeroPadding2D(k // 2, name=f"{name}_pad")(x)
+        layer = self.layers.Conv2D(kernel.shape[-1], k, strides=stride, padding="valid", use_bias=True, name=name)
+        y = layer(x)
+        self.weights.append((layer, [kernel, bias]))
+        return y
+
+    def bn_relu(self, x, torch_bn: str, name: str):
+        """A BatchNorm that follows no conv (pre-activation, post-activation) and its ReLU."""
+        values = [_np(self.state_dict[f"{torch_bn}.{k}"]).astype(np.float32)
+                  for k in ("weight", "bias", "running_mean", "running_var")]
+        layer = self.layers.BatchNormalization(epsilon=BN_EPS, name=name)
+        y = layer(x)
+        self.weights.append((layer, values))
+        return self.layers.ReLU(name=f"{name}_relu")(y)
+
+    def preact_block(self, x, s: int, b: int):
+        """Keras' ``residual_block_v2`` (torch ``PreActBottleneck``): BN + ReLU first, no ReLU after the Add."""
+        spec, p, name = self.spec, f"layer{s + 1}.{b}", f"layer{s + 1}_{b}"
+        stride = spec.block_stride(s, b)
+        pre = self.bn_relu(x, f"{p}.preact_bn", f"{name}_preact_bn")
+        y = self.conv(pre, f"{p}.conv1", f"{p}.bn1", 1, 1, True, f"{name}_conv1")
+        y = self.conv(y, f"{p}.conv2", f"{p}.bn2", 3, stride, True, f"{name}_conv2")
+        y = self.biased_conv(y, f"{p}.conv3", 1, 1, f"{name}_conv3")
+        if spec.has_downsample(s, b):
+            identity = self.biased_conv(pre, f"{p}.downsample.0", 1, stride, f"{name}_downsample")
+        elif stride != 1:
+            identity = self.layers.MaxPooling2D(1, stride, name=f"{name}_subsample")(x)
+        else:
+            identity = x
+        return self.layers.Add(name=f"{name}_add")([y, identity])
+
     def option_a(self, x, cin: int, cout: int, stride: int, name: str):
         """CIFAR option A: x[:, ::s, ::s] then zero channels padded lo/hi (STRIDED_SLICE + PAD in TFLite)."""
         lo = (cout - cin) // 2
@@ -107,6 +143,10 @@ class _KerasBuild:
     def stem(self, inputs):
         if self.spec.stem == "cifar":
             return self.conv(inputs, "conv1", "bn1", 3, 1, True, "conv1")
+        if self.spec.preact:  # conv with a bias, no BN or ReLU: the pool's zero padding is Keras' own
+            x = self.biased_conv(inputs, "conv1", 7, 2, "conv1")
+            x = self.layers.ZeroPadding2D(1, name="maxpool_pad")(x)
+            return self.layers.MaxPooling2D(3, 2, padding="valid", name="maxpool")(x)
         if self.spec.stem == "deep":
             x = self.conv(inputs, "conv1.0", "conv1.1", 3, 2, True, "conv1_0")
             x = self.conv(x, "conv1.3", "conv1.4", 3, 1, True, "conv1_3")
@@ -120,6 +160,8 @@ class _KerasBuild:
     def block(self, x, s: int, b: int):
         """Block ``b`` of stage ``s``: torch module ``layer{s+1}.{b}``, Keras layers ``layer{s+1}_{b}_*``."""
         spec, conv = self.spec, self.conv
+        if spec.preact:
+            return self.preact_block(x, s, b)
         p = f"layer{s + 1}.{b}"
         name = f"layer{s + 1}_{b}"
         stride = spec.stage_strides[s] if b == 0 else 1
@@ -150,6 +192,8 @@ class _KerasBuild:
         """Pool or flatten, then the Dense layers named after their torch keys (``hidden.0`` → ``hidden_0``)."""
         spec, layers = self.spec, self.layers
         head = spec.head_layers
+        if spec.preact:
+            x = self.bn_relu(x, "post_bn", "post_bn")
         if head.pool == "avg":
             x = layers.GlobalAveragePooling2D(name="avgpool")(x)
         elif head.pool == "max":

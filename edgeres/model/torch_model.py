@@ -93,11 +93,38 @@ class Bottleneck(_ResidualBlock):
         return self.bn3(self.conv3(out))
 
 
+class PreActBottleneck(nn.Module):
+    """Keras' ``residual_block_v2``: BN + ReLU first (``preact_bn``), 1×1 → 3×3 (carrying the stride) → 1×1
+    with a bias, added to the shortcut with no ReLU after. The projection (``downsample``: a 1×1 conv with a
+    bias) reads the pre-activated input; an identity that strides is Keras' 1×1 max-pool (``shortcut``)."""
+
+    def __init__(self, cin: int, inner: tuple[int, ...], cout: int, stride: int, projection: bool):
+        super().__init__()
+        self.preact_bn = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, inner[0], 1, 1, 0, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner[0])
+        self.conv2 = nn.Conv2d(inner[0], inner[1], 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner[1])
+        self.conv3 = nn.Conv2d(inner[1], cout, 1, 1, 0, bias=True)
+        self.relu = nn.ReLU(inplace=False)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=True)) if projection else None
+        # Keras' MaxPooling2D(1, strides=s) is x[::s, ::s]: taken as that slice (option A without padding), which
+        # every runtime runs (XNNPACK has no pool striding past its kernel; the ExecuTorch target rewrites the slice)
+        self.shortcut = OptionAShortcut(cin, cin, stride) if stride != 1 and not projection else None
+
+    def forward(self, x):
+        pre = self.relu(self.preact_bn(x))
+        skip = self.downsample(pre) if self.downsample is not None else self.shortcut(x) if self.shortcut is not None else x
+        out = self.relu(self.bn1(self.conv1(pre)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.conv3(out) + skip
+
+
 def _shortcut(spec: ResNetSpec, stage: int, block: int) -> nn.Module | None:
     """Block ``block`` of ``stage``'s shortcut: a 1×1 projection, option A, or None (identity)."""
     if not spec.has_downsample(stage, block):
         return None
-    stride = spec.stage_strides[stage] if block == 0 else 1
+    stride = spec.block_stride(stage, block)
     cin, cout = spec.block_in_width(stage, block), spec.stage_widths[stage]
     if spec.shortcut == "projection":
         return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
@@ -110,13 +137,15 @@ def _shortcut(spec: ResNetSpec, stage: int, block: int) -> nn.Module | None:
     return OptionAShortcut(cin, cout, stride)
 
 
-def _block(spec: ResNetSpec, stage: int, block: int) -> _ResidualBlock:
+def _block(spec: ResNetSpec, stage: int, block: int) -> nn.Module:
+    stride = spec.block_stride(stage, block)
+    cin, cout = spec.block_in_width(stage, block), spec.stage_widths[stage]
+    inner = spec.inner_widths[stage][block]
+    if spec.preact:
+        return PreActBottleneck(cin, inner, cout, stride, spec.has_downsample(stage, block))
     # the shortcut is built before the block's convs: that order of draws from torch's global RNG is
     # what makes a seeded build_torch reproduce earlier initial weights
     shortcut = _shortcut(spec, stage, block)
-    stride = spec.stage_strides[stage] if block == 0 else 1
-    cin, cout = spec.block_in_width(stage, block), spec.stage_widths[stage]
-    inner = spec.inner_widths[stage][block]
     if spec.block == "basic":
         return BasicBlock(cin, inner, cout, stride, shortcut)
     return Bottleneck(cin, inner, cout, stride, shortcut, spec.stride_on, spec.groups)
@@ -130,6 +159,7 @@ class ResNet(nn.Module):
         # only the structure forward needs, not the spec: pruning changes the widths in place. Private
         # names, so no submodule named after spec.head can shadow them
         self._num_stages, self._head, self._classifier_name = len(spec.layers), spec.head_layers, spec.head
+        self._preact = spec.preact
         self._build_stem(spec)
         for s, n in enumerate(spec.layers):
             setattr(self, f"layer{s + 1}", nn.Sequential(*(_block(spec, s, b) for b in range(n))))
@@ -146,15 +176,22 @@ class ResNet(nn.Module):
                 nn.Conv2d(c0, c1, 3, 1, 1, bias=False), bn(c1), nn.ReLU(),
                 nn.Conv2d(c1, spec.stem_width, 3, 1, 1, bias=False))
         elif spec.stem == "imagenet":
-            self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 7, 2, 3, bias=False)
+            self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 7, 2, 3, bias=spec.preact)
         else:
             self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(spec.stem_width)
         self.relu = nn.ReLU(inplace=False)
+        if spec.preact:
+            # no BN or ReLU before the pool, so its padding matters: Keras pads with zeros (ZeroPadding2D(1)),
+            # where torch's max-pool padding is -inf; the BN + ReLU after the stages is post_bn
+            self.maxpool = nn.Sequential(nn.ZeroPad2d(1), nn.MaxPool2d(3, 2))
+            return
+        self.bn1 = nn.BatchNorm2d(spec.stem_width)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if spec.stem in ("imagenet", "deep") else nn.Identity()
 
     def _build_head(self, spec: ResNetSpec) -> None:
         head = spec.head_layers
+        if spec.preact:
+            self.post_bn = nn.BatchNorm2d(spec.stage_widths[-1])
         if head.pool == "avg":
             self.avgpool = nn.AdaptiveAvgPool2d(1)
         elif head.pool == "max":
@@ -174,11 +211,16 @@ class ResNet(nn.Module):
         return self.run_head(x)
 
     def run_stem(self, x):
+        if self._preact:
+            return self.maxpool(self.conv1(x))
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def run_head(self, x):
-        """Pooling, flatten, hidden Dense layers and the classifier, from the last stage's output."""
+        """A pre-activation ResNet's post BN + ReLU, pooling, flatten, hidden Dense layers and the classifier,
+        from the last stage's output."""
         head = self._head
+        if self._preact:
+            x = self.relu(self.post_bn(x))
         if head.pool == "avg":
             x = self.avgpool(x)
         elif head.pool == "max":

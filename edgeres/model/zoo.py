@@ -93,6 +93,13 @@ class ResNetSpec:
     in_channels: int = 3
     # the deep stem's first two 3×3 convs' widths (stem "deep"; its third conv is stem_width wide)
     stem_inner: tuple[int, ...] = ()
+    # pre-activation bottlenecks (He et al. 2016, "Identity Mappings"; Keras ResNet50V2/101V2/152V2): each block
+    # opens with BN + ReLU ("preact_bn"), the projection (block 0 of a stage, a 1×1 conv with bias) reads the
+    # pre-activated input, conv3 has a bias and no BN, the Add ends the block without a ReLU. A stage's
+    # downsampling sits on the LAST block of the stage before it (its 3×3 conv; the identity is a stride-s 1×1
+    # max-pool). Stem: 7×7/2 conv with bias, no BN or ReLU, zero pad 1, 3×3/2 max-pool; a BN + ReLU
+    # ("post_bn") after the last stage. Recorded only when set
+    preact: bool = False
 
     def __post_init__(self):
         problems = list(self.head_layers.problems())
@@ -121,6 +128,10 @@ class ResNetSpec:
         elif self.in_channels != self.preprocess.channels:
             problems.append(f"in_channels {self.in_channels} but the preprocessing makes {self.preprocess.channels} "
                             f"channel(s) (channel order {self.preprocess.channel_order})")
+        if self.preact and (self.stem, self.block, self.shortcut, self.groups, self.stride_on) != (
+                "imagenet", "bottleneck", "projection", 1, "3x3"):
+            problems.append("preact (ResNet v2) needs the imagenet stem, bottleneck blocks, projection shortcuts, "
+                            "groups 1 and the stride on the 3×3 conv")
         if int(self.groups) < 1:
             problems.append(f"groups {self.groups} must be at least 1")
         elif self.groups != 1:
@@ -159,6 +170,14 @@ class ResNetSpec:
     def input_size(self) -> int:
         return self.preprocess.size
 
+    def block_stride(self, stage: int, block: int) -> int:
+        """The stride of block ``block`` of ``stage``: a stage's first block (v1), or for pre-activation
+        ResNets the last block of the stage before the one that downsamples."""
+        if not self.preact:
+            return self.stage_strides[stage] if block == 0 else 1
+        last = block == self.layers[stage] - 1 and stage + 1 < len(self.layers)
+        return self.stage_strides[stage + 1] if last else 1
+
     def block_in_width(self, stage: int, block: int) -> int:
         if block > 0:
             return self.stage_widths[stage]
@@ -169,10 +188,12 @@ class ResNetSpec:
         where ``projections`` says so."""
         if block == 0 and self.projections is not None and stage < len(self.projections):
             return bool(self.projections[stage])
+        if self.preact:  # Keras' v2 projects in every stage's first block; a strided identity is a 1×1 max-pool
+            return block == 0
         return self._shape_changes(stage, block)
 
     def _shape_changes(self, stage: int, block: int) -> bool:
-        stride = self.stage_strides[stage] if block == 0 else 1
+        stride = self.block_stride(stage, block)
         return stride != 1 or self.block_in_width(stage, block) != self.stage_widths[stage]
 
     def stage_input_side(self, stage: int) -> int:
@@ -220,6 +241,8 @@ class ResNetSpec:
             del d["groups"]
         if self.in_channels == 3:
             del d["in_channels"]
+        if not self.preact:
+            del d["preact"]
         if not self.stem_inner:
             del d["stem_inner"]
         else:
@@ -248,6 +271,8 @@ class ResNetSpec:
             for key in ("groups", "in_channels"):
                 if key in d:
                     d[key] = int(d[key])
+            if "preact" in d:
+                d["preact"] = bool(d["preact"])
             if "stem_inner" in d:
                 d["stem_inner"] = tuple(int(w) for w in d["stem_inner"])
             return cls(**d)
@@ -295,15 +320,18 @@ class ResNetSpec:
             conv(self.stem_inner[1], self.stem_width, 3, 1, size)
             size = (size + 1) // 2  # max-pool 3×3/2 pad 1
         elif self.stem == "imagenet":
-            size = conv(self.in_channels, self.stem_width, 7, 2, size)
+            size = conv(self.in_channels, self.stem_width, 7, 2, size, bias=self.preact)
             size = (size + 1) // 2  # max-pool 3×3/2 pad 1
         else:
             size = conv(self.in_channels, self.stem_width, 3, 1, size)
-        bn(self.stem_width)
+        if not self.preact:  # a pre-activation stem has no BN; its conv has a bias
+            bn(self.stem_width)
         for s, n in enumerate(self.layers):
             for b in range(n):
-                stride = self.stage_strides[s] if b == 0 else 1
+                stride = self.block_stride(s, b)
                 cin, cout, inner = self.block_in_width(s, b), self.stage_widths[s], self.inner_widths[s][b]
+                if self.preact:
+                    bn(cin)
                 if self.block == "basic":
                     hw = conv(cin, inner[0], 3, stride, size)
                     bn(inner[0])
@@ -314,12 +342,16 @@ class ResNetSpec:
                     bn(inner[0])
                     hw = conv(inner[0], inner[1], 3, s3, hw, groups=self.groups)
                     bn(inner[1])
-                    conv(inner[1], cout, 1, 1, hw)
-                bn(cout)
-                if self.has_downsample(s, b) and self.shortcut in ("projection", "avg_projection"):
-                    conv(cin, cout, 1, stride, size)
+                    conv(inner[1], cout, 1, 1, hw, bias=self.preact)
+                if not self.preact:
                     bn(cout)
+                if self.has_downsample(s, b) and self.shortcut in ("projection", "avg_projection"):
+                    conv(cin, cout, 1, stride, size, bias=self.preact)
+                    if not self.preact:
+                        bn(cout)
                 size = (size + stride - 1) // stride
+        if self.preact:
+            bn(self.stage_widths[-1])
         width = self.head_in_features
         for out, _act in (*self.head_layers.hidden, (self.num_classes, "")):
             params += width * out + out
@@ -329,7 +361,7 @@ class ResNetSpec:
 
 
 def _standard(name, stem, block, layers, base, shortcut, num_classes, head, preprocess, labels=None, *,
-              groups=1, width_per_group=64, stem_inner=()):
+              groups=1, width_per_group=64, stem_inner=(), preact=False):
     """torchvision's widths: stage s has planes base·2^s; a bottleneck's inner width is
     int(planes · width_per_group / 64) · groups (ResNeXt, Wide ResNet), its output planes · 4."""
     expansion = 4 if block == "bottleneck" else 1
@@ -340,12 +372,15 @@ def _standard(name, stem, block, layers, base, shortcut, num_classes, head, prep
         for s, n in enumerate(layers)
     )
     return ResNetSpec(name, stem, block, tuple(layers), base, stage_widths, inner, shortcut, "3x3",
-                      num_classes, head, preprocess, labels, groups=groups, stem_inner=tuple(stem_inner))
+                      num_classes, head, preprocess, labels, groups=groups, stem_inner=tuple(stem_inner), preact=preact)
 
 
 IMAGENET_PREPROCESS = Preprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 CIFAR_PREPROCESS = Preprocess(size=32, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 TIMM_D_PREPROCESS = replace(IMAGENET_PREPROCESS, filter="bicubic")
+# keras.applications.resnet_v2.preprocess_input (mode "tf"): RGB, x / 127.5 - 1, in that order; the geometry is
+# the ImageNet evaluation convention, as for Keras' v1 ResNets
+KERAS_TF_PREPROCESS = Preprocess(size=224, resize=256, mean=(1.0, 1.0, 1.0), std=(1.0, 1.0, 1.0), scale=1 / 127.5)
 
 
 def greyscale(pre: Preprocess) -> Preprocess:
@@ -389,6 +424,16 @@ ZOO: dict[str, ResNetSpec] = {
             ("resnet50d", "bottleneck", (3, 4, 6, 3)),
             ("resnet101d", "bottleneck", (3, 4, 23, 3)),
             ("resnet152d", "bottleneck", (3, 8, 36, 3)),
+        ]
+    },
+    # Keras' pre-activation ResNets (keras.applications.resnet_v2): widths as ResNet-50/101/152's
+    **{
+        name: _standard(name, "imagenet", "bottleneck", layers, 64, "projection", 1000, "fc", KERAS_TF_PREPROCESS,
+                        preact=True)
+        for name, layers in [
+            ("resnet50v2", (3, 4, 6, 3)),
+            ("resnet101v2", (3, 4, 23, 3)),
+            ("resnet152v2", (3, 8, 36, 3)),
         ]
     },
     **{

@@ -235,8 +235,8 @@ def parse_config(data: bytes, p: Path):
 
 PREPROCESSING_CLASSES = frozenset({"Rescaling", "Normalization", "Resizing", "CenterCrop"})
 _PREPROCESSING_HINT = ("preprocessing inside the model is not mapped: save the model without it, edgeres applies "
-                       "keras.applications' caffe preprocessing itself")
-_REBUILD_HINT = ("edgeres loads only Keras ResNet v1 models built from standard layers; convert other models with "
+                       "keras.applications' preprocessing itself (caffe for ResNet v1, tf for v2)")
+_REBUILD_HINT = ("edgeres loads only Keras ResNets (v1, v2) built from standard layers; convert other models with "
                  "TensorFlow's TFLite converter directly")
 
 

@@ -1,5 +1,5 @@
-"""Map a Keras ResNet v1 (``.keras``, ``.h5`` or a SavedModel folder) to a ``ResNetSpec`` + torch-style
-state_dict, so a Keras model goes through the same pipeline (pruning included) as a PyTorch checkpoint.
+"""Map a Keras ResNet (``.keras``, ``.h5`` or a SavedModel folder) to a ``ResNetSpec`` + torch-style
+state_dict, so a Keras model goes through the same pipeline (pruning included, v1 only) as a PyTorch checkpoint.
 
 The layer graph (nested models flattened) is walked from the input along the data path, the way
 ``keras.applications`` ResNet50/101/152 builds it: ZeroPadding2D(3) + 7×7/2 conv, BN, ReLU,
@@ -7,7 +7,8 @@ ZeroPadding2D(1) + 3×3/2 max-pool, bottleneck blocks with the stride on the fir
 1×1 projection on each stage's first block; then a head of global pooling or Flatten, Dropout and
 Dense layers. Layer names are never relied on. Conv biases fold into the BN mean, and Keras' BN
 epsilon (1.001e-5) into the variance, both exactly. ``verify_mapping`` runs the Keras model and the
-rebuilt torch model side by side, so a wrong mapping never converts silently.
+rebuilt torch model side by side, so a wrong mapping never converts silently. A pre-activation ResNet
+(v2: some BN normalises what no conv made) is walked by ``keras_resnet_v2``; the head is read here for both.
 
 Keras models from ``keras`` 3 and from ``tf_keras`` (Keras 2) load, each by the Keras that wrote it and
 in safe mode, once ``keras_config`` has checked the stored config against an allow-list of layer
@@ -25,7 +26,7 @@ from edgeres.sources.graph_blocks import (BN_EPS, Branch, ConvUnit, Shortcut, St
 from edgeres.sources.keras_config import VERIFY_BATCH, StoredModel, histories, read_checked_config
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
-HINT = ("edgeres maps Keras ResNet v1 models (the keras.applications ResNet50/101/152 layout) with "
+HINT = ("edgeres maps Keras ResNets (the keras.applications ResNet50/101/152 and ResNet50V2/101V2/152V2 layouts) with "
         "Flatten / global-pooling / Dense / Dropout heads; convert other models with TensorFlow's "
         "TFLite converter directly (pruning unavailable)")
 # keras.applications.resnet (v1) preprocess_input, mode "caffe": RGB→BGR, minus the ImageNet BGR mean, no scaling
@@ -350,23 +351,36 @@ def map_keras(model, path: str | Path):
     g = _Graph(model, p)
     side = _image_side(g)
     sd = {}
+    if _pre_activation(g):
+        from edgeres.sources.keras_resnet_v2 import walk_v2
+
+        trunk_v2 = walk_v2(g, _Walk(g), sd)
+        head = _head(g, trunk_v2.out, trunk_v2.channels)
+        _put_head(sd, head)
+        state_dict = to_state_dict(sd)
+        return trunk_v2.spec(head, side, lambda what: _refuse(p, what)), state_dict
     trunk = walk_trunk(_Walk(g), sd)
-    head = _head(g, trunk)
-    *hidden, last = head.dense
-    for i, d in enumerate(hidden):
-        sd[f"hidden.{i}.weight"], sd[f"hidden.{i}.bias"] = d.kernel.T, d.bias
-    sd["fc.weight"], sd["fc.bias"] = last.kernel.T, last.bias
+    head = _head(g, trunk.out, int(trunk.blocks[-1].cout))
+    _put_head(sd, head)
     state_dict = to_state_dict(sd)
     return _keras_spec(p, state_dict, trunk, head, side), state_dict
 
 
+def _put_head(sd: dict, head: _KerasHead) -> None:
+    *hidden, last = head.dense
+    for i, d in enumerate(hidden):
+        sd[f"hidden.{i}.weight"], sd[f"hidden.{i}.bias"] = d.kernel.T, d.bias
+    sd["fc.weight"], sd["fc.bias"] = last.kernel.T, last.bias
+
+
+def _pre_activation(g: _Graph) -> bool:
+    """True for a pre-activation ResNet (v2): some BatchNormalization normalises what no conv made."""
+    return any(n.cls == "BatchNormalization" and n.inputs and g.nodes[n.inputs[0]].cls not in ("Conv2D", "Dense")
+               for n in g.nodes.values())
+
+
 def _image_side(g: _Graph) -> int | None:
-    """The input's side (None when the model leaves it open), after refusing ResNet v2 and non-images."""
-    for n in g.nodes.values():
-        src = g.nodes[n.inputs[0]] if n.inputs else None
-        if n.cls == "BatchNormalization" and src is not None and src.cls not in ("Conv2D", "Dense"):
-            raise _refuse(g.p, f"BatchNormalization {n.id} normalises the output of {src.cls} {src.id}, not of a conv: "
-                          "a pre-activation ResNet (v2, e.g. ResNet50V2), and only v1 maps")
+    """The input's side (None when the model leaves it open), after refusing non-images."""
     shape = list(g.input_shape or [])
     if len(shape) != 4 or shape[-1] != 3:
         raise _refuse(g.p, f"input shape {shape}, expected (batch, height, width, 3) channels-last images")
@@ -394,9 +408,10 @@ class _Walk:
         conv = g.conv(first.id)
         kind = stem_kind(conv.unit, "stem conv", self.refuse)
         x = conv.unit.out if conv.fused_relu else g.relu_after(conv.unit.out, "after the stem conv")
-        return Stem(conv.unit, kind, self._stem_pool(x) if kind == "imagenet" else x)
+        return Stem(conv.unit, kind, self.stem_pool(x) if kind == "imagenet" else x)
 
-    def _stem_pool(self, x: str) -> str:
+    def stem_pool(self, x: str) -> str:
+        """The ZeroPadding2D(1) + MaxPooling2D(3, 2) after ``x``: the layer it ends at."""
         g = self.g
         node = g.one_user(x, "ZeroPadding2D(1) + MaxPooling2D(3, 2)")
         pad = 0
@@ -424,8 +439,6 @@ class _Walk:
         if others or not starts:
             bad = others[0] if others else users[0] if users else None
             hint = ""
-            if bad is not None and bad.cls == "BatchNormalization":
-                hint = " (a pre-activation ResNet v2 block: BN → ReLU → conv; only v1 maps)"
             what = f"found {bad.cls} {bad.id}{hint}" if bad else f"{x} is the model output, with no classifier"
             raise self.refuse(f"{what}, expected a residual block or the head (pooling / Flatten)")
         convs = [g.conv(u.id) for u in starts]
@@ -472,13 +485,13 @@ class _Walk:
 
 # -- the head: pooling / Flatten, then Dense (+ReLU) … Dense (+softmax), Dropout anywhere -------------
 
-def _head(g: _Graph, trunk: Trunk) -> _KerasHead:
-    """The head after the trunk, its first Dense's rows in torch's (C, H, W) order after a Flatten."""
+def _head(g: _Graph, out: str, channels: int) -> _KerasHead:
+    """The head after the trunk's last layer ``out`` (``channels`` wide), its first Dense's rows in torch's
+    (C, H, W) order after a Flatten."""
     from edgeres.model.keras_model import flatten_rows_to_chw
 
-    pooling = _head_pool(g, trunk.out)
+    pooling = _head_pool(g, out)
     dense = _dense_layers(g, pooling.out)
-    channels = int(trunk.blocks[-1].cout)
     first_in = int(dense[0].kernel.shape[0])
     feature = None
     if pooling.kind == "flatten":
@@ -566,6 +579,7 @@ def keras_caffe_preprocess(size: int, *, imagenet: bool = True):
     geometry = (dict(resize=round(size * 256 / 224), resize_mode="shorter_side_crop") if imagenet
                 else dict(resize=None, resize_mode="direct"))
     return Preprocess(size=size, **geometry, mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0), scale=1.0, channel_order="BGR")
+
 
 
 def _skip_dropout(g: _Graph, node: _Node) -> _Node:

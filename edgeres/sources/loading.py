@@ -157,8 +157,25 @@ def _load_onnx(p: Path, arch: str | None) -> LoadedModel:
     return LoadedModel(spec, state_dict, str(p), sha256_file(p), "onnx")
 
 
+# A Keras model this big (ResNet-101 and up) is mapped in a process of its own: TensorFlow and the Keras
+# model (a ResNet-152's main process held 1.7 GB more than from a .pth) never enter the converting process.
+# Smaller ones map here, sparing a second interpreter's imports (~5 s).
+KERAS_CHILD_BYTES = 128 * 2**20
+KERAS_SPEC_FILE, KERAS_WEIGHTS_FILE, KERAS_ERROR_FILE = "spec.json", "weights.npz", "error.txt"  # what the child writes
+
+
 def _load_keras(p: Path, arch: str | None) -> LoadedModel:
     """Map a Keras ResNet v1 to spec + weights, and prove the mapping against Keras on random inputs."""
+    if _size_bytes(p) >= KERAS_CHILD_BYTES:
+        spec, state_dict = map_in_child(p, arch)
+    else:
+        spec, state_dict = map_keras_here(p, arch)
+    digest = sha256_file(p) if p.is_file() else _sha256_dir(p)
+    return LoadedModel(spec, state_dict, str(p), digest, "keras")
+
+
+def map_keras_here(p: Path, arch: str | None) -> tuple[ResNetSpec, dict]:
+    """(spec, state_dict) of the Keras model at ``p``, mapped and verified in this process."""
     from edgeres.sources.keras_import import load_keras, map_keras, release_keras, verify_mapping
 
     model = load_keras(p)
@@ -167,8 +184,41 @@ def _load_keras(p: Path, arch: str | None) -> LoadedModel:
     verify_mapping(model, p, spec, state_dict)
     del model
     release_keras()  # the weights are torch's now: what Keras held goes before export and calibration
-    digest = sha256_file(p) if p.is_file() else _sha256_dir(p)
-    return LoadedModel(spec, state_dict, str(p), digest, "keras")
+    return spec, state_dict
+
+
+def map_in_child(p: Path, arch: str | None) -> tuple[ResNetSpec, dict]:
+    """(spec, state_dict) of the Keras model at ``p``, mapped by ``python -m edgeres.sources.keras_process``:
+    the same spec and float32 tensors ``map_keras_here`` gives, and its ``InputError`` when it refuses the model."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="edgeres-keras-") as tmp:
+        out = Path(tmp)
+        proc = subprocess.run([sys.executable, "-m", "edgeres.sources.keras_process", str(p), arch or "", str(out)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace", cwd=os.getcwd())
+        if (out / KERAS_ERROR_FILE).exists():
+            raise InputError((out / KERAS_ERROR_FILE).read_text())
+        if proc.returncode != 0 or not (out / KERAS_SPEC_FILE).exists():
+            reason = "killed" if proc.returncode < 0 else f"exit code {proc.returncode}"
+            tail = [line for line in proc.stdout.splitlines() if line.strip()][-1:] or [""]
+            raise RuntimeError(f"{p}: the process mapping the Keras model ended without a result ({reason}): {tail[0]}")
+        spec = ResNetSpec.from_dict(json.loads((out / KERAS_SPEC_FILE).read_text()))
+        with np.load(out / KERAS_WEIGHTS_FILE, allow_pickle=False) as z:
+            state_dict = {k: torch.from_numpy(z[k]) for k in z.files}
+    return spec, state_dict
+
+
+def _size_bytes(p: Path) -> int:
+    """A file's size, or the sum of a folder's (a SavedModel)."""
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def _check_mapped(p: Path, arch: str | None, spec: ResNetSpec, state_dict: dict, what: str) -> None:
