@@ -2,18 +2,21 @@
 
 How to keep a test fast (issue 37):
 
-- ``run_cli(*args)`` / the ``cli`` fixture run ``edgeres ARGS`` in a fresh interpreter (~4 s of imports each);
-  ``run_cli_process`` is the same function, named for tests where the process itself is under test (signals,
-  kill, worker death, the console script, a runtime's fd-level log output). ``run_cli_here(*args)`` runs the CLI
-  in this process (typer's CliRunner) and returns the same CompletedProcess; a ``convert`` without ``--jobs``
-  then gets ``--jobs 0``. Prefer it where only output and exit code are checked and the command is light.
+- ``run_cli(*args)`` / the ``cli`` fixture run ``edgeres ARGS`` in this process (typer's CliRunner; the same as
+  ``run_cli_here``) and return a CompletedProcess; a ``convert`` without ``--jobs`` then gets ``--jobs 0``.
+  ``run_cli_process`` starts a fresh interpreter (~4 s of imports): for tests where the process itself is under
+  test (signals, kill, worker death, the console script, a runtime's fd-level log output) and for conversions of
+  ImageNet-size models, whose heap (gigabytes, kept by TensorFlow/Keras) must not stay in the test worker.
+  ``tests/fresh_process.call_in_fresh_process(func, ...)`` runs a test module's function in a fresh interpreter
+  for the same reason (e.g. Keras' own predictions of an ImageNet-size model).
 - Bundles: never convert what a session bundle already holds. ``app_bundle`` is the tiny model for
   onnx,openvino,tflite × fp32,int8 (``--calib tiny_npz``); ``onnx_bundle`` is ONNX fp32 only;
   ``golden_bundle(targets, precisions, quant="fast")`` (a session fixture returning a function) builds any other
   combination of the tiny checkpoint once per session, shared by pytest-xdist workers under a file lock. All are
   READ-ONLY: a test that writes into a bundle copies it first, ``copy_bundle(src, tmp_path / "b")``.
-- Under pytest-xdist (``-n 2 --dist loadscope --no-loadscope-reorder``) ``SLOW_FIRST`` below sends the slowest
-  modules out first; a module's tests (and module fixtures) stay on one worker.
+- ``make test`` runs pytest-xdist (``-n logical --maxprocesses 4 --dist loadscope --no-loadscope-reorder``): a
+  module's tests (and module fixtures) stay on one worker, ``SLOW_FIRST`` below sends the slowest modules out
+  first, and each worker runs on its own share of the cores (``_cores_of_this_worker``).
 """
 
 from __future__ import annotations
@@ -134,7 +137,8 @@ def cifar():
 
 
 def run_cli_process(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
-    """Run ``edgeres ARGS`` in a fresh interpreter; returns the CompletedProcess (text)."""
+    """Run ``edgeres ARGS`` in a fresh interpreter (the process under test, or an ImageNet-size conversion whose
+    heap must not stay in the test worker); returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "edgeres.cli", *map(str, args)], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
@@ -179,7 +183,7 @@ def run_cli_here(*args: str, cwd: Path | None = None, env: dict | None = None, t
     return subprocess.CompletedProcess(["edgeres", *argv], r.exit_code, r.stdout, stderr)
 
 
-run_cli = run_cli_here  # EXPERIMENT
+run_cli = run_cli_here  # the default: in this process
 
 
 @pytest.fixture
