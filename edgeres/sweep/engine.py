@@ -118,8 +118,10 @@ def ray_session(address: str | None):
                 yield _engine_record(ray, ctx, address)
             finally:
                 with _sigterm_ignored():
-                    ray_processes = _ray_processes(temp) if temp is not None else []
-                    ray.shutdown()
+                    try:  # taken before the raylet goes: its workers are found as its children too
+                        ray_processes = _ray_processes(temp) if temp is not None else []
+                    finally:
+                        ray.shutdown()
     finally:
         if temp is not None:
             with _sigterm_ignored():
