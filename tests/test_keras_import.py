@@ -176,7 +176,7 @@ def test_arch_flag_must_agree_with_the_keras_model(saved):
 
 
 
-def test_a_big_keras_model_maps_in_a_child_process_to_the_same_spec_and_weights(saved, monkeypatch):
+def test_a_big_keras_model_maps_in_a_child_process_to_the_same_spec_and_weights(saved, monkeypatch, tmp_path):
     """Above ``KERAS_CHILD_BYTES`` (set to 0 here) the mapping runs in another process (TensorFlow stays out
     of the converting one): the same spec and tensors as mapping here, and its refusals as the same one line."""
     import torch
@@ -192,8 +192,10 @@ def test_a_big_keras_model_maps_in_a_child_process_to_the_same_spec_and_weights(
     assert list(child.state_dict) == list(here.state_dict)
     assert all(torch.equal(child.state_dict[k], v) and child.state_dict[k].dtype == v.dtype
                for k, v in here.state_dict.items())
-    with pytest.raises(InputError, match="not resnet50; omit --arch"):
-        loading.load_model(saved["gap", ".keras"], "resnet50")
+    broken = tmp_path / "broken.keras"  # refused before TensorFlow loads: a cheap second child
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="broken.keras.*re-save"):
+        loading.load_model(broken)
 
 # -- conversion ---------------------------------------------------------------------------------------
 

@@ -59,6 +59,35 @@ def tiny_ranges(tiny_onnx):
     return int8.compute_ranges(tiny_onnx, calib_batches(), estimator="percentile")
 
 
+
+
+def test_calibration_keeps_no_activation_once_its_estimator_has_seen_it(tiny_onnx, monkeypatch):
+    """Ranges are collected batch by batch into bounded estimators, so the memory of calibration does not
+    grow with the number of images: once ranges are computed no activation (a ResNet-152's are 224 MB an
+    image) is referenced anywhere — by the estimators, the session or the stage."""
+    import weakref
+
+    from edgeres.calibration import estimators
+
+    seen = []
+    make = estimators.make_estimator
+
+    def spying(*args, **kwargs):
+        estimator = make(*args, **kwargs)
+        update = estimator.update
+
+        def update_and_note(x):
+            seen.append(weakref.ref(x))
+            update(x)
+
+        estimator.update = update_and_note
+        return estimator
+
+    monkeypatch.setattr(estimators, "make_estimator", spying)
+    ranges = int8.compute_ranges(tiny_onnx, calib_batches(), estimator="mse")
+    assert len(seen) == 2 * len(ranges)  # every tensor, two batches
+    assert not [r for r in seen if r() is not None]
+
 def relu_tensor(ranges):
     return next(n for n in ranges if n.endswith("relu/Relu_output_0"))
 

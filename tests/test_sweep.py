@@ -283,4 +283,47 @@ def test_a_signal_cancels_the_running_tasks_and_leaves_nothing_behind(tiny_check
     assert (out / "prune0-onnx-fp32" / "manifest.json").exists()  # the finished bundle stays for the re-run
     assert not [p.name for p in out.rglob("*.lock")] and not list(tmp_path.glob(".*.lock"))
     assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
-    assert session is not None and not session.exists() and not str(session).startswith("/tmp/ray/"), session
+    assert session is not None and not session.exists() and not str(session).startswith("/tmp/ray/"), \
+        (session, sorted(map(str, session.rglob("*")))[:20] if session else None, err[-1000:])
+
+
+def _ray_like(temp: Path, code: str) -> subprocess.Popen:
+    """A process naming ``temp`` on its command line, as every process of an embedded Ray does."""
+    return subprocess.Popen([sys.executable, "-c", code, f"--temp-dir={temp}"])
+
+
+def test_the_ray_folder_is_removed_after_a_late_ray_process_has_written_into_it(tmp_path):
+    """Under load a Ray worker outlives ``ray.shutdown`` and recreated the session folder after a plain rmtree
+    (full-suite run, [ctrl-c]: the folder was born after the sweep's cleanup, mode 0755, empty)."""
+    from edgeres.sweep.engine import remove_ray_folder
+
+    temp = tmp_path / "edgeres-ray-x"
+    (temp / "session_1" / "logs").mkdir(parents=True)
+    late = _ray_like(temp, "import os, sys, time; time.sleep(1); "
+                           "os.makedirs(sys.argv[1].split('=', 1)[1] + '/session_1', exist_ok=True)")
+    try:
+        remove_ray_folder(str(temp), [])
+        late.wait(timeout=30)  # (it may have been reaped already: then its code reads 0)
+        assert not temp.exists(), sorted(map(str, temp.rglob("*")))
+    finally:
+        late.kill()
+        late.wait()
+
+
+def test_a_ray_process_that_will_not_end_is_killed_before_its_folder_goes(tmp_path, monkeypatch):
+    from edgeres.sweep import engine
+
+    monkeypatch.setattr(engine, "REAP_S", 1.0)
+    temp = tmp_path / "edgeres-ray-x"
+    (temp / "session_1").mkdir(parents=True)
+    stuck = _ray_like(temp, "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)")
+    try:
+        t0 = time.monotonic()
+        engine.remove_ray_folder(str(temp), [])
+        import psutil
+
+        assert not psutil.pid_exists(stuck.pid) and not temp.exists()  # killed and reaped, then removed
+        assert time.monotonic() - t0 < 5
+    finally:
+        stuck.kill()
+        stuck.wait()

@@ -18,6 +18,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -100,7 +101,7 @@ def ray_session(address: str | None):
     address given: a loopback one is not swapped for this machine's LAN address, and an address where
     nothing answers fails within seconds."""
     common = dict(log_to_driver=False, logging_level=logging.WARNING, runtime_env=_worker_env())
-    temp = None
+    temp, ray_processes = None, []
     check_address(address)
     try:
         with _loopback_only(address is None or _is_loopback(address)):
@@ -117,10 +118,75 @@ def ray_session(address: str | None):
                 yield _engine_record(ray, ctx, address)
             finally:
                 with _sigterm_ignored():
-                    ray.shutdown()
+                    try:  # taken before the raylet goes: its workers are found as its children too
+                        ray_processes = _ray_processes(temp) if temp is not None else []
+                    finally:
+                        ray.shutdown()
     finally:
         if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
+            with _sigterm_ignored():
+                remove_ray_folder(temp, ray_processes)
+
+
+REAP_S = 10.0  # how long the embedded Ray's processes get to exit (then SIGKILL) before its folder goes
+
+
+def _ray_processes(temp: str) -> list:
+    """Every process of the embedded Ray whose folder is ``temp``: each names that folder on its command line
+    (raylet, GCS, agents, workers), and the workers are the raylet's children, not ours."""
+    import psutil
+
+    found, mark = {}, os.path.join(temp, "")
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if p.pid != os.getpid() and any(mark in arg + os.sep for arg in p.info["cmdline"] or ()):
+                found[p.pid] = p
+                found.update((c.pid, c) for c in p.children(recursive=True))
+    return list(found.values())
+
+
+def remove_ray_folder(temp: str, known: list) -> None:
+    """Remove the embedded Ray's folder once none of its processes runs any more. ``ray.shutdown`` stops
+    the processes it started, but the raylet's workers outlive it for a moment (longer under load) and a
+    late one recreated the session folder after a plain rmtree; so wait for them (``known``, taken before
+    the shutdown, and any still naming ``temp``), SIGKILL those left after half of ``REAP_S``, give up at
+    ``REAP_S``, then remove. Says so on stderr if the folder stays."""
+    import psutil
+
+    start = time.monotonic()
+    procs = {p.pid: p for p in known}
+    while True:
+        procs.update((p.pid, p) for p in _ray_processes(temp))
+        alive = [p for p in procs.values() if _running(p)]
+        waited = time.monotonic() - start
+        if not alive or waited >= REAP_S:
+            break
+        if waited >= REAP_S / 2:
+            for p in alive:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+        psutil.wait_procs(alive, timeout=0.2)
+    error = None
+    for _ in range(2):  # a second pass for a file written while the first one walked
+        try:
+            shutil.rmtree(temp)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            error = e
+    if os.path.exists(temp):
+        still = [f"pid {p.pid}" for p in alive if _running(p)]
+        reason = f"Ray processes still running: {', '.join(still)}" if still else str(error or "recreated")
+        log(f"warning: cannot remove Ray's session folder {temp} ({reason}); remove it by hand")
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _init(ray, address: str | None, kwargs: dict):
