@@ -40,9 +40,18 @@ def test_every_declared_dependency_is_locked():
     assert not missing, f"not in constraints.txt (run scripts/lock.sh): {sorted(missing)}"
 
 
+def _site_distributions():
+    """The distributions installed in this environment's site-packages: not the copies other packages vendor
+    and put on sys.path once imported in this process (setuptools appends its ``_vendor`` folder, with
+    packaging, platformdirs and wheel of its own versions)."""
+    import sysconfig
+
+    return metadata.distributions(path=sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")}))
+
+
 def test_installed_versions_are_the_locked_ones():
     locked = _locked()
-    installed = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed = {_norm(d.metadata["Name"]): d.version for d in _site_distributions()}
     wrong = {n: (installed[n], v) for n, v in locked.items() if n in installed and installed[n] != v}
     if "edgeres" not in installed:
         pytest.skip("edgeres is not pip-installed here (make install pins the set)")
@@ -50,7 +59,7 @@ def test_installed_versions_are_the_locked_ones():
 
 
 def test_one_tensorflow_and_the_cpu_torch():
-    names = {_norm(d.metadata["Name"]) for d in metadata.distributions()}
+    names = {_norm(d.metadata["Name"]) for d in _site_distributions()}
     tensorflows = sorted(n for n in names if n in {"tensorflow", "tensorflow-cpu", "tensorflow-intel"})
     assert len(tensorflows) <= 1, f"two TensorFlow distributions share one package directory: {tensorflows}"
     assert _locked()["torch"].endswith("+cpu")
