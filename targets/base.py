@@ -72,6 +72,24 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent goes (kill -9 included): for the child processes edgeres
+    starts (compile workers, the Keras mapping process), so none runs on after the command. Elsewhere a no-op."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """A temporary name beside ``path`` to write to: renamed over ``path`` when the block ends well

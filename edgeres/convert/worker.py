@@ -7,25 +7,17 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
 from edgeres.bundle import write_json_atomic
 from edgeres.convert.workers import PARENT_ENV, compile_record
-
-PR_SET_PDEATHSIG = 1
+from edgeres.targets.base import die_with_parent
 
 
 def _die_with_parent() -> None:
     """SIGKILL when the parent goes (kill -9 included); exit now if it has gone already."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
+    die_with_parent()
     parent = os.environ.get(PARENT_ENV)
     if parent and os.getppid() != int(parent):
         os._exit(1)

@@ -6,28 +6,16 @@ it; the caller reads them back, so TensorFlow and the Keras model never enter it
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
 from edgeres.errors import InputError
 from edgeres.sources.loading import KERAS_ERROR_FILE, KERAS_SPEC_FILE, KERAS_WEIGHTS_FILE, map_keras_here
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
+from edgeres.targets.base import die_with_parent
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
+    die_with_parent()
     model, arch, out = Path(argv[0]), argv[1] or None, Path(argv[2])
     import numpy as np
 
