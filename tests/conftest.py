@@ -144,8 +144,6 @@ def run_cli_process(*args: str, cwd: Path | None = None, env: dict | None = None
                           capture_output=True, text=True, timeout=timeout)
 
 
-
-
 def sigint_at_default() -> None:
     """``preexec_fn`` for a child that a test interrupts with SIGINT: a shell that starts pytest in the
     background (``make test &``, a CI script's job) ignores SIGINT for it, every child inherits the ignore
