@@ -58,7 +58,8 @@ def clean_venv(tmp_path_factory):
 
 
 def _installed(python: Path) -> set[str]:
-    r = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True)
+    r = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True,
+                       env={"PATH": "/usr/bin:/bin"})  # the venv's own (a PYTHONPATH would list its folders' dists)
     return {p["name"].lower() for p in json.loads(r.stdout)}
 
 

@@ -258,3 +258,36 @@ def test_bad_calibration_data_exits_2_and_leaves_no_bundle(cli, tmp_path, tiny_c
     assert len(r.stderr.strip().splitlines()) == 1 and "calib.npz" in r.stderr
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["calib.npz"]
+
+
+THREAD_CORES = """
+import glob, os, sys
+os.sched_setaffinity(0, {int(sys.argv[2])})  # before any library starts a thread
+import numpy as np
+from edgeres.int8.ranges import exposing_session
+from edgeres.targets import onnx as onnx_target
+import onnx
+runner = onnx_target.load_runner(sys.argv[1])
+runner(np.zeros((2, 3, 16, 16), np.float32))
+session = exposing_session(onnx.load(sys.argv[1]), [])
+session.run(None, {session.get_inputs()[0].name: np.zeros((2, 3, 16, 16), np.float32)})
+print(sorted({open(t).read().split("Cpus_allowed_list:")[1].split()[0] for t in glob.glob("/proc/self/task/*/status")}))
+"""
+
+
+def test_onnxruntime_without_a_thread_count_stays_on_the_cores_it_was_given(tiny_onnx):
+    """onnxruntime's default pool pins a thread to every core of the machine: under taskset (or a container's
+    cpuset) eval and calibration ran on cores they were not given, beside whatever ran there."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cores = list(range(os.cpu_count() or 1))  # the machine's (a pytest-xdist worker runs on a share of them)
+    if len(cores) < 2 or not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs a machine with two cores or more and sched_setaffinity, to give the runtime one core")
+    r = subprocess.run([sys.executable, "-c", THREAD_CORES, str(tiny_onnx), str(cores[0])], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[-2] == repr([str(cores[0])]), r.stdout

@@ -121,6 +121,26 @@ def test_advice_needs_a_gain_beyond_the_paired_noise(extra, advised, capsys):
         assert last.startswith("no significant difference at 100 photos:") and "--preprocess" not in last
 
 
+def test_the_recorded_row_taken_from_eval_is_not_run_again_and_changes_nothing(tmp_path):
+    """convert --eval hands the check its reference run's hits on the same images: one model pass fewer."""
+    from edgeres.measure.preprocess_check import check_preprocessing
+
+    dataset = photos(tmp_path)
+    model, calls = model_trained_on(replace(KERAS, filter="bicubic"), dataset), []
+
+    def counted(x):
+        calls.append(len(x))
+        return model(x)
+
+    full = check_preprocessing(counted, dataset, KERAS, batch_size=5)
+    passes = sum(calls)
+    calls.clear()
+    assert full["recorded_top1"] == 0.0  # trained on bicubic: the recorded convention gets every photo wrong
+    recorded = np.zeros(len(dataset), bool)
+    given = check_preprocessing(counted, dataset, KERAS, batch_size=5, recorded_correct=recorded)
+    assert given == full and sum(calls) == passes - len(dataset)
+
+
 def test_check_preprocess_command_prints_each_convention_beside_the_recorded_one(app_bundle, tmp_path):
     x, y = make_images(20, 16, seed=1)
     np.savez(tmp_path / "eval.npz", x=x, y=y)
@@ -143,5 +163,11 @@ def test_convert_eval_keeps_the_check_and_warns_in_one_line_when_another_convent
     assert code == 0, stderr
     check = json.loads((out / CHECK_FILE).read_text())
     assert check["images"] == 64 and check["conventions"][0]["axis"] == "recorded"
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert check["recorded_top1"] == evaluated["reference"]["top1"]  # the recorded row is eval's reference run
+    (onnx_fp32,) = evaluated["artifacts"]  # the reference file itself: its row is the reference run's
+    assert onnx_fp32["same_file_as_reference"] and onnx_fp32["agreement_pct"] == 100.0 \
+        and onnx_fp32["max_abs_logit_err"] == 0.0 and onnx_fp32["top1"] == evaluated["reference"]["top1"]
+    assert "onnx fp32 is the fp32 reference file itself (same sha256)" in stderr
     warned = [line for line in stderr.splitlines() if "preprocessing: the recorded convention" in line]
     assert len(warned) == (1 if check["gap_pp"] > WARN_GAP_PP and check["significant"] else 0), stderr

@@ -337,14 +337,14 @@ def test_nan_logits_are_an_error_not_an_accuracy(env, tmp_path, case):
     assert not (Path(model) / "eval.json").exists()
 
 
-def test_an_artifact_with_nan_outputs_is_a_failed_row_and_no_bare_nan_is_stored(env, tmp_path, onnx_bundle, monkeypatch):
+def test_an_artifact_with_nan_outputs_is_a_failed_row_and_no_bare_nan_is_stored(env, tmp_path, app_bundle, monkeypatch):
     import shutil
 
     import edgeres.targets.onnx
     from edgeres.bundle import REFERENCE_FILE
 
     bundle = tmp_path / "b"
-    shutil.copytree(onnx_bundle, bundle)
+    shutil.copytree(app_bundle, bundle)  # its ONNX int8 (its ONNX fp32 is the reference file: eval reuses that run)
     real = edgeres.targets.onnx.load_runner
 
     def nan_artifacts(path, threads=None):
@@ -356,7 +356,7 @@ def test_an_artifact_with_nan_outputs_is_a_failed_row_and_no_bare_nan_is_stored(
     monkeypatch.setattr(edgeres.targets.onnx, "load_runner", nan_artifacts)
     code, stdout, stderr = _invoke(["eval", bundle, "--data", env["npz"], "--json"])
     assert code == 0, stderr
-    (row,) = json.loads(stdout)["artifacts"]
+    row = next(a for a in json.loads(stdout)["artifacts"] if (a["target"], a["precision"]) == ("onnx", "int8"))
     assert row["status"] == "failed" and "NaN or Inf outputs" in row["error"], row
     stored = (bundle / "eval.json").read_text()
     json.loads(stored, parse_constant=lambda c: pytest.fail(f"bare {c} in eval.json"))

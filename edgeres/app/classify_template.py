@@ -114,15 +114,19 @@ class OnnxRuntimeRunner:
     takes_pixels = False
 
     def __init__(self, path, threads: int | None = None, *, spin: bool = True):
+        import os
+
         import onnxruntime as ort
 
         self.path = path
         self.version = ort.__version__
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
+        # no count given: the cores this process may use. onnxruntime's own default is a thread per core of the
+        # machine, each pinned to its core, so under taskset or a container's cpuset it ran on cores it was not given
+        threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        opts.intra_op_num_threads = int(threads or 1)
+        opts.inter_op_num_threads = 1
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._options = opts

@@ -134,8 +134,8 @@ def _evaluate(cfg: ConvertConfig, out: Path, key: str, eval_ds: ImageDataset) ->
 
 def evaluate_and_check(out: Path, eval_ds: ImageDataset, limit: int | None, threads: int | None) -> None:
     """Evaluate the bundle and check its preprocessing convention (what ``convert --eval`` does)."""
-    evaluate_bundle(out, eval_ds, limit=limit, threads=threads)
-    _check_preprocessing(limit, threads, out, eval_ds)
+    result = evaluate_bundle(out, eval_ds, limit=limit, threads=threads)
+    _check_preprocessing(limit, threads, out, eval_ds, result)
 
 
 def _evaluate_apart(cfg: ConvertConfig, out: Path) -> None:
@@ -177,13 +177,20 @@ def _evaluate_apart(cfg: ConvertConfig, out: Path) -> None:
         raise kind(record.get("error", "evaluation failed"))
 
 
-def _check_preprocessing(eval_images: int | None, threads: int | None, out: Path, eval_ds: ImageDataset) -> None:
-    """One line on stderr when another standard preprocessing convention beats the recorded one by > 1 pp."""
+def _check_preprocessing(eval_images: int | None, threads: int | None, out: Path, eval_ds: ImageDataset,
+                         evaluated: dict) -> None:
+    """One line on stderr when another standard preprocessing convention beats the recorded one by > 1 pp.
+    ``evaluated``: this bundle's eval just made; on the same images its reference run is the recorded row."""
+    import numpy as np
+
     from edgeres.bundle import store_result, warn
+    from edgeres.measure.paired import unpack_bits
     from edgeres.measure.preprocess_check import CHECK_FILE, CONVERT_CHECK_IMAGES, check_bundle, warning
 
     limit = min(eval_images or CONVERT_CHECK_IMAGES, CONVERT_CHECK_IMAGES)
-    result = check_bundle(out, eval_ds, limit=limit, threads=threads)
+    same_images = np.array_equal(eval_ds.spread(limit), eval_ds.spread(eval_images))
+    recorded = unpack_bits(evaluated["reference"]["correct_bits"], evaluated["images"]) if same_images else None
+    result = check_bundle(out, eval_ds, limit=limit, threads=threads, recorded_correct=recorded)
     store_result(out, CHECK_FILE, result)
     line = warning(result)
     if line:

@@ -38,7 +38,8 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     paths = [artifact_path(bundle, a) for a in artifacts]  # every file checked before any is run
     ref_path = reference_path(bundle, manifest)
     shas = artifact_sha(manifest)
-    ref_runner = get_target(info_for_file(ref_path.name).name).load_runner(ref_path, threads=threads)
+    ref_target = info_for_file(ref_path.name).name
+    ref_runner = get_target(ref_target).load_runner(ref_path, threads=threads)
     reference = collect_logits(ref_runner, dataset, pre, limit=limit, description="fp32 reference")
     del ref_runner  # one runtime's model at a time: each is let go before the next loads
     release_memory()
@@ -47,6 +48,14 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     for a, path in zip(artifacts, paths):
         entry = {"target": a["target"], "precision": a["precision"], "file": a["file"],
                  "sha256": shas.get((a["target"], a["precision"], a["file"]))}
+        if a["target"] == ref_target and entry["sha256"] == manifest["reference"].get("sha256"):
+            # the reference file itself, for the reference's runtime (ONNX fp32): the same bytes run by the same
+            # runtime give the reference's logits, already measured on these images
+            entry.update(compare_to_reference(reference, reference, labels), same_file_as_reference=True)
+            log(f"[dim]{a['target']} {a['precision']} is the fp32 reference file itself (same sha256): "
+                "its results are the reference run's[/]")
+            result["artifacts"].append(entry)
+            continue
         try:
             runner = get_target(a["target"]).load_runner(path, threads=threads)
             logits = collect_logits(runner, dataset, pre, limit=limit, description=f"{a['target']} {a['precision']}")
