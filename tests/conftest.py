@@ -154,6 +154,16 @@ def sigint_at_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def in_process_argv(args) -> list[str]:
+    """``edgeres ARGS`` as strings, with ``--jobs 0`` added to a ``convert`` that does not choose: compiled in this
+    process, not in worker processes that each import their runtime anew (~4 s each; tests/test_convert_workers.py
+    is where the workers are under test)."""
+    argv = [str(a) for a in args]
+    if "convert" in argv[:2] and "--jobs" not in argv:
+        argv += ["--jobs", "0"]
+    return argv
+
+
 def run_cli_here(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int | None = None):
     """Run ``edgeres ARGS`` in this process (CliRunner); returns a CompletedProcess (text) like ``run_cli``.
 
@@ -163,9 +173,7 @@ def run_cli_here(*args: str, cwd: Path | None = None, env: dict | None = None, t
 
     from edgeres import cli as edgeres_cli
 
-    argv = [str(a) for a in args]
-    if "convert" in argv[:2] and "--jobs" not in argv:
-        argv += ["--jobs", "0"]
+    argv = in_process_argv(args)
     before = Path.cwd()
     try:
         if cwd is not None:

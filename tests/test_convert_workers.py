@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import ROOT, run_cli, run_cli_process
 
-ARGS = ("--targets", "onnx,openvino,tflite", "--precision", "fp32,int8", "--calib-images", "32", "--no-bench")
+ARGS = ("--targets", "onnx,openvino,tflite", "--precision", "fp32,int8", "--no-bench")  # app_bundle's, with --jobs
 
 
 def _artifacts(out: Path) -> dict:
@@ -26,10 +26,11 @@ def _artifacts(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def three_ways(tmp_path_factory, tiny_checkpoint, tiny_npz):
+def three_ways(tmp_path_factory, tiny_checkpoint, tiny_npz, app_bundle):
+    """The same conversion in this process (``--jobs 0``: the session's ``app_bundle``), in one worker and in two."""
     root = tmp_path_factory.mktemp("workers")
-    results = {}
-    for jobs in ("0", "1", "2"):
+    results = {"0": (app_bundle, None)}
+    for jobs in ("1", "2"):
         out = root / f"jobs{jobs}"
         r = run_cli("convert", tiny_checkpoint, "--calib", tiny_npz, *ARGS, "--jobs", jobs, "--out", out)
         assert r.returncode == 0, r.stderr

@@ -14,14 +14,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from edgeres import cli
-from tests.conftest import ROOT, make_images, run_cli, tiny_spec
+from tests.conftest import ROOT, in_process_argv, make_images, run_cli, tiny_spec
 
 pytest.importorskip("executorch", reason="executorch is not installed (pip install 'edgeres[executorch]')")
 runner = CliRunner()
 
 
 def _cli(*args):
-    return runner.invoke(cli.app, [str(a) for a in args])
+    return runner.invoke(cli.app, in_process_argv(args))
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,14 @@ from edgeres import cli
 from edgeres.measure.paired import (PairedCounts, drop_interval_pp, pack_bits, paired_counts, unpack_bits)
 from edgeres.measure.report import (draw_accuracy_vs_latency, load_report, pareto_front, results_document,
                                     waterfall_bars, write_report)
-from tests.conftest import ROOT, make_images, run_cli, run_cli_process
+from tests.conftest import ROOT, in_process_argv, make_images, run_cli, run_cli_process
 from tests.test_report import make_results_bundle
 
 runner = CliRunner()
 
 
 def invoke(*args):
-    r = runner.invoke(cli.app, [str(a) for a in args])
+    r = runner.invoke(cli.app, in_process_argv(args))
     return r.exit_code, r.stdout, r.stderr
 
 

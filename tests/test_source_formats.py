@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import make_images
+from tests.conftest import in_process_argv, make_images
 
 TARGETS = ("onnx", "openvino", "tflite")
 IMAGES = 16  # pixels the fp32 agreement is checked on (also the calibration set)
@@ -317,7 +317,7 @@ runner = CliRunner()
 
 
 def invoke(*args):
-    r = runner.invoke(__import__("edgeres.cli", fromlist=["app"]).app, [str(a) for a in args])
+    r = runner.invoke(__import__("edgeres.cli", fromlist=["app"]).app, in_process_argv(args))
     return r.exit_code, r.stdout, r.stderr
 
 
