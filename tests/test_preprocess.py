@@ -295,10 +295,15 @@ def spread_logits(keras, model, x, target_std: float = 3.0) -> None:
     last.set_weights([(w2 * target_std / ((h @ w2).std() + 1e-12)).astype(np.float32), np.zeros(w2.shape[1], np.float32)])
 
 
-def make_keras_flatten_resnet50(folder: str) -> list[int]:
+# What edgeres assumes for a Keras ImageNet model (checked against the manifest below): shorter side 256, crop 224
+KERAS_GEOMETRY = Preprocess(size=224, resize=256, resize_mode="shorter_side_crop", filter="bilinear", antialias=True)
+
+
+def make_keras_flatten_resnet50(folder: str) -> tuple[list[int], list[int]]:
     """``folder/resnet50.keras``: Keras' ResNet50 with a Flatten + Dense head, random weights spread so its top-1
-    varies over ``keras_like_images(64, 224, 0)``; returns that top-1. Run in a fresh process (Keras keeps the
-    heap of an ImageNet-size model)."""
+    varies over ``keras_like_images(64, 224, 0)``; returns that top-1, and Keras' own top-1 (its caffe
+    preprocessing) on those images brought to ``KERAS_GEOMETRY``. Run in a fresh process (Keras keeps the heap of
+    an ImageNet-size model)."""
     import keras
 
     from tests.test_keras_import import randomize
@@ -311,16 +316,10 @@ def make_keras_flatten_resnet50(folder: str) -> list[int]:
     caffe = keras.applications.resnet.preprocess_input(keras_like_images(64, 224, seed=0).astype(np.float32))
     spread_logits(keras, model, caffe)
     model.save(f"{folder}/resnet50.keras")
-    return np.asarray(model.predict(caffe, batch_size=16, verbose=0)).argmax(1).tolist()
-
-
-def keras_caffe_top1(model: str, pixels: str) -> list[int]:
-    """Keras' top-1 of ``model`` on uint8 NHWC ``pixels`` (an ``.npy``) with its caffe preprocessing (fresh process)."""
-    import keras
-
-    net = keras.models.load_model(model, compile=False)
-    x = keras.applications.resnet.preprocess_input(np.load(pixels).astype(np.float32))
-    return np.asarray(net.predict(x, batch_size=16, verbose=0)).argmax(1).tolist()
+    cropped = keras.applications.resnet.preprocess_input(
+        KERAS_GEOMETRY.geometry(keras_like_images(64, 224, seed=0)).astype(np.float32))
+    return (np.asarray(model.predict(caffe, batch_size=16, verbose=0)).argmax(1).tolist(),
+            np.asarray(model.predict(cropped, batch_size=16, verbose=0)).argmax(1).tolist())
 
 
 @pytest.mark.slow
@@ -335,7 +334,7 @@ def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_fed_the_same_pix
     from edgeres.targets import get_target
     from tests.fresh_process import call_in_fresh_process
 
-    keras_top1 = call_in_fresh_process(make_keras_flatten_resnet50, tmp_path)
+    keras_top1, keras_crop_top1 = call_in_fresh_process(make_keras_flatten_resnet50, tmp_path)
     assert len(set(keras_top1)) >= 5, f"Keras' top-1 must vary for agreement to mean anything: {set(keras_top1)}"
 
     out = tmp_path / "bundle"
@@ -345,10 +344,10 @@ def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_fed_the_same_pix
     manifest = json.loads((out / "manifest.json").read_text())
     pre = Preprocess.from_dict(manifest["preprocess"]).with_layout("NCHW")
     assert (pre.resize_mode, pre.resize) == ("shorter_side_crop", 256)
+    geometry = ("resize_mode", "resize", "size", "filter", "antialias")
+    assert [getattr(pre, k) for k in geometry] == [getattr(KERAS_GEOMETRY, k) for k in geometry]  # Keras saw these pixels
+    keras_top1 = np.asarray(keras_crop_top1)
     images = keras_like_images(64, 224, seed=0)
-    np.save(tmp_path / "pixels.npy", pre.geometry(images))
-    keras_top1 = np.asarray(call_in_fresh_process(keras_caffe_top1, out.parent / "resnet50.keras",
-                                                  tmp_path / "pixels.npy"))
     x = pre(images)
     for a in manifest["artifacts"]:
         assert a["status"] == "ok", a
