@@ -141,6 +141,27 @@ def test_the_recorded_row_taken_from_eval_is_not_run_again_and_changes_nothing(t
     assert given == full and sum(calls) == passes - len(dataset)
 
 
+def test_a_convention_far_below_the_recorded_one_stops_early_and_is_never_the_best(tmp_path, capsys):
+    """Right on every photo recorded, wrong on every photo otherwise: the others stop after STOP_AFTER photos."""
+    from edgeres.measure.preprocess_check import STOP_AFTER, check_preprocessing, print_check
+
+    dataset = photos(tmp_path, n=STOP_AFTER + 36)
+    model, calls = model_trained_on(KERAS, dataset), []
+
+    def counted(x):
+        calls.append(len(x))
+        return model(x)
+
+    result = check_preprocessing(counted, dataset, KERAS, batch_size=16)
+    rows = result["conventions"]
+    assert rows[0]["images"] == result["images"] == len(dataset) and not rows[0]["stopped_early"]
+    assert all(r["stopped_early"] and r["images"] == STOP_AFTER and r["top1"] == 0.0 for r in rows[1:]), rows
+    assert result["best"] == rows[0]["convention"] and result["gap_pp"] == 0
+    assert sum(calls) == len(dataset) + STOP_AFTER * (len(rows) - 1)
+    print_check(result)
+    assert capsys.readouterr().out.count(f"on the first {STOP_AFTER} images") == len(rows) - 1
+
+
 def test_check_preprocess_command_prints_each_convention_beside_the_recorded_one(app_bundle, tmp_path):
     x, y = make_images(20, 16, seed=1)
     np.savez(tmp_path / "eval.npz", x=x, y=y)
