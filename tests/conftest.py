@@ -249,7 +249,7 @@ def _freezing(config) -> bool:
 def pytest_sessionstart(session):
     """Import the runtimes, then move every object alive now (their modules, classes and functions: 0.56 M)
     into the collector's permanent generation. A full collection in a process holding TensorFlow and torch
-    scanned them all each time: 0.5-0.9 s per collection, and edgeres collects after each big step (converting a
+    scanned them all each time: 0.4-0.9 s per collection, and edgeres collects after each big step (converting a
     tiny model to TFLite triggered 12); test_tflite, test_openvino_target and test_safety_models took 128 s of CPU
     before, 111 s frozen. Objects created by tests are collected as before. ``EDGERES_TEST_FREEZE=0`` leaves the
     collector alone."""

@@ -104,6 +104,25 @@ ORT_INPUT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "te
 ORT_QUANTIZE_INPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime's quantizer renames a graph output it quantises
 
 
+def ort_cores() -> int:
+    """Physical cores (SMT siblings counted once, as onnxruntime counts them) among those this process may use."""
+    import os
+
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", cpu))
+    return max(1, len(cores))
+
+
 class OnnxRuntimeRunner:
     """One ``InferenceSession`` on the CPU. ``spin=False``: idle threads yield the CPU (long evaluations)."""
 
@@ -114,18 +133,16 @@ class OnnxRuntimeRunner:
     takes_pixels = False
 
     def __init__(self, path, threads: int | None = None, *, spin: bool = True):
-        import os
-
         import onnxruntime as ort
 
         self.path = path
         self.version = ort.__version__
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        # no count given: the cores this process may use. onnxruntime's own default is a thread per core of the
-        # machine, each pinned to its core, so under taskset or a container's cpuset it ran on cores it was not given
-        threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-        opts.intra_op_num_threads = int(threads or 1)
+        # no count given: the physical cores among those this process may use. onnxruntime's own default is a
+        # thread per physical core of the machine, each pinned to its core, so under taskset or a container's
+        # cpuset it ran on cores it was not given
+        opts.intra_op_num_threads = int(threads or ort_cores())
         opts.inter_op_num_threads = 1
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -10,7 +10,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from edgeres.calibration.errors import DataError
-from edgeres.targets.base import TargetError, TargetUnavailable, cpu_threads, first_line, release_memory
+from edgeres.targets.base import TargetError, TargetUnavailable, first_line, release_memory
+from edgeres.targets.runners.onnxruntime_runner import ort_cores
 
 # keep one calibration batch of exposed activations (float32) around 256 MB
 MAX_CALIB_VALUES_PER_BATCH = 64_000_000
@@ -102,7 +103,7 @@ def exposing_session(model, names: list[str]):
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.intra_op_num_threads = cpu_threads()  # onnxruntime's default pins a thread to every core of the machine
+    opts.intra_op_num_threads = ort_cores()  # onnxruntime's default pins a thread to every core of the machine
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
