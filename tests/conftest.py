@@ -14,9 +14,13 @@ How to keep a test fast (issue 37):
   ``golden_bundle(targets, precisions, quant="fast")`` (a session fixture returning a function) builds any other
   combination of the tiny checkpoint once per session, shared by pytest-xdist workers under a file lock. All are
   READ-ONLY: a test that writes into a bundle copies it first, ``copy_bundle(src, tmp_path / "b")``.
+- A module's own CliRunner helper passes its argv through ``in_process_argv`` (the same ``--jobs 0``);
+  ``tests/forked_cli.run_forked`` runs the CLI in a process of its own under a memory limit or timeout, forked from
+  a warm helper (no fresh interpreter's imports).
 - ``make test`` runs pytest-xdist (``-n logical --maxprocesses 4 --dist loadscope --no-loadscope-reorder``): a
   module's tests (and module fixtures) stay on one worker, ``SLOW_FIRST`` below sends the slowest modules out
-  first, and each worker runs on its own share of the cores (``_cores_of_this_worker``).
+  first, and each worker runs on its own share of the cores (``_cores_of_this_worker``) and freezes the runtimes'
+  objects out of the garbage collector's way (``pytest_sessionstart``).
 """
 
 from __future__ import annotations
