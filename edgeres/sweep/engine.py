@@ -24,18 +24,11 @@ from typing import Callable
 
 from edgeres.errors import InputError
 from edgeres.progress import log, progress
+from edgeres.targets.base import cpu_threads  # the cores this process may run on (a container's CPU set)
 
 BENCH = "bench"
 OBJECT_STORE_MAX = 256 << 20  # the sweep passes paths and small dicts, never models, through the store
 OBJECT_STORE_MIN = 80 << 20  # Ray refuses less than 75 MiB
-
-
-def machine_cpus() -> int:
-    """Cores this process may run on (a container's CPU set, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def object_store_bytes() -> int:
@@ -109,7 +102,7 @@ def ray_session(address: str | None):
 
             if address is None:
                 temp = None if os.environ.get("RAY_TMPDIR") else tempfile.mkdtemp(prefix="edgeres-ray-", dir=_short_tmp())
-                ctx = _init(ray, address, dict(address="local", num_cpus=machine_cpus(), resources={BENCH: 1},
+                ctx = _init(ray, address, dict(address="local", num_cpus=cpu_threads(), resources={BENCH: 1},
                                                include_dashboard=False, object_store_memory=object_store_bytes(),
                                                _temp_dir=temp, **common))
             else:
