@@ -251,25 +251,26 @@ def _freezing(config) -> bool:
 
 
 def pytest_sessionstart(session):
-    """Import the runtimes, then move every object alive now (their modules, classes and functions: 0.56 M)
-    into the collector's permanent generation. A full collection in a process holding TensorFlow and torch
-    scanned them all each time: 0.4-0.9 s per collection, and edgeres collects after each big step (converting a
-    tiny model to TFLite triggered 12); test_tflite, test_openvino_target and test_safety_models took 128 s of CPU
-    before, 111 s frozen. Objects created by tests are collected as before. ``EDGERES_TEST_FREEZE=0`` leaves the
-    collector alone."""
+    """Import the runtimes (in a pytest-xdist worker), then move every object alive now (their modules, classes
+    and functions: 0.56 M) into the collector's permanent generation. A full collection in a process holding
+    TensorFlow and torch scanned them all each time: 0.4-0.9 s per collection, and edgeres collects after each big
+    step (converting a tiny model to TFLite triggered 12); test_tflite, test_openvino_target and test_safety_models
+    took 128 s of CPU before, 111 s frozen. Objects created by tests are collected as before.
+    ``EDGERES_TEST_FREEZE=0`` leaves the collector alone."""
     import gc
     import importlib
 
     if not _freezing(session.config):
         return
-    from edgeres.targets.tflite import native_stderr_quiet
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: every worker reaches them (`pytest FILE`: as needed)
+        from edgeres.targets.tflite import native_stderr_quiet
 
-    with native_stderr_quiet():  # TensorFlow's start-up lines, as edgeres holds them back
-        for name in RUNTIMES:
-            try:
-                importlib.import_module(name)
-            except ImportError:  # a runtime that is not installed: its tests skip with their reason
-                pass
+        with native_stderr_quiet():  # TensorFlow's start-up lines, as edgeres holds them back
+            for name in RUNTIMES:
+                try:
+                    importlib.import_module(name)
+                except ImportError:  # a runtime that is not installed: its tests skip with their reason
+                    pass
     gc.collect()
     gc.freeze()
 
