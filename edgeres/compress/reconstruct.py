@@ -68,16 +68,29 @@ def channel_maps(pruned, reference) -> dict:
     return maps
 
 
+class _Captured(Exception):
+    """Raised by ``_capture``'s hook: the rest of the forward pass is not needed."""
+
+
 def _capture(module, run, want: str):
-    """Run ``run()`` and return ``module``'s input (``want="in"``) or output seen during it."""
+    """Run ``run()`` up to ``module`` and return its input (``want="in"``) or output; the pass stops there
+    (a hook raises), so the layers after it are not computed for nothing: a block's last conv was captured
+    after the whole block had run, and its first one before any of it."""
     box = {}
 
-    def hook(_m, inputs, output):
-        box["v"] = inputs[0] if want == "in" else output
+    def before(_m, inputs):
+        box["v"] = inputs[0]
+        raise _Captured
 
-    handle = module.register_forward_hook(hook)
+    def after(_m, _inputs, output):
+        box["v"] = output
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(before) if want == "in" else module.register_forward_hook(after)
     try:
         run()
+    except _Captured:
+        pass
     finally:
         handle.remove()
     return box["v"]
