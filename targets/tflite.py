@@ -299,8 +299,8 @@ def _keras_converter(build, folder: str, tf):
     Keras. ``TFLiteConverter.from_keras_model`` writes the whole Keras object graph instead (every layer's
     traced functions, which the converter then loads and discards) and holds the model through the whole
     conversion; here the model goes before the converter runs (a ResNet-152's worker peaked at 3.13 GB with
-    ``from_keras_model``, 2.64 GB this way). The same bytes, 2.4x faster for a ResNet-20 (1.2 s instead of
-    2.9 s) and 3.8 s less for a ResNet-50."""
+    ``from_keras_model``, 2.63 GB this way). The same bytes; a ResNet-20's conversion 2.9 → 1.2 s, a Keras
+    ResNet-152's to three targets 212 → 102 s (docs/convert.md)."""
     from tensorflow.lite.python import conversion_metadata_schema_py_generated as metadata_schema
 
     model = build()  # only this frame holds it, so it can go here
