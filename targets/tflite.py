@@ -277,6 +277,9 @@ def _convert(plan: _Plan, tf) -> tuple[_Converted, dict]:
                 from tensorflow.lite.python import convert as tfl_convert
 
                 ranges, images, origin, notes = _int8_ranges(flatbuffer, job, tf)
+                ranges, dead = _live_ranges(flatbuffer, ranges)
+                if dead:
+                    origin = {**origin, "ranges_of_always_zero_tensors": dead}
                 calibrated = _with_ranges(flatbuffer, ranges)
                 del flatbuffer
                 release_memory()
@@ -346,6 +349,7 @@ def _write_artifact(job: CompileJob, flatbuffer: bytes, io: str, options: dict, 
     report = op_report(path)
     if job.precision == "int8":
         check_full_int8(report, io=io, source=str(rel))
+    _check_loads(path, rel)
     ops_rel = rel.with_name(f"model.{job.precision}.ops.json")
     _write_atomic(job.out_dir / ops_rel, json.dumps(report, indent=1).encode())
     sidecar_rel = rel.with_suffix(".json")
@@ -552,6 +556,31 @@ def _derived_ranges(float_model: bytes, known: dict, stats: list[int]) -> dict:
     return out
 
 
+def _live_ranges(float_model: bytes, ranges: dict) -> tuple[dict, int]:
+    """(``ranges`` with every empty one — an activation that was 0 on every calibration image, such as a dead
+    ReLU — given the range of the activation its op reads, how many there were). LiteRT's quantiser widens an
+    empty range to 2e-6 (scale 7.8e-9); XNNPACK then refuses the model when it loads (a conv's requantisation
+    scale ≥ 256: "failed to create XNNPACK runtime"). Any range holds the zeros exactly; the input's keeps the
+    scale ratios of the ops around it as in a live layer. With no such input: (0, 1)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    if all(hi > lo for lo, hi in ranges.values()):
+        return ranges, 0
+    graph = flatbuffer_utils.read_model_from_bytearray(float_model).subgraphs[0]
+    fixed, dead = dict(ranges), 0
+    for op in graph.operators:  # graph order: an input fixed here is live for the ops after it
+        for o in op.outputs:
+            if o not in fixed or fixed[o][1] > fixed[o][0]:
+                continue
+            inputs = [fixed[i] for i in op.inputs if i >= 0 and i in fixed and fixed[i][1] > fixed[i][0]]
+            fixed[o] = inputs[0] if inputs else (0.0, 1.0)
+            dead += 1
+    for i, (lo, hi) in fixed.items():  # a graph input, or a tensor no op makes
+        if hi <= lo:
+            fixed[i], dead = (0.0, 1.0), dead + 1
+    return fixed, dead
+
+
 def _with_ranges(float_model: bytes, ranges: dict) -> bytes:
     """The float model with ``ranges`` as its tensors' min/max and its conversion metadata saying full
     int8 — what the LiteRT converter's calibrator hands its quantiser (``mlir_quantize``)."""
@@ -653,6 +682,18 @@ def op_report(path: str | Path) -> dict:
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     return {"model": Path(path).name, "ops": ops, "summary": summary, "float_compute_ops": float_ops,
             "input": _io_record(inp), "output": _io_record(out)}
+
+
+def _check_loads(path: Path, source) -> None:
+    """Raise ``TargetError`` unless LiteRT loads the model with its default delegate (XNNPACK), as an app and
+    ``edgeres eval`` do: the converter can write a model whose quantisation XNNPACK refuses."""
+    module = _interpreter_module()
+    try:
+        with native_stderr_quiet():
+            module.Interpreter(model_path=str(path), num_threads=1).allocate_tensors()
+    except (ValueError, RuntimeError) as e:
+        raise TargetError(f"{source}: LiteRT cannot load the converted model with XNNPACK "
+                          f"({' '.join(str(e).split())[:200]})") from None
 
 
 def _compute_dtype(entry: dict) -> str:

@@ -364,6 +364,44 @@ def test_estimator_ranges_need_the_estimators_name(tmp_path, tiny_model, tiny_np
         _compile(tmp_path, spec, model, "int8", tiny_npz, 16, ranges="estimator")
 
 
+def _with_a_dead_relu(model):
+    """A copy of ``model`` whose second stage's first ReLU outputs 0 for every input (its BN shifts by -1000)."""
+    import copy
+
+    import torch
+
+    dead = copy.deepcopy(model)
+    with torch.no_grad():
+        dead.layer2[0].bn1.bias.fill_(-1000.0)
+    return dead
+
+
+@pytest.mark.parametrize("estimator", ["minmax", "mse"])
+def test_an_always_zero_activation_gets_a_range_xnnpack_loads(tmp_path, tiny_model, tiny_npz, estimator):
+    """A dead ReLU's range is empty; LiteRT's quantiser made it 2e-6 wide and XNNPACK refused the model when
+    it loaded (a Keras ResNet-V2 with random weights, issue 37's suite run): it takes its input's range."""
+    from edgeres.targets import tflite
+
+    spec, model = tiny_model
+    dead = _with_a_dead_relu(model)
+    artifact = _compile(tmp_path, spec, dead, "int8", tiny_npz, 32, estimator=estimator)
+    assert artifact.options["ranges_of_always_zero_tensors"] >= 1
+    x = _inputs(4, spec.input_size)
+    got = tflite.load_runner(tmp_path / artifact.file)(x)  # XNNPACK, as eval and apps load it
+    assert np.isfinite(got).all()
+    assert (got.argmax(1) == _torch_logits(dead, x).argmax(1)).mean() >= 0.5
+
+
+def test_a_model_xnnpack_refuses_is_a_compile_error_not_an_artifact(tmp_path, tiny_model, tiny_npz, monkeypatch):
+    from edgeres.targets import tflite
+    from edgeres.targets.base import TargetError
+
+    monkeypatch.setattr(tflite, "_live_ranges", lambda model, ranges: (ranges, 0))  # the empty range kept
+    spec, model = tiny_model
+    with pytest.raises(TargetError, match="LiteRT cannot load the converted model with XNNPACK"):
+        _compile(tmp_path, spec, _with_a_dead_relu(model), "int8", tiny_npz, 32, estimator="minmax")
+
+
 # -- ranges once: the int8 stage's shared ranges, matched to the LiteRT tensors by value --------------
 
 @pytest.fixture(scope="module")
