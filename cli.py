@@ -404,7 +404,7 @@ def convert(
     seed: int = typer.Option(0, "--seed", help="Seed of --quant finetune (data order, augmentation, torch)."),
     preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Override the model's preprocessing: resize=256,crop=224,mode=shorter_side_crop|direct,filter=bilinear|bicubic|nearest,antialias=true|false,order=RGB|BGR,mean=a,b,c,std=a,b,c,scale=s (any of them), or a JSON file with those keys."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Class names: a text file with one name per line, or a TSV/CSV with an index column and name columns (e.g. ImageNet's classes.tsv: index, wnid, name); class folders named by any column are matched."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", help="Target compiles at once, each in its own process [from cores and free memory]; 0 compiles in this process."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="Target compiles at once, each in its own process [from cores and free memory]; 0 compiles (and evaluates) in this process."),
     out: str = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = typer.Option(False, "--force", help="Redo every step and replace an existing bundle at --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest and the results document (as report --json) as JSON."),

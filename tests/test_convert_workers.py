@@ -153,3 +153,21 @@ def test_tflite_int8_takes_the_shared_ranges_in_process_and_in_workers(three_way
         o = tflite["options"]
         assert o["ranges_from"] == "shared" and o["ranges_own_pass"] == 0 and o["ranges_matched"] > 5, (jobs, o)
         assert manifest["calibration"]["reference_images"] == 2
+
+
+def test_eval_runs_in_its_own_process_unless_jobs_0(tmp_path, tiny_checkpoint, tiny_npz, monkeypatch):
+    """``convert --eval`` evaluates in a fresh process (its runtimes do not sit beside torch and the model);
+    ``--jobs 0`` keeps everything in the one process the user started, eval too, with the same results."""
+    from edgeres.convert import run as convert_run
+
+    apart, real = [], convert_run._evaluate_apart
+    monkeypatch.setattr(convert_run, "_evaluate_apart", lambda cfg, out: (apart.append(cfg.jobs), real(cfg, out))[1])
+    top1 = {}
+    for jobs in ("0", "1"):
+        out = tmp_path / f"jobs{jobs}"
+        r = run_cli("convert", tiny_checkpoint, "--targets", "onnx", "--precision", "fp32", "--eval", tiny_npz,
+                    "--no-bench", "--jobs", jobs, "--out", out)
+        assert r.returncode == 0, r.stderr
+        ev = json.loads((out / "eval.json").read_text())
+        top1[jobs] = (ev["images"], ev["reference"]["top1"], [a["top1"] for a in ev["artifacts"]])
+    assert apart == [1] and top1["0"] == top1["1"] and top1["0"][0] == 64

@@ -63,7 +63,7 @@ class ConvertConfig:
     seed: int = 0  # --quant finetune: data order, augmentation and torch's generator
     preprocess: dict | None = None  # --preprocess override of the model's own: resize, crop, mode, mean, std, scale
     labels: str | None = None  # --labels: a file of class names (one per line, or a TSV/CSV such as classes.tsv)
-    jobs: int | None = None  # target compiles at once, each in a worker process (None: from cores and memory; 0: in this process)
+    jobs: int | None = None  # target compiles at once, each in a worker process (None: from cores and memory; 0: compiles and --eval in this process)
     # a grown bundle: exactly these (target, precision) pairs, not every target × precision (convert/grow.py)
     pairs: tuple[tuple[str, str], ...] | None = None
 

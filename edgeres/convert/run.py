@@ -126,9 +126,10 @@ def _evaluate(cfg: ConvertConfig, out: Path, key: str, eval_ds: ImageDataset) ->
     if (stored and not cfg.force and stored.get("conversion_key") == key
             and {k: stored.get(k) for k in wanted} == wanted):
         log("[dim]✓ eval (done in an earlier run, skipped)[/]")
-    elif cfg.eval_data is not None and all(a["target"] in BUILTIN for a in read_manifest(out)["artifacts"]):
+    elif cfg.eval_data is not None and cfg.jobs != 0 and \
+            all(a["target"] in BUILTIN for a in read_manifest(out)["artifacts"]):
         _evaluate_apart(cfg, out)
-    else:  # a plugin's target may exist only in this process
+    else:  # --jobs 0: no process but this one; a plugin's target may exist only in this process
         evaluate_and_check(out, eval_ds, cfg.eval_images, cfg.threads)
 
 
