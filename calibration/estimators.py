@@ -31,12 +31,14 @@ class RangeEstimator:
         self.max = -math.inf
         self.count = 0
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, bounds: tuple[float, float] | None = None) -> None:
+        """Add a batch; ``bounds``: its (min, max) when the caller has them already (one pass each saved)."""
         x = np.asarray(x)
         if x.size == 0:
             return
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
+        lo, hi = bounds if bounds is not None else (float(x.min()), float(x.max()))
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
         self.count += x.size
 
     def compute(self) -> tuple[float, float]:
@@ -72,11 +74,11 @@ class _HistogramEstimator(RangeEstimator):
         self.zeros = 0  # exact zeros (ReLU's clamp); they sit in bin N/2 = [0, width)
         self._zeros_before_radius = 0  # values seen while every value so far was exactly 0
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, bounds: tuple[float, float] | None = None) -> None:
         x = np.asarray(x, dtype=np.float32).ravel()
         if x.size == 0:
             return
-        super().update(x)
+        super().update(x, bounds)
         zeros = x.size - int(np.count_nonzero(x))
         self.zeros += zeros
         amax = max(abs(self.min), abs(self.max))
@@ -91,11 +93,13 @@ class _HistogramEstimator(RangeEstimator):
             self._double_radius()
         radius, scale = np.float32(self.radius), np.float32(self.bins / (2 * self.radius))
         # every value binned in one float32 pass (no compaction of the non-zeros: the calibration's
-        # hot loop), clipped before the integer cast, which gives the same bins as clipping after
+        # hot loop); -R <= x <= R puts t in [0, N] (N only at x = R, or by rounding just below it), and
+        # bin N is folded into bin N-1: the bins clipping t to [0, N-1] gave, one pass fewer
         t = x + radius
         t *= scale
-        np.clip(t, 0, self.bins - 1, out=t)
-        counts = np.bincount(t.astype(np.intp), minlength=self.bins)
+        counts = np.bincount(t.astype(np.intp), minlength=self.bins + 1)
+        counts[self.bins - 1] += counts[self.bins:].sum()
+        counts = counts[:self.bins]
         if zeros:  # exact zeros belong in bin N/2 = [0, width): float rounding could put them one bin low
             counts[int(min(max(radius * scale, 0), self.bins - 1))] -= zeros
             counts[self.bins // 2] += zeros

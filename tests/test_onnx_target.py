@@ -76,9 +76,9 @@ def test_calibration_keeps_no_activation_once_its_estimator_has_seen_it(tiny_onn
         estimator = make(*args, **kwargs)
         update = estimator.update
 
-        def update_and_note(x):
+        def update_and_note(x, *bounds):
             seen.append(weakref.ref(x))
-            update(x)
+            update(x, *bounds)
 
         estimator.update = update_and_note
         return estimator

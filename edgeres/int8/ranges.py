@@ -81,10 +81,13 @@ def compute_ranges(onnx_fp32_path: str | Path, calib_fn: Callable[..., Iterable[
         for name, value in zip([input_name, *exposed], [x, *outputs]):
             if name not in estimators:
                 continue
-            if not np.isfinite(value).all():
+            # NaN or Inf anywhere makes the min or the max non-finite: the bounds check every value, and the
+            # estimator takes them instead of two more passes over a ResNet-50's ~10 M values per image
+            bounds = (float(value.min()), float(value.max())) if value.size else None
+            if bounds is not None and not (np.isfinite(bounds[0]) and np.isfinite(bounds[1])):
                 raise DataError(f"calibration: activation {name!r} became NaN/Inf on batch {i}; "
                                 "check the images and the model weights")
-            estimators[name].update(value)
+            estimators[name].update(value, bounds)
         images += len(x)
     if images == 0:
         raise DataError("calibration data gave no images; give at least one calibration image with --calib")
