@@ -281,18 +281,21 @@ def keras_like_images(n: int, size: int, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
-def spread_logits(keras, model, x, target_std: float = 3.0) -> None:
+def spread_logits(keras, model, x, target_std: float = 3.0) -> np.ndarray:
     """Rescale the head's two Dense kernels so that, on ``x``, about half the hidden units are active and
-    the logits spread over a few units: a random network's top-1 is otherwise one class for every image."""
+    the logits spread over a few units: a random network's top-1 is otherwise one class for every image.
+    Returns Keras' features of ``x`` (the head's input, float32), which the rescaling leaves as they are."""
     hidden, last = model.layers[-2], model.layers[-1]
     features = keras.Model(model.inputs, hidden.input)
-    f = np.concatenate([np.asarray(features(x[i:i + 16], training=False), np.float64) for i in range(0, len(x), 16)])
+    f32 = np.concatenate([np.asarray(features(x[i:i + 16], training=False)) for i in range(0, len(x), 16)])
+    f = f32.astype(np.float64)
     w = hidden.get_weights()[0] / ((f @ hidden.get_weights()[0]).std() + 1e-12)
     b = -np.median(f @ w, axis=0)
     hidden.set_weights([w.astype(np.float32), b.astype(np.float32)])
     h = np.maximum(f @ w + b, 0)
     w2 = last.get_weights()[0]
     last.set_weights([(w2 * target_std / ((h @ w2).std() + 1e-12)).astype(np.float32), np.zeros(w2.shape[1], np.float32)])
+    return f32
 
 
 # What edgeres assumes for a Keras ImageNet model (checked against the manifest below): shorter side 256, crop 224
@@ -314,11 +317,14 @@ def make_keras_flatten_resnet50(folder: str) -> tuple[list[int], list[int]]:
                               L.Dense(10, activation="softmax")])
     randomize(model, np.random.default_rng(0))
     caffe = keras.applications.resnet.preprocess_input(keras_like_images(64, 224, seed=0).astype(np.float32))
-    spread_logits(keras, model, caffe)
+    features = spread_logits(keras, model, caffe)
     model.save(f"{folder}/resnet50.keras")
     cropped = keras.applications.resnet.preprocess_input(
         KERAS_GEOMETRY.geometry(keras_like_images(64, 224, seed=0)).astype(np.float32))
-    return (np.asarray(model.predict(caffe, batch_size=16, verbose=0)).argmax(1).tolist(),
+    # on the caffe images: Keras' own head layers on the features Keras computed above (the backbone is
+    # unchanged by the rescaling), not a second pass of the whole ResNet-50
+    head = model.layers[-1](model.layers[-2](features))
+    return (np.asarray(head).argmax(1).tolist(),
             np.asarray(model.predict(cropped, batch_size=16, verbose=0)).argmax(1).tolist())
 
 
