@@ -685,12 +685,12 @@ def op_report(path: str | Path) -> dict:
 
 
 def _check_loads(path: Path, source) -> None:
-    """Raise ``TargetError`` unless LiteRT loads the model with its default delegate (XNNPACK), as an app and
-    ``edgeres eval`` do: the converter can write a model whose quantisation XNNPACK refuses."""
-    module = _interpreter_module()
+    """Raise ``TargetError`` unless LiteRT loads the model with its default delegate (XNNPACK) through the runner
+    ``edgeres eval`` and the exported apps use: the converter can write a model whose quantisation XNNPACK refuses."""
+    _interpreter_module()
     try:
         with native_stderr_quiet():
-            module.Interpreter(model_path=str(path), num_threads=1).allocate_tensors()
+            LiteRtRunner(str(path), 1)
     except (ValueError, RuntimeError) as e:
         raise TargetError(f"{source}: LiteRT cannot load the converted model with XNNPACK "
                           f"({' '.join(str(e).split())[:200]})") from None

@@ -161,7 +161,12 @@ def test_eval_runs_in_its_own_process_unless_jobs_0(tmp_path, tiny_checkpoint, t
     from edgeres.convert import run as convert_run
 
     apart, real = [], convert_run._evaluate_apart
-    monkeypatch.setattr(convert_run, "_evaluate_apart", lambda cfg, out: (apart.append(cfg.jobs), real(cfg, out))[1])
+
+    def noted(cfg, out):
+        apart.append(cfg.jobs)
+        return real(cfg, out)
+
+    monkeypatch.setattr(convert_run, "_evaluate_apart", noted)
     top1 = {}
     for jobs in ("0", "1"):
         out = tmp_path / f"jobs{jobs}"
