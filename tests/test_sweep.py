@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,9 @@ def test_resnet20_sweep_on_embedded_ray_gives_8_trials_a_front_and_a_best(cifar,
     trials = doc["trials"]
     assert len(trials) == 8 and all(t["status"] == "ok" for t in trials), trials
     assert 90.0 < doc["baseline"]["top1"] < 94.0 and doc["baseline"]["images"] == 500
-    for t in trials:  # every trial is a real bundle, measured
+    for t in trials:  # every trial is a real bundle, measured, compiled in its Ray worker (a CIFAR ResNet is small)
         assert (out / t["bundle"] / "manifest.json").exists() and t["p50_ms"] > 0 and t["size_mb"] > 0
+        assert json.loads((out / t["bundle"] / "manifest.json").read_text())["config"]["jobs"] == 0
     pruned = [t for t in trials if t["prune"] == 0.3]
     assert all(t["macs"] < 41e6 * 0.8 for t in pruned)  # ResNet-20 has 41 M MACs
     # shared steps ran once per distinct key: 1 pruned ratio, 2 reference exports, 2 shared calibrations
@@ -172,6 +174,21 @@ def test_without_ray_the_command_says_what_to_install(tiny_checkpoint, tiny_npz,
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "pip install 'edgeres[sweep]'" in r.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_only_a_small_model_compiles_in_the_ray_worker():
+    """Under COMPILE_IN_TASK_BELOW_BYTES of weights: jobs=0 (no second process importing its runtime); at or over it,
+    or with jobs given: unchanged (a worker process per compile takes an ImageNet-size runtime heap with it)."""
+    from edgeres.convert.config import ConvertConfig
+    from edgeres.sweep.tasks import COMPILE_IN_TASK_BELOW_BYTES, compile_where
+
+    cfg = ConvertConfig(model="m.pt", out="o")
+    small = SimpleNamespace(state_dict={"w": np.zeros(COMPILE_IN_TASK_BELOW_BYTES // 4 - 1, np.float32)})
+    big = SimpleNamespace(state_dict={"a": np.zeros(COMPILE_IN_TASK_BELOW_BYTES // 8, np.float32),
+                                      "b": np.zeros(COMPILE_IN_TASK_BELOW_BYTES // 8, np.float32)})
+    assert compile_where(cfg, small).jobs == 0
+    assert compile_where(cfg, big).jobs is None
+    assert compile_where(replace(cfg, jobs=2), small).jobs == 2
 
 
 @pytest.mark.parametrize("change, expect", [({"prune": (0.0, 0.99)}, "--prune"), ({"threads": (0,)}, "--threads"),

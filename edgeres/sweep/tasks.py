@@ -28,6 +28,11 @@ from edgeres.sweep.grid import base_target
 from edgeres.sources.loading import load_model, save_checkpoint
 
 PRUNE_LOG = "pruning (and fine-tuning) once for ratio"  # counted by the sweep: each ratio is pruned once
+# A model with less than this in weights compiles in the Ray worker that runs its trial (a process of its own, one
+# per CPU, kept for the next trials): a worker process per compile would import its runtime again each time, and
+# TensorFlow's import alone (~5 s of CPU) is more than a CIFAR ResNet's whole TFLite compile. Bigger models keep
+# a process per compile, so what a runtime holds after an ImageNet-size compile (GBs) leaves with it.
+COMPILE_IN_TASK_BELOW_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -102,12 +107,19 @@ def conversion_step(job: ConversionJob, pruned: str | None, base: dict | None) -
             if base is not None and job.seed_ranges:
                 _seed_calibration(out, job.key, base)
             reference = Path(base["reference"]) if base is not None else None
-            build_bundle(job.cfg, loaded, job.key, calib, reference=reference)
+            build_bundle(compile_where(job.cfg, loaded), loaded, job.key, calib, reference=reference)
         else:
             log(f"✓ {out.name} is up to date (same model, data and options): build skipped")
         if job.evaluate:
             _evaluate(job.cfg, out)
         return summary(out)
+
+
+def compile_where(cfg: ConvertConfig, loaded) -> ConvertConfig:
+    """``cfg`` with ``jobs=0`` (compile in this Ray worker) for a model under ``COMPILE_IN_TASK_BELOW_BYTES`` of
+    weights; else unchanged (a worker process per compile). Not part of the conversion key: same files either way."""
+    weights = sum(int(getattr(v, "nbytes", 0)) for v in loaded.state_dict.values())
+    return replace(cfg, jobs=0) if cfg.jobs is None and weights < COMPILE_IN_TASK_BELOW_BYTES else cfg
 
 
 def existing_manifest(out: Path, key: str) -> dict | None:
