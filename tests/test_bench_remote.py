@@ -64,7 +64,7 @@ def sshd(tmp_path_factory):
         pytest.skip("sshd did not listen within 10 s")
     options = ["--ssh-option", f"Port={port}", "--ssh-option", f"IdentityFile={d / 'client_key'}",
                "--ssh-option", "IdentitiesOnly=yes", "--ssh-option", f"UserKnownHostsFile={d / 'known_hosts'}"]
-    yield {"destination": f"{getpass.getuser()}@127.0.0.1", "options": options, "port": port}
+    yield {"destination": f"{getpass.getuser()}@127.0.0.1", "options": options, "port": port, "log": d / "sshd.log"}
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -84,12 +84,28 @@ def _remote_dirs() -> set[str]:
     return set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "edgeres-bench.*")))
 
 
+def _logins(sshd) -> int:
+    return sshd["log"].read_text().count("Accepted publickey")
+
+
+def _control_folders() -> set[str]:
+    import tempfile
+
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "edgeres-ssh-*")))
+
+
 def test_remote_bench_gives_the_local_schema_with_the_host(cli, sshd, bundle, tmp_path):
     work = copy_bundle(bundle, tmp_path / "b")
-    before = _remote_dirs()
+    before, logins, folders = _remote_dirs(), _logins(sshd), _control_folders()
     remote = cli("bench", work, "--remote", sshd["destination"], "--remote-python", sys.executable, *sshd["options"],
                  "--runs", "5", "--warmup", "0", "--json", timeout=300)
     assert remote.returncode == 0, remote.stderr
+    # 3 runs, a temp folder, a python check, the copies and the clean-up: one login, the connection shared,
+    # and closed at the end (its socket folder gone, no ssh left holding it)
+    assert _logins(sshd) - logins == 1
+    assert _control_folders() == folders
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [line for line in ps.splitlines() if "edgeres-ssh-" in line], ps
     remote_doc = json.loads(remote.stdout)
     local_doc = json.loads(cli("bench", work, "--runs", "5", "--warmup", "0", "--json").stdout)
     assert remote_doc["host"] == sshd["destination"] and local_doc["host"] == "local"

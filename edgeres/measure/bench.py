@@ -16,8 +16,10 @@ import os
 import platform
 import shlex
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from edgeres.tables import fmt
 SCHEMA = "edgeres-bench/1"
 RUNNER = Path(__file__).with_name("bench_runner.py")
 RUNNER_SCHEMA = "edgeres-bench-run/1"
+CONTROL_PERSIST_S = 60  # a shared SSH connection left without its run (killed) closes itself after this
 # what a runner row carries into bench.json besides target/precision/file (its "system" goes top-level once)
 ROW_DROP = ("schema", "system")
 
@@ -214,10 +217,21 @@ class RemoteExecutor:
         self.extra_files = extra_files  # sent to the temp folder beside the runner (eval's inputs)
         self.host = remote.destination
         self.workdir: str | None = None
+        self._control: str | None = None  # the shared connection's socket (see _options)
+
+    def _options(self) -> list[str]:
+        """ssh/scp options: the host's, plus one shared connection for every call of this run (OpenSSH
+        multiplexing: the first call opens it, the others reuse it, so a bench of 6 runs does one key exchange
+        and authentication instead of a dozen; ControlPersist ends it on its own should ``__exit__`` never run).
+        A user's own ``--ssh-option ControlMaster=…``/``ControlPath=…`` comes first and wins."""
+        if self._control is None:
+            return self.remote.base_options()
+        return self.remote.base_options() + ["-o", "ControlMaster=auto", "-o", f"ControlPath={self._control}",
+                                             "-o", f"ControlPersist={CONTROL_PERSIST_S}"]
 
     # every call has a timeout and BatchMode, so a dead or password-only host fails fast instead of hanging
     def _ssh(self, command: str, timeout: float, what: str) -> subprocess.CompletedProcess:
-        cmd = ["ssh", *self.remote.base_options(), self.remote.destination, command]
+        cmd = ["ssh", *self._options(), self.remote.destination, command]
         return self._call(cmd, timeout, what)
 
     def _call(self, cmd: list[str], timeout: float, what: str) -> subprocess.CompletedProcess:
@@ -234,6 +248,35 @@ class RemoteExecutor:
         return out
 
     def __enter__(self):
+        self._open_control()
+        try:
+            return self._enter()
+        except BaseException:
+            self._close_control()
+            raise
+
+    def _open_control(self) -> None:
+        """A private folder for the shared connection's socket (a Unix socket path must stay under ~100 bytes:
+        where the temp folder is deeper than that, every call connects on its own, as before)."""
+        folder = tempfile.mkdtemp(prefix="edgeres-ssh-")
+        control = os.path.join(folder, "c")
+        if len(control.encode()) > 90:
+            os.rmdir(folder)
+            return
+        self._control = control
+
+    def _close_control(self) -> None:
+        if self._control is None:
+            return
+        control, self._control = self._control, None
+        if os.path.exists(control):  # the master is running: ask it to end now
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["ssh", "-o", f"ControlPath={control}", "-O", "exit", self.remote.destination],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=self.remote.connect_timeout_s)
+        shutil.rmtree(os.path.dirname(control), ignore_errors=True)
+
+    def _enter(self):
         subdirs = sorted({str(Path(f).parent) for item in self.items for f in item.files} - {"."})
         mkdirs = "".join(f" && mkdir -p {shlex.quote(d)}" for d in subdirs)
         out = self._ssh(f'd=$(mktemp -d "${{TMPDIR:-/tmp}}/edgeres-bench.XXXXXX") && cd "$d"{mkdirs} && pwd',
@@ -252,7 +295,10 @@ class RemoteExecutor:
         return self
 
     def __exit__(self, *exc):
-        self._cleanup()
+        try:
+            self._cleanup()
+        finally:
+            self._close_control()
         return False
 
     def _cleanup(self) -> None:
@@ -285,7 +331,7 @@ class RemoteExecutor:
         timeout = self.remote.call_timeout_s + size_mb
         for sub, paths in by_dir.items():
             dest = self.workdir if sub == "." else f"{self.workdir}/{sub}"
-            cmd = ["scp", "-q", "-B", *self.remote.base_options(), *paths, f"{self.remote.destination}:{dest}/"]
+            cmd = ["scp", "-q", "-B", *self._options(), *paths, f"{self.remote.destination}:{dest}/"]
             out = self._call(cmd, timeout, "copying the artifacts")
             if out.returncode != 0:
                 raise RemoteError(f"{self.host}: scp of {len(paths)} file(s) to {dest} failed "
@@ -310,7 +356,7 @@ class RemoteExecutor:
 
     def fetch(self, name: str, dest: Path) -> None:
         """Copy ``name`` from the temp folder back to ``dest``."""
-        cmd = ["scp", "-q", "-B", *self.remote.base_options(), f"{self.remote.destination}:{self.workdir}/{name}",
+        cmd = ["scp", "-q", "-B", *self._options(), f"{self.remote.destination}:{self.workdir}/{name}",
                str(dest)]
         out = self._call(cmd, self.remote.call_timeout_s, f"fetching {name}")
         if out.returncode != 0:
