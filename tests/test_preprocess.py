@@ -344,8 +344,9 @@ def test_keras_resnet50_flatten_head_artifacts_agree_with_keras_fed_the_same_pix
     assert len(set(keras_top1)) >= 5, f"Keras' top-1 must vary for agreement to mean anything: {set(keras_top1)}"
 
     out = tmp_path / "bundle"
+    # a process of its own (an ImageNet-size heap), compiling in it: a worker process would import TensorFlow again
     r = run_cli_process("convert", tmp_path / "resnet50.keras", "--targets", "onnx,openvino,tflite",
-                        "--precision", "fp32", "--no-bench", "--out", out)
+                        "--precision", "fp32", "--no-bench", "--jobs", "0", "--out", out)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     pre = Preprocess.from_dict(manifest["preprocess"]).with_layout("NCHW")
