@@ -88,24 +88,26 @@ def _logins(sshd) -> int:
     return sshd["log"].read_text().count("Accepted publickey")
 
 
-def _control_folders() -> set[str]:
+def test_remote_bench_gives_the_local_schema_with_the_host(cli, sshd, bundle, tmp_path, monkeypatch):
     import tempfile
 
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "edgeres-ssh-*")))
-
-
-def test_remote_bench_gives_the_local_schema_with_the_host(cli, sshd, bundle, tmp_path):
     work = copy_bundle(bundle, tmp_path / "b")
-    before, logins, folders = _remote_dirs(), _logins(sshd), _control_folders()
+    # this run's temp folder (short: it holds the shared connection's socket), so a remote bench of another
+    # worker running meanwhile is not seen
+    mine = tempfile.mkdtemp(prefix="t", dir="/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", mine)
+    before, logins = _remote_dirs(), _logins(sshd)
     remote = cli("bench", work, "--remote", sshd["destination"], "--remote-python", sys.executable, *sshd["options"],
                  "--runs", "5", "--warmup", "0", "--json", timeout=300)
+    monkeypatch.undo()
     assert remote.returncode == 0, remote.stderr
     # 3 runs, a temp folder, a python check, the copies and the clean-up: one login, the connection shared,
     # and closed at the end (its socket folder gone, no ssh left holding it)
     assert _logins(sshd) - logins == 1
-    assert _control_folders() == folders
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert not [line for line in ps.splitlines() if "edgeres-ssh-" in line], ps
+    assert not [line for line in ps.splitlines() if mine in line], ps
+    assert os.listdir(mine) == [], os.listdir(mine)
+    os.rmdir(mine)
     remote_doc = json.loads(remote.stdout)
     local_doc = json.loads(cli("bench", work, "--runs", "5", "--warmup", "0", "--json").stdout)
     assert remote_doc["host"] == sshd["destination"] and local_doc["host"] == "local"
