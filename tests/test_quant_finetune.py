@@ -26,8 +26,9 @@ def _convert(checkpoint, data: Path, out: Path, quant: str, **extra) -> dict:
     from edgeres.convert.config import ConvertConfig
     from edgeres.convert.run import convert
 
+    # jobs=0: compiled here (worker processes are tests/test_convert_workers.py's; each would import its runtime)
     cfg = ConvertConfig(model=str(checkpoint), out=str(out), calib=str(data / "calib.npz"), targets=TARGETS,
-                        quant=quant, bench=False, **extra)
+                        quant=quant, bench=False, jobs=0, **extra)
     return convert(cfg)
 
 
@@ -184,7 +185,7 @@ def test_resnet20_finetune_agrees_with_fp32_more_often_than_fast_on_every_runtim
     subset = open_dataset(cifar / "cifar10_train10k.npz")
     idx = subset.spread(3000)
     np.savez(tmp_path / "train3k.npz", x=subset.read(idx), y=subset.labels[idx])
-    common = dict(arch="resnet20", calib=str(cifar / "cifar10_calib.npz"), targets=TARGETS, bench=False)
+    common = dict(arch="resnet20", calib=str(cifar / "cifar10_calib.npz"), targets=TARGETS, bench=False, jobs=0)
     from edgeres.convert.config import ConvertConfig
     from edgeres.convert.run import convert
 
