@@ -50,14 +50,20 @@ class ImageDataset:
 
     def read(self, indices: np.ndarray, preprocess: Preprocess | None = None) -> np.ndarray:
         """uint8 images at ``indices``, brought to the preprocessing geometry when given."""
+        return self.read_each(indices, [preprocess])[0]
+
+    def read_each(self, indices: np.ndarray, geometries: Sequence[Preprocess | None]) -> list[np.ndarray]:
+        """``read(indices, g)`` for every ``g`` of ``geometries``, each file decoded once (a JPEG's decode
+        costs more than its resize)."""
         if self._array is not None:
             imgs = np.asarray(self._array[np.asarray(indices)])  # a plain copy, also from a memory-mapped x
-            return preprocess.geometry(imgs, self.source) if preprocess else imgs
-        out = []
+            return [g.geometry(imgs, self.source) if g else imgs for g in geometries]
+        out: list[list[np.ndarray]] = [[] for _ in geometries]
         for i in np.asarray(indices):
             img = _read_image(self._files[int(i)])[None]
-            out.append(preprocess.geometry(img, self._files[int(i)]) if preprocess else img)
-        return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
+            for images, g in zip(out, geometries):
+                images.append(g.geometry(img, self._files[int(i)]) if g else img)
+        return [np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8) for images in out]
 
     def spread(self, limit: int | None) -> np.ndarray:
         """Indices of at most ``limit`` images spread evenly over the set (files are often class-major)."""

@@ -3,8 +3,8 @@ the bundle records. A wrong convention (a straight resize where the model was sc
 RGB, another mean/std) costs more accuracy than any quantisation choice and nothing else shows it.
 
 One change from the recorded convention at a time (geometry, channel order, normalisation), so each row says
-what that one choice is worth. Photos are decoded and resized once per geometry, batch by batch (bounded
-memory), and every normalisation of that geometry runs on the same pixels. A convention that is clearly far
+what that one choice is worth. Batch by batch (bounded memory), each photo is decoded once and resized once per
+geometry, and every normalisation of that geometry runs on the same pixels. A convention that is clearly far
 below the recorded one on the first images (``STOP_BELOW_PP``, ``STOP_AFTER``) stops there; its row says so.
 """
 
@@ -114,19 +114,16 @@ def check_preprocessing(run: Callable[[np.ndarray], np.ndarray], dataset: ImageD
     n = len(indices)
     seen = [n] * len(found)  # images each convention ran on (fewer when it stopped early)
     with progress("preprocessing check", n * (len(found) - run_from)) as advance:
-        for members in groups.values():
-            members = [i for i in members if i >= run_from]
-            if not members:
-                continue
-            geometry = found[members[0]].preprocess
-            for start in range(0, n, batch_size):
-                live = [i for i in members if seen[i] == n]
-                if not live:
-                    break
-                idx = indices[start:start + batch_size]
-                end = start + len(idx)
-                pixels = dataset.read(idx, geometry)  # decoded and resized once for every convention of this geometry
-                for i in live:
+        for start in range(0, n, batch_size):
+            live = [[i for i in members if i >= run_from and seen[i] == n] for members in groups.values()]
+            live = [members for members in live if members]
+            if not live:
+                break
+            idx = indices[start:start + batch_size]
+            end = start + len(idx)
+            # each photo decoded once, resized once per geometry for every convention of that geometry
+            for members, pixels in zip(live, dataset.read_each(idx, [found[m[0]].preprocess for m in live])):
+                for i in members:
                     x = replace(found[i].preprocess, resize=None, resize_mode="shorter_side_crop")(pixels, dataset.source)
                     logits = np.asarray(run(x), np.float32).reshape(len(x), -1)
                     correct[i, start:end] = logits.argmax(1) == labels[start:end]
