@@ -53,8 +53,8 @@ class ImageDataset:
         return self.read_each(indices, [preprocess])[0]
 
     def read_each(self, indices: np.ndarray, geometries: Sequence[Preprocess | None]) -> list[np.ndarray]:
-        """``read(indices, g)`` for every ``g`` of ``geometries``, each file decoded once (a JPEG's decode
-        costs more than its resize)."""
+        """``read(indices, g)`` for every ``g`` of ``geometries``, each file decoded once (decoding an ImageNet
+        JPEG costs about as much as resizing it)."""
         if self._array is not None:
             imgs = np.asarray(self._array[np.asarray(indices)])  # a plain copy, also from a memory-mapped x
             return [g.geometry(imgs, self.source) if g else imgs for g in geometries]
