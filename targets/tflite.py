@@ -27,7 +27,8 @@ from edgeres.calibration.errors import DataError
 from edgeres.targets.base import (ANY_PRECISION, KERAS, Artifact, shared_reference, CompileJob, Runner, TargetError, TargetInfo, TargetOption, TargetUnavailable, atomic_path,
                           cpu_threads, release_memory)
 from edgeres.targets.runners.litert_runner import (LiteRtRunner, litert_dequantize, litert_embedded_normalization,
-                                           litert_quantize, litert_to_pixels, LITERT_PIXELS_ENTRY)
+                                           litert_interpreter_module, litert_quantize, litert_to_pixels,
+                                           LITERT_PIXELS_ENTRY)
 
 quantize, dequantize, to_pixels = litert_quantize, litert_dequantize, litert_to_pixels  # the runner's, named as before
 
@@ -73,15 +74,12 @@ def available() -> str:
 
 
 def _interpreter_module():
+    """The runner's LiteRT interpreter module, or ``TargetUnavailable`` with the install hint."""
     try:
-        from ai_edge_litert import interpreter
+        return litert_interpreter_module()
     except ImportError:
-        try:
-            from tflite_runtime import interpreter
-        except ImportError:
-            raise TargetUnavailable("ai-edge-litert is not installed; pip install ai-edge-litert "
-                                    "(or pip install 'edgeres[tflite]')") from None
-    return interpreter
+        raise TargetUnavailable("ai-edge-litert is not installed; pip install ai-edge-litert "
+                                "(or pip install 'edgeres[tflite]')") from None
 
 
 def _converter_modules():
@@ -687,7 +685,7 @@ def op_report(path: str | Path) -> dict:
 def _check_loads(path: Path, source) -> None:
     """Raise ``TargetError`` unless LiteRT loads the model with its default delegate (XNNPACK) through the runner
     ``edgeres eval`` and the exported apps use: the converter can write a model whose quantisation XNNPACK refuses."""
-    _interpreter_module()
+    _interpreter_module()  # no LiteRT at all: TargetUnavailable with the install hint, not a load failure
     try:
         with native_stderr_quiet():
             LiteRtRunner(str(path), 1)
