@@ -102,6 +102,10 @@ class Preprocess:
         return (f"{geometry}; {self.channel_order}, scale {self.scale:g}, mean {numbers(self.mean)}, "
                 f"std {numbers(self.std)}")
 
+    def geometry_key(self) -> tuple:
+        """What ``geometry`` depends on: two preprocessings with the same key give the same uint8 pixels."""
+        return (self.channel_order == "L", self.resize_mode, self.size, self.resize, self.filter, self.antialias)
+
     def geometry(self, images: np.ndarray, source: str = "images") -> np.ndarray:
         """Resize/crop a uint8 N×H×W×3 RGB batch to N×size×size×channels (uint8), or fail naming ``source``."""
         if self.channel_order == "L" and getattr(images, "shape", (0,))[-1] == 1:
