@@ -26,10 +26,11 @@ def resnet20_tflite(cifar, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dev_pngs(cifar, tmp_path_factory):
     """200 CIFAR dev images spread over the classes, as PNG files."""
-    dev = np.load(cifar / "cifar10_dev.npz")
+    with np.load(cifar / "cifar10_dev.npz") as dev:
+        x = dev["x"]  # an npz member is read (here: inflated) at each access
     folder = tmp_path_factory.mktemp("dev_png")
-    for i in np.linspace(0, len(dev["y"]) - 1, IMAGES).round().astype(int):
-        Image.fromarray(dev["x"][i]).save(folder / f"{i:04d}.png")
+    for i in np.linspace(0, len(x) - 1, IMAGES).round().astype(int):
+        Image.fromarray(x[i]).save(folder / f"{i:04d}.png")
     return folder
 
 
