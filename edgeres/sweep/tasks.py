@@ -1,7 +1,8 @@
 """The work of one sweep step, as plain functions that Ray runs in its workers (``engine`` wraps them).
 
 Each takes a frozen job record and the results of the steps it depends on, writes to the sweep folder
-(every node must see it at the same path) and returns a small dict. A step whose output is already
+(every node must see it at the same path) and returns a small dict. Each starts with ``settle_heap``: a Ray worker
+runs one step after another, and what earlier steps imported is not scanned by each collection again. A step whose output is already
 there with the same key is not redone, so a re-run resumes. Each step's log goes to ``logs/NAME.log``."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from edgeres.measure.bundle_eval import evaluate_bundle
 from edgeres.progress import log
 from edgeres.sweep.grid import base_target
 from edgeres.sources.loading import load_model, save_checkpoint
+from edgeres.targets.base import settle_heap
 
 PRUNE_LOG = "pruning (and fine-tuning) once for ratio"  # counted by the sweep: each ratio is pruned once
 # A model with less than this in weights compiles in the Ray worker that runs its trial (a process of its own, one
@@ -71,6 +73,7 @@ def logged(path: str, title: str):
 
 def prune_step(job: PruneJob) -> str:
     """Prune (and fine-tune) the model once for a ratio; returns the shared checkpoint's path."""
+    settle_heap()
     path = Path(job.path)
     with logged(job.log, f"prune {job.cfg.prune}"):
         if path.exists():
@@ -99,6 +102,7 @@ def _model(cfg: ConvertConfig, pruned: str | None):
 def conversion_step(job: ConversionJob, pruned: str | None, base: dict | None) -> dict:
     """Build (or find) one bundle, reusing the base's reference and calibration; evaluate a trial."""
     out = Path(job.cfg.out)
+    settle_heap()
     with logged(job.log, f"conversion {out.name}"), OutputLock(out):
         built = existing_manifest(out, job.key)
         if built is None:
@@ -189,6 +193,7 @@ def bench_step(job: BenchJob) -> dict:
     bundle = Path(job.bundle)
     cfg = BenchConfig(threads=job.threads, runs=job.runs, warmup=5)
     host = job.remote or "local"
+    settle_heap()
     with logged(job.log, f"bench {bundle.name}"), OutputLock(bundle):
         stored = read_result(bundle, BENCH_FILE)
         settings = (stored or {}).get("settings", {})
