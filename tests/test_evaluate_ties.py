@@ -3,6 +3,7 @@ model ending in softmax tie often) the first class, as argmax picks. Found on th
 artifact's top-1 read 89.00 % while its correct_bits held 88.25 %."""
 
 import numpy as np
+import pytest
 
 from edgeres.measure.evaluate import compare_to_reference, top1_class, top_classes, topk_accuracy
 from edgeres.measure.paired import paired_counts
@@ -70,3 +71,32 @@ def test_eval_table_names_the_tie_counts(capsys):
     out = capsys.readouterr().out
     assert "top score tied (top-1 = the lowest tied class index) on onnx int8 71 of 200 images" in out
     assert "reference fp32" not in out and "fp32 0" not in out
+
+
+def test_class_indices_pack_and_unpack_at_either_width():
+    from edgeres.measure.paired import pack_classes, unpack_classes
+
+    for classes in (np.array([0, 999, 7, 65535]), np.array([3, 70000, 0, 12])):
+        assert unpack_classes(pack_classes(classes), 4).tolist() == classes.tolist()
+    with pytest.raises(ValueError, match="6 bytes of classes for 4 images"):
+        unpack_classes(pack_classes(np.arange(3)), 4)
+
+
+def test_eval_keeps_the_references_top1_class_of_every_image(onnx_bundle, tiny_npz, tmp_path):
+    """What another framework fed the same pixels is compared with (the ImageNet Keras check does)."""
+    from edgeres.bundle import read_manifest, reference_path
+    from edgeres.calibration import Preprocess, open_dataset
+    from edgeres.measure.bundle_eval import evaluate_bundle
+    from edgeres.measure.paired import unpack_classes
+    from edgeres.targets import get_target
+    from tests.handmade_bundle import copy_bundle
+
+    bundle = copy_bundle(onnx_bundle, tmp_path / "b")
+    data = open_dataset(tiny_npz)
+    doc = evaluate_bundle(bundle, data, limit=40)
+    manifest = read_manifest(bundle)
+    run = get_target("onnx").load_runner(reference_path(bundle, manifest))
+    x, _ = next(data.batches(Preprocess.from_dict(manifest["preprocess"]), 40, 40))
+    expected = top1_class(np.asarray(run(x)))
+    assert len(set(expected.tolist())) > 1  # the classes differ, so the order is checked too
+    assert unpack_classes(doc["reference"]["top1_classes"], doc["images"]).tolist() == expected.tolist()

@@ -83,26 +83,23 @@ def keras_top1(model: str, pixels: str) -> list[int]:
 
 
 def test_the_fp32_reference_agrees_with_keras_fed_the_same_pixels(imagenet, converted, tmp_path):
-    """With every fp32 artifact at 100 % agreement with the reference (above), all of them agree with Keras."""
+    """Keras' top-1 on the pixels the bundle's preprocessing gives equals the top-1 that convert's eval recorded
+    for the fp32 reference on each photo (eval.json, in the photos' order); with every fp32 artifact at 100 %
+    agreement with the reference (above), all of them agree with Keras."""
     from edgeres.calibration import Preprocess, open_dataset
-    from edgeres.measure.evaluate import number_class_folders
-    from edgeres.targets import get_target
+    from edgeres.measure.paired import unpack_classes
     from tests.fresh_process import call_in_fresh_process
 
     data, model = imagenet
     bundle, _ = converted
     manifest = json.loads((bundle / "manifest.json").read_text())
-    pre = Preprocess.from_dict(manifest["preprocess"])
-    dev = open_dataset(data / "dev")
-    number_class_folders(dev, manifest["arch"]["labels"], manifest["arch"]["label_keys"])
-    reference = get_target("onnx").load_runner(bundle / manifest["reference"]["file"])
-    ours, pixels = [], []
-    for x, _ in dev.batches(pre, 50):
-        ours.append(np.asarray(reference(x)).argmax(1))
-        pixels.append(x.transpose(0, 2, 3, 1))
-    np.save(tmp_path / "pixels.npy", np.ascontiguousarray(np.concatenate(pixels)))
+    pre = Preprocess.from_dict(manifest["preprocess"]).with_layout("NHWC")
+    ev = _eval(bundle)
+    ours = unpack_classes(ev["reference"]["top1_classes"], ev["images"])
+    pixels = np.concatenate([x for x, _ in open_dataset(data / "dev").batches(pre, 50)])
+    np.save(tmp_path / "pixels.npy", pixels)
     theirs = call_in_fresh_process(keras_top1, model, tmp_path / "pixels.npy")
-    assert len(theirs) == 400 and np.array_equal(np.concatenate(ours), np.asarray(theirs))
+    assert len(theirs) == len(ours) == 400 and np.array_equal(ours, np.asarray(theirs))
 
 
 def test_labels_and_wnid_folders_give_the_names_and_indices_of_classes_tsv(imagenet, converted):

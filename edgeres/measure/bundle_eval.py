@@ -12,7 +12,7 @@ from edgeres.errors import InputError
 from edgeres.measure.evaluate import (TIE_RULE, check_labels, collect_logits, compare_to_reference,
                                       top1_class, topk_accuracy, torch_runner)
 from edgeres.measure.layer_error import layer_report
-from edgeres.measure.paired import CI_METHOD, pack_bits
+from edgeres.measure.paired import CI_METHOD, pack_bits, pack_classes
 from edgeres.measure.records import artifact_sha, data_fingerprint, keep_eval, now
 from edgeres.progress import log
 from edgeres.sources.loading import load_model
@@ -43,7 +43,9 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     reference = collect_logits(ref_runner, dataset, pre, limit=limit, description="fp32 reference")
     del ref_runner  # one runtime's model at a time: each is let go before the next loads
     release_memory()
-    result = {"reference": {**topk_accuracy(reference, labels), "correct_bits": pack_bits(top1_class(reference) == labels)},
+    # the reference's top-1 per image too: what another framework's predictions on the same pixels are compared with
+    result = {"reference": {**topk_accuracy(reference, labels), "correct_bits": pack_bits(top1_class(reference) == labels),
+                            "top1_classes": pack_classes(top1_class(reference))},
               "artifacts": [], "images": int(len(labels))}
     for a, path in zip(artifacts, paths):
         entry = {"target": a["target"], "precision": a["precision"], "file": a["file"],

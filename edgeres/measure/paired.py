@@ -92,6 +92,21 @@ def unpack_bits(text: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8))[:n].astype(bool)
 
 
+def pack_classes(classes: np.ndarray) -> str:
+    """Class indices, one per image, as base64 of little-endian uint16 (uint32 past 65 536 classes)."""
+    classes = np.asarray(classes)
+    dtype = "<u2" if classes.size == 0 or int(classes.max()) < 1 << 16 else "<u4"
+    return base64.b64encode(classes.astype(dtype).tobytes()).decode("ascii")
+
+
+def unpack_classes(text: str, n: int) -> np.ndarray:
+    """``pack_classes``' indices for ``n`` images (the width read off the length)."""
+    raw = base64.b64decode(text)
+    if len(raw) not in (2 * n, 4 * n):
+        raise ValueError(f"{len(raw)} bytes of classes for {n} images")
+    return np.frombuffer(raw, "<u2" if len(raw) == 2 * n else "<u4").astype(np.int64)
+
+
 def intervals_overlap(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
     """Whether two intervals share a point; a missing one overlaps everything (nothing is known)."""
     if a is None or b is None:
