@@ -1,9 +1,10 @@
 """The work of one sweep step, as plain functions that Ray runs in its workers (``engine`` wraps them).
 
 Each takes a frozen job record and the results of the steps it depends on, writes to the sweep folder
-(every node must see it at the same path) and returns a small dict. Each starts with ``settle_heap``: a Ray worker
-runs one step after another, and what earlier steps imported is not scanned by each collection again. A step whose output is already
-there with the same key is not redone, so a re-run resumes. Each step's log goes to ``logs/NAME.log``."""
+(every node must see it at the same path) and returns a small dict. A step whose output is already
+there with the same key is not redone, so a re-run resumes. Each step's log goes to ``logs/NAME.log``.
+Each starts with ``settle_heap``: a Ray worker runs one step after another, and what the earlier steps imported
+is then not scanned again by every garbage collection."""
 
 from __future__ import annotations
 
