@@ -26,7 +26,7 @@ _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.l
 # read), for the next pass over the same photos: eval runs every artifact of a bundle on the same images and the
 # preprocessing check every normalisation of a geometry (400 ImageNet photos at 224²: 57 MB; decoding and resizing
 # one took ~4 ms, normalising its kept pixels ~0.8 ms)
-KEEP_PIXELS_BYTES = 256 << 20
+KEEP_PIXELS_BYTES = 128 << 20  # ~850 photos at 224²: the first read of a bundle's ImageNet-size evaluation
 
 
 @dataclass
