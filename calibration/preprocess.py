@@ -103,8 +103,11 @@ class Preprocess:
                 f"std {numbers(self.std)}")
 
     def geometry_key(self) -> tuple:
-        """What ``geometry`` depends on: two preprocessings with the same key give the same uint8 pixels."""
-        return (self.channel_order == "L", self.resize_mode, self.size, self.resize, self.filter, self.antialias)
+        """What ``geometry`` depends on: two preprocessings with the same key give the same uint8 pixels (the
+        filter and antialiasing only count where an image is resized)."""
+        resizes = self.resize_mode == "direct" or self.resize is not None
+        return (self.channel_order == "L", self.resize_mode, self.size, self.resize,
+                self.filter if resizes else None, self.antialias if resizes else None)
 
     def geometry(self, images: np.ndarray, source: str = "images") -> np.ndarray:
         """Resize/crop a uint8 N×H×W×3 RGB batch to N×size×size×channels (uint8), or fail naming ``source``."""

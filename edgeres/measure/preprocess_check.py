@@ -48,11 +48,6 @@ class Convention:
     preprocess: Preprocess
 
 
-def _geometry_key(pre: Preprocess) -> tuple:
-    return (pre.resize_mode, pre.resize, pre.filter if pre.resize_mode == "direct" or pre.resize else None,
-            pre.antialias if pre.resize_mode == "direct" or pre.resize else None)
-
-
 def _numbers_key(pre: Preprocess) -> tuple:
     """The arithmetic in RGB terms (so BGR with reversed statistics is the same arithmetic on each colour)."""
     flip = (lambda v: tuple(v)[::-1]) if pre.channel_order == "BGR" else tuple
@@ -67,7 +62,7 @@ def _geometry_name(pre: Preprocess) -> str:
 def conventions(recorded: Preprocess) -> list[Convention]:
     """The recorded convention first, then each standard alternative differing from it in one respect."""
     out = [Convention(recorded.describe(), "recorded", recorded)]
-    seen_geometry, seen_numbers = {_geometry_key(recorded)}, {_numbers_key(recorded)}
+    seen_geometry, seen_numbers = {recorded.geometry_key()}, {_numbers_key(recorded)}
     if recorded.resize_mode == "direct" or recorded.resize is not None:  # images of any size: geometry matters
         crop = round(recorded.size * 256 / 224)
         for geometry in (dict(resize_mode="shorter_side_crop", resize=crop, filter="bilinear", antialias=True),
@@ -75,8 +70,8 @@ def conventions(recorded: Preprocess) -> list[Convention]:
                          dict(resize_mode="direct", resize=None, filter="bilinear", antialias=True),
                          dict(resize_mode="direct", resize=None, filter="nearest", antialias=True)):
             pre = replace(recorded, **geometry)
-            if _geometry_key(pre) not in seen_geometry:
-                seen_geometry.add(_geometry_key(pre))
+            if pre.geometry_key() not in seen_geometry:
+                seen_geometry.add(pre.geometry_key())
                 out.append(Convention(_geometry_name(pre), "geometry", pre))
     if recorded.channel_order == "L":  # greyscale: no channel order, and the standards are colour statistics
         return out
@@ -105,7 +100,7 @@ def check_preprocessing(run: Callable[[np.ndarray], np.ndarray], dataset: ImageD
     found = conventions(recorded)
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(found):
-        groups.setdefault(_geometry_key(c.preprocess), []).append(i)
+        groups.setdefault(c.preprocess.geometry_key(), []).append(i)
     correct = np.zeros((len(found), len(indices)), bool)
     run_from = 0
     if recorded_correct is not None:
