@@ -256,11 +256,13 @@ def pytest_sessionstart(session):
     TensorFlow and torch scanned them all each time: 0.4-0.9 s per collection, and edgeres collects after each big
     step (converting a tiny model to TFLite triggered 12); test_tflite, test_openvino_target and test_safety_models
     took 128 s of CPU before, 111 s frozen. Objects created by tests are collected as before, by edgeres' own
-    collections after each big step and by the automatic ones, made rarer (``GC_THRESHOLDS``: 7466 automatic
-    collections took 6.6 s of 160 s in four converting modules, 216 took 2.9 s).
-    ``EDGERES_TEST_FREEZE=0`` leaves the collector alone."""
-    import gc
+    collections after each big step and by the automatic ones, made rarer (``targets.base.GC_THRESHOLDS``: 7466
+    automatic collections took 6.6 s of 160 s in four converting modules, 216 took 2.9 s). This is edgeres' own
+    ``settle_heap``, which a sweep's Ray workers run before each step. ``EDGERES_TEST_FREEZE=0`` leaves the
+    collector alone."""
     import importlib
+
+    from edgeres.targets.base import settle_heap
 
     if not _freezing(session.config):
         return
@@ -273,12 +275,7 @@ def pytest_sessionstart(session):
                     importlib.import_module(name)
                 except ImportError:  # a runtime that is not installed: its tests skip with their reason
                     pass
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-GC_THRESHOLDS = (50_000, 20, 20)  # the collector's defaults: (700, 10, 10) allocations / collections
+    settle_heap()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -288,10 +285,9 @@ def pytest_runtest_teardown(item, nextitem):
     later collection either."""
     yield
     if nextitem is not None and nextitem.module is not item.module and _freezing(item.config):
-        import gc
+        from edgeres.targets.base import settle_heap
 
-        gc.collect()
-        gc.freeze()
+        settle_heap()
 
 
 def pytest_collection_modifyitems(config, items):
