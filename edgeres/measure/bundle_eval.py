@@ -44,8 +44,9 @@ def evaluate_bundle(bundle: str | Path, dataset: ImageDataset, *, limit: int | N
     del ref_runner  # one runtime's model at a time: each is let go before the next loads
     release_memory()
     # the reference's top-1 per image too: what another framework's predictions on the same pixels are compared with
-    result = {"reference": {**topk_accuracy(reference, labels), "correct_bits": pack_bits(top1_class(reference) == labels),
-                            "top1_classes": pack_classes(top1_class(reference))},
+    ref_top1 = top1_class(reference)
+    result = {"reference": {**topk_accuracy(reference, labels), "correct_bits": pack_bits(ref_top1 == labels),
+                            "top1_classes": pack_classes(ref_top1)},
               "artifacts": [], "images": int(len(labels))}
     for a, path in zip(artifacts, paths):
         entry = {"target": a["target"], "precision": a["precision"], "file": a["file"],
