@@ -173,8 +173,10 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and 
                                       help="Print the version and exit.")):
     _state["debug"] = debug
     from edgeres.progress import set_debug
+    from edgeres.targets.base import rarer_collections
 
     set_debug(debug)
+    rarer_collections()  # before any runtime is imported
 
 
 @app.command()

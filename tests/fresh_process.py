@@ -17,6 +17,8 @@ from tests.conftest import ROOT
 
 _CALL = """import json, sys
 from importlib import import_module
+from edgeres.targets.base import rarer_collections
+rarer_collections()  # as every edgeres process does
 func = getattr(import_module(sys.argv[1]), sys.argv[2])
 result = func(*json.loads(sys.argv[3]))
 sys.stdout.write("\\n" + json.dumps(result) + "\\n")

@@ -18,8 +18,10 @@ ERRORS = ("DataError", "InputError", "TargetError", "TargetUnavailable", "Option
 
 def main(argv: list[str]) -> int:
     from edgeres.convert.worker import _die_with_parent
+    from edgeres.targets.base import rarer_collections
 
     _die_with_parent()
+    rarer_collections()
     from edgeres.bundle import write_json_atomic
     from edgeres.calibration import DataError, open_dataset
     from edgeres.errors import InputError

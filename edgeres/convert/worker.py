@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgeres.bundle import write_json_atomic
 from edgeres.convert.workers import PARENT_ENV, compile_record
-from edgeres.targets.base import die_with_parent
+from edgeres.targets.base import die_with_parent, rarer_collections
 
 
 def _die_with_parent() -> None:
@@ -63,6 +63,7 @@ TEST_ABORT_ENV = "EDGERES_TEST_WORKER_ABORT"  # tests: the worker dies at once, 
 
 def main(argv: list[str]) -> int:
     _die_with_parent()
+    rarer_collections()
     if os.environ.get(TEST_ABORT_ENV):
         os.abort()
     task = json.loads(Path(argv[0]).read_text())

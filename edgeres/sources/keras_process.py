@@ -11,11 +11,12 @@ from pathlib import Path
 
 from edgeres.errors import InputError
 from edgeres.sources.loading import KERAS_ERROR_FILE, KERAS_SPEC_FILE, KERAS_WEIGHTS_FILE, map_keras_here
-from edgeres.targets.base import die_with_parent
+from edgeres.targets.base import die_with_parent, rarer_collections
 
 
 def main(argv: list[str]) -> int:
     die_with_parent()
+    rarer_collections()
     model, arch, out = Path(argv[0]), argv[1] or None, Path(argv[2])
     import numpy as np
 
