@@ -162,6 +162,28 @@ def test_a_convention_far_below_the_recorded_one_stops_early_and_is_never_the_be
     assert capsys.readouterr().out.count(f"on the first {STOP_AFTER} images") == len(rows) - 1
 
 
+def test_a_stop_is_decided_only_after_64_photos_and_at_each_doubling(tmp_path, monkeypatch):
+    """Few looks, so the 95 % of the interval holds: on 200 photos in batches of 16 the check looks at 64 and 128
+    photos (the batches that reach them), never at 80, 96, ... (a stop made impossible here to see every look)."""
+    import edgeres.measure.preprocess_check as pc
+
+    dataset = photos(tmp_path, n=200)
+    model = model_trained_on(KERAS, dataset)
+    looked = []
+
+    def spy(counts):
+        looked.append(counts.both_right + counts.reference_only + counts.artifact_only + counts.both_wrong)
+        return real(counts)
+
+    real = pc.drop_interval_pp
+    monkeypatch.setattr(pc, "drop_interval_pp", spy)
+    monkeypatch.setattr(pc, "STOP_BELOW_PP", 101.0)
+    result = pc.check_preprocessing(model, dataset, KERAS, batch_size=16)
+    others = len(result["conventions"]) - 1
+    assert not any(r["stopped_early"] for r in result["conventions"])
+    assert sorted(looked) == sorted([64] * others + [128] * others + [200] * others), looked  # 200: the rows
+
+
 def test_check_preprocess_command_prints_each_convention_beside_the_recorded_one(app_bundle, tmp_path):
     x, y = make_images(20, 16, seed=1)
     np.savez(tmp_path / "eval.npz", x=x, y=y)
