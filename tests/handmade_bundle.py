@@ -49,8 +49,9 @@ def build_bundle(bundle: Path, spec, model, targets=("onnx", "openvino", "tflite
         shutil.copyfile(bundle / REFERENCE_FILE, bundle / "onnx" / "model.fp32.onnx")
         artifacts.append(_artifact(bundle, "onnx", "fp32", ["onnx/model.fp32.onnx"]))
     if "openvino" in targets:
-        import openvino as ov
+        from edgeres.targets.runners.openvino_runner import openvino_by_consent
 
+        ov = openvino_by_consent()
         (bundle / "openvino").mkdir()
         ov.save_model(ov.convert_model(str(bundle / REFERENCE_FILE)), str(bundle / "openvino" / "model.fp32.xml"),
                       compress_to_fp16=False)

@@ -173,7 +173,8 @@ def test_bench_of_a_missing_bundle_exits_2(cli, tmp_path):
 ALLOWED_IMPORTS = {"argparse", "ctypes", "math", "glob", "json", "os", "platform", "resource", "signal", "subprocess", "sys",
                    "time", "warnings", "__future__", "numpy", "onnxruntime", "openvino", "ai_edge_litert", "tflite_runtime",
                    "onnx",  # onnx: only for intermediate tensors (per-layer error), which run on the host
-                   "importlib", "executorch", "torch"}  # ExecuTorch's Python runtime needs torch (its runtime_needs)
+                   "importlib", "executorch", "torch",  # ExecuTorch's Python runtime needs torch (its runtime_needs)
+                   "openvino_telemetry"}  # openvino's own dependency: its usage reports sent only by consent
 
 
 def test_runner_imports_only_stdlib_numpy_and_the_runtimes():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import pytest
 
 from tests.conftest import EDGERES_STAGES, ROOT, make_images
 
-pytest.importorskip("openvino")
+if find_spec("openvino") is None:  # found, not imported: usage_reports imports it in a fresh process
+    pytest.skip("openvino is not installed: pip install 'edgeres[openvino]'", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +356,50 @@ def test_resnet20_openvino_int8_is_built_from_the_shared_qdq_ranges(resnet20_int
 def test_resnet20_openvino_and_onnx_int8_agree_on_99_pct_of_images(resnet20_int8):
     top1 = resnet20_int8["top1"]
     assert (top1["onnx"] == top1["openvino"]).mean() >= 0.99
+
+
+def usage_reports(home: str, onnx: str, consent: str | None, edgeres_first: bool) -> dict:
+    """In a fresh process whose home is ``home`` (``consent``: the content of OpenVINO's opt-in file, or no file):
+    the usage reports OpenVINO would send while it is imported and converts ``onnx``, caught before they leave
+    (nothing goes out). ``edgeres_first``: edgeres imports OpenVINO; else OpenVINO is imported first, as a user's
+    own code may do, and edgeres only before the conversion."""
+    os.environ["HOME"] = home
+    if consent is not None:
+        (Path(home) / "intel").mkdir()
+        (Path(home) / "intel" / "openvino_telemetry").write_text(consent)
+    from openvino_telemetry.main import TelemetrySender
+
+    caught: list[str] = []
+    TelemetrySender.send = lambda self, backend, message: caught.append(json.dumps(message)[:300])
+    from edgeres.targets.runners.openvino_runner import openvino_by_consent
+
+    if edgeres_first:
+        ov = openvino_by_consent()
+    else:
+        import openvino as ov
+    at_import = len(caught)
+    ov = openvino_by_consent()
+    ov.convert_model(onnx)
+    return {"at_import": at_import, "converting": len(caught) - at_import,
+            "client_id_written": (Path(home) / "intel" / "openvino_ga_cid").exists()}
+
+
+@pytest.mark.parametrize("consent, edgeres_first, expect", [
+    (None, True, {"at_import": 0, "converting": 0, "client_id_written": False}),  # no file: nothing
+    ("0", True, {"at_import": 0, "converting": 0, "client_id_written": False}),  # opted out
+    (None, False, {"at_import": 1, "converting": 0, "client_id_written": True}),  # OpenVINO's own default, then edgeres
+])
+def test_openvino_reports_usage_only_where_the_user_said_yes(tiny_onnx, tmp_path, consent, edgeres_first, expect):
+    from tests.fresh_process import call_in_fresh_process
+
+    got = call_in_fresh_process(usage_reports, tmp_path, tiny_onnx[1], consent, edgeres_first)
+    assert got == expect
+    if consent is None:  # edgeres reads the user's choice and never writes it
+        assert not (tmp_path / "intel" / "openvino_telemetry").exists()
+
+
+def test_openvino_reports_usage_where_the_user_opted_in(tiny_onnx, tmp_path):
+    from tests.fresh_process import call_in_fresh_process
+
+    got = call_in_fresh_process(usage_reports, tmp_path, tiny_onnx[1], "1", True)
+    assert got["at_import"] >= 1 and got["converting"] >= 1 and got["client_id_written"], got  # caught, not sent

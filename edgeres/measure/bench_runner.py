@@ -535,6 +535,8 @@ unless the IR says otherwise, because OpenVINO's CPU default is bf16 on CPUs wit
 would silently run an "fp32" IR in bf16. An IR with embedded preprocessing (``edgeres/input_preprocess``)
 takes uint8 NHWC images; its runner turns the NCHW float batches back into them (exact for inputs made
 from uint8 images).
+
+OpenVINO is imported through ``openvino_by_consent``: its usage telemetry goes out only where the user said yes.
 """
 
 
@@ -543,6 +545,36 @@ import json
 import numpy as np
 
 OPENVINO_RT_INFO_KEY = "edgeres"
+
+
+def openvino_by_consent():
+    """``import openvino``, its usage reports sent only where the user agreed to them.
+
+    OpenVINO's converter (imported with ``openvino`` itself) and NNCF report usage to Google Analytics unless the
+    user declined with OpenVINO's ``opt_in_out --opt_out``: no consent file (``~/intel/openvino_telemetry``) counts
+    as yes; they then write a client ID into ``~/intel`` and fork the whole process for each event. From here on,
+    in this process, they report only where that file says yes (``opt_in_out --opt_in``); it is read, never
+    written. A reporter made before this (NNCF makes one when imported) is asked again too."""
+    try:
+        from openvino_telemetry import Telemetry
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # no openvino-telemetry: nothing is reported
+        pass
+    else:
+        check = OptInChecker.check
+        if not getattr(check, "edgeres_by_consent", False):
+            def by_consent(self, enable_opt_in_dialog, disable_in_ci=False):
+                found = check(self, enable_opt_in_dialog, disable_in_ci)
+                return found if found == ConsentCheckResult.ACCEPTED else ConsentCheckResult.DECLINED
+
+            by_consent.edgeres_by_consent = True
+            OptInChecker.check = by_consent
+        made = getattr(Telemetry, "_SingletonMetaClass__single_instance", None)
+        if made is not None and getattr(made, "consent", False):
+            made.consent = OptInChecker().check(enable_opt_in_dialog=False) == ConsentCheckResult.ACCEPTED
+    import openvino
+
+    return openvino
 
 
 class OpenVinoIrRunner:
@@ -555,7 +587,7 @@ class OpenVinoIrRunner:
 
     def __init__(self, path, threads: int | None = None, *, hint: str | None = None,
                  inference_precision: str | None = None, streams: int | None = None):
-        import openvino as ov
+        ov = openvino_by_consent()
 
         self.path = path
         self.version = ov.__version__
@@ -592,7 +624,7 @@ class OpenVinoIrRunner:
 
     def reshape(self, shape) -> None:
         """A static input shape, so the CPU plugin picks its kernels ahead of time (benchmark_app does the same)."""
-        import openvino as ov
+        ov = openvino_by_consent()
 
         port = self.model.inputs[0]
         partial = port.get_partial_shape()
@@ -606,7 +638,7 @@ class OpenVinoIrRunner:
         return self.compiled.input(0).get_any_name(), self.compiled.output(0).get_any_name()
 
     def fixed_input_call(self, x: np.ndarray):
-        import openvino as ov
+        ov = openvino_by_consent()
 
         self.compile()
         self.request.set_input_tensor(ov.Tensor(x))
