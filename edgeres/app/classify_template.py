@@ -283,9 +283,9 @@ def openvino_by_consent():
     """``import openvino``, its usage reports sent only where the user agreed to them.
 
     OpenVINO's converter (imported with ``openvino`` itself) and NNCF report usage to Google Analytics unless the
-    user declined with OpenVINO's ``opt_in_out --opt_out``: no consent file (``~/intel/openvino_telemetry``) counts
+    user declined with OpenVINO's ``opt_in_out`` tool: no consent file (``~/intel/openvino_telemetry``) counts
     as yes; they then write a client ID into ``~/intel`` and fork the whole process for each event. From here on,
-    in this process, they report only where that file says yes (``opt_in_out --opt_in``); it is read, never
+    in this process, they report only where that file says yes (the user opted in with that tool); it is read, never
     written. A reporter made before this (NNCF makes one when imported) is asked again too."""
     try:
         from openvino_telemetry import Telemetry
