@@ -186,13 +186,19 @@ def test_runner_imports_only_stdlib_numpy_and_the_runtimes():
 
 def test_runner_works_copied_alone_to_another_folder(bundle, tmp_path):
     shutil.copy(RUNNER, tmp_path / "bench_runner.py")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")},
+           "HOME": str(home)}
     # -I: no PYTHONPATH, no cwd on sys.path — as on a device that has only numpy and the runtime
     out = subprocess.run([sys.executable, "-I", str(tmp_path / "bench_runner.py"), "--artifact",
                           str(bundle / "onnx/model.fp32.onnx"), "--seconds", "0.2", "--warmup", "0", "--json"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["status"] == "ok" and doc["runs"] >= 2 and doc["runtime"] == "onnxruntime"
+    # onnxruntime, left alone, keeps a device ID and its usage reports there (and sends them)
+    assert not (home / ".cache" / "Microsoft").exists(), sorted(map(str, home.rglob("*")))
 
 
 def test_runner_reports_a_failure_as_json_with_exit_3(tmp_path):

@@ -291,3 +291,25 @@ def test_onnxruntime_without_a_thread_count_stays_on_the_cores_it_was_given(tiny
                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[-2] == repr([str(cores[0])]), r.stdout
+
+
+@pytest.mark.parametrize("given", [None, "0"])
+def test_an_edgeres_process_keeps_onnxruntime_from_reporting_unless_told(tiny_onnx, tmp_path, given):
+    """onnxruntime reports usage and keeps a device ID under ~/.cache/Microsoft unless ORT_DISABLE_TELEMETRY=1:
+    edgeres sets it when the user has not (their "0" is kept, and passed on to the processes edgeres starts)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT), **({"ORT_DISABLE_TELEMETRY": given} if given else {}))
+    # onnxruntime is started only where it would not report (a test sends nothing anywhere)
+    code = ("import os, sys, edgeres; print(os.environ['ORT_DISABLE_TELEMETRY']); "
+            "os.environ['ORT_DISABLE_TELEMETRY'] == '1' and __import__('onnxruntime').InferenceSession(sys.argv[1])")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_onnx)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [given or "1"]
+    assert not (tmp_path / ".cache" / "Microsoft").exists()  # no device ID, no stored reports

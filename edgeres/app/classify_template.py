@@ -93,10 +93,17 @@ from edgeres.calibration.image_file import ImageRefused, decode_image  # export-
 
 # --- targets/runners/onnxruntime_runner.py ---
 """onnxruntime: run an ``.onnx`` on NCHW float32 batches (numpy + onnxruntime only; copied verbatim into
-the standalone runners, so no edgeres imports and no module-level name shared with the other runners)."""
+the standalone runners, so no edgeres imports and no module-level name shared with the other runners).
 
+onnxruntime reports usage to Microsoft (and keeps a device ID under ``~/.cache/Microsoft``) unless
+``ORT_DISABLE_TELEMETRY=1`` when it starts: set here, before onnxruntime is imported, unless the user has set it."""
+
+
+import os
 
 import numpy as np
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # the standalone runners' copy of edgeres/__init__.py's line
 
 ORT_INPUT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
                    "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(int32)": "int32",
@@ -106,8 +113,6 @@ ORT_QUANTIZE_INPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime's quantizer r
 
 def ort_cores() -> int:
     """Physical cores (SMT siblings counted once, as onnxruntime counts them) among those this process may use."""
-    import os
-
     try:
         cpus = os.sched_getaffinity(0)
     except AttributeError:  # not Linux

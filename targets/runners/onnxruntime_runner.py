@@ -1,9 +1,16 @@
 """onnxruntime: run an ``.onnx`` on NCHW float32 batches (numpy + onnxruntime only; copied verbatim into
-the standalone runners, so no edgeres imports and no module-level name shared with the other runners)."""
+the standalone runners, so no edgeres imports and no module-level name shared with the other runners).
+
+onnxruntime reports usage to Microsoft (and keeps a device ID under ``~/.cache/Microsoft``) unless
+``ORT_DISABLE_TELEMETRY=1`` when it starts: set here, before onnxruntime is imported, unless the user has set it."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # the standalone runners' copy of edgeres/__init__.py's line
 
 ORT_INPUT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
                    "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(int32)": "int32",
@@ -13,8 +20,6 @@ ORT_QUANTIZE_INPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime's quantizer r
 
 def ort_cores() -> int:
     """Physical cores (SMT siblings counted once, as onnxruntime counts them) among those this process may use."""
-    import os
-
     try:
         cpus = os.sched_getaffinity(0)
     except AttributeError:  # not Linux
