@@ -364,6 +364,8 @@ def usage_reports(home: str, onnx: str, consent: str | None, edgeres_first: bool
     (nothing goes out). ``edgeres_first``: edgeres imports OpenVINO; else OpenVINO is imported first, as a user's
     own code may do, and edgeres only before the conversion."""
     os.environ["HOME"] = home
+    for name in ("CI", "TF_BUILD", "JENKINS_URL"):  # OpenVINO never reports from a CI job: measure its default
+        os.environ.pop(name, None)
     if consent is not None:
         (Path(home) / "intel").mkdir()
         (Path(home) / "intel" / "openvino_telemetry").write_text(consent)
