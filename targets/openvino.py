@@ -58,7 +58,7 @@ RT_INFO_KEY = OPENVINO_RT_INFO_KEY  # IR rt_info section holding what the runner
 
 def available() -> str:
     try:
-        openvino = openvino_by_consent()  # before NNCF or the converter first run: see its docstring
+        openvino = openvino_by_consent()  # every path here starts with this: before NNCF or the converter runs
     except ImportError:
         raise TargetUnavailable("openvino is not installed; pip install 'edgeres[openvino]'") from None
     return openvino.__version__.split("-")[0]
@@ -67,7 +67,7 @@ def available() -> str:
 def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's verb
     """Write ``openvino/model.<precision>.xml`` + ``.bin`` into ``job.out_dir``."""
     available()
-    ov = openvino_by_consent()
+    import openvino as ov
 
     options = INFO.check_options(job.options)
     rel_xml = Path("openvino") / f"model.{job.precision}.xml"
@@ -124,7 +124,7 @@ def compile(job: CompileJob) -> Artifact:  # noqa: A001 - the target interface's
 
 
 def _convert(onnx_path: Path):
-    ov = openvino_by_consent()
+    import openvino as ov
 
     try:
         return ov.convert_model(str(onnx_path))
@@ -162,7 +162,7 @@ def _int8_with_nncf(job: CompileJob, options: dict):
 
 def _embed_preprocess(model, preprocess: dict):
     """IR input becomes uint8 NHWC RGB; conversion, channel order, mean/std and layout run inside."""
-    ov = openvino_by_consent()
+    import openvino as ov
     from openvino.preprocess import PrePostProcessor
 
     scale = float(preprocess["scale"])
